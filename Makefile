@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv from
+# requirements.txt on first use and apt-get the system packages (espeak-ng) when missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: demo test test-slow lint sysdeps venv
+
+$(VENV)/.installed: requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -r requirements.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+sysdeps:
+	@command -v espeak-ng >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq espeak-ng >/dev/null; }
+
+demo: venv sysdeps
+	JAX_PLATFORMS=cpu $(PY) -m mirage_jax.demo
+
+test: venv sysdeps
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q
+
+test-slow: venv sysdeps
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -m slow
+
+lint: venv
+	$(VENV)/bin/ruff check .

@@ -1,0 +1,53 @@
+"""The Mirage report's network: Mochi 1's 10B AsymmDiT (48 blocks, 3072/1536 widths, 24 heads of 128)
+plus an audio stream, on 4 s 720p portrait clips (20 x 160 x 90 latents = 72,000 video tokens,
+100 wav2vec2 frames at 25 fps, 256 T5-XXL tokens).
+
+    --config=configs/mirage_10b.py        4 s clips
+    --config=configs/mirage_10b.py:8s     8 s clips (40 latent frames, 200 audio frames)
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs.common import get_base_config
+
+
+def model_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        patch_size=2, latent_channels=12, num_layers=48, num_heads=24, head_dim=128,
+        video_dim=3072, text_dim=1536, audio_dim=1536, mlp_ratio_video=4.0, mlp_ratio_text=4.0,
+        mlp_ratio_audio=4.0, text_embed_dim=4096, max_text_len=256, audio_feature_dim=1024, frames_per_latent=5,
+        time_embed_dim=256, pool_heads=8, rope_base_height=192, rope_base_width=192, use_audio=True,
+        compute_dtype="bfloat16", param_dtype="float32", attention_backend="splash", remat_policy="full",
+        scan_layers=True,
+    ))
+
+
+def shapes_config(seconds: int = 4) -> ml_collections.ConfigDict:
+    # 25 fps; the Mochi VAE turns each 25-frame chunk into 5 latent frames; 720p portrait / 8 = 160 x 90
+    return ml_collections.ConfigDict(dict(
+        latent_frames=5 * seconds, latent_height=160, latent_width=90, audio_frames=25 * seconds,
+        text_len=256, ref_frames=1,
+    ))
+
+
+def diffusion_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        timestep_sampler="linear_quadratic", logit_normal_mean=0.0, logit_normal_std=1.0, lq_threshold=0.025,
+        lq_steps=64, drop_text=0.1, drop_audio=0.1, drop_ref=0.1, loss_buckets=8, sample_steps=64,
+        cfg_audio=1.0, cfg_text=1.0, cfg_schedule="cosine",
+    ))
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    cfg = get_base_config()
+    cfg.model = model_config()
+    seconds = 4
+    if arg == "8s":
+        seconds = 8
+    elif arg not in (None, ""):
+        raise ValueError(f"configs/mirage_10b.py: unknown argument {arg!r}; use nothing or '8s'")
+    cfg.shapes = shapes_config(seconds)
+    cfg.diffusion = diffusion_config()
+    return cfg

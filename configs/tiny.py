@@ -1,0 +1,52 @@
+"""Tiny MirageDiT that trains in seconds on a laptop CPU (the README demo and the tests).
+
+Shapes match data_pipeline's CPU defaults: 64x64 px frames through the exact space-to-depth encoder
+(factor 8 -> 8x8x192 latents, one latent frame per 25 fps frame), 80 log-mel audio features per
+frame, 32 hashed text tokens of width 64, 2 s clips.
+
+    --config=configs/tiny.py            the defaults below
+    --config=configs/tiny.py:mochi      same, without the audio stream (a pure Mochi AsymmDiT)
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs.common import get_base_config
+
+
+def model_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        patch_size=2, latent_channels=192, num_layers=4, num_heads=4, head_dim=16,
+        video_dim=64, text_dim=32, audio_dim=32, mlp_ratio_video=4.0, mlp_ratio_text=4.0, mlp_ratio_audio=4.0,
+        text_embed_dim=64, max_text_len=32, audio_feature_dim=80, frames_per_latent=1, time_embed_dim=64,
+        pool_heads=4, rope_base_height=8, rope_base_width=8, use_audio=True, compute_dtype="float32",
+        param_dtype="float32", attention_backend="xla", remat_policy="none", scan_layers=True,
+    ))
+
+
+def shapes_config() -> ml_collections.ConfigDict:
+    """Per-sample input shapes (latent T x H x W, audio frames, text tokens) for synthetic data and FLOPs."""
+    return ml_collections.ConfigDict(dict(
+        latent_frames=50, latent_height=8, latent_width=8, audio_frames=50, text_len=32, ref_frames=1,
+    ))
+
+
+def diffusion_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        timestep_sampler="logit_normal", logit_normal_mean=0.0, logit_normal_std=1.0, lq_threshold=0.025,
+        lq_steps=64, drop_text=0.1, drop_audio=0.1, drop_ref=0.1, loss_buckets=4, sample_steps=16,
+        cfg_audio=1.0, cfg_text=1.0, cfg_schedule="constant",
+    ))
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    cfg = get_base_config()
+    cfg.model = model_config()
+    cfg.shapes = shapes_config()
+    cfg.diffusion = diffusion_config()
+    if arg == "mochi":
+        cfg.model.use_audio = False
+    elif arg not in (None, ""):
+        raise ValueError(f"configs/tiny.py: unknown argument {arg!r}; use nothing or 'mochi'")
+    return cfg

@@ -1,0 +1,168 @@
+"""The name/shape table from diffusers' `MochiTransformer3DModel` to MirageDiT, as data.
+
+Each row: (source name relative to the model or to `transformer_blocks.{i}.`, target path in the nnx
+parameter tree relative to the model or to a block, transform, which blocks). Scanned blocks
+(0..L-2) are stacked on a leading `layers` axis under `blocks`; block L-1 is `last_block`.
+Genmo's original single-file layout differs in names only and is handled by warm_start's alias table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from mirage_jax.config import ModelConfig
+
+Path = tuple[str, ...]
+
+
+def _t(w: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(w.T)
+
+
+def _conv_patch(w: np.ndarray) -> np.ndarray:
+    # torch Conv2d (D, C, p, p) -> dense kernel over patch vectors ordered (ph, pw, c)
+    return np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(-1, w.shape[0]))
+
+
+def _half(i: int) -> Callable[[np.ndarray], np.ndarray]:
+    def f(w: np.ndarray) -> np.ndarray:  # SwiGLU fused proj (2*hidden, dim): first half value, second gate
+        n = w.shape[0] // 2
+        return np.ascontiguousarray(w[i * n:(i + 1) * n].T)
+    return f
+
+
+TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "id": lambda w: w, "T": _t, "conv_patch": _conv_patch, "T_half0": _half(0), "T_half1": _half(1),
+}
+
+GLOBAL_TABLE: list[tuple[str, Path, str]] = [
+    ("pos_frequencies", ("pos_frequencies",), "id"),
+    ("patch_embed.proj.weight", ("patch_embed", "kernel"), "conv_patch"),
+    ("patch_embed.proj.bias", ("patch_embed", "bias"), "id"),
+    ("time_embed.timestep_embedder.linear_1.weight", ("time_embed", "linear_1", "kernel"), "T"),
+    ("time_embed.timestep_embedder.linear_1.bias", ("time_embed", "linear_1", "bias"), "id"),
+    ("time_embed.timestep_embedder.linear_2.weight", ("time_embed", "linear_2", "kernel"), "T"),
+    ("time_embed.timestep_embedder.linear_2.bias", ("time_embed", "linear_2", "bias"), "id"),
+    ("time_embed.pooler.to_kv.weight", ("text_pool", "to_kv", "kernel"), "T"),
+    ("time_embed.pooler.to_kv.bias", ("text_pool", "to_kv", "bias"), "id"),
+    ("time_embed.pooler.to_q.weight", ("text_pool", "to_q", "kernel"), "T"),
+    ("time_embed.pooler.to_q.bias", ("text_pool", "to_q", "bias"), "id"),
+    ("time_embed.pooler.to_out.weight", ("text_pool", "to_out", "kernel"), "T"),
+    ("time_embed.pooler.to_out.bias", ("text_pool", "to_out", "bias"), "id"),
+    ("time_embed.caption_proj.weight", ("caption_proj", "kernel"), "T"),
+    ("time_embed.caption_proj.bias", ("caption_proj", "bias"), "id"),
+    ("norm_out.linear.weight", ("norm_out", "kernel"), "T"),
+    ("norm_out.linear.bias", ("norm_out", "bias"), "id"),
+    ("proj_out.weight", ("proj_out", "kernel"), "T"),
+    ("proj_out.bias", ("proj_out", "bias"), "id"),
+]
+
+# which: "all" blocks, "full" = every block but the last (context pre-only) one, "last" = the last only
+BLOCK_TABLE: list[tuple[str, Path, str, str]] = [
+    ("norm1.linear.weight", ("video", "mod", "kernel"), "T", "all"),
+    ("norm1.linear.bias", ("video", "mod", "bias"), "id", "all"),
+    ("norm1_context.linear.weight", ("text", "mod", "kernel"), "T", "full"),
+    ("norm1_context.linear.bias", ("text", "mod", "bias"), "id", "full"),
+    ("norm1_context.linear_1.weight", ("text", "mod", "kernel"), "T", "last"),
+    ("norm1_context.linear_1.bias", ("text", "mod", "bias"), "id", "last"),
+    ("attn1.to_q.weight", ("video", "q", "kernel"), "T", "all"),
+    ("attn1.to_k.weight", ("video", "k", "kernel"), "T", "all"),
+    ("attn1.to_v.weight", ("video", "v", "kernel"), "T", "all"),
+    ("attn1.norm_q.weight", ("video", "q_norm"), "id", "all"),
+    ("attn1.norm_k.weight", ("video", "k_norm"), "id", "all"),
+    ("attn1.add_q_proj.weight", ("text", "q", "kernel"), "T", "all"),
+    ("attn1.add_k_proj.weight", ("text", "k", "kernel"), "T", "all"),
+    ("attn1.add_v_proj.weight", ("text", "v", "kernel"), "T", "all"),
+    ("attn1.norm_added_q.weight", ("text", "q_norm"), "id", "all"),
+    ("attn1.norm_added_k.weight", ("text", "k_norm"), "id", "all"),
+    ("attn1.to_out.0.weight", ("video", "o", "kernel"), "T", "all"),
+    ("attn1.to_out.0.bias", ("video", "o", "bias"), "id", "all"),
+    ("attn1.to_add_out.weight", ("text", "o", "kernel"), "T", "full"),
+    ("attn1.to_add_out.bias", ("text", "o", "bias"), "id", "full"),
+    ("ff.net.0.proj.weight", ("video", "mlp", "up", "kernel"), "T_half0", "all"),
+    ("ff.net.0.proj.weight", ("video", "mlp", "gate", "kernel"), "T_half1", "all"),
+    ("ff.net.2.weight", ("video", "mlp", "down", "kernel"), "T", "all"),
+    ("ff_context.net.0.proj.weight", ("text", "mlp", "up", "kernel"), "T_half0", "full"),
+    ("ff_context.net.0.proj.weight", ("text", "mlp", "gate", "kernel"), "T_half1", "full"),
+    ("ff_context.net.2.weight", ("text", "mlp", "down", "kernel"), "T", "full"),
+]
+
+
+def block_rows(i: int, num_layers: int) -> list[tuple[str, Path, str]]:
+    """Rows of BLOCK_TABLE for block i, with full source names and full target paths."""
+    last = i == num_layers - 1
+    rows = []
+    for src, dst, fn, which in BLOCK_TABLE:
+        if (which == "full" and last) or (which == "last" and not last):
+            continue
+        rows.append((f"transformer_blocks.{i}.{src}", (("last_block",) if last else ("blocks",)) + dst, fn))
+    return rows
+
+
+def mochi_rows(num_layers: int) -> list[tuple[str, Path, str, int | None]]:
+    """Every (source, target, transform, layer index or None for unstacked) row for a model of this depth."""
+    rows: list[tuple[str, Path, str, int | None]] = [(s, d, f, None) for s, d, f in GLOBAL_TABLE]
+    for i in range(num_layers):
+        stacked = i < num_layers - 1
+        rows += [(s, d, f, i if stacked else None) for s, d, f in block_rows(i, num_layers)]
+    return rows
+
+
+def mochi_config_to_model(src: Mapping[str, object]) -> dict[str, object]:
+    """ModelConfig fields implied by a diffusers Mochi `config.json` (the rest keep Mirage defaults)."""
+    heads, hd = int(src.get("num_attention_heads", 24)), int(src.get("attention_head_dim", 128))
+    out_ch = src.get("out_channels")
+    in_ch = int(src.get("in_channels", 12))
+    if out_ch not in (None, in_ch):
+        raise ValueError(f"config.json: out_channels={out_ch} != in_channels={in_ch} is not supported")
+    return {
+        "patch_size": int(src.get("patch_size", 2)),
+        "num_heads": heads,
+        "head_dim": hd,
+        "num_layers": int(src.get("num_layers", 48)),
+        "video_dim": heads * hd,
+        "text_dim": int(src.get("pooled_projection_dim", 1536)),
+        "latent_channels": in_ch,
+        "text_embed_dim": int(src.get("text_embed_dim", 4096)),
+        "time_embed_dim": int(src.get("time_embed_dim", 256)),
+        "max_text_len": int(src.get("max_sequence_length", 256)),
+    }
+
+
+def convert_mochi_state(tensors: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict[Path, np.ndarray]:
+    """Whole-tensor conversion of a Mochi state dict into {target path: array} (stacked blocks stacked).
+
+    The streaming, sharded warm start reads the same rows slice by slice; this in-memory form serves
+    tests and small models.
+    """
+    out: dict[Path, np.ndarray] = {}
+    stacks: dict[Path, dict[int, np.ndarray]] = {}
+    for src, dst, fn, layer in mochi_rows(cfg.num_layers):
+        if src not in tensors:
+            raise KeyError(f"source tensor {src!r} is missing")
+        value = TRANSFORMS[fn](np.asarray(tensors[src]))
+        if layer is None:
+            out[dst] = value
+        else:
+            stacks.setdefault(dst, {})[layer] = value
+    for dst, layers in stacks.items():
+        out[dst] = np.stack([layers[i] for i in range(len(layers))])
+    return out
+
+
+def assign_params(model: object, values: Mapping[Path, np.ndarray]) -> None:
+    """Write {path: array} into the model's nnx.Param leaves in place; every path must exist with its shape."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    for path, value in values.items():
+        if path not in flat:
+            raise KeyError(f"target parameter {'.'.join(path)} does not exist in MirageDiT")
+        var = flat[path]
+        if tuple(var.shape) != tuple(value.shape):
+            raise ValueError(f"target parameter {'.'.join(path)}: shape {tuple(var.shape)} != {tuple(value.shape)}")
+        var.set_value(jnp.asarray(value, dtype=var.dtype))
+    nnx.update(model, nnx.from_flat_state(flat))

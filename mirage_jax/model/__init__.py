@@ -1,0 +1,5 @@
+"""MirageDiT and its parts."""
+
+from mirage_jax.model.dit import MirageBlock, MirageDiT
+
+__all__ = ["MirageBlock", "MirageDiT"]

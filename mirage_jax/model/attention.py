@@ -1,0 +1,93 @@
+"""Joint self-attention with interchangeable backends.
+
+One function, `attention(q, k, v, mask, backend)`, over q/k/v of shape (B, S, heads, head_dim) and a
+boolean token mask (B, S) that removes padding and dropped modalities from the keys. Outputs at
+masked query positions are zero (as diffusers' Mochi processor leaves padded text outputs), so a
+masked token can never influence an unmasked one.
+
+Backends (all compute the same numbers within tolerance; tests compare them with `xla`):
+- `xla`: plain einsum + fp32 softmax; the reference, runs everywhere.
+- `dot_product`: `jax.nn.dot_product_attention` with XLA's implementation choice.
+- `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`: cuDNN flash attention on GPU.
+- `splash`: Pallas splash attention on TPU (segment ids carry the mask); `interpret=True` runs the
+  same kernel on CPU for tests.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+try:  # Pallas TPU kernels: importable on CPU hosts too, runnable only on TPU (or interpreted).
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as _splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as _splash_mask
+except ImportError:  # pragma: no cover - depends on the jax build
+    _splash = None
+    _splash_mask = None
+
+_NEG = -0.7 * float(np.finfo(np.float32).max)
+
+
+def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    scale = 1.0 / np.sqrt(q.shape[-1])
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask[:, None, None, :], logits, _NEG)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def _dot_product_attention(q, k, v, mask, implementation):
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :], implementation=implementation)
+
+
+def _splash_attention(q, k, v, mask, interpret: bool, block: int = 128):
+    if _splash is None:
+        raise RuntimeError("attention_backend='splash' needs jax.experimental.pallas splash attention "
+                           "(a TPU build of jax); set model.attention_backend='xla' or 'dot_product'")
+    b, s, h, d = q.shape
+    pad = (-s) % block
+    ids = mask.astype(jnp.int32)
+    if pad:
+        widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+        q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
+        ids = jnp.pad(ids, ((0, 0), (0, pad)))  # padding is segment 0: it never meets a valid token
+    sp = s + pad
+    bs = min(block, sp)
+    sizes = _splash.BlockSizes(block_q=bs, block_kv=bs, block_kv_compute=bs, block_q_dkv=bs,
+                               block_kv_dkv=bs, block_kv_dkv_compute=bs, block_q_dq=bs, block_kv_dq=bs)
+    kernel = _splash.make_splash_mha(
+        _splash_mask.MultiHeadMask([_splash_mask.FullMask((sp, sp))] * h),
+        head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret,
+    )
+    qs = (q * (1.0 / np.sqrt(d))).astype(q.dtype)
+
+    def one(qi, ki, vi, si):  # (S, H, D) -> kernel wants (H, S, D)
+        t = lambda x: jnp.swapaxes(x, 0, 1)  # noqa: E731
+        out = kernel(t(qi), t(ki), t(vi), segment_ids=_splash.SegmentIds(q=si, kv=si))
+        return t(out)
+
+    out = jax.vmap(one)(qs, k, v, ids)
+    return out[:, :s]
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, backend: str = "xla",
+              *, interpret: bool = False) -> jax.Array:
+    """Softmax attention of (B, S, H, D) inputs with a (B, S) key mask; masked queries give zeros."""
+    if backend == "xla":
+        out = _xla_attention(q, k, v, mask)
+    elif backend == "dot_product":
+        out = _dot_product_attention(q, k, v, mask, None)
+    elif backend == "cudnn":
+        out = _dot_product_attention(q, k, v, mask, "cudnn")
+    elif backend == "splash":
+        out = _splash_attention(q, k, v, mask, interpret)
+    else:
+        raise ValueError(f"model.attention_backend: unknown backend {backend!r}; "
+                         "use one of 'xla', 'dot_product', 'cudnn', 'splash'")
+    return out * mask[:, :, None, None].astype(out.dtype)
+
+
+splash_available = functools.partial(lambda: _splash is not None)

@@ -1,0 +1,276 @@
+"""MirageDiT: Mochi's asymmetric DiT with an audio stream, all streams in ONE joint self-attention.
+
+Per block, each stream (video — which also carries reference-image tokens —, audio, text) has its own
+adaLN modulation (scale-only RMSNorm + tanh gates, Mochi's "sandwich" norms), QKV/output projections,
+Q/K RMSNorm and SwiGLU MLP; attention runs once over the concatenation of all tokens with a key mask.
+With no audio and no reference tokens the equations are exactly diffusers' `MochiTransformer3DModel`
+(tests/test_warm_start compares numerically); the last block is "context pre-only" for text and audio.
+
+Layout: video latents are channels-last (B, T, H, W, C). The network is conditioned on `timestep` as
+diffusers' Mochi is (1000 * (1 - noise level)) and predicts x0 - noise (see mirage_jax/diffusion).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mirage_jax.config import ModelConfig
+from mirage_jax.model import rope as rope_lib
+from mirage_jax.model.attention import attention
+from mirage_jax.model.embeddings import AttentionPool, TimestepEmbedder
+from mirage_jax.model.layers import (
+    DTYPE,
+    SwiGLU,
+    dense,
+    layer_norm,
+    modulated_rms_norm,
+    partitioned,
+    rms_norm,
+)
+from mirage_jax.parallel.sharding import constrain
+
+NORM_EPS = 1e-6  # block and final norms (diffusers MochiTransformerBlock eps)
+QK_EPS = 1e-5  # query/key RMSNorm (diffusers MochiAttention eps)
+STREAMS = ("video", "audio", "text")
+
+REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attention": jax.checkpoint_policies.save_only_these_names("attention_out"),
+}
+
+
+class StreamLayer(nnx.Module):
+    """One stream's parameters inside one block."""
+
+    def __init__(self, cfg: ModelConfig, dim: int, mlp_ratio: float, *, pre_only: bool, out_bias: bool,
+                 rngs: nnx.Rngs):
+        dt, pdt = DTYPE[cfg.compute_dtype], DTYPE[cfg.param_dtype]
+        kw = dict(rngs=rngs, dtype=dt, param_dtype=pdt)
+        self.pre_only = pre_only
+        self.heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        # adaLN: 4 chunks (scale_msa, gate_msa, scale_mlp, gate_mlp); pre-only streams get a scale only.
+        self.mod = dense(cfg.video_dim, (1 if pre_only else 4) * dim, ("embed", "mod"), bias=True, zero=True, **kw)
+        self.q = dense(dim, cfg.attn_dim, ("embed", "heads"), bias=False, **kw)
+        self.k = dense(dim, cfg.attn_dim, ("embed", "heads"), bias=False, **kw)
+        self.v = dense(dim, cfg.attn_dim, ("embed", "heads"), bias=False, **kw)
+        ones = partitioned(nnx.initializers.ones_init(), ("norm",))
+        self.q_norm = nnx.Param(ones(rngs.params(), (cfg.head_dim,), pdt))
+        self.k_norm = nnx.Param(ones(rngs.params(), (cfg.head_dim,), pdt))
+        if not pre_only:
+            self.o = dense(cfg.attn_dim, dim, ("heads", "embed"), bias=out_bias, **kw)
+            self.mlp = SwiGLU(dim, ModelConfig.mlp_hidden(dim, mlp_ratio), **kw)
+
+    def qkv(self, x: jax.Array, c: jax.Array) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+        """Modulated pre-norm, projections and Q/K RMSNorm: (q, k, v) of shape (B, S, H, hd), mods."""
+        mods = jnp.split(self.mod(jax.nn.silu(c)), 1 if self.pre_only else 4, axis=-1)
+        h = modulated_rms_norm(x, 1.0 + mods[0][:, None, :], NORM_EPS)
+        b, s, _ = h.shape
+        split = lambda y: y.reshape(b, s, self.heads, self.head_dim)  # noqa: E731
+        q = (rms_norm(split(self.q(h)), QK_EPS) * self.q_norm[...]).astype(h.dtype)
+        k = (rms_norm(split(self.k(h)), QK_EPS) * self.k_norm[...]).astype(h.dtype)
+        v = split(self.v(h))
+        return (q, k, v), tuple(mods)
+
+    def finish(self, x: jax.Array, attn_out: jax.Array, mods: tuple[jax.Array, ...]) -> jax.Array:
+        """Gated sandwich-norm residuals around the output projection and the MLP."""
+        if self.pre_only:
+            return x
+        _, gate_msa, scale_mlp, gate_mlp = mods
+        b, s = attn_out.shape[:2]
+        y = self.o(attn_out.reshape(b, s, -1))
+        x = x + modulated_rms_norm(y, jnp.tanh(gate_msa)[:, None, :], NORM_EPS)
+        h = modulated_rms_norm(x, 1.0 + scale_mlp[:, None, :], NORM_EPS)
+        return x + modulated_rms_norm(self.mlp(h), jnp.tanh(gate_mlp)[:, None, :], NORM_EPS)
+
+
+class MirageBlock(nnx.Module):
+    """One joint-attention block over the video (+reference), audio and text streams."""
+
+    def __init__(self, cfg: ModelConfig, *, last: bool, rngs: nnx.Rngs):
+        self.backend = cfg.attention_backend
+        self.video = StreamLayer(cfg, cfg.video_dim, cfg.mlp_ratio_video, pre_only=False, out_bias=True, rngs=rngs)
+        self.text = StreamLayer(cfg, cfg.text_dim, cfg.mlp_ratio_text, pre_only=last, out_bias=True, rngs=rngs)
+        self.audio = (StreamLayer(cfg, cfg.audio_dim, cfg.mlp_ratio_audio, pre_only=last, out_bias=True, rngs=rngs)
+                      if cfg.use_audio else None)
+
+    def __call__(self, xs: dict[str, jax.Array | None], c: jax.Array, ropes: dict[str, Any],
+                 mask: jax.Array) -> dict[str, jax.Array | None]:
+        names = [n for n in STREAMS if xs.get(n) is not None]
+        qkvs, mods = {}, {}
+        for n in names:
+            (q, k, v), mods[n] = getattr(self, n).qkv(xs[n], c)
+            if ropes.get(n) is not None:
+                cos, sin = ropes[n]
+                q, k = rope_lib.apply_rope(q, cos, sin), rope_lib.apply_rope(k, cos, sin)
+            qkvs[n] = (q, k, v)
+        lengths = [xs[n].shape[1] for n in names]
+        q, k, v = (jnp.concatenate([qkvs[n][i] for n in names], axis=1) for i in range(3))
+        # Ulysses: tokens arrive sharded over `seq`; attention runs with heads sharded instead.
+        q, k, v = (constrain(t, ("batch", None, "act_heads", None)) for t in (q, k, v))
+        out = attention(q, k, v, mask, self.backend)
+        out = jax.ad_checkpoint.checkpoint_name(out, "attention_out")
+        out = constrain(out, ("batch", "seq", "act_heads", None))
+        outs = jnp.split(out, _split_points(lengths), axis=1)
+        new = dict(xs)
+        for n, o in zip(names, outs, strict=True):
+            new[n] = constrain(getattr(self, n).finish(xs[n], o, mods[n]), ("batch", "seq", "embed"))
+        return new
+
+
+def _split_points(lengths: list[int]) -> list[int]:
+    points, acc = [], 0
+    for n in lengths[:-1]:
+        acc += n
+        points.append(acc)
+    return points
+
+
+class MirageDiT(nnx.Module):
+    """The Mirage diffusion transformer (see module docstring)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dt, pdt = DTYPE[cfg.compute_dtype], DTYPE[cfg.param_dtype]
+        kw = dict(rngs=rngs, dtype=dt, param_dtype=pdt)
+        half = cfg.head_dim // 2
+        self.patch_embed = dense(cfg.patch_dim, cfg.video_dim, ("vocab", "embed"), bias=True, **kw)
+        self.time_embed = TimestepEmbedder(cfg.time_embed_dim, cfg.video_dim, rngs=rngs)
+        self.text_pool = AttentionPool(cfg.text_embed_dim, cfg.video_dim, cfg.pool_heads, rngs=rngs)
+        self.caption_proj = dense(cfg.text_embed_dim, cfg.text_dim, ("vocab", "embed"), bias=True, **kw)
+        freq_axes = (None, None, None)  # tiny: replicated
+        self.pos_frequencies = nnx.Param(
+            partitioned(lambda key, shape, dtype: rope_lib.mixed_rope_init(key, *shape), freq_axes)(
+                rngs.params(), (3, cfg.num_heads, half), jnp.float32))
+        if cfg.use_audio:
+            self.audio_proj = dense(cfg.audio_feature_dim, cfg.audio_dim, ("vocab", "embed"), bias=True, **kw)
+            self.audio_pos_frequencies = nnx.Param(
+                partitioned(lambda key, shape, dtype: rope_lib.mixed_rope_init(key, *shape), freq_axes)(
+                    rngs.params(), (1, cfg.num_heads, half), jnp.float32))
+        n_scan = cfg.num_layers - 1
+        self.num_scanned = n_scan
+        if n_scan > 0:
+            @nnx.split_rngs(splits=n_scan)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make_blocks(r: nnx.Rngs) -> MirageBlock:
+                return MirageBlock(cfg, last=False, rngs=r)
+
+            self.blocks = make_blocks(rngs)
+        else:
+            self.blocks = None
+        self.last_block = MirageBlock(cfg, last=True, rngs=rngs)
+        self.norm_out = dense(cfg.video_dim, 2 * cfg.video_dim, ("embed", "mod"), bias=True, zero=True, **kw)
+        self.proj_out = dense(cfg.video_dim, cfg.patch_dim, ("embed", "vocab"), bias=True, **kw)
+
+    # -- token layout -------------------------------------------------------------------------------
+    def patchify(self, x: jax.Array) -> jax.Array:
+        """(B, T, H, W, C) -> (B, T*h*w, p*p*C), patch vectors ordered (ph, pw, c)."""
+        b, t, h, w, c = x.shape
+        p = self.cfg.patch_size
+        if h % p or w % p:
+            raise ValueError(f"latent height/width {h}x{w} must be divisible by model.patch_size={p}")
+        x = x.reshape(b, t, h // p, p, w // p, p, c).transpose(0, 1, 2, 4, 3, 5, 6)
+        return x.reshape(b, t * (h // p) * (w // p), p * p * c)
+
+    def unpatchify(self, x: jax.Array, t: int, h: int, w: int) -> jax.Array:
+        """Inverse of `patchify` for the output channels."""
+        p, c = self.cfg.patch_size, self.cfg.latent_channels
+        b = x.shape[0]
+        x = x.reshape(b, t, h // p, w // p, p, p, c).transpose(0, 1, 2, 4, 3, 5, 6)
+        return x.reshape(b, t, h, w, c)
+
+    def __call__(
+        self,
+        video: jax.Array,
+        timestep: jax.Array,
+        text: jax.Array,
+        text_mask: jax.Array,
+        *,
+        audio: jax.Array | None = None,
+        audio_mask: jax.Array | None = None,
+        ref: jax.Array | None = None,
+        ref_time: jax.Array | None = None,
+        ref_mask: jax.Array | None = None,
+        video_mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Velocity (x0 - noise) for noisy latents `video` (B, T, H, W, C), returned in float32."""
+        cfg = self.cfg
+        dt = DTYPE[cfg.compute_dtype]
+        b, t, hh, ww, _ = video.shape
+        p = cfg.patch_size
+        gh, gw = hh // p, ww // p
+        per_frame = gh * gw
+
+        temb = self.time_embed(jnp.broadcast_to(timestep, (b,))) + self.text_pool(text.astype(dt), text_mask)
+        xs: dict[str, jax.Array | None] = {"video": None, "audio": None, "text": None}
+        ropes: dict[str, Any] = {}
+        masks = []
+
+        xv = self.patch_embed(self.patchify(video.astype(dt)))
+        pos_v = rope_lib.video_positions(jnp.broadcast_to(jnp.arange(t, dtype=jnp.float32), (b, t)), gh, gw,
+                                         cfg.rope_base_height, cfg.rope_base_width)
+        vmask = jnp.ones((b, t), bool) if video_mask is None else video_mask.astype(bool)
+        masks.append(jnp.repeat(vmask, per_frame, axis=1))
+        if ref is not None:
+            r = ref.shape[1]
+            xr = self.patch_embed(self.patchify(ref.astype(dt)))
+            rt = jnp.zeros((b,), jnp.float32) if ref_time is None else ref_time.reshape(b).astype(jnp.float32)
+            rtimes = rt[:, None] / cfg.frames_per_latent + jnp.arange(r, dtype=jnp.float32)[None, :]
+            pos_v = jnp.concatenate([pos_v, rope_lib.video_positions(
+                rtimes, gh, gw, cfg.rope_base_height, cfg.rope_base_width)], axis=1)
+            xv = jnp.concatenate([xv, xr], axis=1)
+            rmask = jnp.ones((b,), bool) if ref_mask is None else ref_mask.reshape(b).astype(bool)
+            masks.append(jnp.repeat(rmask[:, None], r * per_frame, axis=1))
+        xs["video"] = constrain(xv, ("batch", "seq", "embed"))
+        ropes["video"] = rope_lib.rope_angles(self.pos_frequencies[...], pos_v)
+
+        if audio is not None:
+            if not cfg.use_audio:
+                raise ValueError("audio was given but model.use_audio is False (a Mochi-only network)")
+            a = audio.shape[1]
+            xs["audio"] = constrain(self.audio_proj(audio.astype(dt)), ("batch", "seq", "embed"))
+            ropes["audio"] = rope_lib.rope_angles(self.audio_pos_frequencies[...],
+                                                  rope_lib.audio_positions(a, cfg.frames_per_latent, b))
+            masks.append(jnp.ones((b, a), bool) if audio_mask is None else audio_mask.astype(bool))
+
+        xs["text"] = self.caption_proj(text.astype(dt))
+        masks.append(text_mask.astype(bool))
+        # joint token order: video(+ref), audio, text — the order StreamLayer outputs are split in
+        mask = jnp.concatenate(masks, axis=1)
+
+        xs = self._run_blocks(xs, temb, ropes, mask)
+
+        xv = xs["video"][:, : t * per_frame]
+        scale, shift = jnp.split(self.norm_out(jax.nn.silu(temb)), 2, axis=-1)
+        h = layer_norm(xv, NORM_EPS) * (1.0 + scale[:, None, :].astype(jnp.float32)) + shift[:, None, :]
+        out = self.proj_out(h.astype(dt))
+        return self.unpatchify(out, t, hh, ww).astype(jnp.float32)
+
+    def _run_blocks(self, xs, temb, ropes, mask):
+        cfg = self.cfg
+
+        def apply(block: MirageBlock, carry):
+            return block(carry, temb, ropes, mask)
+
+        if cfg.remat_policy != "none":
+            apply = nnx.remat(apply, policy=REMAT[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+
+        if self.blocks is not None:
+            if cfg.scan_layers:
+                @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry,
+                          transform_metadata={nnx.PARTITION_NAME: "layers"})
+                def scan_fn(block: MirageBlock, carry):
+                    return apply(block, carry)
+
+                xs = scan_fn(self.blocks, xs)
+            else:
+                graphdef, state = nnx.split(self.blocks)
+                for i in range(self.num_scanned):
+                    layer = nnx.merge(graphdef, jax.tree.map(lambda v, i=i: v[i], state))
+                    xs = apply(layer, xs)
+        return apply(self.last_block, xs)

@@ -1,0 +1,37 @@
+"""Logical sharding constraints for activations.
+
+The model names activation axes logically (`batch`, `seq`, `embed`, `act_heads`, `mlp`); the runtime
+binds names to mesh axes with `flax.core.spmd.logical_axis_rules(rules)` and activates a mesh with
+`jax.set_mesh(mesh)`. Outside such a context (unit tests, a single device) `constrain` is a no-op,
+so the model never depends on the runtime.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+from flax.core import spmd as core_spmd
+from jax.sharding import PartitionSpec
+
+
+def logical_to_spec(axes: Sequence[str | None]) -> PartitionSpec | None:
+    """PartitionSpec for logical `axes` under the active rules, or None when no rules are set."""
+    rules = core_spmd.get_logical_axis_rules()
+    if not rules:
+        return None
+    table = dict(rules)
+    return PartitionSpec(*(table.get(a) if a is not None else None for a in axes))
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """`with_sharding_constraint` by logical axis names; a no-op without rules or an active mesh."""
+    spec = logical_to_spec(axes)
+    if spec is None:
+        return x
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return x
+    if len(axes) != x.ndim:
+        raise ValueError(f"constrain: {len(axes)} logical axes {tuple(axes)} for an array of rank {x.ndim}")
+    return jax.lax.with_sharding_constraint(x, spec)

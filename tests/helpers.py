@@ -1,0 +1,47 @@
+"""Small shared fixtures-as-functions for the model tests."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mirage_jax.config import ModelConfig
+
+
+def small_config(**overrides) -> ModelConfig:
+    base = dict(num_layers=3, num_heads=2, head_dim=16, video_dim=32, text_dim=24, audio_dim=16, latent_channels=4,
+                text_embed_dim=16, audio_feature_dim=8, pool_heads=2, time_embed_dim=32, frames_per_latent=2,
+                rope_base_height=8, rope_base_width=8)
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def random_inputs(cfg: ModelConfig, seed: int = 0, b: int = 2, t: int = 3, h: int = 4, w: int = 6, text_len: int = 7,
+                  audio_len: int = 6) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    text_mask = np.ones((b, text_len), bool)
+    text_mask[0, text_len // 2:] = False  # padded text on the first sample
+    return {
+        "video": rng.standard_normal((b, t, h, w, cfg.latent_channels)).astype(np.float32),
+        "timestep": np.array([100.0, 731.0][:b], np.float32),
+        "text": rng.standard_normal((b, text_len, cfg.text_embed_dim)).astype(np.float32),
+        "text_mask": text_mask,
+        "audio": rng.standard_normal((b, audio_len, cfg.audio_feature_dim)).astype(np.float32),
+        "audio_mask": np.ones((b, audio_len), bool),
+        "ref": rng.standard_normal((b, 1, h, w, cfg.latent_channels)).astype(np.float32),
+        "ref_time": np.array([-7.0, 9.0][:b], np.float32),
+        "ref_mask": np.ones((b,), bool),
+    }
+
+
+def randomize(model, seed: int = 0, scale: float = 0.2) -> None:
+    """Give every parameter random values (zero-initialised gates would hide most of the network)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    state = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    new = [scale * jax.random.normal(k, x.shape, jnp.float32).astype(x.dtype)
+           for k, x in zip(keys, leaves, strict=True)]
+    nnx.update(model, jax.tree.unflatten(treedef, new))

@@ -90,23 +90,55 @@ BLOCK_TABLE: list[tuple[str, Path, str, str]] = [
 ]
 
 
-def block_rows(i: int, num_layers: int) -> list[tuple[str, Path, str]]:
-    """Rows of BLOCK_TABLE for block i, with full source names and full target paths."""
+# Mirage's audio stream in the same (diffusers-style) naming, used by export and by warm starts from a
+# Mirage export; a Mochi source has none of these and warm_start initialises them.
+AUDIO_GLOBAL_TABLE: list[tuple[str, Path, str]] = [
+    ("audio_proj.weight", ("audio_proj", "kernel"), "T"),
+    ("audio_proj.bias", ("audio_proj", "bias"), "id"),
+    ("audio_pos_frequencies", ("audio_pos_frequencies",), "id"),
+]
+
+AUDIO_BLOCK_TABLE: list[tuple[str, Path, str, str]] = [
+    ("norm1_audio.linear.weight", ("audio", "mod", "kernel"), "T", "full"),
+    ("norm1_audio.linear.bias", ("audio", "mod", "bias"), "id", "full"),
+    ("norm1_audio.linear_1.weight", ("audio", "mod", "kernel"), "T", "last"),
+    ("norm1_audio.linear_1.bias", ("audio", "mod", "bias"), "id", "last"),
+    ("attn1.add_audio_q_proj.weight", ("audio", "q", "kernel"), "T", "all"),
+    ("attn1.add_audio_k_proj.weight", ("audio", "k", "kernel"), "T", "all"),
+    ("attn1.add_audio_v_proj.weight", ("audio", "v", "kernel"), "T", "all"),
+    ("attn1.norm_audio_q.weight", ("audio", "q_norm"), "id", "all"),
+    ("attn1.norm_audio_k.weight", ("audio", "k_norm"), "id", "all"),
+    ("attn1.to_audio_out.weight", ("audio", "o", "kernel"), "T", "full"),
+    ("attn1.to_audio_out.bias", ("audio", "o", "bias"), "id", "full"),
+    ("ff_audio.net.0.proj.weight", ("audio", "mlp", "up", "kernel"), "T_half0", "full"),
+    ("ff_audio.net.0.proj.weight", ("audio", "mlp", "gate", "kernel"), "T_half1", "full"),
+    ("ff_audio.net.2.weight", ("audio", "mlp", "down", "kernel"), "T", "full"),
+]
+
+
+def block_rows(i: int, num_layers: int, table: list[tuple[str, Path, str, str]] | None = None
+               ) -> list[tuple[str, Path, str]]:
+    """Rows of a block table (default BLOCK_TABLE) for block i, with full source names and target paths."""
     last = i == num_layers - 1
     rows = []
-    for src, dst, fn, which in BLOCK_TABLE:
+    for src, dst, fn, which in BLOCK_TABLE if table is None else table:
         if (which == "full" and last) or (which == "last" and not last):
             continue
         rows.append((f"transformer_blocks.{i}.{src}", (("last_block",) if last else ("blocks",)) + dst, fn))
     return rows
 
 
-def mochi_rows(num_layers: int) -> list[tuple[str, Path, str, int | None]]:
-    """Every (source, target, transform, layer index or None for unstacked) row for a model of this depth."""
+def mochi_rows(num_layers: int, *, audio: bool = False) -> list[tuple[str, Path, str, int | None]]:
+    """Every (source, target, transform, layer index or None for unstacked) row for a model of this depth;
+    `audio=True` adds the audio stream's rows (Mirage's own naming)."""
     rows: list[tuple[str, Path, str, int | None]] = [(s, d, f, None) for s, d, f in GLOBAL_TABLE]
+    if audio:
+        rows += [(s, d, f, None) for s, d, f in AUDIO_GLOBAL_TABLE]
     for i in range(num_layers):
         stacked = i < num_layers - 1
         rows += [(s, d, f, i if stacked else None) for s, d, f in block_rows(i, num_layers)]
+        if audio:
+            rows += [(s, d, f, i if stacked else None) for s, d, f in block_rows(i, num_layers, AUDIO_BLOCK_TABLE)]
     return rows
 
 
@@ -131,7 +163,8 @@ def mochi_config_to_model(src: Mapping[str, object]) -> dict[str, object]:
     }
 
 
-def convert_mochi_state(tensors: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict[Path, np.ndarray]:
+def convert_mochi_state(tensors: Mapping[str, np.ndarray], cfg: ModelConfig, *, audio: bool = False
+                        ) -> dict[Path, np.ndarray]:
     """Whole-tensor conversion of a Mochi state dict into {target path: array} (stacked blocks stacked).
 
     The streaming, sharded warm start reads the same rows slice by slice; this in-memory form serves
@@ -139,7 +172,7 @@ def convert_mochi_state(tensors: Mapping[str, np.ndarray], cfg: ModelConfig) -> 
     """
     out: dict[Path, np.ndarray] = {}
     stacks: dict[Path, dict[int, np.ndarray]] = {}
-    for src, dst, fn, layer in mochi_rows(cfg.num_layers):
+    for src, dst, fn, layer in mochi_rows(cfg.num_layers, audio=audio):
         if src not in tensors:
             raise KeyError(f"source tensor {src!r} is missing")
         value = TRANSFORMS[fn](np.asarray(tensors[src]))

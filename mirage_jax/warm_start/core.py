@@ -1,0 +1,152 @@
+"""Warm start: a Mochi (diffusers layout) transformer -> the step-0 checkpoint of a Mirage run.
+
+Mapped tensors stream slice by slice into their target shardings (`mapping.py`). Parameters Mochi lacks
+(the audio stream) are initialized so that:
+- with audio and reference tokens absent, Mirage computes exactly what Mochi computes (they never enter
+  the computation), and
+- with audio present training starts from a stable point: every audio value projection starts at zero,
+  so at step 0 audio tokens carry no content into the video stream (they only take a share of the
+  softmax mass), and the audio stream's adaLN gates start at zero (its residual branch is the identity).
+  The audio RoPE time frequencies start as a copy of Mochi's learned video time frequencies, so an audio
+  frame and the latent frame covering it start with the same rotary phase.
+Everything else (optimizer moments, EMA = the initial parameters, counters) is what a fresh run has.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+from etils import epath
+
+from mirage_jax.config import DiffusionConfig, ModelConfig
+from mirage_jax.interop.mochi import mochi_config_to_model
+from mirage_jax.warm_start import mapping
+from mirage_jax.warm_start.source import TensorSource
+
+Path = tuple[str, ...]
+REPORT_NAME = "warm_start_report.json"
+
+
+class WarmStartError(ValueError):
+    """The source does not fit the Mirage config, or the output would overwrite a run."""
+
+
+def derive_config(src: TensorSource) -> ml_collections.ConfigDict:
+    """A full Mirage config from the source's config.json with the default audio-stream settings."""
+    from configs import mirage_10b
+    from configs.common import get_base_config
+
+    cfg = get_base_config()
+    model = {f: getattr(ModelConfig(), f) for f in ModelConfig.__dataclass_fields__}
+    model.update(mochi_config_to_model(src.config))
+    cfg.model = ml_collections.ConfigDict(model)
+    cfg.shapes = mirage_10b.shapes_config()
+    cfg.diffusion = ml_collections.ConfigDict(
+        {f: getattr(DiffusionConfig(), f) for f in DiffusionConfig.__dataclass_fields__})
+    return cfg
+
+
+def check_dimensions(src: TensorSource, model_section: Any) -> None:
+    """Every model dimension implied by config.json must equal the Mirage config's; lists all that differ."""
+    derived = mochi_config_to_model(src.config)
+    diffs = [f"model.{k}: config has {model_section[k]!r}, {src.root / 'config.json'} implies {v!r}"
+             for k, v in derived.items() if model_section[k] != v]
+    if diffs:
+        raise WarmStartError("the Mirage config does not match the source model:\n  " + "\n  ".join(diffs)
+                             + "\nFix these fields (or omit --config to derive the config from the source).")
+
+
+def _flat(tree: Any) -> dict[Path, Any]:
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        out[tuple(str(getattr(k, "key", k)) for k in path)] = leaf
+    return out
+
+
+def _set(tree: dict[str, Any], path: Path, value: Any) -> None:
+    node = tree
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = value
+
+
+def warm_start(source: str, cfg: ml_collections.ConfigDict | None, out: str, *, allow_partial: bool = False
+               ) -> dict[str, Any]:
+    """Write the step-0 checkpoint into workdir `out`; returns the report (also saved as JSON)."""
+    from mirage_jax.parallel import mesh as mesh_lib
+    from mirage_jax.parallel import rules as rules_lib
+    from mirage_jax.train import checkpoint as ckpt_lib
+    from mirage_jax.train import optim
+    from mirage_jax.train.loop import config_to_dict
+    from mirage_jax.train.state import StateLayout, TrainState
+
+    src = TensorSource(source)
+    if cfg is None:
+        cfg = derive_config(src)
+    else:
+        check_dimensions(src, cfg.model)
+    mcfg = ModelConfig.from_config(cfg.model)
+    store_dir = epath.Path(out) / "checkpoints"
+    if store_dir.exists() and any(store_dir.iterdir()):
+        raise WarmStartError(f"--out {out}: already holds checkpoints ({store_dir}); warm start writes the "
+                             "first checkpoint of a new run: choose an empty workdir")
+
+    mesh = mesh_lib.build_mesh(cfg.mesh)
+    param_rules = rules_lib.normalize_rules(cfg.mesh.rules.params, "mesh.rules.params", mesh)
+    tx = optim.make_optimizer(cfg.optim, float(cfg.train.clip_norm), int(cfg.train.steps))
+    layout = StateLayout(mcfg, tx, mesh, param_rules, int(cfg.train.seed))
+    shapes = {p: tuple(a.shape) for p, a in _flat(layout.abstract.params).items()}
+    dtypes = {p: a.dtype for p, a in _flat(layout.abstract.params).items()}
+    shardings = _flat(layout.shardings.params)
+
+    p = mapping.plan(src, mcfg, shapes)
+    new = sorted(".".join(k) for k in shapes if k not in p.rows)
+    report = {
+        "source": str(src.root), "mapped_targets": len(p.rows), "mapped_source_tensors": len(p.mapped_sources),
+        "new": new, "unused": p.unused, "missing": p.missing, "mismatched": p.mismatched,
+    }
+    problems = [f"{k}: {v}" for k in ("unused", "missing", "mismatched") if (v := report[k])]
+    if problems and not allow_partial:
+        raise WarmStartError(
+            f"warm start from {src.root} is not exact (nothing was written):\n  "
+            + "\n  ".join(f"{k} ({len(report[k])}): " + ", ".join(report[k][:6]) + (" ..." if len(report[k]) > 6
+                                                                                    else "")
+                          for k in ("unused", "missing", "mismatched") if report[k])
+            + "\nPass --allow-partial to initialize what cannot be mapped and ignore unused tensors.")
+
+    with jax.set_mesh(mesh):
+        mapped = mapping.build_mapped(src, p, shardings, dtypes, shapes)
+        fresh = layout.create()
+        params = jax.tree.map(lambda x: x, fresh.params)
+        for path, arr in mapped.items():
+            _set(params, path, arr)
+
+        def finish(params: Any) -> TrainState:
+            params = jax.tree.map(lambda x: x, params)
+            if mcfg.use_audio:
+                for block in ("blocks", "last_block"):
+                    if block in params:
+                        v = params[block]["audio"]["v"]["kernel"]
+                        params[block]["audio"]["v"]["kernel"] = jnp.zeros_like(v)
+                if ("pos_frequencies",) in p.rows:
+                    params["audio_pos_frequencies"] = params["pos_frequencies"][0:1]
+            zero = jnp.zeros((), jnp.int32)
+            return TrainState(step=zero, params=params, opt_state=tx.init(params),
+                              ema=jax.tree.map(jnp.copy, params), nonfinite_streak=zero, nonfinite_total=zero)
+
+        state = jax.jit(finish, out_shardings=layout.shardings)(params)
+
+    store = ckpt_lib.CheckpointStore(out, cfg.checkpoint)
+    store.save(0, state, None, config_to_dict(cfg), {"warm_start": report})
+    store.wait()
+    store.close()
+    if jax.process_index() == 0:
+        (epath.Path(out) / REPORT_NAME).write_text(json.dumps(report, indent=1))
+    logging.info("warm start: %d target tensors mapped from %s, %d new; checkpoint 0 in %s",
+                 len(p.rows), src.root, len(new), store_dir)
+    return report

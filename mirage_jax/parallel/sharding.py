@@ -16,12 +16,24 @@ from jax.sharding import PartitionSpec
 
 
 def logical_to_spec(axes: Sequence[str | None]) -> PartitionSpec | None:
-    """PartitionSpec for logical `axes` under the active rules, or None when no rules are set."""
+    """PartitionSpec for logical `axes` under the active rules, or None when no rules are set.
+
+    As flax's `logical_to_mesh_axes`, a mesh axis already used by an earlier dimension is dropped from a
+    later one: `("batch", "seq", "act_heads", None)` with seq -> sequence and act_heads -> (sequence,
+    tensor) shards heads over `tensor` only, the layout that follows the Ulysses all-to-all back."""
     rules = core_spmd.get_logical_axis_rules()
     if not rules:
         return None
     table = dict(rules)
-    return PartitionSpec(*(table.get(a) if a is not None else None for a in axes))
+    used: set[str] = set()
+    out: list[str | tuple[str, ...] | None] = []
+    for a in axes:  # a mesh axis shards at most one dimension: later dimensions drop axes already used
+        mapped = table.get(a) if a is not None else None
+        names = (mapped,) if isinstance(mapped, str) else tuple(mapped or ())
+        keep = tuple(n for n in names if n not in used)
+        used.update(keep)
+        out.append(None if not keep else keep[0] if len(keep) == 1 else keep)
+    return PartitionSpec(*out)
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:

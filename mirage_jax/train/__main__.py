@@ -1,0 +1,69 @@
+"""`python -m mirage_jax.train --config=configs/X.py --workdir=DIR [--config.a.b=value ...]`.
+
+The same command runs on one CPU, a GPU box, or every host of a TPU pod (see docs/pods.md). Exit status:
+0 when training finished or was preempted after a successful checkpoint (the message says which), 3 when
+it stopped on too many non-finite steps, 1 on any other error.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py[:arg].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, tensorboard/.")
+_ALLOW = flags.DEFINE_bool("allow_config_change", False,
+                           "Resume even if the config changes the model or the train state's structure "
+                           "(restores what fits, initializes the rest).")
+_COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
+_NPROC = flags.DEFINE_integer("num_processes", None, "Number of JAX processes (multi-process runs).")
+_PID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+EXIT_NONFINITE = 3
+
+
+class _QuietLibraries:
+    """absl log filter: drop INFO chatter of Orbax and Grain (one line per file written); keep warnings."""
+
+    NOISY = ("/orbax/", "/grain/")
+
+    def filter(self, record: Any) -> bool:
+        return record.levelno >= 30 or not any(n in record.pathname for n in self.NOISY)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    from mirage_jax.train import distributed
+
+    distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
+
+    from mirage_jax.train.loop import NonFiniteError, Trainer
+    from mirage_jax.train.preemption import Preempted
+
+    try:
+        trainer = Trainer(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW.value)
+        step = trainer.run()
+    except Preempted as e:
+        logging.warning("%s", e)
+        print(f"PREEMPTED (clean exit): {e}", flush=True)
+        sys.exit(0)
+    except NonFiniteError as e:
+        logging.error("%s", e)
+        print(f"STOPPED: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_NONFINITE)
+    print(f"DONE: trained to step {step}; workdir {_WORKDIR.value}", flush=True)
+
+
+def run() -> None:
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,219 @@
+"""One Orbax CheckpointManager per workdir: items `state`, `data`, `config` and `meta`.
+
+- Saves are asynchronous (`checkpoint.async_save`): `save` returns once the arrays are copied off the
+  devices; files are written in the background and the step directory appears under its final name only
+  when complete (Orbax writes to a temporary name and renames on commit), so a kill mid-save leaves an
+  uncommitted temporary directory that is never listed, never restored, and removed at the next start.
+- Retention: the newest `keep_last_n` plus every step that is a multiple of `keep_every_k`.
+- Restores go through abstract arrays carrying the CURRENT shardings, so a checkpoint written on one mesh
+  and process count restores onto any other.
+- A restore that fails raises `CheckpointRestoreError` naming the step directory; it never falls back to
+  a fresh start on its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint import checkpoint_managers as ocm
+
+from mirage_jax.train.state import TrainState
+
+
+class CheckpointRestoreError(RuntimeError):
+    """A checkpoint exists but could not be restored; the message names the step directory."""
+
+
+class DataStateHandler(ocp.CheckpointHandler):
+    """Data-iterator state as one JSON file per process (`process_<i>-of-<n>.json`).
+
+    The state is a snapshot taken when the step's batch was drawn (the loop prefetches the next batch
+    while the device computes, so the live iterator is already one batch ahead at save time). A
+    `global` state (the synthetic source: just the step) restores under any process count; a per-process
+    state (Grain) needs the same process count and says so otherwise.
+    """
+
+    def save(self, directory: epath.Path, args: DataStateSave) -> None:
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        (directory / name).write_text(json.dumps(args.state))
+
+    def restore(self, directory: epath.Path, args: DataStateRestore | None = None) -> Any:
+        del args
+        own = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if own.exists():
+            return json.loads(own.read_text())
+        files = sorted(directory.glob("process_*-of-*.json"))
+        if not files:
+            raise FileNotFoundError(f"no data-iterator state in {directory}")
+        state = json.loads(files[0].read_text())
+        if isinstance(state, dict) and state.get("global"):
+            return state
+        raise ValueError(f"{directory} holds the data-iterator states of {len(files)} processes "
+                         f"({files[0].name}, ...) but this run has {jax.process_count()}; the Grain iterator "
+                         "position cannot be re-split. Resume with the same process count (or the same "
+                         "--num_processes on launch/local.py)")
+
+    def metadata(self, directory: epath.Path) -> None:
+        del directory
+        return None
+
+    def structure(self, directory: epath.Path) -> None:
+        del directory
+        return None
+
+    def finalize(self, directory: epath.Path) -> None:
+        del directory
+
+    def close(self) -> None:
+        pass
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+    state: Any
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+    pass
+
+
+class CheckpointStore:
+    """The workdir's checkpoints (WORKDIR/checkpoints/<step>/{state,data,config,meta})."""
+
+    def __init__(self, workdir: str, ckpt_cfg: Any, *, read_only: bool = False):
+        self.directory = epath.Path(workdir) / "checkpoints"
+        keep: list[ocm.PreservationPolicy] = [ocm.LatestN(max(int(ckpt_cfg.keep_last_n), 1))]
+        if int(ckpt_cfg.keep_every_k) > 0:
+            keep.append(ocm.EveryNSteps(int(ckpt_cfg.keep_every_k)))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocm.AnyPreservationPolicy(keep),
+            enable_async_checkpointing=bool(ckpt_cfg.async_save),
+            cleanup_tmp_directories=not read_only,
+            read_only=read_only,
+            create=not read_only,
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": DataStateHandler(),
+                "config": ocp.JsonCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
+        )
+
+    def step_dir(self, step: int) -> epath.Path:
+        return self.directory / str(step)
+
+    def latest_step(self) -> int | None:
+        """The newest COMMITTED step (uncommitted temporary directories are not steps)."""
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: TrainState, data_state: Any, config: dict[str, Any], meta: dict[str, Any]) -> bool:
+        """Start saving `step` (asynchronously when configured); all processes must call it.
+        `data_state` is the data iterator's state positioned at batch `step` (JSON-able)."""
+        return self.manager.save(step, force=True, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state.as_dict()),
+            data=DataStateSave(data_state),
+            config=ocp.args.JsonSave(config),
+            meta=ocp.args.JsonSave(meta),
+        ))
+
+    def read_json(self, step: int, item: str) -> dict[str, Any]:
+        """The `config` or `meta` item of a step, as saved."""
+        path = self.step_dir(step) / item / "metadata"
+        try:
+            return json.loads(path.read_text())
+        except Exception as e:  # noqa: BLE001 - re-raised with the path
+            raise CheckpointRestoreError(f"cannot read {path}: {e}. The checkpoint {self.step_dir(step)} is "
+                                         "damaged; move it away to resume from the previous one") from e
+
+    def saved_shapes(self, step: int) -> dict[tuple[str, ...], tuple[tuple[int, ...], str]]:
+        """Path -> (shape, dtype) of every array of the saved train state (from metadata, no data read)."""
+        try:
+            meta = self.manager.item_metadata(step)["state"]
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointRestoreError(f"cannot read the state metadata of {self.step_dir(step)}: {e}. "
+                                         "Move that directory away to resume from the previous checkpoint") from e
+        return tree_shapes(meta)
+
+    def restore(self, step: int, target: TrainState) -> tuple[TrainState, Any]:
+        """(state restored into the shardings of `target` (abstract arrays), the data-iterator state)."""
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target.as_dict()), data=DataStateRestore()))
+        except Exception as e:  # noqa: BLE001 - re-raised with the step directory
+            raise CheckpointRestoreError(
+                f"restoring {self.step_dir(step)} failed: {type(e).__name__}: {e}\n"
+                f"The run will NOT start from scratch by itself. If this checkpoint is damaged, move "
+                f"{self.step_dir(step)} out of {self.directory} to resume from the previous checkpoint "
+                f"(steps: {self.all_steps()}), or use a new --workdir to start over.") from e
+        return TrainState.from_dict(dict(out["state"])), out["data"]
+
+    def restore_data_state(self, step: int) -> Any:
+        """Only the data-iterator state of `step`."""
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(data=DataStateRestore()))["data"]
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointRestoreError(f"restoring the data state of {self.step_dir(step)} failed: {e}") from e
+
+    def restore_partial(self, step: int, target: dict[str, Any]) -> dict[str, Any]:
+        """Restore only the leaves of `target` (a sub-tree of the saved state with equal shapes)."""
+        path = self.step_dir(step) / "state"
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+        try:
+            return ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+                item=target, restore_args=restore_args, partial_restore=True))
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointRestoreError(f"partial restore of {path} failed: {type(e).__name__}: {e}") from e
+
+    def wait(self) -> None:
+        """Block until every started save is committed."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def _key_name(k: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def tree_shapes(tree: Any) -> dict[tuple[str, ...], tuple[tuple[int, ...], str]]:
+    """Normalized path -> (shape, dtype) for every array-like leaf (namedtuple fields and dict keys alike)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if hasattr(leaf, "shape"):
+            out[tuple(_key_name(k) for k in path)] = (tuple(leaf.shape), str(getattr(leaf, "dtype", "")))
+    return out
+
+
+def describe_tree_diff(saved: dict[tuple[str, ...], Any], current: dict[tuple[str, ...], Any],
+                       limit: int = 6) -> list[str]:
+    """Human-readable differences between two `tree_shapes` tables (missing, new, reshaped leaves)."""
+    lines = []
+    for p in sorted(set(saved) - set(current))[:limit]:
+        lines.append(f"only in checkpoint: {'/'.join(p)} {saved[p][0]}")
+    for p in sorted(set(current) - set(saved))[:limit]:
+        lines.append(f"only in this config: {'/'.join(p)} {current[p][0]}")
+    for p in sorted(set(saved) & set(current)):
+        if saved[p][0] != current[p][0] or saved[p][1] != current[p][1]:
+            lines.append(f"changed: {'/'.join(p)} {saved[p]} -> {current[p]}")
+            if len(lines) >= 3 * limit:
+                break
+    return lines

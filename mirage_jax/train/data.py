@@ -1,0 +1,146 @@
+"""Per-process batches -> global, sharded `jax.Array` batches.
+
+Two sources share one iterator interface (`next(it)` -> dict of numpy arrays for THIS process's rows,
+`get_state()` / `set_state()` for checkpoints):
+- `SyntheticSource` (`data.source='synthetic'`): random arrays of the model's shapes, a pure function
+  of (seed, step, global row index), so any process layout sees the same global batch and a resume is
+  bitwise; its state is the step.
+- the Grain loader of `data_pipeline.loader` over prepared ArrayRecord shards (any other source).
+Which rows a process loads follows from the batch sharding (`process_rows`), not from the process index,
+so meshes that replicate the batch across processes still get consistent data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+BATCH_KEYS = ("video", "video_mask", "audio", "audio_mask", "text", "text_mask", "ref", "ref_time", "ref_mask")
+
+
+class BatchIterator(Protocol):
+    """What the loop needs from a data source."""
+
+    def __next__(self) -> dict[str, np.ndarray]: ...
+
+    def get_state(self) -> Any: ...
+
+    def set_state(self, state: Any) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class RowRange:
+    """Rows [start, stop) of the global batch that this process feeds; `index`/`count` as loader shards."""
+
+    start: int
+    stop: int
+    global_batch: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def index(self) -> int:
+        return self.start // self.size
+
+    @property
+    def count(self) -> int:
+        return self.global_batch // self.size
+
+
+def process_rows(mesh: Mesh, batch_axes: Any, global_batch: int) -> RowRange:
+    """The contiguous rows of the global batch held by this process's devices under the batch sharding."""
+    sharding = NamedSharding(mesh, PartitionSpec(batch_axes))
+    slices = [idx[0] for idx in sharding.addressable_devices_indices_map((global_batch,)).values()]
+    starts = [s.start or 0 for s in slices]
+    stops = [global_batch if s.stop is None else s.stop for s in slices]
+    start, stop = min(starts), max(stops)
+    covered = set()
+    for a, b in zip(starts, stops, strict=True):
+        covered.update(range(a, b))
+    if len(covered) != stop - start or global_batch % (stop - start):
+        raise ValueError(f"process {jax.process_index()} holds non-contiguous batch rows {sorted(covered)}; "
+                         "use a mesh whose batch axes (data, fsdp) keep each process's devices together")
+    return RowRange(start, stop, global_batch)
+
+
+def batch_shapes(cfg: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Per-sample shape and dtype of every batch key, from `cfg.shapes` and `cfg.model`."""
+    s, m = cfg.shapes, cfg.model
+    t, h, w = int(s.latent_frames), int(s.latent_height), int(s.latent_width)
+    a, lt, r = int(s.audio_frames), int(s.text_len), int(s.get("ref_frames", 1))
+    c = int(m.latent_channels)
+    return {
+        "video": ((t, h, w, c), np.float32), "video_mask": ((t,), np.bool_),
+        "audio": ((a, int(m.audio_feature_dim)), np.float32), "audio_mask": ((a,), np.bool_),
+        "text": ((lt, int(m.text_embed_dim)), np.float32), "text_mask": ((lt,), np.bool_),
+        "ref": ((r, h, w, c), np.float32), "ref_time": ((), np.float32), "ref_mask": ((), np.bool_),
+    }
+
+
+class SyntheticSource(Iterator[dict[str, np.ndarray]]):
+    """Deterministic random batches: row i of step n depends only on (seed, n, i)."""
+
+    def __init__(self, shapes: dict[str, tuple[tuple[int, ...], Any]], rows: RowRange, seed: int, step: int = 0):
+        self.shapes, self.rows, self.seed, self.step = shapes, rows, seed, step
+
+    def _row(self, step: int, i: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([self.seed, step, i])
+        out: dict[str, np.ndarray] = {}
+        for k, (shape, dtype) in self.shapes.items():
+            if dtype == np.float32:
+                out[k] = rng.standard_normal(shape, dtype=np.float32)
+            else:
+                out[k] = np.ones(shape, np.bool_)
+        lt = self.shapes["text_mask"][0][0]
+        out["text_mask"][int(rng.integers(1, lt + 1)):] = False  # variable caption length
+        out["ref_time"] = np.float32(rng.uniform(-10.0, 10.0))
+        return out
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        rows = [self._row(self.step, i) for i in range(self.rows.start, self.rows.stop)]
+        self.step += 1
+        return {k: np.stack([r[k] for r in rows]) for k in self.shapes}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"kind": "synthetic", "step": self.step, "global": True}
+
+    def set_state(self, state: Any) -> None:
+        if not isinstance(state, dict) or state.get("kind") != "synthetic":
+            raise ValueError(f"data state {state!r} was not written by the synthetic source; the checkpoint "
+                             "was trained on another data.source")
+        self.step = int(state["step"])
+
+
+def make_source(cfg: Any, rows: RowRange, start_step: int) -> BatchIterator:
+    """The iterator `cfg.data.source` names, positioned at `start_step` for the synthetic source."""
+    if cfg.data.source == "synthetic":
+        return SyntheticSource(batch_shapes(cfg), rows, int(cfg.train.seed) + 1, start_step)
+    from mirage_jax.train import grain_source
+
+    return grain_source.make(cfg, rows)
+
+
+def to_global(local: dict[str, np.ndarray], shardings: dict[str, NamedSharding],
+              global_batch: int) -> dict[str, jax.Array]:
+    """Assemble this process's rows into global arrays (`jax.make_array_from_process_local_data`)."""
+    out = {}
+    for k, sharding in shardings.items():
+        if k not in local:
+            raise KeyError(f"the data source gave no {k!r}; expected keys {sorted(shardings)}")
+        x = np.asarray(local[k])
+        out[k] = jax.make_array_from_process_local_data(sharding, x, (global_batch, *x.shape[1:]))
+    return out
+
+
+def batch_shardings(mesh: Mesh, batch_axes: Any,
+                    shapes: dict[str, tuple[tuple[int, ...], Any]]) -> dict[str, NamedSharding]:
+    """Every batch key sharded on its leading (batch) dimension, replicated elsewhere."""
+    return {k: NamedSharding(mesh, PartitionSpec(batch_axes, *([None] * len(shape))))
+            for k, (shape, _) in shapes.items()}

@@ -1,0 +1,217 @@
+"""The training loop: build mesh and state, resume, step, log, checkpoint, stop cleanly.
+
+Order inside one iteration (so the host prepares batch n+1 while the devices run step n):
+dispatch step n -> draw batch n+1 (snapshotting the iterator state first) -> wait for step n's metrics
+-> NaN/Inf accounting, logging -> checkpoint / preemption / end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from mirage_jax.config import DiffusionConfig, ModelConfig
+from mirage_jax.parallel import checks
+from mirage_jax.parallel import mesh as mesh_lib
+from mirage_jax.parallel import rules as rules_lib
+from mirage_jax.train import checkpoint as ckpt_lib
+from mirage_jax.train import data as data_lib
+from mirage_jax.train import metrics as metrics_lib
+from mirage_jax.train import optim, resume
+from mirage_jax.train import step as step_lib
+from mirage_jax.train.preemption import Preempted, PreemptionWatcher
+from mirage_jax.train.state import StateLayout
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite steps; the last good checkpoint is kept."""
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain JSON data (tuples become lists), as stored in every checkpoint."""
+    return json.loads(cfg.to_json_best_effort())
+
+
+class Trainer:
+    """Everything derived from the config once; `run()` trains to `train.steps`."""
+
+    def __init__(self, cfg: Any, workdir: str, *, allow_config_change: bool = False):
+        self.cfg, self.workdir = cfg, workdir
+        self.allow_config_change = allow_config_change or bool(cfg.checkpoint.allow_config_change)
+        for section in ("model", "diffusion", "shapes"):
+            if section not in cfg:
+                raise ValueError(f"the config has no `{section}` section; start from a model config such as "
+                                 "configs/tiny.py, not configs/common.py")
+        self.mcfg = ModelConfig.from_config(cfg.model)
+        self.dcfg = DiffusionConfig.from_config(cfg.diffusion)
+        self.mesh = mesh_lib.build_mesh(cfg.mesh)
+        self.param_rules = rules_lib.normalize_rules(cfg.mesh.rules.params, "mesh.rules.params", self.mesh)
+        self.act_rules, act_warning = rules_lib.effective_activation_rules(
+            rules_lib.normalize_rules(cfg.mesh.rules.activations, "mesh.rules.activations", self.mesh))
+        if act_warning:
+            logging.warning("%s", act_warning)
+        tc = cfg.train
+        checks.check_layout(self.mesh, self.act_rules, self.mcfg.num_heads, int(tc.global_batch_size),
+                            int(tc.grad_accum))
+        self.total_steps = int(tc.steps)
+        self.tx = optim.make_optimizer(cfg.optim, float(tc.clip_norm), self.total_steps)
+        self.lr_schedule = optim.learning_rate_schedule(cfg.optim, self.total_steps)
+        self.layout = StateLayout(self.mcfg, self.tx, self.mesh, self.param_rules, int(tc.seed))
+        self.batch_axes = dict(self.act_rules).get("batch")
+        self.shapes = data_lib.batch_shapes(cfg)
+        self.batch_shardings = data_lib.batch_shardings(self.mesh, self.batch_axes, self.shapes)
+        self.rows = data_lib.process_rows(self.mesh, self.batch_axes, int(tc.global_batch_size))
+
+    def _log_setup(self) -> None:
+        logging.info("%s; %d parameters; process %d feeds batch rows [%d, %d)", mesh_lib.describe(self.mesh),
+                     self.layout.param_count(), jax.process_index(), self.rows.start, self.rows.stop)
+        if self.layout.fallbacks:
+            logging.info("%d parameters are not divisible by their mesh axes and use fewer: %s",
+                         len(self.layout.fallbacks), "; ".join(self.layout.fallbacks[:4]))
+
+    def run(self) -> int:
+        """Train until `train.steps`; returns the final step. Raises Preempted after a preemption save."""
+        cfg, tc = self.cfg, self.cfg.train
+        self._log_setup()
+        store = ckpt_lib.CheckpointStore(self.workdir, cfg.checkpoint)
+        config = config_to_dict(cfg)
+        with jax.set_mesh(self.mesh):
+            state, data_state, restored = resume.restore_or_init(store, self.layout, config, self.allow_config_change)
+        start = int(jax.device_get(state.step))
+        source = data_lib.make_source(cfg, self.rows, start)
+        if data_state is not None:
+            source.set_state(data_state)
+        logging.info("%s at step %d of %d", "resumed from checkpoint" if restored is not None else "initialized",
+                     start, self.total_steps)
+        if start >= self.total_steps:
+            store.close()
+            return start
+        step_fn = step_lib.make_train_step(self.layout, self.dcfg, tc, self.lr_schedule, self.act_rules,
+                                           self.batch_shardings)
+        writer = metrics_lib.MetricsWriter(self.workdir, cfg.metrics)
+        watcher = PreemptionWatcher()
+        try:
+            return self._loop(state, start, source, step_fn, store, writer, watcher, config)
+        finally:
+            watcher.close()
+            writer.close()
+            store.close()
+
+    def _throughput(self) -> tuple[float, float, float]:
+        try:
+            flops, tokens = metrics_lib.throughput_model(self.cfg)
+        except Exception as e:  # noqa: BLE001 - metrics must not stop training
+            logging.warning("throughput model unavailable (%s); TFLOP/s and MFU not reported", e)
+            flops, tokens = 0, 0
+        peak = metrics_lib.peak_flops_per_device(float(self.cfg.metrics.peak_flops_per_device))
+        return float(flops), float(tokens), peak
+
+    def _loop(self, state: Any, start: int, source: Any, step_fn: Any, store: ckpt_lib.CheckpointStore,
+              writer: metrics_lib.MetricsWriter, watcher: PreemptionWatcher, config: dict[str, Any]) -> int:
+        cfg, tc = self.cfg, self.cfg.train
+        gb = int(tc.global_batch_size)
+        flops_per_sample, tokens_per_sample, peak = self._throughput()
+        n_dev = jax.device_count()
+        k_max = int(tc.max_nonfinite_steps)
+        profile_start, profile_end = int(tc.profile_start_step), int(tc.profile_start_step) + int(tc.profile_steps)
+        profiling = False
+
+        def draw() -> tuple[dict[str, jax.Array], Any, float]:
+            t = time.perf_counter()
+            snapshot = source.get_state()
+            batch = data_lib.to_global(next(source), self.batch_shardings, gb)
+            return batch, snapshot, time.perf_counter() - t
+
+        batch, _, data_wait = draw()
+        data_state = source.get_state()  # position after batch `start`: saved with step start+1
+        last_time = time.perf_counter()
+        bucket_sum = bucket_n = 0.0
+        window_time = window_wait = 0.0
+        window_steps = 0
+        with jax.set_mesh(self.mesh):
+            for step in range(start, self.total_steps):
+                if step == profile_start and jax.process_index() == 0:
+                    jax.profiler.start_trace(os.path.join(self.workdir, "profile"))
+                    profiling = True
+                state, metrics = step_fn(state, batch)
+                new_step = step + 1
+                if new_step < self.total_steps:
+                    batch, _, wait = draw()
+                    next_data_state = source.get_state()
+                else:
+                    wait, next_data_state = 0.0, None
+                m = jax.device_get(metrics)
+                now = time.perf_counter()
+                step_time, last_time = now - last_time, now
+                if profiling and new_step >= profile_end:
+                    jax.profiler.stop_trace()
+                    profiling = False
+                if step == start:  # includes compilation: reported once, kept out of the averages
+                    logging.info("first step took %.1f s (compilation included)", step_time)
+                else:
+                    window_time += step_time
+                    window_wait += data_wait
+                    window_steps += 1
+                data_wait = wait
+                bucket_sum = bucket_sum + np.asarray(m["loss_per_bucket"])
+                bucket_n = bucket_n + np.asarray(m["bucket_counts"])
+                if not bool(m["finite"]):
+                    logging.warning("step %d: non-finite loss or gradient (loss=%s, grad_norm=%s); update skipped "
+                                    "(%d in a row, %d in total)", new_step, m["loss"], m["grad_norm"],
+                                    int(m["nonfinite_streak"]), int(m["nonfinite_total"]))
+                if int(m["nonfinite_streak"]) >= k_max:
+                    store.wait()
+                    raise NonFiniteError(
+                        f"{k_max} consecutive non-finite steps (train.max_nonfinite_steps={k_max}) ending at step "
+                        f"{new_step}; stopping. The last good checkpoint is kept (steps {store.all_steps()} in "
+                        f"{store.directory}). Lower optim.lr, raise optim.warmup_steps or check the data, then "
+                        "rerun the same command to resume.")
+                if new_step % int(tc.log_every) == 0 or new_step == self.total_steps:
+                    avg = window_time / window_steps if window_steps else step_time
+                    scalars = {
+                        "loss": m["loss"], "grad_norm": m["grad_norm"], "lr": m["lr"],
+                        "step_time_s": avg, "data_wait_s": window_wait / max(window_steps, 1),
+                        "nonfinite_total": m["nonfinite_total"],
+                        "samples_per_s": gb / avg,
+                        "tokens_per_s_per_device": gb * tokens_per_sample / avg / n_dev,
+                        "loss_per_bucket": np.where(bucket_n > 0, bucket_sum / np.maximum(bucket_n, 1), np.nan),
+                    }
+                    if flops_per_sample:
+                        tflops = gb * flops_per_sample / avg / n_dev
+                        scalars["tflops_per_device"] = tflops / 1e12
+                        if peak:
+                            scalars["mfu"] = tflops / peak
+                    writer.write(new_step, scalars)
+                    bucket_sum = bucket_n = 0.0
+                    window_time = window_wait = 0.0
+                    window_steps = 0
+                preempted = watcher.should_stop(new_step)
+                due = new_step % int(cfg.checkpoint.save_every) == 0 or new_step == self.total_steps
+                if due and not bool(m["finite"]) and not preempted:
+                    logging.warning("step %d: not checkpointing a step inside a non-finite streak", new_step)
+                    due = False
+                if due or preempted:
+                    meta = {"step": new_step, "time": time.time(), "process_count": jax.process_count(),
+                            "device_count": n_dev, "mesh": dict(self.mesh.shape), "jax": jax.__version__,
+                            "preempted": preempted}
+                    store.save(new_step, state, data_state, config, meta)
+                    logging.info("checkpoint %d started%s", new_step, " (preemption)" if preempted else "")
+                if new_step == int(tc.fault_kill_at_step):
+                    logging.warning("train.fault_kill_at_step=%d: killing this process with SIGKILL", new_step)
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if preempted:
+                    store.wait()
+                    raise Preempted(f"preempted: checkpoint {new_step} saved in {store.directory}; rerun the same "
+                                    "command to resume")
+                data_state = next_data_state
+            if profiling:
+                jax.profiler.stop_trace()
+            store.wait()
+        return self.total_steps

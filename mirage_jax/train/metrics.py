@@ -1,0 +1,92 @@
+"""Training metrics to the console, TensorBoard event files and a JSONL file (process 0 writes).
+
+Throughput numbers: tokens/s/device counts every token the DiT attends over (video, reference, audio,
+text); model TFLOP/s/device uses the analytic train FLOPs of `mirage_jax.describe.count_flops` (remat
+recomputation not counted), and MFU divides that by `metrics.peak_flops_per_device` (or the device
+kind's bf16 peak from PEAK_FLOPS when that is 0).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from etils import epath
+
+# bf16 dense peak per JAX device (TPU v4/v5p: one device per chip; v5e/v6e: per chip)
+PEAK_FLOPS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12,
+}
+
+
+def peak_flops_per_device(configured: float) -> float:
+    """The configured peak, else the table's value for this device kind, else 0 (MFU not reported)."""
+    if configured and configured > 0:
+        return float(configured)
+    return PEAK_FLOPS.get(jax.devices()[0].device_kind, 0.0)
+
+
+def throughput_model(cfg: Any) -> tuple[int, int]:
+    """(train FLOPs per sample, tokens per sample) for the configured model and shapes."""
+    from mirage_jax.config import ModelConfig
+    from mirage_jax.describe import count_flops, count_tokens
+
+    mcfg = ModelConfig.from_config(cfg.model)
+    shapes = dict(cfg.shapes)
+    return int(count_flops(mcfg, shapes)), int(count_tokens(mcfg, shapes)["total"])
+
+
+class MetricsWriter:
+    """Console + TensorBoard + JSONL sink; silent on processes other than 0."""
+
+    def __init__(self, workdir: str, metrics_cfg: Any):
+        self.enabled = jax.process_index() == 0
+        self.tb = None
+        self.jsonl = None
+        if not self.enabled:
+            return
+        out = epath.Path(workdir)
+        out.mkdir(parents=True, exist_ok=True)
+        if metrics_cfg.tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        if metrics_cfg.jsonl:
+            self.jsonl = (out / "metrics.jsonl").open("a")
+
+    def write(self, step: int, scalars: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        flat = {k: float(v) for k, v in scalars.items() if np.ndim(v) == 0}
+        for k, v in scalars.items():
+            if np.ndim(v) == 1:  # per-bucket vectors -> name/i
+                for i, x in enumerate(np.asarray(v)):
+                    flat[f"{k}/{i}"] = float(x)
+        if self.tb is not None:
+            for k, v in flat.items():
+                if np.isfinite(v):  # empty timestep buckets are NaN
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({"step": step, "time": time.time(), **flat}) + "\n")
+            self.jsonl.flush()
+        shown = " ".join(f"{k}={flat[k]:.4g}" for k in ("loss", "grad_norm", "lr", "step_time_s", "data_wait_s",
+                                                        "tokens_per_s_per_device", "tflops_per_device", "mfu")
+                         if k in flat)
+        logging.info("step %d: %s", step, shown)
+
+    def log_text(self, message: str) -> None:
+        if self.enabled:
+            logging.info("%s", message)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.jsonl is not None:
+            self.jsonl.close()

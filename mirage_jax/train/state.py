@@ -1,0 +1,134 @@
+"""The train state (step, params, optimizer state, EMA, NaN counters), created already sharded.
+
+`create_sharded_state` never materializes the full model on a host: the model is built under
+`nnx.eval_shape` for shapes and logical axes, the rules give every leaf its NamedSharding, and the real
+initialization runs inside `jax.jit(..., out_shardings=...)` so each device creates only its shard.
+Params are a plain nested dict (`nnx.to_pure_dict` of the model's `nnx.Param` state): the checkpoint
+format does not depend on Flax internals, and `nnx.merge(graphdef, params)` rebuilds the model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mirage_jax.config import ModelConfig
+from mirage_jax.parallel import rules as rules_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a resume needs besides the data-iterator state."""
+
+    step: jax.Array  # int32: optimizer steps taken (skipped non-finite steps included)
+    params: Any
+    opt_state: Any
+    ema: Any
+    nonfinite_streak: jax.Array  # int32: consecutive skipped steps up to now
+    nonfinite_total: jax.Array  # int32: skipped steps over the run
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain dict of the fields (the checkpointed form)."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainState:
+        return cls(**d)
+
+
+def _build_model(mcfg: ModelConfig, seed: int) -> nnx.Module:
+    from mirage_jax.model import MirageDiT
+
+    return MirageDiT(mcfg, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(mcfg: ModelConfig, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
+    """Graph definition and abstract `nnx.Param` state (shapes, dtypes, logical axes); no memory used."""
+    abs_model = nnx.eval_shape(lambda: _build_model(mcfg, seed))
+    graphdef, params, rest = nnx.split(abs_model, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise ValueError("MirageDiT holds non-Param state; the train state only carries nnx.Param")
+    return graphdef, params
+
+
+def _norm_path(path: tuple[Any, ...]) -> tuple[str, ...]:
+    out = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                out.append(str(getattr(k, attr)))
+                break
+        else:
+            out.append(str(k))
+    return tuple(out)
+
+
+def _follow_params(abstract_tree: Any, param_specs: Any) -> Any:
+    """Specs for a tree whose leaves mirror params somewhere below (optimizer moments): match the
+    longest path suffix that is a param path; anything else (counts, scalars) is replicated."""
+    table = {_norm_path(p): s for p, s in jax.tree_util.tree_leaves_with_path(
+        param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))}
+
+    def spec(path: tuple[Any, ...], leaf: Any) -> PartitionSpec:
+        names = _norm_path(path)
+        for i in range(len(names)):
+            if names[i:] in table:
+                s = table[names[i:]]
+                if getattr(leaf, "ndim", 0) == len(s) or len(s) == 0:
+                    return s
+        return PartitionSpec()
+
+    return jax.tree_util.tree_map_with_path(spec, abstract_tree)
+
+
+class StateLayout:
+    """Abstract train state with its shardings for one (model, optimizer, mesh, rules)."""
+
+    def __init__(self, mcfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
+                 param_rules: rules_lib.Rules, seed: int):
+        self.mcfg, self.tx, self.mesh, self.seed = mcfg, tx, mesh, seed
+        self.graphdef, abs_params = abstract_model(mcfg, seed)
+        specs_state, self.fallbacks = rules_lib.param_specs(abs_params, param_rules, mesh)
+        self.param_specs = nnx.to_pure_dict(specs_state)
+        abs_pure = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(abs_params))
+        abs_opt = jax.eval_shape(tx.init, abs_pure)
+        scalar = jax.ShapeDtypeStruct((), jnp.int32)
+        self.abstract = TrainState(step=scalar, params=abs_pure, opt_state=abs_opt, ema=abs_pure,
+                                   nonfinite_streak=scalar, nonfinite_total=scalar)
+        specs = TrainState(step=PartitionSpec(), params=self.param_specs,
+                           opt_state=_follow_params(abs_opt, self.param_specs), ema=self.param_specs,
+                           nonfinite_streak=PartitionSpec(), nonfinite_total=PartitionSpec())
+        self.specs = specs
+        self.shardings = rules_lib.named(mesh, specs)
+
+    def abstract_with_shardings(self) -> TrainState:
+        """ShapeDtypeStructs carrying the target NamedShardings (the restore target for any mesh)."""
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            self.abstract, self.shardings)
+
+    def create(self) -> TrainState:
+        """Initialize the state on the mesh; every device materializes only its own shards."""
+        graphdef_seed, tx, mcfg = self.seed, self.tx, self.mcfg
+
+        def init() -> TrainState:
+            model = _build_model(mcfg, graphdef_seed)
+            params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+            zero = jnp.zeros((), jnp.int32)
+            return TrainState(step=zero, params=params, opt_state=tx.init(params),
+                              ema=jax.tree.map(jnp.copy, params), nonfinite_streak=zero, nonfinite_total=zero)
+
+        with jax.set_mesh(self.mesh):
+            return jax.jit(init, out_shardings=self.shardings)()
+
+    def param_count(self) -> int:
+        return sum(int(x.size) for x in jax.tree.leaves(self.abstract.params))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())

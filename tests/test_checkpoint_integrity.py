@@ -1,0 +1,94 @@
+"""Checkpoint integrity without a model: uncommitted (torn) saves are invisible, damaged committed ones
+raise naming the step directory, and a failed restore never falls back to a fresh start."""
+
+from __future__ import annotations
+
+import shutil
+import types
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from mirage_jax.train import checkpoint as ckpt_lib
+from mirage_jax.train import resume
+from mirage_jax.train.state import TrainState
+
+CKPT = ml_collections.ConfigDict(dict(keep_last_n=2, keep_every_k=4, async_save=True, allow_config_change=False))
+CONFIG = {"model": {"num_layers": 2}, "train": {"steps": 10}}
+
+
+def tiny_state(step: int) -> TrainState:
+    params = {"w": {"kernel": jnp.full((4, 2), float(step))}}
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(step=jnp.int32(step), params=params, opt_state=(), ema=params, nonfinite_streak=zero,
+                      nonfinite_total=zero)
+
+
+def write(workdir, steps) -> None:
+    store = ckpt_lib.CheckpointStore(str(workdir), CKPT)
+    for s in steps:
+        store.save(s, tiny_state(s), {"kind": "synthetic", "step": s, "global": True}, CONFIG, {"step": s})
+    store.wait()
+    store.close()
+
+
+def fake_layout() -> types.SimpleNamespace:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tiny_state(0))
+    sharded = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])), abstract)
+
+    def create():
+        raise AssertionError("must not start from scratch when checkpoints exist")
+
+    return types.SimpleNamespace(abstract=abstract, abstract_with_shardings=lambda: sharded, create=create)
+
+
+def test_keep_latest_n_plus_every_k(tmp_path):
+    write(tmp_path, [1, 2, 3, 4, 5, 6, 7])
+    assert ckpt_lib.CheckpointStore(str(tmp_path), CKPT, read_only=True).all_steps() == [4, 6, 7]
+
+
+def test_restore_roundtrip_with_data_state(tmp_path):
+    write(tmp_path, [3])
+    state, data, step = resume.restore_or_init(ckpt_lib.CheckpointStore(str(tmp_path), CKPT), fake_layout(), CONFIG,
+                                               False)
+    assert step == 3 and data["step"] == 3
+    np.testing.assert_array_equal(np.asarray(state.params["w"]["kernel"]), np.full((4, 2), 3.0))
+
+
+def test_uncommitted_checkpoint_is_ignored_and_cleaned(tmp_path):
+    write(tmp_path, [2])
+    ckpts = tmp_path / "checkpoints"
+    shutil.copytree(ckpts / "2", ckpts / "5.orbax-checkpoint-tmp-1234")
+    (ckpts / "5.orbax-checkpoint-tmp-1234" / "state" / "_METADATA").unlink(missing_ok=True)
+    store = ckpt_lib.CheckpointStore(str(tmp_path), CKPT)
+    assert store.latest_step() == 2
+    _, _, step = resume.restore_or_init(store, fake_layout(), CONFIG, False)
+    assert step == 2
+    assert not (ckpts / "5.orbax-checkpoint-tmp-1234").exists()
+
+
+def test_damaged_committed_checkpoint_raises_naming_the_step_dir(tmp_path):
+    write(tmp_path, [2, 4])
+    state_dir = tmp_path / "checkpoints" / "4" / "state"
+    for p in list(state_dir.iterdir()):  # the array data goes missing; the directory stays "committed"
+        if p.name.startswith("ocdbt") or p.name.startswith("manifest") or p.name == "d":
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    store = ckpt_lib.CheckpointStore(str(tmp_path), CKPT)
+    with pytest.raises(ckpt_lib.CheckpointRestoreError, match=r"checkpoints/4\b.*[Mm]ove"):
+        resume.restore_or_init(store, fake_layout(), CONFIG, False)
+
+
+def test_config_change_of_model_is_refused_naming_the_field(tmp_path):
+    write(tmp_path, [2])
+    store = ckpt_lib.CheckpointStore(str(tmp_path), CKPT)
+    changed = {"model": {"num_layers": 3}, "train": {"steps": 10}}
+    with pytest.raises(resume.ConfigChangeError, match=r"model.num_layers: 2 -> 3"):
+        resume.restore_or_init(store, fake_layout(), changed, False)
+    # a change outside the state (train.steps) is allowed
+    _, _, step = resume.restore_or_init(store, fake_layout(), {"model": {"num_layers": 2}, "train": {"steps": 99}},
+                                        False)
+    assert step == 2

@@ -1,0 +1,105 @@
+"""2 processes x 4 CPU devices through launch/local.py: train, checkpoint, then resume the checkpoint
+on 1 process x 8 devices under two different meshes (equal parameters, same next loss)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from mirage_jax.config import ModelConfig
+from mirage_jax.parallel import mesh as mesh_lib
+from mirage_jax.parallel import rules as rules_lib
+from mirage_jax.train import checkpoint as ckpt_lib
+from mirage_jax.train import optim
+from mirage_jax.train import state as state_lib
+from mirage_jax.train.testing import fast_config, load_params, loss_at, run_cli
+
+pytestmark = pytest.mark.multiprocess
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.getbasetemp() / "jax_cache")
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, cache):
+    workdir = tmp_path_factory.mktemp("mp")
+    result = run_cli(workdir, processes=2, devices=4, cache_dir=cache, train__steps=20,
+                     mesh__ici__data=2, mesh__ici__fsdp=-1)
+    assert result.returncode == 0, result.stdout[-5000:]
+    assert "[p0] " in result.stdout and "[p1] " in result.stdout
+    assert "[launcher] exit statuses [0, 0]" in result.stdout
+    return workdir
+
+
+def test_two_processes_train_and_checkpoint(two_process_run):
+    steps = sorted(int(p.name) for p in (two_process_run / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [10, 20]
+    assert np.isfinite(loss_at(two_process_run, 20))
+
+
+ICIS = [dict(data=2, fsdp=2, sequence=1, tensor=2), dict(data=1, fsdp=4, sequence=2, tensor=1)]
+
+
+@pytest.mark.parametrize("ici", ICIS)
+def test_restore_into_one_process_and_another_mesh_gives_equal_params(two_process_run, ici):
+    cfg = fast_config()
+    cfg.mesh.ici.update(ici)
+    mesh = mesh_lib.build_mesh(cfg.mesh)
+    prules = rules_lib.normalize_rules(cfg.mesh.rules.params, "p", mesh)
+    layout = state_lib.StateLayout(ModelConfig.from_config(cfg.model), optim.make_optimizer(cfg.optim, 1.0, 20),
+                                   mesh, prules, 0)
+    store = ckpt_lib.CheckpointStore(str(two_process_run), cfg.checkpoint, read_only=True)
+    state, data_state = store.restore(20, layout.abstract_with_shardings())
+    assert data_state["step"] == 20 and int(state.step) == 20
+    saved = load_params(two_process_run, 20)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state.params):
+        key = "/".join(ckpt_lib._key_name(k) for k in path)
+        assert leaf.sharding.mesh.shape == mesh.shape
+        assert np.array_equal(np.asarray(leaf), saved[key]), key
+
+
+def test_resume_on_one_process_two_meshes_same_next_loss(two_process_run, tmp_path, cache):
+    import shutil
+
+    losses = []
+    for i, ici in enumerate([dict(data=8, fsdp=1), dict(data=1, fsdp=2, sequence=2, tensor=2)]):
+        workdir = tmp_path / f"r{i}"
+        shutil.copytree(two_process_run, workdir)
+        overrides = {f"mesh__ici__{k}": v for k, v in ici.items()}
+        result = run_cli(workdir, processes=1, devices=8, cache_dir=cache, train__steps=21, **overrides)
+        assert result.returncode == 0, result.stdout[-4000:]
+        assert "resumed from checkpoint at step 20 of 21" in result.stdout
+        losses.append(loss_at(workdir, 21))
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_sigterm_to_launcher_saves_on_every_process_and_exits_zero(tmp_path, cache):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mirage_jax.train.testing import ROOT, cli_args, read_metrics
+
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    cmd = [sys.executable, str(ROOT / "launch" / "local.py"), "--processes=2", "--devices-per-process=4", "--",
+           sys.executable, *cli_args(tmp_path, train__steps=10_000, checkpoint__save_every=10_000,
+                                     mesh__ici__data=2, mesh__ici__fsdp=-1)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None:
+        if (tmp_path / "metrics.jsonl").exists() and len(read_metrics(tmp_path)) >= 3:
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=400)[0]
+    assert proc.returncode == 0, out[-4000:]
+    assert out.count("PREEMPTED (clean exit)") == 2 and "[launcher] exit statuses [0, 0]" in out
+    steps = [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(steps) == 1 and int(steps[0]) >= 3

@@ -1,0 +1,43 @@
+"""python -m mirage_jax.export --checkpoint=WORKDIR[/STEP] --out=DIR [--ema] [--dtype=bf16|fp32]
+
+Writes safetensors shards + diffusion_pytorch_model.safetensors.index.json + config.json that
+`mirage_jax.export.MirageTransformer.from_pretrained(DIR)` loads (see docs/export.md).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags
+
+flags.DEFINE_string("checkpoint", None, "A training workdir (latest committed step) or one step folder.")
+flags.DEFINE_string("out", None, "Output folder (must not exist or be empty, unless --overwrite).")
+flags.DEFINE_bool("ema", False, "Export the EMA parameters instead of the raw ones.")
+flags.DEFINE_enum("dtype", "fp32", ["fp32", "bf16"], "Tensor dtype of the export.")
+flags.DEFINE_string("max_shard_size", "2GB", "Largest shard (also --max-shard-size).")
+flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out.")
+flags.mark_flags_as_required(["checkpoint", "out"])
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    from mirage_jax.export.checkpoint_reader import CheckpointError, ParamReader, read_model_config, resolve_step_dir
+    from mirage_jax.export.writer import ExportError, export_params
+
+    F = flags.FLAGS
+    try:
+        step_dir = resolve_step_dir(F.checkpoint)
+        cfg = read_model_config(step_dir)
+        index = export_params(ParamReader(step_dir, ema=F.ema), cfg, F.out, dtype=F.dtype,
+                              max_shard_size=F.max_shard_size, overwrite=F.overwrite)
+    except (CheckpointError, ExportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps({"checkpoint": str(step_dir), "out": F.out, "tensors": len(index["weight_map"]),
+                      "shards": len(set(index["weight_map"].values())), "bytes": index["metadata"]["total_size"]}))
+
+
+if __name__ == "__main__":
+    sys.argv = [a.replace("--max-shard-size", "--max_shard_size") for a in sys.argv]
+    app.run(main)

@@ -1,11 +1,10 @@
 """Adapter from `data_pipeline.loader.make_loader` (Grain over ArrayRecord shards) to the loop's
-iterator interface. UNTESTED until data_pipeline lands: the keyword names below are matched against the
-loader's signature at runtime, and anything it does not take is left out.
+iterator interface: this process reads its rows of every global batch; the Grain iterator state is the
+checkpointed data state.
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import numpy as np
@@ -40,14 +39,14 @@ def make(cfg: Any, rows: RowRange) -> GrainSource:
     except ImportError as e:
         raise ImportError(f"data.source={cfg.data.source!r} needs data_pipeline.loader.make_loader ({e}); "
                           "use --config.data.source=synthetic or install the data pipeline") from e
-    offered = {
-        "source": cfg.data.source, "paths": cfg.data.source, "pattern": cfg.data.source,
-        "batch_size": rows.size, "per_process_batch_size": rows.size, "global_batch_size": rows.global_batch,
-        "shard_index": rows.index, "shard_count": rows.count, "process_index": rows.index,
-        "process_count": rows.count, "seed": int(cfg.data.shuffle_seed), "worker_count": int(cfg.data.worker_count),
-        "prefetch": int(cfg.data.prefetch),
-    }
-    params = inspect.signature(make_loader).parameters
-    kwargs = {k: v for k, v in offered.items() if k in params}
-    loader = make_loader(**kwargs)
+    loader = make_loader(
+        cfg.data.source,
+        global_batch_size=rows.global_batch,
+        clip_frames=int(cfg.shapes.audio_frames),  # 25 fps frames per example (one audio frame per video frame)
+        seed=int(cfg.data.shuffle_seed),
+        worker_count=int(cfg.data.worker_count),
+        prefetch=int(cfg.data.prefetch),
+        process_index=rows.index,
+        process_count=rows.count,
+    )
     return GrainSource(iter(loader))

@@ -1,0 +1,129 @@
+"""Data loader throughput: the Grain loader (decode, crop, batch; in-process and with worker processes)
+against raw ArrayRecord reads of the same shards, in one run.
+
+    python -m bench.data_loader --data=DIR [--batch=8] [--batches=50] [--workers=0,2] [--json]
+    python -m bench.data_loader --synthesize=6        # make a small dataset in a temp dir first
+
+Prints records/s and MB/s (of record bytes) per configuration, or a JSON list with --json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+
+from absl import app, flags
+from array_record.python.array_record_module import ArrayRecordReader
+
+FLAGS = flags.FLAGS
+
+
+def bench_raw(paths: list[str], counts: list[int], records: int) -> dict:
+    """Sequential raw reads (no decode) of up to `records` records."""
+    t0, n, nbytes = time.perf_counter(), 0, 0
+    while n < records:
+        for p in paths:
+            r = ArrayRecordReader(p)
+            for rec in r.read_all():
+                nbytes += len(rec)
+                n += 1
+                if n >= records:
+                    break
+            r.close()
+            if n >= records:
+                break
+    dt = time.perf_counter() - t0
+    return {
+        "config": "raw ArrayRecord read",
+        "workers": 0,
+        "records": n,
+        "seconds": dt,
+        "records_per_s": n / dt,
+        "MB_per_s": nbytes / dt / 1e6,
+    }
+
+
+def bench_loader(data: str, batch: int, batches: int, workers: int, mean_record_bytes: float) -> dict:
+    """Loader batches/s after one warm-up batch (worker start-up excluded)."""
+    from data_pipeline.loader import make_loader
+
+    ds = make_loader(
+        data,
+        global_batch_size=batch,
+        seed=0,
+        worker_count=workers,
+        process_index=0,
+        process_count=1,
+        slow_batch_warn_s=0,
+    )
+    it = iter(ds)
+    next(it)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    dt = time.perf_counter() - t0
+    it.close()
+    n = batches * batch
+    return {
+        "config": "grain loader",
+        "workers": workers,
+        "records": n,
+        "seconds": dt,
+        "records_per_s": n / dt,
+        "MB_per_s": n * mean_record_bytes / dt / 1e6,
+    }
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    from data_pipeline import manifest
+
+    data = FLAGS.data
+    if FLAGS.synthesize:
+        from data_pipeline.ingest import IngestConfig
+        from data_pipeline.prepare import run
+        from data_pipeline.synthesize import synthesize
+
+        tmp = tempfile.mkdtemp(prefix="bench-data-")
+        synthesize(os.path.join(tmp, "raw"), FLAGS.synthesize, 3.0, 0, (64, 64), progress=False)
+        data = os.path.join(tmp, "prepared")
+        run(os.path.join(tmp, "raw"), data, IngestConfig(clip_seconds=1.0), progress=False)
+    if not data:
+        raise app.UsageError("pass --data=DIR (a prepare output) or --synthesize=N")
+    m = manifest.read_manifest(data)
+    paths = [os.path.join(data, s["path"]) for s in m["shards"]]
+    counts = [s["num_records"] for s in m["shards"]]
+    total = FLAGS.batches * FLAGS.batch
+    rows = [bench_raw(paths, counts, total)]
+    mean_bytes = rows[0]["MB_per_s"] * 1e6 * rows[0]["seconds"] / rows[0]["records"]
+    for w in FLAGS.workers:
+        rows.append(bench_loader(data, FLAGS.batch, FLAGS.batches, int(w), mean_bytes))
+    for r in rows:
+        r["vs_raw"] = r["records_per_s"] / rows[0]["records_per_s"]
+    if FLAGS.json:
+        print(json.dumps(rows, indent=1))
+        return
+    print(
+        f"{m['num_records']} records in {len(paths)} shards, {mean_bytes / 1e6:.2f} MB/record, "
+        f"batch {FLAGS.batch}"
+    )
+    print(f"{'config':<24}{'workers':>8}{'records/s':>12}{'MB/s':>10}{'vs raw':>9}")
+    for r in rows:
+        print(
+            f"{r['config']:<24}{r['workers']:>8}{r['records_per_s']:>12.1f}{r['MB_per_s']:>10.1f}{r['vs_raw']:>9.2f}"
+        )
+
+
+if __name__ == "__main__":
+    flags.DEFINE_string("data", None, "A data_pipeline.prepare output directory.")
+    flags.DEFINE_integer(
+        "synthesize", 0, "Synthesize N 3 s clips (1 s records) into a temp dir and use them."
+    )
+    flags.DEFINE_integer("batch", 8, "Global batch size.")
+    flags.DEFINE_integer("batches", 50, "Batches timed per loader configuration.")
+    flags.DEFINE_list("workers", ["0", "2"], "Worker counts to time (0 = in-process).")
+    flags.DEFINE_bool("json", False, "Print JSON instead of a table.")
+    app.run(main)

@@ -1,0 +1,24 @@
+"""mirage_jax's A-roll data pipeline: synthetic talking heads, Beam ingest to ArrayRecord, Grain loader.
+
+    python -m data_pipeline.synthesize --out=raw --clips=8 --seconds=3 --seed=0
+    python -m data_pipeline.prepare --input=raw --output=prepared
+    from data_pipeline import make_loader, synthetic_batches, encoders
+
+It never imports mirage_jax (data flows one way); see docs/data_pipeline.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from data_pipeline.synthetic import SyntheticBatches, synthetic_batches
+
+
+def make_loader(*args: Any, **kwargs: Any) -> Any:
+    """`data_pipeline.loader.make_loader` (imported lazily: Grain is only needed when loading)."""
+    from data_pipeline.loader import make_loader as _make_loader
+
+    return _make_loader(*args, **kwargs)
+
+
+__all__ = ["SyntheticBatches", "make_loader", "synthetic_batches"]

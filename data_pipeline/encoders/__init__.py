@@ -1,0 +1,99 @@
+"""Frozen encoders by name, for the pipeline (prepare) and the model side (generate) alike.
+
+    enc = get_video_encoder("s2d", spatial_factor=8)      # encode(frames) / decode(latents)
+    enc = get_audio_encoder("logmel", n_mels=80)          # encode(waveform_16k) -> [frames, 80]
+    enc = get_text_encoder("hash", max_len=32, dim=64)    # encode(caption) -> ([32, 64], mask [32])
+    enc = from_manifest(manifest, "video")                # exactly the encoder a dataset was built with
+
+New encoders register a factory with `register(kind, name, factory)`; the factory takes keyword params
+and returns an object with `name`, `version`, `params`, `spec()` and `encode` (and `decode` for video).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from data_pipeline.encoders.audio_logmel import LogMel
+from data_pipeline.encoders.base import EncoderSpec
+from data_pipeline.encoders.text_hash import HashText
+from data_pipeline.encoders.video_s2d import SpaceToDepth
+
+KINDS = ("video", "audio", "text")
+_REGISTRY: dict[str, dict[str, Callable[..., Any]]] = {
+    "video": {"s2d": SpaceToDepth},
+    "audio": {"logmel": LogMel},
+    "text": {"hash": HashText},
+}
+
+
+def register(kind: str, name: str, factory: Callable[..., Any]) -> None:
+    """Make `factory(**params)` available as encoder `name` of `kind` ('video', 'audio' or 'text')."""
+    if kind not in _REGISTRY:
+        raise ValueError(f"encoder kind {kind!r} is not one of {KINDS}")
+    _REGISTRY[kind][name] = factory
+
+
+def names(kind: str) -> list[str]:
+    """Registered encoder names of `kind`."""
+    return sorted(_REGISTRY[kind])
+
+
+def get_encoder(kind: str, name: str, **params: Any) -> Any:
+    """The encoder `name` of `kind`, built with `params` (unknown params raise TypeError)."""
+    if kind not in _REGISTRY:
+        raise ValueError(f"encoder kind {kind!r} is not one of {KINDS}")
+    if name not in _REGISTRY[kind]:
+        raise ValueError(f"unknown {kind} encoder {name!r}; registered: {names(kind)}")
+    return _REGISTRY[kind][name](**params)
+
+
+def get_video_encoder(name: str = "s2d", **params: Any) -> SpaceToDepth:
+    """Video encoder with `encode(frames [T,H,W,3]) -> latents` and `decode(latents) -> pixels in [-1, 1]`."""
+    return get_encoder("video", name, **params)
+
+
+def get_audio_encoder(name: str = "logmel", **params: Any) -> LogMel:
+    """Audio encoder with `encode(waveform [N] at 16 kHz) -> [N // 640, D]` (one row per 25 fps frame)."""
+    return get_encoder("audio", name, **params)
+
+
+def get_text_encoder(name: str = "hash", **params: Any) -> HashText:
+    """Text encoder with `encode(caption) -> (embeddings [L, D], mask uint8 [L])`."""
+    return get_encoder("text", name, **params)
+
+
+def from_spec(kind: str, spec: dict[str, Any]) -> Any:
+    """Rebuild an encoder from a manifest entry; refuses a version other than the registered one."""
+    enc = get_encoder(kind, spec["name"], **spec.get("params", {}))
+    if str(spec.get("version")) != str(enc.version):
+        raise ValueError(
+            f"{kind} encoder {spec['name']!r}: the data was built with version {spec.get('version')}, "
+            f"this code has version {enc.version}; re-run data_pipeline.prepare or pin the old code"
+        )
+    return enc
+
+
+def from_manifest(manifest: dict[str, Any], kind: str) -> Any:
+    """The `kind` encoder recorded in a prepared dataset's manifest.json (a dict; data_pipeline.manifest)."""
+    try:
+        spec = manifest["encoders"][kind]
+    except KeyError as e:
+        raise KeyError(f"manifest has no encoders.{kind}; was it written by data_pipeline.prepare?") from e
+    return from_spec(kind, spec)
+
+
+__all__ = [
+    "EncoderSpec",
+    "HashText",
+    "LogMel",
+    "SpaceToDepth",
+    "from_manifest",
+    "from_spec",
+    "get_audio_encoder",
+    "get_encoder",
+    "get_text_encoder",
+    "get_video_encoder",
+    "names",
+    "register",
+]

@@ -1,0 +1,465 @@
+"""Streaming training batches from prepared ArrayRecord shards with Grain.
+
+    ds = make_loader("data/prepared", global_batch_size=8, seed=0)      # or a glob of *.array_record
+    it = iter(ds)                                                       # a grain DatasetIterator
+    batch = next(it)            # dict of numpy arrays: this process's rows of the global batch
+    state = it.get_state()      # JSON-able; it.set_state(state) resumes exactly (see checkpoint_args)
+
+Pipeline: shards listed in manifest.json (size/sha256 checked) -> global shuffle (seed, reshuffled every
+epoch) -> repeat -> this process's slice [process_index::process_count] -> decode + random crop/pad of
+the time axis (seeded per element) -> batch of global_batch_size // process_count -> optional worker
+processes (grain mp_prefetch) -> watchdog + epoch cap. A corrupt record is skipped and counted; past
+`corrupt_budget` skips the loader raises CorruptRecordError naming the shard and record index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import threading
+import time
+from typing import Any
+
+import grain
+import numpy as np
+from etils import epath
+
+from data_pipeline import manifest as mf
+from data_pipeline.records import RecordError, decode_record
+
+log = logging.getLogger(__name__)
+
+BATCH_KEYS = (
+    "video",
+    "video_mask",
+    "audio",
+    "audio_mask",
+    "text",
+    "text_mask",
+    "ref",
+    "ref_time",
+    "ref_mask",
+    "mouth",
+    "mouth_valid",
+)
+
+
+class CorruptRecordError(RuntimeError):
+    """More corrupt records than the loader's budget; names the shard and record index at fault."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardSet:
+    """Verified shards (absolute paths, record counts) and the manifest they came from."""
+
+    paths: tuple[str, ...]
+    counts: tuple[int, ...]
+    manifest: dict[str, Any]
+
+    @property
+    def num_records(self) -> int:
+        return sum(self.counts)
+
+
+def _manifest_dirs(source: str) -> tuple[list[epath.Path], set[str] | None]:
+    """Dataset directories named by `source`, and (for a glob) the shard file names it selects."""
+    p = epath.Path(source)
+    if p.is_dir():
+        return [p], None
+    if os.path.basename(source) == mf.MANIFEST:
+        return [p.parent], None
+    parent = epath.Path(os.path.dirname(source) or ".")
+    if any(ch in os.path.dirname(source) for ch in "*?["):
+        raise ValueError(f"{source}: globs may only match file names, not directories; list the directories")
+    matched = {os.fspath(q) for q in parent.glob(os.path.basename(source))}
+    if not matched:
+        raise FileNotFoundError(
+            f"{source}: matches no files; point at a data_pipeline.prepare output directory"
+        )
+    return [parent], matched
+
+
+def resolve_shards(source: str | list[str], verify: str = "sha256") -> ShardSet:
+    """The shards of `source` (directory, glob of shards, manifest path, or a list of these) that the
+    manifest lists and `verify` ('sha256', 'size' or 'none') accepts; a mismatch raises naming the shard."""
+    sources = [source] if isinstance(source, str) else list(source)
+    paths, counts, manifests = [], [], []
+    for s in sources:
+        dirs, selected = _manifest_dirs(s)
+        for d in dirs:
+            m = mf.read_manifest(d)
+            listed = {os.fspath(d / sh["path"]) for sh in m["shards"]}
+            if selected is not None:
+                for extra in sorted(q for q in selected if q.endswith(".array_record") and q not in listed):
+                    log.warning(
+                        "%s is not listed in %s/manifest.json; ignoring it (not a committed shard)", extra, d
+                    )
+            for sh in m["shards"]:
+                full = os.fspath(d / sh["path"])
+                if selected is not None and full not in selected:
+                    continue
+                problem = mf.verify_shard(d, sh, verify)
+                if problem:
+                    raise ValueError(
+                        f"{problem}. Re-run data_pipeline.prepare on its inputs to rewrite it, or "
+                        "remove the dataset; the loader reads only shards matching manifest.json"
+                    )
+                if sh["num_records"] > 0:
+                    paths.append(full)
+                    counts.append(int(sh["num_records"]))
+            manifests.append(m)
+    if not paths:
+        raise FileNotFoundError(f"{source}: no committed shards with records")
+    first = manifests[0]
+    for m in manifests[1:]:
+        if m["encoders"] != first["encoders"]:
+            raise ValueError(
+                f"{source}: datasets were built with different encoders ({first['encoders']} vs "
+                f"{m['encoders']}); load them separately"
+            )
+    return ShardSet(tuple(paths), tuple(counts), first)
+
+
+class ShardSource:
+    """Random access to the records of a ShardSet: item i -> (i, bytes or None, error text).
+
+    Reading never raises: an unreadable record comes back as (i, None, why) for the decode step to count.
+    Picklable (worker processes reopen the files lazily).
+    """
+
+    def __init__(self, paths: tuple[str, ...], counts: tuple[int, ...]):
+        self.paths, self.counts = tuple(paths), tuple(counts)
+        self._starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+        self._src: Any = None
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def locate(self, i: int) -> tuple[str, int]:
+        """(shard path, record index inside it) of global record i."""
+        s = int(np.searchsorted(self._starts, i, side="right") - 1)
+        return self.paths[s], int(i - self._starts[s])
+
+    def _source(self) -> Any:
+        if self._src is None:  # "path[start:stop]" skips opening every file to count its records
+            self._src = grain.sources.ArrayRecordDataSource(
+                [f"{p}[0:{n}]" for p, n in zip(self.paths, self.counts, strict=True)]
+            )
+        return self._src
+
+    def __getitem__(self, i: int) -> tuple[int, bytes | None, str]:
+        try:
+            return int(i), self._source()[int(i)], ""
+        except (RuntimeError, ValueError, OSError) as e:
+            return int(i), None, f"{type(e).__name__}: {e}"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"paths": self.paths, "counts": self.counts}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["paths"], state["counts"])
+
+
+class DecodeCrop(grain.transforms.RandomMap):
+    """Record bytes -> one example with the time axis cropped (random offset) or padded to `clip_frames`."""
+
+    def __init__(
+        self,
+        source: ShardSource,
+        clip_frames: int,
+        temporal_factor: int,
+        corrupt_budget: int,
+        random_crop: bool = True,
+    ):
+        self.source, self.clip_frames, self.tf = source, int(clip_frames), int(temporal_factor)
+        self.corrupt_budget, self.random_crop = int(corrupt_budget), random_crop
+        self.bad: set[int] = set()  # distinct corrupt records (each epoch meets them again)
+
+    @property
+    def skipped(self) -> int:
+        return len(self.bad)
+
+    def _corrupt(self, i: int, why: str) -> None:
+        shard, idx = self.source.locate(i)
+        if i in self.bad:
+            return
+        self.bad.add(i)
+        if self.skipped > self.corrupt_budget:
+            raise CorruptRecordError(
+                f"{shard} record {idx}: {why}. {self.skipped} corrupt records in this process (budget "
+                f"corrupt_budget={self.corrupt_budget}); re-run data_pipeline.prepare to rewrite the shard "
+                "or raise the budget"
+            )
+        log.warning(
+            "skipping corrupt record %d of %s (%d/%d skipped): %s",
+            idx,
+            shard,
+            self.skipped,
+            self.corrupt_budget,
+            why,
+        )
+
+    def random_map(
+        self, element: tuple[int, bytes | None, str], rng: np.random.Generator
+    ) -> dict[str, Any] | None:
+        i, data, err = element
+        if data is None:
+            self._corrupt(i, err or "unreadable")
+            return None
+        try:
+            t, _ = decode_record(data)
+        except RecordError as e:
+            self._corrupt(i, str(e))
+            return None
+        return crop_or_pad(t, self.clip_frames, self.tf, rng if self.random_crop else None)
+
+
+def crop_or_pad(
+    t: dict[str, np.ndarray], clip_frames: int, temporal_factor: int, rng: np.random.Generator | None
+) -> dict[str, np.ndarray]:
+    """One record's tensors -> a loader example of exactly `clip_frames` (25 fps) frames, with masks."""
+    tf = temporal_factor
+    target = clip_frames // tf
+    video, audio, mouth = t["video"], t["audio"], t["mouth"]
+    n = video.shape[0]
+    off = 0 if n <= target or rng is None else int(rng.integers(0, n - target + 1))
+    video = video[off : off + target]
+    audio = audio[off * tf : (off + target) * tf]
+    mouth = mouth[off * tf : (off + target) * tf]
+    vmask = np.zeros(target, bool)
+    vmask[: video.shape[0]] = True
+    amask = np.zeros(target * tf, bool)
+    amask[: audio.shape[0]] = True
+    if video.shape[0] < target:
+        video = np.concatenate([video, np.zeros((target - video.shape[0], *video.shape[1:]), video.dtype)])
+        audio = np.concatenate([audio, np.zeros((target * tf - audio.shape[0], audio.shape[1]), audio.dtype)])
+        mouth = np.concatenate([mouth, np.zeros(target * tf - mouth.shape[0], mouth.dtype)])
+    ref_time = float(t["ref_time"].reshape(-1)[0])
+    has_ref = bool(np.isfinite(ref_time))
+    return {
+        "video": video,
+        "video_mask": vmask,
+        "audio": audio,
+        "audio_mask": amask,
+        "text": t["text"],
+        "text_mask": t["text_mask"].astype(bool),
+        "ref": t["ref"],
+        "ref_time": np.float32(ref_time - off * tf if has_ref else 0.0),
+        "ref_mask": np.bool_(has_ref),
+        "mouth": mouth,
+        "mouth_valid": np.bool_(t["mouth_valid"].reshape(-1)[0] > 0),
+    }
+
+
+class _Watchdog:
+    """One daemon thread that warns (logging) while a batch is overdue."""
+
+    def __init__(self, warn_s: float):
+        self.warn_s, self.since, self.warned = warn_s, None, False
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(min(self.warn_s / 4, 1.0))
+            with self._lock:
+                if self.since is not None and not self.warned and time.monotonic() - self.since > self.warn_s:
+                    self.warned = True
+                    log.warning(
+                        "data loader: no batch for %.1f s (slow_batch_warn_s=%.1f); input-bound? raise "
+                        "worker_count or check the storage",
+                        time.monotonic() - self.since,
+                        self.warn_s,
+                    )
+
+    def start(self) -> None:
+        with self._lock:
+            self.since, self.warned = time.monotonic(), False
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, daemon=True, name="mirage-data-watchdog")
+            self._thread.start()
+
+    def stop(self) -> float:
+        with self._lock:
+            waited = time.monotonic() - (self.since or time.monotonic())
+            self.since = None
+        return waited
+
+
+class LoaderIterator(grain.DatasetIterator):
+    """Grain iterator with a slow-batch watchdog and an optional cap on the number of batches (epochs)."""
+
+    def __init__(self, parent: grain.DatasetIterator, max_batches: int | None, slow_batch_warn_s: float):
+        super().__init__(parent)
+        self.max_batches, self.count = max_batches, 0
+        self.watchdog = _Watchdog(slow_batch_warn_s) if slow_batch_warn_s > 0 else None
+        self.last_wait_s = 0.0
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self.max_batches is not None and self.count >= self.max_batches:
+            raise StopIteration
+        if self.watchdog is not None:
+            self.watchdog.start()
+        try:
+            batch = next(self._parent)
+        finally:
+            if self.watchdog is not None:
+                self.last_wait_s = self.watchdog.stop()
+        self.count += 1
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {"batches": self.count, "grain": self._parent.get_state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or "grain" not in state:
+            raise ValueError(f"loader state {str(state)[:80]!r} was not written by data_pipeline.loader")
+        self._parent.set_state(state["grain"])
+        self.count = int(state["batches"])
+
+
+class LoaderDataset(grain.IterDataset):
+    """The loader's outer stage; `iter()` gives a LoaderIterator. `.shards`/`.manifest` describe the data."""
+
+    def __init__(
+        self,
+        parent: grain.IterDataset,
+        max_batches: int | None,
+        slow_batch_warn_s: float,
+        shards: ShardSet,
+        per_process_batch: int,
+    ):
+        super().__init__(parent)
+        self.max_batches, self.slow_batch_warn_s = max_batches, slow_batch_warn_s
+        self.shards, self.manifest, self.per_process_batch = shards, shards.manifest, per_process_batch
+
+    def __iter__(self) -> LoaderIterator:
+        return LoaderIterator(self._parent.__iter__(), self.max_batches, self.slow_batch_warn_s)
+
+    def __str__(self) -> str:
+        return f"LoaderDataset(max_batches={self.max_batches})"
+
+
+def _auto_workers() -> int:
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+def _ensure_absl_flags_parsed() -> None:
+    """grain's mp_prefetch reads absl flags; parse defaults when the caller (e.g. pytest) never did."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def make_loader(
+    source: str | list[str],
+    *,
+    global_batch_size: int,
+    clip_frames: int | None = None,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    worker_count: int = 0,
+    prefetch: int = 2,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    corrupt_budget: int = 8,
+    slow_batch_warn_s: float = 30.0,
+    verify: str = "sha256",
+    random_crop: bool = True,
+    read_threads: int = 4,
+) -> LoaderDataset:
+    """Grain loader over prepared shards; `iter(result)` yields this process's batches (see module docstring).
+
+    source: a prepare output directory, its manifest.json, a glob of its shards, or a list of these
+        (local or gs:// via etils.epath). Only shards listed in manifest.json are read.
+    global_batch_size: rows per step over all processes; each process gets global_batch_size // process_count.
+    clip_frames: 25 fps frames per example (default: the manifest's clip_frames); longer records are cropped
+        at a random (seeded) offset, shorter ones padded with video_mask/audio_mask False.
+    seed: shuffle order (reshuffled every epoch) and crop offsets; the stream is a function of the seed.
+    shuffle: global shuffle of records; False reads them in shard order.
+    num_epochs: None repeats forever; N stops after N * num_records // global_batch_size batches (every
+        process yields the same number of batches, so multi-host loops stay in step).
+    worker_count: grain mp_prefetch worker processes (0: in this process; -1: automatic, cores - 1 up to 8).
+    prefetch: batches buffered per worker.
+    process_index, process_count: this process's slice; default jax.process_index() / jax.process_count().
+    corrupt_budget: distinct corrupt records skipped (with a warning) per process (per worker) before
+        CorruptRecordError names the shard and record.
+    slow_batch_warn_s: log a warning when a batch takes longer than this (0: off).
+    verify: how shards are checked against the manifest before reading: 'sha256' (default), 'size', 'none'.
+    random_crop: False always crops from frame 0.
+    read_threads: grain read threads per process (worker).
+    """
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} is not divisible by process_count={process_count}"
+        )
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is outside [0, process_count={process_count})")
+    per_process = global_batch_size // process_count
+    shards = resolve_shards(source, verify)
+    m = shards.manifest
+    tf = int(m["encoders"]["video"]["params"].get("temporal_factor", 1))
+    clip_frames = int(m["clip_frames"] if clip_frames is None else clip_frames)
+    if clip_frames % tf:
+        raise ValueError(
+            f"clip_frames={clip_frames} is not a multiple of the video encoder's temporal_factor={tf}"
+        )
+    src = ShardSource(shards.paths, shards.counts)
+    ds = grain.MapDataset.source(src)
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(None)[process_index::process_count]
+    ds = ds.random_map(DecodeCrop(src, clip_frames, tf, corrupt_budget, random_crop), seed=seed)
+    it = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(per_process * 2, 8))
+    )
+    it = it.batch(per_process, drop_remainder=True)
+    workers = _auto_workers() if worker_count < 0 else worker_count
+    if workers > 0:
+        _ensure_absl_flags_parsed()
+        it = it.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(prefetch, 1))
+        )
+    max_batches = None if num_epochs is None else (num_epochs * shards.num_records) // global_batch_size
+    if max_batches == 0:
+        raise ValueError(
+            f"num_epochs={num_epochs} x {shards.num_records} records is less than one global batch of "
+            f"{global_batch_size}"
+        )
+    return LoaderDataset(it, max_batches, slow_batch_warn_s, shards, per_process)
+
+
+def checkpoint_args(iterator: grain.DatasetIterator, restore: bool = False) -> Any:
+    """Orbax item for the loader iterator: `grain.checkpoint.CheckpointSave(it)` (or `CheckpointRestore`),
+    for `ocp.args.Composite(..., data=checkpoint_args(it))` in a CheckpointManager save/restore."""
+    return (
+        grain.checkpoint.CheckpointRestore(iterator) if restore else grain.checkpoint.CheckpointSave(iterator)
+    )
+
+
+def save_state(iterator: grain.DatasetIterator, path: str) -> None:
+    """Write the iterator state as JSON (atomically) - for trainers that do not use Orbax."""
+    mf.atomic_write_bytes(epath.Path(path), json.dumps(iterator.get_state(), sort_keys=True).encode())
+
+
+def restore_state(iterator: grain.DatasetIterator, path: str) -> None:
+    """Set the iterator to the JSON state written by `save_state`."""
+    p = epath.Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{path}: no saved loader state")
+    iterator.set_state(json.loads(p.read_text()))
+
+
+def steps_per_epoch(loader: LoaderDataset, global_batch_size: int) -> int:
+    """Global batches per pass over the data (rounded down)."""
+    return math.floor(loader.shards.num_records / global_batch_size)

@@ -1,0 +1,405 @@
+"""Ingest: raw A-roll (real or synthetic mp4) -> encoded ArrayRecord shards + manifest.json, with Apache Beam.
+
+    python -m data_pipeline.prepare --input=GLOB_OR_DIR --output=DIR [--runner=local] [--clip-seconds=2] ...
+
+Flow: list sources -> batches of sources -> decode (PyAV; audio optionally via tensorflow-io in its own
+venv) -> 25 fps clips + 16 kHz audio -> quality filters -> frozen encoders -> record bytes -> shards
+(records sorted by clip id, shard i holds ranks [i * R, (i + 1) * R)) -> manifest.json last.
+
+`--runner=local` (default) runs Beam's FnApiRunner in this process (with a progress bar);
+DirectRunner, DataflowRunner, FlinkRunner, SparkRunner... are passed to Beam with any extra Beam flags
+after `--` (see docs/data_pipeline.md for the Dataflow command). The same input and flags give
+byte-identical shards and manifest; a rerun over a complete output with the same inputs does nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+from absl import app, flags
+from apache_beam.options.pipeline_options import PipelineOptions
+from etils import epath
+from tqdm import tqdm
+
+from data_pipeline import manifest as mf
+from data_pipeline import media, records
+from data_pipeline.cli import dashed_flags_parser
+from data_pipeline.ingest import IngestConfig, ingest_source, list_sources
+
+log = logging.getLogger(__name__)
+_PROGRESS: dict[str, Any] = {}  # in-process runs only: the tqdm bar DoFns update
+
+
+def fingerprint(files: Sequence[str], cfg: IngestConfig, records_per_shard: int) -> str:
+    """Identity of a run: sources (path, size, mtime) + every option that changes the output bytes."""
+    h = hashlib.sha256()
+    h.update(
+        json.dumps(
+            {"cfg": cfg.to_json(), "rps": records_per_shard, "format": mf.FORMAT}, sort_keys=True
+        ).encode()
+    )
+    for f in files:
+        st = epath.Path(f).stat()
+        h.update(f"{f}\x00{st.length}\x00{st.mtime}\n".encode())
+    return h.hexdigest()
+
+
+class IngestBatch(beam.DoFn):
+    """A batch of source paths -> (clip_id, record bytes); per-source stats go to the 'stats' output."""
+
+    def __init__(self, cfg: IngestConfig, root: str, tfio_python: str | None):
+        self.cfg, self.root, self.tfio_python = cfg, root, tfio_python
+
+    def setup(self) -> None:
+        self.encs = self.cfg.build_encoders()
+
+    def process(self, paths: list[str]) -> Iterator[Any]:
+        audio: dict[str, tuple[np.ndarray, float]] = {}
+        if self.cfg.audio_backend == "tfio":
+            from data_pipeline import tfio_backend
+
+            natives = {}
+            for p in paths:
+                info = media.probe(p)
+                x, rate, off = media.decode_audio_native(p, info.t0)
+                natives[p] = (x, rate, off)
+            outs = tfio_backend.resample_16k([(x, r) for x, r, _ in natives.values()], self.tfio_python)
+            audio = {p: (y, natives[p][2]) for p, y in zip(natives, outs, strict=True)}
+        for p in paths:
+            stats: dict[str, int] = {"sources": 1}
+            try:
+                a, off = audio.get(p, (None, None))
+                for rec in ingest_source(p, self.cfg, self.encs, self.root, a, off, stats):
+                    yield rec.clip_id, rec.data
+            except (ValueError, RuntimeError, OSError) as e:
+                log.warning("skipping source %s: %s", p, e)
+                stats = {"sources": 1, "failed_sources": 1}
+                yield beam.pvalue.TaggedOutput("failed", f"{p}: {e}")
+            yield beam.pvalue.TaggedOutput("stats", stats)
+            bar = _PROGRESS.get("bar")
+            if bar is not None:
+                bar.update(1)
+
+
+def _assign_shard(
+    item: tuple[str, bytes], ranks: dict[str, int], per_shard: int
+) -> tuple[int, tuple[str, bytes]]:
+    return ranks[item[0]] // per_shard, item
+
+
+class WriteShard(beam.DoFn):
+    """(shard index, [(clip_id, bytes)]) -> shard file written atomically; yields its manifest entry."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+
+    def process(
+        self, element: tuple[int, Iterable[tuple[str, bytes]]], num_shards: int
+    ) -> Iterator[dict[str, Any]]:
+        index, items = element
+        items = sorted(items)
+        ids = [i for i, _ in items]
+        if len(set(ids)) != len(ids):
+            raise ValueError(
+                f"shard {index}: duplicate clip ids {sorted({i for i in ids if ids.count(i) > 1})[:5]}; "
+                "two sources map to the same relative path"
+            )
+        info = mf.write_shard([b for _, b in items], self.out_dir, mf.shard_name(index, num_shards))
+        shapes = _shape_union([records.decode_record(b)[0] for _, b in items])
+        yield {"index": index, "shard": info.to_json(), "shapes": shapes}
+
+
+def _shape_union(tensor_dicts: Iterable[dict[str, np.ndarray]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for t in tensor_dicts:
+        for k, v in t.items():
+            if k not in out:
+                out[k] = {"shape": list(v.shape), "dtype": str(v.dtype)}
+            else:
+                old = out[k]["shape"]
+                out[k]["shape"] = [a if a == b else None for a, b in zip(old, v.shape, strict=True)]
+    return out
+
+
+def _merge_shapes(parts: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for p in parts:
+        for k, v in p.items():
+            if k not in out:
+                out[k] = dict(v)
+            else:
+                out[k]["shape"] = [
+                    a if a == b else None for a, b in zip(out[k]["shape"], v["shape"], strict=True)
+                ]
+    return dict(sorted(out.items()))
+
+
+def _sum_stats(dicts: Iterable[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for d in dicts:
+        for k, v in d.items():
+            total[k] = total.get(k, 0) + v
+    return dict(sorted(total.items()))
+
+
+def build_manifest(
+    shard_parts: list[dict[str, Any]],
+    stats: dict[str, int],
+    failed: list[str],
+    cfg: IngestConfig,
+    num_sources: int,
+    fp: str,
+    records_per_shard: int,
+) -> dict[str, Any]:
+    """manifest.json contents (see docs/data_pipeline.md) from the written shards."""
+    shard_parts = sorted(shard_parts, key=lambda s: s["index"])
+    venc, aenc, tenc = cfg.build_encoders()
+    shapes = _merge_shapes(p["shapes"] for p in shard_parts)
+    video_shape = shapes.get("video", {}).get("shape", [None, None, None, None])
+    h = None if video_shape[1] is None else video_shape[1] * venc.f
+    w = None if video_shape[2] is None else video_shape[2] * venc.f
+    return {
+        "format": mf.FORMAT,
+        "num_records": sum(p["shard"]["num_records"] for p in shard_parts),
+        "fps": media.FPS,
+        "sample_rate": media.SAMPLE_RATE,
+        "clip_frames": cfg.clip_frames,
+        "min_frames": cfg.min_frames,
+        "keys": shapes,
+        "metadata_keys": list(records.METADATA_KEYS),
+        "encoders": {
+            "video": venc.spec(h, w).to_json(),
+            "audio": aenc.spec().to_json(),
+            "text": tenc.spec().to_json(),
+        },
+        "shards": [p["shard"] for p in shard_parts],
+        "sources": {"count": num_sources, "fingerprint": fp, "failed": sorted(failed)[:100]},
+        "stats": stats,
+        "options": {**cfg.to_json(), "records_per_shard": records_per_shard},
+    }
+
+
+def up_to_date(out_dir: str, fp: str) -> bool:
+    """True if out_dir holds a complete output of exactly this run (manifest fingerprint + shard sizes)."""
+    try:
+        m = mf.read_manifest(out_dir)
+    except (FileNotFoundError, ValueError):
+        return False
+    if m.get("sources", {}).get("fingerprint") != fp:
+        return False
+    return all(mf.verify_shard(out_dir, s, "size") is None for s in m["shards"])
+
+
+def run(
+    input_pattern: str,
+    output: str,
+    cfg: IngestConfig,
+    *,
+    runner: str = "local",
+    records_per_shard: int = 64,
+    batch_sources: int = 8,
+    tfio_python: str | None = None,
+    force: bool = False,
+    beam_args: Sequence[str] = (),
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the ingest pipeline; returns the manifest (also written to `output`/manifest.json)."""
+    files = list_sources(input_pattern)
+    root = (
+        os.fspath(epath.Path(input_pattern))
+        if epath.Path(input_pattern).is_dir()
+        else os.path.commonpath([os.path.dirname(f) for f in files])
+        if "://" not in files[0]
+        else ""
+    )
+    fp = fingerprint(files, cfg, records_per_shard)
+    epath.Path(output).mkdir(parents=True, exist_ok=True)
+    if not force and up_to_date(output, fp):
+        print(f"{output}: up to date (same inputs and options); nothing to do. Pass --force to rewrite.")
+        return mf.read_manifest(output)
+    if cfg.audio_backend == "tfio":
+        from data_pipeline import tfio_backend
+
+        ok, why = tfio_backend.available(tfio_python)
+        if not ok:
+            raise RuntimeError(f"--audio-backend=tfio: {why}")
+    cfg.build_encoders()  # fail fast on bad encoder params
+    local = runner == "local"
+    if local:
+        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+        beam_runner: Any = FnApiRunner()
+        options = PipelineOptions(list(beam_args))
+    else:
+        beam_runner = runner
+        options = PipelineOptions(["--runner", runner, *beam_args])
+    result: dict[str, Any] = {}
+    bar = tqdm(total=len(files), desc="prepare", unit="source", disable=not (progress and local))
+    _PROGRESS["bar"] = bar if local else None
+    try:
+        with beam.Pipeline(runner=beam_runner, options=options) as p:
+            srcs = p | "Sources" >> beam.Create(files) | "Spread" >> beam.Reshuffle()
+            batches = srcs | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=batch_sources)
+            out = batches | "Ingest" >> beam.ParDo(IngestBatch(cfg, root, tfio_python)).with_outputs(
+                "stats", "failed", main="records"
+            )
+            recs = out.records
+            ids = recs | "Ids" >> beam.Keys() | "AllIds" >> beam.combiners.ToList()
+            ranks = ids | "Ranks" >> beam.Map(lambda xs: {cid: i for i, cid in enumerate(sorted(xs))})
+            num_shards = ids | "NumShards" >> beam.Map(
+                lambda xs: max(1, math.ceil(len(xs) / records_per_shard))
+            )
+            written = (
+                recs
+                | "Assign" >> beam.Map(_assign_shard, beam.pvalue.AsSingleton(ranks), records_per_shard)
+                | "GroupShards" >> beam.GroupByKey()
+                | "Write" >> beam.ParDo(WriteShard(output), beam.pvalue.AsSingleton(num_shards))
+            )
+            stats = out.stats | "Stats" >> beam.combiners.ToList() | "SumStats" >> beam.Map(_sum_stats)
+            failed = out.failed | "Failed" >> beam.combiners.ToList()
+            (
+                written
+                | "AllShards" >> beam.combiners.ToList()
+                | "Manifest"
+                >> beam.Map(
+                    _finish,
+                    beam.pvalue.AsSingleton(stats),
+                    beam.pvalue.AsSingleton(failed),
+                    cfg,
+                    len(files),
+                    fp,
+                    records_per_shard,
+                    output,
+                )
+            )
+    finally:
+        bar.close()
+        _PROGRESS.pop("bar", None)
+    result = mf.read_manifest(output)
+    if result["num_records"] == 0:
+        raise RuntimeError(
+            f"prepare: no clips from {len(files)} source(s) ({result['stats']}); check "
+            "--clip-seconds/--min-seconds and the filters"
+        )
+    return result
+
+
+def _finish(
+    shard_parts: list[dict[str, Any]],
+    stats: dict[str, int],
+    failed: list[str],
+    cfg: IngestConfig,
+    num_sources: int,
+    fp: str,
+    records_per_shard: int,
+    output: str,
+) -> None:
+    m = build_manifest(shard_parts, stats, failed, cfg, num_sources, fp, records_per_shard)
+    mf.write_manifest(output, m)
+    removed = mf.clean_stale(output, {s["path"] for s in m["shards"]})
+    if removed:
+        log.info("removed stale files from %s: %s", output, removed)
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    flags.DEFINE_string(
+        "input", None, "Source videos: a directory (searched recursively) or a glob.", required=True
+    )
+    flags.DEFINE_string(
+        "output", None, "Output directory for shards + manifest.json (local or gs://).", required=True
+    )
+    flags.DEFINE_string(
+        "runner",
+        "local",
+        "'local' (in-process FnApiRunner) or a Beam runner name: DirectRunner, "
+        "DataflowRunner, FlinkRunner, SparkRunner, PortableRunner. Extra Beam flags go after `--`.",
+    )
+    flags.DEFINE_float("clip_seconds", 2.0, "Clip length in seconds (at 25 fps).")
+    flags.DEFINE_float(
+        "min_seconds", None, "Keep a source's tail if at least this long (default: --clip-seconds)."
+    )
+    flags.DEFINE_string("size", None, "Resize frames to WxH (default: keep the source size).")
+    flags.DEFINE_string("video_encoder", "s2d", "Video encoder name.")
+    flags.DEFINE_integer("spatial_factor", 8, "s2d: spatial factor.")
+    flags.DEFINE_integer("temporal_factor", 1, "s2d: temporal factor.")
+    flags.DEFINE_string("audio_encoder", "logmel", "Audio encoder name.")
+    flags.DEFINE_integer("n_mels", 80, "logmel: mel bands.")
+    flags.DEFINE_string("text_encoder", "hash", "Text encoder name.")
+    flags.DEFINE_integer("text_len", 32, "hash: tokens L.")
+    flags.DEFINE_integer("text_dim", 64, "hash: embedding width D.")
+    flags.DEFINE_list(
+        "filters", [], "Quality filters by name (data_pipeline.filters): silence, static, black."
+    )
+    flags.DEFINE_enum("audio_backend", "pyav", ["pyav", "tfio"], "Audio decode/resample backend.")
+    flags.DEFINE_string(
+        "tfio_python",
+        None,
+        "Python of the tensorflow-io venv (default $MIRAGE_TFIO_PYTHON or .venv-tfio/bin/python).",
+    )
+    flags.DEFINE_integer("records_per_shard", 64, "Records per ArrayRecord shard.")
+    flags.DEFINE_integer("batch_sources", 8, "Sources per Beam work item (and per tfio subprocess).")
+    flags.DEFINE_integer("seed", 0, "Seed for reference-frame choice.")
+    flags.DEFINE_bool("force", False, "Rewrite even if the output is up to date.")
+
+
+def config_from_flags() -> IngestConfig:
+    from data_pipeline.synthesize import parse_size
+
+    video_params = (
+        {"spatial_factor": FLAGS.spatial_factor, "temporal_factor": FLAGS.temporal_factor}
+        if FLAGS.video_encoder == "s2d"
+        else {}
+    )
+    audio_params = {"n_mels": FLAGS.n_mels} if FLAGS.audio_encoder == "logmel" else {}
+    text_params = {"max_len": FLAGS.text_len, "dim": FLAGS.text_dim} if FLAGS.text_encoder == "hash" else {}
+    return IngestConfig(
+        clip_seconds=FLAGS.clip_seconds,
+        min_seconds=FLAGS.min_seconds,
+        size=parse_size(FLAGS.size) if FLAGS.size else None,
+        video_encoder=FLAGS.video_encoder,
+        video_params=tuple(sorted(video_params.items())),
+        audio_encoder=FLAGS.audio_encoder,
+        audio_params=tuple(sorted(audio_params.items())),
+        text_encoder=FLAGS.text_encoder,
+        text_params=tuple(sorted(text_params.items())),
+        filters=tuple(FLAGS.filters),
+        audio_backend=FLAGS.audio_backend,
+        seed=FLAGS.seed,
+    )
+
+
+def main(argv: Sequence[str]) -> None:
+    logging.basicConfig(level=logging.WARNING)
+    m = run(
+        FLAGS.input,
+        FLAGS.output,
+        config_from_flags(),
+        runner=FLAGS.runner,
+        records_per_shard=FLAGS.records_per_shard,
+        batch_sources=FLAGS.batch_sources,
+        tfio_python=FLAGS.tfio_python,
+        force=FLAGS.force,
+        beam_args=list(argv[1:]),
+    )
+    print(f"{FLAGS.output}: {m['num_records']} records in {len(m['shards'])} shard(s); stats {m['stats']}")
+
+
+if __name__ == "__main__":
+    # Run through the imported module so Beam pickles the DoFns by reference, not as __main__ objects.
+    from data_pipeline import prepare as _prepare
+
+    _prepare.define_flags()
+    flags.adopt_module_key_flags(_prepare)  # so --help lists them
+    # absl stops at `--`: what follows reaches main() as Beam pipeline flags
+    app.run(_prepare.main, flags_parser=dashed_flags_parser)

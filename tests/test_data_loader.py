@@ -1,0 +1,200 @@
+"""The Grain loader: per-process slices partition the data, resume is exact, crop/pad and masks are right,
+and synthetic_batches has the loader's exact keys, shapes and dtypes."""
+
+import hashlib
+import logging
+import os
+import time
+from collections import Counter
+
+import grain
+import numpy as np
+import pytest
+from array_record.python.array_record_module import ArrayRecordReader
+
+from data_pipeline import loader as loader_mod
+from data_pipeline import manifest, speech, synthetic_batches
+from data_pipeline.ingest import IngestConfig
+from data_pipeline.loader import checkpoint_args, make_loader, restore_state, save_state
+from data_pipeline.prepare import run
+from data_pipeline.records import decode_record
+from data_pipeline.synthesize import synthesize
+
+pytestmark = pytest.mark.skipif(
+    not speech.espeak_available(), reason="espeak-ng not installed (make sysdeps)"
+)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """3 sources x 3 s cut into 1 s clips: 9 records of 25 frames in 3 shards."""
+    raw = str(tmp_path_factory.mktemp("raw"))
+    synthesize(raw, clips=3, seconds=3.0, seed=11, size=(64, 64), progress=False)
+    out = str(tmp_path_factory.mktemp("prepared"))
+    run(raw, out, IngestConfig(clip_seconds=1.0), records_per_shard=4, progress=False)
+    return out
+
+
+def _records(out):
+    m = manifest.read_manifest(out)
+    recs = []
+    for s in m["shards"]:
+        recs += [decode_record(r)[0] for r in ArrayRecordReader(os.path.join(out, s["path"])).read_all()]
+    return recs
+
+
+def _ids(batch):
+    return [hashlib.sha1(v.tobytes()).hexdigest()[:12] for v in batch["video"]]
+
+
+def test_process_slices_are_disjoint_and_cover_every_record(prepared):
+    n = manifest.read_manifest(prepared)["num_records"]
+    assert n == 9
+    everyone = {hashlib.sha1(r["video"].tobytes()).hexdigest()[:12] for r in _records(prepared)}
+    per_process = []
+    for p in range(2):
+        ds = make_loader(
+            prepared,
+            global_batch_size=2,
+            clip_frames=25,
+            seed=5,
+            num_epochs=2,
+            process_index=p,
+            process_count=2,
+        )
+        per_process.append([i for b in iter(ds) for i in _ids(b)])
+    assert len(per_process[0]) == len(per_process[1]) == 9  # 2 epochs x 9 records // global batch 2 = 9 steps
+    first_epoch = [per_process[0][:5], per_process[1][:4]]  # global positions 0..8 = one pass over the data
+    assert not set(first_epoch[0]) & set(first_epoch[1])
+    assert set(first_epoch[0]) | set(first_epoch[1]) == everyone
+    assert Counter(per_process[0] + per_process[1]) == Counter({i: 2 for i in everyone})
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resume_mid_epoch_gives_the_same_batches(prepared, workers, tmp_path):
+    ds = make_loader(
+        prepared,
+        global_batch_size=2,
+        clip_frames=20,
+        seed=1,
+        worker_count=workers,
+        process_index=0,
+        process_count=1,
+    )
+    it = iter(ds)
+    for _ in range(3):
+        next(it)
+    state = it.get_state()
+    save_state(it, str(tmp_path / "state.json"))
+    expected = [next(it) for _ in range(5)]  # crosses the epoch boundary (9 records)
+    it.close()
+    for resume in ("set_state", "file"):
+        it2 = iter(ds)
+        if resume == "set_state":
+            it2.set_state(state)
+        else:
+            restore_state(it2, str(tmp_path / "state.json"))
+        for want in expected:
+            got = next(it2)
+            for k in want:
+                np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+        it2.close()
+
+
+def test_grain_orbax_checkpoint_handler_round_trip(prepared, tmp_path):
+    from etils import epath
+
+    ds = make_loader(prepared, global_batch_size=1, seed=2, process_index=0, process_count=1)
+    it = iter(ds)
+    next(it)
+    handler = grain.checkpoint.CheckpointHandler()
+    handler.save(epath.Path(tmp_path), args=checkpoint_args(it))
+    want = next(it)
+    it2 = handler.restore(epath.Path(tmp_path), args=checkpoint_args(iter(ds), restore=True))
+    np.testing.assert_array_equal(next(it2)["video"], want["video"])
+
+
+def test_crop_and_pad_follow_the_records(prepared):
+    recs = _records(prepared)
+    ds = make_loader(
+        prepared,
+        global_batch_size=1,
+        clip_frames=10,
+        seed=3,
+        shuffle=False,
+        num_epochs=1,
+        process_index=0,
+        process_count=1,
+    )
+    for rec, b in zip(recs, iter(ds), strict=True):
+        video = rec["video"]
+        offs = [o for o in range(video.shape[0] - 9) if np.array_equal(video[o : o + 10], b["video"][0])]
+        assert len(offs) == 1
+        o = offs[0]
+        np.testing.assert_array_equal(b["audio"][0], rec["audio"][o : o + 10])
+        np.testing.assert_array_equal(b["mouth"][0], rec["mouth"][o : o + 10])
+        assert b["ref_time"][0] == rec["ref_time"][0] - o and b["video_mask"].all()
+    padded = next(
+        iter(
+            make_loader(
+                prepared, global_batch_size=1, clip_frames=40, shuffle=False, process_index=0, process_count=1
+            )
+        )
+    )
+    assert padded["video_mask"][0].tolist() == [True] * 25 + [False] * 15
+    assert padded["audio_mask"][0].tolist() == [True] * 25 + [False] * 15
+    np.testing.assert_array_equal(padded["video"][0, :25], recs[0]["video"])
+    assert not padded["video"][0, 25:].any() and not padded["audio"][0, 25:].any()
+
+
+def test_synthetic_batches_match_loader_keys_shapes_dtypes(prepared):
+    real = next(
+        iter(make_loader(prepared, global_batch_size=3, clip_frames=25, process_index=0, process_count=1))
+    )
+    fake_it = synthetic_batches(batch_size=3, clip_frames=25, seed=0)
+    fake = next(fake_it)
+    assert {k: (v.shape, v.dtype) for k, v in fake.items()} == {
+        k: (v.shape, v.dtype) for k, v in real.items()
+    }
+    state = fake_it.get_state()
+    want = next(fake_it)
+    fake_it.set_state(state)
+    np.testing.assert_array_equal(next(fake_it)["video"], want["video"])
+
+
+def test_errors_name_the_flag(prepared):
+    with pytest.raises(ValueError, match="global_batch_size=3 is not divisible by process_count=2"):
+        make_loader(prepared, global_batch_size=3, process_index=0, process_count=2)
+
+
+def test_watchdog_warns_about_a_slow_batch(caplog):
+    class Slow(grain.DatasetIterator):
+        def __next__(self):
+            time.sleep(0.4)
+            return {"x": np.zeros(1)}
+
+        def get_state(self):
+            return {}
+
+        def set_state(self, state):
+            pass
+
+    it = loader_mod.LoaderIterator(Slow(), max_batches=None, slow_batch_warn_s=0.1)
+    with caplog.at_level(logging.WARNING, logger="data_pipeline.loader"):
+        next(it)
+    assert any("no batch for" in r.message for r in caplog.records)
+    assert it.last_wait_s >= 0.4
+
+
+def test_batches_assemble_into_a_global_jax_array(prepared):
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    n = len(jax.devices())
+    mesh = Mesh(np.asarray(jax.devices()).reshape(n), ("data",))
+    batch = next(
+        iter(make_loader(prepared, global_batch_size=n, clip_frames=25))
+    )  # process index/count from jax
+    for v in batch.values():
+        arr = jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec("data")), v)
+        assert arr.shape == v.shape and arr.shape[0] == n

@@ -2,6 +2,8 @@
 plus an audio stream, on 4 s 720p portrait clips (20 x 160 x 90 latents = 72,000 video tokens,
 100 wav2vec2 frames at 25 fps, 256 T5-XXL tokens).
 
+Defaults to the layout measured to fit v5p-256 (docs/scaling.md); other slices: configs/mirage_10b_*.py.
+
     --config=configs/mirage_10b.py        4 s clips
     --config=configs/mirage_10b.py:8s     8 s clips (40 latent frames, 200 audio frames)
 """
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import get_base_config
+from configs.common import PARAM_RULES, get_base_config
 
 
 def model_config() -> ml_collections.ConfigDict:
@@ -40,6 +42,23 @@ def diffusion_config() -> ml_collections.ConfigDict:
     ))
 
 
+def params_sharded_over(axes: tuple[str, ...]) -> tuple[tuple[str, object], ...]:
+    """PARAM_RULES with the `embed` (FSDP) dimension split over `axes` instead of `fsdp` alone, so
+    state is not replicated across the sequence axis."""
+    return tuple((name, axes if name == "embed" else mesh_axes) for name, mesh_axes in PARAM_RULES)
+
+
+def apply_layout(cfg: ml_collections.ConfigDict, *, sequence: int, global_batch: int, grad_accum: int = 1,
+                 remat: str = "full") -> ml_collections.ConfigDict:
+    """fsdp = the rest of the slice x `sequence`, tensor 1; state sharded over fsdp and sequence."""
+    cfg.mesh.ici.update(dict(data=1, fsdp=-1, sequence=sequence, tensor=1))
+    cfg.mesh.rules.params = params_sharded_over(("fsdp", "sequence"))
+    cfg.train.global_batch_size = global_batch
+    cfg.train.grad_accum = grad_accum
+    cfg.model.remat_policy = remat
+    return cfg
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg = get_base_config()
     cfg.model = model_config()
@@ -50,4 +69,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"configs/mirage_10b.py: unknown argument {arg!r}; use nothing or '8s'")
     cfg.shapes = shapes_config(seconds)
     cfg.diffusion = diffusion_config()
-    return cfg
+    # the layout that fits a v5p-256 slice with >10% HBM headroom (docs/scaling.md): fsdp 32 x sequence 4
+    return apply_layout(cfg, sequence=4, global_batch=32)

@@ -73,6 +73,28 @@ def _splash_attention(q, k, v, mask, interpret: bool, block: int = 128):
     return out[:, :s]
 
 
+def _splash_sharded(q, k, v, mask, interpret: bool):
+    """Splash per device: a Mosaic kernel cannot be partitioned by XLA, so under an active mesh and
+    logical rules it runs inside `jax.shard_map` with q/k/v laid out as (batch, full sequence, heads
+    shard, head_dim) -- the layout the block's Ulysses constraint already produces."""
+    from jax.sharding import PartitionSpec
+
+    from mirage_jax.parallel.sharding import logical_to_spec
+
+    spec = logical_to_spec(("batch", None, "act_heads", None))
+    mesh = jax.sharding.get_abstract_mesh()
+    # Long sequences: 512-token blocks (MaxText's default); with 128 the kernel's per-block mask table
+    # (blocks^2 entries, prefetched into SMEM) exceeds v5p's 1 MiB SMEM beyond ~60k tokens.
+    block = 512 if q.shape[1] >= 4096 else 128
+    if spec is None or mesh is None or mesh.empty:
+        return _splash_attention(q, k, v, mask, interpret, block)
+    mask_spec = PartitionSpec(spec[0], None)
+    local = functools.partial(_splash_attention, interpret=interpret, block=block)
+    fn = jax.shard_map(local, in_specs=(spec, spec, spec, mask_spec),
+                       out_specs=spec, check_vma=False)
+    return fn(q, k, v, mask)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, backend: str = "xla",
               *, interpret: bool = False) -> jax.Array:
     """Softmax attention of (B, S, H, D) inputs with a (B, S) key mask; masked queries give zeros."""
@@ -83,7 +105,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, backend
     elif backend == "cudnn":
         out = _dot_product_attention(q, k, v, mask, "cudnn")
     elif backend == "splash":
-        out = _splash_attention(q, k, v, mask, interpret)
+        out = _splash_sharded(q, k, v, mask, interpret)
     else:
         raise ValueError(f"model.attention_backend: unknown backend {backend!r}; "
                          "use one of 'xla', 'dot_product', 'cudnn', 'splash'")

@@ -1,0 +1,438 @@
+"""Scale planning: compile the real train step for a TPU topology on a CPU host, before renting the pod.
+
+    python -m mirage_jax.aot --config=configs/mirage_10b.py --topology=v5p-256 [--config.mesh.ici.sequence=4] [--json]
+
+libtpu can compile for a TPU slice it is not running on (`jax.experimental.topologies`): the mesh is built
+over the topology's abstract devices, and the runtime's own jitted step (`train.step.make_train_step`, with
+`StateLayout`'s state shardings and `train.data`'s batch shardings) is lowered with abstract arguments and
+compiled. Nothing is allocated. The report gives, per device: memory (arguments, outputs, temporaries,
+total vs the chip's HBM), compiled FLOPs vs the analytic count of `mirage_jax.describe`, and the step time
+predicted at a stated MFU. An out-of-memory layout fails at compile time on the pod too; here it becomes a
+"does not fit" report (exit status 2) instead of minutes of pod time. docs/scaling.md has the measured
+layouts for the report's 10B model.
+
+Why compiled FLOPs need a correction: XLA's cost analysis counts a while-loop body ONCE (the scanned
+layers, and the gradient-accumulation scan), and sees nothing inside custom kernels (Pallas splash
+attention). `correct_compiled_flops` scales the loop bodies by their trip counts and adds the kernel's
+executed attention matmuls; the raw number is reported as well.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+GiB = 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class ChipSpec:
+    """One TPU generation: per-chip HBM and bf16 peak, and how its Cloud names count (cores or chips).
+
+    Sources (docs/scaling.md links them): Google Cloud TPU system-architecture pages for v4, v5e, v5p and
+    v6e (Trillium); `cloud_units_per_chip` is 2 where the Cloud name counts TensorCores (v4-N, v5p-N).
+    """
+
+    generation: str
+    hbm_bytes: int  # per chip
+    peak_bf16_flops: float  # dense bf16 per chip, FLOP/s
+    cloud_units_per_chip: int  # v5p-256 = 256 TensorCores = 128 chips; v6e-256 = 256 chips
+    torus_dims: int  # 3 (v4, v5p) or 2 (v5e, v6e): the shape of a slice's topology name
+    usable_hbm_bytes: int = 0  # what the TPU compiler lets a program use per chip (measured, libtpu 0.0.42.1)
+    chip_config: str | None = None  # libtpu's chip_config_name; v4 needs "megacore" for one device per chip
+
+
+CHIPS: dict[str, ChipSpec] = {
+    "v4": ChipSpec("v4", 32 * GiB, 275e12, 2, 3, int(30.75 * GiB), chip_config="megacore"),
+    "v5p": ChipSpec("v5p", 95 * GiB, 459e12, 2, 3, int(95.74 * GiB)),
+    "v5e": ChipSpec("v5e", 16 * GiB, 197e12, 1, 2, int(15.75 * GiB)),
+    "v6e": ChipSpec("v6e", 32 * GiB, 918e12, 1, 2, int(31.25 * GiB)),
+}
+CLOUD_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "trillium": "v6e"}
+
+# Standard slice shapes by chip count (Cloud's accelerator types); any `gen:AxBxC` is accepted as well.
+SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
+             512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16", 8192: "16x16x32"}
+SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+
+DEFAULT_MFU = 0.40  # between maxdiffusion's Wan 2.1 (~30%) and MaxText's LLMs (50-65%): docs/scaling.md
+DEFAULT_MIN_HEADROOM = 0.10  # keep >= 10% of HBM free (runtime reservations, fragmentation, XLA drift)
+# Splash attention's executed matmuls in units of the forward's two (QK^T, PV): the backward runs a dq
+# kernel (QK^T, dO V^T, dS K) and a dkv kernel (QK^T, dO V^T, P^T dO, dS^T Q) = 7 matmuls = 3.5 forwards.
+SPLASH_BWD_PER_FWD = 3.5
+
+
+class TopologyError(ValueError):
+    """`--topology` names no known TPU slice, or libtpu's description disagrees with it."""
+
+
+class UncompilableError(RuntimeError):
+    """The step cannot be compiled for a mesh at all (not a memory problem); the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """A resolved TPU slice: the name asked for, libtpu's topology name, chip spec and chip count."""
+
+    requested: str
+    name: str  # e.g. "v5p:4x4x8"
+    chip: ChipSpec
+    chips: int
+
+
+def parse_topology(text: str) -> Topology:
+    """`v5p-256` (Cloud accelerator type) or `v5p:4x4x8` (libtpu topology name) -> Topology.
+
+    Cloud names count TensorCores on v4/v5p (2 per chip) and chips on v5e/v6e, so v5p-256 is 128 chips.
+    """
+    raw = text.strip().lower()
+    m = re.fullmatch(r"([a-z0-9]+?)[:](\d+(?:x\d+)+)", raw)
+    if m:
+        gen, shape = CLOUD_ALIASES.get(m.group(1), m.group(1)), m.group(2)
+        if gen not in CHIPS:
+            raise TopologyError(f"--topology={text}: unknown TPU generation {m.group(1)!r}; known: {sorted(CHIPS)}")
+        chip = CHIPS[gen]
+        chips = math.prod(int(d) for d in shape.split("x"))
+        return Topology(text, f"{gen}:{shape}", chip, chips)
+    m = re.fullmatch(r"([a-z0-9]+?)-(\d+)", raw)
+    if not m:
+        raise TopologyError(f"--topology={text}: expected a Cloud name such as v5p-256 / v6e-256 or a libtpu "
+                            "topology such as v5p:4x4x8 / v6e:16x16")
+    gen = CLOUD_ALIASES.get(m.group(1), m.group(1))
+    if gen not in CHIPS:
+        raise TopologyError(f"--topology={text}: unknown TPU generation {m.group(1)!r}; known: {sorted(CHIPS)}")
+    chip, units = CHIPS[gen], int(m.group(2))
+    if units % chip.cloud_units_per_chip:
+        raise TopologyError(f"--topology={text}: {gen} names count {chip.cloud_units_per_chip} TensorCores per "
+                            f"chip, so the number must be a multiple of {chip.cloud_units_per_chip}")
+    chips = units // chip.cloud_units_per_chip
+    table = SHAPES_3D if chip.torus_dims == 3 else SHAPES_2D
+    if chips not in table:
+        raise TopologyError(f"--topology={text}: no standard {gen} slice of {chips} chips; known chip counts "
+                            f"{sorted(table)}, or give the shape, e.g. {gen}:{next(iter(table.values()))}")
+    return Topology(text, f"{gen}:{table[chips]}", chip, chips)
+
+
+def topology_devices(topo: Topology) -> list[Any]:
+    """The slice's abstract devices from libtpu; raises with an install hint when libtpu is missing."""
+    from jax.experimental import topologies
+
+    try:
+        extra = {"chip_config_name": topo.chip.chip_config} if topo.chip.chip_config else {}
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=topo.name, **extra)
+    except Exception as e:  # noqa: BLE001 - libtpu raises several types; all mean "cannot describe"
+        raise TopologyError(f"--topology={topo.requested}: libtpu could not describe {topo.name!r} ({e}); "
+                            "install the pinned libtpu with `pip install -r requirements-tpu.txt`") from e
+    devices = list(desc.devices)
+    if len(devices) % topo.chips:
+        raise TopologyError(f"--topology={topo.requested}: libtpu gives {len(devices)} devices for {topo.chips} "
+                            "chips; expected a whole number of devices per chip")
+    return devices
+
+
+# -- FLOPs ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FlopParts:
+    """Forward FLOPs per sample, split the way XLA's cost analysis sees them (all from describe)."""
+
+    total: int  # describe.forward_flops
+    per_scanned_layer: int  # one of the num_layers - 1 scanned blocks (attention core included)
+    attention_core_per_layer: int  # QK^T and AV of one block (4 S^2 H D)
+    scanned_layers: int
+
+
+def flop_parts(mcfg: Any, shapes: Mapping[str, int]) -> FlopParts:
+    """Split `describe.forward_flops` into one scanned layer and the rest by differencing over num_layers,
+    so the split cannot drift from describe's formula."""
+    from mirage_jax.describe import count_tokens, forward_flops
+
+    total = forward_flops(mcfg, shapes)
+    scanned = mcfg.num_layers - 1 if mcfg.scan_layers else 0
+    per_layer = total - forward_flops(dataclasses.replace(mcfg, num_layers=mcfg.num_layers - 1), shapes) \
+        if mcfg.num_layers >= 2 else 0
+    attn = 4 * count_tokens(mcfg, shapes)["total"] ** 2 * mcfg.attn_dim
+    return FlopParts(total=total, per_scanned_layer=per_layer, attention_core_per_layer=attn, scanned_layers=scanned)
+
+
+def correct_compiled_flops(raw_total: float, parts: FlopParts, *, global_batch: int, grad_accum: int,
+                           num_layers: int, splash: bool, remat: bool, padded_tokens: int, attn_dim: int) -> float:
+    """XLA's count with loop bodies scaled by their trip counts and custom-kernel attention added.
+
+    XLA counts one scanned layer and one micro-batch. Of what it counts, the share of one scanned layer is
+    taken from the analytic split (same fwd/bwd/remat multipliers assumed for every part), so
+    corrected = raw * grad_accum * (rest + L_s * layer) / (rest + layer). With splash the kernel's matmuls
+    are invisible to XLA: they are added as executed (forward, a remat re-forward, and 3.5 forwards of
+    backward) at the kernel's padded length.
+    """
+    visible_layer = parts.per_scanned_layer - (parts.attention_core_per_layer if splash else 0)
+    visible_total = parts.total - num_layers * (parts.attention_core_per_layer if splash else 0)
+    rest = visible_total - parts.scanned_layers * visible_layer
+    counted = rest + (visible_layer if parts.scanned_layers else 0)
+    corrected = raw_total * grad_accum * (visible_total / counted if counted > 0 else 1.0)
+    if splash:
+        per_sample = 4 * padded_tokens**2 * attn_dim * num_layers
+        corrected += global_batch * per_sample * (1.0 + SPLASH_BWD_PER_FWD + (1.0 if remat else 0.0))
+    return corrected
+
+
+# -- compile ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Setup:
+    """What the runtime derives from the config (the same calls as `train.loop.Trainer.__init__`)."""
+
+    mcfg: Any
+    dcfg: Any
+    mesh: Any
+    layout: Any
+    act_rules: Any
+    batch_shardings: dict[str, Any]
+    batch_shapes: dict[str, Any]
+    step_fn: Any
+    act_warning: str | None
+
+
+def build_setup(cfg: Any, devices: Sequence[Any]) -> Setup:
+    """Mesh, rules, layout checks, optimizer, StateLayout, batch shardings and the jitted train step, over
+    `devices` (here: a topology's abstract devices). Mirrors `Trainer.__init__` call for call."""
+    from mirage_jax.config import DiffusionConfig, ModelConfig
+    from mirage_jax.parallel import checks
+    from mirage_jax.parallel import mesh as mesh_lib
+    from mirage_jax.parallel import rules as rules_lib
+    from mirage_jax.train import data as data_lib
+    from mirage_jax.train import optim
+    from mirage_jax.train import step as step_lib
+    from mirage_jax.train.state import StateLayout
+
+    for section in ("model", "diffusion", "shapes"):
+        if section not in cfg:
+            raise ValueError(f"the config has no `{section}` section; use a model config such as "
+                             "configs/mirage_10b.py, not configs/common.py")
+    mcfg = ModelConfig.from_config(cfg.model)
+    dcfg = DiffusionConfig.from_config(cfg.diffusion)
+    mesh = mesh_lib.build_mesh(cfg.mesh, devices)
+    param_rules = rules_lib.normalize_rules(cfg.mesh.rules.params, "mesh.rules.params", mesh)
+    act_rules, warning = rules_lib.effective_activation_rules(
+        rules_lib.normalize_rules(cfg.mesh.rules.activations, "mesh.rules.activations", mesh))
+    tc = cfg.train
+    checks.check_layout(mesh, act_rules, mcfg.num_heads, int(tc.global_batch_size), int(tc.grad_accum))
+    total_steps = int(tc.steps)
+    tx = optim.make_optimizer(cfg.optim, float(tc.clip_norm), total_steps)
+    lr_schedule = optim.learning_rate_schedule(cfg.optim, total_steps)
+    layout = StateLayout(mcfg, tx, mesh, param_rules, int(tc.seed))
+    shapes = data_lib.batch_shapes(cfg)
+    batch_shardings = data_lib.batch_shardings(mesh, dict(act_rules).get("batch"), shapes)
+    step_fn = step_lib.make_train_step(layout, dcfg, tc, lr_schedule, act_rules, batch_shardings)
+    return Setup(mcfg, dcfg, mesh, layout, act_rules, batch_shardings, shapes, step_fn, warning)
+
+
+def abstract_batch(setup: Setup, global_batch: int) -> dict[str, Any]:
+    """ShapeDtypeStructs of one global batch with the runtime's batch shardings."""
+    import jax
+
+    return {k: jax.ShapeDtypeStruct((global_batch, *shape), dtype, sharding=setup.batch_shardings[k])
+            for k, (shape, dtype) in setup.batch_shapes.items()}
+
+
+def _cost(compiled: Any) -> dict[str, float]:
+    ca = compiled.cost_analysis()
+    if isinstance(ca, list | tuple):  # older jax: one dict per program
+        ca = ca[0] if ca else {}
+    return dict(ca or {})
+
+
+# The TPU compiler's out-of-memory messages, as libtpu 0.0.42.1 words them:
+#   "... required for HLO temporaries (535.02G) exceeds available HBM (15.75G)."   (seen for HBM)
+#   "Ran out of memory in memory space smem. Used 1.10M of 1.00M smem."            (seen for SMEM; same form
+#   with "hbm" is matched too). Anything else is reported with its text and no numbers.
+_OOM = (re.compile(r"Used\s+([\d.]+)([KMGT]?)\s+of\s+([\d.]+)([KMGT]?)\s+hbm", re.IGNORECASE),
+        re.compile(r"\(([\d.]+)([KMGT]?)\)\s+exceeds available HBM\s+\(([\d.]+)([KMGT]?)\)", re.IGNORECASE))
+
+
+def _bytes(num: str, unit: str) -> int:
+    return int(float(num) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit.upper()])
+
+
+def plan(cfg: Any, topology: str, *, mfu: float = DEFAULT_MFU, min_headroom: float = DEFAULT_MIN_HEADROOM,
+         hlo_path: str | None = None) -> dict[str, Any]:
+    """Compile the train step of `cfg` for `topology`; the report as a JSON-ready dict (see module doc)."""
+    import jax
+
+    from mirage_jax.describe import count_params, count_tokens
+
+    if not 0.0 < mfu <= 1.0:
+        raise ValueError(f"--mfu={mfu}: a fraction in (0, 1]")
+    if not 0.0 <= min_headroom < 1.0:
+        raise ValueError(f"--min_headroom={min_headroom}: a fraction in [0, 1)")
+    topo = parse_topology(topology)
+    devices = topology_devices(topo)
+    n = len(devices)
+    per_chip = n // topo.chips
+    hbm = topo.chip.hbm_bytes // per_chip
+    # Headroom is measured against the smaller of the nominal HBM and what the compiler allows (v6e: 31.25 GiB).
+    usable = min(topo.chip.hbm_bytes, topo.chip.usable_hbm_bytes or topo.chip.hbm_bytes) // per_chip
+    peak = topo.chip.peak_bf16_flops / per_chip
+    setup = build_setup(cfg, devices)
+    mcfg, tc = setup.mcfg, cfg.train
+    gb, accum = int(tc.global_batch_size), int(tc.grad_accum)
+    shapes = dict(cfg.shapes)
+    tokens = count_tokens(mcfg, shapes)
+    parts = flop_parts(mcfg, shapes)
+    analytic = 3 * parts.total * gb
+    report: dict[str, Any] = {
+        "topology": topology, "topology_name": topo.name, "device_kind": getattr(devices[0], "device_kind", ""),
+        "devices": n, "chips": topo.chips, "mesh": {k: int(v) for k, v in setup.mesh.shape.items()},
+        "global_batch_size": gb, "grad_accum": accum, "remat_policy": mcfg.remat_policy,
+        "attention_backend": mcfg.attention_backend, "scan_layers": mcfg.scan_layers,
+        "params": count_params(mcfg)["total"], "tokens_per_sample": tokens["total"],
+        "hbm_per_device_bytes": hbm, "usable_hbm_per_device_bytes": usable, "min_headroom": min_headroom,
+        "analytic_flops": analytic, "peak_flops_per_device": peak, "mfu_assumed": mfu,
+        "predicted_step_time_s": analytic / (n * peak * mfu),
+        "param_fallbacks": len(setup.layout.fallbacks), "activation_rules_warning": setup.act_warning,
+    }
+    t0 = time.perf_counter()
+    try:
+        with jax.set_mesh(setup.mesh):
+            lowered = setup.step_fn.lower(setup.layout.abstract_with_shardings(), abstract_batch(setup, gb))
+            compiled = lowered.compile()
+    except NotImplementedError as e:
+        if "Mosaic" not in str(e):
+            raise
+        raise UncompilableError(
+            f"model.attention_backend={mcfg.attention_backend!r}: a Pallas (Mosaic) kernel is called on sharded "
+            "arrays without jax.shard_map, which XLA cannot partition; the train step cannot compile for a "
+            "multi-device mesh (docs/scaling.md, 'Findings')") from e
+    except Exception as e:  # noqa: BLE001 - XLA raises JaxRuntimeError / XlaRuntimeError by version
+        msg = str(e)
+        if "RESOURCE_EXHAUSTED" not in msg and "out of memory" not in msg.lower():
+            raise
+        m = next((m for m in (p.search(msg) for p in _OOM) if m), None)
+        used = _bytes(m.group(1), m.group(2)) if m else None
+        report.update({
+            "compiled": False, "fits": False, "compile_time_s": time.perf_counter() - t0,
+            "memory_per_device_bytes": used, "headroom_fraction": (1.0 - used / usable) if used else None,
+            "compiler_hbm_bytes": _bytes(m.group(3), m.group(4)) if m else None,
+            "compiled_flops": None, "compiled_flops_corrected": None,
+            "error": next((ln for ln in msg.splitlines() if "RESOURCE_EXHAUSTED" in ln), msg.strip()[:500])[:2000],
+        })
+        return report
+    report["compile_time_s"] = time.perf_counter() - t0
+    if hlo_path:
+        with open(hlo_path, "w") as f:
+            f.write(compiled.as_text())
+    ma = compiled.memory_analysis()
+    mem = {
+        "arguments": int(ma.argument_size_in_bytes), "outputs": int(ma.output_size_in_bytes),
+        "aliased": int(ma.alias_size_in_bytes), "temporaries": int(ma.temp_size_in_bytes),
+        "generated_code": int(ma.generated_code_size_in_bytes),
+    }
+    # The donated state's outputs reuse its argument buffers (aliased): count them once.
+    total = mem["arguments"] + mem["outputs"] - mem["aliased"] + mem["temporaries"] + mem["generated_code"]
+    headroom = 1.0 - total / usable
+    raw = _cost(compiled).get("flops", 0.0) * n  # cost analysis is of the per-device (partitioned) program
+    splash = mcfg.attention_backend == "splash"
+    corrected = correct_compiled_flops(
+        raw, parts, global_batch=gb, grad_accum=accum, num_layers=mcfg.num_layers, splash=splash,
+        remat=mcfg.remat_policy != "none", padded_tokens=-(-tokens["total"] // 128) * 128, attn_dim=mcfg.attn_dim)
+    report.update({
+        "compiled": True, "memory": mem, "memory_per_device_bytes": total, "headroom_fraction": headroom,
+        "fits": headroom >= min_headroom, "compiled_flops": raw, "compiled_flops_corrected": corrected,
+        "compiled_over_analytic": corrected / analytic if analytic else None,
+        # analytic / executed: the MFU this step reaches even at 100% of peak (remat recompute costs the rest)
+        "mfu_ceiling": analytic / corrected if corrected else None,
+    })
+    return report
+
+
+def format_report(r: Mapping[str, Any]) -> str:
+    """The human-readable table of `plan`'s report."""
+    g = lambda b: f"{b / GiB:8.2f} GiB" if b is not None else "       n/a"  # noqa: E731
+    mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items())
+    lines = [
+        f"{r['topology']} ({r['topology_name']}, {r['device_kind']}): {r['devices']} devices on {r['chips']} chips; "
+        f"mesh {mesh}",
+        f"model {r['params']:,} params, {r['tokens_per_sample']:,} tokens/sample; global batch "
+        f"{r['global_batch_size']} in {r['grad_accum']} micro-batch(es); remat={r['remat_policy']}, "
+        f"attention={r['attention_backend']}",
+    ]
+    if r.get("activation_rules_warning"):
+        lines.append(f"warning: {r['activation_rules_warning']}")
+    if not r["compiled"]:
+        lines.append(f"DOES NOT FIT: the TPU compiler ran out of memory: {r.get('error', '')}")
+        if r.get("compiler_hbm_bytes"):
+            lines.append(f"  needs {g(r['memory_per_device_bytes'])}; the compiler allows "
+                         f"{g(r['compiler_hbm_bytes'])} per device")
+        return "\n".join(lines)
+    m = r["memory"]
+    lines += [
+        "memory per device:",
+        f"  arguments    {g(m['arguments'])}   (train state + batch shard)",
+        f"  outputs      {g(m['outputs'])}   ({g(m['aliased']).strip()} aliased with donated arguments)",
+        f"  temporaries  {g(m['temporaries'])}",
+        f"  code         {g(m['generated_code'])}",
+        f"  total        {g(r['memory_per_device_bytes'])} of {g(r['usable_hbm_per_device_bytes'])} usable "
+        f"({g(r['hbm_per_device_bytes']).strip()} HBM): headroom "
+        f"{100 * r['headroom_fraction']:.1f}% -> {'FITS' if r['fits'] else 'DOES NOT FIT'} "
+        f"(needs >= {100 * r['min_headroom']:.0f}%)",
+        f"FLOPs per step: analytic {r['analytic_flops']:.4e} (fwd+bwd, MFU numerator); XLA counted "
+        f"{r['compiled_flops']:.4e}, corrected for loop trip counts"
+        f"{' and splash attention' if r['attention_backend'] == 'splash' else ''} {r['compiled_flops_corrected']:.4e} "
+        f"({r['compiled_over_analytic']:.2f}x analytic)",
+        f"MFU ceiling (analytic / executed FLOPs): {100 * r['mfu_ceiling']:.0f}%",
+        f"step time at {100 * r['mfu_assumed']:.0f}% MFU of {r['peak_flops_per_device'] / 1e12:.0f} TFLOP/s/device: "
+        f"{r['predicted_step_time_s']:.2f} s ({r['global_batch_size'] / r['predicted_step_time_s']:.2f} samples/s)",
+        f"compile time {r['compile_time_s']:.0f} s",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    from absl import app, flags
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from mirage_jax.config import ConfigError
+    from mirage_jax.parallel.checks import LayoutError
+    from mirage_jax.parallel.mesh import MeshConfigError
+    from mirage_jax.parallel.rules import RulesError
+
+    f = flags.FLAGS
+    try:
+        report = plan(f.config, f.topology, mfu=f.mfu, min_headroom=f.min_headroom, hlo_path=f.hlo_out)
+    except (TopologyError, UncompilableError, ConfigError, LayoutError, MeshConfigError, RulesError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    print(json.dumps(report) if f.json else format_report(report), flush=True)
+    if not report["fits"]:
+        sys.exit(2)
+
+
+def _run() -> None:
+    # Compile for the topology only: never claim a local accelerator (on a TPU VM, training may own it).
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mirage_10b.py[:8s].",
+                                    lock_config=True)
+    flags.DEFINE_string("topology", None, "TPU slice: Cloud name (v5p-256, v6e-256) or libtpu name (v5p:4x4x8).")
+    flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
+    flags.DEFINE_float("mfu", DEFAULT_MFU, "Model FLOPs utilization assumed for the predicted step time.")
+    flags.DEFINE_float("min_headroom", DEFAULT_MIN_HEADROOM, "Fraction of HBM that must stay free to 'fit'.")
+    flags.DEFINE_string("hlo_out", None, "Write the compiled (optimized, per-device) HLO text to this file.")
+    flags.mark_flags_as_required(["config", "topology"])
+    app.run(main)
+
+
+if __name__ == "__main__":
+    _run()

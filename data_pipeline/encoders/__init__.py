@@ -19,9 +19,15 @@ from data_pipeline.encoders.base import EncoderSpec
 from data_pipeline.encoders.text_hash import HashText
 from data_pipeline.encoders.video_s2d import SpaceToDepth
 
+
+def _mochi_vae(**params: Any) -> Any:
+    from data_pipeline.encoders import mochi_vae  # imports jax only when used
+
+    return mochi_vae.get(**params)
+
 KINDS = ("video", "audio", "text")
 _REGISTRY: dict[str, dict[str, Callable[..., Any]]] = {
-    "video": {"s2d": SpaceToDepth},
+    "video": {"s2d": SpaceToDepth, "mochi_vae": _mochi_vae},
     "audio": {"logmel": LogMel},
     "text": {"hash": HashText},
 }

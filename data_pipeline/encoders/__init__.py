@@ -25,10 +25,16 @@ def _mochi_vae(**params: Any) -> Any:
 
     return mochi_vae.get(**params)
 
+
+def _wav2vec2(**params: Any) -> Any:
+    from data_pipeline.encoders import wav2vec2
+
+    return wav2vec2.get(**params)
+
 KINDS = ("video", "audio", "text")
 _REGISTRY: dict[str, dict[str, Callable[..., Any]]] = {
     "video": {"s2d": SpaceToDepth, "mochi_vae": _mochi_vae},
-    "audio": {"logmel": LogMel},
+    "audio": {"logmel": LogMel, "wav2vec2": _wav2vec2},
     "text": {"hash": HashText},
 }
 

@@ -128,7 +128,7 @@ def ingest_source(
     venc, aenc, tenc = encs
     stats = {} if stats is None else stats
     info = media.probe(path)
-    tf = int(getattr(venc, "tf", 1))
+    tf = encoders.frame_multiple(venc)
     source_key = _ids_root(path, root)
     plans = clips.plan_clips(info.num_frames, cfg.clip_frames, cfg.min_frames, tf, source_key, cfg.seed)
     if not plans:

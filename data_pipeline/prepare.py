@@ -29,8 +29,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from etils import epath
 from tqdm import tqdm
 
+from data_pipeline import encoders, media, records
 from data_pipeline import manifest as mf
-from data_pipeline import media, records
 from data_pipeline.cli import dashed_flags_parser
 from data_pipeline.ingest import IngestConfig, ingest_source, list_sources
 
@@ -164,8 +164,9 @@ def build_manifest(
     venc, aenc, tenc = cfg.build_encoders()
     shapes = _merge_shapes(p["shapes"] for p in shard_parts)
     video_shape = shapes.get("video", {}).get("shape", [None, None, None, None])
-    h = None if video_shape[1] is None else video_shape[1] * venc.f
-    w = None if video_shape[2] is None else video_shape[2] * venc.f
+    f = encoders.spatial_factor(venc)
+    h = None if video_shape[1] is None else video_shape[1] * f
+    w = None if video_shape[2] is None else video_shape[2] * f
     return {
         "format": mf.FORMAT,
         "num_records": sum(p["shard"]["num_records"] for p in shard_parts),
@@ -330,11 +331,18 @@ def define_flags() -> None:
         "min_seconds", None, "Keep a source's tail if at least this long (default: --clip-seconds)."
     )
     flags.DEFINE_string("size", None, "Resize frames to WxH (default: keep the source size).")
-    flags.DEFINE_string("video_encoder", "s2d", "Video encoder name.")
+    flags.DEFINE_string("video_encoder", "s2d", "Video encoder name: s2d, or mochi_vae (docs/encoders.md).")
     flags.DEFINE_integer("spatial_factor", 8, "s2d: spatial factor.")
     flags.DEFINE_integer("temporal_factor", 1, "s2d: temporal factor.")
-    flags.DEFINE_string("audio_encoder", "logmel", "Audio encoder name.")
+    flags.DEFINE_string(
+        "video_weights", None, "mochi_vae: diffusers VAE folder (config.json + diffusion_pytorch_model.safetensors)."
+    )
+    flags.DEFINE_integer("vae_tile", 256, "mochi_vae: spatial tile in pixels (0: none).")
+    flags.DEFINE_integer("vae_tile_stride", 192, "mochi_vae: tile stride in pixels (overlap is blended).")
+    flags.DEFINE_integer("vae_chunk_latents", 4, "mochi_vae: latent frames per temporal chunk (0: whole clip).")
+    flags.DEFINE_string("audio_encoder", "logmel", "Audio encoder name: logmel, or wav2vec2 (docs/encoders.md).")
     flags.DEFINE_integer("n_mels", 80, "logmel: mel bands.")
+    flags.DEFINE_string("audio_weights", None, "wav2vec2: folder with config.json + model.safetensors.")
     flags.DEFINE_string("text_encoder", "hash", "Text encoder name.")
     flags.DEFINE_integer("text_len", 32, "hash: tokens L.")
     flags.DEFINE_integer("text_dim", 64, "hash: embedding width D.")
@@ -353,15 +361,37 @@ def define_flags() -> None:
     flags.DEFINE_bool("force", False, "Rewrite even if the output is up to date.")
 
 
+def _weights_flag(flag: str, encoder: str) -> str:
+    value = getattr(FLAGS, flag)
+    if not value:
+        raise app.UsageError(f"--{encoder} needs --{flag.replace('_', '-')}=<weights folder>; see docs/encoders.md")
+    return os.path.abspath(os.path.expanduser(value))  # the manifest must rebuild it from any directory
+
+
+def encoder_params_from_flags() -> tuple[dict[str, Any], dict[str, Any]]:
+    """Video and audio encoder params from the flags of the chosen encoders (weights paths made absolute)."""
+    video: dict[str, Any] = {}
+    if FLAGS.video_encoder == "s2d":
+        video = {"spatial_factor": FLAGS.spatial_factor, "temporal_factor": FLAGS.temporal_factor}
+    elif FLAGS.video_encoder == "mochi_vae":
+        video = {
+            "weights": _weights_flag("video_weights", "video-encoder=mochi_vae"),
+            "tile": FLAGS.vae_tile,
+            "tile_stride": FLAGS.vae_tile_stride,
+            "chunk_latents": FLAGS.vae_chunk_latents,
+        }
+    audio: dict[str, Any] = {}
+    if FLAGS.audio_encoder == "logmel":
+        audio = {"n_mels": FLAGS.n_mels}
+    elif FLAGS.audio_encoder == "wav2vec2":
+        audio = {"weights": _weights_flag("audio_weights", "audio-encoder=wav2vec2")}
+    return video, audio
+
+
 def config_from_flags() -> IngestConfig:
     from data_pipeline.synthesize import parse_size
 
-    video_params = (
-        {"spatial_factor": FLAGS.spatial_factor, "temporal_factor": FLAGS.temporal_factor}
-        if FLAGS.video_encoder == "s2d"
-        else {}
-    )
-    audio_params = {"n_mels": FLAGS.n_mels} if FLAGS.audio_encoder == "logmel" else {}
+    video_params, audio_params = encoder_params_from_flags()
     text_params = {"max_len": FLAGS.text_len, "dim": FLAGS.text_dim} if FLAGS.text_encoder == "hash" else {}
     return IngestConfig(
         clip_seconds=FLAGS.clip_seconds,

@@ -3,6 +3,8 @@
     enc = get_video_encoder("s2d", spatial_factor=8)      # encode(frames) / decode(latents)
     enc = get_audio_encoder("logmel", n_mels=80)          # encode(waveform_16k) -> [frames, 80]
     enc = get_text_encoder("hash", max_len=32, dim=64)    # encode(caption) -> ([32, 64], mask [32])
+    enc = get_video_encoder("mochi_vae", weights="mochi-1-preview/vae")  # Mochi's causal VAE (JAX)
+    enc = get_audio_encoder("wav2vec2", weights="wav2vec2-large-960h")  # 1024-d features at 25 fps
     enc = from_manifest(manifest, "video")                # exactly the encoder a dataset was built with
 
 New encoders register a factory with `register(kind, name, factory)`; the factory takes keyword params
@@ -75,6 +77,23 @@ def get_text_encoder(name: str = "hash", **params: Any) -> HashText:
     return get_encoder("text", name, **params)
 
 
+def spatial_factor(video_encoder: Any) -> int:
+    """Pixels per latent along H and W of any video encoder (`spatial_factor` property, or s2d's `f`)."""
+    return int(getattr(video_encoder, "spatial_factor", None) or video_encoder.f)
+
+
+def temporal_factor(video_encoder: Any) -> int:
+    """Frames per latent frame of any video encoder (Mochi: 6, with a causal first frame)."""
+    return int(getattr(video_encoder, "temporal_factor", None) or getattr(video_encoder, "tf", 1))
+
+
+def frame_multiple(video_encoder: Any) -> int:
+    """What clip lengths must be a multiple of: s2d's temporal factor; 1 for causal encoders such as
+    mochi_vae, which take any T and give 1 + (T - 1) // 6 latents (6k + 1 frames waste none)."""
+    m = getattr(video_encoder, "frame_multiple", None)
+    return int(m) if m is not None else temporal_factor(video_encoder)
+
+
 def from_spec(kind: str, spec: dict[str, Any]) -> Any:
     """Rebuild an encoder from a manifest entry; refuses a version other than the registered one."""
     enc = get_encoder(kind, spec["name"], **spec.get("params", {}))
@@ -100,6 +119,7 @@ __all__ = [
     "HashText",
     "LogMel",
     "SpaceToDepth",
+    "frame_multiple",
     "from_manifest",
     "from_spec",
     "get_audio_encoder",
@@ -108,4 +128,6 @@ __all__ = [
     "get_video_encoder",
     "names",
     "register",
+    "spatial_factor",
+    "temporal_factor",
 ]

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: demo test test-slow lint sysdeps venv
+.PHONY: demo test test-slow lint sysdeps venv bench
 
 $(VENV)/.installed: requirements.txt
 	python3 -m venv $(VENV)
@@ -30,3 +30,6 @@ test-slow: venv sysdeps
 
 lint: venv
 	$(VENV)/bin/ruff check .
+
+bench: venv sysdeps
+	JAX_PLATFORMS=cpu $(PY) -m bench

@@ -5,6 +5,8 @@ against raw ArrayRecord reads of the same shards, in one run.
     python -m bench.data_loader --synthesize=6        # make a small dataset in a temp dir first
 
 Prints records/s and MB/s (of record bytes) per configuration, or a JSON list with --json.
+`loader_vs_step` (run by `python -m bench`) compares the loader's samples/s with the samples/s the tiny
+config's train step consumes, alternating the two: a ratio above 1 means the loader keeps up.
 """
 
 from __future__ import annotations
@@ -77,20 +79,64 @@ def bench_loader(data: str, batch: int, batches: int, workers: int, mean_record_
     }
 
 
+def prepare_dataset(directory: str, clips: int, seconds: float = 3.0, clip_seconds: float = 2.0) -> str:
+    """Synthesize `clips` talking-head clips (64x64) and prepare them into shards; returns the shard dir."""
+    from data_pipeline.ingest import IngestConfig
+    from data_pipeline.prepare import run
+    from data_pipeline.synthesize import synthesize
+
+    synthesize(os.path.join(directory, "raw"), clips, seconds, 0, (64, 64), progress=False)
+    data = os.path.join(directory, "prepared")
+    run(os.path.join(directory, "raw"), data, IngestConfig(clip_seconds=clip_seconds), progress=False)
+    return data
+
+
+def loader_vs_step(data: str | None = None, clips: int = 8, batch: int = 8, rounds: int = 3,
+                   batches_per_round: int = 4, step_overrides: dict | None = None) -> dict:
+    """Loader samples/s (in-process Grain loader, 2 s records of the tiny config's shapes) vs the samples/s
+    of the tiny config's real train step at the same global batch, timed alternately."""
+    from bench import common
+
+    tmp = None
+    if data is None:
+        tmp = tempfile.mkdtemp(prefix="bench-data-")
+        data = prepare_dataset(tmp, clips)
+    from data_pipeline.loader import make_loader
+
+    overrides = {"train.global_batch_size": batch, **(step_overrides or {})}
+    step = common.RealStep(common.tiny_config(overrides))
+    frames = int(step.cfg.shapes.audio_frames)
+    it = iter(make_loader(data, global_batch_size=batch, clip_frames=frames, seed=0, worker_count=0,
+                          process_index=0, process_count=1, slow_batch_warn_s=0))
+    next(it)
+    step.compile()
+    step.run()
+
+    def load() -> None:
+        for _ in range(batches_per_round):
+            next(it)
+
+    times = common.alternate({"loader": load, "step": step.run}, rounds)
+    it.close() if hasattr(it, "close") else None
+    if tmp:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    loader_sps = batch * batches_per_round / common.median(times["loader"])
+    step_sps = batch / common.median(times["step"])
+    return {"loader_samples_per_s": loader_sps, "step_samples_per_s": step_sps, "ratio": loader_sps / step_sps,
+            "setup": {"batch": batch, "clip_frames": frames, "workers": 0, "clips": clips,
+                      "step_overrides": overrides, "rounds": rounds, "batches_per_round": batches_per_round},
+            "times": times}
+
+
 def main(argv: Sequence[str]) -> None:
     del argv
     from data_pipeline import manifest
 
     data = FLAGS.data
     if FLAGS.synthesize:
-        from data_pipeline.ingest import IngestConfig
-        from data_pipeline.prepare import run
-        from data_pipeline.synthesize import synthesize
-
-        tmp = tempfile.mkdtemp(prefix="bench-data-")
-        synthesize(os.path.join(tmp, "raw"), FLAGS.synthesize, 3.0, 0, (64, 64), progress=False)
-        data = os.path.join(tmp, "prepared")
-        run(os.path.join(tmp, "raw"), data, IngestConfig(clip_seconds=1.0), progress=False)
+        data = prepare_dataset(tempfile.mkdtemp(prefix="bench-data-"), FLAGS.synthesize, clip_seconds=1.0)
     if not data:
         raise app.UsageError("pass --data=DIR (a prepare output) or --synthesize=N")
     m = manifest.read_manifest(data)

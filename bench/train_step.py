@@ -1,11 +1,16 @@
 """Train-step throughput: MirageDiT (audio stream off, so the networks are the same) vs a PyTorch step of
 diffusers' MochiTransformer3DModel of equal dimensions and token counts (AdamW, fp32, CPU, same batch).
 
-    python -m bench.train_step [--json] [--rounds=5] [--steps=3]
+    python -m bench.train_step [--json] [--rounds=5] [--steps=3] [--profile]
+    python -m bench.train_step --gpu        # on a GPU: bf16, cuDNN attention / SDPA, MFU vs the bf16 peak
 
 Both sides do the same work per step: forward on the same noisy latents, MSE against the same velocity
 target, backward, AdamW update. The two are timed alternately in one run (the machine is shared and noisy)
-and reported as samples/s medians and their ratio.
+and reported as samples/s medians and their ratio, plus achieved GFLOP/s of each on the analytic FLOP
+count (`describe.count_flops`, identical networks so identical FLOPs). `--profile` adds where the time
+goes: the PyTorch step's top operators (torch.profiler) and XLA's cost analysis of the JAX step.
+`--gpu` is a code path for a GPU host (bf16 compute, `attention_backend='cudnn'` vs PyTorch SDPA under
+bf16 autocast; MFU against `train.metrics.PEAK_FLOPS`); no GPU numbers have been measured with it.
 """
 
 from __future__ import annotations
@@ -15,17 +20,11 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from absl import app, flags
-
-flags.DEFINE_bool("json", False, "Print one JSON object.")
-flags.DEFINE_integer("rounds", 5, "Alternating timing rounds.")
-flags.DEFINE_integer("steps", 3, "Steps per timing round per framework.")
-flags.DEFINE_integer("batch", 2, "Batch size.")
-flags.DEFINE_integer("layers", 4, "Blocks.")
-flags.DEFINE_integer("heads", 4, "Attention heads (head_dim 32).")
-flags.DEFINE_integer("frames", 8, "Latent frames (16x16 latents, patch 2 -> 64 tokens per frame).")
 
 MOCHI = dict(patch_size=2, attention_head_dim=32, in_channels=12, text_embed_dim=128, time_embed_dim=64)
 
@@ -41,7 +40,8 @@ def _inputs(batch: int, frames: int) -> dict[str, np.ndarray]:
     }
 
 
-def jax_step(kw: dict, data: dict[str, np.ndarray]):
+def jax_step(kw: dict, data: dict[str, np.ndarray], gpu: bool = False) -> tuple[Callable[[], float], Any]:
+    """(one-step runner, the jitted step's compiled form) for MirageDiT without audio."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -51,7 +51,8 @@ def jax_step(kw: dict, data: dict[str, np.ndarray]):
     from mirage_jax.interop.mochi import mochi_config_to_model
     from mirage_jax.model import MirageDiT
 
-    cfg = ModelConfig(**mochi_config_to_model(kw), use_audio=False, pool_heads=8)
+    extra = dict(compute_dtype="bfloat16", attention_backend="cudnn") if gpu else {}
+    cfg = ModelConfig(**mochi_config_to_model(kw), use_audio=False, pool_heads=8, **extra)
     model = MirageDiT(cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
     tx = optax.adamw(1e-4)
@@ -75,30 +76,74 @@ def jax_step(kw: dict, data: dict[str, np.ndarray]):
         state["p"], state["o"], loss = step(state["p"], state["o"])
         return float(loss)
 
-    return run
+    return run, (step, state, cfg)
 
 
-def torch_step(kw: dict, data: dict[str, np.ndarray]):
+def torch_step(kw: dict, data: dict[str, np.ndarray], gpu: bool = False) -> tuple[Callable[[], float], Any]:
+    """(one-step runner, the model) for diffusers' MochiTransformer3DModel."""
+    import contextlib
+
     import torch
     from diffusers import MochiTransformer3DModel
 
+    dev = "cuda" if gpu else "cpu"
     torch.manual_seed(0)
-    model = MochiTransformer3DModel(**kw).train()
+    model = MochiTransformer3DModel(**kw).train().to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x, target = torch.from_numpy(data["x"]), torch.from_numpy(data["target"])
-    text, mask, t = torch.from_numpy(data["text"]), torch.from_numpy(data["mask"]), torch.from_numpy(data["t"])
+    x, target = (torch.from_numpy(data[k]).to(dev) for k in ("x", "target"))
+    text, mask, t = (torch.from_numpy(data[k]).to(dev) for k in ("text", "mask", "t"))
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if gpu else contextlib.nullcontext
 
     def run() -> float:
         opt.zero_grad(set_to_none=True)
-        loss = torch.mean((model(x, text, t, mask).sample - target) ** 2)
+        with autocast():
+            out = model(x, text, t, mask).sample
+        loss = torch.mean((out.float() - target) ** 2)
         loss.backward()
         opt.step()
         return float(loss)
 
-    return run
+    return run, model
 
 
-def measure(batch: int, layers: int, heads: int, frames: int, rounds: int, steps: int) -> dict:
+def analytic_flops(kw: dict, batch: int, frames: int) -> float:
+    """Train FLOPs of one step (describe.count_flops x batch): the same for both networks."""
+    from mirage_jax.config import ModelConfig
+    from mirage_jax.describe import count_flops
+    from mirage_jax.interop.mochi import mochi_config_to_model
+
+    cfg = ModelConfig(**mochi_config_to_model(kw), use_audio=False, pool_heads=8)
+    shapes = {"latent_frames": frames, "latent_height": 16, "latent_width": 16, "audio_frames": 0, "text_len": 32,
+              "ref_frames": 0}
+    return float(count_flops(cfg, shapes) * batch)
+
+
+def _profile(jax_parts: Any, torch_run: Callable[[], float]) -> dict[str, Any]:
+    """Where the time goes: torch.profiler's top operators for one PyTorch step; XLA's cost analysis of the
+    JAX step (FLOPs, bytes accessed) and its fusion count."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        torch_run()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    top = [{"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3,
+            "share": e.self_cpu_time_total / total} for e in events[:8]]
+    step, state, _ = jax_parts
+    compiled = step.lower(state["p"], state["o"]).compile()
+    ca = compiled.cost_analysis()
+    ca = (ca[0] if isinstance(ca, list | tuple) else ca) or {}
+    hlo = compiled.as_text()
+    return {
+        "torch_top_ops": top, "torch_op_calls": sum(e.count for e in events),
+        "jax_cost_analysis": {k: float(ca[k]) for k in ("flops", "bytes accessed", "transcendentals") if k in ca},
+        "jax_fusions": sum(" fusion(" in line for line in hlo.splitlines()),
+    }
+
+
+def measure(batch: int = 2, layers: int = 4, heads: int = 4, frames: int = 8, rounds: int = 5, steps: int = 3,
+            *, profile: bool = False, gpu: bool = False) -> dict[str, Any]:
+    """Samples/s of both steps, alternated; `ratio` = jax / torch (> 1: the JAX step is faster)."""
     import warnings
 
     import torch
@@ -106,7 +151,9 @@ def measure(batch: int, layers: int, heads: int, frames: int, rounds: int, steps
     warnings.filterwarnings("ignore")
     kw = dict(MOCHI, num_layers=layers, num_attention_heads=heads, pooled_projection_dim=64)
     data = _inputs(batch, frames)
-    runners = {"jax": jax_step(kw, data), "torch": torch_step(kw, data)}
+    jax_run, jax_parts = jax_step(kw, data, gpu)
+    torch_run, _ = torch_step(kw, data, gpu)
+    runners = {"jax": jax_run, "torch": torch_run}
     for r in runners.values():  # compile / warm up
         r()
         r()
@@ -120,27 +167,56 @@ def measure(batch: int, layers: int, heads: int, frames: int, rounds: int, steps
     jax_sps = batch / statistics.median(times["jax"])
     torch_sps = batch / statistics.median(times["torch"])
     tokens = frames * 64 + 32
-    return {
+    flops = analytic_flops(kw, batch, frames)
+    res: dict[str, Any] = {
         "jax_samples_per_s": jax_sps, "torch_samples_per_s": torch_sps, "ratio": jax_sps / torch_sps,
+        "jax_gflops_per_s": flops * jax_sps / batch / 1e9, "torch_gflops_per_s": flops * torch_sps / batch / 1e9,
+        "step_flops_analytic": flops,
         "jax_step_s": times["jax"], "torch_step_s": times["torch"],
         "setup": {"batch": batch, "layers": layers, "heads": heads, "head_dim": 32, "tokens_per_sample": tokens,
-                  "dtype": "float32", "optimizer": "AdamW"},
+                  "dtype": "bfloat16 compute" if gpu else "float32", "optimizer": "AdamW",
+                  "device": "gpu" if gpu else "cpu", "rounds": rounds, "steps_per_round": steps},
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch_threads":
                     torch.get_num_threads()},
     }
+    if gpu:
+        import jax
+
+        from mirage_jax.train.metrics import PEAK_FLOPS
+
+        peak = PEAK_FLOPS.get(jax.devices()[0].device_kind, 0.0)
+        if peak:
+            res["jax_mfu"] = flops * jax_sps / batch / peak
+            res["torch_mfu"] = flops * torch_sps / batch / peak
+    if profile:
+        res["profile"] = _profile(jax_parts, torch_run)
+    return res
 
 
 def main(argv: list[str]) -> None:
     del argv
     F = flags.FLAGS
-    res = measure(F.batch, F.layers, F.heads, F.frames, F.rounds, F.steps)
+    res = measure(F.batch, F.layers, F.heads, F.frames, F.rounds, F.steps, profile=F.profile, gpu=F.gpu)
     if F.json:
         print(json.dumps(res))
     else:
         print(f"MirageDiT (JAX)  {res['jax_samples_per_s']:.2f} samples/s")
         print(f"Mochi (PyTorch)  {res['torch_samples_per_s']:.2f} samples/s")
         print(f"ratio JAX/PyTorch {res['ratio']:.2f}x  ({res['setup']})")
+        if "jax_mfu" in res:
+            print(f"MFU: JAX {res['jax_mfu']:.1%}, PyTorch {res['torch_mfu']:.1%}")
+        if "profile" in res:
+            print(json.dumps(res["profile"], indent=1))
 
 
 if __name__ == "__main__":
+    flags.DEFINE_bool("json", False, "Print one JSON object.")
+    flags.DEFINE_integer("rounds", 5, "Alternating timing rounds.")
+    flags.DEFINE_integer("steps", 3, "Steps per timing round per framework.")
+    flags.DEFINE_integer("batch", 2, "Batch size.")
+    flags.DEFINE_integer("layers", 4, "Blocks.")
+    flags.DEFINE_integer("heads", 4, "Attention heads (head_dim 32).")
+    flags.DEFINE_integer("frames", 8, "Latent frames (16x16 latents, patch 2 -> 64 tokens per frame).")
+    flags.DEFINE_bool("profile", False, "Also report where each step's time goes.")
+    flags.DEFINE_bool("gpu", False, "Run both on the GPU in bf16 (cuDNN attention) and report MFU.")
     app.run(main)

@@ -1,0 +1,168 @@
+"""Shared pieces of the benchmarks: alternating timing, machine info, and the runtime's real train step.
+
+Every benchmark reports RATIOS measured within one run, with the compared things timed alternately
+(round-robin), because the hosts these run on are shared and noisy: absolute numbers drift with the
+neighbours' load, a ratio of medians taken side by side drifts much less.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def alternate(runners: Mapping[str, Callable[[], Any]], rounds: int, reps: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each runner: `rounds` rounds, each running every runner `reps` times in turn.
+
+    Runners must block until their work is done (e.g. `jax.block_until_ready` / `float(loss)`)."""
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(rounds):
+        for name, fn in runners.items():
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            times[name].append((time.perf_counter() - t0) / reps)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, RAM, load, python/jax/torch versions and the date (for the results file)."""
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    ram = 0
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal"):
+                    ram = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gib": round(ram / 2**30, 1),
+        "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+    }
+    for mod in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "torch", "diffusers", "grain"):
+        try:
+            m = __import__(mod, fromlist=["__version__"])
+            info[mod] = getattr(m, "__version__", "?")
+        except Exception:  # noqa: BLE001 - a missing package is reported, not fatal
+            info[mod] = None
+    return info
+
+
+def tiny_config(overrides: Mapping[str, Any] | None = None) -> Any:
+    """configs/tiny.py with dotted-key overrides ('model.num_layers': 2)."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from configs.tiny import get_config
+
+    cfg = get_config()
+    for key, v in (overrides or {}).items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    return cfg
+
+
+class RealStep:
+    """The runtime's jitted, sharded train step (built by the same calls as `train.loop.Trainer`) on
+    `devices`, with an initialized state and one synthetic global batch; `run()` does one step."""
+
+    def __init__(self, cfg: Any, devices: Any = None):
+        import jax
+
+        from mirage_jax.aot import build_setup
+        from mirage_jax.train import data as data_lib
+
+        self.cfg = cfg
+        devices = list(devices if devices is not None else jax.devices()[:1])
+        self.setup = build_setup(cfg, devices)
+        self.global_batch = int(cfg.train.global_batch_size)
+        batch_axes = dict(self.setup.act_rules).get("batch")
+        with jax.set_mesh(self.setup.mesh):
+            rows = data_lib.process_rows(self.setup.mesh, batch_axes, self.global_batch)
+            source = data_lib.SyntheticSource(self.setup.batch_shapes, rows, 1)
+            self.batch = data_lib.to_global(next(source), self.setup.batch_shardings, self.global_batch)
+            self.state = self.setup.layout.create()
+        self.compiled: Any = None
+
+    def compile(self) -> Any:
+        """AOT-compile the step for the live state and batch (memory and cost analysis come from this)."""
+        import jax
+
+        if self.compiled is None:
+            with jax.set_mesh(self.setup.mesh):
+                self.compiled = self.setup.step_fn.lower(self.state, self.batch).compile()
+        return self.compiled
+
+    def run(self) -> float:
+        import jax
+
+        fn = self.compiled if self.compiled is not None else self.setup.step_fn
+        with jax.set_mesh(self.setup.mesh):
+            self.state, metrics = fn(self.state, self.batch)
+        return float(jax.device_get(metrics["loss"]))
+
+    def analytic_flops(self) -> float:
+        """describe.count_flops (forward + backward matmuls) x global batch: the MFU numerator."""
+        from mirage_jax.describe import count_flops
+
+        return float(count_flops(self.setup.mcfg, dict(self.cfg.shapes)) * self.global_batch)
+
+    def compiled_flops(self) -> dict[str, float]:
+        """XLA cost_analysis FLOPs of the compiled step: raw (a scanned layer body counted once) and
+        corrected for the scan trip count with `aot.correct_compiled_flops`."""
+        from mirage_jax import aot
+
+        ca = aot._cost(self.compile())
+        raw = float(ca.get("flops", 0.0)) * self.setup.mesh.size  # cost_analysis is per device
+        mcfg = self.setup.mcfg
+        parts = aot.flop_parts(mcfg, dict(self.cfg.shapes))
+        corrected = aot.correct_compiled_flops(
+            raw, parts, global_batch=self.global_batch, grad_accum=int(self.cfg.train.grad_accum),
+            num_layers=mcfg.num_layers, splash=False, remat=mcfg.remat_policy != "none", padded_tokens=0,
+            attn_dim=mcfg.attn_dim)
+        return {"raw": raw, "corrected": corrected}
+
+    def memory(self) -> dict[str, int]:
+        """Per-device bytes from the compiled step's memory_analysis()."""
+        ma = self.compile().memory_analysis()
+        out = {k: int(getattr(ma, f"{k}_size_in_bytes", 0)) for k in
+               ("argument", "output", "alias", "temp", "generated_code")}
+        out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"] + out["generated_code"]
+        return out
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"

@@ -343,8 +343,10 @@ def define_flags() -> None:
     flags.DEFINE_string("audio_encoder", "logmel", "Audio encoder name: logmel, or wav2vec2 (docs/encoders.md).")
     flags.DEFINE_integer("n_mels", 80, "logmel: mel bands.")
     flags.DEFINE_string("audio_weights", None, "wav2vec2: folder with config.json + model.safetensors.")
-    flags.DEFINE_string("text_encoder", "hash", "Text encoder name.")
-    flags.DEFINE_integer("text_len", 32, "hash: tokens L.")
+    flags.DEFINE_string("text_encoder", "hash", "Text encoder name: hash, or t5 (docs/encoders.md).")
+    flags.DEFINE_integer("text_len", 32, "hash, t5: tokens L (Mochi's T5: 256).")
+    flags.DEFINE_string("text_weights", None, "t5: folder with config.json + model*.safetensors (T5EncoderModel).")
+    flags.DEFINE_string("text_tokenizer", None, "t5: folder with tokenizer.json (default: weights, ../tokenizer).")
     flags.DEFINE_integer("text_dim", 64, "hash: embedding width D.")
     flags.DEFINE_list(
         "filters", [], "Quality filters by name (data_pipeline.filters): silence, static, black."
@@ -368,8 +370,8 @@ def _weights_flag(flag: str, encoder: str) -> str:
     return os.path.abspath(os.path.expanduser(value))  # the manifest must rebuild it from any directory
 
 
-def encoder_params_from_flags() -> tuple[dict[str, Any], dict[str, Any]]:
-    """Video and audio encoder params from the flags of the chosen encoders (weights paths made absolute)."""
+def encoder_params_from_flags() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Video, audio and text encoder params from the flags of the chosen encoders (paths made absolute)."""
     video: dict[str, Any] = {}
     if FLAGS.video_encoder == "s2d":
         video = {"spatial_factor": FLAGS.spatial_factor, "temporal_factor": FLAGS.temporal_factor}
@@ -385,14 +387,20 @@ def encoder_params_from_flags() -> tuple[dict[str, Any], dict[str, Any]]:
         audio = {"n_mels": FLAGS.n_mels}
     elif FLAGS.audio_encoder == "wav2vec2":
         audio = {"weights": _weights_flag("audio_weights", "audio-encoder=wav2vec2")}
-    return video, audio
+    text: dict[str, Any] = {}
+    if FLAGS.text_encoder == "hash":
+        text = {"max_len": FLAGS.text_len, "dim": FLAGS.text_dim}
+    elif FLAGS.text_encoder == "t5":
+        tok = os.path.abspath(os.path.expanduser(FLAGS.text_tokenizer)) if FLAGS.text_tokenizer else ""
+        weights = _weights_flag("text_weights", "text-encoder=t5")
+        text = {"weights": weights, "tokenizer": tok, "max_len": FLAGS.text_len}
+    return video, audio, text
 
 
 def config_from_flags() -> IngestConfig:
     from data_pipeline.synthesize import parse_size
 
-    video_params, audio_params = encoder_params_from_flags()
-    text_params = {"max_len": FLAGS.text_len, "dim": FLAGS.text_dim} if FLAGS.text_encoder == "hash" else {}
+    video_params, audio_params, text_params = encoder_params_from_flags()
     return IngestConfig(
         clip_seconds=FLAGS.clip_seconds,
         min_seconds=FLAGS.min_seconds,

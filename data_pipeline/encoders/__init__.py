@@ -33,11 +33,17 @@ def _wav2vec2(**params: Any) -> Any:
 
     return wav2vec2.get(**params)
 
+
+def _t5(**params: Any) -> Any:
+    from data_pipeline.encoders import t5
+
+    return t5.get(**params)
+
 KINDS = ("video", "audio", "text")
 _REGISTRY: dict[str, dict[str, Callable[..., Any]]] = {
     "video": {"s2d": SpaceToDepth, "mochi_vae": _mochi_vae},
     "audio": {"logmel": LogMel, "wav2vec2": _wav2vec2},
-    "text": {"hash": HashText},
+    "text": {"hash": HashText, "t5": _t5},
 }
 
 

@@ -339,7 +339,8 @@ def define_flags() -> None:
     )
     flags.DEFINE_integer("vae_tile", 256, "mochi_vae: spatial tile in pixels (0: none).")
     flags.DEFINE_integer("vae_tile_stride", 192, "mochi_vae: tile stride in pixels (overlap is blended).")
-    flags.DEFINE_integer("vae_chunk_latents", 4, "mochi_vae: latent frames per temporal chunk (0: whole clip).")
+    flags.DEFINE_integer("vae_encode_chunk_latents", 0, "mochi_vae: latent frames per encoder chunk (0: whole clip).")
+    flags.DEFINE_integer("vae_decode_chunk_latents", 4, "mochi_vae: latent frames per decoder chunk (0: whole clip).")
     flags.DEFINE_string("audio_encoder", "logmel", "Audio encoder name: logmel, or wav2vec2 (docs/encoders.md).")
     flags.DEFINE_integer("n_mels", 80, "logmel: mel bands.")
     flags.DEFINE_string("audio_weights", None, "wav2vec2: folder with config.json + model.safetensors.")
@@ -380,7 +381,8 @@ def encoder_params_from_flags() -> tuple[dict[str, Any], dict[str, Any], dict[st
             "weights": _weights_flag("video_weights", "video-encoder=mochi_vae"),
             "tile": FLAGS.vae_tile,
             "tile_stride": FLAGS.vae_tile_stride,
-            "chunk_latents": FLAGS.vae_chunk_latents,
+            "encode_chunk_latents": FLAGS.vae_encode_chunk_latents,
+            "decode_chunk_latents": FLAGS.vae_decode_chunk_latents,
         }
     audio: dict[str, Any] = {}
     if FLAGS.audio_encoder == "logmel":

@@ -62,10 +62,10 @@ def test_encode_matches_diffusers_and_chunking_is_exact(vae_dir):
     x = _video(16, 32, 32)  # 16 frames: not 6k+1, so the strided convs drop a tail as diffusers does
     want = _torch_encode(model, x)
     assert want.shape == (1, 3, 4, 4, 12)  # 1 + (16 - 1) // 6 latent frames
-    one_shot = MochiVAE(weights=path, tile=0, chunk_latents=0).encode_raw(x)
+    one_shot = MochiVAE(weights=path, tile=0, encode_chunk_latents=0).encode_raw(x)
     assert _maxdiff(one_shot, want) <= TOL
     # chunks of 1 latent: a first chunk of 1 frame, then 6 frames each; the last (4 frames) is padded, cropped
-    chunked = MochiVAE(weights=path, tile=0, chunk_latents=1).encode_raw(x)
+    chunked = MochiVAE(weights=path, tile=0, encode_chunk_latents=1).encode_raw(x)
     assert _maxdiff(chunked, one_shot) <= TOL
     x1 = _video(1, 32, 32, seed=1)  # a single frame (the reference image path) is the causal first latent
     assert _maxdiff(MochiVAE(weights=path, tile=0).encode_raw(x1), _torch_encode(model, x1)) <= TOL
@@ -76,17 +76,17 @@ def test_decode_matches_diffusers_and_chunking_is_exact(vae_dir):
     z = np.random.default_rng(2).standard_normal((1, 3, 4, 4, 12)).astype(np.float32)
     want = _torch_decode(model, z)
     assert want.shape == (1, 13, 32, 32, 3)  # 6 (3 - 1) + 1 frames: the causal first frame is kept once
-    one_shot = MochiVAE(weights=path, tile=0, chunk_latents=0).decode_raw(z)
+    one_shot = MochiVAE(weights=path, tile=0, decode_chunk_latents=0).decode_raw(z)
     assert _maxdiff(one_shot, want) <= TOL
     for k in (1, 2):
-        assert _maxdiff(MochiVAE(weights=path, tile=0, chunk_latents=k).decode_raw(z), one_shot) <= TOL, k
+        assert _maxdiff(MochiVAE(weights=path, tile=0, decode_chunk_latents=k).decode_raw(z), one_shot) <= TOL, k
 
 
 def test_spatial_tiling_decode_matches_diffusers_tiling(vae_dir):
     path, model = vae_dir
     model.enable_tiling(32, 32, 16, 16)  # 4-latent tiles every 2 latents, blended over 16 pixels
     try:
-        jv = MochiVAE(weights=path, tile=32, tile_stride=16, chunk_latents=0)
+        jv = MochiVAE(weights=path, tile=32, tile_stride=16, decode_chunk_latents=0)
         z = np.random.default_rng(4).standard_normal((1, 2, 6, 6, 12)).astype(np.float32)
         assert _maxdiff(jv.decode_raw(z), _torch_decode(model, z)) <= TOL
     finally:
@@ -98,7 +98,7 @@ def test_spatial_tiling_encode_matches_diffusers_tiling(vae_dir):
     path, model = vae_dir
     model.enable_tiling(32, 32, 16, 16)  # 32-pixel tiles every 16 pixels, blended over 2 latents
     try:
-        jv = MochiVAE(weights=path, tile=32, tile_stride=16, chunk_latents=1)
+        jv = MochiVAE(weights=path, tile=32, tile_stride=16, encode_chunk_latents=1)
         x = _video(7, 48, 48, seed=3)
         got = jv.encode_raw(x)
         assert got.shape == (1, 2, 6, 6, 12) and _maxdiff(got, _torch_encode(model, x)) <= TOL

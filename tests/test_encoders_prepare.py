@@ -51,7 +51,7 @@ def test_prepare_cli_with_mochi_vae_and_wav2vec2(weights, tmp_path):
     synthesize(raw, clips=2, seconds=1.0, seed=5, size=(64, 64), progress=False)
     cmd = [
         sys.executable, "-m", "data_pipeline.prepare", f"--input={raw}", f"--output={out}", "--clip-seconds=1",
-        "--video-encoder=mochi_vae", f"--video-weights={vae}", "--vae-chunk-latents=0",
+        "--video-encoder=mochi_vae", f"--video-weights={vae}", "--vae-decode-chunk-latents=2",
         "--audio-encoder=wav2vec2", f"--audio-weights={w2v}",
         "--text-encoder=t5", f"--text-weights={t5}", "--text-len=16",
     ]  # fmt: skip

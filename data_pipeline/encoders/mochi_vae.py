@@ -16,14 +16,17 @@ What it computes, exactly as diffusers 0.42.1 does (tests/test_encoders_mochi_va
 - Latents are normalised as diffusers' Mochi pipeline does: z_n = (z - latents_mean) * scaling_factor /
   latents_std on encode, the inverse before decoding.
 
-Bounded memory (see docs/encoders.md for numbers):
-- Time: everything in both networks is causal, so clips are processed in chunks of `chunk_latents` latent
-  frames carrying state: the last 2 input frames of every 3-tap causal conv, and the keys/values of every
-  encoder attention layer (a fixed-size cache with a position counter, so only two programs compile: the
-  first chunk and the steady chunk). Chunked output equals unchunked output (tested, fp32 round-off).
+Bounded memory (numbers in docs/encoders.md):
 - Space: overlapping tiles blended exactly like diffusers' `enable_tiling()` (tile `tile` px, stride
   `tile_stride` px); per-frame GroupNorm makes tiled output differ slightly from untiled (as in diffusers),
-  so tiled output is tested against diffusers' own tiled output.
+  so tiled output is tested against diffusers' own tiled output. Tiles bound memory in H and W.
+- Time: everything in both networks is causal, so clips can be processed in chunks of
+  `decode_chunk_latents` / `encode_chunk_latents` latent frames carrying state: the last 2 input frames of
+  every 3-tap causal conv and, in the encoder, the keys/values of every attention layer (a fixed-size cache
+  with a position counter, so only two programs compile: the first chunk and the steady chunk). Chunked
+  output equals unchunked output (tested). The decoder has no attention, so its memory per chunk is
+  independent of the clip length; the encoder's causal attention needs all past keys/values, so its memory
+  stays O(T) per tile and encoding whole tiles (the default) is cheaper at clip lengths up to ~10 s.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ DEFAULTS: dict[str, Any] = {
     "weights": "",  # diffusers VAE folder (config.json + diffusion_pytorch_model.safetensors) or the file
     "tile": 256,  # spatial tile in pixels (0: no spatial tiling)
     "tile_stride": 192,  # distance between tile starts in pixels (overlap = tile - stride, blended)
-    "chunk_latents": 4,  # latent frames per temporal chunk (0: whole clip at once)
+    "encode_chunk_latents": 0,  # latent frames per encoder chunk (0: whole clip per tile; see docs/encoders.md)
+    "decode_chunk_latents": 4,  # latent frames per decoder chunk (0: whole clip per tile)
 }
 _HI = jax.lax.Precision.HIGHEST
 _WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors")
@@ -336,8 +340,9 @@ def decoder_forward(
     return h, (st.new if stateful else None)
 
 
-_encoder_jit = jax.jit(encoder_forward, static_argnames=("cfg", "total_frames"))
-_decoder_jit = jax.jit(decoder_forward, static_argnames=("cfg", "stateful"))
+# the carried state (KV caches, conv caches) is donated: each chunk updates it in place
+_encoder_jit = jax.jit(encoder_forward, static_argnames=("cfg", "total_frames"), donate_argnames=("prev",))
+_decoder_jit = jax.jit(decoder_forward, static_argnames=("cfg", "stateful"), donate_argnames=("prev",))
 
 
 # ---------------------------------------------------------------------------------------------- tiling
@@ -396,7 +401,8 @@ class MochiVAE:
         self.params = check_params("video", self.name, params, DEFAULTS)
         self.cfg, self.weights, raw = load_params(str(self.params["weights"]))
         self.tile, self.tile_stride = int(self.params["tile"]), int(self.params["tile_stride"])
-        self.chunk_latents = int(self.params["chunk_latents"])
+        self.encode_chunk = int(self.params["encode_chunk_latents"])
+        self.decode_chunk = int(self.params["decode_chunk_latents"])
         f = self.cfg.spatial_factor
         if self.tile and (self.tile % f or self.tile_stride % f or not 0 < self.tile_stride <= self.tile):
             raise ValueError(
@@ -458,7 +464,7 @@ class MochiVAE:
         return self._encode_time(x)
 
     def _encode_time(self, x: np.ndarray) -> np.ndarray:
-        cfg, k, tt = self.cfg, self.chunk_latents, self.temporal_factor
+        cfg, k, tt = self.cfg, self.encode_chunk, self.temporal_factor
         t = x.shape[1]
         first = 1 + tt * (k - 1)
         if k <= 0 or t <= first:
@@ -484,7 +490,7 @@ class MochiVAE:
         return self._decode_time(z)
 
     def _decode_time(self, z: np.ndarray) -> np.ndarray:
-        cfg, k, tt = self.cfg, self.chunk_latents, self.temporal_factor
+        cfg, k, tt = self.cfg, self.decode_chunk, self.temporal_factor
         t = z.shape[1]
         if k <= 0 or t <= k:
             out = np.asarray(_decoder_jit(self.weights, cfg, jnp.asarray(z))[0])
@@ -536,11 +542,11 @@ class MochiVAE:
 
 
 @functools.lru_cache(maxsize=4)
-def _cached(weights: str, tile: int, tile_stride: int, chunk_latents: int) -> MochiVAE:
-    return MochiVAE(weights=weights, tile=tile, tile_stride=tile_stride, chunk_latents=chunk_latents)
+def _cached(params: tuple[tuple[str, Any], ...]) -> MochiVAE:
+    return MochiVAE(**dict(params))
 
 
 def get(**params: Any) -> MochiVAE:
     """Registry factory: one loaded VAE per parameter set per process (weights load once per worker)."""
     p = check_params("video", MochiVAE.name, params, DEFAULTS)
-    return _cached(str(p["weights"]), int(p["tile"]), int(p["tile_stride"]), int(p["chunk_latents"]))
+    return _cached(tuple(sorted(p.items())))

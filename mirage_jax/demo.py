@@ -1,90 +1,199 @@
-"""The README's main command on a laptop CPU: describe the tiny MirageDiT, train it briefly with flow
-matching on a fixed synthetic batch, and draw a short guided sample.
+"""The README's main command (`make demo`): the whole A-roll path on a laptop CPU, end to end.
 
-    python -m mirage_jax.demo [--steps=60] [--config=configs/tiny.py]
+    python -m mirage_jax.demo [--out=demo_out] [--fast]
 
-It exercises the network, the objective and the sampler end to end and prints what it measured; the
-full pipeline (synthetic A-roll -> shards -> multi-process training -> generation -> lip-sync eval) is
-`make demo-e2e` once the data and runtime stages are wired (see README).
+1. synthesize  talking-head A-roll (espeak-ng speech, drawn faces) for training and, with another seed, held out
+2. prepare     Beam ingest of both into ArrayRecord shards + manifest.json
+3. train       the tiny config (`configs/tiny.py:demo`) as 2 processes x 4 CPU devices (launch/local.py),
+               checkpointing; halfway through the launcher gets SIGTERM (a preemption drill: every process
+               saves and exits 0), then the same command resumes from the checkpoint to the end
+4. generate    videos for held-out speech (with that clip's caption and a reference frame) and for a
+               `--say` sentence, through the `mirage_jax.generate` CLI
+5. eval        `mirage_jax.eval --json` on the held-out clips: lip-sync of the generated videos against the
+               shuffled-audio floor and the real-clip ceiling, offset, held-out loss
+
+Every stage is the project's own command line run as a subprocess (what a user would type), timed. The
+last line printed is the eval JSON. `--fast` shrinks everything for the test suite (a smoke test of the
+path, not of learning).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
 import time
+from collections.abc import Sequence
+from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
 from absl import app, flags
-from flax import nnx
-from ml_collections import config_flags
 
-from mirage_jax.config import DiffusionConfig, ModelConfig
-from mirage_jax.describe import describe
-from mirage_jax.diffusion import flow_matching_loss, sample
-from mirage_jax.model import MirageDiT
+flags.DEFINE_string("out", "demo_out", "Everything the demo writes goes under this directory.")
+flags.DEFINE_bool("fast", False, "Tiny sizes and a few steps: checks the path works, not that it learns.")
+flags.DEFINE_integer("steps", None, "Training steps (default: 1200; --fast: 6).")
+flags.DEFINE_integer("clips", None, "Training source clips (default: 160; --fast: 4).")
+flags.DEFINE_integer("seed", 0, "Data seed (held-out data uses seed + 1000).")
+flags.DEFINE_integer("eval_seeds", None, "Sampling seeds for the eval spread (default: 3; --fast: 1).")
+flags.DEFINE_bool("resume_drill", True, "SIGTERM the training halfway and resume it.")
 
-config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.", lock_config=True)
-flags.DEFINE_integer("steps", 60, "Training steps on the fixed synthetic batch.")
-flags.DEFINE_integer("batch", 2, "Batch size.")
-
-
-def synthetic_batch(mcfg: ModelConfig, shapes: dict, batch: int, seed: int = 0) -> dict[str, jax.Array]:
-    """A fixed random batch with the data loader's keys and the config's shapes."""
-    rng = np.random.default_rng(seed)
-    t, h, w = shapes["latent_frames"], shapes["latent_height"], shapes["latent_width"]
-    f = lambda *s: jnp.asarray(rng.standard_normal(s).astype(np.float32))  # noqa: E731
-    return {
-        "video": f(batch, t, h, w, mcfg.latent_channels), "video_mask": jnp.ones((batch, t), bool),
-        "audio": f(batch, shapes["audio_frames"], mcfg.audio_feature_dim),
-        "audio_mask": jnp.ones((batch, shapes["audio_frames"]), bool),
-        "text": f(batch, shapes["text_len"], mcfg.text_embed_dim),
-        "text_mask": jnp.ones((batch, shapes["text_len"]), bool),
-        "ref": f(batch, 1, h, w, mcfg.latent_channels), "ref_time": jnp.full((batch,), -10.0),
-        "ref_mask": jnp.ones((batch,), bool),
-    }
+SAY = "Hello there. This video was generated from my voice, on a laptop processor."
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    cfg = flags.FLAGS.config
-    mcfg, dcfg = ModelConfig.from_config(cfg.model), DiffusionConfig.from_config(cfg.diffusion)
-    shapes = cfg.shapes.to_dict()
-    info = describe(mcfg, shapes)
-    print(f"[describe] params {info['params']['total']:,} (audio stream {info['params']['audio']:,}); "
-          f"tokens/sample {info['tokens']}; train FLOPs/sample {info['train_flops_per_sample']:.3e}")
+def _stream(cmd: list[str], tag: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    print(f"[{tag}] $ {shlex.join(cmd)}", flush=True)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1)
 
-    model = MirageDiT(mcfg, rngs=nnx.Rngs(0))
-    opt = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
-    batch = synthetic_batch(mcfg, shapes, flags.FLAGS.batch)
 
-    @nnx.jit
-    def step(model, opt, batch, rng):
-        (loss, _), grads = nnx.value_and_grad(lambda m: flow_matching_loss(m, batch, rng, dcfg), has_aux=True)(model)
-        opt.update(model, grads)
-        return loss
+def run(cmd: list[str], tag: str, *, quiet: bool = False, keep: bool = False) -> str:
+    """Run `cmd`, echoing its output prefixed with `[tag]` (progress-bar noise dropped when `quiet`)."""
+    p = _stream(cmd, tag)
+    lines = []
+    assert p.stdout is not None
+    for line in p.stdout:
+        if keep:
+            lines.append(line)
+        if not quiet or _worth_showing(line):
+            sys.stdout.write(f"[{tag}] {line}")
+            sys.stdout.flush()
+    if p.wait() != 0:
+        raise SystemExit(f"demo: stage {tag} failed (exit {p.returncode}): {shlex.join(cmd)}")
+    return "".join(lines)
 
-    losses, t0 = [], time.perf_counter()
-    for i in range(flags.FLAGS.steps):
-        losses.append(float(step(model, opt, batch, jax.random.key(i))))
-        if i == 0:
-            t_compile = time.perf_counter() - t0
-            t0 = time.perf_counter()
-        if (i + 1) % 20 == 0:
-            print(f"[train] step {i + 1:4d} loss {np.mean(losses[-20:]):.4f}")
-    dt = (time.perf_counter() - t0) / max(1, flags.FLAGS.steps - 1)
-    print(f"[train] first step (compile) {t_compile:.1f}s, then {dt * 1e3:.0f} ms/step; "
-          f"loss {np.mean(losses[:10]):.4f} -> {np.mean(losses[-10:]):.4f}")
 
-    cond = {k: batch[k][:1] for k in ("text", "text_mask", "audio", "audio_mask", "ref", "ref_time", "ref_mask")}
-    shape = (1,) + batch["video"].shape[1:]
-    t0 = time.perf_counter()
-    latents = nnx.jit(lambda m, c, r: sample(m, c, shape, r, steps=dcfg.sample_steps, cfg_audio=2.0,
-                                             schedule="cosine"))(model, cond, jax.random.key(0))
-    err = float(jnp.sqrt(jnp.mean((latents - batch["video"][:1]) ** 2)))
-    print(f"[sample] {dcfg.sample_steps} Euler steps with audio guidance 2.0 in {time.perf_counter() - t0:.1f}s; "
-          f"latents {tuple(latents.shape)}, RMS distance to the training clip {err:.3f} (noise would be ~1.41)")
+def _worth_showing(line: str) -> bool:
+    noise = ("it/s]", "s/it]", "clip/s]", "source/s]", "step/s]", "WARNING: All log messages", "I0000", "W0000")
+    return not any(n in line for n in noise)
+
+
+def train_with_drill(cmd: list[str], workdir: str, stop_at: int | None) -> None:
+    """Run the training command; with `stop_at`, SIGTERM the launcher once metrics pass that step, check the
+    preemption save and clean exit, then run the same command again to resume."""
+    if stop_at is None:
+        run(cmd, "train", quiet=True)
+        return
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    p = _stream(cmd, "train")
+    assert p.stdout is not None
+    os.set_blocking(p.stdout.fileno(), False)
+    signalled = False
+    while True:
+        line = p.stdout.readline()
+        if line:
+            if _worth_showing(line):
+                sys.stdout.write(f"[train] {line}")
+                sys.stdout.flush()
+            continue
+        if p.poll() is not None:
+            rest = p.stdout.read() or ""
+            for ln in rest.splitlines(keepends=True):
+                sys.stdout.write(f"[train] {ln}")
+            break
+        if not signalled and _last_step(metrics) >= stop_at:
+            print(f"[train] --- demo: step {_last_step(metrics)} reached: sending SIGTERM to the launcher "
+                  "(preemption drill) ---", flush=True)
+            p.send_signal(signal.SIGTERM)
+            signalled = True
+        time.sleep(0.2)
+    if p.returncode != 0:
+        raise SystemExit(f"demo: training exited with {p.returncode}")
+    if not signalled:
+        print("[train] (training finished before the drill could preempt it)")
+        return
+    print("[train] --- demo: preempted run exited 0; resuming with the same command ---", flush=True)
+    run(cmd, "train", quiet=True)
+
+
+def _last_step(metrics_path: str) -> int:
+    try:
+        with open(metrics_path) as f:
+            lines = f.read().strip().splitlines()
+        return int(json.loads(lines[-1])["step"]) if lines else 0
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {list(argv[1:])}")
+    F = flags.FLAGS
+    fast = F.fast
+    out = os.path.abspath(F.out)
+    py = sys.executable
+    steps = F.steps or (6 if fast else 1200)
+    clips = F.clips or (4 if fast else 160)
+    held = 2 if fast else 8
+    seconds = 2 if fast else 4
+    eval_seeds = F.eval_seeds or (1 if fast else 3)
+    times: dict[str, float] = {}
+    raw_tr, raw_ho = f"{out}/raw/train", f"{out}/raw/heldout"
+    sh_tr, sh_ho = f"{out}/shards/train", f"{out}/shards/heldout"
+    workdir, videos = f"{out}/run", f"{out}/videos"
+    config = "configs/tiny.py:demo"
+
+    t = time.perf_counter()
+    run([py, "-m", "data_pipeline.synthesize", f"--out={raw_tr}", f"--clips={clips}", f"--seconds={seconds}",
+         f"--seed={F.seed}"], "synthesize", quiet=True)
+    run([py, "-m", "data_pipeline.synthesize", f"--out={raw_ho}", f"--clips={held}", f"--seconds={seconds}",
+         f"--seed={F.seed + 1000}"], "synthesize", quiet=True)
+    times["synthesize"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    for src, dst in ((raw_tr, sh_tr), (raw_ho, sh_ho)):
+        run([py, "-m", "data_pipeline.prepare", f"--input={src}", f"--output={dst}", "--clip-seconds=1"],
+            "prepare", quiet=True)
+    times["prepare"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    train_cmd = [py, "launch/local.py", "--processes=2", "--devices-per-process=4", "--",
+                 py, "-m", "mirage_jax.train", f"--config={config}", f"--workdir={workdir}",
+                 f"--config.data.source={sh_tr}", f"--config.train.steps={steps}"]
+    if fast:
+        train_cmd += ["--config.train.log_every=1", "--config.checkpoint.save_every=3"]
+    train_with_drill(train_cmd, workdir, steps // 2 if F.resume_drill else None)
+    times["train"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    with open(f"{raw_ho}/clip_00000.json") as f:
+        caption = json.load(f)["caption"]
+    gen = [py, "-m", "mirage_jax.generate", f"--checkpoint={workdir}"]
+    run(gen + [f"--audio={raw_ho}/clip_00000.mp4", f"--ref={raw_ho}/clip_00001.mp4", f"--caption={caption}",
+               "--seconds=1", f"--out={videos}/heldout_speech.mp4"], "generate", quiet=True)
+    run(gen + [f"--say={SAY}", f"--ref={raw_ho}/clip_00001.mp4", f"--caption={caption}",
+               f"--out={videos}/say.mp4"], "generate", quiet=True)
+    times["generate"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    report_text = run([py, "-m", "mirage_jax.eval", f"--checkpoint={workdir}", f"--data={sh_ho}", "--json",
+                       f"--clips={held}", f"--seeds={eval_seeds}"] + (["--steps=4"] if fast else []),
+                      "eval", quiet=True, keep=True)
+    times["eval"] = time.perf_counter() - t
+    report = json.loads(report_text.strip().splitlines()[-1])
+    _summary(report, times, out, videos, workdir)
+    print(json.dumps(report), flush=True)
+
+
+def _summary(report: dict[str, Any], times: dict[str, float], out: str, videos: str, workdir: str) -> None:
+    print("\n==== mirage_jax demo ====")
+    for k, v in times.items():
+        print(f"  {k:<11} {v:7.1f} s")
+    print(f"  {'total':<11} {sum(times.values()):7.1f} s")
+    g, f, r = report["sync_generated"], report["sync_shuffled"], report["sync_real"]
+    print(f"  lip-sync (Pearson r of mouth opening vs speech), {report['clips']} held-out clips x "
+          f"{report['seeds']} seeds:")
+    print(f"    generated        {g:+.3f} +- {report['sync_generated_std']:.3f}")
+    print(f"    shuffled audio   {f:+.3f} +- {report['sync_shuffled_std']:.3f}   (floor)")
+    print(f"    real clips       {r:+.3f} +- {report['sync_real_std']:.3f}   (ceiling)")
+    print(f"    gap closed       {report['gap_closed']:.2f}  (generated - floor) / (ceiling - floor)")
+    print(f"    offset           {report['offset_frames']} frames (confidence {report['offset_confidence']:.2f})")
+    print(f"  held-out loss      {report['heldout_loss']:.4f}")
+    print(f"  videos             {videos}/heldout_speech.mp4, {videos}/say.mp4")
+    print(f"  tensorboard        tensorboard --logdir={workdir}   (metrics also in {workdir}/metrics.jsonl)")
+    print(f"  everything under   {out}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,86 @@
+"""Load a trained MirageDiT out of a training checkpoint for inference (generate, eval).
+
+Only the `params` (or `ema`) subtree of the saved train state is read (Orbax partial restore), straight
+into the target shardings: replicated by default, or laid out by the run's parameter rules on a mesh.
+The run's config (saved with every checkpoint) rebuilds the network, so a checkpoint is all it needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mirage_jax.config import DiffusionConfig, ModelConfig
+from mirage_jax.export.checkpoint_reader import CheckpointError, resolve_step_dir
+from mirage_jax.parallel import rules as rules_lib
+from mirage_jax.train.state import abstract_model
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    """A model restored from `step_dir`, with the run's config as saved."""
+
+    model: nnx.Module
+    config: dict[str, Any]
+    step: int
+    step_dir: epath.Path
+    weights: str  # "params" or "ema"
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.from_config(self.config["model"])
+
+    @property
+    def diffusion_config(self) -> DiffusionConfig:
+        return DiffusionConfig.from_config(self.config["diffusion"])
+
+
+def read_run_config(step_dir: epath.Path) -> dict[str, Any]:
+    """The config JSON saved with a checkpoint step."""
+    path = step_dir / "config" / "metadata"
+    try:
+        return json.loads(path.read_text())
+    except Exception as e:  # noqa: BLE001 - re-raised with the path
+        raise CheckpointError(f"{path}: cannot read the run's config ({e}); is {step_dir} a mirage_jax "
+                              "training checkpoint?") from e
+
+
+def load_run(checkpoint: str, *, ema: bool = False, mesh: Mesh | None = None) -> LoadedRun:
+    """Restore the model of `checkpoint` (WORKDIR, WORKDIR/checkpoints or a step folder).
+
+    With `mesh`, parameters are sharded by the run's `mesh.rules.params` over it; otherwise every leaf is
+    replicated on this process's devices (fine up to models that fit one device).
+    """
+    step_dir = resolve_step_dir(checkpoint)
+    config = read_run_config(step_dir)
+    if "model" not in config:
+        raise CheckpointError(f"{step_dir}: its config has no `model` section; not a mirage_jax training run")
+    mcfg = ModelConfig.from_config(config["model"])
+    graphdef, abs_params = abstract_model(mcfg)
+    if mesh is not None:
+        rules = rules_lib.normalize_rules(config["mesh"]["rules"]["params"], "mesh.rules.params", mesh)
+        specs, _ = rules_lib.param_specs(abs_params, rules, mesh)
+        shardings = rules_lib.named(mesh, nnx.to_pure_dict(specs))
+    else:
+        rep = NamedSharding(Mesh(jax.local_devices()[:1], ("d",)), PartitionSpec())
+        shardings = jax.tree.map(lambda _: rep, nnx.to_pure_dict(abs_params))
+    root = "ema" if ema else "params"
+    target = {root: jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                                 nnx.to_pure_dict(abs_params), shardings)}
+    try:
+        out = ocp.PyTreeCheckpointer().restore(step_dir / "state", args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+    except Exception as e:  # noqa: BLE001 - re-raised with the step directory
+        raise CheckpointError(
+            f"restoring `{root}` from {step_dir / 'state'} failed: {type(e).__name__}: {e}. The checkpoint does "
+            "not match the network its own config describes (damaged, or written by another version)") from e
+    model = nnx.merge(graphdef, out[root])
+    meta_step = int(step_dir.name) if step_dir.name.isdigit() else -1
+    return LoadedRun(model=model, config=config, step=meta_step, step_dir=step_dir, weights=root)

@@ -43,7 +43,12 @@ def diffusion_config() -> ml_collections.ConfigDict:
 
 
 def demo(cfg: ml_collections.ConfigDict) -> None:
-    """The `make demo` run (mirage_jax/demo.py): 1 s clips (25 latent frames), batch 8 on 2 x 4 CPU devices."""
+    """The `make demo` run (mirage_jax/demo.py): 1 s clips (25 latent frames), batch 8 on 2 x 4 CPU devices.
+
+    Latents come from the `dct` video encoder (8 x 8 px -> 16 channels, so a 2 x 2 patch is 64 numbers, the
+    video stream's width): with `s2d`'s 192 channels a 64-wide model cannot represent the noise it must remove.
+    """
+    cfg.model.latent_channels = 16
     cfg.shapes.latent_frames = cfg.shapes.audio_frames = 25
     cfg.train.global_batch_size = 8
     cfg.train.steps = 1200

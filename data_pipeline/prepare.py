@@ -331,8 +331,10 @@ def define_flags() -> None:
         "min_seconds", None, "Keep a source's tail if at least this long (default: --clip-seconds)."
     )
     flags.DEFINE_string("size", None, "Resize frames to WxH (default: keep the source size).")
-    flags.DEFINE_string("video_encoder", "s2d", "Video encoder name: s2d, or mochi_vae (docs/encoders.md).")
-    flags.DEFINE_integer("spatial_factor", 8, "s2d: spatial factor.")
+    flags.DEFINE_string("video_encoder", "s2d", "Video encoder name: s2d, dct, or mochi_vae (docs/encoders.md).")
+    flags.DEFINE_integer("spatial_factor", 8, "s2d / dct: spatial factor (block size in pixels).")
+    flags.DEFINE_integer("dct_luma", 10, "dct: luma DCT coefficients kept per block (zig-zag order).")
+    flags.DEFINE_integer("dct_chroma", 3, "dct: coefficients kept per chroma channel.")
     flags.DEFINE_integer("temporal_factor", 1, "s2d: temporal factor.")
     flags.DEFINE_string(
         "video_weights", None, "mochi_vae: diffusers VAE folder (config.json + diffusion_pytorch_model.safetensors)."
@@ -376,6 +378,8 @@ def encoder_params_from_flags() -> tuple[dict[str, Any], dict[str, Any], dict[st
     video: dict[str, Any] = {}
     if FLAGS.video_encoder == "s2d":
         video = {"spatial_factor": FLAGS.spatial_factor, "temporal_factor": FLAGS.temporal_factor}
+    elif FLAGS.video_encoder == "dct":
+        video = {"spatial_factor": FLAGS.spatial_factor, "luma": FLAGS.dct_luma, "chroma": FLAGS.dct_chroma}
     elif FLAGS.video_encoder == "mochi_vae":
         video = {
             "weights": _weights_flag("video_weights", "video-encoder=mochi_vae"),

@@ -3,7 +3,7 @@
     python -m mirage_jax.demo [--out=demo_out] [--fast]
 
 1. synthesize  talking-head A-roll (espeak-ng speech, drawn faces) for training and, with another seed, held out
-2. prepare     Beam ingest of both into ArrayRecord shards + manifest.json
+2. prepare     Beam ingest of both into ArrayRecord shards + manifest.json (`dct` video latents, log-mel audio)
 3. train       the tiny config (`configs/tiny.py:demo`) as 2 processes x 4 CPU devices (launch/local.py),
                checkpointing; halfway through the launcher gets SIGTERM (a preemption drill: every process
                saves and exits 0), then the same command resumes from the checkpoint to the end
@@ -144,8 +144,8 @@ def main(argv: Sequence[str]) -> None:
 
     t = time.perf_counter()
     for src, dst in ((raw_tr, sh_tr), (raw_ho, sh_ho)):
-        run([py, "-m", "data_pipeline.prepare", f"--input={src}", f"--output={dst}", "--clip-seconds=1"],
-            "prepare", quiet=True)
+        run([py, "-m", "data_pipeline.prepare", f"--input={src}", f"--output={dst}", "--clip-seconds=1",
+             "--video-encoder=dct"], "prepare", quiet=True)
     times["prepare"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -68,7 +68,7 @@ class Encoders:
     def frame_size(self) -> tuple[int, int]:
         """(height, width) in pixels of the frames the data was encoded from."""
         shape = self.manifest["encoders"]["video"]["feature_shape"]
-        f = int(getattr(self.video, "spatial_factor", getattr(self.video, "f", 1)))
+        f = enc_lib.spatial_factor(self.video)
         if shape[1] is None or shape[2] is None:
             raise GenerateError(f"{self.source}/manifest.json: the video latents have no fixed size "
                                 f"({shape}); cannot tell the frame size to generate")
@@ -76,7 +76,18 @@ class Encoders:
 
     @property
     def temporal_factor(self) -> int:
-        return int(getattr(self.video, "temporal_factor", getattr(self.video, "tf", 1)))
+        return enc_lib.temporal_factor(self.video)
+
+    @property
+    def latent_hwc(self) -> tuple[int, int, int]:
+        """(h, w, c) of one latent frame."""
+        h, w, c = self.manifest["encoders"]["video"]["feature_shape"][1:]
+        return int(h), int(w), int(c)
+
+    def latent_frames(self, frames: int) -> int:
+        """Latent frames for `frames` video frames (s2d: frames / tf; Mochi's causal VAE: 1 + (frames - 1) // 6)."""
+        fn = getattr(self.video, "latent_frames", None)
+        return int(fn(frames)) if fn is not None else frames // self.temporal_factor
 
     @property
     def clip_frames(self) -> int:
@@ -200,8 +211,6 @@ def encode_prompts(prompts: Sequence[Prompt], encs: Encoders, mcfg: ModelConfig,
     """Conditioning batch (padded to `pad_to` rows and the longest clip; padding masked out)."""
     tf = encs.temporal_factor
     frames = max(p.num_frames for p in prompts)
-    h, w = encs.frame_size
-    lat_shape = encs.video.latent_shape(tf, h, w) if hasattr(encs.video, "latent_shape") else None
     rows = []
     for p in prompts:
         audio = encs.audio.encode(p.waveform[: p.num_frames * media.HOP], num_frames=p.num_frames)
@@ -212,14 +221,14 @@ def encode_prompts(prompts: Sequence[Prompt], encs: Encoders, mcfg: ModelConfig,
         if p.ref_frame is not None:
             ref = encs.video.encode(np.repeat(p.ref_frame[None], tf, axis=0))[:1]
         else:
-            ref = np.zeros((1, *lat_shape[1:]), np.float32) if lat_shape else None
+            ref = np.zeros((1, *encs.latent_hwc), np.float32)
         pad = frames - p.num_frames
         rows.append({
             "audio": np.pad(audio, ((0, pad), (0, 0))),
             "audio_mask": np.arange(frames) < p.num_frames,
             "text": text, "text_mask": text_mask.astype(bool),
             "ref": ref, "ref_time": np.float32(p.ref_time), "ref_mask": np.bool_(p.ref_frame is not None),
-            "video_mask": np.arange(frames // tf) < p.num_frames // tf,
+            "video_mask": np.arange(encs.latent_frames(frames)) < encs.latent_frames(p.num_frames),
         })
     while len(rows) < pad_to:  # filler rows: every token masked, outputs discarded
         filler = {k: np.zeros_like(v) for k, v in rows[0].items()}
@@ -279,8 +288,7 @@ def to_uint8(pixels: np.ndarray) -> np.ndarray:
 
 def decode_video(latents: np.ndarray, encs: Encoders, num_frames: int) -> np.ndarray:
     """uint8 frames [num_frames, H, W, 3] from one sample's latents (T, H, W, C)."""
-    tf = encs.temporal_factor
-    return to_uint8(encs.video.decode(np.asarray(latents)[: num_frames // tf]))[:num_frames]
+    return to_uint8(encs.video.decode(np.asarray(latents)[: encs.latent_frames(num_frames)]))[:num_frames]
 
 
 def write_video(path: str | epath.Path, frames: np.ndarray, waveform: np.ndarray, sidecar: dict[str, Any]) -> None:

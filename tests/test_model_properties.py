@@ -57,6 +57,27 @@ def test_audio_frame_shares_time_with_covering_latent_frame():
     np.testing.assert_array_equal(vid, [0, 0, 0, 0, 1, 1, 1, 1])
 
 
+def test_audio_time_frequencies_start_equal_to_video_time_frequencies():
+    """Then a video query at time t and an audio key at time s interact through t - s alone (for a fixed
+    spatial position): rotate both by t + d and s + d, the score is unchanged."""
+    cfg = small_config(frames_per_latent=1)
+    model = MirageDiT(cfg, rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(np.asarray(model.audio_pos_frequencies[...]),
+                                  np.asarray(model.pos_frequencies[...][0:1]))
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((1, 1, cfg.num_heads, cfg.head_dim)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((1, 1, cfg.num_heads, cfg.head_dim)), jnp.float32)
+
+    def score(t, s):
+        pv = jnp.asarray([[[t, 0.3, -0.2]]], jnp.float32)
+        pa = jnp.asarray([[[s]]], jnp.float32)
+        cq, sq = rope_lib.rope_angles(model.pos_frequencies[...], pv)
+        ck, sk = rope_lib.rope_angles(model.audio_pos_frequencies[...], pa)
+        return jnp.sum(rope_lib.apply_rope(q, cq, sq) * rope_lib.apply_rope(k, ck, sk), axis=-1)
+
+    np.testing.assert_allclose(score(3.0, 1.0), score(10.0, 8.0), rtol=1e-4, atol=1e-5)
+
+
 def test_masked_tokens_cannot_change_unmasked_outputs():
     cfg, model = _model()
     inp = random_inputs(cfg)

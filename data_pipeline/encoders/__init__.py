@@ -3,8 +3,10 @@
     enc = get_video_encoder("s2d", spatial_factor=8)      # encode(frames) / decode(latents)
     enc = get_audio_encoder("logmel", n_mels=80)          # encode(waveform_16k) -> [frames, 80]
     enc = get_text_encoder("hash", max_len=32, dim=64)    # encode(caption) -> ([32, 64], mask [32])
+    enc = get_video_encoder("dct", luma=10, chroma=3)     # JPEG-like low-pass DCT: 8x8 px -> 16 channels
     enc = get_video_encoder("mochi_vae", weights="mochi-1-preview/vae")  # Mochi's causal VAE (JAX)
     enc = get_audio_encoder("wav2vec2", weights="wav2vec2-large-960h")  # 1024-d features at 25 fps
+    enc = get_text_encoder("t5", weights="mochi-1-preview/text_encoder", max_len=256)  # T5-XXL (JAX)
     enc = from_manifest(manifest, "video")                # exactly the encoder a dataset was built with
 
 New encoders register a factory with `register(kind, name, factory)`; the factory takes keyword params
@@ -19,6 +21,7 @@ from typing import Any
 from data_pipeline.encoders.audio_logmel import LogMel
 from data_pipeline.encoders.base import EncoderSpec
 from data_pipeline.encoders.text_hash import HashText
+from data_pipeline.encoders.video_dct import DCT
 from data_pipeline.encoders.video_s2d import SpaceToDepth
 
 
@@ -39,9 +42,10 @@ def _t5(**params: Any) -> Any:
 
     return t5.get(**params)
 
+
 KINDS = ("video", "audio", "text")
 _REGISTRY: dict[str, dict[str, Callable[..., Any]]] = {
-    "video": {"s2d": SpaceToDepth, "mochi_vae": _mochi_vae},
+    "video": {"s2d": SpaceToDepth, "dct": DCT, "mochi_vae": _mochi_vae},
     "audio": {"logmel": LogMel, "wav2vec2": _wav2vec2},
     "text": {"hash": HashText, "t5": _t5},
 }
@@ -68,17 +72,17 @@ def get_encoder(kind: str, name: str, **params: Any) -> Any:
     return _REGISTRY[kind][name](**params)
 
 
-def get_video_encoder(name: str = "s2d", **params: Any) -> SpaceToDepth:
+def get_video_encoder(name: str = "s2d", **params: Any) -> Any:
     """Video encoder with `encode(frames [T,H,W,3]) -> latents` and `decode(latents) -> pixels in [-1, 1]`."""
     return get_encoder("video", name, **params)
 
 
-def get_audio_encoder(name: str = "logmel", **params: Any) -> LogMel:
+def get_audio_encoder(name: str = "logmel", **params: Any) -> Any:
     """Audio encoder with `encode(waveform [N] at 16 kHz) -> [N // 640, D]` (one row per 25 fps frame)."""
     return get_encoder("audio", name, **params)
 
 
-def get_text_encoder(name: str = "hash", **params: Any) -> HashText:
+def get_text_encoder(name: str = "hash", **params: Any) -> Any:
     """Text encoder with `encode(caption) -> (embeddings [L, D], mask uint8 [L])`."""
     return get_encoder("text", name, **params)
 
@@ -121,6 +125,7 @@ def from_manifest(manifest: dict[str, Any], kind: str) -> Any:
 
 
 __all__ = [
+    "DCT",
     "EncoderSpec",
     "HashText",
     "LogMel",

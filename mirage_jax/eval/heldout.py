@@ -108,8 +108,7 @@ def evaluate(run: LoadedRun, encs: Encoders, data: str, settings: EvalSettings,
     check_fit(run.model_config, encs)
     batch = read_heldout(data, settings.clips, encs)
     n = batch["video"].shape[0]
-    tf = encs.temporal_factor
-    frames_n = batch["video"].shape[1] * tf
+    frames_n = batch["mouth"].shape[1]  # 25 fps frames (one mouth value per video frame)
     truth = [batch["mouth"][i] for i in range(n)]
     real = [lipsync.sync_frames(decode_video(batch["video"][i], encs, frames_n), truth[i], settings.max_offset)
             for i in range(n)]

@@ -149,8 +149,12 @@ class MirageDiT(nnx.Module):
                 rngs.params(), (3, cfg.num_heads, half), jnp.float32))
         if cfg.use_audio:
             self.audio_proj = dense(cfg.audio_feature_dim, cfg.audio_dim, ("vocab", "embed"), bias=True, **kw)
+            # Audio shares the video's time axis: its learned time frequencies start EQUAL to the video's time
+            # frequencies, so from step 0 a video query and an audio key interact through their time
+            # difference (RoPE's relative property), not through two unrelated rotations that training would
+            # first have to align. (Warm start does the same with Mochi's learned frequencies.)
             self.audio_pos_frequencies = nnx.Param(
-                partitioned(lambda key, shape, dtype: rope_lib.mixed_rope_init(key, *shape), freq_axes)(
+                partitioned(lambda key, shape, dtype: jnp.copy(self.pos_frequencies[...][0:1]), freq_axes)(
                     rngs.params(), (1, cfg.num_heads, half), jnp.float32))
         n_scan = cfg.num_layers - 1
         self.num_scanned = n_scan

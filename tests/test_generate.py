@@ -1,0 +1,118 @@
+"""mirage_jax.generate: its sampling loop against the library sampler (a second code path), sharded against
+unsharded, prompt batching and the refusals that name what does not fit."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs.common import get_base_config
+from configs.tiny import diffusion_config
+from data_pipeline import encoders as enc_lib
+from data_pipeline import media
+from helpers import random_inputs, randomize, small_config
+from mirage_jax import generate as gen
+from mirage_jax.diffusion import sample
+from mirage_jax.inference import LoadedRun
+from mirage_jax.model import MirageDiT
+
+
+def _run(cfg):
+    model = MirageDiT(cfg, rngs=nnx.Rngs(0))
+    randomize(model, seed=3)
+    base = get_base_config().to_dict()
+    config = {"model": {}, "diffusion": diffusion_config().to_dict(), "mesh": base["mesh"]}
+    return LoadedRun(model=model, config=config, step=0, step_dir=None, weights="params")
+
+
+def _cond(cfg, b):
+    x = random_inputs(cfg, b=2, t=3)
+    cond = {k: np.concatenate([x[k]] * (b // 2)) for k in gen.COND_KEYS if k in x}
+    cond["video_mask"] = np.ones((b, 3), bool)
+    return cond, (b,) + x["video"].shape[1:]
+
+
+@pytest.mark.parametrize("cfg_audio", [1.0, 2.5])
+def test_sampling_loop_equals_library_sampler(cfg_audio):
+    cfg = small_config()
+    run = _run(cfg)
+    cond, shape = _cond(cfg, 2)
+    ours = gen.sample_latents(run, cond, shape, steps=6, cfg_audio=cfg_audio, cfg_text=1.5, seed=4, progress=False)
+    ref = sample(run.model, {k: jnp.asarray(v) for k, v in cond.items()}, shape, jax.random.key(4), steps=6,
+                 cfg_audio=cfg_audio, cfg_text=1.5)
+    np.testing.assert_allclose(ours, np.asarray(ref), atol=2e-5, rtol=1e-5)
+
+
+def test_sharded_generation_equals_single_device():
+    cfg = small_config()
+    run = _run(cfg)
+    cond, shape = _cond(cfg, 8)
+    one = gen.sample_latents(run, cond, shape, steps=4, cfg_audio=2.0, cfg_text=1.0, seed=1, progress=False)
+    mesh = gen.generation_mesh(sequence_parallel=1)
+    assert mesh.shape["data"] == 8
+    many = gen.sample_latents(run, cond, shape, steps=4, cfg_audio=2.0, cfg_text=1.0, seed=1, mesh=mesh,
+                              progress=False)
+    np.testing.assert_allclose(many, one, atol=2e-5, rtol=1e-5)
+
+
+def _encoders(**video):
+    venc = enc_lib.get_video_encoder("s2d", spatial_factor=8, **video)
+    aenc, tenc = enc_lib.get_audio_encoder("logmel", n_mels=8), enc_lib.get_text_encoder("hash", max_len=7, dim=16)
+    manifest = {"clip_frames": 25, "encoders": {"video": venc.spec(16, 32).to_json(), "audio": aenc.spec().to_json(),
+                                                "text": tenc.spec().to_json()}}
+    return gen.Encoders(venc, aenc, tenc, manifest=manifest, source="/data/x")
+
+
+def test_check_fit_names_every_mismatch():
+    cfg = small_config(latent_channels=192, audio_feature_dim=8, text_embed_dim=16, frames_per_latent=1)
+    gen.check_fit(cfg, _encoders())  # fits
+    bad = small_config(latent_channels=4, audio_feature_dim=80, text_embed_dim=16, frames_per_latent=2,
+                       use_audio=False)
+    with pytest.raises(gen.GenerateError) as e:
+        gen.check_fit(bad, _encoders())
+    msg = str(e.value)
+    for field in ("model.latent_channels=4", "model.audio_feature_dim=80", "model.frames_per_latent=2",
+                  "model.use_audio=False", "/data/x"):
+        assert field in msg, msg
+
+
+def test_prompts_are_padded_and_masked():
+    encs = _encoders()
+    cfg = small_config(latent_channels=192, audio_feature_dim=8, text_embed_dim=16, frames_per_latent=1)
+    waves = [np.random.default_rng(i).standard_normal(n * media.HOP).astype(np.float32) for i, n in enumerate((10, 14))]
+    prompts = [gen.Prompt(w, gen.frames_for(None, w, 1), caption="a person talks") for w in waves]
+    prompts[1].ref_frame = np.full((16, 32, 3), 200, np.uint8)
+    cond = gen.encode_prompts(prompts, encs, cfg, pad_to=4)
+    assert cond["audio"].shape == (4, 14, 8) and cond["ref"].shape == (4, 1, 2, 4, 192)
+    assert cond["video_mask"].sum(axis=1).tolist() == [10, 14, 0, 0]
+    assert cond["audio_mask"].sum(axis=1).tolist() == [10, 14, 0, 0]
+    assert cond["ref_mask"].tolist() == [False, True, False, False]
+    assert cond["text_mask"][:2].sum(axis=1).tolist() == [3, 3] and not cond["text_mask"][2:].any()
+    np.testing.assert_array_equal(cond["audio"][0, :10], encs.audio.encode(waves[0], num_frames=10))
+
+
+def test_refusals_name_the_input(tmp_path):
+    with pytest.raises(gen.GenerateError, match="data.source='synthetic'.*--data"):
+        gen.load_encoders({"data": {"source": "synthetic"}})
+    with pytest.raises(gen.GenerateError, match="--data"):
+        gen.load_encoders({"data": {"source": str(tmp_path)}})  # no manifest.json there
+    with pytest.raises(gen.GenerateError, match="no such file"):
+        gen.read_speech(str(tmp_path / "missing.wav"))
+    silent = tmp_path / "silent.mp4"
+    import av
+
+    with av.open(str(silent), "w") as c:  # a video file without an audio stream
+        s = c.add_stream("libx264", rate=25)
+        s.width = s.height = 16
+        s.pix_fmt = "yuv420p"
+        for _ in range(3):
+            c.mux(s.encode(av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")))
+        c.mux(s.encode())
+    with pytest.raises(gen.GenerateError, match="no audio stream"):
+        gen.read_speech(str(silent))
+    with pytest.raises(gen.GenerateError, match="at least 0.32 s"):
+        gen.frames_for(None, np.zeros(3 * media.HOP, np.float32), 1)
+    with pytest.raises(gen.GenerateError, match="directory or a pattern"):
+        gen.output_paths("one.mp4", 2)
+    assert [p.name for p in gen.output_paths(str(tmp_path / "vids"), 2)] == ["000.mp4", "001.mp4"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -117,6 +118,21 @@ def _last_step(metrics_path: str) -> int:
         return 0
 
 
+MARKER = ".mirage_demo"
+
+
+def _fresh_out(out: str) -> None:
+    """Start from an empty --out. A directory an earlier demo made (it holds MARKER) is cleared; any other
+    non-empty directory is refused, so the demo never deletes what it did not write."""
+    if os.path.isdir(out) and os.listdir(out):
+        if not os.path.exists(os.path.join(out, MARKER)):
+            raise SystemExit(f"demo: --out={out} is not empty and was not written by the demo; choose another --out")
+        print(f"[demo] clearing the previous demo run in {out}", flush=True)
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+    open(os.path.join(out, MARKER), "w").close()
+
+
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {list(argv[1:])}")
@@ -134,6 +150,7 @@ def main(argv: Sequence[str]) -> None:
     sh_tr, sh_ho = f"{out}/shards/train", f"{out}/shards/heldout"
     workdir, videos = f"{out}/run", f"{out}/videos"
     config = "configs/tiny.py:demo"
+    _fresh_out(out)
 
     t = time.perf_counter()
     run([py, "-m", "data_pipeline.synthesize", f"--out={raw_tr}", f"--clips={clips}", f"--seconds={seconds}",

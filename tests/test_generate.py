@@ -44,13 +44,15 @@ def test_sampling_loop_equals_library_sampler(cfg_audio):
     np.testing.assert_allclose(ours, np.asarray(ref), atol=2e-5, rtol=1e-5)
 
 
-def test_sharded_generation_equals_single_device():
+@pytest.mark.parametrize("sp", [1, 2])
+def test_sharded_generation_equals_single_device(sp):
+    """All 8 devices: batch over `data`, and with sp=2 every clip's tokens split over `sequence` too."""
     cfg = small_config()
     run = _run(cfg)
-    cond, shape = _cond(cfg, 8)
+    cond, shape = _cond(cfg, 8 // sp)
     one = gen.sample_latents(run, cond, shape, steps=4, cfg_audio=2.0, cfg_text=1.0, seed=1, progress=False)
-    mesh = gen.generation_mesh(sequence_parallel=1)
-    assert mesh.shape["data"] == 8
+    mesh = gen.generation_mesh(sequence_parallel=sp)
+    assert mesh.shape["data"] == 8 // sp and mesh.shape["sequence"] == sp
     many = gen.sample_latents(run, cond, shape, steps=4, cfg_audio=2.0, cfg_text=1.0, seed=1, mesh=mesh,
                               progress=False)
     np.testing.assert_allclose(many, one, atol=2e-5, rtol=1e-5)

@@ -4,7 +4,8 @@
     python launch/local.py --processes=2 --devices-per-process=4 -- \\
         python -m mirage_jax.train --config=configs/tiny.py --workdir=/tmp/run
 
-Each process gets M CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=M, JAX_PLATFORMS=cpu)
+Each process gets M CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=M, JAX_PLATFORMS=cpu),
+each running single-threaded (the N x M devices already oversubscribe the machine's cores),
 and MIRAGE_COORDINATOR_ADDRESS / MIRAGE_NUM_PROCESSES / MIRAGE_PROCESS_ID, which `mirage_jax.train`
 reads (the same values can be passed as --coordinator_address / --num_processes / --process_id).
 Output lines are prefixed `[p<i>]`. If one process fails, the others are stopped and the launcher exits
@@ -24,6 +25,7 @@ import sys
 import threading
 import time
 
+SINGLE_THREADED = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 GRACE_S = 30.0  # after a failure / forwarded signal, how long the others get before SIGKILL
 
 
@@ -36,6 +38,10 @@ def free_port() -> int:
 def child_env(base: dict[str, str], i: int, n: int, devices: int, address: str) -> dict[str, str]:
     env = dict(base)
     flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", "")).strip()
+    if "xla_cpu_multi_thread_eigen" not in flags:
+        # N x M devices share this machine's cores: per-device intra-op thread pools would spin against each
+        # other (2 x 4 devices on 2 cores: 1.05 s/step with them, 0.36 s/step without; docs/runtime.md).
+        flags = f"{flags} {SINGLE_THREADED}".strip()
     env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
     env["JAX_PLATFORMS"] = "cpu"
     env["MIRAGE_COORDINATOR_ADDRESS"] = address

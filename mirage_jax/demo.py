@@ -40,6 +40,7 @@ flags.DEFINE_integer("seed", 0, "Data seed (held-out data uses seed + 1000).")
 flags.DEFINE_integer("eval_seeds", None, "Sampling seeds for the eval spread (default: 3; --fast: 1).")
 flags.DEFINE_bool("resume_drill", True, "SIGTERM the training halfway and resume it.")
 
+CFG_AUDIO = 3.0  # audio guidance for the demo's generations (configs/tiny.py:demo diffusion.cfg_audio)
 SAY = "Hello there. This video was generated from my voice, on a laptop processor."
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -177,7 +178,7 @@ def main(argv: Sequence[str]) -> None:
     t = time.perf_counter()
     with open(f"{raw_ho}/clip_00000.json") as f:
         caption = json.load(f)["caption"]
-    gen = [py, "-m", "mirage_jax.generate", f"--checkpoint={workdir}"]
+    gen = [py, "-m", "mirage_jax.generate", f"--checkpoint={workdir}", f"--cfg-audio={CFG_AUDIO}"]
     run(gen + [f"--audio={raw_ho}/clip_00000.mp4", f"--ref={raw_ho}/clip_00001.mp4", f"--caption={caption}",
                "--seconds=1", f"--out={videos}/heldout_speech.mp4"], "generate", quiet=True)
     run(gen + [f"--say={SAY}", f"--ref={raw_ho}/clip_00001.mp4", f"--caption={caption}",
@@ -186,6 +187,7 @@ def main(argv: Sequence[str]) -> None:
 
     t = time.perf_counter()
     report_text = run([py, "-m", "mirage_jax.eval", f"--checkpoint={workdir}", f"--data={sh_ho}", "--json",
+                       f"--cfg-audio={CFG_AUDIO}",
                        f"--clips={held}", f"--seeds={eval_seeds}"] + (["--steps=4"] if fast else []),
                       "eval", quiet=True, keep=True)
     times["eval"] = time.perf_counter() - t

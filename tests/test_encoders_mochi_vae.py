@@ -78,8 +78,8 @@ def test_decode_matches_diffusers_and_chunking_is_exact(vae_dir):
     assert want.shape == (1, 13, 32, 32, 3)  # 6 (3 - 1) + 1 frames: the causal first frame is kept once
     one_shot = MochiVAE(weights=path, tile=0, decode_chunk_latents=0).decode_raw(z)
     assert _maxdiff(one_shot, want) <= TOL
-    for k in (1, 2):
-        assert _maxdiff(MochiVAE(weights=path, tile=0, decode_chunk_latents=k).decode_raw(z), one_shot) <= TOL, k
+    # chunks of 2 latents: the second (last) chunk is padded by repeating its latent, then cropped
+    assert _maxdiff(MochiVAE(weights=path, tile=0, decode_chunk_latents=2).decode_raw(z), one_shot) <= TOL
 
 
 def test_spatial_tiling_decode_matches_diffusers_tiling(vae_dir):

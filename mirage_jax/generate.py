@@ -320,13 +320,43 @@ class Settings:
     seed: int = 0
     batch_size: int = 8
     sequence_parallel: int = 1
+    window: int = 0  # > 0: speech longer than this many frames is generated in consecutive windows of it
+
+
+def split_windows(p: Prompt, window: int, temporal_factor: int) -> list[Prompt]:
+    """A long prompt as consecutive windows of `window` frames (the clip length the model was trained on),
+    each with its own slice of the speech; the last is padded with silence and cropped after decoding."""
+    if window <= 0 or p.num_frames <= window:
+        return [p]
+    window -= window % temporal_factor
+    out = []
+    for start in range(0, p.num_frames, window):
+        n = min(window, p.num_frames - start)
+        wave = np.zeros(window * media.HOP, np.float32)
+        piece = p.waveform[start * media.HOP : (start + n) * media.HOP]
+        wave[: len(piece)] = piece
+        out.append(dataclasses.replace(p, waveform=wave, num_frames=window, ref_time=p.ref_time - start,
+                                       source=f"{p.source}@{start}+{n}"))
+    return out
 
 
 def generate(run: LoadedRun, encs: Encoders, prompts: Sequence[Prompt], settings: Settings,
              progress: bool = True) -> list[np.ndarray]:
-    """uint8 frames [T_i, H, W, 3] for every prompt (batched, sharded over all devices)."""
+    """uint8 frames [T_i, H, W, 3] for every prompt (batched, sharded over all devices).
+
+    With `settings.window`, prompts longer than it are cut into windows that are sampled as separate rows
+    of the batch and concatenated (each window stays at the length the model was trained on)."""
     mcfg = run.model_config
     check_fit(mcfg, encs)
+    if settings.window > 0:
+        pieces = [split_windows(p, settings.window, encs.temporal_factor) for p in prompts]
+        flat = generate(run, encs, [q for ps in pieces for q in ps], dataclasses.replace(settings, window=0),
+                        progress)
+        out_w, k = [], 0
+        for p, ps in zip(prompts, pieces, strict=True):
+            out_w.append(np.concatenate(flat[k : k + len(ps)])[: p.num_frames])
+            k += len(ps)
+        return out_w
     mesh = generation_mesh(settings.sequence_parallel) if len(jax.devices()) > 1 else None
     data_size = mesh.shape["data"] if mesh is not None else 1
     per_call = max(data_size, settings.batch_size - settings.batch_size % data_size)
@@ -352,7 +382,7 @@ def generate(run: LoadedRun, encs: Encoders, prompts: Sequence[Prompt], settings
 
 __all__ = [
     "Encoders", "GenerateError", "Prompt", "Settings", "check_fit", "decode_video", "encode_prompts", "frames_for",
-    "generate", "load_encoders", "read_image", "read_speech", "sample_latents", "say", "write_video",
+    "generate", "load_encoders", "read_image", "read_speech", "sample_latents", "say", "split_windows", "write_video",
 ]
 
 
@@ -381,8 +411,9 @@ def output_paths(out: str, n: int) -> list[epath.Path]:
 
 
 def main(argv: Sequence[str]) -> None:
-    from absl import flags
+    from absl import flags, logging
 
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO
     from mirage_jax.inference import load_run
 
     if len(argv) > 1:
@@ -403,14 +434,17 @@ def main(argv: Sequence[str]) -> None:
     for (wave, src), cap, ref in zip(speeches, captions, refs, strict=True):
         frames = frames_for(F.seconds, wave, encs.temporal_factor)
         if frames > encs.clip_frames:
-            print(f"note: {src} gives {frames} frames; the model was trained on {encs.clip_frames}-frame clips")
+            how = (f"in {math.ceil(frames / encs.clip_frames)} windows of {encs.clip_frames}" if F.window
+                   else "in one piece (--nowindow)")
+            print(f"note: {src} gives {frames} frames; the model was trained on {encs.clip_frames}-frame clips: "
+                  f"generating {how}")
         prompts.append(Prompt(waveform=wave, num_frames=frames, caption=cap or "",
                               ref_frame=read_image(ref, encs.frame_size) if ref else None,
                               ref_time=float(F.ref_time), source=src))
     d = run.diffusion_config
     settings = Settings(steps=F.steps or d.sample_steps, cfg_audio=F.cfg_audio, cfg_text=F.cfg_text,
                         schedule=F.cfg_schedule, seed=F.seed, batch_size=F.batch_size,
-                        sequence_parallel=F.sequence_parallel)
+                        sequence_parallel=F.sequence_parallel, window=encs.clip_frames if F.window else 0)
     videos = generate(run, encs, prompts, settings)
     for p, frames, path in zip(prompts, videos, paths, strict=True):
         side = {"source": p.source, "caption": p.caption, "num_frames": int(frames.shape[0]), "fps": media.FPS,
@@ -441,6 +475,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
     flags.DEFINE_integer("batch_size", 8, "Prompts sampled together.")
     flags.DEFINE_integer("sequence_parallel", 1, "Devices that split each clip's tokens (long clips).")
+    flags.DEFINE_bool("window", True, "Generate speech longer than the training clips in windows of that length "
+                      "(--nowindow: one long clip; use --sequence-parallel for memory).")
     flags.DEFINE_bool("ema", False, "Use the EMA parameters instead of the raw ones.")
     flags.DEFINE_string("data", None, "Prepared dataset whose encoders to use (default: the run's data.source).")
 

@@ -118,3 +118,15 @@ def test_refusals_name_the_input(tmp_path):
     with pytest.raises(gen.GenerateError, match="directory or a pattern"):
         gen.output_paths("one.mp4", 2)
     assert [p.name for p in gen.output_paths(str(tmp_path / "vids"), 2)] == ["000.mp4", "001.mp4"]
+
+
+def test_long_speech_is_cut_into_training_length_windows():
+    wave = np.random.default_rng(0).standard_normal(60 * media.HOP).astype(np.float32)
+    p = gen.Prompt(wave, 60, caption="hi", ref_time=-25.0)
+    parts = gen.split_windows(p, 25, 1)
+    assert [q.num_frames for q in parts] == [25, 25, 25]
+    assert [q.ref_time for q in parts] == [-25.0, -50.0, -75.0]  # the same reference frame, seen from each window
+    joined = np.concatenate([q.waveform for q in parts])
+    np.testing.assert_array_equal(joined[: len(wave)], wave)
+    assert not joined[len(wave):].any()  # the last window is padded with silence
+    assert gen.split_windows(p, 0, 1) == [p] and gen.split_windows(p, 60, 1) == [p]

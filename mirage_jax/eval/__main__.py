@@ -10,7 +10,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from data_pipeline.cli import dashed_flags_parser
 
@@ -34,6 +34,7 @@ def main(argv: Sequence[str]) -> None:
     from mirage_jax.generate import GenerateError, load_encoders
     from mirage_jax.inference import load_run
 
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO
     F = flags.FLAGS
     try:
         run = load_run(F.checkpoint, ema=F.ema)

@@ -34,13 +34,13 @@ from absl import app, flags
 
 flags.DEFINE_string("out", "demo_out", "Everything the demo writes goes under this directory.")
 flags.DEFINE_bool("fast", False, "Tiny sizes and a few steps: checks the path works, not that it learns.")
-flags.DEFINE_integer("steps", None, "Training steps (default: configs/tiny.py:demo's 1500; --fast: 6).")
+flags.DEFINE_integer("steps", None, "Training steps (default: configs/tiny.py:demo's 3000; --fast: 6).")
 flags.DEFINE_integer("clips", None, "Training source clips (default: 160; --fast: 4).")
 flags.DEFINE_integer("seed", 0, "Data seed (held-out data uses seed + 1000).")
 flags.DEFINE_integer("eval_seeds", None, "Sampling seeds for the eval spread (default: 3; --fast: 1).")
 flags.DEFINE_bool("resume_drill", True, "SIGTERM the training halfway and resume it.")
 
-CFG_AUDIO = 3.0  # audio guidance for the demo's generations (configs/tiny.py:demo diffusion.cfg_audio)
+CFG_AUDIO = 5.0  # audio guidance for the demo's generations (configs/tiny.py:demo diffusion.cfg_audio)
 SAY = "Hello there. This video was generated from my voice, on a laptop processor."
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -143,7 +143,7 @@ def main(argv: Sequence[str]) -> None:
     fast = F.fast
     out = os.path.abspath(F.out)
     py = sys.executable
-    steps = F.steps or (6 if fast else 1500)
+    steps = F.steps or (6 if fast else 3000)
     clips = F.clips or (4 if fast else 160)
     held = 2 if fast else 8
     seconds = 2 if fast else 4
@@ -190,7 +190,7 @@ def main(argv: Sequence[str]) -> None:
     t = time.perf_counter()
     report_text = run([py, "-m", "mirage_jax.eval", f"--checkpoint={workdir}", f"--data={sh_ho}", "--json",
                        f"--cfg-audio={CFG_AUDIO}",
-                       f"--clips={held}", f"--seeds={eval_seeds}"] + (["--steps=4"] if fast else []),
+                       f"--clips={2 if fast else 16}", f"--seeds={eval_seeds}"] + (["--steps=4"] if fast else []),
                       "eval", quiet=True, keep=True)
     times["eval"] = time.perf_counter() - t
     report = json.loads(report_text.strip().splitlines()[-1])

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from mirage_jax.diffusion.flow import model_inputs
 from mirage_jax.diffusion.schedules import model_timestep
@@ -74,26 +75,21 @@ def read_heldout(data: str, clips: int, encs: Encoders) -> dict[str, np.ndarray]
 
 def heldout_loss(run: LoadedRun, batch: dict[str, np.ndarray], seed: int = 0) -> dict[float, float]:
     """Velocity MSE over valid latent frames at each of LOSS_LEVELS (fixed noise, nothing dropped)."""
-    model = run.model
     x0 = jnp.asarray(batch["video"], jnp.float32)
     noise = jax.random.normal(jax.random.key(seed), x0.shape, jnp.float32)
     cond = {k: jnp.asarray(batch[k]) for k in COND}
     fmask = cond["video_mask"].astype(jnp.float32)[:, :, None, None, None]
+    graphdef, state = nnx.split(run.model)
 
     @jax.jit
     def loss_at(t: jax.Array, state: Any) -> jax.Array:
-        from flax import nnx
-
-        m = nnx.merge(graphdef, state)
+        model = nnx.merge(graphdef, state)
         xt = (1.0 - t) * x0 + t * noise
         ts = jnp.full((x0.shape[0],), model_timestep(t))
-        pred = m(xt, ts, cond["text"], cond["text_mask"], **model_inputs(cond))
+        pred = model(xt, ts, cond["text"], cond["text_mask"], **model_inputs(cond))
         err = jnp.square(pred - (x0 - noise)) * fmask
         return jnp.sum(err) / (jnp.sum(fmask) * x0.shape[2] * x0.shape[3] * x0.shape[4])
 
-    from flax import nnx
-
-    graphdef, state = nnx.split(model)
     return {t: float(loss_at(jnp.float32(t), state)) for t in LOSS_LEVELS}
 
 

@@ -27,6 +27,8 @@ Bounded memory (numbers in docs/encoders.md):
   output equals unchunked output (tested). The decoder has no attention, so its memory per chunk is
   independent of the clip length; the encoder's causal attention needs all past keys/values, so its memory
   stays O(T) per tile and encoding whole tiles (the default) is cheaper at clip lengths up to ~10 s.
+- Devices: tiles of one shape run together, one per local device (batch axis sharded over a 1-D mesh of
+  the local devices, weights replicated); the output equals tile by tile (tested).
 """
 
 from __future__ import annotations
@@ -364,15 +366,27 @@ def _blend_h(a: np.ndarray, b: np.ndarray, extent: int) -> np.ndarray:
 
 
 def _tiled(
-    fn: Any, x: np.ndarray, in_tile: int, in_stride: int, out_tile: int, out_stride: int, out_hw: tuple
+    fn: Any, x: np.ndarray, in_tile: int, in_stride: int, out_tile: int, out_stride: int, out_hw: tuple,
+    batch_fn: Any = None,
 ) -> np.ndarray:
     """diffusers' tiled_encode / tiled_decode: tiles of `in_tile` every `in_stride` along H and W, each
-    through `fn`, blended over `out_tile - out_stride` rows/columns, cropped to `out_hw`."""
+    through `fn`, blended over `out_tile - out_stride` rows/columns, cropped to `out_hw`.
+
+    `batch_fn(list of same-shape tiles) -> list of outputs` (optional) runs several tiles in one call (the
+    local devices each take one); tiles are independent, so the result is the same as tile by tile."""
     _, _, height, width, _ = x.shape
-    rows = [
-        [np.array(fn(x[:, :, i : i + in_tile, j : j + in_tile])) for j in range(0, width, in_stride)]
-        for i in range(0, height, in_stride)
-    ]
+    coords = [(i, j) for i in range(0, height, in_stride) for j in range(0, width, in_stride)]
+    tiles = {c: x[:, :, c[0] : c[0] + in_tile, c[1] : c[1] + in_tile] for c in coords}
+    done: dict[tuple[int, int], np.ndarray] = {}
+    if batch_fn is None:
+        done = {c: np.array(fn(t)) for c, t in tiles.items()}
+    else:
+        by_shape: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+        for c in coords:
+            by_shape.setdefault(tiles[c].shape, []).append(c)
+        for group in by_shape.values():
+            done.update(zip(group, batch_fn([tiles[c] for c in group]), strict=True))
+    rows = [[done[(i, j)] for j in range(0, width, in_stride)] for i in range(0, height, in_stride)]
     blend = out_tile - out_stride
     out_rows = []
     for i, row in enumerate(rows):
@@ -385,6 +399,41 @@ def _tiled(
             parts.append(tile[:, :, :out_stride, :out_stride])
         out_rows.append(np.concatenate(parts, axis=3))
     return np.concatenate(out_rows, axis=2)[:, :, : out_hw[0], : out_hw[1]]
+
+
+class _TileSharding:
+    """Runs a list of same-shape tiles on the local devices at once: tiles are stacked on the batch axis,
+    which is sharded over a 1-D mesh of `k = min(devices, tiles)` local devices (one tile per device per
+    call, so per-device memory is that of one tile); the weights are replicated once per mesh. The last
+    group is padded by repeating its last tile (its output is dropped)."""
+
+    def __init__(self, weights: dict[str, jax.Array], max_devices: int):
+        self.weights = weights
+        self.devices = jax.local_devices()[: max(1, max_devices)]
+        self._replicated: dict[int, tuple[Any, dict[str, jax.Array]]] = {}
+
+    def _mesh(self, k: int) -> tuple[Any, dict[str, jax.Array]]:
+        if k not in self._replicated:
+            mesh = jax.sharding.Mesh(np.array(self.devices[:k]), ("tiles",))
+            rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            self._replicated[k] = (mesh, jax.device_put(self.weights, rep))
+        return self._replicated[k]
+
+    def run(self, fn: Any, tiles: list[np.ndarray]) -> list[np.ndarray]:
+        """`fn(x [k*B, ...], weights, put)` for groups of k tiles -> per-tile outputs (numpy)."""
+        k = min(len(self.devices), len(tiles))
+        if k <= 1:
+            return [np.array(fn(t, self.weights, jnp.asarray)) for t in tiles]
+        mesh, weights = self._mesh(k)
+        sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("tiles"))
+        b = tiles[0].shape[0]
+        outs: list[np.ndarray] = []
+        for s in range(0, len(tiles), k):
+            group = tiles[s : s + k]
+            group = group + [group[-1]] * (k - len(group))
+            y = np.asarray(fn(np.concatenate(group, axis=0), weights, lambda a: jax.device_put(a, sharded)))
+            outs.extend(np.array(y[g * b : (g + 1) * b]) for g in range(min(k, len(tiles) - s)))  # writable
+        return outs
 
 
 # ---------------------------------------------------------------------------------------------- encoder
@@ -403,6 +452,9 @@ class MochiVAE:
         self.tile, self.tile_stride = int(self.params["tile"]), int(self.params["tile_stride"])
         self.encode_chunk = int(self.params["encode_chunk_latents"])
         self.decode_chunk = int(self.params["decode_chunk_latents"])
+        # tiles of one shape run together, one per local device (output unchanged; 1 = tile by tile)
+        self.tile_devices = len(jax.local_devices())
+        self._sharding: _TileSharding | None = None
         f = self.cfg.spatial_factor
         if self.tile and (self.tile % f or self.tile_stride % f or not 0 < self.tile_stride <= self.tile):
             raise ValueError(
@@ -460,22 +512,31 @@ class MochiVAE:
                 self.tile // f,
                 self.tile_stride // f,
                 (height // f, width // f),
+                batch_fn=self._batch_fn(self._encode_time),
             )
         return self._encode_time(x)
 
-    def _encode_time(self, x: np.ndarray) -> np.ndarray:
+    def _batch_fn(self, fn: Any) -> Any:
+        if self.tile_devices <= 1:
+            return None
+        if self._sharding is None or len(self._sharding.devices) != self.tile_devices:
+            self._sharding = _TileSharding(self.weights, self.tile_devices)
+        return functools.partial(self._sharding.run, fn)
+
+    def _encode_time(self, x: np.ndarray, weights: Any = None, put: Any = jnp.asarray) -> np.ndarray:
         cfg, k, tt = self.cfg, self.encode_chunk, self.temporal_factor
+        weights = self.weights if weights is None else weights
         t = x.shape[1]
         first = 1 + tt * (k - 1)
         if k <= 0 or t <= first:
-            return np.asarray(_encoder_jit(self.weights, cfg, jnp.asarray(x))[0])
+            return np.asarray(_encoder_jit(weights, cfg, put(x))[0])
         step = tt * k
         total = first + step * math.ceil((t - first) / step)
         x = np.concatenate([x, np.repeat(x[:, -1:], total - t, axis=1)], axis=1)  # causal: never read back
-        out, state = _encoder_jit(self.weights, cfg, jnp.asarray(x[:, :first]), None, total)
+        out, state = _encoder_jit(weights, cfg, put(x[:, :first]), None, total)
         outs = [np.asarray(out)]
         for s in range(first, total, step):
-            out, state = _encoder_jit(self.weights, cfg, jnp.asarray(x[:, s : s + step]), state, total)
+            out, state = _encoder_jit(weights, cfg, put(x[:, s : s + step]), state, total)
             outs.append(np.asarray(out))
         return np.concatenate(outs, axis=1)[:, : self.latent_frames(t)]
 
@@ -485,21 +546,23 @@ class MochiVAE:
         _, _, h, w, _ = z.shape
         if self.tile and (h > self.tile // f or w > self.tile // f):
             return _tiled(
-                self._decode_time, z, self.tile // f, self.tile_stride // f, self.tile, self.tile_stride, (h * f, w * f)
+                self._decode_time, z, self.tile // f, self.tile_stride // f, self.tile, self.tile_stride,
+                (h * f, w * f), batch_fn=self._batch_fn(self._decode_time),
             )
         return self._decode_time(z)
 
-    def _decode_time(self, z: np.ndarray) -> np.ndarray:
+    def _decode_time(self, z: np.ndarray, weights: Any = None, put: Any = jnp.asarray) -> np.ndarray:
         cfg, k, tt = self.cfg, self.decode_chunk, self.temporal_factor
+        weights = self.weights if weights is None else weights
         t = z.shape[1]
         if k <= 0 or t <= k:
-            out = np.asarray(_decoder_jit(self.weights, cfg, jnp.asarray(z))[0])
+            out = np.asarray(_decoder_jit(weights, cfg, put(z))[0])
         else:
             total = k * math.ceil(t / k)
             z = np.concatenate([z, np.repeat(z[:, -1:], total - t, axis=1)], axis=1)  # causal: never read back
             outs, state = [], None
             for s in range(0, total, k):
-                o, state = _decoder_jit(self.weights, cfg, jnp.asarray(z[:, s : s + k]), state, True)
+                o, state = _decoder_jit(weights, cfg, put(z[:, s : s + k]), state, True)
                 outs.append(np.asarray(o))
             out = np.concatenate(outs, axis=1)[:, : t * tt]
         return out[:, tt - 1 :] if out.shape[1] >= tt else out

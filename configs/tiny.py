@@ -43,14 +43,14 @@ def diffusion_config() -> ml_collections.ConfigDict:
 
 
 def demo(cfg: ml_collections.ConfigDict) -> None:
-    """The `make demo` run (mirage_jax/demo.py): 1 s clips (25 latent frames), batch 8 on 2 x 4 CPU devices.
+    """The `make demo` run (mirage_jax/demo.py): 1 s clips (25 latent frames), batch 8, data parallel over 2 processes.
 
     Latents come from the `dct` video encoder (8 x 8 px -> 16 channels, so a 2 x 2 patch is 64 numbers, the
     video stream's width): with `s2d`'s 192 channels a 64-wide model cannot represent the noise it must remove.
     """
     cfg.model.latent_channels = 16
-    # Pure data parallelism: a 0.6M-parameter model gains nothing from FSDP's per-layer all-gathers, which cost
-    # 4.1 s/step across 2 local processes (vs 0.36 s/step for one gradient all-reduce; docs/runtime.md).
+    # Pure data parallelism: a 0.6M-parameter model gains nothing from FSDP's per-layer all-gathers, which are
+    # pure overhead across local processes (docs/runtime.md, "Several processes on one machine").
     cfg.mesh.ici.data, cfg.mesh.ici.fsdp = -1, 1
     cfg.shapes.latent_frames = cfg.shapes.audio_frames = 25
     cfg.train.global_batch_size = 8

@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 
-SINGLE_THREADED = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+SINGLE_THREADED = "--xla_cpu_multi_thread_eigen=false"
 GRACE_S = 30.0  # after a failure / forwarded signal, how long the others get before SIGKILL
 
 
@@ -40,7 +40,8 @@ def child_env(base: dict[str, str], i: int, n: int, devices: int, address: str) 
     flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", "")).strip()
     if "xla_cpu_multi_thread_eigen" not in flags:
         # N x M devices share this machine's cores: per-device intra-op thread pools would spin against each
-        # other (2 x 4 devices on 2 cores: 1.05 s/step with them, 0.36 s/step without; docs/runtime.md).
+        # other (docs/runtime.md). Every token must be a --flag: XLA stops honouring the rest of XLA_FLAGS
+        # (the device count included) after one that is not.
         flags = f"{flags} {SINGLE_THREADED}".strip()
     env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
     env["JAX_PLATFORMS"] = "cpu"

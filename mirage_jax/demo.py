@@ -4,9 +4,10 @@
 
 1. synthesize  talking-head A-roll (espeak-ng speech, drawn faces) for training and, with another seed, held out
 2. prepare     Beam ingest of both into ArrayRecord shards + manifest.json (`dct` video latents, log-mel audio)
-3. train       the tiny config (`configs/tiny.py:demo`) as 2 processes x 4 CPU devices (launch/local.py),
-               checkpointing; halfway through the launcher gets SIGTERM (a preemption drill: every process
-               saves and exits 0), then the same command resumes from the checkpoint to the end
+3. train       the tiny config (`configs/tiny.py:demo`) as 2 processes (launch/local.py) x
+               --devices_per_process CPU devices (default 1; --fast: 4), checkpointing; halfway through
+               the launcher gets SIGTERM (a preemption drill: every process saves and exits 0), then the
+               same command resumes from the checkpoint to the end
 4. generate    videos for held-out speech (with that clip's caption and a reference frame) and for a
                `--say` sentence, through the `mirage_jax.generate` CLI
 5. eval        `mirage_jax.eval --json` on the held-out clips: lip-sync of the generated videos against the
@@ -39,6 +40,10 @@ flags.DEFINE_integer("clips", None, "Training source clips (default: 160; --fast
 flags.DEFINE_integer("seed", 0, "Data seed (held-out data uses seed + 1000).")
 flags.DEFINE_integer("eval_seeds", None, "Sampling seeds for the eval spread (default: 3; --fast: 1).")
 flags.DEFINE_bool("resume_drill", True, "SIGTERM the training halfway and resume it.")
+flags.DEFINE_integer("devices_per_process", None,
+                     "CPU devices per training process (default 1; --fast: 4). On 2 cores, 2 x 4 takes ~2.5x as long "
+                     "per step as 2 x 1: cross-process collectives go through Gloo, one rank per device "
+                     "(docs/runtime.md).")
 
 CFG_AUDIO = 5.0  # audio guidance for the demo's generations (configs/tiny.py:demo diffusion.cfg_audio)
 SAY = "Hello there. This video was generated from my voice, on a laptop processor."
@@ -169,7 +174,8 @@ def main(argv: Sequence[str]) -> None:
     times["prepare"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    train_cmd = [py, "launch/local.py", "--processes=2", "--devices-per-process=4", "--",
+    dpp = F.devices_per_process or (4 if fast else 1)
+    train_cmd = [py, "launch/local.py", "--processes=2", f"--devices-per-process={dpp}", "--",
                  py, "-m", "mirage_jax.train", f"--config={config}", f"--workdir={workdir}",
                  f"--config.data.source={sh_tr}", f"--config.train.steps={steps}"]
     if fast:

@@ -43,6 +43,7 @@ def test_fast_demo_runs_the_whole_path(tmp_path):
     assert out.returncode == 0, log[-5000:]
     assert "sending SIGTERM to the launcher" in log and "PREEMPTED (clean exit)" in log
     assert "resumed from checkpoint" in log
+    assert "over 8 devices in 2 process(es)" in log  # --fast trains as 2 processes x 4 devices
     report = json.loads(out.stdout.strip().splitlines()[-1])  # the last line is the eval JSON
     for k in KEYS:
         assert k in report, k

@@ -30,6 +30,7 @@ def two_process_run(tmp_path_factory, cache):
                      mesh__ici__data=2, mesh__ici__fsdp=-1)
     assert result.returncode == 0, result.stdout[-5000:]
     assert "[p0] " in result.stdout and "[p1] " in result.stdout
+    assert "over 8 devices in 2 process(es)" in result.stdout  # the launcher's --devices-per-process is honoured
     assert "[launcher] exit statuses [0, 0]" in result.stdout
     return workdir
 

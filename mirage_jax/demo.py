@@ -42,8 +42,7 @@ flags.DEFINE_integer("eval_seeds", None, "Sampling seeds for the eval spread (de
 flags.DEFINE_bool("resume_drill", True, "SIGTERM the training halfway and resume it.")
 flags.DEFINE_integer("devices_per_process", None,
                      "CPU devices per training process (default 1; --fast: 4). On 2 cores, 2 x 4 takes ~2.5x as long "
-                     "per step as 2 x 1: cross-process collectives go through Gloo, one rank per device "
-                     "(docs/runtime.md).")
+                     "per step as 2 x 1 (docs/runtime.md, 'Several processes on one machine').")
 
 CFG_AUDIO = 5.0  # audio guidance for the demo's generations (configs/tiny.py:demo diffusion.cfg_audio)
 SAY = "Hello there. This video was generated from my voice, on a laptop processor."

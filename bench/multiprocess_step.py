@@ -1,0 +1,66 @@
+"""The demo's compiled train step alone (same batch, no loop, no checkpoints) under launch/local.py.
+
+    python launch/local.py --processes=2 --devices-per-process=4 -- python -m bench.multiprocess_step SHARDS
+    python launch/local.py --processes=2 --devices-per-process=1 -- python -m bench.multiprocess_step SHARDS
+
+SHARDS: prepared shards of `configs/tiny.py:demo` (e.g. `demo_out/shards/train` after `make demo`). Builds
+the trainer's own mesh, state layout and jitted step, then times 20 steps dispatched back to back
+("pipelined") and 20 steps each followed by a metrics fetch ("synced", as the loop does), twice. Process 0
+prints seconds per step. docs/runtime.md uses it to show that the 2 x 4 cost is in the step's execution.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+
+import jax
+
+from configs import tiny
+from mirage_jax.train import checkpoint as ckpt_lib
+from mirage_jax.train import data as data_lib
+from mirage_jax.train import resume
+from mirage_jax.train import step as step_lib
+from mirage_jax.train.loop import Trainer
+
+
+def main(shards: str) -> None:
+    if "MIRAGE_COORDINATOR_ADDRESS" in os.environ:
+        jax.distributed.initialize(os.environ["MIRAGE_COORDINATOR_ADDRESS"], int(os.environ["MIRAGE_NUM_PROCESSES"]),
+                                   int(os.environ["MIRAGE_PROCESS_ID"]))
+    cfg = tiny.get_config("demo")
+    cfg.data.source = shards
+    with tempfile.TemporaryDirectory() as workdir:
+        tr = Trainer(cfg, workdir)
+        with jax.set_mesh(tr.mesh):
+            store = ckpt_lib.CheckpointStore(os.path.join(workdir, f"p{jax.process_index()}"), cfg.checkpoint)
+            state, _, _ = resume.restore_or_init(store, tr.layout, {}, False)
+            source = data_lib.make_source(cfg, tr.rows, 0)
+            batch = data_lib.to_global(next(source), tr.batch_shardings, int(cfg.train.global_batch_size))
+            step_fn = step_lib.make_train_step(tr.layout, tr.dcfg, cfg.train, tr.lr_schedule, tr.act_rules,
+                                               tr.batch_shardings)
+            state, m = step_fn(state, batch)
+            jax.block_until_ready(m)
+            for _ in range(2):
+                t = time.perf_counter()
+                for _ in range(20):
+                    state, m = step_fn(state, batch)
+                jax.block_until_ready(m)
+                pipelined = (time.perf_counter() - t) / 20
+                t = time.perf_counter()
+                for _ in range(20):
+                    state, m = step_fn(state, batch)
+                    jax.device_get(m)
+                synced = (time.perf_counter() - t) / 20
+                if jax.process_index() == 0:
+                    print(f"{jax.process_count()} processes x {jax.local_device_count()} devices: pipelined "
+                          f"{pipelined:.3f} s/step, synced {synced:.3f} s/step", flush=True)
+            store.close()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m bench.multiprocess_step SHARDS (prepared shards of configs/tiny.py:demo)")
+    main(sys.argv[1])

@@ -10,7 +10,6 @@ docs/runtime.md uses it to tell collective volume apart from the rest of a multi
 
 from __future__ import annotations
 
-import os
 import time
 
 import jax
@@ -18,13 +17,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mirage_jax.train import distributed
+
 N = 474_368
 
 
 def main() -> None:
-    if "MIRAGE_COORDINATOR_ADDRESS" in os.environ:
-        jax.distributed.initialize(os.environ["MIRAGE_COORDINATOR_ADDRESS"], int(os.environ["MIRAGE_NUM_PROCESSES"]),
-                                   int(os.environ["MIRAGE_PROCESS_ID"]))
+    distributed.initialize()  # the variables launch/local.py sets
     devs = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
     procs = jax.process_count()
     mesh = Mesh(np.array(devs).reshape(procs, len(devs) // procs), ("proc", "local"))

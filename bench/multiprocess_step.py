@@ -21,15 +21,13 @@ import jax
 from configs import tiny
 from mirage_jax.train import checkpoint as ckpt_lib
 from mirage_jax.train import data as data_lib
-from mirage_jax.train import resume
+from mirage_jax.train import distributed, resume
 from mirage_jax.train import step as step_lib
 from mirage_jax.train.loop import Trainer
 
 
 def main(shards: str) -> None:
-    if "MIRAGE_COORDINATOR_ADDRESS" in os.environ:
-        jax.distributed.initialize(os.environ["MIRAGE_COORDINATOR_ADDRESS"], int(os.environ["MIRAGE_NUM_PROCESSES"]),
-                                   int(os.environ["MIRAGE_PROCESS_ID"]))
+    distributed.initialize()  # the variables launch/local.py sets
     cfg = tiny.get_config("demo")
     cfg.data.source = shards
     with tempfile.TemporaryDirectory() as workdir:

@@ -377,15 +377,13 @@ def _tiled(
     _, _, height, width, _ = x.shape
     coords = [(i, j) for i in range(0, height, in_stride) for j in range(0, width, in_stride)]
     tiles = {c: x[:, :, c[0] : c[0] + in_tile, c[1] : c[1] + in_tile] for c in coords}
+    run = batch_fn or (lambda group: [np.array(fn(t)) for t in group])
+    by_shape: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+    for c in coords:
+        by_shape.setdefault(tiles[c].shape, []).append(c)
     done: dict[tuple[int, int], np.ndarray] = {}
-    if batch_fn is None:
-        done = {c: np.array(fn(t)) for c, t in tiles.items()}
-    else:
-        by_shape: dict[tuple[int, ...], list[tuple[int, int]]] = {}
-        for c in coords:
-            by_shape.setdefault(tiles[c].shape, []).append(c)
-        for group in by_shape.values():
-            done.update(zip(group, batch_fn([tiles[c] for c in group]), strict=True))
+    for group in by_shape.values():
+        done.update(zip(group, run([tiles[c] for c in group]), strict=True))
     rows = [[done[(i, j)] for j in range(0, width, in_stride)] for i in range(0, height, in_stride)]
     blend = out_tile - out_stride
     out_rows = []

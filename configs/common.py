@@ -48,6 +48,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     cfg.train.global_batch_size = 8  # samples per optimizer step, over all processes and micro-batches
     cfg.train.steps = 1000  # total optimizer steps of the run (a resumed run continues up to this)
     cfg.train.grad_accum = 1  # micro-batches per step; each is global_batch_size / grad_accum samples
+    # How gradients are summed over the batch axes: 'xla' (XLA's partitioner places the reductions; any mesh) or
+    # 'flat' (one explicit all-reduce of all gradients raveled into one buffer; pure data parallelism only). 'flat'
+    # is for multi-process CPU, where each buffer of XLA's tuple all-reduces is its own Gloo collective.
+    cfg.train.grad_sync = "xla"
     cfg.train.clip_norm = 1.0  # global gradient-norm clip; <= 0 disables
     cfg.train.ema_decay = 0.999  # EMA of the parameters kept in the state; 0 keeps a copy of the params
     cfg.train.seed = 0  # parameter init, timesteps, noise and condition dropout (all folded with the step)

@@ -18,22 +18,50 @@ def drop_conditions(rng: jax.Array, batch: Mapping[str, Any], cfg: DiffusionConf
     A dropped modality's tokens are masked out of attention (and text out of the pooled embedding),
     which is exactly the network run without them, so classifier-free guidance works per modality.
     """
+    return apply_drops(batch, draw_drops(rng, batch["video"].shape[0], cfg))
+
+
+def draw_drops(rng: jax.Array, b: int, cfg: DiffusionConfig) -> dict[str, jax.Array]:
+    """Per-sample keep flags (B,) for text / audio / reference, drawn with the configured drop rates."""
+    k_text, k_audio, k_ref = jax.random.split(rng, 3)
+    return {"keep_text": jax.random.uniform(k_text, (b,)) >= cfg.drop_text,
+            "keep_audio": jax.random.uniform(k_audio, (b,)) >= cfg.drop_audio,
+            "keep_ref": jax.random.uniform(k_ref, (b,)) >= cfg.drop_ref}
+
+
+def apply_drops(batch: Mapping[str, Any], keep: Mapping[str, jax.Array]) -> dict[str, Any]:
+    """Mask out the tokens of every modality whose keep flag is False (see `drop_conditions`)."""
     out = dict(batch)
     b = batch["video"].shape[0]
-    k_text, k_audio, k_ref = jax.random.split(rng, 3)
-    keep_text = jax.random.uniform(k_text, (b,)) >= cfg.drop_text
-    out["text_mask"] = batch["text_mask"].astype(bool) & keep_text[:, None]
+    out["text_mask"] = batch["text_mask"].astype(bool) & keep["keep_text"][:, None]
     if batch.get("audio") is not None:
-        keep_audio = jax.random.uniform(k_audio, (b,)) >= cfg.drop_audio
         mask = batch.get("audio_mask")
         mask = jnp.ones(batch["audio"].shape[:2], bool) if mask is None else mask.astype(bool)
-        out["audio_mask"] = mask & keep_audio[:, None]
+        out["audio_mask"] = mask & keep["keep_audio"][:, None]
     if batch.get("ref") is not None:
-        keep_ref = jax.random.uniform(k_ref, (b,)) >= cfg.drop_ref
         mask = batch.get("ref_mask")
         mask = jnp.ones((b,), bool) if mask is None else mask.astype(bool).reshape(b)
-        out["ref_mask"] = mask & keep_ref
+        out["ref_mask"] = mask & keep["keep_ref"]
     return out
+
+
+def draw_noise(rng: jax.Array, batch: Mapping[str, Any], cfg: DiffusionConfig) -> dict[str, jax.Array]:
+    """Every random draw of one training step's loss: timesteps `t` (B,), `noise` (like the video latents)
+    and the condition-dropout keep flags. Drawn for the whole (global) batch, so a step that computes the
+    loss per device (`train.grad_sync='flat'`) uses exactly the numbers the partitioned step does."""
+    x0 = batch["video"]
+    k_t, k_noise, k_drop = jax.random.split(rng, 3)
+    return {"t": sample_timesteps(k_t, x0.shape[0], cfg),
+            "noise": jax.random.normal(k_noise, x0.shape, jnp.float32),
+            **draw_drops(k_drop, x0.shape[0], cfg)}
+
+
+def loss_weight(batch: Mapping[str, Any]) -> jax.Array:
+    """Number of latent values the loss averages over (valid frames x C x H x W), as float32."""
+    x0 = batch["video"]
+    frame_mask = batch.get("video_mask")
+    n_frames = x0.shape[0] * x0.shape[1] if frame_mask is None else jnp.sum(frame_mask.astype(jnp.float32))
+    return jnp.asarray(n_frames, jnp.float32) * (x0.shape[2] * x0.shape[3] * x0.shape[4])
 
 
 def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -42,22 +70,25 @@ def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def flow_matching_loss(
-    model: Any, batch: Mapping[str, Any], rng: jax.Array, cfg: DiffusionConfig
+    model: Any, batch: Mapping[str, Any], rng: jax.Array | None, cfg: DiffusionConfig,
+    draws: Mapping[str, jax.Array] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean squared velocity error over valid latent positions, in float32.
 
+    Randomness comes from `rng` (through `draw_noise`), or from `draws` already made by `draw_noise`.
     Returns (loss, aux) with aux["loss_per_bucket"] / aux["bucket_counts"]: summed per-sample losses
     and sample counts in `cfg.loss_buckets` equal-width noise-level buckets, for metrics.
     """
+    if draws is None:
+        if rng is None:
+            raise ValueError("flow_matching_loss needs `rng` or `draws`")
+        draws = draw_noise(rng, batch, cfg)
     x0 = batch["video"].astype(jnp.float32)
-    b = x0.shape[0]
-    k_t, k_noise, k_drop = jax.random.split(rng, 3)
-    t = sample_timesteps(k_t, b, cfg)
-    noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+    t, noise = draws["t"], draws["noise"]
     tb = t[:, None, None, None, None]
     xt = (1.0 - tb) * x0 + tb * noise
     target = x0 - noise
-    cond = drop_conditions(k_drop, batch, cfg)
+    cond = apply_drops(batch, draws)
     pred = model(xt, model_timestep(t), cond["text"], cond["text_mask"], **model_inputs(cond))
     err = jnp.square(pred.astype(jnp.float32) - target)
     frame_mask = batch.get("video_mask")
@@ -65,7 +96,7 @@ def flow_matching_loss(
     per_elem = x0.shape[2] * x0.shape[3] * x0.shape[4]
     per_sample_sum = jnp.sum(err, axis=(2, 3, 4)) * frame_mask  # (B, T)
     per_sample_n = jnp.sum(frame_mask, axis=1) * per_elem
-    loss = jnp.sum(per_sample_sum) / jnp.maximum(jnp.sum(per_sample_n), 1.0)
+    loss = jnp.sum(per_sample_sum) / jnp.maximum(loss_weight(batch), 1.0)
     per_sample = jnp.sum(per_sample_sum, axis=1) / jnp.maximum(per_sample_n, 1.0)
     bucket = jnp.clip((t * cfg.loss_buckets).astype(jnp.int32), 0, cfg.loss_buckets - 1)
     onehot = jax.nn.one_hot(bucket, cfg.loss_buckets, dtype=jnp.float32)

@@ -45,3 +45,24 @@ def check_layout(mesh: Mesh, activation_rules: Rules, num_heads: int, global_bat
             f"the micro-batch of {micro} samples (train.global_batch_size={global_batch} / train.grad_accum="
             f"{grad_accum}) is not divisible by the {n} devices of the batch axes {table.get('batch')} "
             f"(mesh {dict(mesh.shape)}); make train.global_batch_size a multiple of {n * grad_accum}")
+
+
+def check_flat_grad_sync(mesh: Mesh, activation_rules: Rules, param_specs: list[Any]) -> tuple[str, ...]:
+    """`train.grad_sync='flat'` computes gradients per device and sums them in one psum over the batch axes:
+    that is only the full gradient when the batch axes are the only mesh axes with more than one device
+    (no FSDP / tensor / sequence sharding). Returns the batch axes."""
+    batch = dict(activation_rules).get("batch")
+    axes = () if batch is None else batch if isinstance(batch, tuple) else (batch,)
+    others = {a: n for a, n in mesh.shape.items() if a not in axes and n > 1}
+    if others:
+        raise LayoutError(
+            f"train.grad_sync='flat' needs a pure data-parallel mesh, but mesh axes {others} outside the batch "
+            f"axes {axes} have more than one device (mesh {dict(mesh.shape)}); set train.grad_sync='xla' or "
+            f"make those mesh.ici / mesh.dcn sizes 1")
+    for spec in param_specs:
+        used = [a for part in spec if part is not None for a in (part if isinstance(part, tuple) else (part,))]
+        if any(mesh.shape[a] > 1 for a in used):
+            raise LayoutError(
+                f"train.grad_sync='flat' needs replicated parameters, but one is sharded as {spec} over mesh "
+                f"{dict(mesh.shape)}; set train.grad_sync='xla' or make mesh.ici.fsdp / mesh.dcn.fsdp 1")
+    return axes

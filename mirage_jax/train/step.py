@@ -1,5 +1,14 @@
 """The jitted train step: gradient accumulation, clipping + AdamW, EMA, and the NaN/Inf guard.
 
+Gradients are synchronised one of two ways (`train.grad_sync`):
+- 'xla' (default): the whole step is one SPMD program and XLA's partitioner inserts the reductions
+  (reduce-scatters under FSDP, per-layer all-reduces inside the scanned backward pass, which XLA combines
+  into a few tuple all-reduces on TPU/GPU).
+- 'flat': a `jax.shard_map` over the batch axes computes each device's gradient of its own rows and sums
+  them in ONE all-reduce of all gradients raveled into a single buffer (DDP's bucketing, one bucket). For
+  pure data parallelism on multi-process CPU, where XLA runs each buffer of a tuple all-reduce as its own
+  Gloo collective (162 per step for the demo model; docs/runtime.md).
+
 A step whose loss or gradient norm is not finite changes nothing but the counters (`step`,
 `nonfinite_streak`, `nonfinite_total`); the loop stops the run when the streak reaches
 `train.max_nonfinite_steps`. Randomness (timesteps, noise, condition dropout) is
@@ -16,9 +25,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 from flax.core import spmd as core_spmd
+from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mirage_jax.config import DiffusionConfig
+from mirage_jax.parallel import checks
 from mirage_jax.train.state import StateLayout, TrainState
 
 Batch = dict[str, jax.Array]
@@ -51,38 +62,21 @@ def make_train_step(
     seed = int(train_cfg.seed)
     ema_decay = float(train_cfg.ema_decay)
     batch_axes = dict(activation_rules).get("batch")
-
-    def loss_fn(params: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        from mirage_jax.diffusion import flow_matching_loss
-
-        model = nnx.merge(graphdef, params)
-        loss, aux = flow_matching_loss(model, batch, rng, dcfg)
-        return loss.astype(jnp.float32), {k: aux[k] for k in ("loss_per_bucket", "bucket_counts")}
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_sync = str(train_cfg.get("grad_sync", "xla"))
+    if grad_sync == "xla":
+        compute_grads = _xla_grads(graphdef, dcfg, accum, batch_axes, layout.shardings.params)
+    elif grad_sync == "flat":
+        shardings = jax.tree.leaves(layout.shardings.params)
+        mesh = shardings[0].mesh
+        axes = checks.check_flat_grad_sync(mesh, activation_rules, [sh.spec for sh in shardings])
+        compute_grads = _flat_grads(graphdef, dcfg, accum, batch_axes, mesh, axes)
+    else:
+        raise ValueError(f"train.grad_sync={grad_sync!r}: expected 'xla' or 'flat'")
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         with core_spmd.logical_axis_rules(activation_rules):
             rng = jax.random.fold_in(jax.random.key(seed), state.step)
-            if accum == 1:
-                (loss, aux), grads = grad_fn(state.params, batch, rng)
-            else:
-                micro = _split_micro(batch, accum, batch_axes)
-
-                def body(carry: Any, xs: tuple[jax.Array, Batch]) -> tuple[Any, None]:
-                    i, mb = xs
-                    (loss_i, aux_i), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
-                    return jax.tree.map(jnp.add, carry, (loss_i, aux_i, g)), None
-
-                nb = dcfg.loss_buckets
-                buckets = {"loss_per_bucket": jnp.zeros((nb,), jnp.float32),
-                           "bucket_counts": jnp.zeros((nb,), jnp.float32)}
-                init = (jnp.zeros((), jnp.float32), buckets,
-                        jax.tree.map(lambda p, s: jax.lax.with_sharding_constraint(jnp.zeros_like(p), s),
-                                     state.params, layout.shardings.params))
-                (loss, aux, grads), _ = jax.lax.scan(body, init, (jnp.arange(accum), micro))
-                loss = loss / accum
-                grads = jax.tree.map(lambda g: g / accum, grads)
+            loss, aux, grads = compute_grads(state.params, batch, rng)
 
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -113,6 +107,96 @@ def make_train_step(
 
     return jax.jit(step, in_shardings=(layout.shardings, batch_shardings), out_shardings=(layout.shardings, None),
                    donate_argnums=(0,))
+
+
+GradFn = Callable[[Any, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array], Any]]
+
+
+def _loss_fn(graphdef: Any, dcfg: DiffusionConfig) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
+    from mirage_jax.diffusion import flow_matching_loss
+
+    def loss_fn(params: Any, batch: Batch, rng: jax.Array | None, draws: Any = None) -> tuple[jax.Array, Any]:
+        loss, aux = flow_matching_loss(nnx.merge(graphdef, params), batch, rng, dcfg, draws=draws)
+        return loss.astype(jnp.float32), {k: aux[k] for k in ("loss_per_bucket", "bucket_counts")}
+
+    return loss_fn
+
+
+def _zero_buckets(dcfg: DiffusionConfig) -> dict[str, jax.Array]:
+    nb = dcfg.loss_buckets
+    return {"loss_per_bucket": jnp.zeros((nb,), jnp.float32), "bucket_counts": jnp.zeros((nb,), jnp.float32)}
+
+
+def _micro_rng(rng: jax.Array, i: jax.Array | int, accum: int) -> jax.Array:
+    """Micro-batch i's key: the step's key itself without accumulation, else fold_in(key, i)."""
+    return rng if accum == 1 else jax.random.fold_in(rng, i)
+
+
+def _xla_grads(graphdef: Any, dcfg: DiffusionConfig, accum: int, batch_axes: Any, param_shardings: Any) -> GradFn:
+    """(loss, aux, grads) of the global batch as one partitioned program: XLA places the reductions."""
+    grad_fn = jax.value_and_grad(_loss_fn(graphdef, dcfg), has_aux=True)
+
+    def compute(params: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Any, Any]:
+        if accum == 1:
+            (loss, aux), grads = grad_fn(params, batch, rng)
+            return loss, aux, grads
+        micro = _split_micro(batch, accum, batch_axes)
+
+        def body(carry: Any, xs: tuple[jax.Array, Batch]) -> tuple[Any, None]:
+            i, mb = xs
+            (loss_i, aux_i), g = grad_fn(params, mb, _micro_rng(rng, i, accum))
+            return jax.tree.map(jnp.add, carry, (loss_i, aux_i, g)), None
+
+        init = (jnp.zeros((), jnp.float32), _zero_buckets(dcfg),
+                jax.tree.map(lambda p, s: jax.lax.with_sharding_constraint(jnp.zeros_like(p), s),
+                             params, param_shardings))
+        (loss, aux, grads), _ = jax.lax.scan(body, init, (jnp.arange(accum), micro))
+        return loss / accum, aux, jax.tree.map(lambda g: g / accum, grads)
+
+    return compute
+
+
+def _flat_grads(graphdef: Any, dcfg: DiffusionConfig, accum: int, batch_axes: Any, mesh: Any,
+                axes: tuple[str, ...]) -> GradFn:
+    """(loss, aux, grads) with one explicit all-reduce: every random draw is made for the global batch first
+    (so the numbers match 'xla'), each device then differentiates its rows' share of the global loss
+    (its squared-error sum over the global count of valid values) and one psum over `axes` adds the
+    raveled (loss, loss buckets, gradients) of all devices."""
+    from mirage_jax.diffusion import draw_noise, loss_weight
+
+    loss_fn = _loss_fn(graphdef, dcfg)
+    row_spec = PartitionSpec(None, axes or None)
+
+    def weighted(params: Any, mb: Batch, draws: Any, total: jax.Array) -> tuple[jax.Array, Any]:
+        loss, aux = loss_fn(params, mb, None, draws)
+        return loss * (loss_weight(mb) / jnp.maximum(total, 1.0)), aux
+
+    grad_fn = jax.value_and_grad(weighted, has_aux=True)
+
+    def local(params: Any, micro: Batch, draws: Any, totals: jax.Array) -> tuple[jax.Array, Any, Any]:
+        with core_spmd.logical_axis_rules(()):  # device-local arrays: no sharding constraints inside
+            def body(carry: Any, xs: tuple[Batch, Any, jax.Array]) -> tuple[Any, None]:
+                (loss_i, aux_i), g = grad_fn(params, *xs)
+                return jax.tree.map(jnp.add, carry, (loss_i, aux_i, g)), None
+
+            init = (jnp.zeros((), jnp.float32), _zero_buckets(dcfg), jax.tree.map(jnp.zeros_like, params))
+            summed, _ = jax.lax.scan(body, init, (micro, draws, totals))
+        flat, unravel = ravel_pytree(summed)
+        return unravel(jax.lax.psum(flat, axes) if axes else flat)
+
+    def compute(params: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Any, Any]:
+        micro = _split_micro(batch, accum, batch_axes)  # (accum, B / accum, ...), rows stay on their device
+        parts = [jax.tree.map(lambda x, a=a: x[a], micro) for a in range(accum)]
+        draws = [draw_noise(_micro_rng(rng, a, accum), mb, dcfg) for a, mb in enumerate(parts)]
+        draws = jax.tree.map(lambda *x: jnp.stack(x), *draws)
+        totals = jnp.stack([loss_weight(mb) for mb in parts])
+        specs = (PartitionSpec(), jax.tree.map(lambda _: row_spec, micro), jax.tree.map(lambda _: row_spec, draws),
+                 PartitionSpec())
+        fn = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=PartitionSpec(), check_vma=False)
+        loss, aux, grads = fn(params, micro, draws, totals)
+        return loss / accum, aux, jax.tree.map(lambda g: g / accum, grads)
+
+    return compute
 
 
 def make_eval_loss(layout: StateLayout, dcfg: DiffusionConfig, seed: int,

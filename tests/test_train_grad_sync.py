@@ -37,9 +37,9 @@ def setup(grad_sync: str, accum: int, ici: dict[str, int] | None = None):
     source = data_lib.make_source(cfg, data_lib.process_rows(mesh, bax, gb), 3)
     for _ in range(2):
         raw = next(source)
-        if "video_mask" in raw:  # some padded frames, so that the loss weights differ between devices
-            raw["video_mask"] = np.asarray(raw["video_mask"]).copy()
-            raw["video_mask"][::3, -1] = 0
+        # some padded frames, so that the loss weights differ between devices
+        raw["video_mask"] = np.asarray(raw["video_mask"]).copy()
+        raw["video_mask"][::3, -1] = 0
         batches.append(data_lib.to_global(raw, shardings, gb))
     fn = step_lib.make_train_step(layout, dcfg, cfg.train, schedule, arules, shardings)
     return mesh, layout, fn, batches

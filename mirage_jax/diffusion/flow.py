@@ -56,12 +56,21 @@ def draw_noise(rng: jax.Array, batch: Mapping[str, Any], cfg: DiffusionConfig) -
             **draw_drops(k_drop, x0.shape[0], cfg)}
 
 
-def loss_weight(batch: Mapping[str, Any]) -> jax.Array:
-    """Number of latent values the loss averages over (valid frames x C x H x W), as float32."""
+def _frame_mask(batch: Mapping[str, Any]) -> jax.Array:
+    """(B, T) float32 mask of the valid latent frames (all ones without a `video_mask`)."""
+    mask = batch.get("video_mask")
+    return jnp.ones(batch["video"].shape[:2], jnp.float32) if mask is None else mask.astype(jnp.float32)
+
+
+def sample_weights(batch: Mapping[str, Any]) -> jax.Array:
+    """(B,) float32: latent values each sample's loss averages over (its valid frames x C x H x W)."""
     x0 = batch["video"]
-    frame_mask = batch.get("video_mask")
-    n_frames = x0.shape[0] * x0.shape[1] if frame_mask is None else jnp.sum(frame_mask.astype(jnp.float32))
-    return jnp.asarray(n_frames, jnp.float32) * (x0.shape[2] * x0.shape[3] * x0.shape[4])
+    return jnp.sum(_frame_mask(batch), axis=1) * (x0.shape[2] * x0.shape[3] * x0.shape[4])
+
+
+def loss_weight(batch: Mapping[str, Any]) -> jax.Array:
+    """Number of latent values the batch's loss averages over (the sum of `sample_weights`), as float32."""
+    return jnp.sum(sample_weights(batch))
 
 
 def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -91,12 +100,9 @@ def flow_matching_loss(
     cond = apply_drops(batch, draws)
     pred = model(xt, model_timestep(t), cond["text"], cond["text_mask"], **model_inputs(cond))
     err = jnp.square(pred.astype(jnp.float32) - target)
-    frame_mask = batch.get("video_mask")
-    frame_mask = jnp.ones(x0.shape[:2], jnp.float32) if frame_mask is None else frame_mask.astype(jnp.float32)
-    per_elem = x0.shape[2] * x0.shape[3] * x0.shape[4]
-    per_sample_sum = jnp.sum(err, axis=(2, 3, 4)) * frame_mask  # (B, T)
-    per_sample_n = jnp.sum(frame_mask, axis=1) * per_elem
-    loss = jnp.sum(per_sample_sum) / jnp.maximum(loss_weight(batch), 1.0)
+    per_sample_sum = jnp.sum(err, axis=(2, 3, 4)) * _frame_mask(batch)  # (B, T)
+    per_sample_n = sample_weights(batch)
+    loss = jnp.sum(per_sample_sum) / jnp.maximum(jnp.sum(per_sample_n), 1.0)
     per_sample = jnp.sum(per_sample_sum, axis=1) / jnp.maximum(per_sample_n, 1.0)
     bucket = jnp.clip((t * cfg.loss_buckets).astype(jnp.int32), 0, cfg.loss_buckets - 1)
     onehot = jax.nn.one_hot(bucket, cfg.loss_buckets, dtype=jnp.float32)

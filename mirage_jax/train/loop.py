@@ -74,7 +74,7 @@ class Trainer:
                      self.layout.param_count(), jax.process_index(), self.rows.start, self.rows.stop)
         if jax.process_count() > 1 and jax.default_backend() == "cpu" and self.cfg.train.get("grad_sync") == "xla":
             logging.warning("%d CPU processes with train.grad_sync='xla': XLA:CPU runs every buffer of the gradient "
-                            "all-reduces as its own Gloo collective (2.6x the step time of 'flat' for "
+                            "all-reduces as its own Gloo collective (2.9x the step time of 'flat' for "
                             "configs/tiny.py:demo at 2 x 4); on a pure data-parallel mesh set "
                             "--config.train.grad_sync=flat (docs/runtime.md)", jax.process_count())
         if self.layout.fallbacks:

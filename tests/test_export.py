@@ -130,7 +130,7 @@ def test_refuses_non_empty_out_and_leaves_nothing_on_failure(tmp_path, monkeypat
     assert not glob.glob(str(tmp_path / "exp.tmp-*"))
 
 
-def test_cli_exports_a_training_checkpoint(tmp_path):
+def test_cli_exports_a_training_checkpoint(tmp_path, monkeypatch):
     """train (fast tiny) -> export CLI -> MirageTransformer equals the JAX model restored from the checkpoint."""
     from mirage_jax.export.checkpoint_reader import ParamReader, read_model_config, resolve_step_dir
     from mirage_jax.train.testing import run_cli
@@ -142,7 +142,8 @@ def test_cli_exports_a_training_checkpoint(tmp_path):
                           f"--out={tmp_path / 'exp'}", "--ema"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    step_dir = resolve_step_dir(str(tmp_path / "run"))
+    monkeypatch.chdir(tmp_path)  # a relative --checkpoint (Orbax itself only takes absolute paths)
+    step_dir = resolve_step_dir("run")
     cfg = read_model_config(step_dir)
     reader = ParamReader(step_dir, ema=True)
     m = MirageDiT(cfg, rngs=nnx.Rngs(0))

@@ -8,6 +8,7 @@ onto this host's first device, one at a time, so memory stays bounded by the lar
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import numpy as np
@@ -23,8 +24,9 @@ class CheckpointError(ValueError):
 
 
 def resolve_step_dir(path: str) -> epath.Path:
-    """WORKDIR (latest committed step), WORKDIR/checkpoints, or WORKDIR[/checkpoints]/STEP -> the step folder."""
-    p = epath.Path(path)
+    """WORKDIR (latest committed step), WORKDIR/checkpoints, or WORKDIR[/checkpoints]/STEP -> the step folder
+    (absolute: Orbax refuses relative paths, and `--checkpoint=run` is what people type)."""
+    p = epath.Path(path if "://" in path else os.path.abspath(path))
     if not p.exists():
         raise CheckpointError(f"--checkpoint {p}: does not exist")
     if (p / "state").exists() and (p / "config").exists():

@@ -27,7 +27,6 @@ from configs import tiny
 from mirage_jax.train import checkpoint as ckpt_lib
 from mirage_jax.train import data as data_lib
 from mirage_jax.train import distributed, resume
-from mirage_jax.train import step as step_lib
 from mirage_jax.train.loop import Trainer
 
 MODES = ("xla", "flat")
@@ -67,8 +66,7 @@ def main(shards: str, modes: tuple[str, ...] = MODES) -> None:
             for mode in modes:
                 tc = cfg.train.copy_and_resolve_references()
                 tc.grad_sync = mode
-                fns[mode] = step_lib.make_train_step(tr.layout, tr.dcfg, tc, tr.lr_schedule, tr.act_rules,
-                                                     tr.batch_shardings)
+                fns[mode] = tr.make_step(tc)
                 state, m = fns[mode](state, batch)  # compile
                 jax.block_until_ready(m)
             best = {mode: float("inf") for mode in modes}

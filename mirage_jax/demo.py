@@ -33,9 +33,12 @@ from typing import Any
 
 from absl import app, flags
 
+from configs import tiny
+
 flags.DEFINE_string("out", "demo_out", "Everything the demo writes goes under this directory.")
 flags.DEFINE_bool("fast", False, "Tiny sizes and a few steps: checks the path works, not that it learns.")
-flags.DEFINE_integer("steps", None, "Training steps (default: configs/tiny.py:demo's 3000; --fast: 6).")
+flags.DEFINE_integer("steps", None, "Training steps, a complete lr schedule (default: configs/tiny.py:demo's "
+                     "train.steps; --fast: 6).")
 flags.DEFINE_integer("clips", None, "Training source clips (default: 160; --fast: 4).")
 flags.DEFINE_integer("seed", 0, "Data seed (held-out data uses seed + 1000).")
 flags.DEFINE_integer("eval_seeds", None, "Sampling seeds for the eval spread (default: 3; --fast: 1).")
@@ -147,7 +150,7 @@ def main(argv: Sequence[str]) -> None:
     fast = F.fast
     out = os.path.abspath(F.out)
     py = sys.executable
-    steps = F.steps or (6 if fast else 3000)
+    steps = F.steps or (6 if fast else int(tiny.get_config("demo").train.steps))
     clips = F.clips or (4 if fast else 160)
     held = 2 if fast else 8
     seconds = 2 if fast else 4

@@ -83,7 +83,7 @@ class Trainer:
 
     def run(self) -> int:
         """Train until `train.steps`; returns the final step. Raises Preempted after a preemption save."""
-        cfg, tc = self.cfg, self.cfg.train
+        cfg = self.cfg
         self._log_setup()
         store = ckpt_lib.CheckpointStore(self.workdir, cfg.checkpoint)
         config = config_to_dict(cfg)
@@ -98,8 +98,7 @@ class Trainer:
         if start >= self.total_steps:
             store.close()
             return start
-        step_fn = step_lib.make_train_step(self.layout, self.dcfg, tc, self.lr_schedule, self.act_rules,
-                                           self.batch_shardings)
+        step_fn = self.make_step()
         writer = metrics_lib.MetricsWriter(self.workdir, cfg.metrics)
         watcher = PreemptionWatcher()
         try:
@@ -108,6 +107,13 @@ class Trainer:
             watcher.close()
             writer.close()
             store.close()
+
+    def make_step(self, train_cfg: Any = None) -> Any:
+        """The run's jitted train step; `train_cfg` replaces `cfg.train` (bench.multiprocess_step times both
+        `grad_sync` modes with it)."""
+        tc = self.cfg.train if train_cfg is None else train_cfg
+        return step_lib.make_train_step(self.layout, self.dcfg, tc, self.lr_schedule, self.act_rules,
+                                        self.batch_shardings)
 
     def _throughput(self) -> tuple[float, float, float]:
         try:

@@ -59,6 +59,13 @@ def test_restore_roundtrip_with_data_state(tmp_path):
     np.testing.assert_array_equal(np.asarray(state.params["w"]["kernel"]), np.full((4, 2), 3.0))
 
 
+def test_relative_workdir_saves_and_restores(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # `--workdir=run`: Orbax itself refuses relative paths
+    write("run", [2])
+    state, data, step = resume.restore_or_init(ckpt_lib.CheckpointStore("run", CKPT), fake_layout(), CONFIG, False)
+    assert step == 2 and data["step"] == 2 and (tmp_path / "run" / "checkpoints" / "2").is_dir()
+
+
 def test_uncommitted_checkpoint_is_ignored_and_cleaned(tmp_path):
     write(tmp_path, [2])
     ckpts = tmp_path / "checkpoints"

@@ -8,13 +8,13 @@ onto this host's first device, one at a time, so memory stays bounded by the lar
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import numpy as np
 from etils import epath
 
 from mirage_jax.config import ModelConfig
+from mirage_jax.paths import orbax_path
 
 Path = tuple[str, ...]
 
@@ -25,8 +25,8 @@ class CheckpointError(ValueError):
 
 def resolve_step_dir(path: str) -> epath.Path:
     """WORKDIR (latest committed step), WORKDIR/checkpoints, or WORKDIR[/checkpoints]/STEP -> the step folder
-    (absolute: Orbax refuses relative paths, and `--checkpoint=run` is what people type)."""
-    p = epath.Path(path if "://" in path else os.path.abspath(path))
+    (absolute, `paths.orbax_path`)."""
+    p = orbax_path(path)
     if not p.exists():
         raise CheckpointError(f"--checkpoint {p}: does not exist")
     if (p / "state").exists() and (p / "config").exists():

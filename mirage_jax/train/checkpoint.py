@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from mirage_jax.paths import orbax_path
 from mirage_jax.train.state import TrainState
 
 
@@ -89,7 +90,7 @@ class CheckpointStore:
     """The workdir's checkpoints (WORKDIR/checkpoints/<step>/{state,data,config,meta})."""
 
     def __init__(self, workdir: str, ckpt_cfg: Any, *, read_only: bool = False):
-        self.directory = epath.Path(workdir) / "checkpoints"
+        self.directory = orbax_path(workdir) / "checkpoints"
         keep: list[ocm.PreservationPolicy] = [ocm.LatestN(max(int(ckpt_cfg.keep_last_n), 1))]
         if int(ckpt_cfg.keep_every_k) > 0:
             keep.append(ocm.EveryNSteps(int(ckpt_cfg.keep_every_k)))

@@ -47,7 +47,8 @@ flags.DEFINE_integer("devices_per_process", 4,
                      "CPU devices per training process: 2 processes x 4 devices is a data-parallel mesh of 8, joined "
                      "like the hosts of a pod (docs/runtime.md, 'Several processes on one machine').")
 
-CFG_AUDIO = 5.0  # audio guidance for the demo's generations (configs/tiny.py:demo diffusion.cfg_audio)
+DEMO = tiny.get_config("demo")  # the config the demo trains (default steps, audio guidance of its generations)
+CFG_AUDIO = float(DEMO.diffusion.cfg_audio)
 SAY = "Hello there. This video was generated from my voice, on a laptop processor."
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -150,7 +151,7 @@ def main(argv: Sequence[str]) -> None:
     fast = F.fast
     out = os.path.abspath(F.out)
     py = sys.executable
-    steps = F.steps or (6 if fast else int(tiny.get_config("demo").train.steps))
+    steps = F.steps or (6 if fast else int(DEMO.train.steps))
     clips = F.clips or (4 if fast else 160)
     held = 2 if fast else 8
     seconds = 2 if fast else 4

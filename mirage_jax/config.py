@@ -65,6 +65,9 @@ class ModelConfig:
     pool_heads: int = 8  # heads of the attention pool over text
     rope_base_height: int = 192
     rope_base_width: int = 192
+    # Initial RoPE-Mixed frequencies are 1 / rope_theta^(f / (head_dim/2)) (Mochi: 10000). Init only: the
+    # frequencies are learned parameters, so checkpoints, warm start and export carry them, not this number.
+    rope_theta: float = 10000.0
     use_audio: bool = True  # False builds exactly Mochi's AsymmDiT (no audio stream parameters)
     compute_dtype: str = "float32"
     param_dtype: str = "float32"
@@ -84,6 +87,7 @@ class ModelConfig:
                      "frames_per_latent", "time_embed_dim", "pool_heads"):
             _check(int(getattr(self, name)) >= 1, f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
         _check(self.head_dim % 2 == 0, "model.head_dim", f"must be even for RoPE, got {self.head_dim}")
+        _check(float(self.rope_theta) > 1.0, "model.rope_theta", f"must be > 1, got {self.rope_theta}")
         _check(self.time_embed_dim % 2 == 0, "model.time_embed_dim", "must be even")
         _check(self.text_embed_dim % self.pool_heads == 0, "model.pool_heads",
                f"must divide model.text_embed_dim={self.text_embed_dim}")

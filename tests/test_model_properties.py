@@ -78,6 +78,22 @@ def test_audio_time_frequencies_start_equal_to_video_time_frequencies():
     np.testing.assert_allclose(score(3.0, 1.0), score(10.0, 8.0), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("theta", [10000.0, 100.0])
+def test_rope_theta_sets_initial_frequency_magnitudes(theta):
+    """Each (head, pair) starts at 1 / theta^(f / half) along a random unit direction over (t, h, w)."""
+    cfg = small_config(rope_theta=theta)
+    freqs = np.asarray(MirageDiT(cfg, rngs=nnx.Rngs(0)).pos_frequencies[...])
+    half = cfg.head_dim // 2
+    expected = np.broadcast_to(theta ** (-np.arange(half) / half), (cfg.num_heads, half))
+    np.testing.assert_allclose(np.linalg.norm(freqs, axis=0), expected, rtol=1e-5)
+
+
+def test_rope_theta_must_exceed_one():
+    from mirage_jax.config import ConfigError
+    with pytest.raises(ConfigError, match="model.rope_theta"):
+        small_config(rope_theta=1.0).validate()
+
+
 def test_masked_tokens_cannot_change_unmasked_outputs():
     cfg, model = _model()
     inp = random_inputs(cfg)

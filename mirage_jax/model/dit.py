@@ -12,6 +12,7 @@ diffusers' Mochi is (1000 * (1 - noise level)) and predicts x0 - noise (see mira
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -144,8 +145,9 @@ class MirageDiT(nnx.Module):
         self.text_pool = AttentionPool(cfg.text_embed_dim, cfg.video_dim, cfg.pool_heads, rngs=rngs)
         self.caption_proj = dense(cfg.text_embed_dim, cfg.text_dim, ("vocab", "embed"), bias=True, **kw)
         freq_axes = (None, None, None)  # tiny: replicated
+        rope_init = functools.partial(rope_lib.mixed_rope_init, theta=cfg.rope_theta)
         self.pos_frequencies = nnx.Param(
-            partitioned(lambda key, shape, dtype: rope_lib.mixed_rope_init(key, *shape), freq_axes)(
+            partitioned(lambda key, shape, dtype: rope_init(key, *shape), freq_axes)(
                 rngs.params(), (3, cfg.num_heads, half), jnp.float32))
         if cfg.use_audio:
             self.audio_proj = dense(cfg.audio_feature_dim, cfg.audio_dim, ("vocab", "embed"), bias=True, **kw)

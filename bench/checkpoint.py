@@ -72,13 +72,13 @@ def measure(rounds: int = 3, video_dim: int = 320, layers: int = 8, directory: s
     import jax
     import numpy as np
 
-    from mirage_jax.aot import build_setup
     from mirage_jax.train.checkpoint import CheckpointStore
+    from mirage_jax.train.setup import RunSetup
 
     cfg = common.tiny_config({"model.video_dim": video_dim, "model.num_heads": 8, "model.head_dim": video_dim // 8,
                               "model.text_dim": video_dim // 2, "model.audio_dim": video_dim // 2,
                               "model.num_layers": layers, "checkpoint.keep_last_n": 2, "checkpoint.async_save": True})
-    setup = build_setup(cfg, jax.devices()[:1])
+    setup = RunSetup(cfg, jax.devices()[:1])
     with jax.set_mesh(setup.mesh):
         state = setup.layout.create()
     # Like a trained state: every float array random (a fresh state's zero moments would compress).

@@ -92,22 +92,21 @@ def tiny_config(overrides: Mapping[str, Any] | None = None) -> Any:
 
 
 class RealStep:
-    """The runtime's jitted, sharded train step (built by the same calls as `train.loop.Trainer`) on
+    """The runtime's jitted, sharded train step (`train.setup.RunSetup`, as `train.loop.Trainer`) on
     `devices`, with an initialized state and one synthetic global batch; `run()` does one step."""
 
     def __init__(self, cfg: Any, devices: Any = None):
         import jax
 
-        from mirage_jax.aot import build_setup
         from mirage_jax.train import data as data_lib
+        from mirage_jax.train.setup import RunSetup
 
         self.cfg = cfg
         devices = list(devices if devices is not None else jax.devices()[:1])
-        self.setup = build_setup(cfg, devices)
+        self.setup = RunSetup(cfg, devices)
         self.global_batch = int(cfg.train.global_batch_size)
-        batch_axes = dict(self.setup.act_rules).get("batch")
         with jax.set_mesh(self.setup.mesh):
-            rows = data_lib.process_rows(self.setup.mesh, batch_axes, self.global_batch)
+            rows = data_lib.process_rows(self.setup.mesh, self.setup.batch_axes, self.global_batch)
             source = data_lib.SyntheticSource(self.setup.batch_shapes, rows, 1)
             self.batch = data_lib.to_global(next(source), self.setup.batch_shardings, self.global_batch)
             self.state = self.setup.layout.create()

@@ -2,7 +2,7 @@
 
     python -m bench.efficiency [--json] [--rounds=5] [--matmul=2048]
 
-The step is the runtime's real jitted train step (`aot.build_setup`, as `train.loop.Trainer`) of
+The step is the runtime's real jitted train step (`train.setup.RunSetup`, as `train.loop.Trainer`) of
 configs/tiny.py on one CPU device. Its FLOPs are counted two ways: analytic (`describe.count_flops`, the
 MFU numerator: forward + backward matmuls only) and XLA's `cost_analysis()` of the compiled step, corrected
 for the scanned layers (`aot.correct_compiled_flops`; it also counts norms, softmax, RoPE, the optimizer).

@@ -2,7 +2,7 @@
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m bench.seq_parallel [--json] [--sizes=1,2,4,8]
 
-The runtime's real sharded train step (`aot.build_setup`, as `train.loop.Trainer`) of configs/tiny.py with
+The runtime's real sharded train step (`train.setup.RunSetup`, as `train.loop.Trainer`) of configs/tiny.py with
 8 heads of 8 (so 8 divides the heads for the Ulysses all-to-all), on 8 CPU devices: mesh fsdp = 8 / s,
 sequence = s, the same global batch for every s, the state sharded over fsdp x sequence (as
 configs/mirage_10b.py does). Memory is the compiled step's `memory_analysis()` per

@@ -26,8 +26,11 @@ import os
 import re
 import sys
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mirage_jax.train.setup import RunSetup
 
 GiB = 1024**3
 
@@ -187,56 +190,7 @@ def correct_compiled_flops(raw_total: float, parts: FlopParts, *, global_batch: 
 # -- compile ----------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Setup:
-    """What the runtime derives from the config (the same calls as `train.loop.Trainer.__init__`)."""
-
-    mcfg: Any
-    dcfg: Any
-    mesh: Any
-    layout: Any
-    act_rules: Any
-    batch_shardings: dict[str, Any]
-    batch_shapes: dict[str, Any]
-    step_fn: Any
-    act_warning: str | None
-
-
-def build_setup(cfg: Any, devices: Sequence[Any]) -> Setup:
-    """Mesh, rules, layout checks, optimizer, StateLayout, batch shardings and the jitted train step, over
-    `devices` (here: a topology's abstract devices). Mirrors `Trainer.__init__` call for call."""
-    from mirage_jax.config import DiffusionConfig, ModelConfig
-    from mirage_jax.parallel import checks
-    from mirage_jax.parallel import mesh as mesh_lib
-    from mirage_jax.parallel import rules as rules_lib
-    from mirage_jax.train import data as data_lib
-    from mirage_jax.train import optim
-    from mirage_jax.train import step as step_lib
-    from mirage_jax.train.state import StateLayout
-
-    for section in ("model", "diffusion", "shapes"):
-        if section not in cfg:
-            raise ValueError(f"the config has no `{section}` section; use a model config such as "
-                             "configs/mirage_10b.py, not configs/common.py")
-    mcfg = ModelConfig.from_config(cfg.model)
-    dcfg = DiffusionConfig.from_config(cfg.diffusion)
-    mesh = mesh_lib.build_mesh(cfg.mesh, devices)
-    param_rules = rules_lib.normalize_rules(cfg.mesh.rules.params, "mesh.rules.params", mesh)
-    act_rules, warning = rules_lib.effective_activation_rules(
-        rules_lib.normalize_rules(cfg.mesh.rules.activations, "mesh.rules.activations", mesh))
-    tc = cfg.train
-    checks.check_layout(mesh, act_rules, mcfg.num_heads, int(tc.global_batch_size), int(tc.grad_accum))
-    total_steps = int(tc.steps)
-    tx = optim.make_optimizer(cfg.optim, float(tc.clip_norm), total_steps)
-    lr_schedule = optim.learning_rate_schedule(cfg.optim, total_steps)
-    layout = StateLayout(mcfg, tx, mesh, param_rules, int(tc.seed))
-    shapes = data_lib.batch_shapes(cfg)
-    batch_shardings = data_lib.batch_shardings(mesh, dict(act_rules).get("batch"), shapes)
-    step_fn = step_lib.make_train_step(layout, dcfg, tc, lr_schedule, act_rules, batch_shardings)
-    return Setup(mcfg, dcfg, mesh, layout, act_rules, batch_shardings, shapes, step_fn, warning)
-
-
-def abstract_batch(setup: Setup, global_batch: int) -> dict[str, Any]:
+def abstract_batch(setup: RunSetup, global_batch: int) -> dict[str, Any]:
     """ShapeDtypeStructs of one global batch with the runtime's batch shardings."""
     import jax
 
@@ -269,6 +223,7 @@ def plan(cfg: Any, topology: str, *, mfu: float = DEFAULT_MFU, min_headroom: flo
     import jax
 
     from mirage_jax.describe import count_params, count_tokens
+    from mirage_jax.train.setup import RunSetup
 
     if not 0.0 < mfu <= 1.0:
         raise ValueError(f"--mfu={mfu}: a fraction in (0, 1]")
@@ -282,7 +237,7 @@ def plan(cfg: Any, topology: str, *, mfu: float = DEFAULT_MFU, min_headroom: flo
     # Headroom is measured against the smaller of the nominal HBM and what the compiler allows (v6e: 31.25 GiB).
     usable = min(topo.chip.hbm_bytes, topo.chip.usable_hbm_bytes or topo.chip.hbm_bytes) // per_chip
     peak = topo.chip.peak_bf16_flops / per_chip
-    setup = build_setup(cfg, devices)
+    setup = RunSetup(cfg, devices)  # the runtime's own derivations, over the topology's devices
     mcfg, tc = setup.mcfg, cfg.train
     gb, accum = int(tc.global_batch_size), int(tc.grad_accum)
     shapes = dict(cfg.shapes)

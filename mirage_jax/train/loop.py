@@ -17,17 +17,13 @@ import jax
 import numpy as np
 from absl import logging
 
-from mirage_jax.config import DiffusionConfig, ModelConfig
-from mirage_jax.parallel import checks
 from mirage_jax.parallel import mesh as mesh_lib
-from mirage_jax.parallel import rules as rules_lib
 from mirage_jax.train import checkpoint as ckpt_lib
 from mirage_jax.train import data as data_lib
 from mirage_jax.train import metrics as metrics_lib
-from mirage_jax.train import optim, resume
-from mirage_jax.train import step as step_lib
+from mirage_jax.train import resume
 from mirage_jax.train.preemption import Preempted, PreemptionWatcher
-from mirage_jax.train.state import StateLayout
+from mirage_jax.train.setup import RunSetup
 
 
 class NonFiniteError(RuntimeError):
@@ -39,35 +35,17 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(cfg.to_json_best_effort())
 
 
-class Trainer:
-    """Everything derived from the config once; `run()` trains to `train.steps`."""
+class Trainer(RunSetup):
+    """Everything derived from the config once (`RunSetup`), this process's batch rows; `run()` trains to
+    `train.steps`."""
 
     def __init__(self, cfg: Any, workdir: str, *, allow_config_change: bool = False):
-        self.cfg, self.workdir = cfg, workdir
+        super().__init__(cfg)
+        self.workdir = workdir
         self.allow_config_change = allow_config_change or bool(cfg.checkpoint.allow_config_change)
-        for section in ("model", "diffusion", "shapes"):
-            if section not in cfg:
-                raise ValueError(f"the config has no `{section}` section; start from a model config such as "
-                                 "configs/tiny.py, not configs/common.py")
-        self.mcfg = ModelConfig.from_config(cfg.model)
-        self.dcfg = DiffusionConfig.from_config(cfg.diffusion)
-        self.mesh = mesh_lib.build_mesh(cfg.mesh)
-        self.param_rules = rules_lib.normalize_rules(cfg.mesh.rules.params, "mesh.rules.params", self.mesh)
-        self.act_rules, act_warning = rules_lib.effective_activation_rules(
-            rules_lib.normalize_rules(cfg.mesh.rules.activations, "mesh.rules.activations", self.mesh))
-        if act_warning:
-            logging.warning("%s", act_warning)
-        tc = cfg.train
-        checks.check_layout(self.mesh, self.act_rules, self.mcfg.num_heads, int(tc.global_batch_size),
-                            int(tc.grad_accum))
-        self.total_steps = int(tc.steps)
-        self.tx = optim.make_optimizer(cfg.optim, float(tc.clip_norm), self.total_steps)
-        self.lr_schedule = optim.learning_rate_schedule(cfg.optim, self.total_steps)
-        self.layout = StateLayout(self.mcfg, self.tx, self.mesh, self.param_rules, int(tc.seed))
-        self.batch_axes = dict(self.act_rules).get("batch")
-        self.shapes = data_lib.batch_shapes(cfg)
-        self.batch_shardings = data_lib.batch_shardings(self.mesh, self.batch_axes, self.shapes)
-        self.rows = data_lib.process_rows(self.mesh, self.batch_axes, int(tc.global_batch_size))
+        if self.act_warning:
+            logging.warning("%s", self.act_warning)
+        self.rows = data_lib.process_rows(self.mesh, self.batch_axes, int(cfg.train.global_batch_size))
 
     def _log_setup(self) -> None:
         logging.info("%s; %d parameters; process %d feeds batch rows [%d, %d)", mesh_lib.describe(self.mesh),
@@ -107,13 +85,6 @@ class Trainer:
             watcher.close()
             writer.close()
             store.close()
-
-    def make_step(self, train_cfg: Any = None) -> Any:
-        """The run's jitted train step; `train_cfg` replaces `cfg.train` (bench.multiprocess_step times both
-        `grad_sync` modes with it)."""
-        tc = self.cfg.train if train_cfg is None else train_cfg
-        return step_lib.make_train_step(self.layout, self.dcfg, tc, self.lr_schedule, self.act_rules,
-                                        self.batch_shardings)
 
     def _throughput(self) -> tuple[float, float, float]:
         try:

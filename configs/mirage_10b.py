@@ -21,7 +21,7 @@ def model_config() -> ml_collections.ConfigDict:
         video_dim=3072, text_dim=1536, audio_dim=1536, mlp_ratio_video=4.0, mlp_ratio_text=4.0,
         mlp_ratio_audio=4.0, text_embed_dim=4096, max_text_len=256, audio_feature_dim=1024, frames_per_latent=5,
         time_embed_dim=256, pool_heads=8, rope_base_height=192, rope_base_width=192, rope_theta=10000.0,
-        use_audio=True, compute_dtype="bfloat16", param_dtype="float32", attention_backend="splash",
+        rope_init="mixed", use_audio=True, compute_dtype="bfloat16", param_dtype="float32", attention_backend="splash",
         remat_policy="full", scan_layers=True,
     ))
 

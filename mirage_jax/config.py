@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 ATTENTION_BACKENDS = ("xla", "dot_product", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention")
 DTYPES = ("float32", "bfloat16")
+ROPE_INITS = ("mixed", "axial")
 TIMESTEP_SAMPLERS = ("uniform", "logit_normal", "linear_quadratic")
 
 T = TypeVar("T")
@@ -68,6 +69,9 @@ class ModelConfig:
     # Initial RoPE-Mixed frequencies are 1 / rope_theta^(f / (head_dim/2)) (Mochi: 10000). Init only: the
     # frequencies are learned parameters, so checkpoints, warm start and export carry them, not this number.
     rope_theta: float = 10000.0
+    # "mixed": per (head, pair) a random direction over (t, h, w) (RoPE-Mixed); "axial": each pair along one
+    # axis, half of them time (rope.axial_rope_init). Init only, like rope_theta.
+    rope_init: str = "mixed"
     use_audio: bool = True  # False builds exactly Mochi's AsymmDiT (no audio stream parameters)
     compute_dtype: str = "float32"
     param_dtype: str = "float32"
@@ -87,6 +91,7 @@ class ModelConfig:
                      "frames_per_latent", "time_embed_dim", "pool_heads"):
             _check(int(getattr(self, name)) >= 1, f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
         _check(self.head_dim % 2 == 0, "model.head_dim", f"must be even for RoPE, got {self.head_dim}")
+        _check(self.rope_init in ROPE_INITS, "model.rope_init", f"one of {ROPE_INITS}, got {self.rope_init!r}")
         _check(float(self.rope_theta) > 1.0, "model.rope_theta", f"must be > 1, got {self.rope_theta}")
         _check(self.time_embed_dim % 2 == 0, "model.time_embed_dim", "must be even")
         _check(self.text_embed_dim % self.pool_heads == 0, "model.pool_heads",

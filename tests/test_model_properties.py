@@ -88,10 +88,26 @@ def test_rope_theta_sets_initial_frequency_magnitudes(theta):
     np.testing.assert_allclose(np.linalg.norm(freqs, axis=0), expected, rtol=1e-5)
 
 
-def test_rope_theta_must_exceed_one():
+def test_axial_rope_init_puts_every_pair_on_one_axis():
+    """head_dim 16 -> 8 pairs: 4 time (1, 100^-1/4, 100^-2/4, 100^-3/4), 2 height, 2 width (1, 100^-1/2), in
+    every head; the audio time frequencies start equal to the video time row, as with the mixed init."""
+    cfg = small_config(rope_theta=100.0, rope_init="axial", frames_per_latent=1)
+    model = MirageDiT(cfg, rngs=nnx.Rngs(0))
+    freqs = np.asarray(model.pos_frequencies[...])
+    ladder = lambda n: 100.0 ** (-np.arange(n) / n)  # noqa: E731
+    expected = np.zeros((3, 8), np.float32)
+    expected[0, :4], expected[1, 4:6], expected[2, 6:] = ladder(4), ladder(2), ladder(2)
+    for head in range(cfg.num_heads):
+        np.testing.assert_allclose(freqs[:, head], expected, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(model.audio_pos_frequencies[...]), freqs[0:1])
+
+
+def test_rope_init_fields_are_checked():
     from mirage_jax.config import ConfigError
     with pytest.raises(ConfigError, match="model.rope_theta"):
         small_config(rope_theta=1.0).validate()
+    with pytest.raises(ConfigError, match="model.rope_init"):
+        small_config(rope_init="axis").validate()
 
 
 def test_masked_tokens_cannot_change_unmasked_outputs():

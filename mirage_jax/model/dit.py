@@ -145,7 +145,10 @@ class MirageDiT(nnx.Module):
         self.text_pool = AttentionPool(cfg.text_embed_dim, cfg.video_dim, cfg.pool_heads, rngs=rngs)
         self.caption_proj = dense(cfg.text_embed_dim, cfg.text_dim, ("vocab", "embed"), bias=True, **kw)
         freq_axes = (None, None, None)  # tiny: replicated
-        rope_init = functools.partial(rope_lib.mixed_rope_init, theta=cfg.rope_theta)
+        if cfg.rope_init == "axial":
+            rope_init = lambda key, *shape: rope_lib.axial_rope_init(*shape, theta=cfg.rope_theta)  # noqa: E731
+        else:
+            rope_init = functools.partial(rope_lib.mixed_rope_init, theta=cfg.rope_theta)
         self.pos_frequencies = nnx.Param(
             partitioned(lambda key, shape, dtype: rope_init(key, *shape), freq_axes)(
                 rngs.params(), (3, cfg.num_heads, half), jnp.float32))

@@ -21,6 +21,21 @@ def mixed_rope_init(key: jax.Array, n_axes: int, heads: int, half: int, theta: f
     return direction * base[None, None, :]
 
 
+def axial_rope_init(n_axes: int, heads: int, half: int, theta: float = 10000.0) -> jax.Array:
+    """Axial initial frequencies (as CogVideoX / Wan fix them): every pair rotates along ONE axis. Time gets
+    the first half - (n_axes - 1) * (half // (2 * (n_axes - 1))) pairs (half of them for 3 axes), the other
+    axes split the rest; each axis has its own ladder 1/theta^(k/n) over its n pairs. Every head then has time-only
+    pairs from step 0, whatever the seed; training mixes the axes from there (the frequencies are learned)."""
+    per_other = half // (2 * (n_axes - 1)) if n_axes > 1 else 0
+    counts = [half - per_other * (n_axes - 1)] + [per_other] * (n_axes - 1)
+    freqs = np.zeros((n_axes, half), np.float32)
+    start = 0
+    for axis, n in enumerate(counts):
+        freqs[axis, start:start + n] = 1.0 / theta ** (np.arange(n, dtype=np.float32) / max(n, 1))
+        start += n
+    return jnp.asarray(np.repeat(freqs[:, None, :], heads, axis=1))
+
+
 def _centers(start: float, stop: float, num: int) -> np.ndarray:
     edges = np.linspace(start, stop, num + 1, dtype=np.float32)
     return (edges[:-1] + edges[1:]) / 2

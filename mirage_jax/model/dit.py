@@ -12,7 +12,6 @@ diffusers' Mochi is (1000 * (1 - noise level)) and predicts x0 - noise (see mira
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -145,12 +144,14 @@ class MirageDiT(nnx.Module):
         self.text_pool = AttentionPool(cfg.text_embed_dim, cfg.video_dim, cfg.pool_heads, rngs=rngs)
         self.caption_proj = dense(cfg.text_embed_dim, cfg.text_dim, ("vocab", "embed"), bias=True, **kw)
         freq_axes = (None, None, None)  # tiny: replicated
-        if cfg.rope_init == "axial":
-            rope_init = lambda key, *shape: rope_lib.axial_rope_init(*shape, theta=cfg.rope_theta)  # noqa: E731
-        else:
-            rope_init = functools.partial(rope_lib.mixed_rope_init, theta=cfg.rope_theta)
+
+        def init_frequencies(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+            if cfg.rope_init == "axial":
+                return rope_lib.axial_rope_init(*shape, theta=cfg.rope_theta)
+            return rope_lib.mixed_rope_init(key, *shape, theta=cfg.rope_theta)
+
         self.pos_frequencies = nnx.Param(
-            partitioned(lambda key, shape, dtype: rope_init(key, *shape), freq_axes)(
+            partitioned(init_frequencies, freq_axes)(
                 rngs.params(), (3, cfg.num_heads, half), jnp.float32))
         if cfg.use_audio:
             self.audio_proj = dense(cfg.audio_feature_dim, cfg.audio_dim, ("vocab", "embed"), bias=True, **kw)

@@ -1,8 +1,11 @@
 """One source file -> encoded clip records: decode (PyAV), cut, filter, encode, serialize.
 
 This is the per-element work of the Beam pipeline in `prepare`, kept free of Beam so it can be tested
-and reused directly. Frames are streamed: only the frames of clips (and reference frames) not yet
-emitted are held in memory.
+and reused directly. Frames are streamed in one forward decode; a frame is held only while a clip still
+needs it (its own frames, or a reference frame drawn from elsewhere in the source). Held frames are capped
+by a byte budget: past it, waiting clips get their reference frame by seeking (media.FrameSeeker) and
+reference frames kept for later clips are dropped and fetched again the same way, so memory does not
+grow with the source's duration and the records are the same bytes.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from data_pipeline import clips, encoders, filters, media, records
+from data_pipeline import clips, encoders, filters, geometry, media, records, sources
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
 
@@ -27,7 +30,8 @@ class IngestConfig:
 
     clip_seconds: float = 2.0
     min_seconds: float | None = None  # None: clip_seconds (tails shorter than a clip are dropped)
-    size: tuple[int, int] | None = None  # (W, H) resize; None: keep the source size
+    size: tuple[int, int] | None = None  # (W, H) training size (scale to cover + crop); None: the source's
+    crop: str = "center"  # crop policy (data_pipeline.geometry) when scaling to `size`
     video_encoder: str = "s2d"
     video_params: tuple[tuple[str, Any], ...] = ()
     audio_encoder: str = "logmel"
@@ -91,9 +95,9 @@ def list_sources(pattern_or_dir: str) -> list[str]:
 
 
 def read_sidecar(path: str) -> dict[str, Any]:
-    """`<video>.json` next to the source (caption, optional per-frame mouth track), or {}."""
-    side = epath.Path(path).with_suffix(".json")
-    if not side.exists():
+    """The source's sidecar (`<name.ext>.json`, else `<stem>.json`: caption, optional mouth track), or {}."""
+    side = sources.find_sidecar(path)
+    if side is None:
         return {}
     try:
         return json.loads(side.read_text())
@@ -107,9 +111,7 @@ class ClipRecord:
     data: bytes
 
 
-def _ids_root(path: str, root: str) -> str:
-    rel = os.path.relpath(path, root) if root and "://" not in path else os.path.basename(path)
-    return os.path.splitext(rel)[0].replace(os.sep, "/")
+DEFAULT_HELD_BYTES = 1 << 30  # decoded frames a source may hold (1 GiB: ~390 frames of 720p RGB)
 
 
 def ingest_source(
@@ -120,16 +122,23 @@ def ingest_source(
     audio_16k: np.ndarray | None = None,
     audio_offset_s: float | None = None,
     stats: dict[str, int] | None = None,
+    notes: list[str] | None = None,
+    held_bytes: int = DEFAULT_HELD_BYTES,
+    held_peak: list[int] | None = None,
 ) -> Iterator[ClipRecord]:
-    """Records for every kept clip of `path`; `stats` counts clips kept and dropped (by reason).
+    """Records for every kept clip of `path`; `stats` counts clips kept and dropped (by reason), `notes`
+    collects what was chosen or assumed about the source (stream picked, rotation, silent audio...).
 
     `audio_16k`/`audio_offset_s` come from another audio backend (tfio); default: PyAV's resampler.
+    At most max(`held_bytes` worth, clip + 2) decoded frames are held; `held_peak`[0] gets the most held.
     """
     venc, aenc, tenc = encs
     stats = {} if stats is None else stats
+    notes = [] if notes is None else notes
     info = media.probe(path)
+    notes.extend(info.notes)
     tf = encoders.frame_multiple(venc)
-    source_key = _ids_root(path, root)
+    source_key = sources.source_id(path, root)
     plans = clips.plan_clips(info.num_frames, cfg.clip_frames, cfg.min_frames, tf, source_key, cfg.seed)
     if not plans:
         stats["dropped:too_short"] = stats.get("dropped:too_short", 0) + 1
@@ -142,33 +151,84 @@ def ingest_source(
     track = np.asarray(side.get("mouth", []), np.float32)
     text, text_mask = tenc.encode(caption)
     active = list(filters.get_filters(list(cfg.filters)))
-    need: dict[int, list[int]] = {}
+    geo = geometry.plan(
+        (info.width, info.height), info.rotation, cfg.size, cfg.crop,
+        lambda g: next(media.iter_frames(info, g))[1],
+    )
+    out_w, out_h = cfg.size or (info.width, info.height)
+    budget = max(held_bytes // (out_w * out_h * 3), cfg.clip_frames + 2)
+    seeker = media.FrameSeeker(info, geo)
+    # which clips use frame k: as a clip frame (owner) or as a reference frame (refs)
+    owner = {k: i for i, pl in enumerate(plans) for k in range(pl.start, pl.stop)}
+    ref_users: dict[int, list[int]] = {}
     for i, pl in enumerate(plans):
-        for k in list(range(pl.start, pl.stop)) + ([pl.ref_frame] if pl.ref_frame is not None else []):
-            need.setdefault(k, []).append(i)
+        if pl.ref_frame is not None:
+            ref_users.setdefault(pl.ref_frame, []).append(i)
     held: dict[int, np.ndarray] = {}
+    waiting: list[int] = []  # clips with all their frames, whose reference frame comes later
     done = [False] * len(plans)
+    silent = [0]
 
-    def complete(pl: clips.ClipPlan) -> bool:
-        return all(k in held for k in range(pl.start, pl.stop)) and (
-            pl.ref_frame is None or pl.ref_frame in held
+    def ref_of(pl: clips.ClipPlan) -> np.ndarray | None:
+        if pl.ref_frame is None:
+            return None
+        if pl.ref_frame in held:
+            return held[pl.ref_frame]
+        stats["ref_seeks"] = stats.get("ref_seeks", 0) + 1
+        return seeker.get(pl.ref_frame)
+
+    def still_needed(k: int) -> bool:
+        return (k in owner and not done[owner[k]]) or any(not done[i] for i in ref_users.get(k, []))
+
+    def finish(i: int) -> Iterator[ClipRecord]:
+        pl = plans[i]
+        done[i] = True
+        rec = _encode_clip(
+            path, source_key, pl, held, ref_of(pl), audio, track, caption, text, text_mask, encs, active, stats,
+            silent if "silence" not in cfg.filters else None,
         )
+        for kk in [*range(pl.start, pl.stop), pl.ref_frame]:
+            if kk is not None and kk in held and not still_needed(kk):
+                del held[kk]
+        if rec is not None:
+            yield rec
 
-    for k, frame in media.iter_frames(info, cfg.size):
-        if k in need:
-            held[k] = frame
-        for i, pl in enumerate(plans):
-            if done[i] or not complete(pl):
-                continue
-            done[i] = True
-            rec = _encode_clip(
-                path, source_key, pl, held, audio, track, caption, text, text_mask, encs, active, stats
-            )
-            if rec is not None:
-                yield rec
-            for kk in [*range(pl.start, pl.stop), pl.ref_frame]:  # forget frames no pending clip needs
-                if kk is not None and all(done[j] for j in need.get(kk, [])):
-                    held.pop(kk, None)
+    peak = 0
+    try:
+        for k, frame in media.iter_frames(info, geo):
+            if still_needed(k):
+                held[k] = frame
+            peak = max(peak, len(held))
+            ready = []
+            if k in owner and plans[owner[k]].stop == k + 1:
+                i = owner[k]
+                r = plans[i].ref_frame
+                (waiting if r is not None and r > k else ready).append(i)
+            ready += [i for i in ref_users.get(k, []) if i in waiting]
+            for i in ready:
+                if i in waiting:
+                    waiting.remove(i)
+                yield from finish(i)
+            while len(held) > budget and waiting:  # over budget: the oldest waiting clip seeks its reference
+                yield from finish(waiting.pop(0))
+            if len(held) > budget:  # still over: drop kept reference frames, latest use first
+                spare = sorted(
+                    (kk for kk in held if kk not in owner or done[owner[kk]]),
+                    key=lambda kk: -min(plans[i].start for i in ref_users[kk] if not done[i]),
+                )
+                for kk in spare[: len(held) - budget]:
+                    del held[kk]
+        for i in list(waiting):  # reference frames past the last decoded frame (a short decode)
+            yield from finish(i)
+    finally:
+        seeker.close()
+        if held_peak is not None:
+            held_peak[:] = [peak]
+    if silent[0]:
+        notes.append(f"{silent[0]} clip(s) have silent audio (below -45 dBFS); --filters=silence drops them")
+        stats["warned:silent_audio"] = stats.get("warned:silent_audio", 0) + silent[0]
+    if stats.get("ref_seeks"):
+        notes.append(f"{stats['ref_seeks']} reference frame(s) fetched by seeking (held-frame budget {budget})")
     if not all(done):
         raise RuntimeError(
             f"{path}: decoding stopped before frame {max(pl.stop for pl in plans)}; the file may be truncated"
@@ -180,6 +240,7 @@ def _encode_clip(
     source_key: str,
     pl: clips.ClipPlan,
     held: dict[int, np.ndarray],
+    ref_frame: np.ndarray | None,
     audio: np.ndarray,
     track: np.ndarray,
     caption: str,
@@ -188,7 +249,9 @@ def _encode_clip(
     encs: tuple[Any, Any, Any],
     active: list[tuple[str, filters.Filter]],
     stats: dict[str, int],
+    silent: list[int] | None = None,
 ) -> ClipRecord | None:
+    """`silent`: when given (the silence filter is off), counts clips whose audio it would drop."""
     venc, aenc, _ = encs
     frames = np.stack([held[k] for k in range(pl.start, pl.stop)])
     wave = audio[pl.start * media.HOP : pl.stop * media.HOP]
@@ -196,12 +259,14 @@ def _encode_clip(
         if fn(filters.ClipData(frames, wave, path, pl.start)) is not None:
             stats[f"dropped:filter:{name}"] = stats.get(f"dropped:filter:{name}", 0) + 1
             return None
+    if silent is not None and filters.silence(filters.ClipData(frames, wave, path, pl.start)) is not None:
+        silent[0] += 1
     video = venc.encode(frames)
     tf = frames.shape[0] // video.shape[0]
-    if pl.ref_frame is None:
+    if ref_frame is None:
         ref = np.zeros((1, *video.shape[1:]), np.float32)
     else:
-        ref = venc.encode(np.repeat(held[pl.ref_frame][None], tf, axis=0))[:1]
+        ref = venc.encode(np.repeat(ref_frame[None], tf, axis=0))[:1]
     valid = len(track) >= pl.stop
     mouth = track[pl.start : pl.stop].astype(np.float32) if valid else np.zeros(pl.length, np.float32)
     tensors = {

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import av
@@ -59,7 +59,12 @@ def write_mp4(path: str | epath.Path, frames: np.ndarray, audio: np.ndarray, *, 
 
 @dataclasses.dataclass
 class VideoInfo:
-    """What a packet scan (no decoding) tells about a source: its frame times and the 25 fps frame count."""
+    """What a packet scan (plus one decoded frame) tells about a source.
+
+    `width` x `height` is the DISPLAY size: the stored size turned by the container's display matrix
+    (`rotation`, degrees counter-clockwise, as PyAV's `VideoFrame.rotation`: a phone's portrait clip
+    stored 64x48 with rotation -90 is 48x64).
+    """
 
     path: str
     width: int
@@ -68,6 +73,12 @@ class VideoInfo:
     t0: float  # absolute time (s) of the first video frame
     num_frames: int  # frames at 25 fps
     has_audio: bool
+    rotation: int = 0  # display rotation, counter-clockwise degrees (a multiple of 90)
+    pts: np.ndarray | None = None  # sorted pts of the source frames (stream time base), for seeking
+    video_index: int = 0  # container stream index of the video stream used
+    audio_index: int | None = None  # ... and of the audio stream used (None: no audio)
+    pix_fmt: str = ""
+    notes: tuple[str, ...] = ()  # what was chosen or assumed about this source (goes to prepare's summary)
 
     def source_index(self) -> np.ndarray:
         """For each 25 fps output frame k, the index of the source frame on screen at k / 25 s."""
@@ -81,18 +92,91 @@ def _open(path: str) -> Any:
     return av.open(path)
 
 
-def probe(path: str) -> VideoInfo:
-    """Scan the video packets of `path` for frame times (cheap: demux only, no decode)."""
+def pick_stream(streams: Sequence[Any], kind: str) -> tuple[Any, str | None]:
+    """The stream to use among a container's `kind` streams: the first with the default disposition,
+    else the first; and a note saying which when there is a choice (None when there is one stream)."""
+    if not streams:
+        return None, None
+    default = [s for s in streams if s.disposition & av.stream.Disposition.default]
+    s = (default or list(streams))[0]
+    if len(streams) == 1:
+        return s, None
+    why = "the default stream" if default else "no stream is marked default: the first"
+    return s, f"{len(streams)} {kind} streams: using stream #{s.index} ({why})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+    """A source's video header from its first decoded frame: display size, rotation, pixel format."""
+
+    width: int
+    height: int
+    rotation: int
+    pix_fmt: str
+    interlaced: bool
+    hdr: bool
+    video_index: int
+    audio_index: int | None
+    notes: tuple[str, ...]
+
+
+_HDR_TRC = (16, 18)  # AVCOL_TRC_SMPTE2084 (PQ), AVCOL_TRC_ARIB_STD_B67 (HLG)
+
+
+def header(path: str) -> Header:
+    """Open `path` and decode its first video frame (cheap). ValueError naming the file if unreadable."""
     try:
         with _open(path) as c:
-            if not c.streams.video:
+            vs, vnote = pick_stream(c.streams.video, "video")
+            if vs is None:
                 raise ValueError(f"{path}: no video stream")
-            vs = c.streams.video[0]
-            tb = float(vs.time_base)
-            pts = sorted(p.pts for p in c.demux(vs) if p.pts is not None and p.size > 0)
-            if not pts:
+            aus, anote = pick_stream(c.streams.audio, "audio")
+            frame = next(iter(c.decode(vs)), None)
+            if frame is None:
                 raise ValueError(f"{path}: the video stream has no frames")
-            times = np.asarray(pts, np.float64) * tb
+            rot = int(round(frame.rotation / 90.0)) * 90 % 360
+            if abs(frame.rotation - round(frame.rotation / 90.0) * 90) > 1:
+                raise ValueError(f"{path}: display rotation {frame.rotation} degrees is not a multiple of 90")
+            w, h = (frame.height, frame.width) if rot % 180 else (frame.width, frame.height)
+            notes = [n for n in (vnote, anote) if n]
+            if rot:
+                notes.append(
+                    f"display rotation {frame.rotation:g} degrees: stored {frame.width}x{frame.height}, shown {w}x{h}"
+                )
+            hdr = int(frame.color_trc) in _HDR_TRC
+            if hdr:
+                notes.append(
+                    f"HDR ({frame.format.name}, transfer characteristic {int(frame.color_trc)}): converted to "
+                    "8-bit RGB without tone mapping"
+                )
+            return Header(
+                w, h, rot, frame.format.name, bool(frame.interlaced_frame), hdr, vs.index,
+                None if aus is None else aus.index, tuple(notes),
+            )
+    except av.error.FFmpegError as e:
+        raise ValueError(f"{path}: PyAV cannot read it ({e}); is it a video file?") from e
+
+
+def probe(path: str) -> VideoInfo:
+    """Header + a scan of the video packets for frame times (demux only; discarded packets, e.g. before an
+    mp4 edit list's start, are not frames). Interlaced video is refused by name (ValueError)."""
+    hd = header(path)
+    if hd.interlaced:
+        raise ValueError(
+            f"{path}: interlaced video ({hd.pix_fmt}) is not supported; deinterlace it first "
+            "(e.g. ffmpeg -vf bwdif) and prepare the result"
+        )
+    try:
+        with _open(path) as c:
+            vs = next(s for s in c.streams.video if s.index == hd.video_index)
+            tb = float(vs.time_base)
+            pts = np.asarray(
+                sorted(p.pts for p in c.demux(vs) if p.pts is not None and p.size > 0 and not p.is_discard),
+                np.int64,
+            )
+            if not len(pts):
+                raise ValueError(f"{path}: the video stream has no frames")
+            times = pts.astype(np.float64) * tb
             rate = (
                 float(vs.average_rate)
                 if vs.average_rate
@@ -100,35 +184,68 @@ def probe(path: str) -> VideoInfo:
             )
             duration = times[-1] - times[0] + 1.0 / max(rate, 1e-9)
             n = int(np.floor(duration * FPS + 1e-6))
+            notes = list(hd.notes)
+            if times[0] < 0:
+                notes.append(f"timestamps start at {times[0]:.3f} s: the clock starts at the first video frame")
+            if hd.audio_index is None:
+                notes.append("no audio stream: its audio is silence")
             return VideoInfo(
-                path,
-                vs.codec_context.width,
-                vs.codec_context.height,
-                times - times[0],
-                float(times[0]),
-                n,
-                bool(c.streams.audio),
+                path, hd.width, hd.height, times - times[0], float(times[0]), n, hd.audio_index is not None,
+                hd.rotation, pts, hd.video_index, hd.audio_index, hd.pix_fmt, tuple(notes),
             )
     except av.error.FFmpegError as e:
         raise ValueError(f"{path}: PyAV cannot read it ({e}); is it a video file?") from e
 
 
-def iter_frames(info: VideoInfo, size: tuple[int, int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (k, uint8 RGB [H, W, 3]) for every 25 fps output frame k, resized to `size` = (W, H) if given."""
+def _video_stream(c: Any, info: VideoInfo) -> Any:
+    return next(s for s in c.streams.video if s.index == info.video_index)
+
+
+FrameFn = Callable[[Any], np.ndarray]
+
+
+def frame_converter(info: VideoInfo, geometry: Any = None) -> FrameFn:
+    """av.VideoFrame -> uint8 RGB [H, W, 3] at display orientation; `geometry` (data_pipeline.geometry
+    Geometry or None) scales the stored frame then crops the turned one."""
+    k = info.rotation // 90
+
+    def convert(frame: Any) -> np.ndarray:
+        kw: dict[str, Any] = {"format": "rgb24"}
+        if geometry is not None and geometry.scale is not None:
+            kw.update(width=geometry.scale[0], height=geometry.scale[1], interpolation="AREA")
+        rgb = frame.to_ndarray(**kw)
+        if k:
+            rgb = np.ascontiguousarray(np.rot90(rgb, k))
+        if geometry is not None and geometry.crop is not None:
+            x, y, w, h = geometry.crop
+            rgb = np.ascontiguousarray(rgb[y : y + h, x : x + w])
+        return rgb
+
+    return convert
+
+
+def _frame_index(info: VideoInfo, frame: Any, j: int) -> int:
+    if frame.pts is None or info.pts is None:
+        return j
+    return int(min(np.searchsorted(info.pts, frame.pts), len(info.pts) - 1))
+
+
+def iter_frames(info: VideoInfo, geometry: Any = None) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (k, uint8 RGB [H, W, 3]) for every 25 fps output frame k (display orientation, `geometry`
+    applied: see frame_converter). Holds one decoded frame at a time."""
     src_of = info.source_index()
-    k = 0
+    convert = frame_converter(info, geometry)
+    k, j = 0, -1
     with _open(info.path) as c:
-        vs = c.streams.video[0]
+        vs = _video_stream(c, info)
         vs.thread_type = "AUTO"
-        for j, frame in enumerate(c.decode(vs)):
+        for frame in c.decode(vs):
             if k >= info.num_frames:
                 break
+            j = _frame_index(info, frame, j + 1)
             if src_of[k] > j:
                 continue
-            kw = {"format": "rgb24"}
-            if size is not None:
-                kw.update(width=size[0], height=size[1], interpolation="AREA")
-            rgb = frame.to_ndarray(**kw)
+            rgb = convert(frame)
             while k < info.num_frames and src_of[k] <= j:
                 yield k, rgb
                 k += 1
@@ -137,12 +254,54 @@ def iter_frames(info: VideoInfo, size: tuple[int, int] | None = None) -> Iterato
         k += 1
 
 
+class FrameSeeker:
+    """Random access to output frames: `get(k)` seeks to the keyframe before the source frame of output
+    frame k and decodes up to it (or decodes forward when k is a little ahead of the last fetch). Gives the
+    same pixels as iter_frames. Holds one decoded frame; `close()` when done."""
+
+    FORWARD = 64  # source frames: decode forward rather than seek when the target is this close ahead
+
+    def __init__(self, info: VideoInfo, geometry: Any = None):
+        self.info, self.src_of = info, info.source_index()
+        self.convert = frame_converter(info, geometry)
+        self.c: Any = None
+        self.frames: Iterator[Any] | None = None
+        self.last = -1  # source index of the last decoded frame
+        self.seeks = 0
+
+    def get(self, k: int) -> np.ndarray:
+        assert self.info.pts is not None
+        j = int(self.src_of[k])
+        target = int(self.info.pts[j])
+        if self.c is None:
+            self.c = _open(self.info.path)
+        vs = _video_stream(self.c, self.info)
+        if self.frames is None or not (self.last < j <= self.last + self.FORWARD):
+            self.c.seek(target, stream=vs, backward=True, any_frame=False)
+            self.frames, self.last = iter(self.c.decode(vs)), -1
+            self.seeks += 1
+        for frame in self.frames:
+            if frame.pts is None:
+                continue
+            self.last = _frame_index(self.info, frame, self.last + 1)
+            if frame.pts >= target:
+                return self.convert(frame)
+        raise RuntimeError(
+            f"{self.info.path}: seeking to frame {k} (pts {target}) ran past the end; the file may be damaged"
+        )
+
+    def close(self) -> None:
+        if self.c is not None:
+            self.c.close()
+            self.c = self.frames = None
+
+
 def decode_audio_native(path: str, t0: float) -> tuple[np.ndarray, int, float]:
     """All audio of `path` as float32 [samples, channels] at its own rate, and its start time minus `t0`."""
     with _open(path) as c:
-        if not c.streams.audio:
+        s, _ = pick_stream(c.streams.audio, "audio")
+        if s is None:
             return np.zeros((0, 1), np.float32), SAMPLE_RATE, 0.0
-        s = c.streams.audio[0]
         chunks, start = [], None
         for frame in c.decode(s):
             if start is None:
@@ -163,9 +322,9 @@ def decode_audio_native(path: str, t0: float) -> tuple[np.ndarray, int, float]:
 def decode_audio_16k(path: str, t0: float) -> tuple[np.ndarray, float]:
     """All audio of `path` as mono float32 at 16 kHz (FFmpeg's resampler), and its start time minus `t0`."""
     with _open(path) as c:
-        if not c.streams.audio:
+        s, _ = pick_stream(c.streams.audio, "audio")
+        if s is None:
             return np.zeros((0,), np.float32), 0.0
-        s = c.streams.audio[0]
         rs = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
         chunks, start = [], None
         for frame in c.decode(s):

@@ -29,10 +29,10 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from etils import epath
 from tqdm import tqdm
 
-from data_pipeline import encoders, media, records
+from data_pipeline import encoders, media, records, sources
 from data_pipeline import manifest as mf
 from data_pipeline.cli import dashed_flags_parser
-from data_pipeline.ingest import IngestConfig, ingest_source, list_sources
+from data_pipeline.ingest import DEFAULT_HELD_BYTES, IngestConfig, ingest_source, list_sources
 
 log = logging.getLogger(__name__)
 _PROGRESS: dict[str, Any] = {}  # in-process runs only: the tqdm bar DoFns update
@@ -55,8 +55,8 @@ def fingerprint(files: Sequence[str], cfg: IngestConfig, records_per_shard: int)
 class IngestBatch(beam.DoFn):
     """A batch of source paths -> (clip_id, record bytes); per-source stats go to the 'stats' output."""
 
-    def __init__(self, cfg: IngestConfig, root: str, tfio_python: str | None):
-        self.cfg, self.root, self.tfio_python = cfg, root, tfio_python
+    def __init__(self, cfg: IngestConfig, root: str, tfio_python: str | None, held_bytes: int = DEFAULT_HELD_BYTES):
+        self.cfg, self.root, self.tfio_python, self.held_bytes = cfg, root, tfio_python, held_bytes
 
     def setup(self) -> None:
         self.encs = self.cfg.build_encoders()
@@ -75,14 +75,20 @@ class IngestBatch(beam.DoFn):
             audio = {p: (y, natives[p][2]) for p, y in zip(natives, outs, strict=True)}
         for p in paths:
             stats: dict[str, int] = {"sources": 1}
+            notes: list[str] = []
             try:
                 a, off = audio.get(p, (None, None))
-                for rec in ingest_source(p, self.cfg, self.encs, self.root, a, off, stats):
+                for rec in ingest_source(
+                    p, self.cfg, self.encs, self.root, a, off, stats, notes, held_bytes=self.held_bytes
+                ):
                     yield rec.clip_id, rec.data
             except (ValueError, RuntimeError, OSError) as e:
                 log.warning("skipping source %s: %s", p, e)
                 stats = {"sources": 1, "failed_sources": 1}
-                yield beam.pvalue.TaggedOutput("failed", f"{p}: {e}")
+                msg = str(e)
+                yield beam.pvalue.TaggedOutput("failed", msg if msg.startswith(p) else f"{p}: {msg}")
+            for n in notes:
+                yield beam.pvalue.TaggedOutput("notes", f"{p}: {n}")
             yield beam.pvalue.TaggedOutput("stats", stats)
             bar = _PROGRESS.get("bar")
             if bar is not None:
@@ -158,12 +164,15 @@ def build_manifest(
     num_sources: int,
     fp: str,
     records_per_shard: int,
+    notes: Sequence[str] = (),
 ) -> dict[str, Any]:
     """manifest.json contents (see docs/data_pipeline.md) from the written shards."""
     shard_parts = sorted(shard_parts, key=lambda s: s["index"])
     venc, aenc, tenc = cfg.build_encoders()
     shapes = _merge_shapes(p["shapes"] for p in shard_parts)
     video_shape = shapes.get("video", {}).get("shape", [None, None, None, None])
+    if shard_parts and None in video_shape[1:]:  # sources.check_sizes / --size rule this out
+        raise ValueError(f"prepare: records of different frame sizes (video {video_shape}); set --size=WxH")
     f = encoders.spatial_factor(venc)
     h = None if video_shape[1] is None else video_shape[1] * f
     w = None if video_shape[2] is None else video_shape[2] * f
@@ -182,7 +191,12 @@ def build_manifest(
             "text": tenc.spec().to_json(),
         },
         "shards": [p["shard"] for p in shard_parts],
-        "sources": {"count": num_sources, "fingerprint": fp, "failed": sorted(failed)[:100]},
+        "sources": {
+            "count": num_sources,
+            "fingerprint": fp,
+            "failed": sorted(failed)[:1000],
+            "notes": sorted(notes)[:1000],
+        },
         "stats": stats,
         "options": {**cfg.to_json(), "records_per_shard": records_per_shard},
     }
@@ -211,16 +225,22 @@ def run(
     force: bool = False,
     beam_args: Sequence[str] = (),
     progress: bool = True,
+    held_bytes: int = DEFAULT_HELD_BYTES,
 ) -> dict[str, Any]:
-    """Run the ingest pipeline; returns the manifest (also written to `output`/manifest.json)."""
+    """Run the ingest pipeline; returns the manifest (also written to `output`/manifest.json).
+
+    Before any decoding, sources whose clip ids or sidecars collide are set aside (both paths named in
+    `sources.failed`); without `cfg.size` the sources' display sizes must agree (ValueError listing them).
+    """
     files = list_sources(input_pattern)
-    root = (
-        os.fspath(epath.Path(input_pattern))
-        if epath.Path(input_pattern).is_dir()
-        else os.path.commonpath([os.path.dirname(f) for f in files])
-        if "://" not in files[0]
-        else ""
-    )
+    root = sources.input_root(input_pattern, files)
+    listed_bad = sources.find_collisions(files, root)
+    spatial = encoders.spatial_factor(cfg.build_encoders()[0])
+    if cfg.size is not None and (cfg.size[0] % spatial or cfg.size[1] % spatial):
+        raise ValueError(
+            f"--size={cfg.size[0]}x{cfg.size[1]}: width and height must be multiples of the video encoder's "
+            f"spatial factor {spatial}"
+        )
     fp = fingerprint(files, cfg, records_per_shard)
     epath.Path(output).mkdir(parents=True, exist_ok=True)
     if not force and up_to_date(output, fp):
@@ -232,7 +252,12 @@ def run(
         ok, why = tfio_backend.available(tfio_python)
         if not ok:
             raise RuntimeError(f"--audio-backend=tfio: {why}")
-    cfg.build_encoders()  # fail fast on bad encoder params
+    if cfg.size is None:  # one record shape: the sources' display sizes must agree
+        listed_bad.update(sources.check_sizes([f for f in files if f not in listed_bad], spatial)[1])
+    good = [f for f in files if f not in listed_bad]
+    listed_failed = [f"{f}: {why}" for f, why in sorted(listed_bad.items())]
+    for line in listed_failed:
+        log.warning("skipping source %s", line)
     local = runner == "local"
     if local:
         from apache_beam.runners.portability.fn_api_runner import FnApiRunner
@@ -243,14 +268,14 @@ def run(
         beam_runner = runner
         options = PipelineOptions(["--runner", runner, *beam_args])
     result: dict[str, Any] = {}
-    bar = tqdm(total=len(files), desc="prepare", unit="source", disable=not (progress and local))
+    bar = tqdm(total=len(good), desc="prepare", unit="source", disable=not (progress and local))
     _PROGRESS["bar"] = bar if local else None
     try:
         with beam.Pipeline(runner=beam_runner, options=options) as p:
-            srcs = p | "Sources" >> beam.Create(files) | "Spread" >> beam.Reshuffle()
+            srcs = p | "Sources" >> beam.Create(good) | "Spread" >> beam.Reshuffle()
             batches = srcs | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=batch_sources)
-            out = batches | "Ingest" >> beam.ParDo(IngestBatch(cfg, root, tfio_python)).with_outputs(
-                "stats", "failed", main="records"
+            out = batches | "Ingest" >> beam.ParDo(IngestBatch(cfg, root, tfio_python, held_bytes)).with_outputs(
+                "stats", "failed", "notes", main="records"
             )
             recs = out.records
             ids = recs | "Ids" >> beam.Keys() | "AllIds" >> beam.combiners.ToList()
@@ -265,7 +290,9 @@ def run(
                 | "Write" >> beam.ParDo(WriteShard(output), beam.pvalue.AsSingleton(num_shards))
             )
             stats = out.stats | "Stats" >> beam.combiners.ToList() | "SumStats" >> beam.Map(_sum_stats)
-            failed = out.failed | "Failed" >> beam.combiners.ToList()
+            listed = p | "ListedFailed" >> beam.Create(listed_failed)
+            failed = (out.failed, listed) | "AllFailed" >> beam.Flatten() | "Failed" >> beam.combiners.ToList()
+            notes = out.notes | "Notes" >> beam.combiners.ToList()
             (
                 written
                 | "AllShards" >> beam.combiners.ToList()
@@ -279,6 +306,7 @@ def run(
                     fp,
                     records_per_shard,
                     output,
+                    beam.pvalue.AsSingleton(notes),
                 )
             )
     finally:
@@ -302,8 +330,9 @@ def _finish(
     fp: str,
     records_per_shard: int,
     output: str,
+    notes: Sequence[str] = (),
 ) -> None:
-    m = build_manifest(shard_parts, stats, failed, cfg, num_sources, fp, records_per_shard)
+    m = build_manifest(shard_parts, stats, failed, cfg, num_sources, fp, records_per_shard, notes)
     mf.write_manifest(output, m)
     removed = mf.clean_stale(output, {s["path"] for s in m["shards"]})
     if removed:
@@ -330,7 +359,18 @@ def define_flags() -> None:
     flags.DEFINE_float(
         "min_seconds", None, "Keep a source's tail if at least this long (default: --clip-seconds)."
     )
-    flags.DEFINE_string("size", None, "Resize frames to WxH (default: keep the source size).")
+    flags.DEFINE_string(
+        "size",
+        None,
+        "Training frame size WxH: each source (display orientation) is scaled to cover it and cropped "
+        "(--crop). Default: the sources' own size, which must then be the same for all.",
+    )
+    flags.DEFINE_string("crop", "center", "Crop policy with --size: center, or one registered with "
+                        "data_pipeline.geometry.register_crop (e.g. a face-centred crop).")
+    flags.DEFINE_integer(
+        "max_held_mb", DEFAULT_HELD_BYTES >> 20, "Decoded frames one source may hold in memory (MiB); "
+        "past it reference frames are fetched by seeking (same output)."
+    )
     flags.DEFINE_string("video_encoder", "s2d", "Video encoder name: s2d, dct, or mochi_vae (docs/encoders.md).")
     flags.DEFINE_integer("spatial_factor", 8, "s2d / dct: spatial factor (block size in pixels).")
     flags.DEFINE_integer("dct_luma", 10, "dct: luma DCT coefficients kept per block (zig-zag order).")
@@ -411,6 +451,7 @@ def config_from_flags() -> IngestConfig:
         clip_seconds=FLAGS.clip_seconds,
         min_seconds=FLAGS.min_seconds,
         size=parse_size(FLAGS.size) if FLAGS.size else None,
+        crop=FLAGS.crop,
         video_encoder=FLAGS.video_encoder,
         video_params=tuple(sorted(video_params.items())),
         audio_encoder=FLAGS.audio_encoder,
@@ -425,7 +466,24 @@ def config_from_flags() -> IngestConfig:
 
 def main(argv: Sequence[str]) -> None:
     logging.basicConfig(level=logging.WARNING)
-    m = run(
+    try:
+        m = _run_from_flags(argv)
+    except ValueError as e:  # a user's input or flag: one line, no traceback
+        raise SystemExit(f"prepare: {e}") from None
+    print(summary(m, FLAGS.output))
+
+
+def summary(m: dict[str, Any], output: str) -> str:
+    """prepare's closing report: records, stats, then every failed source and every note, one per line."""
+    lines = [f"{output}: {m['num_records']} records in {len(m['shards'])} shard(s); stats {m['stats']}"]
+    src = m.get("sources", {})
+    lines += [f"  FAILED {line}" for line in src.get("failed", [])]
+    lines += [f"  note: {line}" for line in src.get("notes", [])]
+    return "\n".join(lines)
+
+
+def _run_from_flags(argv: Sequence[str]) -> dict[str, Any]:
+    return run(
         FLAGS.input,
         FLAGS.output,
         config_from_flags(),
@@ -435,8 +493,8 @@ def main(argv: Sequence[str]) -> None:
         tfio_python=FLAGS.tfio_python,
         force=FLAGS.force,
         beam_args=list(argv[1:]),
+        held_bytes=FLAGS.max_held_mb << 20,
     )
-    print(f"{FLAGS.output}: {m['num_records']} records in {len(m['shards'])} shard(s); stats {m['stats']}")
 
 
 if __name__ == "__main__":

@@ -20,9 +20,14 @@ from data_pipeline import media
 
 def input_root(input_pattern: str, files: Sequence[str]) -> str:
     """The directory source ids are relative to: the input directory, else the files' common folder."""
-    if epath.Path(input_pattern).is_dir():
+    if not any(ch in input_pattern for ch in "*?[") and epath.Path(input_pattern).is_dir():
         return os.fspath(epath.Path(input_pattern))
-    return posixpath.commonpath([posixpath.dirname(f) for f in files]) if files else ""
+    if not files:
+        return ""
+    scheme = files[0].partition("://")[0] + "://" if "://" in files[0] else ""
+    if any(not f.startswith(scheme) for f in files):
+        return ""
+    return scheme + posixpath.commonpath([posixpath.dirname(f[len(scheme) :]) for f in files])
 
 
 def source_id(path: str, root: str) -> str:
@@ -45,6 +50,11 @@ def find_sidecar(path: str) -> epath.Path | None:
 
 def find_collisions(files: Sequence[str], root: str) -> dict[str, str]:
     """{path: reason} for sources whose id or sidecar another source shares (each reason names both)."""
+    return {**sidecar_collisions(files), **id_collisions(files, root)}
+
+
+def id_collisions(files: Sequence[str], root: str) -> dict[str, str]:
+    """{path: reason} for sources that map to one id (possible only outside `root`: basenames)."""
     bad: dict[str, str] = {}
     by_id: dict[str, str] = {}
     for f in files:
@@ -52,23 +62,26 @@ def find_collisions(files: Sequence[str], root: str) -> dict[str, str]:
         if sid in by_id:
             other = by_id[sid]
             bad[f] = f"its clip id {sid!r} collides with {other}'s; rename one of them"
-            bad.setdefault(other, f"its clip id {source_id(other, root)!r} collides with {f}'s; rename one of them")
+            bad.setdefault(other, f"its clip id {sid!r} collides with {f}'s; rename one of them")
         else:
             by_id[sid] = f
+    return bad
+
+
+def sidecar_collisions(files: Sequence[str]) -> dict[str, str]:
+    """{path: reason} for sources without a sidecar of their own that share a `<stem>.json`."""
     shared: dict[str, list[str]] = {}
     for f in files:
         own, stem = sidecar_candidates(f)
         if not own.exists() and stem.exists():
             shared.setdefault(os.fspath(stem), []).append(f)
+    bad: dict[str, str] = {}
     for side, users in shared.items():
-        if len(users) > 1:
-            for f in users:
-                others = ", ".join(u for u in users if u != f)
-                bad.setdefault(
-                    f,
-                    f"its sidecar {side} is also {others}'s; name it {posixpath.basename(f)}.json "
-                    "(one sidecar per source)",
-                )
+        for f in users if len(users) > 1 else []:
+            others = ", ".join(u for u in users if u != f)
+            bad[f] = (
+                f"its sidecar {side} is also {others}'s; name it {posixpath.basename(f)}.json (one sidecar per source)"
+            )
     return bad
 
 

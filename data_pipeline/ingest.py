@@ -142,6 +142,7 @@ def ingest_source(
     plans = clips.plan_clips(info.num_frames, cfg.clip_frames, cfg.min_frames, tf, source_key, cfg.seed)
     if not plans:
         stats["dropped:too_short"] = stats.get("dropped:too_short", 0) + 1
+        notes.append(f"{info.num_frames} frames at 25 fps: shorter than one clip ({cfg.min_frames} frames), no clip")
         return
     if audio_16k is None:
         audio_16k, audio_offset_s = media.decode_audio_16k(path, info.t0)

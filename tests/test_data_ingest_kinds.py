@@ -282,3 +282,29 @@ def test_late_starts_keep_the_video_clock(tmp_path, audio_start, video_start):
     x = media.align_audio(wave, off, info.num_frames)
     onset = np.argmax(np.abs(x) > 0.05) / 16000
     assert abs(onset - (audio_start + 0.6 - video_start / 25)) < 0.005
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "codec, pix_fmt, options, ext",
+    [
+        ("libx264", "yuv422p", {}, "mkv"),
+        ("libx264", "yuv444p", {}, "mp4"),
+        ("libx264", "yuvj420p", {}, "mp4"),
+        ("libx264", "yuv420p10le", {"x264-params": "transfer=smpte2084:colorprim=bt2020:colormatrix=bt2020nc"}, "mp4"),
+        ("libx264", "yuv422p10le", {}, "mkv"),
+        ("ffv1", "bgr0", {}, "mkv"),
+        ("ffv1", "gray", {}, "mkv"),
+        ("mpeg4", "yuv420p", {"qscale": "2"}, "avi"),
+        ("libvpx-vp9", "yuv420p", {}, "webm"),
+    ],
+)
+def test_pixel_format_sweep_matches_pyav_decode(tmp_path, codec, pix_fmt, options, ext):
+    path = mi.write(str(tmp_path / f"s.{ext}"), mi.coded_frames(10, 32, 16), codec=codec, pix_fmt=pix_fmt,
+                    options=options)  # fmt: skip
+    m, recs = _prepare(path, str(tmp_path / "out"))
+    with av.open(path) as c:
+        want = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    np.testing.assert_array_equal(_pixels(recs[0][0]), want)
+    if "smpte2084" in options.get("x264-params", ""):
+        assert any("HDR" in n and "without tone mapping" in n for n in m["sources"]["notes"])

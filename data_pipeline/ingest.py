@@ -166,7 +166,7 @@ def ingest_source(
         if pl.ref_frame is not None:
             ref_users.setdefault(pl.ref_frame, []).append(i)
     held: dict[int, np.ndarray] = {}
-    waiting: list[int] = []  # clips with all their frames, whose reference frame comes later
+    waiting: dict[int, None] = {}  # clips with all their frames whose reference frame comes later (ordered)
     done = [False] * len(plans)
     silent = [0]
 
@@ -204,14 +204,17 @@ def ingest_source(
             if k in owner and plans[owner[k]].stop == k + 1:
                 i = owner[k]
                 r = plans[i].ref_frame
-                (waiting if r is not None and r > k else ready).append(i)
-            ready += [i for i in ref_users.get(k, []) if i in waiting]
+                if r is not None and r > k:
+                    waiting[i] = None
+                else:
+                    ready.append(i)
+            ready += [i for i in ref_users.get(k, []) if waiting.pop(i, 0) is None]
             for i in ready:
-                if i in waiting:
-                    waiting.remove(i)
                 yield from finish(i)
             while len(held) > budget and waiting:  # over budget: the oldest waiting clip seeks its reference
-                yield from finish(waiting.pop(0))
+                i = next(iter(waiting))
+                del waiting[i]
+                yield from finish(i)
             if len(held) > budget:  # still over: drop kept reference frames, latest use first
                 spare = sorted(
                     (kk for kk in held if kk not in owner or done[owner[kk]]),

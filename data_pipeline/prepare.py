@@ -68,7 +68,10 @@ class IngestBatch(beam.DoFn):
 
             natives = {}
             for p in paths:
-                info = media.probe(p)
+                try:
+                    info = media.probe(p)
+                except ValueError:  # refused or unreadable: ingest_source below names it
+                    continue
                 x, rate, off = media.decode_audio_native(p, info.t0)
                 natives[p] = (x, rate, off)
             outs = tfio_backend.resample_16k([(x, r) for x, r, _ in natives.values()], self.tfio_python)

@@ -159,13 +159,8 @@ def header(path: str) -> Header:
 
 def probe(path: str) -> VideoInfo:
     """Header + a scan of the video packets for frame times (demux only; discarded packets, e.g. before an
-    mp4 edit list's start, are not frames). Interlaced video is refused by name (ValueError)."""
+    mp4 edit list's start, are not frames). ValueError naming the file if it is unreadable."""
     hd = header(path)
-    if hd.interlaced:
-        raise ValueError(
-            f"{path}: interlaced video ({hd.pix_fmt}) is not supported; deinterlace it first "
-            "(e.g. ffmpeg -vf bwdif) and prepare the result"
-        )
     try:
         with _open(path) as c:
             vs = next(s for s in c.streams.video if s.index == hd.video_index)
@@ -185,6 +180,11 @@ def probe(path: str) -> VideoInfo:
             duration = times[-1] - times[0] + 1.0 / max(rate, 1e-9)
             n = int(np.floor(duration * FPS + 1e-6))
             notes = list(hd.notes)
+            if hd.interlaced:
+                notes.append(
+                    "interlaced: each frame keeps its top field, the other lines interpolated (half the vertical "
+                    "detail; for full detail deinterlace first, e.g. ffmpeg -vf bwdif)"
+                )
             if times[0] < 0:
                 notes.append(f"timestamps start at {times[0]:.3f} s: the clock starts at the first video frame")
             if hd.audio_index is None:
@@ -213,6 +213,8 @@ def frame_converter(info: VideoInfo, geometry: Any = None) -> FrameFn:
         kw: dict[str, Any] = {"format": "rgb24"}
         if geometry is not None and geometry.scale is not None:
             kw.update(width=geometry.scale[0], height=geometry.scale[1], interpolation="AREA")
+        if frame.interlaced_frame:  # one field per frame, before any scaling mixes the lines
+            frame = av.VideoFrame.from_ndarray(keep_top_field(frame.to_ndarray(format="rgb24")), format="rgb24")
         rgb = frame.to_ndarray(**kw)
         if k:
             rgb = np.ascontiguousarray(np.rot90(rgb, k))
@@ -222,6 +224,17 @@ def frame_converter(info: VideoInfo, geometry: Any = None) -> FrameFn:
         return rgb
 
     return convert
+
+
+def keep_top_field(rgb: np.ndarray) -> np.ndarray:
+    """Deinterlace uint8 [H, W, C] within the frame: even lines kept, each odd line the mean of its
+    neighbours (the last one a copy). Per frame, so seeking gives the same pixels as streaming."""
+    out = rgb.copy()
+    inner = rgb[0:-2:2].astype(np.uint16) + rgb[2::2]
+    out[1 : 1 + 2 * len(inner) : 2] = ((inner + 1) // 2).astype(np.uint8)
+    if rgb.shape[0] % 2 == 0:
+        out[-1] = rgb[-2]
+    return out
 
 
 def _frame_index(info: VideoInfo, frame: Any, j: int) -> int:

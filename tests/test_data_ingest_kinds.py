@@ -181,7 +181,9 @@ def test_mixed_bag_bad_sources_named_good_ones_kept(tmp_path):
     n = 10
     tone = mi.tone(n / 25, 16000)
     mi.write(str(src / "good.mp4"), mi.coded_frames(n), audio=tone)
-    mi.write(str(src / "interlaced.mp4"), mi.coded_frames(n), options={"x264-params": "interlaced=1:tff=1"})
+    comb = np.zeros((n, 16, 16, 3), np.uint8)
+    comb[:, 0::2], comb[:, 1::2] = 200, 40  # two fields that disagree: combing unless deinterlaced
+    mi.write(str(src / "interlaced.mp4"), comb, options={"x264-params": "interlaced=1:tff=1"}, audio=tone)
     mi.write(str(src / "tenbit.mp4"), mi.coded_frames(n), pix_fmt="yuv420p10le", audio=tone)
     mi.write(str(src / "negative.mp4"), mi.coded_frames(n + 5), pts=list(range(-5, n)), audio=tone)
     mi.write(
@@ -192,12 +194,9 @@ def test_mixed_bag_bad_sources_named_good_ones_kept(tmp_path):
     (src / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video")
     m, recs = _prepare(str(src), str(tmp_path / "out"))
     failed = dict(line.split(": ", 1) for line in m["sources"]["failed"])
-    assert set(failed) == {str(src / "broken.mp4"), str(src / "interlaced.mp4")}
-    assert "PyAV cannot read it" in failed[str(src / "broken.mp4")]
-    why = failed[str(src / "interlaced.mp4")]
-    assert "interlaced video" in why and "deinterlace" in why
+    assert set(failed) == {str(src / "broken.mp4")} and "PyAV cannot read it" in failed[str(src / "broken.mp4")]
     kept = {os.path.basename(meta["source"]): t for t, meta in recs}
-    assert sorted(kept) == ["good.mp4", "negative.mp4", "silent.mp4", "streams.mkv", "tenbit.mp4"]
+    assert sorted(kept) == ["good.mp4", "interlaced.mp4", "negative.mp4", "silent.mp4", "streams.mkv", "tenbit.mp4"]
     for name, first in (("good.mp4", 0), ("streams.mkv", 0), ("negative.mp4", 5)):
         idx = [mi.frame_index(f) for f in _pixels(kept[name])]
         assert idx == list(range(first, first + n)), (name, idx)  # negative: frames before t=0 are not shown
@@ -205,13 +204,18 @@ def test_mixed_bag_bad_sources_named_good_ones_kept(tmp_path):
         with av.open(str(src / name)) as c:
             want = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[stream])])
         np.testing.assert_array_equal(_pixels(kept[name]), want)
+    with av.open(str(src / "interlaced.mp4")) as c:
+        raw = next(c.decode(video=0))
+        assert raw.interlaced_frame and abs(int(raw.to_ndarray(format="rgb24")[1, 5, 0]) - 40) <= 2
+    np.testing.assert_allclose(_pixels(kept["interlaced.mp4"]), 200, atol=2)  # the top field everywhere
     notes = "\n".join(m["sources"]["notes"])
     assert f"{src / 'streams.mkv'}: 2 video streams: using stream #1 (the default stream)" in notes
     assert f"{src / 'streams.mkv'}: 2 audio streams: using stream #2" in notes
     assert f"{src / 'silent.mp4'}: 1 clip(s) have silent audio" in notes and "good.mp4: 1 clip(s)" not in notes
-    assert m["stats"]["warned:silent_audio"] == 1 and m["stats"]["failed_sources"] == 1
+    assert (m["stats"]["warned:silent_audio"], m["stats"]["failed_sources"], m["stats"]["sources"]) == (1, 1, 7)
     text = summary(m, "out")
-    assert "FAILED " + str(src / "interlaced.mp4") in text and "note: " + str(src / "silent.mp4") in text
+    assert "FAILED " + str(src / "broken.mp4") in text and "note: " + str(src / "silent.mp4") in text
+    assert f"{src / 'interlaced.mp4'}: interlaced: each frame keeps its top field" in notes
     # with the silence filter on, the silent clip is dropped, not warned about
     m2, _ = _prepare(str(src), str(tmp_path / "out2"), IngestConfig(clip_seconds=0.4, filters=("silence",)))
     assert m2["stats"]["dropped:filter:silence"] == 1 and "warned:silent_audio" not in m2["stats"]
@@ -308,3 +312,26 @@ def test_pixel_format_sweep_matches_pyav_decode(tmp_path, codec, pix_fmt, option
     np.testing.assert_array_equal(_pixels(recs[0][0]), want)
     if "smpte2084" in options.get("x264-params", ""):
         assert any("HDR" in n and "without tone mapping" in n for n in m["sources"]["notes"])
+
+
+def test_seeking_gives_the_streamed_pixels(tmp_path):
+    """media.FrameSeeker (used past the held-frame budget) against iter_frames, frame by frame, in random order,
+    on sources that exercise every conversion step: interlaced, rotated + scaled + cropped, 29.97 fps."""
+    comb = mi.coded_frames(60, 32, 24).copy()
+    comb[:, 1::2] //= 2
+    cases = [
+        (mi.write(str(tmp_path / "i.mp4"), comb, options={"x264-params": "interlaced=1:tff=1", "g": "12"}), None),
+        (mi.write(str(tmp_path / "r.mp4"), mi.coded_frames(60, 40, 24), rotation=-90, options={"g": "10"}), (16, 24)),
+        (mi.write(str(tmp_path / "n.mp4"), mi.coded_frames(60), rate=Fraction(30000, 1001), options={"g": "7"}), None),
+    ]
+    for path, size in cases:
+        info = media.probe(path)
+        g = geometry.plan((info.width, info.height), info.rotation, size)
+        streamed = dict(media.iter_frames(info, g))
+        seeker = media.FrameSeeker(info, g)
+        try:
+            for k in np.random.default_rng(0).permutation(len(streamed)):
+                np.testing.assert_array_equal(seeker.get(int(k)), streamed[int(k)], err_msg=f"{path} frame {k}")
+        finally:
+            seeker.close()
+        assert seeker.seeks > 1

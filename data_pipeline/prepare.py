@@ -29,7 +29,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from etils import epath
 from tqdm import tqdm
 
-from data_pipeline import encoders, media, records, sources
+from data_pipeline import encoders, geometry, media, records, sources
 from data_pipeline import manifest as mf
 from data_pipeline.cli import dashed_flags_parser
 from data_pipeline.ingest import DEFAULT_HELD_BYTES, IngestConfig, ingest_source, list_sources
@@ -239,6 +239,7 @@ def run(
     root = sources.input_root(input_pattern, files)
     listed_bad = sources.find_collisions(files, root)
     spatial = encoders.spatial_factor(cfg.build_encoders()[0])
+    geometry.get_crop(cfg.crop)  # an unknown policy is refused by name before any work
     if cfg.size is not None and (cfg.size[0] % spatial or cfg.size[1] % spatial):
         raise ValueError(
             f"--size={cfg.size[0]}x{cfg.size[1]}: width and height must be multiples of the video encoder's "

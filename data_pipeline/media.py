@@ -127,50 +127,68 @@ def header(path: str) -> Header:
     """Open `path` and decode its first video frame (cheap). ValueError naming the file if unreadable."""
     try:
         with _open(path) as c:
-            vs, vnote = pick_stream(c.streams.video, "video")
-            if vs is None:
-                raise ValueError(f"{path}: no video stream")
-            aus, anote = pick_stream(c.streams.audio, "audio")
-            frame = next(iter(c.decode(vs)), None)
-            if frame is None:
-                raise ValueError(f"{path}: the video stream has no frames")
-            rot = int(round(frame.rotation / 90.0)) * 90 % 360
-            if abs(frame.rotation - round(frame.rotation / 90.0) * 90) > 1:
-                raise ValueError(f"{path}: display rotation {frame.rotation} degrees is not a multiple of 90")
-            w, h = (frame.height, frame.width) if rot % 180 else (frame.width, frame.height)
-            notes = [n for n in (vnote, anote) if n]
-            if rot:
-                notes.append(
-                    f"display rotation {frame.rotation:g} degrees: stored {frame.width}x{frame.height}, shown {w}x{h}"
-                )
-            hdr = int(frame.color_trc) in _HDR_TRC
-            if hdr:
-                notes.append(
-                    f"HDR ({frame.format.name}, transfer characteristic {int(frame.color_trc)}): converted to "
-                    "8-bit RGB without tone mapping"
-                )
-            return Header(
-                w, h, rot, frame.format.name, bool(frame.interlaced_frame), hdr, vs.index,
-                None if aus is None else aus.index, tuple(notes),
-            )
+            vs, aus, notes = _streams(path, c)
+            return _header(path, vs, aus, notes, next(iter(c.decode(vs)), None))
     except av.error.FFmpegError as e:
         raise ValueError(f"{path}: PyAV cannot read it ({e}); is it a video file?") from e
 
 
+def _streams(path: str, c: Any) -> tuple[Any, Any, list[str]]:
+    vs, vnote = pick_stream(c.streams.video, "video")
+    if vs is None:
+        raise ValueError(f"{path}: no video stream")
+    aus, anote = pick_stream(c.streams.audio, "audio")
+    return vs, aus, [n for n in (vnote, anote) if n]
+
+
+def _header(path: str, vs: Any, aus: Any, notes: list[str], frame: Any) -> Header:
+    if frame is None:
+        raise ValueError(f"{path}: the video stream has no frames")
+    rot = int(round(frame.rotation / 90.0)) * 90 % 360
+    if abs(frame.rotation - round(frame.rotation / 90.0) * 90) > 1:
+        raise ValueError(f"{path}: display rotation {frame.rotation} degrees is not a multiple of 90")
+    w, h = (frame.height, frame.width) if rot % 180 else (frame.width, frame.height)
+    if rot:
+        notes.append(f"display rotation {frame.rotation:g} degrees: stored {frame.width}x{frame.height}, shown {w}x{h}")
+    hdr = int(frame.color_trc) in _HDR_TRC
+    if hdr:
+        notes.append(
+            f"HDR ({frame.format.name}, transfer characteristic {int(frame.color_trc)}): converted to "
+            "8-bit RGB without tone mapping"
+        )
+    if frame.interlaced_frame:
+        notes.append(
+            "interlaced: each frame keeps its top field, the other lines interpolated (half the vertical "
+            "detail; for full detail deinterlace first, e.g. ffmpeg -vf bwdif)"
+        )
+    if aus is None:
+        notes.append("no audio stream: its audio is silence")
+    return Header(
+        w, h, rot, frame.format.name, bool(frame.interlaced_frame), hdr, vs.index,
+        None if aus is None else aus.index, tuple(notes),
+    )
+
+
 def probe(path: str) -> VideoInfo:
-    """Header + a scan of the video packets for frame times (demux only; discarded packets, e.g. before an
-    mp4 edit list's start, are not frames). ValueError naming the file if it is unreadable."""
-    hd = header(path)
+    """Header (first frame) + the video packets' times, in one pass over the file (demux; only packets
+    up to the first frame are decoded). Discarded packets, e.g. before an mp4 edit list's start, are not
+    frames. ValueError naming the file if it is unreadable."""
     try:
         with _open(path) as c:
-            vs = next(s for s in c.streams.video if s.index == hd.video_index)
-            tb = float(vs.time_base)
-            pts = np.asarray(
-                sorted(p.pts for p in c.demux(vs) if p.pts is not None and p.size > 0 and not p.is_discard),
-                np.int64,
-            )
+            vs, aus, notes = _streams(path, c)
+            first, pts_list = None, []
+            for p in c.demux(vs):
+                if first is None:
+                    first = next(iter(p.decode()), None)
+                if p.pts is not None and p.size > 0 and not p.is_discard:
+                    pts_list.append(p.pts)
+            if first is None:  # frames held back by the decoder
+                first = next(iter(vs.decode(None)), None)
+            hd = _header(path, vs, aus, notes, first)
+            pts = np.asarray(sorted(pts_list), np.int64)
             if not len(pts):
                 raise ValueError(f"{path}: the video stream has no frames")
+            tb = float(vs.time_base)
             times = pts.astype(np.float64) * tb
             rate = (
                 float(vs.average_rate)
@@ -180,15 +198,8 @@ def probe(path: str) -> VideoInfo:
             duration = times[-1] - times[0] + 1.0 / max(rate, 1e-9)
             n = int(np.floor(duration * FPS + 1e-6))
             notes = list(hd.notes)
-            if hd.interlaced:
-                notes.append(
-                    "interlaced: each frame keeps its top field, the other lines interpolated (half the vertical "
-                    "detail; for full detail deinterlace first, e.g. ffmpeg -vf bwdif)"
-                )
             if times[0] < 0:
                 notes.append(f"timestamps start at {times[0]:.3f} s: the clock starts at the first video frame")
-            if hd.audio_index is None:
-                notes.append("no audio stream: its audio is silence")
             return VideoInfo(
                 path, hd.width, hd.height, times - times[0], float(times[0]), n, hd.audio_index is not None,
                 hd.rotation, pts, hd.video_index, hd.audio_index, hd.pix_fmt, tuple(notes),

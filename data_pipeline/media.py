@@ -4,6 +4,8 @@
 Decoding resamples by time, not by frame count: output frame k (time k / 25 s after the first video
 frame) is the source frame on screen at that time, so 30 fps or variable-frame-rate sources come out at
 25 fps with the audio still in sync. Audio sample 0 is aligned to that same first video frame.
+Frames come out at display orientation (the container's display matrix applied), optionally fitted to a
+training size by a data_pipeline.geometry Geometry; of several streams, the default one is used.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from mirage_jax.config import ModelConfig
 
 def small_config(**overrides) -> ModelConfig:
     base = dict(num_layers=3, num_heads=2, head_dim=16, video_dim=32, text_dim=24, audio_dim=16, latent_channels=4,
-                text_embed_dim=16, audio_feature_dim=8, pool_heads=2, time_embed_dim=32, frames_per_latent=2,
+                text_embed_dim=16, audio_feature_dim=8, pool_heads=2, time_embed_dim=32, time_map="uniform:2",
                 rope_base_height=8, rope_base_width=8)
     base.update(overrides)
     return ModelConfig(**base)

@@ -97,6 +97,12 @@ class TimeMap:
         q, r = divmod(latents, self.chunk_latents)
         return q * self.chunk + self._causal_frames(r)
 
+    def latents_to_cover(self, frames: int) -> int:
+        """The fewest latent frames whose decoded frames (`frames_for_latents`) reach `frames` (generate's
+        size for `frames` frames of speech; the decoded tail past them is cropped)."""
+        n = self.latent_count(frames)
+        return n if self.frames_for_latents(n) >= frames else n + 1
+
     def covered_frames(self, frames: int) -> int:
         """Frames of a `frames`-frame clip that some latent covers (causal:6 on 50 frames: 49)."""
         return self.frames_for_latents(self.latent_count(frames))

@@ -276,6 +276,11 @@ def sample_latents(run: LoadedRun, cond: dict[str, np.ndarray], latent_shape: tu
     noise = jax.random.normal(jax.random.key(seed), latent_shape, jnp.float32)
     c = {k: put(np.asarray(v)) for k, v in cond.items() if k in COND_KEYS}
     fn, state = model_velocity_fn(run.model, c)
+    if mesh is not None:  # a model restored onto one device (load_run without a mesh) is replicated over the mesh
+        devices = set(mesh.devices.flat)
+        rep = NamedSharding(mesh, PartitionSpec())
+        state = jax.tree.map(lambda v: v if isinstance(v, jax.Array) and v.sharding.device_set == devices
+                             else jax.device_put(v, rep), state)
 
     def step(x: jax.Array, t: jax.Array, t_next: jax.Array, st: Any) -> jax.Array:
         with core_spmd.logical_axis_rules(act_rules):

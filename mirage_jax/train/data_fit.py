@@ -50,6 +50,8 @@ def mismatches(cfg: Any, manifest: dict[str, Any]) -> list[tuple[str, Any, Any]]
             have = f"uniform:{int(cfg.model.frames_per_latent)}"  # the older spelling of the same field
         if need is None:  # clips of different sizes: the loader pads, nothing to compare
             continue
+        if field == "model.audio_feature_dim" and not cfg.model.get("use_audio", True):
+            continue  # a Mochi-only network never reads the audio features
         if field == "shapes.audio_frames":  # a shorter window is fine if it is a whole clip of the map
             a = int(have)
             if 0 < a <= need and tm.covered_frames(a) == a:

@@ -28,6 +28,7 @@ import numpy as np
 from etils import epath
 
 from data_pipeline import manifest as mf
+from data_pipeline.encoders.time_map import TimeMap, of_manifest
 from data_pipeline.records import RecordError, decode_record
 
 log = logging.getLogger(__name__)
@@ -170,11 +171,11 @@ class DecodeCrop(grain.transforms.RandomMap):
         self,
         source: ShardSource,
         clip_frames: int,
-        temporal_factor: int,
+        time_map: TimeMap,
         corrupt_budget: int,
         random_crop: bool = True,
     ):
-        self.source, self.clip_frames, self.tf = source, int(clip_frames), int(temporal_factor)
+        self.source, self.clip_frames, self.time_map = source, int(clip_frames), time_map
         self.corrupt_budget, self.random_crop = int(corrupt_budget), random_crop
         self.bad: set[int] = set()  # distinct corrupt records (each epoch meets them again)
 
@@ -214,29 +215,37 @@ class DecodeCrop(grain.transforms.RandomMap):
         except RecordError as e:
             self._corrupt(i, str(e))
             return None
-        return crop_or_pad(t, self.clip_frames, self.tf, rng if self.random_crop else None)
+        return crop_or_pad(t, self.clip_frames, self.time_map, rng if self.random_crop else None)
+
+
+def _pad_to(x: np.ndarray, n: int) -> np.ndarray:
+    return np.concatenate([x, np.zeros((n - x.shape[0], *x.shape[1:]), x.dtype)]) if x.shape[0] < n else x
 
 
 def crop_or_pad(
-    t: dict[str, np.ndarray], clip_frames: int, temporal_factor: int, rng: np.random.Generator | None
+    t: dict[str, np.ndarray], clip_frames: int, time_map: TimeMap, rng: np.random.Generator | None
 ) -> dict[str, np.ndarray]:
-    """One record's tensors -> a loader example of exactly `clip_frames` (25 fps) frames, with masks."""
-    tf = temporal_factor
-    target = clip_frames // tf
+    """One record's tensors -> a loader example of `clip_frames` (25 fps) audio frames and the
+    `time_map.latent_count(clip_frames)` latent frames covering them, with masks.
+
+    A longer record is cropped at a (random) latent offset from `time_map.crop_offsets` (a window whose
+    frame-to-latent map is that of a fresh clip, so audio frame a still belongs to latent frame_latent[a]);
+    a shorter one is padded (masks False). `clip_frames` must be a whole length of the map
+    (`covered_frames(clip_frames) == clip_frames`)."""
+    target = time_map.latent_count(clip_frames)
     video, audio, mouth = t["video"], t["audio"], t["mouth"]
-    n = video.shape[0]
-    off = 0 if n <= target or rng is None else int(rng.integers(0, n - target + 1))
-    video = video[off : off + target]
-    audio = audio[off * tf : (off + target) * tf]
-    mouth = mouth[off * tf : (off + target) * tf]
+    offsets = time_map.crop_offsets(video.shape[0], target)
+    lat_off, off = offsets[0] if rng is None else offsets[int(rng.integers(0, len(offsets)))]
+    video = video[lat_off : lat_off + target]
+    # a record's audio may run past the frames its latents cover (causal: 50 frames -> 9 latents cover 49)
+    n_audio = min(clip_frames, time_map.frames_for_latents(video.shape[0]))
+    audio = audio[off : off + n_audio]
+    mouth = mouth[off : off + n_audio]
     vmask = np.zeros(target, bool)
     vmask[: video.shape[0]] = True
-    amask = np.zeros(target * tf, bool)
+    amask = np.zeros(clip_frames, bool)
     amask[: audio.shape[0]] = True
-    if video.shape[0] < target:
-        video = np.concatenate([video, np.zeros((target - video.shape[0], *video.shape[1:]), video.dtype)])
-        audio = np.concatenate([audio, np.zeros((target * tf - audio.shape[0], audio.shape[1]), audio.dtype)])
-        mouth = np.concatenate([mouth, np.zeros(target * tf - mouth.shape[0], mouth.dtype)])
+    video, audio, mouth = _pad_to(video, target), _pad_to(audio, clip_frames), _pad_to(mouth, clip_frames)
     ref_time = float(t["ref_time"].reshape(-1)[0])
     has_ref = bool(np.isfinite(ref_time))
     return {
@@ -247,7 +256,7 @@ def crop_or_pad(
         "text": t["text"],
         "text_mask": t["text_mask"].astype(bool),
         "ref": t["ref"],
-        "ref_time": np.float32(ref_time - off * tf if has_ref else 0.0),
+        "ref_time": np.float32(ref_time - off if has_ref else 0.0),
         "ref_mask": np.bool_(has_ref),
         "mouth": mouth,
         "mouth_valid": np.bool_(t["mouth_valid"].reshape(-1)[0] > 0),
@@ -378,8 +387,9 @@ def make_loader(
     source: a prepare output directory, its manifest.json, a glob of its shards, or a list of these
         (local or gs:// via etils.epath). Only shards listed in manifest.json are read.
     global_batch_size: rows per step over all processes; each process gets global_batch_size // process_count.
-    clip_frames: 25 fps frames per example (default: the manifest's clip_frames); longer records are cropped
-        at a random (seeded) offset, shorter ones padded with video_mask/audio_mask False.
+    clip_frames: 25 fps frames per example (default: the frames the latents of the manifest's clip_frames cover,
+        `time_map.covered_frames`); longer records are cropped at a random (seeded) offset on a latent boundary
+        of the encoder's time map, shorter ones padded with video_mask/audio_mask False.
     seed: shuffle order (reshuffled every epoch) and crop offsets; the stream is a function of the seed.
     shuffle: global shuffle of records; False reads them in shard order.
     num_epochs: None repeats forever; N stops after N * num_records // global_batch_size batches (every
@@ -408,18 +418,20 @@ def make_loader(
     per_process = global_batch_size // process_count
     shards = resolve_shards(source, verify)
     m = shards.manifest
-    tf = int(m["encoders"]["video"]["params"].get("temporal_factor", 1))
-    clip_frames = int(m["clip_frames"] if clip_frames is None else clip_frames)
-    if clip_frames % tf:
+    tm = of_manifest(m)
+    clip_frames = int(tm.covered_frames(int(m["clip_frames"])) if clip_frames is None else clip_frames)
+    if clip_frames <= 0 or tm.covered_frames(clip_frames) != clip_frames:
         raise ValueError(
-            f"clip_frames={clip_frames} is not a multiple of the video encoder's temporal_factor={tf}"
+            f"clip_frames={clip_frames} is not a whole clip of the video encoder's time map {tm.rule}: its "
+            f"{tm.latent_count(clip_frames)} latent frames cover {tm.covered_frames(clip_frames)} frames; "
+            "use that (data_pipeline/encoders/time_map.py)"
         )
     src = ShardSource(shards.paths, shards.counts)
     ds = grain.MapDataset.source(src)
     if shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(None)[process_index::process_count]
-    ds = ds.random_map(DecodeCrop(src, clip_frames, tf, corrupt_budget, random_crop), seed=seed)
+    ds = ds.random_map(DecodeCrop(src, clip_frames, tm, corrupt_budget, random_crop), seed=seed)
     it = ds.to_iter_dataset(
         grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(per_process * 2, 8))
     )

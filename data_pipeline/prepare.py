@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 _PROGRESS: dict[str, Any] = {}  # in-process runs only: the tqdm bar DoFns update
 
 
+class NoClipsError(RuntimeError):
+    """Prepare kept no clip from any source; the message says why (stats, first failure) and what to change."""
+
+
 def fingerprint(files: Sequence[str], cfg: IngestConfig, records_per_shard: int) -> str:
     """Identity of a run: sources (path, size, mtime) + every option that changes the output bytes."""
     h = hashlib.sha256()
@@ -186,6 +190,7 @@ def build_manifest(
         "sample_rate": media.SAMPLE_RATE,
         "clip_frames": cfg.clip_frames,
         "min_frames": cfg.min_frames,
+        "time_map": encoders.time_map(venc).to_json(cfg.clip_frames),
         "keys": shapes,
         "metadata_keys": list(records.METADATA_KEYS),
         "encoders": {
@@ -324,9 +329,11 @@ def run(
         _PROGRESS.pop("bar", None)
     result = mf.read_manifest(output)
     if result["num_records"] == 0:
-        raise RuntimeError(
-            f"prepare: no clips from {len(files)} source(s) ({result['stats']}); check "
-            "--clip-seconds/--min-seconds and the filters"
+        failed = result["sources"]["failed"]
+        why = f"; first failure: {failed[0]}" if failed else ""
+        raise NoClipsError(
+            f"prepare: no clips from {len(files)} source(s) (stats {result['stats']}{why}); check "
+            "--clip-seconds/--min-seconds, the filters and the encoders"
         )
     return result
 
@@ -393,6 +400,10 @@ def define_flags() -> None:
     flags.DEFINE_integer("vae_tile_stride", 192, "mochi_vae: tile stride in pixels (overlap is blended).")
     flags.DEFINE_integer("vae_encode_chunk_latents", 0, "mochi_vae: latent frames per encoder chunk (0: whole clip).")
     flags.DEFINE_integer("vae_decode_chunk_latents", 4, "mochi_vae: latent frames per decoder chunk (0: whole clip).")
+    flags.DEFINE_integer(
+        "vae_chunk_frames", 0, "mochi_vae time map: 0 encodes each clip whole and causally (100 frames -> 17 "
+        "latents, causal:6); 25 encodes independent 25-frame chunks (100 -> 20, causal:6/25: configs/mirage_10b.py)."
+    )
     flags.DEFINE_string("audio_encoder", "logmel", "Audio encoder name: logmel, or wav2vec2 (docs/encoders.md).")
     flags.DEFINE_integer("n_mels", 80, "logmel: mel bands.")
     flags.DEFINE_string("audio_weights", None, "wav2vec2: folder with config.json + model.safetensors.")
@@ -437,6 +448,7 @@ def encoder_params_from_flags() -> tuple[dict[str, Any], dict[str, Any], dict[st
             "tile_stride": FLAGS.vae_tile_stride,
             "encode_chunk_latents": FLAGS.vae_encode_chunk_latents,
             "decode_chunk_latents": FLAGS.vae_decode_chunk_latents,
+            "chunk_frames": FLAGS.vae_chunk_frames,
         }
     audio: dict[str, Any] = {}
     if FLAGS.audio_encoder == "logmel":
@@ -478,6 +490,8 @@ def main(argv: Sequence[str]) -> None:
     logging.basicConfig(level=logging.WARNING)
     try:
         m = _run_from_flags(argv)
+    except NoClipsError as e:  # nothing kept: one line naming the counts and the first failure
+        raise SystemExit(f"error: {e}") from None
     except ValueError as e:  # a user's input or flag: one line, no traceback
         raise SystemExit(f"prepare: {e}") from None
     print(summary(m, FLAGS.output))

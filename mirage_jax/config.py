@@ -11,6 +11,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+from data_pipeline.encoders.time_map import TimeMap
+
 ATTENTION_BACKENDS = ("xla", "dot_product", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention")
 DTYPES = ("float32", "bfloat16")
@@ -61,7 +63,11 @@ class ModelConfig:
     text_embed_dim: int = 4096  # T5-XXL features
     max_text_len: int = 256
     audio_feature_dim: int = 1024  # wav2vec2-large features at 25 fps
-    frames_per_latent: int = 5  # 25 fps frames per latent frame (Mochi VAE chunks: 25 frames -> 5)
+    # The video encoder's frame-to-latent map (data_pipeline/encoders/time_map.py), the rule its dataset's
+    # manifest.json records: audio token a sits at the time of the latent frame covering frame a. Mochi's VAE
+    # on independent 25-frame chunks (the report's 20 latents for 4 s): causal:6/25; whole clip: causal:6;
+    # s2d / dct: uniform:K. (Configs and checkpoints from before it say frames_per_latent=K = uniform:K.)
+    time_map: str = "causal:6/25"
     time_embed_dim: int = 256
     pool_heads: int = 8  # heads of the attention pool over text
     rope_base_height: int = 192
@@ -81,16 +87,23 @@ class ModelConfig:
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any] | Any) -> ModelConfig:
-        cfg = _from_mapping(cls, "model", section)
+        values = dict(section.to_dict() if hasattr(section, "to_dict") else section)
+        if "frames_per_latent" in values:  # the field time_map replaced: K frames per latent = uniform:K
+            values.setdefault("time_map", f"uniform:{int(values.pop('frames_per_latent'))}")
+        cfg = _from_mapping(cls, "model", values)
         cfg.validate()
         return cfg
 
     def validate(self) -> None:
         for name in ("patch_size", "latent_channels", "num_layers", "num_heads", "head_dim", "video_dim",
                      "text_dim", "audio_dim", "text_embed_dim", "max_text_len", "audio_feature_dim",
-                     "frames_per_latent", "time_embed_dim", "pool_heads"):
+                     "time_embed_dim", "pool_heads"):
             _check(int(getattr(self, name)) >= 1, f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
         _check(self.head_dim % 2 == 0, "model.head_dim", f"must be even for RoPE, got {self.head_dim}")
+        try:
+            TimeMap.parse(self.time_map, "model.time_map")
+        except ValueError as e:
+            raise ConfigError(f"config field `model.time_map`: {e}") from e
         _check(self.rope_init in ROPE_INITS, "model.rope_init", f"one of {ROPE_INITS}, got {self.rope_init!r}")
         _check(float(self.rope_theta) > 1.0, "model.rope_theta", f"must be > 1, got {self.rope_theta}")
         _check(self.time_embed_dim % 2 == 0, "model.time_embed_dim", "must be even")
@@ -102,6 +115,11 @@ class ModelConfig:
                f"one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         _check(self.remat_policy in REMAT_POLICIES, "model.remat_policy",
                f"one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+
+    @property
+    def frame_map(self) -> TimeMap:
+        """`time_map` parsed: which latent frame covers each 25 fps frame."""
+        return TimeMap.parse(self.time_map, "model.time_map")
 
     @property
     def attn_dim(self) -> int:

@@ -94,7 +94,10 @@ def count_flops(cfg: ModelConfig, shapes: Mapping[str, int]) -> int:
 
 def describe(cfg: ModelConfig, shapes: Mapping[str, int]) -> dict[str, Any]:
     params = count_params(cfg)
+    tm = cfg.frame_map
     return {
+        "time_map": {"rule": tm.rule, "audio_frames": shapes["audio_frames"],
+                     "latent_frames_of_audio": tm.latent_count(shapes["audio_frames"])},
         "params": params,
         "params_without_audio": params["total"] - params["audio"],
         "tokens": count_tokens(cfg, shapes),
@@ -120,6 +123,11 @@ def main(argv: list[str]) -> None:
         print(f"  {k:<13} {p[k]:>16,}")
     print("tokens per sample: " + ", ".join(f"{k} {v:,}" for k, v in t.items()))
     print(f"train FLOPs per sample: {info['train_flops_per_sample']:.4e}")
+    tm = info["time_map"]
+    note = "" if tm["latent_frames_of_audio"] == cfg.shapes.latent_frames else (
+        f" (but shapes.latent_frames={cfg.shapes.latent_frames}: set --config.shapes.latent_frames="
+        f"{tm['latent_frames_of_audio']})")
+    print(f"time map {tm['rule']}: {tm['audio_frames']} frames -> {tm['latent_frames_of_audio']} latent frames{note}")
     _ = app, config_flags
 
 

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from data_pipeline import encoders as enc_lib
 from data_pipeline import manifest as mf
 from data_pipeline import media, speech
+from data_pipeline.encoders.time_map import TimeMap, of_manifest
 from mirage_jax.config import ModelConfig
 from mirage_jax.diffusion.sampler import guided_velocity, model_velocity_fn
 from mirage_jax.diffusion.schedules import linear_quadratic_schedule
@@ -84,14 +85,20 @@ class Encoders:
         h, w, c = self.manifest["encoders"]["video"]["feature_shape"][1:]
         return int(h), int(w), int(c)
 
+    @property
+    def time_map(self) -> TimeMap:
+        """The frame-to-latent map the data was encoded with (manifest.json `time_map`)."""
+        return of_manifest(self.manifest)
+
     def latent_frames(self, frames: int) -> int:
-        """Latent frames for `frames` video frames (s2d: frames / tf; Mochi's causal VAE: 1 + (frames - 1) // 6)."""
-        fn = getattr(self.video, "latent_frames", None)
-        return int(fn(frames)) if fn is not None else frames // self.temporal_factor
+        """Latent frames to sample for `frames` frames of speech: the fewest whose decoded frames cover them
+        (s2d: ceil(frames / tf); Mochi on 25-frame chunks: 5 per chunk; whole clip: 1 + ceil((frames - 1) / 6))."""
+        return self.time_map.latents_to_cover(frames)
 
     @property
     def clip_frames(self) -> int:
-        return int(self.manifest["clip_frames"])
+        """Frames per training clip that its latents cover (time_map.covered_frames of the manifest's clip_frames)."""
+        return self.time_map.covered_frames(int(self.manifest["clip_frames"]))
 
 
 def dataset_dir(source: str) -> str:
@@ -137,9 +144,9 @@ def check_fit(mcfg: ModelConfig, encs: Encoders) -> None:
     if int(encs.text.feature_dim) != mcfg.text_embed_dim:
         problems.append(f"text encoder {encs.text.name!r} gives width {encs.text.feature_dim}, the model takes "
                         f"model.text_embed_dim={mcfg.text_embed_dim}")
-    if encs.temporal_factor != mcfg.frames_per_latent:
-        problems.append(f"video encoder temporal factor {encs.temporal_factor} != model.frames_per_latent="
-                        f"{mcfg.frames_per_latent}")
+    if encs.time_map.rule != mcfg.frame_map.rule:
+        problems.append(f"the video latents were encoded with time map {encs.time_map.rule} (manifest.json "
+                        f"time_map.rule), the model places audio by model.time_map={mcfg.time_map}")
     if not mcfg.use_audio:
         problems.append("the model has no audio stream (model.use_audio=False): it cannot be driven by speech")
     if problems:
@@ -197,11 +204,11 @@ def read_image(path: str, size: tuple[int, int]) -> np.ndarray:
         raise GenerateError(f"--ref={path}: cannot read an image from it ({e})") from e
 
 
-def frames_for(seconds: float | None, waveform: np.ndarray, temporal_factor: int) -> int:
-    """25 fps frames to generate: `seconds`, or the speech's length; a multiple of the temporal factor."""
+def frames_for(seconds: float | None, waveform: np.ndarray) -> int:
+    """25 fps frames to generate: `seconds`, or the speech's length (latents are sized to cover them by the
+    encoder's time map, and the decoded video is cropped to exactly this many frames)."""
     n = int(round(seconds * media.FPS)) if seconds else len(waveform) // media.HOP
-    n -= n % temporal_factor
-    if n < max(8, temporal_factor):
+    if n < 8:
         raise GenerateError(f"the clip would have {n} frames ({n / media.FPS:.2f} s); give at least 0.32 s of "
                             "speech (or --seconds)")
     return n
@@ -211,6 +218,8 @@ def encode_prompts(prompts: Sequence[Prompt], encs: Encoders, mcfg: ModelConfig,
     """Conditioning batch (padded to `pad_to` rows and the longest clip; padding masked out)."""
     tf = encs.temporal_factor
     frames = max(p.num_frames for p in prompts)
+    latents = encs.latent_frames(frames)
+    audio_frames = encs.time_map.frames_for_latents(latents)  # every audio token has a latent frame
     rows = []
     for p in prompts:
         audio = encs.audio.encode(p.waveform[: p.num_frames * media.HOP], num_frames=p.num_frames)
@@ -222,13 +231,13 @@ def encode_prompts(prompts: Sequence[Prompt], encs: Encoders, mcfg: ModelConfig,
             ref = encs.video.encode(np.repeat(p.ref_frame[None], tf, axis=0))[:1]
         else:
             ref = np.zeros((1, *encs.latent_hwc), np.float32)
-        pad = frames - p.num_frames
+        pad = audio_frames - p.num_frames
         rows.append({
             "audio": np.pad(audio, ((0, pad), (0, 0))),
-            "audio_mask": np.arange(frames) < p.num_frames,
+            "audio_mask": np.arange(audio_frames) < p.num_frames,
             "text": text, "text_mask": text_mask.astype(bool),
             "ref": ref, "ref_time": np.float32(p.ref_time), "ref_mask": np.bool_(p.ref_frame is not None),
-            "video_mask": np.arange(encs.latent_frames(frames)) < encs.latent_frames(p.num_frames),
+            "video_mask": np.arange(latents) < encs.latent_frames(p.num_frames),
         })
     while len(rows) < pad_to:  # filler rows: every token masked, outputs discarded
         filler = {k: np.zeros_like(v) for k, v in rows[0].items()}
@@ -267,6 +276,11 @@ def sample_latents(run: LoadedRun, cond: dict[str, np.ndarray], latent_shape: tu
     noise = jax.random.normal(jax.random.key(seed), latent_shape, jnp.float32)
     c = {k: put(np.asarray(v)) for k, v in cond.items() if k in COND_KEYS}
     fn, state = model_velocity_fn(run.model, c)
+    if mesh is not None:  # a model restored onto one device (load_run without a mesh) is replicated over the mesh
+        devices = set(mesh.devices.flat)
+        rep = NamedSharding(mesh, PartitionSpec())
+        state = jax.tree.map(lambda v: v if isinstance(v, jax.Array) and v.sharding.device_set == devices
+                             else jax.device_put(v, rep), state)
 
     def step(x: jax.Array, t: jax.Array, t_next: jax.Array, st: Any) -> jax.Array:
         with core_spmd.logical_axis_rules(act_rules):
@@ -287,7 +301,8 @@ def to_uint8(pixels: np.ndarray) -> np.ndarray:
 
 
 def decode_video(latents: np.ndarray, encs: Encoders, num_frames: int) -> np.ndarray:
-    """uint8 frames [num_frames, H, W, 3] from one sample's latents (T, H, W, C)."""
+    """uint8 frames [num_frames, H, W, 3] from one sample's latents (T, H, W, C): the latents covering
+    `num_frames` by the time map, through the encoder's decoder, cropped to `num_frames`."""
     return to_uint8(encs.video.decode(np.asarray(latents)[: encs.latent_frames(num_frames)]))[:num_frames]
 
 
@@ -323,12 +338,13 @@ class Settings:
     window: int = 0  # > 0: speech longer than this many frames is generated in consecutive windows of it
 
 
-def split_windows(p: Prompt, window: int, temporal_factor: int) -> list[Prompt]:
-    """A long prompt as consecutive windows of `window` frames (the clip length the model was trained on),
-    each with its own slice of the speech; the last is padded with silence and cropped after decoding."""
+def split_windows(p: Prompt, window: int, time_map: TimeMap) -> list[Prompt]:
+    """A long prompt as consecutive windows of `window` frames (the clip length the model was trained on,
+    rounded down to what its latents cover), each a fresh clip of the time map with its own slice of the
+    speech; the last is padded with silence and cropped after decoding."""
+    window = time_map.covered_frames(window)
     if window <= 0 or p.num_frames <= window:
         return [p]
-    window -= window % temporal_factor
     out = []
     for start in range(0, p.num_frames, window):
         n = min(window, p.num_frames - start)
@@ -349,7 +365,7 @@ def generate(run: LoadedRun, encs: Encoders, prompts: Sequence[Prompt], settings
     mcfg = run.model_config
     check_fit(mcfg, encs)
     if settings.window > 0:
-        pieces = [split_windows(p, settings.window, encs.temporal_factor) for p in prompts]
+        pieces = [split_windows(p, settings.window, encs.time_map) for p in prompts]
         flat = generate(run, encs, [q for ps in pieces for q in ps], dataclasses.replace(settings, window=0),
                         progress)
         out_w, k = [], 0
@@ -432,7 +448,7 @@ def main(argv: Sequence[str]) -> None:
     paths = output_paths(F.out, n)
     prompts = []
     for (wave, src), cap, ref in zip(speeches, captions, refs, strict=True):
-        frames = frames_for(F.seconds, wave, encs.temporal_factor)
+        frames = frames_for(F.seconds, wave)
         if frames > encs.clip_frames:
             how = (f"in {math.ceil(frames / encs.clip_frames)} windows of {encs.clip_frames}" if F.window
                    else "in one piece (--nowindow)")

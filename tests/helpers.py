@@ -9,7 +9,7 @@ from mirage_jax.config import ModelConfig
 
 def small_config(**overrides) -> ModelConfig:
     base = dict(num_layers=3, num_heads=2, head_dim=16, video_dim=32, text_dim=24, audio_dim=16, latent_channels=4,
-                text_embed_dim=16, audio_feature_dim=8, pool_heads=2, time_embed_dim=32, frames_per_latent=2,
+                text_embed_dim=16, audio_feature_dim=8, pool_heads=2, time_embed_dim=32, time_map="uniform:2",
                 rope_base_height=8, rope_base_width=8)
     base.update(overrides)
     return ModelConfig(**base)
@@ -45,3 +45,32 @@ def randomize(model, seed: int = 0, scale: float = 0.2) -> None:
     new = [scale * jax.random.normal(k, x.shape, jnp.float32).astype(x.dtype)
            for k, x in zip(keys, leaves, strict=True)]
     nnx.update(model, jax.tree.unflatten(treedef, new))
+
+
+def tiny_encoder_weights(root) -> tuple[str, str, str]:
+    """Tiny random-weight Mochi VAE, wav2vec2 (CTC) and T5 encoder (+ a word-level tokenizer.json) saved under
+    `root` in their published safetensors layouts; returns the (vae, wav2vec2, t5) folders."""
+    import torch
+    from diffusers import AutoencoderKLMochi
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import T5Config, T5EncoderModel, Wav2Vec2Config, Wav2Vec2ForCTC
+
+    torch.manual_seed(0)
+    AutoencoderKLMochi(
+        encoder_block_out_channels=(32, 32, 32, 32),
+        decoder_block_out_channels=(32, 32, 32, 32),
+        layers_per_block=(1, 1, 1, 1, 1),
+    ).save_pretrained(str(root / "vae"), safe_serialization=True)
+    cfg = Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, conv_dim=(16,) * 7,
+        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, vocab_size=12,
+    )  # fmt: skip
+    Wav2Vec2ForCTC(cfg).save_pretrained(str(root / "w2v"), safe_serialization=True)
+    t5 = T5Config(vocab_size=8, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4)
+    T5EncoderModel(t5).save_pretrained(str(root / "t5"), safe_serialization=True)
+    words = ["<pad>", "</s>", "<unk>", "a", "the", "person", "speaks", "."]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tok.save(str(root / "t5" / "tokenizer.json"))
+    return str(root / "vae"), str(root / "w2v"), str(root / "t5")

@@ -82,6 +82,25 @@ def test_decode_matches_diffusers_and_chunking_is_exact(vae_dir):
     assert _maxdiff(MochiVAE(weights=path, tile=0, decode_chunk_latents=2).decode_raw(z), one_shot) <= TOL
 
 
+def test_chunked_time_map_matches_diffusers_on_each_chunk(vae_dir):
+    """chunk_frames=C: every C-frame chunk encoded (and its latents decoded) by diffusers on its own; a last
+    partial chunk causally on its own. 7-frame chunks (1 + 6, as 25 = 1 + 4 x 6) keep the test small."""
+    path, model = vae_dir
+    enc = MochiVAE(weights=path, tile=0, chunk_frames=7)
+    assert enc.time_map.rule == "causal:6/7"
+    x = _video(15, 32, 32, seed=3)  # chunks of 7, 7 and 1 frames -> 2 + 2 + 1 latents
+    want = np.concatenate([_torch_encode(model, x[:, s : s + 7]) for s in (0, 7, 14)], axis=1)
+    z = enc.encode_raw(x)
+    assert z.shape[1] == enc.latent_frames(15) == 5
+    assert _maxdiff(z, want) <= TOL
+    want_px = np.concatenate([_torch_decode(model, z[:, s : s + 2]) for s in (0, 2, 4)], axis=1)
+    px = enc.decode_raw(z)
+    assert px.shape[1] == enc.time_map.frames_for_latents(5) == 15
+    assert _maxdiff(px, want_px) <= TOL
+    with pytest.raises(ValueError, match="chunk_frames=8"):
+        MochiVAE(weights=path, tile=0, chunk_frames=8)  # 8 - 1 is not a multiple of 6
+
+
 def test_spatial_tiling_decode_matches_diffusers_tiling(vae_dir):
     path, model = vae_dir
     model.enable_tiling(32, 32, 16, 16)  # 4-latent tiles every 2 latents, blended over 16 pixels

@@ -46,7 +46,8 @@ def _load_all(d):
     return out
 
 
-@pytest.mark.parametrize("overrides", [{}, dict(num_layers=2, num_heads=4, head_dim=8, patch_size=1, audio_dim=24)])
+@pytest.mark.parametrize("overrides", [{}, dict(num_layers=2, num_heads=4, head_dim=8, patch_size=1, audio_dim=24,
+                                                time_map="causal:6/7")])  # chunked map: audio and ref times
 def test_torch_module_equals_jax_with_audio_and_reference(tmp_path, overrides):
     cfg = small_config(**overrides)
     m = _model(cfg)

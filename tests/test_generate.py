@@ -11,6 +11,7 @@ from configs.common import get_base_config
 from configs.tiny import diffusion_config
 from data_pipeline import encoders as enc_lib
 from data_pipeline import media
+from data_pipeline.encoders.time_map import TimeMap
 from helpers import random_inputs, randomize, small_config
 from mirage_jax import generate as gen
 from mirage_jax.diffusion import sample
@@ -67,23 +68,23 @@ def _encoders(**video):
 
 
 def test_check_fit_names_every_mismatch():
-    cfg = small_config(latent_channels=192, audio_feature_dim=8, text_embed_dim=16, frames_per_latent=1)
+    cfg = small_config(latent_channels=192, audio_feature_dim=8, text_embed_dim=16, time_map="uniform:1")
     gen.check_fit(cfg, _encoders())  # fits
-    bad = small_config(latent_channels=4, audio_feature_dim=80, text_embed_dim=16, frames_per_latent=2,
+    bad = small_config(latent_channels=4, audio_feature_dim=80, text_embed_dim=16, time_map="uniform:2",
                        use_audio=False)
     with pytest.raises(gen.GenerateError) as e:
         gen.check_fit(bad, _encoders())
     msg = str(e.value)
-    for field in ("model.latent_channels=4", "model.audio_feature_dim=80", "model.frames_per_latent=2",
+    for field in ("model.latent_channels=4", "model.audio_feature_dim=80", "model.time_map=uniform:2",
                   "model.use_audio=False", "/data/x"):
         assert field in msg, msg
 
 
 def test_prompts_are_padded_and_masked():
     encs = _encoders()
-    cfg = small_config(latent_channels=192, audio_feature_dim=8, text_embed_dim=16, frames_per_latent=1)
+    cfg = small_config(latent_channels=192, audio_feature_dim=8, text_embed_dim=16, time_map="uniform:1")
     waves = [np.random.default_rng(i).standard_normal(n * media.HOP).astype(np.float32) for i, n in enumerate((10, 14))]
-    prompts = [gen.Prompt(w, gen.frames_for(None, w, 1), caption="a person talks") for w in waves]
+    prompts = [gen.Prompt(w, gen.frames_for(None, w), caption="a person talks") for w in waves]
     prompts[1].ref_frame = np.full((16, 32, 3), 200, np.uint8)
     cond = gen.encode_prompts(prompts, encs, cfg, pad_to=4)
     assert cond["audio"].shape == (4, 14, 8) and cond["ref"].shape == (4, 1, 2, 4, 192)
@@ -114,19 +115,22 @@ def test_refusals_name_the_input(tmp_path):
     with pytest.raises(gen.GenerateError, match="no audio stream"):
         gen.read_speech(str(silent))
     with pytest.raises(gen.GenerateError, match="at least 0.32 s"):
-        gen.frames_for(None, np.zeros(3 * media.HOP, np.float32), 1)
+        gen.frames_for(None, np.zeros(3 * media.HOP, np.float32))
     with pytest.raises(gen.GenerateError, match="directory or a pattern"):
         gen.output_paths("one.mp4", 2)
     assert [p.name for p in gen.output_paths(str(tmp_path / "vids"), 2)] == ["000.mp4", "001.mp4"]
 
 
+ONE = TimeMap.parse("uniform:1")
+
+
 def test_long_speech_is_cut_into_training_length_windows():
     wave = np.random.default_rng(0).standard_normal(60 * media.HOP).astype(np.float32)
     p = gen.Prompt(wave, 60, caption="hi", ref_time=-25.0)
-    parts = gen.split_windows(p, 25, 1)
+    parts = gen.split_windows(p, 25, ONE)
     assert [q.num_frames for q in parts] == [25, 25, 25]
     assert [q.ref_time for q in parts] == [-25.0, -50.0, -75.0]  # the same reference frame, seen from each window
     joined = np.concatenate([q.waveform for q in parts])
     np.testing.assert_array_equal(joined[: len(wave)], wave)
     assert not joined[len(wave):].any()  # the last window is padded with silence
-    assert gen.split_windows(p, 0, 1) == [p] and gen.split_windows(p, 60, 1) == [p]
+    assert gen.split_windows(p, 0, ONE) == [p] and gen.split_windows(p, 60, ONE) == [p]

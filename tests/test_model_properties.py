@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from data_pipeline.encoders.time_map import TimeMap
 from helpers import random_inputs, randomize, small_config
 from mirage_jax.model import MirageDiT
 from mirage_jax.model import rope as rope_lib
@@ -51,7 +52,7 @@ def test_rope_depends_only_on_relative_position():
 
 
 def test_audio_frame_shares_time_with_covering_latent_frame():
-    pos = np.asarray(rope_lib.audio_positions(10, 5, 1))[0, :, 0]
+    pos = np.asarray(rope_lib.audio_positions(10, TimeMap.parse("uniform:5"), 1))[0, :, 0]
     np.testing.assert_array_equal(pos, [0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
     vid = np.asarray(rope_lib.video_positions(jnp.arange(2.0)[None], 2, 2, 8, 8))[0, :, 0]
     np.testing.assert_array_equal(vid, [0, 0, 0, 0, 1, 1, 1, 1])
@@ -60,7 +61,7 @@ def test_audio_frame_shares_time_with_covering_latent_frame():
 def test_audio_time_frequencies_start_equal_to_video_time_frequencies():
     """Then a video query at time t and an audio key at time s interact through t - s alone (for a fixed
     spatial position): rotate both by t + d and s + d, the score is unchanged."""
-    cfg = small_config(frames_per_latent=1)
+    cfg = small_config(time_map="uniform:1")
     model = MirageDiT(cfg, rngs=nnx.Rngs(0))
     np.testing.assert_array_equal(np.asarray(model.audio_pos_frequencies[...]),
                                   np.asarray(model.pos_frequencies[...][0:1]))
@@ -91,7 +92,7 @@ def test_rope_theta_sets_initial_frequency_magnitudes(theta):
 def test_axial_rope_init_puts_every_pair_on_one_axis():
     """head_dim 16 -> 8 pairs: 4 time (1, 100^-1/4, 100^-2/4, 100^-3/4), 2 height, 2 width (1, 100^-1/2), in
     every head; the audio time frequencies start equal to the video time row, as with the mixed init."""
-    cfg = small_config(rope_theta=100.0, rope_init="axial", frames_per_latent=1)
+    cfg = small_config(rope_theta=100.0, rope_init="axial", time_map="uniform:1")
     model = MirageDiT(cfg, rngs=nnx.Rngs(0))
     freqs = np.asarray(model.pos_frequencies[...])
     ladder = lambda n: 100.0 ** (-np.arange(n) / n)  # noqa: E731

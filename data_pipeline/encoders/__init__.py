@@ -21,6 +21,7 @@ from typing import Any
 from data_pipeline.encoders.audio_logmel import LogMel
 from data_pipeline.encoders.base import EncoderSpec
 from data_pipeline.encoders.text_hash import HashText
+from data_pipeline.encoders.time_map import TimeMap
 from data_pipeline.encoders.video_dct import DCT
 from data_pipeline.encoders.video_s2d import SpaceToDepth
 
@@ -97,6 +98,12 @@ def temporal_factor(video_encoder: Any) -> int:
     return int(getattr(video_encoder, "temporal_factor", None) or getattr(video_encoder, "tf", 1))
 
 
+def time_map(video_encoder: Any) -> TimeMap:
+    """The encoder's frame-to-latent map (`time_map` property; otherwise uniform by its temporal factor)."""
+    tm = getattr(video_encoder, "time_map", None)
+    return tm if tm is not None else TimeMap("uniform", temporal_factor(video_encoder))
+
+
 def frame_multiple(video_encoder: Any) -> int:
     """What clip lengths must be a multiple of: s2d's temporal factor; 1 for causal encoders such as
     mochi_vae, which take any T and give 1 + (T - 1) // 6 latents (6k + 1 frames waste none)."""
@@ -130,6 +137,7 @@ __all__ = [
     "HashText",
     "LogMel",
     "SpaceToDepth",
+    "TimeMap",
     "frame_multiple",
     "from_manifest",
     "from_spec",
@@ -141,4 +149,5 @@ __all__ = [
     "register",
     "spatial_factor",
     "temporal_factor",
+    "time_map",
 ]

@@ -13,6 +13,9 @@ What it computes, exactly as diffusers 0.42.1 does (tests/test_encoders_mochi_va
 - decode: 1x1x1 conv -> residual blocks -> per up block a linear to (6, 2, 2)-fold channels and
   depth-to-space -> linear to RGB; the first 5 of the 6 T' frames are dropped (the causal first frame),
   so T' latents give 6 (T' - 1) + 1 frames.
+- Two time maps (data_pipeline/encoders/time_map.py; `chunk_frames`): the whole clip causally (rule
+  causal:6, 100 frames -> 17 latents), or independent 25-frame chunks each encoded and decoded on its own
+  (rule causal:6/25, 5 latents per chunk, 100 frames -> 20: the report's 20 x 160 x 90 latents for 4 s).
 - Latents are normalised as diffusers' Mochi pipeline does: z_n = (z - latents_mean) * scaling_factor /
   latents_std on encode, the inverse before decoding.
 
@@ -43,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_pipeline.encoders.base import EncoderSpec, check_params
+from data_pipeline.encoders.time_map import TimeMap
 from data_pipeline.encoders.weights import load_weights, take
 
 VERSION = "1"
@@ -52,6 +56,10 @@ DEFAULTS: dict[str, Any] = {
     "tile_stride": 192,  # distance between tile starts in pixels (overlap = tile - stride, blended)
     "encode_chunk_latents": 0,  # latent frames per encoder chunk (0: whole clip per tile; see docs/encoders.md)
     "decode_chunk_latents": 4,  # latent frames per decoder chunk (0: whole clip per tile)
+    # time: 0 encodes the whole clip causally (100 frames -> 17 latents); C > 0 encodes independent chunks of
+    # C frames (C - 1 a multiple of 6; the report's 25-frame chunks: 100 frames -> 4 x 5 = 20 latents) and
+    # decodes each chunk's latents on their own (data_pipeline/encoders/time_map.py)
+    "chunk_frames": 0,
 }
 _HI = jax.lax.Precision.HIGHEST
 _WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors")
@@ -438,8 +446,9 @@ class _TileSharding:
 
 
 class MochiVAE:
-    """Mochi's VAE as a frozen video encoder: `encode(frames [T, H, W, 3]) -> latents [1 + (T-1)//6, H/8,
-    W/8, 12]` (normalised) and `decode(latents) -> pixels [6 (T'-1) + 1, H, W, 3]` in [-1, 1]."""
+    """Mochi's VAE as a frozen video encoder: `encode(frames [T, H, W, 3]) -> latents [L, H/8, W/8, 12]`
+    (normalised) and `decode(latents) -> pixels [time_map.frames_for_latents(L), H, W, 3]` in [-1, 1], where
+    L = time_map.latent_count(T): 1 + (T-1)//6 for the whole clip, 5 per 25-frame chunk with chunk_frames=25."""
 
     name = "mochi_vae"
     version = VERSION
@@ -450,6 +459,10 @@ class MochiVAE:
         self.tile, self.tile_stride = int(self.params["tile"]), int(self.params["tile_stride"])
         self.encode_chunk = int(self.params["encode_chunk_latents"])
         self.decode_chunk = int(self.params["decode_chunk_latents"])
+        try:
+            self.time_map = TimeMap("causal", self.cfg.temporal_factor, int(self.params["chunk_frames"]))
+        except ValueError as e:
+            raise ValueError(f"video encoder mochi_vae: chunk_frames={self.params['chunk_frames']}: {e}") from e
         # tiles of one shape run together, one per local device (output unchanged; 1 = tile by tile)
         self.tile_devices = len(jax.local_devices())
         self._sharding: _TileSharding | None = None
@@ -487,7 +500,8 @@ class MochiVAE:
         return self.cfg.latent_channels
 
     def latent_frames(self, frames: int) -> int:
-        return (frames - 1) // self.temporal_factor + 1
+        """Latent frames for `frames` frames under this encoder's time map (whole clip: 1 + (T - 1) // 6)."""
+        return self.time_map.latent_count(frames)
 
     def spec(self, height: int | None = None, width: int | None = None) -> EncoderSpec:
         f = self.spatial_factor
@@ -498,7 +512,14 @@ class MochiVAE:
     # -- raw (unnormalised) networks on [B, T, H, W, C] arrays, chunked in time, tiled in space --
 
     def encode_raw(self, x: np.ndarray) -> np.ndarray:
-        """Pixels [B, T, H, W, 3] in [-1, 1] -> raw posterior mean [B, 1 + (T-1)//6, H/8, W/8, C]."""
+        """Pixels [B, T, H, W, 3] in [-1, 1] -> raw posterior mean [B, time_map.latent_count(T), H/8, W/8, C]:
+        the whole clip causally, or each chunk of `chunk_frames` frames on its own, concatenated in time."""
+        c = self.time_map.chunk
+        if c and x.shape[1] > c:
+            return np.concatenate([self._encode_clip(x[:, s : s + c]) for s in range(0, x.shape[1], c)], axis=1)
+        return self._encode_clip(x)
+
+    def _encode_clip(self, x: np.ndarray) -> np.ndarray:
         f = self.spatial_factor
         _, _, height, width, _ = x.shape
         if self.tile and (height > self.tile or width > self.tile):
@@ -536,10 +557,17 @@ class MochiVAE:
         for s in range(first, total, step):
             out, state = _encoder_jit(weights, cfg, put(x[:, s : s + step]), state, total)
             outs.append(np.asarray(out))
-        return np.concatenate(outs, axis=1)[:, : self.latent_frames(t)]
+        return np.concatenate(outs, axis=1)[:, : (t - 1) // tt + 1]
 
     def decode_raw(self, z: np.ndarray) -> np.ndarray:
-        """Raw latents [B, T', h, w, C] -> pixels [B, 6 (T'-1) + 1, 8 h, 8 w, 3] (unclipped, as diffusers)."""
+        """Raw latents [B, T', h, w, C] -> pixels [B, time_map.frames_for_latents(T'), 8 h, 8 w, 3] (unclipped,
+        as diffusers): each chunk's latents decode on their own when `chunk_frames` is set."""
+        k = self.time_map.chunk_latents if self.time_map.chunk else 0
+        if k and z.shape[1] > k:
+            return np.concatenate([self._decode_clip(z[:, s : s + k]) for s in range(0, z.shape[1], k)], axis=1)
+        return self._decode_clip(z)
+
+    def _decode_clip(self, z: np.ndarray) -> np.ndarray:
         f = self.spatial_factor
         _, _, h, w, _ = z.shape
         if self.tile and (h > self.tile // f or w > self.tile // f):
@@ -574,7 +602,7 @@ class MochiVAE:
         return (np.asarray(z, np.float32) * (self.latents_std / self.scaling) + self.latents_mean).astype(np.float32)
 
     def encode(self, frames: np.ndarray) -> np.ndarray:
-        """Pixels [T, H, W, 3] (uint8, or float in [-1, 1]) -> normalised latents [1 + (T-1)//6, H/8, W/8, 12]."""
+        """Pixels [T, H, W, 3] (uint8, or float in [-1, 1]) -> normalised latents [latent_frames(T), H/8, W/8, 12]."""
         x = np.asarray(frames)
         f = self.spatial_factor
         if x.ndim != 4 or x.shape[-1] != 3:
@@ -588,7 +616,8 @@ class MochiVAE:
         return self.normalize(self.encode_raw(x[None])[0])
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Normalised latents [T', h, w, 12] -> pixels [6 (T'-1) + 1, 8 h, 8 w, 3] float32 clipped to [-1, 1]."""
+        """Normalised latents [T', h, w, 12] -> pixels [time_map.frames_for_latents(T'), 8 h, 8 w, 3] float32
+        clipped to [-1, 1] (whole clip: 6 (T'-1) + 1 frames)."""
         z = np.asarray(latents, np.float32)
         if z.ndim != 4 or z.shape[-1] != self.channels:
             raise ValueError(

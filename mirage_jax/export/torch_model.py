@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data_pipeline.encoders.time_map import TimeMap
+
 NORM_EPS, QK_EPS = 1e-6, 1e-5
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 SINGLE_NAME = "diffusion_pytorch_model.safetensors"
@@ -203,7 +205,10 @@ class MirageTransformer(nn.Module):
     def __init__(self, config: dict[str, Any]):
         super().__init__()
         c = dict(config)
+        if "time_map" not in c:  # exports written before time_map: K frames per latent = uniform:K
+            c["time_map"] = f"uniform:{int(c.get('frames_per_latent', 1))}"
         self.config = c
+        self.frame_map = TimeMap.parse(c["time_map"], "config.json time_map")
         p, ch, vd = c["patch_size"], c["in_channels"], c["video_dim"]
         heads, hd, te = c["num_attention_heads"], c["attention_head_dim"], c["text_embed_dim"]
         self.patch_embed = _Module()
@@ -303,7 +308,8 @@ class MirageTransformer(nn.Module):
         if reference_latents is not None:
             r = reference_latents.shape[2]
             rt = torch.zeros(b, device=dev) if reference_time is None else reference_time.reshape(b).float()
-            rtimes = rt[:, None] / c["frames_per_latent"] + torch.arange(r, dtype=torch.float32, device=dev)[None]
+            rtimes = (self.frame_map.latent_time(rt, torch)[:, None]
+                      + torch.arange(r, dtype=torch.float32, device=dev)[None])
             pos = torch.cat([pos, _video_positions(rtimes, gh, gw, c["rope_base_height"], c["rope_base_width"])], 1)
             xv = torch.cat([xv, embed(reference_latents)], dim=1)
             rmask = torch.ones(b, dtype=torch.bool, device=dev) if reference_mask is None else reference_mask.bool()
@@ -315,7 +321,7 @@ class MirageTransformer(nn.Module):
                 raise ValueError("audio_features given, but this export has no audio stream (use_audio=false)")
             a = audio_features.shape[1]
             xs["audio"] = self.audio_proj(audio_features)
-            apos = torch.floor(torch.arange(a, dtype=torch.float32, device=dev) / c["frames_per_latent"])
+            apos = torch.from_numpy(self.frame_map.frame_latent(a)).to(device=dev, dtype=torch.float32)
             ropes["audio"] = _rope(self.audio_pos_frequencies, apos[None, :, None].expand(b, a, 1))
             masks.append(torch.ones(b, a, dtype=torch.bool, device=dev) if audio_attention_mask is None
                          else audio_attention_mask.bool())

@@ -51,7 +51,7 @@ def torch_config(cfg: ModelConfig) -> dict[str, Any]:
         "out_channels": None, "qk_norm": "rms_norm", "text_embed_dim": cfg.text_embed_dim,
         "time_embed_dim": cfg.time_embed_dim, "activation_fn": "swiglu", "max_sequence_length": cfg.max_text_len,
         "video_dim": cfg.video_dim, "audio_dim": cfg.audio_dim, "audio_feature_dim": cfg.audio_feature_dim,
-        "frames_per_latent": cfg.frames_per_latent, "mlp_ratio_video": cfg.mlp_ratio_video,
+        "time_map": cfg.time_map, "mlp_ratio_video": cfg.mlp_ratio_video,
         "mlp_ratio_text": cfg.mlp_ratio_text, "mlp_ratio_audio": cfg.mlp_ratio_audio, "use_audio": cfg.use_audio,
         "rope_base_height": cfg.rope_base_height, "rope_base_width": cfg.rope_base_width,
         "pool_heads": cfg.pool_heads,

@@ -230,7 +230,7 @@ class MirageDiT(nnx.Module):
             r = ref.shape[1]
             xr = self.patch_embed(self.patchify(ref.astype(dt)))
             rt = jnp.zeros((b,), jnp.float32) if ref_time is None else ref_time.reshape(b).astype(jnp.float32)
-            rtimes = rt[:, None] / cfg.frames_per_latent + jnp.arange(r, dtype=jnp.float32)[None, :]
+            rtimes = cfg.frame_map.latent_time(rt, jnp)[:, None] + jnp.arange(r, dtype=jnp.float32)[None, :]
             pos_v = jnp.concatenate([pos_v, rope_lib.video_positions(
                 rtimes, gh, gw, cfg.rope_base_height, cfg.rope_base_width)], axis=1)
             xv = jnp.concatenate([xv, xr], axis=1)
@@ -245,7 +245,7 @@ class MirageDiT(nnx.Module):
             a = audio.shape[1]
             xs["audio"] = constrain(self.audio_proj(audio.astype(dt)), ("batch", "seq", "embed"))
             ropes["audio"] = rope_lib.rope_angles(self.audio_pos_frequencies[...],
-                                                  rope_lib.audio_positions(a, cfg.frames_per_latent, b))
+                                                  rope_lib.audio_positions(a, cfg.frame_map, b))
             masks.append(jnp.ones((b, a), bool) if audio_mask is None else audio_mask.astype(bool))
 
         xs["text"] = self.caption_proj(text.astype(dt))

@@ -2,8 +2,9 @@
 
 Frequencies are parameters of shape (axes, heads, head_dim/2): the rotation angle of pair f of head h
 for a token at position p is sum_d p[d] * freqs[d, h, f]. Video and reference tokens use (t, h, w);
-audio has its own learned (t) frequencies and shares the video time axis: audio frame a sits at
-latent time floor(a / audio_frames_per_latent), the latent frame that covers it.
+audio has its own learned (t) frequencies and shares the video time axis: audio frame a sits at the
+time of the latent frame that covers it, by the video encoder's frame-to-latent map
+(data_pipeline/encoders/time_map.py; Mochi's VAE on 25-frame chunks: frames 0, 1-6, 7-12, ... -> 0, 1, 2, ...).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from data_pipeline.encoders.time_map import TimeMap
 
 
 def mixed_rope_init(key: jax.Array, n_axes: int, heads: int, half: int, theta: float = 10000.0) -> jax.Array:
@@ -62,9 +65,10 @@ def video_positions(
     return pos.reshape(b, t * height * width, 3)
 
 
-def audio_positions(num_audio: int, frames_per_latent: int, batch: int) -> jax.Array:
-    """(B, A, 1) time coordinate of each 25 fps audio frame: the index of the latent frame covering it."""
-    t = jnp.floor(jnp.arange(num_audio, dtype=jnp.float32) / frames_per_latent)
+def audio_positions(num_audio: int, time_map: TimeMap, batch: int) -> jax.Array:
+    """(B, A, 1) time coordinate of each 25 fps audio frame: the index of the latent frame covering it
+    (`time_map.frame_latent`, e.g. causal:6/25 gives 0, 1 x6, 2 x6, 3 x6, 4 x6, 5, 6 x6, ...)."""
+    t = jnp.asarray(time_map.frame_latent(num_audio), jnp.float32)
     return jnp.broadcast_to(t[None, :, None], (batch, num_audio, 1))
 
 

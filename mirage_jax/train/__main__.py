@@ -2,7 +2,8 @@
 
 The same command runs on one CPU, a GPU box, or every host of a TPU pod (see docs/pods.md). Exit status:
 0 when training finished or was preempted after a successful checkpoint (the message says which), 3 when
-it stopped on too many non-finite steps, 1 on any other error.
+it stopped on too many non-finite steps, 2 on a config that is invalid or does not fit its data (one line
+naming the fields and the `--config.` overrides), 1 on any other error.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def main(argv: list[str]) -> None:
 
     distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
 
+    from mirage_jax.config import ConfigError
     from mirage_jax.train.loop import NonFiniteError, Trainer
     from mirage_jax.train.preemption import Preempted
 
@@ -54,6 +56,9 @@ def main(argv: list[str]) -> None:
         logging.warning("%s", e)
         print(f"PREEMPTED (clean exit): {e}", flush=True)
         sys.exit(0)
+    except ConfigError as e:  # a user's config mistake: one line naming the fields, no traceback
+        print(f"CONFIG ERROR: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     except NonFiniteError as e:
         logging.error("%s", e)
         print(f"STOPPED: {e}", file=sys.stderr, flush=True)

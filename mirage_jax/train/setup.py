@@ -17,7 +17,7 @@ from mirage_jax.parallel import checks
 from mirage_jax.parallel import mesh as mesh_lib
 from mirage_jax.parallel import rules as rules_lib
 from mirage_jax.train import data as data_lib
-from mirage_jax.train import optim
+from mirage_jax.train import data_fit, optim
 from mirage_jax.train import step as step_lib
 from mirage_jax.train.state import StateLayout
 
@@ -33,6 +33,8 @@ class RunSetup:
                                  "configs/tiny.py or configs/mirage_10b.py, not configs/common.py")
         self.mcfg = ModelConfig.from_config(cfg.model)
         self.dcfg = DiffusionConfig.from_config(cfg.diffusion)
+        if "data" in cfg:
+            data_fit.check(cfg)  # clip shapes and time map vs the dataset's manifest.json, before any compile
         self.mesh = mesh_lib.build_mesh(cfg.mesh, devices)
         self.param_rules = rules_lib.normalize_rules(cfg.mesh.rules.params, "mesh.rules.params", self.mesh)
         self.act_rules, self.act_warning = rules_lib.effective_activation_rules(

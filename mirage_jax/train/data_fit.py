@@ -1,0 +1,85 @@
+"""Does the config fit the prepared dataset it trains on? Checked from manifest.json before anything compiles.
+
+The clip shapes (latent T/H/W and channels, audio frames and feature size, text length and width) and the
+frame-to-latent time map are facts of the data (data_pipeline.prepare writes them to manifest.json); the
+config must agree, or the run stops here with every mismatch and the exact `--config.` overrides that fix
+it, so nobody computes latent counts by hand. Training on a shorter window than the prepared clips is
+allowed when it is a whole clip of the time map (the loader crops on latent boundaries).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from data_pipeline.encoders.time_map import of_manifest
+from mirage_jax.config import ConfigError
+
+
+def manifest_shapes(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The config values a dataset implies, keyed by config field (`shapes.latent_frames`, `model.time_map`, ...)."""
+    tm = of_manifest(manifest)
+    keys = manifest["keys"]
+    _, h, w, c = keys["video"]["shape"]
+    latents = tm.latent_count(int(manifest["clip_frames"]))
+    return {
+        "model.time_map": tm.rule,
+        "shapes.latent_frames": latents,
+        "shapes.audio_frames": tm.frames_for_latents(latents),
+        "shapes.latent_height": h,
+        "shapes.latent_width": w,
+        "model.latent_channels": c,
+        "model.audio_feature_dim": keys["audio"]["shape"][1],
+        "shapes.text_len": keys["text"]["shape"][0],
+        "model.text_embed_dim": keys["text"]["shape"][1],
+    }
+
+
+def mismatches(cfg: Any, manifest: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(config field, config value, the value the data needs) for every disagreement."""
+    want = manifest_shapes(manifest)
+    tm = of_manifest(manifest)
+
+    def get(field: str) -> Any:
+        section, name = field.split(".")
+        return cfg[section].get(name)
+
+    out = []
+    for field, need in want.items():
+        have = get(field)
+        if field == "model.time_map" and have is None and cfg.model.get("frames_per_latent") is not None:
+            have = f"uniform:{int(cfg.model.frames_per_latent)}"  # the older spelling of the same field
+        if need is None:  # clips of different sizes: the loader pads, nothing to compare
+            continue
+        if field == "model.audio_feature_dim" and not cfg.model.get("use_audio", True):
+            continue  # a Mochi-only network never reads the audio features
+        if field == "shapes.audio_frames":  # a shorter window is fine if it is a whole clip of the map
+            a = int(have)
+            if 0 < a <= need and tm.covered_frames(a) == a:
+                continue
+        elif field == "shapes.latent_frames":
+            a = int(get("shapes.audio_frames"))
+            if 0 < a <= want["shapes.audio_frames"] and int(have) == tm.latent_count(a):
+                continue
+        elif str(have) == str(need):
+            continue
+        out.append((field, have, need))
+    if int(cfg.model.max_text_len) < int(want["shapes.text_len"]):
+        out.append(("model.max_text_len", cfg.model.max_text_len, want["shapes.text_len"]))
+    return out
+
+
+def check(cfg: Any) -> None:
+    """Raise ConfigError (one line: every mismatch, then the overrides) unless `cfg` fits `cfg.data.source`."""
+    source = cfg.data.source
+    if source == "synthetic":
+        return
+    from data_pipeline.loader import resolve_shards
+
+    manifest = resolve_shards(source, verify="none").manifest
+    bad = mismatches(cfg, manifest)
+    if bad:
+        what = "; ".join(f"{f}={have} but the data has {need}" for f, have, need in bad)
+        fix = " ".join(f"--config.{f}={need}" for f, _, need in bad)
+        raise ConfigError(
+            f"the config does not fit data.source={source} (its manifest.json): {what}. Rerun with: {fix}"
+        )

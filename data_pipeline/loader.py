@@ -197,15 +197,16 @@ class DecodeCrop(grain.transforms.RandomMap):
 
     def _corrupt(self, i: int, why: str) -> None:
         shard, idx = self.source.locate(i)
-        if i in self.bad:
-            return
+        new = i not in self.bad
         self.bad.add(i)
-        if self.skipped > self.corrupt_budget:
+        if self.skipped > self.corrupt_budget:  # every meeting raises once over budget (reader threads race)
             raise CorruptRecordError(
                 f"{shard} record {idx}: {why}. {self.skipped} corrupt records in this process (budget "
                 f"corrupt_budget={self.corrupt_budget}); re-run data_pipeline.prepare to rewrite the shard "
                 "or raise the budget"
             )
+        if not new:
+            return
         log.warning(
             "skipping corrupt record %d of %s (%d/%d skipped): %s",
             idx,

@@ -11,12 +11,9 @@ import numpy as np
 import pytest
 
 from data_pipeline import manifest, speech
-from data_pipeline.ingest import IngestConfig
 from data_pipeline.loader import CorruptRecordError, ShardSource, make_loader
 from data_pipeline.order import DataStateError
-from data_pipeline.prepare import run
 from data_pipeline.records import decode_record
-from data_pipeline.synthesize import synthesize
 
 pytestmark = pytest.mark.skipif(not speech.espeak_available(), reason="espeak-ng not installed (make sysdeps)")
 
@@ -24,13 +21,9 @@ B = 4  # global batch size; 9 records, so epochs end mid-batch
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    """3 sources x 3 s cut into 1 s clips: 9 records of 25 frames in 3 shards (4, 4, 1)."""
-    raw = str(tmp_path_factory.mktemp("raw"))
-    synthesize(raw, clips=3, seconds=3.0, seed=7, size=(64, 64), progress=False)
-    out = str(tmp_path_factory.mktemp("prepared"))
-    run(raw, out, IngestConfig(clip_seconds=1.0), records_per_shard=4, progress=False)
-    return out
+def prepared(prepared_shards):
+    """9 records of 25 frames in 3 shards (4, 4, 1) (tests/conftest.py)."""
+    return prepared_shards
 
 
 def _loader(data, process_index=0, process_count=1, global_batch_size=B, **kw):

@@ -1,5 +1,7 @@
 """Data loader throughput: the Grain loader (decode, crop, batch; in-process and with worker processes)
-against raw ArrayRecord reads of the same shards, in one run.
+against raw ArrayRecord reads of the same shards, in one run; and the elastic order (`make_loader`, index-
+based global batches) against the loader it replaced (a Grain chain shuffle -> repeat -> per-process stride
+-> random_map -> batch, rebuilt here as `legacy_loader`), same records, workers and threads (target >= 0.9x).
 
     python -m bench.data_loader --data=DIR [--batch=8] [--batches=50] [--workers=0,2] [--json]
     python -m bench.data_loader --synthesize=6        # make a small dataset in a temp dir first
@@ -16,6 +18,7 @@ import os
 import tempfile
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from absl import app, flags
 from array_record.python.array_record_module import ArrayRecordReader
@@ -48,19 +51,36 @@ def bench_raw(paths: list[str], counts: list[int], records: int) -> dict:
     }
 
 
-def bench_loader(data: str, batch: int, batches: int, workers: int, mean_record_bytes: float) -> dict:
+def legacy_loader(data: str, batch: int, workers: int, seed: int = 0, read_threads: int = 4) -> Any:
+    """The loader before the elastic order (per-process Grain iterator state), for comparison only."""
+    import grain
+
+    from data_pipeline import loader as L
+
+    shards = L.resolve_shards(data, "sha256")
+    m = shards.manifest
+    tf = int(m["encoders"]["video"]["params"].get("temporal_factor", 1))
+    src = L.ShardSource(shards.paths, shards.counts)
+    ds = grain.MapDataset.source(src).shuffle(seed=seed).repeat(None)[0::1]
+    ds = ds.random_map(L.DecodeCrop(src, int(m["clip_frames"]), tf, 8), seed=seed)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(batch * 2, 8)))
+    it = it.batch(batch, drop_remainder=True)
+    if workers > 0:
+        L._ensure_absl_flags_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
+    return it
+
+
+def bench_loader(data: str, batch: int, batches: int, workers: int, mean_record_bytes: float,
+                 legacy: bool = False) -> dict:
     """Loader batches/s after one warm-up batch (worker start-up excluded)."""
     from data_pipeline.loader import make_loader
 
-    ds = make_loader(
-        data,
-        global_batch_size=batch,
-        seed=0,
-        worker_count=workers,
-        process_index=0,
-        process_count=1,
-        slow_batch_warn_s=0,
-    )
+    if legacy:
+        ds = legacy_loader(data, batch, workers)
+    else:
+        ds = make_loader(data, global_batch_size=batch, seed=0, worker_count=workers, process_index=0,
+                         process_count=1, slow_batch_warn_s=0)
     it = iter(ds)
     next(it)
     t0 = time.perf_counter()
@@ -70,7 +90,7 @@ def bench_loader(data: str, batch: int, batches: int, workers: int, mean_record_
     it.close()
     n = batches * batch
     return {
-        "config": "grain loader",
+        "config": "legacy loader" if legacy else "grain loader",
         "workers": workers,
         "records": n,
         "seconds": dt,
@@ -146,9 +166,13 @@ def main(argv: Sequence[str]) -> None:
     rows = [bench_raw(paths, counts, total)]
     mean_bytes = rows[0]["MB_per_s"] * 1e6 * rows[0]["seconds"] / rows[0]["records"]
     for w in FLAGS.workers:
-        rows.append(bench_loader(data, FLAGS.batch, FLAGS.batches, int(w), mean_bytes))
+        for legacy in (True, False):
+            rows.append(bench_loader(data, FLAGS.batch, FLAGS.batches, int(w), mean_bytes, legacy))
     for r in rows:
         r["vs_raw"] = r["records_per_s"] / rows[0]["records_per_s"]
+        old = [o for o in rows if o["config"] == "legacy loader" and o["workers"] == r["workers"]]
+        if r["config"] == "grain loader" and old:
+            r["vs_legacy"] = r["records_per_s"] / old[0]["records_per_s"]
     if FLAGS.json:
         print(json.dumps(rows, indent=1))
         return
@@ -156,10 +180,12 @@ def main(argv: Sequence[str]) -> None:
         f"{m['num_records']} records in {len(paths)} shards, {mean_bytes / 1e6:.2f} MB/record, "
         f"batch {FLAGS.batch}"
     )
-    print(f"{'config':<24}{'workers':>8}{'records/s':>12}{'MB/s':>10}{'vs raw':>9}")
+    print(f"{'config':<24}{'workers':>8}{'records/s':>12}{'MB/s':>10}{'vs raw':>9}{'vs legacy':>11}")
     for r in rows:
+        vs_legacy = f"{r['vs_legacy']:>11.2f}" if "vs_legacy" in r else ""
         print(
             f"{r['config']:<24}{r['workers']:>8}{r['records_per_s']:>12.1f}{r['MB_per_s']:>10.1f}{r['vs_raw']:>9.2f}"
+            + vs_legacy
         )
 
 

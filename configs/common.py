@@ -84,6 +84,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     cfg.data.worker_count = -1  # Grain worker processes per host; -1 = automatic, 0 = in-process
     cfg.data.prefetch = 2  # batches prefetched per host
     cfg.data.shuffle_seed = 0
+    # resume on another dataset (fingerprint) or shuffle_seed at the same sample offset instead of refusing
+    cfg.data.allow_dataset_change = False
+    cfg.data.row_hash_log = ""  # debug: PREFIX -> PREFIX.p<i>.jsonl, sha256 of every batch row fed (docs/runtime.md)
     return cfg
 
 

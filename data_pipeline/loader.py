@@ -3,13 +3,16 @@
     ds = make_loader("data/prepared", global_batch_size=8, seed=0)      # or a glob of *.array_record
     it = iter(ds)                                                       # a grain DatasetIterator
     batch = next(it)            # dict of numpy arrays: this process's rows of the global batch
-    state = it.get_state()      # JSON-able; it.set_state(state) resumes exactly (see checkpoint_args)
+    state = it.get_state()      # JSON-able, the same on every process; it.set_state(state) resumes exactly
 
-Pipeline: shards listed in manifest.json (size/sha256 checked) -> global shuffle (seed, reshuffled every
-epoch) -> repeat -> this process's slice [process_index::process_count] -> decode + random crop/pad of
-the time axis (seeded per element) -> batch of global_batch_size // process_count -> optional worker
-processes (grain mp_prefetch) -> watchdog + epoch cap. A corrupt record is skipped and counted; past
-`corrupt_budget` skips the loader raises CorruptRecordError naming the shard and record index.
+Pipeline: shards listed in manifest.json (size/sha256 checked) -> the elastic order of `data_pipeline.order`:
+global batch n = sample positions [n*B, (n+1)*B), position g -> record (global shuffle by index, reshuffled
+every epoch) -> decode + random crop/pad of the time axis (seeded by g) -> this process's rows [start, stop)
+of each global batch (batch = global_batch_size // process_count rows) -> optional worker processes (grain
+mp_prefetch, whole batches in order) -> watchdog + epoch cap. The global batch at step n is a pure function of
+(dataset fingerprint, seed, n, global batch size), whatever the process count. A corrupt record is skipped,
+counted and replaced by the next position's record; past `corrupt_budget` skips the loader raises
+CorruptRecordError naming the shard and record index.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grain
@@ -28,6 +32,7 @@ import numpy as np
 from etils import epath
 
 from data_pipeline import manifest as mf
+from data_pipeline import order as order_lib
 from data_pipeline.encoders.time_map import TimeMap, of_manifest
 from data_pipeline.records import RecordError, decode_record
 
@@ -54,11 +59,18 @@ class CorruptRecordError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class ShardSet:
-    """Verified shards (absolute paths, record counts) and the manifest they came from."""
+    """Verified shards (absolute paths, record counts, manifest sha256 digests) and the manifest they came from."""
 
     paths: tuple[str, ...]
     counts: tuple[int, ...]
     manifest: dict[str, Any]
+    digests: tuple[str, ...] = ()
+
+    @property
+    def fingerprint(self) -> str:
+        """`order.dataset_fingerprint` of these shards (names, record counts, digests)."""
+        digests = self.digests or ("",) * len(self.paths)
+        return order_lib.dataset_fingerprint(self.paths, self.counts, digests)
 
     @property
     def num_records(self) -> int:
@@ -87,7 +99,7 @@ def resolve_shards(source: str | list[str], verify: str = "sha256") -> ShardSet:
     """The shards of `source` (directory, glob of shards, manifest path, or a list of these) that the
     manifest lists and `verify` ('sha256', 'size' or 'none') accepts; a mismatch raises naming the shard."""
     sources = [source] if isinstance(source, str) else list(source)
-    paths, counts, manifests = [], [], []
+    paths, counts, digests, manifests = [], [], [], []
     for s in sources:
         dirs, selected = _manifest_dirs(s)
         for d in dirs:
@@ -111,6 +123,7 @@ def resolve_shards(source: str | list[str], verify: str = "sha256") -> ShardSet:
                 if sh["num_records"] > 0:
                     paths.append(full)
                     counts.append(int(sh["num_records"]))
+                    digests.append(str(sh.get("sha256", "")))
             manifests.append(m)
     if not paths:
         raise FileNotFoundError(f"{source}: no committed shards with records")
@@ -121,7 +134,7 @@ def resolve_shards(source: str | list[str], verify: str = "sha256") -> ShardSet:
                 f"{source}: datasets were built with different encoders ({first['encoders']} vs "
                 f"{m['encoders']}); load them separately"
             )
-    return ShardSet(tuple(paths), tuple(counts), first)
+    return ShardSet(tuple(paths), tuple(counts), first, tuple(digests))
 
 
 class ShardSource:
@@ -185,15 +198,16 @@ class DecodeCrop(grain.transforms.RandomMap):
 
     def _corrupt(self, i: int, why: str) -> None:
         shard, idx = self.source.locate(i)
-        if i in self.bad:
-            return
+        new = i not in self.bad
         self.bad.add(i)
-        if self.skipped > self.corrupt_budget:
+        if self.skipped > self.corrupt_budget:  # every meeting raises once over budget (reader threads race)
             raise CorruptRecordError(
                 f"{shard} record {idx}: {why}. {self.skipped} corrupt records in this process (budget "
                 f"corrupt_budget={self.corrupt_budget}); re-run data_pipeline.prepare to rewrite the shard "
                 "or raise the budget"
             )
+        if not new:
+            return
         log.warning(
             "skipping corrupt record %d of %s (%d/%d skipped): %s",
             idx,
@@ -299,13 +313,24 @@ class _Watchdog:
 
 
 class LoaderIterator(grain.DatasetIterator):
-    """Grain iterator with a slow-batch watchdog and an optional cap on the number of batches (epochs)."""
+    """Grain iterator with a slow-batch watchdog and an optional cap on the number of batches (epochs).
 
-    def __init__(self, parent: grain.DatasetIterator, max_batches: int | None, slow_batch_warn_s: float):
+    With `dataset` (what `iter(LoaderDataset)` passes), its state is the elastic `order.DataPosition` and
+    `set_state` rebuilds the pipeline at the saved position, under this loader's process layout.
+    """
+
+    def __init__(
+        self,
+        parent: grain.DatasetIterator,
+        max_batches: int | None,
+        slow_batch_warn_s: float,
+        dataset: LoaderDataset | None = None,
+    ):
         super().__init__(parent)
         self.max_batches, self.count = max_batches, 0
         self.watchdog = _Watchdog(slow_batch_warn_s) if slow_batch_warn_s > 0 else None
         self.last_wait_s = 0.0
+        self.dataset, self.next_sample = dataset, 0
 
     def __next__(self) -> dict[str, np.ndarray]:
         if self.max_batches is not None and self.count >= self.max_batches:
@@ -318,35 +343,58 @@ class LoaderIterator(grain.DatasetIterator):
             if self.watchdog is not None:
                 self.last_wait_s = self.watchdog.stop()
         self.count += 1
+        self.next_sample += self.dataset.global_batch_size if self.dataset is not None else 0
         return batch
 
+    def position(self) -> order_lib.DataPosition:
+        """The position of the next batch (the same on every process)."""
+        if self.dataset is None:
+            raise ValueError("this LoaderIterator was not made by make_loader; it has no data position")
+        return dataclasses.replace(self.dataset.position, step=self.count, next_sample=self.next_sample)
+
     def get_state(self) -> dict[str, Any]:
-        return {"batches": self.count, "grain": self._parent.get_state()}
+        return self.position().to_json()
 
     def set_state(self, state: dict[str, Any]) -> None:
-        if not isinstance(state, dict) or "grain" not in state:
-            raise ValueError(f"loader state {str(state)[:80]!r} was not written by data_pipeline.loader")
-        self._parent.set_state(state["grain"])
-        self.count = int(state["batches"])
+        if self.dataset is None:
+            raise ValueError("this LoaderIterator was not made by make_loader; it cannot be positioned")
+        saved = order_lib.DataPosition.from_json(state)
+        if saved.global_batch_size != self.dataset.global_batch_size:
+            log.warning(
+                "global batch size %d -> %d since the checkpoint: continuing at the same sample offset %d "
+                "(step %d)", saved.global_batch_size, self.dataset.global_batch_size, saved.next_sample, saved.step
+            )
+        step, sample = order_lib.resume_point(saved, self.dataset.position, self.dataset.allow_dataset_change)
+        if saved.fingerprint != self.dataset.position.fingerprint:
+            log.warning("data.allow_dataset_change: dataset %s (checkpoint) -> %s; continuing at sample %d",
+                        saved.fingerprint, self.dataset.position.fingerprint, sample)
+        self._parent.close()
+        grain.DatasetIterator.__init__(self, self.dataset.build(step, sample).__iter__())
+        self.count, self.next_sample = step, sample
 
 
 class LoaderDataset(grain.IterDataset):
-    """The loader's outer stage; `iter()` gives a LoaderIterator. `.shards`/`.manifest` describe the data."""
+    """The loader's outer stage; `iter()` gives a LoaderIterator. `.shards`/`.manifest` describe the data,
+    `.position` is the start (step 0) position, `.build(step, sample)` the pipeline from a position on."""
 
     def __init__(
         self,
-        parent: grain.IterDataset,
+        build: Callable[[int, int], grain.IterDataset],
         max_batches: int | None,
         slow_batch_warn_s: float,
         shards: ShardSet,
         per_process_batch: int,
+        position: order_lib.DataPosition,
+        allow_dataset_change: bool = False,
     ):
-        super().__init__(parent)
-        self.max_batches, self.slow_batch_warn_s = max_batches, slow_batch_warn_s
+        super().__init__(build(0, 0))
+        self.build, self.max_batches, self.slow_batch_warn_s = build, max_batches, slow_batch_warn_s
         self.shards, self.manifest, self.per_process_batch = shards, shards.manifest, per_process_batch
+        self.position, self.allow_dataset_change = position, allow_dataset_change
+        self.global_batch_size = position.global_batch_size
 
     def __iter__(self) -> LoaderIterator:
-        return LoaderIterator(self._parent.__iter__(), self.max_batches, self.slow_batch_warn_s)
+        return LoaderIterator(self._parent.__iter__(), self.max_batches, self.slow_batch_warn_s, self)
 
     def __str__(self) -> str:
         return f"LoaderDataset(max_batches={self.max_batches})"
@@ -381,6 +429,7 @@ def make_loader(
     verify: str = "sha256",
     random_crop: bool = True,
     read_threads: int = 4,
+    allow_dataset_change: bool = False,
 ) -> LoaderDataset:
     """Grain loader over prepared shards; `iter(result)` yields this process's batches (see module docstring).
 
@@ -390,19 +439,24 @@ def make_loader(
     clip_frames: 25 fps frames per example (default: the frames the latents of the manifest's clip_frames cover,
         `time_map.covered_frames`); longer records are cropped at a random (seeded) offset on a latent boundary
         of the encoder's time map, shorter ones padded with video_mask/audio_mask False.
-    seed: shuffle order (reshuffled every epoch) and crop offsets; the stream is a function of the seed.
+    seed: shuffle order (reshuffled every epoch) and crop offsets; global batch n is a function of (dataset
+        fingerprint, seed, n, global_batch_size), not of the process count (data_pipeline.order).
     shuffle: global shuffle of records; False reads them in shard order.
     num_epochs: None repeats forever; N stops after N * num_records // global_batch_size batches (every
         process yields the same number of batches, so multi-host loops stay in step).
     worker_count: grain mp_prefetch worker processes (0: in this process; -1: automatic, cores - 1 up to 8).
     prefetch: batches buffered per worker.
-    process_index, process_count: this process's slice; default jax.process_index() / jax.process_count().
+    process_index, process_count: this process reads rows [i * b, (i + 1) * b) of every global batch
+        (b = global_batch_size // process_count); default jax.process_index() / jax.process_count().
     corrupt_budget: distinct corrupt records skipped (with a warning) per process (per worker) before
-        CorruptRecordError names the shard and record.
+        CorruptRecordError names the shard and record. A skipped record is replaced by the record of the next
+        sample position, the same whatever the process count.
     slow_batch_warn_s: log a warning when a batch takes longer than this (0: off).
     verify: how shards are checked against the manifest before reading: 'sha256' (default), 'size', 'none'.
     random_crop: False always crops from frame 0.
-    read_threads: grain read threads per process (worker).
+    read_threads: grain read threads per process (worker); each reads whole batches.
+    allow_dataset_change: `set_state` of a position saved on another dataset (fingerprint), seed or shuffle
+        continues at the same sample offset instead of raising order.DataStateError.
     """
     if process_index is None or process_count is None:
         import jax
@@ -427,28 +481,32 @@ def make_loader(
             "use that (data_pipeline/encoders/time_map.py)"
         )
     src = ShardSource(shards.paths, shards.counts)
-    ds = grain.MapDataset.source(src)
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(None)[process_index::process_count]
-    ds = ds.random_map(DecodeCrop(src, clip_frames, tm, corrupt_budget, random_crop), seed=seed)
-    it = ds.to_iter_dataset(
-        grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(per_process * 2, 8))
-    )
-    it = it.batch(per_process, drop_remainder=True)
+    decode = DecodeCrop(src, clip_frames, tm, corrupt_budget, random_crop)
+    sample_order = order_lib.SampleOrder(len(src), seed, shuffle)
+    rows = (process_index * per_process, (process_index + 1) * per_process)
     workers = _auto_workers() if worker_count < 0 else worker_count
-    if workers > 0:
-        _ensure_absl_flags_parsed()
-        it = it.mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(prefetch, 1))
-        )
+    options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(read_threads, 2))
+
+    def build(first_step: int, first_sample: int) -> grain.IterDataset:
+        batches = order_lib.ProcessBatches(src.__getitem__, decode.random_map, sample_order, seed=seed,
+                                           global_batch=global_batch_size, rows=rows, first_step=first_step,
+                                           first_sample=first_sample)
+        it = grain.MapDataset.source(batches)[0:].to_iter_dataset(options)  # [0:]: sliceable for workers
+        if workers > 0:
+            _ensure_absl_flags_parsed()
+            it = it.mp_prefetch(
+                grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(prefetch, 1))
+            )
+        return it
+
     max_batches = None if num_epochs is None else (num_epochs * shards.num_records) // global_batch_size
     if max_batches == 0:
         raise ValueError(
             f"num_epochs={num_epochs} x {shards.num_records} records is less than one global batch of "
             f"{global_batch_size}"
         )
-    return LoaderDataset(it, max_batches, slow_batch_warn_s, shards, per_process)
+    position = order_lib.DataPosition(0, 0, int(seed), shards.fingerprint, global_batch_size, bool(shuffle))
+    return LoaderDataset(build, max_batches, slow_batch_warn_s, shards, per_process, position, allow_dataset_change)
 
 
 def checkpoint_args(iterator: grain.DatasetIterator, restore: bool = False) -> Any:

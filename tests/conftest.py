@@ -3,6 +3,8 @@
 import os
 import sys
 
+import pytest
+
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -10,3 +12,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+
+@pytest.fixture(scope="session")
+def prepared_shards(tmp_path_factory):
+    """3 synthetic sources x 3 s cut into 1 s clips: 9 records of 25 frames (64x64) in 3 shards (4, 4, 1).
+    Shared by the loader tests; read-only (a test that damages shards copies them first). Needs espeak-ng."""
+    from data_pipeline.ingest import IngestConfig
+    from data_pipeline.prepare import run
+    from data_pipeline.synthesize import synthesize
+
+    raw = str(tmp_path_factory.mktemp("raw"))
+    synthesize(raw, clips=3, seconds=3.0, seed=11, size=(64, 64), progress=False)
+    out = str(tmp_path_factory.mktemp("prepared"))
+    run(raw, out, IngestConfig(clip_seconds=1.0), records_per_shard=4, progress=False)
+    return out

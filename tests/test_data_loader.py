@@ -14,11 +14,8 @@ from array_record.python.array_record_module import ArrayRecordReader
 
 from data_pipeline import loader as loader_mod
 from data_pipeline import manifest, speech, synthetic_batches
-from data_pipeline.ingest import IngestConfig
 from data_pipeline.loader import checkpoint_args, make_loader, restore_state, save_state
-from data_pipeline.prepare import run
 from data_pipeline.records import decode_record
-from data_pipeline.synthesize import synthesize
 
 pytestmark = pytest.mark.skipif(
     not speech.espeak_available(), reason="espeak-ng not installed (make sysdeps)"
@@ -26,13 +23,9 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    """3 sources x 3 s cut into 1 s clips: 9 records of 25 frames in 3 shards."""
-    raw = str(tmp_path_factory.mktemp("raw"))
-    synthesize(raw, clips=3, seconds=3.0, seed=11, size=(64, 64), progress=False)
-    out = str(tmp_path_factory.mktemp("prepared"))
-    run(raw, out, IngestConfig(clip_seconds=1.0), records_per_shard=4, progress=False)
-    return out
+def prepared(prepared_shards):
+    """3 sources x 3 s cut into 1 s clips: 9 records of 25 frames in 3 shards (tests/conftest.py)."""
+    return prepared_shards
 
 
 def _records(out):

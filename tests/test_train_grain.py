@@ -25,9 +25,9 @@ def test_train_and_resume_on_prepared_shards(tmp_path):
               "--config.shapes.latent_frames=25", "--config.shapes.audio_frames=25", "--config.model.num_layers=2",
               "--config.train.log_every=1", "--config.checkpoint.save_every=2"]
     _run(common + ["--config.train.steps=2"])
-    data_state = json.loads((tmp_path / "run" / "checkpoints" / "2" / "data" / "process_0-of-1.json").read_text())
+    data_state = json.loads((tmp_path / "run" / "checkpoints" / "2" / "data" / "data_state.json").read_text())
     out = _run(common + ["--config.train.steps=3"])
     assert "resumed from checkpoint at step 2" in out.stdout + out.stderr
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r][-1] == 3
-    assert data_state.get("kind") == "grain"  # the Grain iterator's state was checkpointed
+    assert data_state.get("kind") == "grain" and data_state["step"] == 2  # the loader's global position

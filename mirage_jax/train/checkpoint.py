@@ -31,33 +31,31 @@ class CheckpointRestoreError(RuntimeError):
 
 
 class DataStateHandler(ocp.CheckpointHandler):
-    """Data-iterator state as one JSON file per process (`process_<i>-of-<n>.json`).
+    """Data position as one JSON file (`data_state.json`, written by process 0), readable by any process count.
 
     The state is a snapshot taken when the step's batch was drawn (the loop prefetches the next batch
-    while the device computes, so the live iterator is already one batch ahead at save time). A
-    `global` state (the synthetic source: just the step) restores under any process count; a per-process
-    state (Grain) needs the same process count and says so otherwise.
+    while the device computes, so the live iterator is already one batch ahead at save time). Both sources
+    keep a global position (the synthetic source: the step; the Grain loader: `data_pipeline.order.DataPosition`),
+    the same on every process. Checkpoints of older versions hold one `process_<i>-of-<n>.json` per process:
+    the first is returned and the source decides (a synthetic step restores; a per-process Grain iterator
+    state is refused by the loader, saying why).
     """
 
+    FILE = "data_state.json"
+
     def save(self, directory: epath.Path, args: DataStateSave) -> None:
-        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-        (directory / name).write_text(json.dumps(args.state))
+        if jax.process_index() == 0:
+            (directory / self.FILE).write_text(json.dumps(args.state))
 
     def restore(self, directory: epath.Path, args: DataStateRestore | None = None) -> Any:
         del args
-        own = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-        if own.exists():
-            return json.loads(own.read_text())
-        files = sorted(directory.glob("process_*-of-*.json"))
-        if not files:
-            raise FileNotFoundError(f"no data-iterator state in {directory}")
-        state = json.loads(files[0].read_text())
-        if isinstance(state, dict) and state.get("global"):
-            return state
-        raise ValueError(f"{directory} holds the data-iterator states of {len(files)} processes "
-                         f"({files[0].name}, ...) but this run has {jax.process_count()}; the Grain iterator "
-                         "position cannot be re-split. Resume with the same process count (or the same "
-                         "--num_processes on launch/local.py)")
+        path = directory / self.FILE
+        if path.exists():
+            return json.loads(path.read_text())
+        legacy = sorted(directory.glob("process_*-of-*.json"))
+        if not legacy:
+            raise FileNotFoundError(f"no data state ({self.FILE}) in {directory}")
+        return json.loads(legacy[0].read_text())
 
     def metadata(self, directory: epath.Path) -> None:
         del directory

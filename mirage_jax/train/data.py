@@ -13,6 +13,8 @@ so meshes that replicate the batch across processes still get consistent data.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -119,12 +121,49 @@ class SyntheticSource(Iterator[dict[str, np.ndarray]]):
 
 
 def make_source(cfg: Any, rows: RowRange, start_step: int) -> BatchIterator:
-    """The iterator `cfg.data.source` names, positioned at `start_step` for the synthetic source."""
+    """The iterator `cfg.data.source` names, positioned at `start_step` for the synthetic source (wrapped in a
+    `RowHashLog` when `data.row_hash_log` is set)."""
     if cfg.data.source == "synthetic":
-        return SyntheticSource(batch_shapes(cfg), rows, int(cfg.train.seed) + 1, start_step)
-    from mirage_jax.train import grain_source
+        source: BatchIterator = SyntheticSource(batch_shapes(cfg), rows, int(cfg.train.seed) + 1, start_step)
+    else:
+        from mirage_jax.train import grain_source
 
-    return grain_source.make(cfg, rows)
+        source = grain_source.make(cfg, rows)
+    prefix = str(cfg.data.get("row_hash_log", "") or "")
+    return RowHashLog(source, rows, f"{prefix}.p{jax.process_index()}.jsonl") if prefix else source
+
+
+def row_digest(batch: dict[str, np.ndarray], i: int) -> str:
+    """sha256 (hex) of row i of a batch: every key in sorted order, with its dtype, shape and bytes."""
+    h = hashlib.sha256()
+    for k in sorted(batch):
+        x = np.ascontiguousarray(np.asarray(batch[k])[i])
+        h.update(f"{k}:{x.dtype.str}:{x.shape}".encode())
+        h.update(x.tobytes())
+    return h.hexdigest()
+
+
+class RowHashLog:
+    """Wraps a source; appends `{"step": n, "start": r0, "sha256": [per row]}` for every batch it hands out, so
+    runs under different process layouts can be compared batch by batch, bit for bit (`row_digest`)."""
+
+    def __init__(self, source: BatchIterator, rows: RowRange, path: str):
+        self.source, self.rows, self.path = source, rows, path
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        step = int(self.source.get_state()["step"])
+        batch = next(self.source)
+        line = {"step": step, "start": self.rows.start,
+                "sha256": [row_digest(batch, i) for i in range(self.rows.size)]}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+        return batch
+
+    def get_state(self) -> Any:
+        return self.source.get_state()
+
+    def set_state(self, state: Any) -> None:
+        self.source.set_state(state)
 
 
 def to_global(local: dict[str, np.ndarray], shardings: dict[str, NamedSharding],

@@ -1,6 +1,7 @@
 """Adapter from `data_pipeline.loader.make_loader` (Grain over ArrayRecord shards) to the loop's
-iterator interface: this process reads its rows of every global batch; the Grain iterator state is the
-checkpointed data state.
+iterator interface: this process reads its rows of every global batch; the checkpointed data state is the
+loader's global position (`data_pipeline.order.DataPosition`: step, next sample, seed, dataset fingerprint,
+global batch size), the same on every process, so a run resumes under any process count and mesh.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from mirage_jax.train.data import BATCH_KEYS, RowRange
 
 
 class GrainSource:
-    """Per-process numpy batches from the Grain loader; its state is the Grain iterator state (JSON)."""
+    """Per-process numpy batches from the Grain loader; its state is the loader's position (JSON)."""
 
     def __init__(self, iterator: Any):
         self.it = iterator
@@ -22,14 +23,15 @@ class GrainSource:
         batch = next(self.it)
         return {k: np.asarray(batch[k]) for k in BATCH_KEYS if k in batch}
 
-    def get_state(self) -> Any:
-        return {"kind": "grain", "state": self.it.get_state()}
+    def get_state(self) -> dict[str, Any]:
+        return {"kind": "grain", "global": True, **self.it.get_state()}
 
     def set_state(self, state: Any) -> None:
         if not isinstance(state, dict) or state.get("kind") != "grain":
             raise ValueError(f"data state {str(state)[:80]!r} was not written by the Grain loader; the "
                              "checkpoint was trained on another data.source")
-        self.it.set_state(state["state"])
+        # older checkpoints nest a per-process Grain iterator state under "state"; the loader refuses it by name
+        self.it.set_state(state.get("state", state) if "order" not in state else state)
 
 
 def make(cfg: Any, rows: RowRange) -> GrainSource:
@@ -48,5 +50,6 @@ def make(cfg: Any, rows: RowRange) -> GrainSource:
         prefetch=int(cfg.data.prefetch),
         process_index=rows.index,
         process_count=rows.count,
+        allow_dataset_change=bool(cfg.data.get("allow_dataset_change", False)),
     )
     return GrainSource(iter(loader))

@@ -44,7 +44,10 @@ def main(argv: list[str]) -> None:
 
     distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
 
+    from mirage_jax.paths import exit_on_storage_error
     from mirage_jax.train.loop import NonFiniteError, Trainer
+
+    exit_on_storage_error("train", _WORKDIR.value, _CONFIG.value.data.get("source"))
     from mirage_jax.train.preemption import Preempted
 
     try:

@@ -488,6 +488,9 @@ def config_from_flags() -> IngestConfig:
 
 def main(argv: Sequence[str]) -> None:
     logging.basicConfig(level=logging.WARNING)
+    from mirage_jax.paths import exit_on_storage_error  # gs:// preflight: one line, not a traceback
+
+    exit_on_storage_error("prepare", FLAGS.input, FLAGS.output)
     try:
         m = _run_from_flags(argv)
     except NoClipsError as e:  # nothing kept: one line naming the counts and the first failure

@@ -431,10 +431,12 @@ def main(argv: Sequence[str]) -> None:
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO
     from mirage_jax.inference import load_run
+    from mirage_jax.paths import exit_on_storage_error
 
     if len(argv) > 1:
         raise GenerateError(f"unexpected arguments {list(argv[1:])}")
     F = flags.FLAGS
+    exit_on_storage_error("generate", F.checkpoint, F.out, F.data, *F.audio, *F.ref)
     speeches: list[tuple[np.ndarray, str]] = [(read_speech(a), f"audio:{a}") for a in F.audio or []]
     speeches += [(say(t), f"say:{t}") for t in F.say or []]
     if not speeches:

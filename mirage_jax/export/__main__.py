@@ -24,8 +24,10 @@ def main(argv: list[str]) -> None:
     del argv
     from mirage_jax.export.checkpoint_reader import CheckpointError, ParamReader, read_model_config, resolve_step_dir
     from mirage_jax.export.writer import ExportError, export_params
+    from mirage_jax.paths import exit_on_storage_error
 
     F = flags.FLAGS
+    exit_on_storage_error("export", F.checkpoint, F.out)
     try:
         step_dir = resolve_step_dir(F.checkpoint)
         cfg = read_model_config(step_dir)

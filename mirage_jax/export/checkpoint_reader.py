@@ -33,9 +33,14 @@ def resolve_step_dir(path: str) -> epath.Path:
         return p
     if p.name.isdigit() and (p.parent / "checkpoints" / p.name).exists():
         return p.parent / "checkpoints" / p.name
+    import orbax.checkpoint as ocp
+
     root = p / "checkpoints" if (p / "checkpoints").exists() else p
-    steps = sorted((int(d.name) for d in root.iterdir() if d.name.isdigit() and (d / "state").exists()
-                    and (d / "config").exists()), reverse=True)
+    # Orbax's own notion of committed: on GCS a step folder is written in place and committed only by its
+    # commit_success.txt (a save killed midway leaves a torn `<step>/`); locally by the rename from tmp
+    committed = set(ocp.path.step.checkpoint_steps(root))
+    steps = sorted((int(d.name) for d in root.iterdir() if d.name.isdigit() and int(d.name) in committed
+                    and (d / "state").exists() and (d / "config").exists()), reverse=True)
     if not steps:
         raise CheckpointError(f"--checkpoint {p}: no committed checkpoint (expected {root}/<step>/state)")
     return root / str(steps[0])

@@ -17,11 +17,13 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+from etils import epath
 from safetensors.numpy import save_file
 
 from mirage_jax.config import ModelConfig
 from mirage_jax.export.torch_model import INDEX_NAME
 from mirage_jax.interop.mochi import mochi_rows
+from mirage_jax.paths import is_remote, upload_dir
 
 Path = tuple[str, ...]
 DTYPES = {"fp32": np.float32, "bf16": ml_dtypes.bfloat16}
@@ -108,6 +110,14 @@ def export_params(get_leaf: Callable[[Path], Any] | Mapping[Path, Any], cfg: Mod
         raise ExportError(f"--dtype={dtype}: use one of {sorted(DTYPES)}")
     getter = get_leaf.__getitem__ if isinstance(get_leaf, Mapping) else get_leaf
     limit = parse_size(max_shard_size)
+    if is_remote(out_dir):  # written whole on local disk, then uploaded with the index last
+        dst = epath.Path(out_dir)
+        if dst.exists() and any(dst.iterdir()) and not overwrite:
+            raise ExportError(f"--out {out_dir}: exists and is not empty; choose a new folder or pass --overwrite")
+        with tempfile.TemporaryDirectory(prefix="mirage-export-") as local:
+            index = export_params(get_leaf, cfg, os.path.join(local, "out"), dtype=dtype, max_shard_size=limit)
+            upload_dir(os.path.join(local, "out"), out_dir, last=INDEX_NAME)
+        return index
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
         raise ExportError(f"--out {out_dir}: exists and is not empty; choose a new folder or pass --overwrite")

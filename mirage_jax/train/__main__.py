@@ -46,8 +46,11 @@ def main(argv: list[str]) -> None:
     distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
 
     from mirage_jax.config import ConfigError
+    from mirage_jax.paths import exit_on_storage_error
     from mirage_jax.train.loop import NonFiniteError, Trainer
     from mirage_jax.train.preemption import Preempted
+
+    exit_on_storage_error("train", _WORKDIR.value, _CONFIG.value.data.get("source"))
 
     try:
         trainer = Trainer(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW.value)

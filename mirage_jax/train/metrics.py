@@ -17,6 +17,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from mirage_jax.paths import AppendLog
+
 # bf16 dense peak per JAX device (TPU v4/v5p: one device per chip; v5e/v6e: per chip)
 PEAK_FLOPS = {
     "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
@@ -58,7 +60,7 @@ class MetricsWriter:
 
             self.tb = SummaryWriter(str(out / "tensorboard"))
         if metrics_cfg.jsonl:
-            self.jsonl = (out / "metrics.jsonl").open("a")
+            self.jsonl = AppendLog(out / "metrics.jsonl")  # GCS objects cannot be opened for append
 
     def write(self, step: int, scalars: dict[str, Any]) -> None:
         if not self.enabled:

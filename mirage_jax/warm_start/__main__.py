@@ -27,10 +27,12 @@ flags.mark_flags_as_required(["source", "out"])
 
 def main(argv: list[str]) -> None:
     del argv
+    from mirage_jax.paths import exit_on_storage_error
     from mirage_jax.train import distributed
     from mirage_jax.warm_start import SourceError, WarmStartError, warm_start
 
     F = flags.FLAGS
+    exit_on_storage_error("warm_start", F.source, F.out)
     distributed.initialize(F.coordinator_address, F.num_processes, F.process_id)
     try:
         report = warm_start(F.source, F.config, F.out, allow_partial=F.allow_partial)

@@ -5,7 +5,7 @@
 `diffusion_pytorch_model.safetensors.index.json`. Every file is validated when opened (safetensors'
 own header check catches truncation; the index must name existing files that hold the tensors it
 claims); tensors are then read through `numpy.memmap`, so a slice touches only its own bytes and no
-process ever holds the whole model.
+process ever holds the whole model (a gs:// source is read through gcsfs, one tensor at a time).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import ml_dtypes
 import numpy as np
 from etils import epath
 from safetensors import SafetensorError, safe_open
+
+from mirage_jax.paths import is_remote
 
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 SINGLE_NAME = "diffusion_pytorch_model.safetensors"
@@ -50,7 +52,7 @@ class TensorSource:
         self.entries: dict[str, tuple[epath.Path, np.dtype, tuple[int, ...], int]] = {}
         for file, expected in self._files():
             self._index_file(file, expected)
-        self._maps: dict[str, np.memmap] = {}
+        self._maps: dict[str, np.ndarray] = {}
         if any(m in self.entries for m in GENMO_MARKERS):
             raise SourceError(f"{self.root}: this is genmo's original Mochi layout (fused qkv, swapped "
                               "scale/shift), not only other names; convert it with diffusers' "
@@ -77,19 +79,19 @@ class TensorSource:
         return [(f, None) for f in files]
 
     def _index_file(self, path: epath.Path, expected: set[str] | None) -> None:
-        try:
-            with safe_open(str(path), framework="numpy") as f:  # validates header and coverage
-                names = set(f.keys())
-        except (SafetensorError, OSError) as e:
-            raise SourceError(f"{path}: unreadable safetensors file ({e}); re-download or re-export it") from e
+        if is_remote(path):
+            names = self._check_remote(path)
+        else:
+            try:
+                with safe_open(str(path), framework="numpy") as f:  # validates header and coverage
+                    names = set(f.keys())
+            except (SafetensorError, OSError) as e:
+                raise SourceError(f"{path}: unreadable safetensors file ({e}); re-download or re-export it") from e
         if expected is not None and not expected <= names:
             missing = sorted(expected - names)
             raise SourceError(f"{path}: the index says it holds {missing[0]!r} (and {len(missing) - 1} more) "
                               "but it does not")
-        with open(path, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        header.pop("__metadata__", None)
+        n, header = _read_header(path)
         for name, info in header.items():
             if name in self.entries:
                 raise SourceError(f"{path}: tensor {name!r} also appears in {self.entries[name][0]}")
@@ -97,6 +99,21 @@ class TensorSource:
                 raise SourceError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
             start = 8 + n + int(info["data_offsets"][0])
             self.entries[name] = (path, np.dtype(DTYPES[info["dtype"]]), tuple(info["shape"]), start)
+
+    @staticmethod
+    def _check_remote(path: epath.Path) -> set[str]:
+        """What safe_open checks (it opens local files only): the header parses and the data it describes
+        ends exactly at the end of the file (a truncated upload fails here, naming the file)."""
+        try:
+            n, header = _read_header(path)
+        except (ValueError, struct.error) as e:
+            raise SourceError(f"{path}: unreadable safetensors file ({e}); re-download or re-export it") from e
+        end = 8 + n + max((int(info["data_offsets"][1]) for info in header.values()), default=0)
+        size = path.stat().length
+        if end != size:
+            raise SourceError(f"{path}: unreadable safetensors file (its header describes {end} bytes, the file "
+                              f"has {size}); re-download or re-export it")
+        return set(header)
 
     def names(self) -> set[str]:
         return set(self.entries)
@@ -110,12 +127,26 @@ class TensorSource:
             raise SourceError(f"{self.root}: no tensor named {name!r}")
         path, dtype, shape, start = self.entries[name]
         key = f"{path}:{name}"
+        if key not in self._maps and is_remote(path):  # one whole tensor through gcsfs; only the latest is kept
+            with path.open("rb") as fh:
+                fh.seek(start)
+                data = fh.read(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
+            self._maps = {key: np.frombuffer(data, dtype=dtype).reshape(shape)}
         if key not in self._maps:
             self._maps[key] = np.memmap(str(path), dtype=dtype, mode="r", offset=start, shape=shape)
         arr = self._maps[key] if index is None else self._maps[key][tuple(index)]
         if np.issubdtype(arr.dtype, np.floating) or arr.dtype == ml_dtypes.bfloat16:
             return np.asarray(arr, dtype=np.float32)
         return np.asarray(arr)
+
+
+def _read_header(path: epath.Path) -> tuple[int, dict[str, Any]]:
+    """(header length, safetensors header without __metadata__) of a local or gs:// file."""
+    with path.open("rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    header.pop("__metadata__", None)
+    return n, header
 
 
 def resolve_transformer_dir(root: str | epath.PathLike) -> epath.Path:

@@ -28,6 +28,7 @@ import numpy as np
 from etils import epath
 
 from data_pipeline import manifest as mf
+from data_pipeline.lifetime import DieWithParent
 from data_pipeline.records import RecordError, decode_record
 
 log = logging.getLogger(__name__)
@@ -428,7 +429,8 @@ def make_loader(
     if workers > 0:
         _ensure_absl_flags_parsed()
         it = it.mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(prefetch, 1))
+            grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(prefetch, 1)),
+            worker_init_fn=DieWithParent(),  # no worker outlives a kill -9 of this process (data_pipeline/lifetime.py)
         )
     max_batches = None if num_epochs is None else (num_epochs * shards.num_records) // global_batch_size
     if max_batches == 0:

@@ -34,6 +34,7 @@ from etils import epath
 from data_pipeline import manifest as mf
 from data_pipeline import order as order_lib
 from data_pipeline.encoders.time_map import TimeMap, of_manifest
+from data_pipeline.lifetime import DieWithParent
 from data_pipeline.records import RecordError, decode_record
 
 log = logging.getLogger(__name__)
@@ -495,7 +496,8 @@ def make_loader(
         if workers > 0:
             _ensure_absl_flags_parsed()
             it = it.mp_prefetch(
-                grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(prefetch, 1))
+                grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(prefetch, 1)),
+                worker_init_fn=DieWithParent(),  # no worker outlives a kill -9 of this process (lifetime.py)
             )
         return it
 

@@ -10,7 +10,10 @@ and MIRAGE_COORDINATOR_ADDRESS / MIRAGE_NUM_PROCESSES / MIRAGE_PROCESS_ID, which
 reads (the same values can be passed as --coordinator_address / --num_processes / --process_id).
 Output lines are prefixed `[p<i>]`. If one process fails, the others are stopped and the launcher exits
 with the failing status. SIGTERM / SIGINT to the launcher is forwarded to every process (a local
-preemption drill); the launcher then exits with the worst status of its processes.
+preemption drill); the launcher then exits with the worst status of its processes. The processes start
+with SIGTERM blocked (the trainer unblocks it once its handler is installed, so a SIGTERM during
+interpreter start-up is held, not fatal) and with MIRAGE_LAUNCHER_PID set (the trainer exits when the
+launcher dies, even by kill -9).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ def child_env(base: dict[str, str], i: int, n: int, devices: int, address: str) 
     env["MIRAGE_NUM_PROCESSES"] = str(n)
     env["MIRAGE_PROCESS_ID"] = str(i)
     env["PYTHONUNBUFFERED"] = "1"
+    env["MIRAGE_LAUNCHER_PID"] = str(os.getpid())
     return env
 
 
@@ -76,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     lock = threading.Lock()
     procs: list[subprocess.Popen] = []
     pumps = []
+    # children inherit the blocked mask through exec; a SIGTERM to the launcher meanwhile waits for `forward`
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     for i in range(args.processes):
         env = child_env(dict(os.environ), i, args.processes, args.devices_per_process, address)
         p = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -97,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
     failed_at = None
     status = 0

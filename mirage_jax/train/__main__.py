@@ -1,18 +1,24 @@
 """`python -m mirage_jax.train --config=configs/X.py --workdir=DIR [--config.a.b=value ...]`.
 
 The same command runs on one CPU, a GPU box, or every host of a TPU pod (see docs/pods.md). Exit status:
-0 when training finished or was preempted after a successful checkpoint (the message says which), 3 when
-it stopped on too many non-finite steps, 2 on a config that is invalid or does not fit its data (one line
-naming the fields and the `--config.` overrides), 1 on any other error.
+0 when training finished or was preempted (SIGTERM at any moment: the newest completed step is saved, or,
+before the first step, nothing new was trained; the message says which), 3 when it stopped on too many
+non-finite steps, 2 on a config that is invalid or does not fit its data (one line naming the fields and the
+`--config.` overrides), 4 when a checkpoint could not be written, 1 on any other error.
 """
 
 from __future__ import annotations
 
-import sys
-from typing import Any
+from mirage_jax.train import preemption  # first: SIGTERM is handled from here on (imports no JAX)
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+preemption.install_handler()
+
+import os  # noqa: E402
+import sys  # noqa: E402
+from typing import Any  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py[:arg].",
                                           lock_config=True)
@@ -26,6 +32,7 @@ _PID = flags.DEFINE_integer("process_id", None, "This process's index (multi-pro
 flags.mark_flags_as_required(["config", "workdir"])
 
 EXIT_NONFINITE = 3
+EXIT_SAVE_FAILED = 4
 
 
 class _QuietLibraries:
@@ -41,21 +48,25 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    if os.environ.get("MIRAGE_LAUNCHER_PID"):  # under launch/local.py: die with the launcher
+        from data_pipeline.lifetime import exit_with_parent
+
+        exit_with_parent(int(os.environ["MIRAGE_LAUNCHER_PID"]))
     from mirage_jax.train import distributed
 
     distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
 
     from mirage_jax.config import ConfigError
     from mirage_jax.paths import exit_on_storage_error
+    from mirage_jax.train.checkpoint import CheckpointSaveError
     from mirage_jax.train.loop import NonFiniteError, Trainer
-    from mirage_jax.train.preemption import Preempted
 
     exit_on_storage_error("train", _WORKDIR.value, _CONFIG.value.data.get("source"))
 
     try:
         trainer = Trainer(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW.value)
         step = trainer.run()
-    except Preempted as e:
+    except preemption.Preempted as e:
         logging.warning("%s", e)
         print(f"PREEMPTED (clean exit): {e}", flush=True)
         sys.exit(0)
@@ -66,6 +77,9 @@ def main(argv: list[str]) -> None:
         logging.error("%s", e)
         print(f"STOPPED: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_NONFINITE)
+    except CheckpointSaveError as e:
+        print(f"CHECKPOINT SAVE FAILED: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_SAVE_FAILED)
     print(f"DONE: trained to step {step}; workdir {_WORKDIR.value}", flush=True)
 
 

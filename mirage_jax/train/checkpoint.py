@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
 
@@ -28,6 +29,10 @@ from mirage_jax.train.state import TrainState
 
 class CheckpointRestoreError(RuntimeError):
     """A checkpoint exists but could not be restored; the message names the step directory."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A (background) checkpoint save failed; the message names the step directory and the OS error."""
 
 
 class DataStateHandler(ocp.CheckpointHandler):
@@ -89,6 +94,7 @@ class CheckpointStore:
 
     def __init__(self, workdir: str, ckpt_cfg: Any, *, read_only: bool = False):
         self.directory = orbax_path(workdir) / "checkpoints"
+        self.last_saved: int | None = None
         keep: list[ocm.PreservationPolicy] = [ocm.LatestN(max(int(ckpt_cfg.keep_last_n), 1))]
         if int(ckpt_cfg.keep_every_k) > 0:
             keep.append(ocm.EveryNSteps(int(ckpt_cfg.keep_every_k)))
@@ -123,6 +129,7 @@ class CheckpointStore:
     def save(self, step: int, state: TrainState, data_state: Any, config: dict[str, Any], meta: dict[str, Any]) -> bool:
         """Start saving `step` (asynchronously when configured); all processes must call it.
         `data_state` is the data iterator's state positioned at batch `step` (JSON-able)."""
+        self.last_saved = step
         return self.manager.save(step, force=True, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state.as_dict()),
             data=DataStateSave(data_state),
@@ -178,12 +185,51 @@ class CheckpointStore:
         except Exception as e:  # noqa: BLE001
             raise CheckpointRestoreError(f"partial restore of {path} failed: {type(e).__name__}: {e}") from e
 
+    def save_error(self) -> CheckpointSaveError | None:
+        """The failure of a background save that has ended since the last call, else None (never blocks)."""
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001 - returned as one message
+            return self._save_error(e)
+        return None
+
+    def _save_error(self, e: BaseException) -> CheckpointSaveError:
+        os_error = _find_cause(e, OSError)
+        what = (f"{os_error.strerror or os_error}" + (f": {os_error.filename}" if os_error.filename else "")
+                if os_error is not None else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        steps = self.all_steps()
+        last = f"the last committed checkpoint is {max(steps)}" if steps else "no checkpoint was committed yet"
+        target = self.step_dir(self.last_saved) if self.last_saved is not None else self.directory
+        err = CheckpointSaveError(f"writing checkpoint {target} failed: {what}. {last} (intact, "
+                                  "restorable); fix the storage (space, permissions) and rerun the same command")
+        err.__cause__ = e
+        return err
+
     def wait(self) -> None:
-        """Block until every started save is committed."""
-        self.manager.wait_until_finished()
+        """Block until every started save is committed; a failed one raises CheckpointSaveError."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - one message
+            raise self._save_error(e) from e
+        if error := self.save_error():
+            raise error
 
     def close(self) -> None:
-        self.manager.close()
+        try:
+            self.manager.close()
+        except Exception as e:  # noqa: BLE001 - a failed save was (or will be) reported by save_error / wait
+            logging.warning("closing the checkpoint manager: %s", str(e).splitlines()[0] if str(e) else e)
+
+
+def _find_cause(e: BaseException | None, kind: type[Exception]) -> Any:
+    """The first exception of type `kind` in `e`'s chain of causes and contexts, or None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, kind):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _key_name(k: Any) -> str:

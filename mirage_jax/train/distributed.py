@@ -36,11 +36,19 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                              "JAX detect the cluster)")
         if num_processes == 1:
             return
+        _preemption_service_off()
         jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                    process_id=process_id)
     elif any(v in os.environ for v in CLUSTER_HINTS):
+        _preemption_service_off()
         jax.distributed.initialize()
     else:
         return
     logging.info("joined as process %d of %d (%d local / %d global devices)", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def _preemption_service_off() -> None:
+    """JAX's preemption sync manager would install its own SIGTERM handler over ours and misses notices on
+    resumed runs (see train/preemption.py); the loop agrees on the stop step itself."""
+    jax.config.update("jax_enable_preemption_service", False)

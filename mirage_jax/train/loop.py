@@ -22,7 +22,7 @@ from mirage_jax.train import checkpoint as ckpt_lib
 from mirage_jax.train import data as data_lib
 from mirage_jax.train import metrics as metrics_lib
 from mirage_jax.train import resume
-from mirage_jax.train.preemption import Preempted, PreemptionWatcher
+from mirage_jax.train.preemption import Preempted, PreemptionWatcher, describe_nothing_trained
 from mirage_jax.train.setup import RunSetup
 
 
@@ -113,6 +113,16 @@ class Trainer(RunSetup):
 
         batch, _, data_wait = draw()
         data_state = source.get_state()  # position after batch `start`: saved with step start+1
+        # Compile before the first step, then agree: a SIGTERM during setup, restore or compilation (on any
+        # process) stops here with nothing to save, and the processes enter the first step's collectives
+        # together (Gloo gives up on a peer that arrives > 30 s later, e.g. one compiling much slower).
+        t = time.perf_counter()
+        with jax.set_mesh(self.mesh):
+            step_fn = step_fn.lower(state, batch).compile()
+        logging.info("compiled the train step in %.1f s", time.perf_counter() - t)
+        watcher.barrier(f"first_step_{start}")
+        if watcher.agree()[0]:
+            raise Preempted(describe_nothing_trained(start, store.directory))
         last_time = time.perf_counter()
         bucket_sum = bucket_n = 0.0
         window_time = window_wait = 0.0
@@ -135,8 +145,8 @@ class Trainer(RunSetup):
                 if profiling and new_step >= profile_end:
                     jax.profiler.stop_trace()
                     profiling = False
-                if step == start:  # includes compilation: reported once, kept out of the averages
-                    logging.info("first step took %.1f s (compilation included)", step_time)
+                if step == start:  # warm-up: reported once, kept out of the averages
+                    logging.info("first step took %.1f s", step_time)
                 else:
                     window_time += step_time
                     window_wait += data_wait
@@ -174,7 +184,14 @@ class Trainer(RunSetup):
                     bucket_sum = bucket_n = 0.0
                     window_time = window_wait = 0.0
                     window_steps = 0
-                preempted = watcher.should_stop(new_step)
+                save_error = store.save_error()  # a background save that failed: reported within one step
+                preempted, failed_elsewhere = watcher.agree(save_error is not None)
+                if save_error is not None:
+                    raise save_error
+                if failed_elsewhere:
+                    raise ckpt_lib.CheckpointSaveError(
+                        f"a checkpoint save under {store.directory} failed on another process (its log names the "
+                        "file and the OS error); fix the storage and rerun the same command")
                 due = new_step % int(cfg.checkpoint.save_every) == 0 or new_step == self.total_steps
                 if due and not bool(m["finite"]) and not preempted:
                     logging.warning("step %d: not checkpointing a step inside a non-finite streak", new_step)
@@ -190,10 +207,13 @@ class Trainer(RunSetup):
                     os.kill(os.getpid(), signal.SIGKILL)
                 if preempted:
                     store.wait()
+                    logging.info("stop-flag agreement: %.2f ms per step (%d steps)", 1e3 * watcher.mean_cost_s(),
+                                 watcher.calls - 1)
                     raise Preempted(f"preempted: checkpoint {new_step} saved in {store.directory}; rerun the same "
                                     "command to resume")
                 data_state = next_data_state
             if profiling:
                 jax.profiler.stop_trace()
             store.wait()
+        logging.info("stop-flag agreement: %.2f ms per step (%d steps)", 1e3 * watcher.mean_cost_s(), watcher.calls - 1)
         return self.total_steps

@@ -229,7 +229,7 @@ class RealStep:
         parts = aot.flop_parts(mcfg, dict(self.cfg.shapes))
         corrected = aot.correct_compiled_flops(
             raw, parts, global_batch=self.global_batch, grad_accum=int(self.cfg.train.grad_accum),
-            num_layers=mcfg.num_layers, splash=False, remat=mcfg.remat_policy != "none", padded_tokens=0,
+            num_layers=mcfg.num_layers, splash=False, remat=False, padded_tokens=0,
             attn_dim=mcfg.attn_dim)
         return {"raw": raw, "corrected": corrected}
 

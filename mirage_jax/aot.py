@@ -173,8 +173,9 @@ def correct_compiled_flops(raw_total: float, parts: FlopParts, *, global_batch: 
     XLA counts one scanned layer and one micro-batch. Of what it counts, the share of one scanned layer is
     taken from the analytic split (same fwd/bwd/remat multipliers assumed for every part), so
     corrected = raw * grad_accum * (rest + L_s * layer) / (rest + layer). With splash the kernel's matmuls
-    are invisible to XLA: they are added as executed (forward, a remat re-forward, and 3.5 forwards of
-    backward) at the kernel's padded length.
+    are invisible to XLA: they are added as executed (forward, a remat re-forward when `remat` -- i.e. the
+    policy does not save the kernel's named residuals, `model.dit.recomputes_attention` -- and 3.5 forwards
+    of backward) at the kernel's padded length.
     """
     visible_layer = parts.per_scanned_layer - (parts.attention_core_per_layer if splash else 0)
     visible_total = parts.total - num_layers * (parts.attention_core_per_layer if splash else 0)
@@ -223,6 +224,7 @@ def plan(cfg: Any, topology: str, *, mfu: float = DEFAULT_MFU, min_headroom: flo
     import jax
 
     from mirage_jax.describe import count_params, count_tokens
+    from mirage_jax.model.dit import recomputes_attention
     from mirage_jax.train.setup import RunSetup
 
     if not 0.0 < mfu <= 1.0:
@@ -298,7 +300,8 @@ def plan(cfg: Any, topology: str, *, mfu: float = DEFAULT_MFU, min_headroom: flo
     splash = mcfg.attention_backend == "splash"
     corrected = correct_compiled_flops(
         raw, parts, global_batch=gb, grad_accum=accum, num_layers=mcfg.num_layers, splash=splash,
-        remat=mcfg.remat_policy != "none", padded_tokens=-(-tokens["total"] // 128) * 128, attn_dim=mcfg.attn_dim)
+        remat=recomputes_attention(mcfg.remat_policy), padded_tokens=-(-tokens["total"] // 128) * 128,
+        attn_dim=mcfg.attn_dim)
     report.update({
         "compiled": True, "memory": mem, "memory_per_device_bytes": total, "headroom_fraction": headroom,
         "fits": headroom >= min_headroom, "compiled_flops": raw, "compiled_flops_corrected": corrected,

@@ -1,6 +1,7 @@
 """Scale planning: compile the real train step for a TPU topology on a CPU host, before renting the pod.
 
     python -m mirage_jax.aot --config=configs/mirage_10b.py --topology=v5p-256 [--config.mesh.ici.sequence=4] [--json]
+    python -m mirage_jax.aot --config=... --topology=... --search [--search_remat=...]   # mirage_jax/aot_search.py
 
 libtpu can compile for a TPU slice it is not running on (`jax.experimental.topologies`): the mesh is built
 over the topology's abstract devices, and the runtime's own jitted step (`train.step.make_train_step`, with
@@ -365,14 +366,45 @@ def main(argv: list[str]) -> None:
     from mirage_jax.parallel.rules import RulesError
 
     f = flags.FLAGS
+    errors = (TopologyError, UncompilableError, ConfigError, LayoutError, MeshConfigError, RulesError)
+    if f.search:
+        _search(f, errors)
+        return
     try:
         report = plan(f.config, f.topology, mfu=f.mfu, min_headroom=f.min_headroom, hlo_path=f.hlo_out)
-    except (TopologyError, UncompilableError, ConfigError, LayoutError, MeshConfigError, RulesError) as e:
+    except errors as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
     print(json.dumps(report) if f.json else format_report(report), flush=True)
     if not report["fits"]:
         sys.exit(2)
+
+
+def _search(f: Any, errors: tuple[type[Exception], ...]) -> None:
+    """`--search`: the sweep of `mirage_jax.aot_search` over the flags' lists; table (or JSON rows) to stdout."""
+    from mirage_jax import aot_search
+
+    try:
+        n = len(topology_devices(parse_topology(f.topology)))
+        def ints(name: str) -> list[int]:
+            try:
+                return [int(x) for x in getattr(f, name)]
+            except ValueError:
+                raise ValueError(f"--{name}={','.join(getattr(f, name))}: a comma-separated list of integers") from None
+
+        seqs = ints("search_sequence") or [int(f.config.mesh.ici.sequence)]
+        points = aot_search.candidates(f.config, n, f.search_remat, seqs, ints("search_micro"), ints("search_accum"))
+    except (TopologyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    if not points:
+        print(f"error: --search_sequence={','.join(map(str, seqs))}: no size divides the {n} devices of "
+              f"{f.topology} (x mesh.ici.tensor)", file=sys.stderr, flush=True)
+        sys.exit(1)
+    rows = aot_search.search(f.config, f.topology, plan, points, errors,
+                             log=lambda m: print(m, file=sys.stderr, flush=True), mfu=f.mfu,
+                             min_headroom=f.min_headroom)
+    print(json.dumps(rows) if f.json else aot_search.format_table(rows, f.topology), flush=True)
 
 
 def _run() -> None:
@@ -388,6 +420,12 @@ def _run() -> None:
     flags.DEFINE_float("mfu", DEFAULT_MFU, "Model FLOPs utilization assumed for the predicted step time.")
     flags.DEFINE_float("min_headroom", DEFAULT_MIN_HEADROOM, "Fraction of HBM that must stay free to 'fit'.")
     flags.DEFINE_string("hlo_out", None, "Write the compiled (optimized, per-device) HLO text to this file.")
+    flags.DEFINE_bool("search", False, "Compile every point of the --search_* lists; print the Pareto table of "
+                      "memory per device vs MFU ceiling (mirage_jax/aot_search.py).")
+    flags.DEFINE_list("search_remat", ["full", "save_splash", "save_splash_qkv"], "--search: remat policies.")
+    flags.DEFINE_list("search_sequence", [], "--search: sequence axis sizes (default: the config's).")
+    flags.DEFINE_list("search_micro", ["1"], "--search: samples per batch device per micro-batch.")
+    flags.DEFINE_list("search_accum", ["1"], "--search: gradient-accumulation micro-batches.")
     flags.mark_flags_as_required(["config", "topology"])
     app.run(main)
 

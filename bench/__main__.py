@@ -6,7 +6,10 @@
 Each benchmark runs in its own child process (`python -m bench --child=NAME`), one after the other: the
 sequence-parallel one needs 8 virtual CPU devices (`XLA_FLAGS=--xla_force_host_platform_device_count=8`)
 and the others one device, and no two heavy processes run at once. Every number that compares two things
-is a ratio measured within one child, timing the two alternately (shared, noisy hosts).
+is a ratio measured within one child, timing the two alternately (shared, noisy hosts). Each child gets the
+same compute threads (`--threads`: NPROC for XLA, OMP_NUM_THREADS and torch.set_num_threads for PyTorch), and
+the load average is read before and after it: a result whose load exceeded the core count is reported as
+"not a claim", and every sentence of the report is computed from the numbers.
 """
 
 from __future__ import annotations
@@ -27,12 +30,15 @@ FAST = {"model.num_layers": 2, "shapes.latent_frames": 4, "shapes.audio_frames":
 
 def run_one(name: str, quick: bool) -> dict[str, Any]:
     """Run one benchmark in this process at the full or quick size; returns its result dict."""
+    threads = int(os.environ.get("NPROC", 0)) or None  # set by _child (common.thread_env)
     if name == "train_step":
         from bench import train_step
 
         if quick:
-            return train_step.measure(batch=2, layers=2, heads=4, frames=2, rounds=2, steps=1, profile=True)
-        return train_step.measure(batch=2, layers=4, heads=4, frames=8, rounds=7, steps=2, profile=True)
+            return train_step.measure(batch=2, layers=2, heads=4, frames=2, rounds=2, steps=1, profile=True,
+                                      threads=threads)
+        return train_step.measure(batch=2, layers=4, heads=4, frames=8, rounds=7, steps=2, profile=True,
+                                  threads=threads)
     if name == "efficiency":
         from bench import efficiency
 
@@ -60,7 +66,7 @@ def run_one(name: str, quick: bool) -> dict[str, Any]:
     raise ValueError(f"unknown benchmark {name!r}; one of {NAMES}")
 
 
-def _child(name: str, quick: bool) -> dict[str, Any]:
+def _child(name: str, quick: bool, threads: int) -> dict[str, Any]:
     env = dict(os.environ)
     env.setdefault("JAX_PLATFORMS", "cpu")
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
@@ -69,14 +75,19 @@ def _child(name: str, quick: bool) -> dict[str, Any]:
         flags_env += " --xla_force_host_platform_device_count=8"
     env["XLA_FLAGS"] = flags_env.strip()
     env["PYTHONPATH"] = common.ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(common.thread_env(threads))
     cmd = [sys.executable, "-m", "bench", f"--child={name}"] + (["--quick"] if quick else [])
     t0 = time.perf_counter()
+    load_before = common.load_average()
     p = subprocess.run(cmd, cwd=common.ROOT, env=env, capture_output=True, text=True)
+    load_after = common.load_average()
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if p.returncode != 0 or not lines:
         return {"error": f"exit {p.returncode}: {p.stderr[-2000:]}"}
     res = json.loads(lines[-1])
     res["wall_s"] = time.perf_counter() - t0
+    res.setdefault("host", common.host_state(load_before, load_after))  # train_step records its own
+    res.setdefault("threads", {"requested": threads})
     return res
 
 
@@ -87,26 +98,59 @@ def _f(x: float, nd: int = 2) -> str:
     return f"{x:.{nd}f}"
 
 
-def _section_train_step(r: dict[str, Any]) -> list[str]:
-    s = r["setup"]
-    best = (s["batch"] / min(r["jax_step_s"])) / (s["batch"] / min(r["torch_step_s"]))
+def host_line(r: dict[str, Any]) -> str:
+    """One sentence on whether a result is a claim, from the load averages recorded around it."""
+    h = r.get("host")
+    if not h:
+        return "Host load not recorded: **not a claim**."
+    loads = ", ".join("?" if x is None else f"{x:.1f}" for x in (h["load_before"], h["load_after"]))
+    verdict = "a claim for this host" if h["claim"] else "**not a claim**"
+    return f"Load average before, after: {loads} on {h['cores']} cores: {verdict} ({h['why']})."
+
+
+def ratio_sentence(ratio: float, a: str, b: str, what: str = "throughput") -> str:
+    """'A is 1.3x faster than B' / 'B is 1.2x faster than A (A runs at 0.82x)' / 'equal', from a/b."""
+    if ratio > 1.005:
+        return f"{a} is {ratio:.2f}x faster than {b} ({what} {a} / {b} = {ratio:.2f})."
+    if ratio < 0.995:
+        return f"{b} is {1 / ratio:.2f}x faster than {a} ({what} {a} / {b} = {ratio:.2f})."
+    return f"{a} and {b} are level ({what} {a} / {b} = {ratio:.2f})."
+
+
+def _mmm(x: dict[str, float], nd: int = 3) -> str:
+    return f"{_f(x['min'], nd)} / {_f(x['median'], nd)} / {_f(x['max'], nd)}"
+
+
+def _section_train_step(r: dict[str, Any], target: float = 1.2) -> list[str]:
+    s, th = r["setup"], r.get("threads", {})
+    best = min(r["torch_step_s"]) / min(r["jax_step_s"])
+    rr = r.get("round_ratio")
     out = [
         "## 1. Train step: MirageDiT (JAX) vs diffusers MochiTransformer3DModel (PyTorch)",
         "",
         f"{s['layers']} blocks, {s['heads']} heads x {s['head_dim']}, {s['tokens_per_sample']} tokens/sample, batch "
-        f"{s['batch']}, {s['dtype']}, AdamW, CPU; {s['rounds']} alternating rounds of {s['steps_per_round']} steps. "
-        "Audio stream off: the two networks are the same (parity-tested).",
+        f"{s['batch']}, {s['dtype']}, AdamW, {s['device'].upper()}; {s['rounds']} alternating rounds of "
+        f"{s['steps_per_round']} steps. Compute threads: PyTorch {th.get('torch', '?')}, XLA {th.get('xla', '?')} "
+        f"(requested {th.get('requested', '?')}). Audio stream off: the two networks are the same (parity-tested).",
+        "",
+        host_line(r),
         "",
         "| | samples/s (median) | GFLOP/s (analytic) | step s (min / median / max) |",
         "|---|---|---|---|",
     ]
     for k, label in (("jax", "MirageDiT, JAX"), ("torch", "Mochi, PyTorch")):
-        ts = sorted(r[f"{k}_step_s"])
         out.append(f"| {label} | {_f(r[f'{k}_samples_per_s'])} | {_f(r[f'{k}_gflops_per_s'], 1)} | "
-                   f"{_f(ts[0], 3)} / {_f(ts[len(ts) // 2], 3)} / {_f(ts[-1], 3)} |")
-    ok = "meets" if r["ratio"] >= 1.2 else "does NOT meet"
-    out += ["", f"**Ratio JAX / PyTorch: {_f(r['ratio'])}x** (medians; {_f(best)}x comparing each side's fastest "
-            f"round). Target >= 1.2x: {ok} it.", ""]
+                   f"{_mmm(common.spread(r[f'{k}_step_s']))} |")
+    out += ["", "Medians: " + ratio_sentence(r["ratio"], "JAX", "PyTorch", "samples/s"),
+            f"Fastest round of each: JAX / PyTorch = {_f(best)}." +
+            (f" Per round (torch time / jax time): min {_f(rr['min'])}, median {_f(rr['median'])}, "
+             f"max {_f(rr['max'])}." if rr else "")]
+    if r.get("host", {}).get("claim"):
+        out.append(f"Target JAX / PyTorch >= {target}: {'met' if r['ratio'] >= target else 'NOT met'} "
+                   f"({_f(r['ratio'])}).")
+    else:
+        out.append(f"Target JAX / PyTorch >= {target}: no verdict, the run is not a claim.")
+    out.append("")
     p = r.get("profile")
     if p:
         ca = p["jax_cost_analysis"]
@@ -211,56 +255,54 @@ SECTIONS = {"train_step": _section_train_step, "efficiency": _section_efficiency
 
 
 def interpret(results: dict[str, dict[str, Any]]) -> dict[str, str]:
-    """One line per benchmark saying what the numbers mean."""
+    """One line per benchmark restating its headline number and whether it is a claim (from its load)."""
     out = {}
     r = results.get("train_step", {})
     if "ratio" in r:
-        out["train_step"] = (f"The JAX step runs {r['ratio']:.1f}x the PyTorch step's samples/s: XLA fuses the "
-                             "whole step (forward, backward, AdamW) into one program, while eager PyTorch pays per "
-                             "operator (thousands of calls, copies, per-sample attention loop in diffusers' "
-                             "Mochi processor). PyTorch's step time also varies far more under the shared load.")
+        out["train_step"] = ratio_sentence(r["ratio"], "JAX", "PyTorch", "median samples/s")
     r = results.get("efficiency", {})
     if "efficiency" in r:
-        out["efficiency"] = (f"The tiny model reaches {r['efficiency']:.0%} of the matmul rate: its matrices are "
-                             "64-256 wide, so norms, RoPE, softmax and memory traffic dominate; efficiency rises "
-                             "with width (the 10B model's 3072-wide matmuls are a different regime).")
+        out["efficiency"] = (f"The tiny config's train step reaches {r['efficiency']:.0%} of the FLOP/s of a "
+                             f"{r['setup']['matmul_n']}-wide XLA matmul (analytic FLOPs).")
     r = results.get("seq_parallel", {})
     if r.get("rows"):
-        last = r["rows"][-1]
+        first, last = r["rows"][0], r["rows"][-1]
         out["seq_parallel"] = (f"At sequence={last['sequence']} the step takes {last['step_time_vs_first']:.2f}x the "
-                               f"time and {last['memory_vs_first']:.2f}x the memory per device of sequence=1. Each "
-                               "device holds the same activation volume at every size (s samples x 1/s of the "
-                               "tokens), so the extra memory is all-to-all buffers and the tokens that are not "
-                               "split; on one CPU host the 8 devices share 2 cores, so step times show collective "
-                               "overhead, not a speed-up.")
+                               f"time and {last['memory_vs_first']:.2f}x the memory per device of "
+                               f"sequence={first['sequence']}, with {r['setup']['devices']} CPU devices on "
+                               f"{r.get('host', {}).get('cores', '?')} cores.")
     r = results.get("checkpoint", {})
     if "save_GBps" in r:
         out["checkpoint"] = (f"Save reaches {r['save_vs_raw_write']:.0%} and restore {r['restore_vs_raw_read']:.0%} "
                              f"of the raw disk bandwidth; the async save blocks training for "
-                             f"{r['blocking_fraction']:.0%} of its duration (the device-to-host copy).")
+                             f"{r['blocking_fraction']:.0%} of its duration.")
     r = results.get("data", {})
     if "ratio" in r:
         out["data"] = (f"The in-process loader supplies {r['ratio']:.1f}x what the tiny train step consumes "
-                       f"({'enough' if r['ratio'] >= 1 else 'not enough'}; workers add more, and the loop overlaps "
-                       "loading with the step).")
+                       f"({'keeps up' if r['ratio'] >= 1 else 'does NOT keep up'}).")
+    for name, line in out.items():
+        if not results[name].get("host", {}).get("claim"):
+            out[name] = line + " Not a claim: " + results[name].get("host", {}).get("why", "load not recorded") + "."
     return out
 
 
-def write_report(results: dict[str, dict[str, Any]], machine: dict[str, Any], path: str, quick: bool,
-                 findings: str = "") -> str:
+def write_report(results: dict[str, dict[str, Any]], machine: dict[str, Any], path: str, quick: bool) -> str:
     """Render results.md; returns the text."""
     lines = [
         "# Benchmarks",
         "",
         "Generated by `python -m bench" + (" --quick" if quick else "") + "` (`make bench`). Every comparison is a "
         "ratio measured in one run with the compared things timed alternately: the host is shared and noisy, "
-        "so absolute numbers drift with the neighbours' load.",
+        "so absolute numbers drift with the neighbours' load. A result is a claim only if the load average "
+        "before and after it stayed at or below the core count." + (
+            " This is a quick run at minimal sizes: it checks that the benchmarks run, its numbers are not a claim."
+            if quick else ""),
         "",
         "## Machine",
         "",
         f"- date: {machine['date']}",
         f"- CPU: {machine['cpu']}, {machine['cores']} cores, {machine['ram_gib']} GiB RAM; load average at start "
-        f"{', '.join(f'{x:.1f}' for x in (machine.get('loadavg') or []))}",
+        f"(1, 5, 15 min) {', '.join(f'{x:.1f}' for x in (machine.get('loadavg') or []))}",
         f"- {machine['platform']}",
         f"- python {machine['python']}, jax {machine['jax']} (jaxlib {machine['jaxlib']}), flax {machine['flax']}, "
         f"optax {machine['optax']}, orbax-checkpoint {machine['orbax.checkpoint']}, grain {machine['grain']}, "
@@ -280,30 +322,18 @@ def write_report(results: dict[str, dict[str, Any]], machine: dict[str, Any], pa
         r = results.get(name)
         if r is None or "error" in r:
             continue
-        lines += SECTIONS[name](r)
-    if findings:
-        lines += ["## Profiling findings", "", findings.strip(), ""]
+        sec = SECTIONS[name](r)
+        if name != "train_step":  # its host line sits under its setup; the others get it after the title
+            sec[1:1] = ["", host_line(r)]
+        lines += sec
     lines += ["## GPU", "",
-              "`python -m bench.train_step --gpu` runs both steps in bf16 on a GPU (JAX with "
-              "`attention_backend='cudnn'`, PyTorch SDPA under autocast) and reports MFU against the chip's bf16 "
-              "peak (`train.metrics.PEAK_FLOPS`). No GPU was available: no GPU numbers are claimed.", ""]
+              "This report has no GPU run: `python -m bench.train_step --gpu` runs both steps in bf16 on a GPU "
+              "(JAX with `attention_backend='cudnn'`, PyTorch SDPA under autocast) and reports MFU against the "
+              "chip's bf16 peak (`train.metrics.PEAK_FLOPS`).", ""]
     text = "\n".join(lines)
     with open(path, "w") as f:
         f.write(text)
     return text
-
-
-FINDINGS = """\
-- The 1.2x target holds without a model change: the JAX step is ahead at every size tried (section 1 at
-  544 tokens and 4 blocks; a single-round check at 160 tokens and 2 blocks, where PyTorch's per-operator
-  overhead matters least, gave about 1.1x), so `mirage_jax/model` was left as it is.
-- PyTorch (eager) executes the step as thousands of operator calls (see the profile above); diffusers'
-  Mochi attention processor loops over the batch in Python and concatenates/pads per sample, and its
-  step time swings widely when the shared cores are busy (OpenMP regions wait for the slowest thread).
-- XLA compiles the whole step (forward, backward, AdamW) into one program of fused loops; its cost
-  analysis counts the scanned blocks once (see docs/scaling.md), so FLOP rates here use the analytic
-  count. At these widths (128) both sides run far below the matmul rate of the host (section 2).
-"""
 
 
 def main(argv: list[str]) -> None:
@@ -321,10 +351,10 @@ def main(argv: list[str]) -> None:
         if name not in F.only:
             continue
         print(f"[bench] {name} ...", flush=True)
-        results[name] = _child(name, F.quick)
+        results[name] = _child(name, F.quick, F.threads or common.cores())
         status = results[name].get("error", f"{results[name].get('wall_s', 0):.0f} s")
         print(f"[bench] {name}: {status}", flush=True)
-    write_report(results, machine, F.out, F.quick, FINDINGS)
+    write_report(results, machine, F.out, F.quick)
     if F.json_out:
         with open(F.json_out, "w") as f:
             json.dump({"machine": machine, "results": results}, f)
@@ -338,6 +368,7 @@ def _define_flags() -> None:
     flags.DEFINE_list("only", list(NAMES), "Benchmarks to run.")
     flags.DEFINE_string("out", os.path.join(common.ROOT, "bench", "results.md"), "Results file (markdown).")
     flags.DEFINE_string("json_out", "", "Also write every result as JSON here.")
+    flags.DEFINE_integer("threads", 0, "Compute threads per benchmark process, both sides (0: the usable CPUs).")
     flags.DEFINE_string("child", "", "Internal: run this one benchmark in-process and print its JSON.")
 
 

@@ -2,7 +2,11 @@
 
 Every benchmark reports RATIOS measured within one run, with the compared things timed alternately
 (round-robin), because the hosts these run on are shared and noisy: absolute numbers drift with the
-neighbours' load, a ratio of medians taken side by side drifts much less.
+neighbours' load, a ratio of medians taken side by side drifts much less. Alternation does not make a busy
+host fair, though: PyTorch's OpenMP threads slow down many times more than XLA's when other processes take
+the cores (docs/scaling.md). So every benchmark also records the load average before and after it
+(`host_state`) and the thread count each side ran with (`set_threads`, `xla_threads`); a result taken with
+the load above the core count is marked "not a claim".
 """
 
 from __future__ import annotations
@@ -37,6 +41,84 @@ def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
+def spread(xs: list[float]) -> dict[str, float]:
+    """{"min", "median", "max"} of a list of per-round values."""
+    return {"min": float(min(xs)), "median": median(xs), "max": float(max(xs))}
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (runnable + uninterruptible tasks, exponentially averaged; `os.getloadavg`);
+    None where the OS has none."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def cores() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one, else `os.cpu_count()`)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def host_state(load_before: float | None, load_after: float | None, ncores: int | None = None) -> dict[str, Any]:
+    """Whether a timing taken between two load-average readings is a claim about this host.
+
+    It is not a claim when either reading is above the core count: then runnable tasks outnumbered the cores
+    and the compared sides competed with other processes (unequally: OpenMP waits for its slowest thread).
+    Returns {"load_before", "load_after", "cores", "claim" (bool), "why" (one sentence)}."""
+    n = ncores if ncores is not None else cores()
+    loads = [x for x in (load_before, load_after) if x is not None]
+    if not loads:
+        claim, why = False, "the load average could not be read, so whether the host was idle is unknown"
+    elif max(loads) > n:
+        claim, why = False, (f"the load average reached {max(loads):.1f} on {n} cores: other processes competed "
+                             "for the cores during the run")
+    else:
+        claim, why = True, f"the load average stayed at or below {max(loads):.1f} on {n} cores"
+    return {"load_before": load_before, "load_after": load_after, "cores": n, "claim": claim, "why": why}
+
+
+THREAD_ENV = ("NPROC", "OMP_NUM_THREADS")
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    """Environment that gives a child process `threads` compute threads on both sides: XLA's CPU client sizes
+    its intra-op (Eigen) pool from NPROC (xla `DefaultThreadPoolSize`; read when the client starts, so it must
+    be set before jax is first used) and OpenMP (PyTorch's CPU kernels) from OMP_NUM_THREADS."""
+    return {k: str(int(threads)) for k in THREAD_ENV}
+
+
+def set_threads(threads: int) -> dict[str, int | None]:
+    """Give this process `threads` compute threads: NPROC for XLA if jax's CPU client has not started yet, and
+    `torch.set_num_threads` if torch is installed. Returns {"requested", "torch"}: the count torch reports."""
+    import importlib.util
+
+    if "jax" not in sys.modules:
+        os.environ.update(thread_env(threads))
+    out: dict[str, int | None] = {"requested": int(threads), "torch": None}
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        torch.set_num_threads(int(threads))
+        out["torch"] = torch.get_num_threads()
+    return out
+
+
+def xla_threads() -> int | None:
+    """XLA intra-op threads alive in this process (threads named tf_XLAEigen in /proc/self/task), counted after
+    a computation has run; None where /proc is missing."""
+    base = "/proc/self/task"
+    if not os.path.isdir(base):
+        return None
+    n = 0
+    for tid in os.listdir(base):
+        try:
+            with open(os.path.join(base, tid, "comm")) as f:
+                n += f.read().startswith("tf_XLAEigen")
+        except OSError:
+            continue
+    return n
+
+
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, RAM, load, python/jax/torch versions and the date (for the results file)."""
     cpu = platform.processor() or "unknown"
@@ -63,6 +145,7 @@ def machine_info() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "ram_gib": round(ram / 2**30, 1),
         "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "cores_usable": cores(),
         "platform": platform.platform(),
         "python": sys.version.split()[0],
     }
@@ -146,7 +229,7 @@ class RealStep:
         parts = aot.flop_parts(mcfg, dict(self.cfg.shapes))
         corrected = aot.correct_compiled_flops(
             raw, parts, global_batch=self.global_batch, grad_accum=int(self.cfg.train.grad_accum),
-            num_layers=mcfg.num_layers, splash=False, remat=mcfg.remat_policy != "none", padded_tokens=0,
+            num_layers=mcfg.num_layers, splash=False, remat=False, padded_tokens=0,
             attn_dim=mcfg.attn_dim)
         return {"raw": raw, "corrected": corrected}
 

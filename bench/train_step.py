@@ -5,8 +5,10 @@ diffusers' MochiTransformer3DModel of equal dimensions and token counts (AdamW, 
     python -m bench.train_step --gpu        # on a GPU: bf16, cuDNN attention / SDPA, MFU vs the bf16 peak
 
 Both sides do the same work per step: forward on the same noisy latents, MSE against the same velocity
-target, backward, AdamW update. The two are timed alternately in one run (the machine is shared and noisy)
-and reported as samples/s medians and their ratio, plus achieved GFLOP/s of each on the analytic FLOP
+target, backward, AdamW update. Both get the same number of compute threads (`--threads`, stated in the
+result). The two are timed alternately in one run (the machine is shared and noisy) and reported as samples/s
+medians and their ratio, min / median / max per round, the load average before and after (a run with the load
+above the core count is "not a claim"), plus achieved GFLOP/s of each on the analytic FLOP
 count (`describe.count_flops`, identical networks so identical FLOPs). `--profile` adds where the time
 goes: the PyTorch step's top operators (torch.profiler) and XLA's cost analysis of the JAX step.
 `--gpu` is a code path for a GPU host (bf16 compute, `attention_backend='cudnn'` vs PyTorch SDPA under
@@ -18,13 +20,13 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from absl import app, flags
+
+from bench import common
 
 MOCHI = dict(patch_size=2, attention_head_dim=32, in_channels=12, text_embed_dim=128, time_embed_dim=64)
 
@@ -142,12 +144,19 @@ def _profile(jax_parts: Any, torch_run: Callable[[], float]) -> dict[str, Any]:
 
 
 def measure(batch: int = 2, layers: int = 4, heads: int = 4, frames: int = 8, rounds: int = 5, steps: int = 3,
-            *, profile: bool = False, gpu: bool = False) -> dict[str, Any]:
-    """Samples/s of both steps, alternated; `ratio` = jax / torch (> 1: the JAX step is faster)."""
+            *, profile: bool = False, gpu: bool = False, threads: int | None = None) -> dict[str, Any]:
+    """Samples/s of both steps, alternated; `ratio` = jax / torch (> 1: the JAX step is faster).
+
+    Both sides get `threads` compute threads (default: the CPUs this process may use): torch.set_num_threads,
+    and NPROC for XLA's intra-op pool when jax has not started yet (`common.set_threads`); the counts each side
+    actually ran with are in `threads`. The load average before and after the timed rounds is in `host`
+    (`common.host_state`: not a claim when it exceeded the core count). Per-round times are in
+    `jax_step_s` / `torch_step_s` and summarised (min / median / max) in `jax_step` / `torch_step`; `round_ratio`
+    is the spread of torch time / jax time over the rounds (each round times the two back to back)."""
     import warnings
 
-    import torch
-
+    threads = int(threads or common.cores())
+    thread_info = common.set_threads(threads)
     warnings.filterwarnings("ignore")
     kw = dict(MOCHI, num_layers=layers, num_attention_heads=heads, pooled_projection_dim=64)
     data = _inputs(batch, frames)
@@ -157,15 +166,12 @@ def measure(batch: int = 2, layers: int = 4, heads: int = 4, frames: int = 8, ro
     for r in runners.values():  # compile / warm up
         r()
         r()
-    times: dict[str, list[float]] = {"jax": [], "torch": []}
-    for _ in range(rounds):
-        for name, r in runners.items():
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                r()
-            times[name].append((time.perf_counter() - t0) / steps)
-    jax_sps = batch / statistics.median(times["jax"])
-    torch_sps = batch / statistics.median(times["torch"])
+    load_before = common.load_average()
+    times = common.alternate(runners, rounds, steps)
+    host = common.host_state(load_before, common.load_average())
+    thread_info["xla"] = None if gpu else common.xla_threads()
+    jax_sps = batch / common.median(times["jax"])
+    torch_sps = batch / common.median(times["torch"])
     tokens = frames * 64 + 32
     flops = analytic_flops(kw, batch, frames)
     res: dict[str, Any] = {
@@ -173,11 +179,13 @@ def measure(batch: int = 2, layers: int = 4, heads: int = 4, frames: int = 8, ro
         "jax_gflops_per_s": flops * jax_sps / batch / 1e9, "torch_gflops_per_s": flops * torch_sps / batch / 1e9,
         "step_flops_analytic": flops,
         "jax_step_s": times["jax"], "torch_step_s": times["torch"],
+        "jax_step": common.spread(times["jax"]), "torch_step": common.spread(times["torch"]),
+        "round_ratio": common.spread([t / j for j, t in zip(times["jax"], times["torch"], strict=True)]),
+        "host": host, "threads": thread_info,
         "setup": {"batch": batch, "layers": layers, "heads": heads, "head_dim": 32, "tokens_per_sample": tokens,
                   "dtype": "bfloat16 compute" if gpu else "float32", "optimizer": "AdamW",
                   "device": "gpu" if gpu else "cpu", "rounds": rounds, "steps_per_round": steps},
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch_threads":
-                    torch.get_num_threads()},
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
     }
     if gpu:
         import jax
@@ -196,13 +204,17 @@ def measure(batch: int = 2, layers: int = 4, heads: int = 4, frames: int = 8, ro
 def main(argv: list[str]) -> None:
     del argv
     F = flags.FLAGS
-    res = measure(F.batch, F.layers, F.heads, F.frames, F.rounds, F.steps, profile=F.profile, gpu=F.gpu)
+    res = measure(F.batch, F.layers, F.heads, F.frames, F.rounds, F.steps, profile=F.profile, gpu=F.gpu,
+                  threads=F.threads or None)
     if F.json:
         print(json.dumps(res))
     else:
+        h, th = res["host"], res["threads"]
         print(f"MirageDiT (JAX)  {res['jax_samples_per_s']:.2f} samples/s")
         print(f"Mochi (PyTorch)  {res['torch_samples_per_s']:.2f} samples/s")
-        print(f"ratio JAX/PyTorch {res['ratio']:.2f}x  ({res['setup']})")
+        print(f"ratio JAX/PyTorch {res['ratio']:.2f}x (per round min {res['round_ratio']['min']:.2f}, max "
+              f"{res['round_ratio']['max']:.2f}); threads torch {th['torch']}, xla {th['xla']}  ({res['setup']})")
+        print(("a claim for this host: " if h["claim"] else "NOT a claim: ") + h["why"])
         if "jax_mfu" in res:
             print(f"MFU: JAX {res['jax_mfu']:.1%}, PyTorch {res['torch_mfu']:.1%}")
         if "profile" in res:
@@ -219,4 +231,5 @@ if __name__ == "__main__":
     flags.DEFINE_integer("frames", 8, "Latent frames (16x16 latents, patch 2 -> 64 tokens per frame).")
     flags.DEFINE_bool("profile", False, "Also report where each step's time goes.")
     flags.DEFINE_bool("gpu", False, "Run both on the GPU in bf16 (cuDNN attention) and report MFU.")
+    flags.DEFINE_integer("threads", 0, "Compute threads for each side (0: the CPUs this process may use).")
     app.run(main)

@@ -1,6 +1,7 @@
 """Scale planning: compile the real train step for a TPU topology on a CPU host, before renting the pod.
 
     python -m mirage_jax.aot --config=configs/mirage_10b.py --topology=v5p-256 [--config.mesh.ici.sequence=4] [--json]
+    python -m mirage_jax.aot --config=... --topology=... --search [--search_remat=...]   # mirage_jax/aot_search.py
 
 libtpu can compile for a TPU slice it is not running on (`jax.experimental.topologies`): the mesh is built
 over the topology's abstract devices, and the runtime's own jitted step (`train.step.make_train_step`, with
@@ -173,8 +174,9 @@ def correct_compiled_flops(raw_total: float, parts: FlopParts, *, global_batch: 
     XLA counts one scanned layer and one micro-batch. Of what it counts, the share of one scanned layer is
     taken from the analytic split (same fwd/bwd/remat multipliers assumed for every part), so
     corrected = raw * grad_accum * (rest + L_s * layer) / (rest + layer). With splash the kernel's matmuls
-    are invisible to XLA: they are added as executed (forward, a remat re-forward, and 3.5 forwards of
-    backward) at the kernel's padded length.
+    are invisible to XLA: they are added as executed (forward, a remat re-forward when `remat` -- i.e. the
+    policy does not save the kernel's named residuals, `model.dit.recomputes_attention` -- and 3.5 forwards
+    of backward) at the kernel's padded length.
     """
     visible_layer = parts.per_scanned_layer - (parts.attention_core_per_layer if splash else 0)
     visible_total = parts.total - num_layers * (parts.attention_core_per_layer if splash else 0)
@@ -223,6 +225,7 @@ def plan(cfg: Any, topology: str, *, mfu: float = DEFAULT_MFU, min_headroom: flo
     import jax
 
     from mirage_jax.describe import count_params, count_tokens
+    from mirage_jax.model.dit import recomputes_attention
     from mirage_jax.train.setup import RunSetup
 
     if not 0.0 < mfu <= 1.0:
@@ -298,7 +301,8 @@ def plan(cfg: Any, topology: str, *, mfu: float = DEFAULT_MFU, min_headroom: flo
     splash = mcfg.attention_backend == "splash"
     corrected = correct_compiled_flops(
         raw, parts, global_batch=gb, grad_accum=accum, num_layers=mcfg.num_layers, splash=splash,
-        remat=mcfg.remat_policy != "none", padded_tokens=-(-tokens["total"] // 128) * 128, attn_dim=mcfg.attn_dim)
+        remat=recomputes_attention(mcfg.remat_policy), padded_tokens=-(-tokens["total"] // 128) * 128,
+        attn_dim=mcfg.attn_dim)
     report.update({
         "compiled": True, "memory": mem, "memory_per_device_bytes": total, "headroom_fraction": headroom,
         "fits": headroom >= min_headroom, "compiled_flops": raw, "compiled_flops_corrected": corrected,
@@ -362,14 +366,45 @@ def main(argv: list[str]) -> None:
     from mirage_jax.parallel.rules import RulesError
 
     f = flags.FLAGS
+    errors = (TopologyError, UncompilableError, ConfigError, LayoutError, MeshConfigError, RulesError)
+    if f.search:
+        _search(f, errors)
+        return
     try:
         report = plan(f.config, f.topology, mfu=f.mfu, min_headroom=f.min_headroom, hlo_path=f.hlo_out)
-    except (TopologyError, UncompilableError, ConfigError, LayoutError, MeshConfigError, RulesError) as e:
+    except errors as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
     print(json.dumps(report) if f.json else format_report(report), flush=True)
     if not report["fits"]:
         sys.exit(2)
+
+
+def _search(f: Any, errors: tuple[type[Exception], ...]) -> None:
+    """`--search`: the sweep of `mirage_jax.aot_search` over the flags' lists; table (or JSON rows) to stdout."""
+    from mirage_jax import aot_search
+
+    try:
+        n = len(topology_devices(parse_topology(f.topology)))
+        def ints(name: str) -> list[int]:
+            try:
+                return [int(x) for x in getattr(f, name)]
+            except ValueError:
+                raise ValueError(f"--{name}={','.join(getattr(f, name))}: a comma-separated list of integers") from None
+
+        seqs = ints("search_sequence") or [int(f.config.mesh.ici.sequence)]
+        points = aot_search.candidates(f.config, n, f.search_remat, seqs, ints("search_micro"), ints("search_accum"))
+    except (TopologyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    if not points:
+        print(f"error: --search_sequence={','.join(map(str, seqs))}: no size divides the {n} devices of "
+              f"{f.topology} (x mesh.ici.tensor)", file=sys.stderr, flush=True)
+        sys.exit(1)
+    rows = aot_search.search(f.config, f.topology, plan, points, errors,
+                             log=lambda m: print(m, file=sys.stderr, flush=True), mfu=f.mfu,
+                             min_headroom=f.min_headroom)
+    print(json.dumps(rows) if f.json else aot_search.format_table(rows, f.topology), flush=True)
 
 
 def _run() -> None:
@@ -385,6 +420,12 @@ def _run() -> None:
     flags.DEFINE_float("mfu", DEFAULT_MFU, "Model FLOPs utilization assumed for the predicted step time.")
     flags.DEFINE_float("min_headroom", DEFAULT_MIN_HEADROOM, "Fraction of HBM that must stay free to 'fit'.")
     flags.DEFINE_string("hlo_out", None, "Write the compiled (optimized, per-device) HLO text to this file.")
+    flags.DEFINE_bool("search", False, "Compile every point of the --search_* lists; print the Pareto table of "
+                      "memory per device vs MFU ceiling (mirage_jax/aot_search.py).")
+    flags.DEFINE_list("search_remat", ["full", "save_splash", "save_splash_qkv"], "--search: remat policies.")
+    flags.DEFINE_list("search_sequence", [], "--search: sequence axis sizes (default: the config's).")
+    flags.DEFINE_list("search_micro", ["1"], "--search: samples per batch device per micro-batch.")
+    flags.DEFINE_list("search_accum", ["1"], "--search: gradient-accumulation micro-batches.")
     flags.mark_flags_as_required(["config", "topology"])
     app.run(main)
 

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from data_pipeline.encoders.time_map import TimeMap
 
 ATTENTION_BACKENDS = ("xla", "dot_product", "cudnn", "splash")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention", "save_splash", "save_splash_qkv")
 DTYPES = ("float32", "bfloat16")
 ROPE_INITS = ("mixed", "axial")
 TIMESTEP_SAMPLERS = ("uniform", "logit_normal", "linear_quadratic")

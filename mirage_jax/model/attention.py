@@ -11,6 +11,14 @@ Backends (all compute the same numbers within tolerance; tests compare them with
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`: cuDNN flash attention on GPU.
 - `splash`: Pallas splash attention on TPU (segment ids carry the mask); `interpret=True` runs the
   same kernel on CPU for tests.
+
+Splash under remat: the kernel is a custom VJP (jax's `splash_attention_kernel`) whose forward returns the
+residuals its backward kernels need: q, k, v, the output and the per-row logsumexp. The kernel is built with
+`residual_checkpoint_name=SPLASH_RESIDUALS`, so the output and the logsumexp carry that checkpoint name
+inside the VJP's forward: a remat policy that saves the name (`model.remat_policy='save_splash'` or
+`'save_splash_qkv'`, model/dit.py) keeps them, and the backward no longer reruns the forward kernel (its
+recomputation is dead code; tests/test_splash_remat.py counts the live forward kernels). Without the name,
+every policy reruns the forward, the largest part of the 10B model's FLOPs (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ except ImportError:  # pragma: no cover - depends on the jax build
     _splash_mask = None
 
 _NEG = -0.7 * float(np.finfo(np.float32).max)
+SPLASH_RESIDUALS = "splash_residuals"  # checkpoint name of the splash kernel's output and logsumexp
 
 
 def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -61,6 +70,7 @@ def _splash_attention(q, k, v, mask, interpret: bool, block: int = 128):
     kernel = _splash.make_splash_mha(
         _splash_mask.MultiHeadMask([_splash_mask.FullMask((sp, sp))] * h),
         head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret,
+        residual_checkpoint_name=SPLASH_RESIDUALS,
     )
     qs = (q * (1.0 / np.sqrt(d))).astype(q.dtype)
 

@@ -20,7 +20,7 @@ from flax import nnx
 
 from mirage_jax.config import ModelConfig
 from mirage_jax.model import rope as rope_lib
-from mirage_jax.model.attention import attention
+from mirage_jax.model.attention import SPLASH_RESIDUALS, attention
 from mirage_jax.model.embeddings import AttentionPool, TimestepEmbedder
 from mirage_jax.model.layers import (
     DTYPE,
@@ -37,12 +37,24 @@ NORM_EPS = 1e-6  # block and final norms (diffusers MochiTransformerBlock eps)
 QK_EPS = 1e-5  # query/key RMSNorm (diffusers MochiAttention eps)
 STREAMS = ("video", "audio", "text")
 
+QKV_NAME = "attention_qkv"  # checkpoint name of the joint q, k, v (after RoPE), as attention receives them
 REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "save_attention": jax.checkpoint_policies.save_only_these_names("attention_out"),
+    # The splash kernel's own residuals (output + logsumexp, named in model/attention.py): its forward is not
+    # rerun in the backward. Other backends have no such name: there this is full remat.
+    "save_splash": jax.checkpoint_policies.save_only_these_names(SPLASH_RESIDUALS),
+    # ... and the q, k, v it consumed: the backward reruns neither the kernel nor the QKV projections/RoPE.
+    "save_splash_qkv": jax.checkpoint_policies.save_only_these_names(SPLASH_RESIDUALS, QKV_NAME),
 }
+
+
+def recomputes_attention(policy: str) -> bool:
+    """Whether the backward pass reruns the splash forward kernel under `model.remat_policy=policy` (the
+    FLOP correction of `aot.correct_compiled_flops` adds one more forward of the kernel when it does)."""
+    return policy not in ("none", "save_splash", "save_splash_qkv")
 
 
 class StreamLayer(nnx.Module):
@@ -113,6 +125,7 @@ class MirageBlock(nnx.Module):
         q, k, v = (jnp.concatenate([qkvs[n][i] for n in names], axis=1) for i in range(3))
         # Ulysses: tokens arrive sharded over `seq`; attention runs with heads sharded instead.
         q, k, v = (constrain(t, ("batch", None, "act_heads", None)) for t in (q, k, v))
+        q, k, v = (jax.ad_checkpoint.checkpoint_name(t, QKV_NAME) for t in (q, k, v))
         out = attention(q, k, v, mask, self.backend)
         out = jax.ad_checkpoint.checkpoint_name(out, "attention_out")
         out = constrain(out, ("batch", "seq", "act_heads", None))

@@ -137,10 +137,26 @@ def test_other_dataset_refused_naming_both_fingerprints_unless_allowed(prepared,
     assert _loader(moved).position.fingerprint == state["fingerprint"]
 
 
-def test_old_per_process_grain_state_is_refused_clearly(prepared):
+def test_old_per_process_grain_state_is_refused_clearly(prepared, tmp_path):
+    import json
+
+    from etils import epath
+
+    from mirage_jax.train.checkpoint import DataStateHandler, DataStateSave
+    from mirage_jax.train.grain_source import GrainSource
+
     old = {"batches": 3, "grain": {"workers_state": {}, "iterations_to_skip": {}}}
     with pytest.raises(DataStateError, match="per-process Grain iterator state.*3 batches drawn.*new --workdir"):
         iter(_loader(prepared)).set_state(old)
+    for p in range(2):  # a data item as older versions wrote it: one file per process
+        (tmp_path / f"process_{p}-of-2.json").write_text(json.dumps({"kind": "grain", "state": old}))
+    legacy = DataStateHandler().restore(epath.Path(tmp_path))
+    with pytest.raises(DataStateError, match="per-process Grain iterator state"):
+        GrainSource(iter(_loader(prepared))).set_state(legacy)
+    it = iter(_loader(prepared))  # today's item: one global file, whatever the process count
+    next(it)
+    DataStateHandler().save(epath.Path(tmp_path), DataStateSave(GrainSource(it).get_state()))
+    assert DataStateHandler().restore(epath.Path(tmp_path))["next_sample"] == B
 
 
 def test_corrupt_record_replaced_the_same_way_under_every_layout(prepared, tmp_path):

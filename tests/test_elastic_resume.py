@@ -91,7 +91,7 @@ def test_resumed_runs_have_the_uninterrupted_losses(runs):
 
 def test_the_data_state_is_one_global_position(runs, shards):
     for name in ("two", "base"):
-        files = sorted(p.name for p in (runs / name / "checkpoints" / str(K) / "data").iterdir())
+        files = sorted(p.name for p in (runs / name / "checkpoints" / str(K) / "data").glob("*.json"))
         assert files == ["data_state.json"], files
         state = json.loads((runs / name / "checkpoints" / str(K) / "data" / "data_state.json").read_text())
         assert {k: state[k] for k in ("kind", "step", "next_sample", "global_batch_size", "seed")} == {

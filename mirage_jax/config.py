@@ -40,6 +40,16 @@ def _from_mapping(cls: type[T], section: str, values: Mapping[str, Any] | Any) -
     return cls(**values)
 
 
+def upgrade_model_fields(values: dict[str, Any]) -> dict[str, Any]:
+    """A model section as written before `time_map` existed, in today's fields: `frames_per_latent=K` (K video
+    frames per latent) is `time_map="uniform:K"`. Other sections and fields are returned unchanged."""
+    if "frames_per_latent" not in values:
+        return values
+    values = dict(values)
+    values.setdefault("time_map", f"uniform:{int(values.pop('frames_per_latent'))}")
+    return values
+
+
 def _check(cond: bool, field: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"config field `{field}`: {msg}")
@@ -87,9 +97,7 @@ class ModelConfig:
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any] | Any) -> ModelConfig:
-        values = dict(section.to_dict() if hasattr(section, "to_dict") else section)
-        if "frames_per_latent" in values:  # the field time_map replaced: K frames per latent = uniform:K
-            values.setdefault("time_map", f"uniform:{int(values.pop('frames_per_latent'))}")
+        values = upgrade_model_fields(dict(section.to_dict() if hasattr(section, "to_dict") else section))
         cfg = _from_mapping(cls, "model", values)
         cfg.validate()
         return cfg

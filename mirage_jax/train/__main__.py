@@ -4,7 +4,7 @@ The same command runs on one CPU, a GPU box, or every host of a TPU pod (see doc
 0 when training finished or was preempted (SIGTERM at any moment: the newest completed step is saved, or,
 before the first step, nothing new was trained; the message says which), 3 when it stopped on too many
 non-finite steps, 2 on a config that is invalid or does not fit its data (one line naming the fields and the
-`--config.` overrides), 4 when a checkpoint could not be written, 1 on any other error.
+`--config.` overrides) or that cannot resume the workdir's checkpoint (changed model, data or seed; named), 4 when a checkpoint could not be written, 1 on any other error.
 """
 
 from __future__ import annotations
@@ -56,10 +56,12 @@ def main(argv: list[str]) -> None:
 
     distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
 
+    from data_pipeline.order import DataStateError
     from mirage_jax.config import ConfigError
     from mirage_jax.paths import exit_on_storage_error
     from mirage_jax.train.checkpoint import CheckpointSaveError
     from mirage_jax.train.loop import NonFiniteError, Trainer
+    from mirage_jax.train.resume import ConfigChangeError
 
     exit_on_storage_error("train", _WORKDIR.value, _CONFIG.value.data.get("source"))
 
@@ -72,6 +74,9 @@ def main(argv: list[str]) -> None:
         sys.exit(0)
     except ConfigError as e:  # a user's config mistake: one line naming the fields, no traceback
         print(f"CONFIG ERROR: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except (ConfigChangeError, DataStateError) as e:  # a healthy checkpoint this config/data cannot resume
+        print(f"RESUME REFUSED: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except NonFiniteError as e:
         logging.error("%s", e)

@@ -14,6 +14,7 @@ from typing import Any
 import jax
 from absl import logging
 
+from mirage_jax.config import upgrade_model_fields
 from mirage_jax.train import checkpoint as ckpt_lib
 from mirage_jax.train.state import StateLayout, TrainState
 
@@ -59,6 +60,8 @@ def check_compatible(store: ckpt_lib.CheckpointStore, step: int, layout: StateLa
                      allow_change: bool) -> bool:
     """Validate resuming `step` under `config`. True when the state structure matches exactly."""
     saved_cfg = store.read_json(step, "config")
+    if isinstance(saved_cfg.get("model"), dict):  # a checkpoint from before model.time_map: same model
+        saved_cfg = {**saved_cfg, "model": upgrade_model_fields(saved_cfg["model"])}
     diff = {k: v for k, v in config_diff(saved_cfg, config).items() if not k.startswith("checkpoint.")}
     if diff:
         logging.warning("config differs from the one checkpoint %s was written with: %s", step, _fmt(diff))

@@ -98,8 +98,8 @@ def test_kill9_during_async_save_restores_previous_checkpoint(tmp_path, cache):
 def test_config_change_that_changes_the_state_is_refused(tmp_path, cache):
     ok(run_cli(tmp_path, cache_dir=cache, train__steps=2))
     refused = run_cli(tmp_path, cache_dir=cache, train__steps=4, model__num_layers=3)
-    assert refused.returncode == 1
-    assert "refusing to resume" in refused.stdout and "model.num_layers: 2 -> 3" in refused.stdout
+    assert refused.returncode == 2 and "Traceback" not in refused.stdout  # one message, not a crash
+    assert "RESUME REFUSED: refusing to resume" in refused.stdout and "model.num_layers: 2 -> 3" in refused.stdout
     assert "--allow_config_change" in refused.stdout
 
 
@@ -107,7 +107,7 @@ def test_config_change_that_changes_the_state_is_refused(tmp_path, cache):
 def test_optimizer_structure_change_refused_and_allow_flag(tmp_path, cache):
     ok(run_cli(tmp_path, cache_dir=cache, train__steps=2))
     refused = run_cli(tmp_path, cache_dir=cache, train__steps=4, train__clip_norm=0.0)  # optimizer structure
-    assert refused.returncode == 1 and "state: only in checkpoint: opt_state" in refused.stdout
+    assert refused.returncode == 2 and "state: only in checkpoint: opt_state" in refused.stdout
     # a change that leaves the state alone is fine
     out = ok(run_cli(tmp_path, cache_dir=cache, train__steps=3, optim__lr=2e-3))
     assert "resumed from checkpoint at step 2 of 3" in out

@@ -297,7 +297,7 @@ def run_chaos(base: Path, iterations: int, seed: int, steps: int = 24, save_ever
                 rep.failures.append(f"iteration {it}: SIGTERM at {moment} ended with exit {rc}:\n"
                                     + launch.text[-3000:])
             if kind == "SIGKILL":
-                pending_min = committed[-1] if committed else 0
+                pending_min = committed[-1] if committed else None
                 lost = last_logged_step(workdir) - max(committed_steps(workdir) or [0])
                 rep.most_steps_lost = max(rep.most_steps_lost, lost)
         else:

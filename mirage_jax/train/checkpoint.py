@@ -102,6 +102,7 @@ class CheckpointStore:
     def __init__(self, workdir: str, ckpt_cfg: Any, *, read_only: bool = False):
         self.directory = orbax_path(workdir) / "checkpoints"
         self.last_saved: int | None = None
+        self._unchecked = False  # a save was started and its outcome not yet looked at
         keep: list[ocm.PreservationPolicy] = [ocm.LatestN(max(int(ckpt_cfg.keep_last_n), 1))]
         if int(ckpt_cfg.keep_every_k) > 0:
             keep.append(ocm.EveryNSteps(int(ckpt_cfg.keep_every_k)))
@@ -137,6 +138,7 @@ class CheckpointStore:
         """Start saving `step` (asynchronously when configured); all processes must call it.
         `data_state` is the data iterator's state positioned at batch `step` (JSON-able)."""
         previous, self.last_saved = self.last_saved, step
+        self._unchecked = True
         try:
             return self.manager.save(step, force=True, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state.as_dict()),
@@ -202,6 +204,11 @@ class CheckpointStore:
         """The failure of a background save that has ended since the last call, else None (never blocks)."""
         try:
             self.manager.check_for_errors()
+            if self._unchecked and not self.manager.is_saving_in_progress():
+                # the save has ended: waiting returns at once, and raises what check_for_errors (Orbax 0.12)
+                # does not see for a CheckpointManager's composite save
+                self._unchecked = False
+                self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - returned as one message
             return self._save_error(e, self.last_saved)
         return None

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: demo test test-slow lint sysdeps venv bench
+.PHONY: demo test test-slow lint sysdeps venv bench chaos
 
 $(VENV)/.installed: requirements.txt
 	python3 -m venv $(VENV)
@@ -33,3 +33,10 @@ lint: venv
 
 bench: venv sysdeps
 	JAX_PLATFORMS=cpu $(PY) -m bench
+
+# chaos drill: N iterations of SIGTERM / SIGKILL at seeded random moments of a 2-process job, restarted each
+# time; checks bitwise-equal final params, exit 0 on SIGTERM, no step lost, no orphans (mirage_jax/train/chaos.py)
+N ?= 20
+SEED ?= 0
+chaos: venv sysdeps
+	JAX_PLATFORMS=cpu $(PY) -m mirage_jax.train.chaos --iterations=$(N) --seed=$(SEED)

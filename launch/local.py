@@ -65,6 +65,9 @@ def pump(i: int, stream, lock: threading.Lock) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # held until `forward` is installed; the children inherit the blocked mask through exec (the trainer
+    # unblocks it once its own handler is in place)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--processes", type=int, default=2, help="number of processes (N)")
     parser.add_argument("--devices-per-process", type=int, default=4, help="CPU devices per process (M)")
@@ -80,8 +83,6 @@ def main(argv: list[str] | None = None) -> int:
     lock = threading.Lock()
     procs: list[subprocess.Popen] = []
     pumps = []
-    # children inherit the blocked mask through exec; a SIGTERM to the launcher meanwhile waits for `forward`
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     for i in range(args.processes):
         env = child_env(dict(os.environ), i, args.processes, args.devices_per_process, address)
         p = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

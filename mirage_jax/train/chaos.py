@@ -5,8 +5,9 @@
 Setup: synthetic A-roll -> `data_pipeline.prepare` shards; the tiny config (`testing.FAST_OVERRIDES`) as
 2 processes x 4 CPU devices through launch/local.py, fed by the Grain loader with one worker process each.
 Every iteration launches the same command, waits for a moment drawn from a seeded RNG (`setup`: since
-launch; `restore`: after the mesh/parameter line; `compile`: after "initialized/resumed at step";
-`step`: after the first step; `save`: right after "checkpoint N started") plus a random delay, then sends
+the launcher started both processes; `restore`: after the mesh/parameter line; `compile`: after
+"initialized/resumed at step"; `step`: after the first step; `save`: right after "checkpoint N started")
+plus a random delay, then sends
   - SIGTERM to the launcher (a preemption; forwarded to both trainers), or
   - SIGKILL to both trainers at once (a host crash; nothing gets to react).
 Then the same command runs until the job finishes, and an uninterrupted run of the same steps runs in
@@ -144,14 +145,14 @@ class Launch:
         self.seen.update(descendants(self.proc.pid))
 
     def wait_for(self, pattern: re.Pattern | None, timeout: float) -> float | None:
-        """Monotonic time when a line matching `pattern` appeared (launch time for None); None if the job
-        ended or `timeout` passed first."""
-        if pattern is None:
-            return self.t0
+        """Monotonic time when a line matching `pattern` appeared (for None: when the launcher had started
+        both processes); None if the job ended or `timeout` passed first."""
         deadline = time.monotonic() + timeout
         i = 0
         while time.monotonic() < deadline:
-            while i < len(self.lines):
+            if pattern is None and len(self.trainers()) >= 2:  # the launcher has started the job's processes
+                return time.monotonic()
+            while pattern is not None and i < len(self.lines):
                 if pattern.search(self.lines[i][1]):
                     return self.lines[i][0]
                 i += 1
@@ -160,6 +161,10 @@ class Launch:
             self.watch()
             time.sleep(0.02)
         return None
+
+    def trainers(self) -> list[int]:
+        """The launcher's children (the trainer processes)."""
+        return [pid for pid, (ppid, _) in _proc_table().items() if ppid == self.proc.pid]
 
     def finish(self, timeout: float) -> int | None:
         """Exit status (None if still running after `timeout`), watching the process tree meanwhile."""
@@ -271,9 +276,8 @@ def run_chaos(base: Path, iterations: int, seed: int, steps: int = 24, save_ever
                 if kind == "SIGTERM":
                     launch.proc.send_signal(signal.SIGTERM)
                 else:
-                    for pid in list(descendants(launch.proc.pid)):  # the trainers: children of the launcher
-                        if _proc_table().get(pid, (0,))[0] == launch.proc.pid:
-                            os.kill(pid, signal.SIGKILL)
+                    for pid in launch.trainers():
+                        os.kill(pid, signal.SIGKILL)
                 sent, t_sent = True, time.monotonic()
         rc = launch.finish(GRACE_S if sent else 900)
         if rc is None:
@@ -293,7 +297,7 @@ def run_chaos(base: Path, iterations: int, seed: int, steps: int = 24, save_ever
                 rep.failures.append(f"iteration {it}: SIGTERM at {moment} ended with exit {rc}:\n"
                                     + launch.text[-3000:])
             if kind == "SIGKILL":
-                pending_min = committed[-1] if committed else 0
+                pending_min = committed[-1] if committed else None
                 lost = last_logged_step(workdir) - max(committed_steps(workdir) or [0])
                 rep.most_steps_lost = max(rep.most_steps_lost, lost)
         else:

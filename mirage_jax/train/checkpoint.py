@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import re
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
 
@@ -95,6 +96,7 @@ class CheckpointStore:
     def __init__(self, workdir: str, ckpt_cfg: Any, *, read_only: bool = False):
         self.directory = orbax_path(workdir) / "checkpoints"
         self.last_saved: int | None = None
+        self._unchecked = False  # a save was started and its outcome not yet looked at
         keep: list[ocm.PreservationPolicy] = [ocm.LatestN(max(int(ckpt_cfg.keep_last_n), 1))]
         if int(ckpt_cfg.keep_every_k) > 0:
             keep.append(ocm.EveryNSteps(int(ckpt_cfg.keep_every_k)))
@@ -129,13 +131,17 @@ class CheckpointStore:
     def save(self, step: int, state: TrainState, data_state: Any, config: dict[str, Any], meta: dict[str, Any]) -> bool:
         """Start saving `step` (asynchronously when configured); all processes must call it.
         `data_state` is the data iterator's state positioned at batch `step` (JSON-able)."""
-        self.last_saved = step
-        return self.manager.save(step, force=True, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state.as_dict()),
-            data=DataStateSave(data_state),
-            config=ocp.args.JsonSave(config),
-            meta=ocp.args.JsonSave(meta),
-        ))
+        previous, self.last_saved = self.last_saved, step
+        self._unchecked = True
+        try:
+            return self.manager.save(step, force=True, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state.as_dict()),
+                data=DataStateSave(data_state),
+                config=ocp.args.JsonSave(config),
+                meta=ocp.args.JsonSave(meta),
+            ))
+        except Exception as e:  # noqa: BLE001 - Orbax raises a failed background save at the next save
+            raise self._save_error(e, previous) from e
 
     def read_json(self, step: int, item: str) -> dict[str, Any]:
         """The `config` or `meta` item of a step, as saved."""
@@ -189,17 +195,28 @@ class CheckpointStore:
         """The failure of a background save that has ended since the last call, else None (never blocks)."""
         try:
             self.manager.check_for_errors()
+            if self._unchecked and not self.manager.is_saving_in_progress():
+                # the save has ended: waiting returns at once, and raises what check_for_errors (Orbax 0.12)
+                # does not see for a CheckpointManager's composite save
+                self._unchecked = False
+                self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - returned as one message
-            return self._save_error(e)
+            return self._save_error(e, self.last_saved)
         return None
 
-    def _save_error(self, e: BaseException) -> CheckpointSaveError:
+    def _save_error(self, e: BaseException, step: int | None) -> CheckpointSaveError:
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # the same error again per unretrieved future
         os_error = _find_cause(e, OSError)
-        what = (f"{os_error.strerror or os_error}" + (f": {os_error.filename}" if os_error.filename else "")
-                if os_error is not None else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        m = _TS_WRITE_ERROR.search(str(e))
+        if os_error is not None:
+            what = f"{os_error.strerror or os_error}" + (f": {os_error.filename}" if os_error.filename else "")
+        elif m:  # tensorstore's message: 'Failed writing: "<file>": <what> [os_error_code='N']'
+            what = f"{m.group('err').strip()} (errno {m.group('code')}): {m.group('path')}"
+        else:
+            what = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         steps = self.all_steps()
         last = f"the last committed checkpoint is {max(steps)}" if steps else "no checkpoint was committed yet"
-        target = self.step_dir(self.last_saved) if self.last_saved is not None else self.directory
+        target = self.step_dir(step) if step is not None else self.directory
         err = CheckpointSaveError(f"writing checkpoint {target} failed: {what}. {last} (intact, "
                                   "restorable); fix the storage (space, permissions) and rerun the same command")
         err.__cause__ = e
@@ -210,7 +227,7 @@ class CheckpointStore:
         try:
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - one message
-            raise self._save_error(e) from e
+            raise self._save_error(e, self.last_saved) from e
         if error := self.save_error():
             raise error
 
@@ -218,7 +235,11 @@ class CheckpointStore:
         try:
             self.manager.close()
         except Exception as e:  # noqa: BLE001 - a failed save was (or will be) reported by save_error / wait
-            logging.warning("closing the checkpoint manager: %s", str(e).splitlines()[0] if str(e) else e)
+            first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+            logging.getLogger(__name__).warning("closing the checkpoint manager: %s", first_line)
+
+
+_TS_WRITE_ERROR = re.compile(r'Failed writing: "(?P<path>[^"]+)": (?P<err>[^\[]+)\[os_error_code=.(?P<code>\d+)')
 
 
 def _find_cause(e: BaseException | None, kind: type[Exception]) -> Any:

@@ -113,16 +113,18 @@ class Trainer(RunSetup):
 
         batch, _, data_wait = draw()
         data_state = source.get_state()  # position after batch `start`: saved with step start+1
-        # Compile before the first step, then agree: a SIGTERM during setup, restore or compilation (on any
-        # process) stops here with nothing to save, and the processes enter the first step's collectives
+        # Agree before and after compiling the first step: a SIGTERM during setup, restore or compilation (on
+        # any process) stops there with nothing to save. The barriers let the processes enter collectives
         # together (Gloo gives up on a peer that arrives > 30 s later, e.g. one compiling much slower).
-        t = time.perf_counter()
-        with jax.set_mesh(self.mesh):
-            step_fn = step_fn.lower(state, batch).compile()
-        logging.info("compiled the train step in %.1f s", time.perf_counter() - t)
-        watcher.barrier(f"first_step_{start}")
-        if watcher.agree()[0]:
-            raise Preempted(describe_nothing_trained(start, store.directory))
+        for phase in ("restored", "compiled"):
+            if phase == "compiled":
+                t = time.perf_counter()
+                with jax.set_mesh(self.mesh):
+                    step_fn = step_fn.lower(state, batch).compile()
+                logging.info("compiled the train step in %.1f s", time.perf_counter() - t)
+            watcher.barrier(f"{phase}_{start}")
+            if watcher.agree()[0]:
+                raise Preempted(describe_nothing_trained(start, store.directory))
         last_time = time.perf_counter()
         bucket_sum = bucket_n = 0.0
         window_time = window_wait = 0.0
@@ -208,12 +210,12 @@ class Trainer(RunSetup):
                 if preempted:
                     store.wait()
                     logging.info("stop-flag agreement: %.2f ms per step (%d steps)", 1e3 * watcher.mean_cost_s(),
-                                 watcher.calls - 1)
+                                 watcher.calls - 2)
                     raise Preempted(f"preempted: checkpoint {new_step} saved in {store.directory}; rerun the same "
                                     "command to resume")
                 data_state = next_data_state
             if profiling:
                 jax.profiler.stop_trace()
             store.wait()
-        logging.info("stop-flag agreement: %.2f ms per step (%d steps)", 1e3 * watcher.mean_cost_s(), watcher.calls - 1)
+        logging.info("stop-flag agreement: %.2f ms per step (%d steps)", 1e3 * watcher.mean_cost_s(), watcher.calls - 2)
         return self.total_steps

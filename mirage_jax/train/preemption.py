@@ -5,9 +5,9 @@
   processes with SIGTERM blocked, so even one that lands during interpreter start-up stays pending until
   the handler is in place.
 - The stop step is agreed by the processes themselves: `PreemptionWatcher.agree()` all-gathers each
-  process's (stop requested, async save failed) flags at the same points of the loop (before the first
-  step and after every step), so a SIGTERM that reached any one process stops all of them at the same
-  step, and they save that step together.
+  process's (stop requested, async save failed) flags at the same points of the loop (before and after
+  compiling the first step, and after every step), so a SIGTERM that reached any one process stops all
+  of them at the same step, and they save that step together.
 
 Why not JAX's preemption sync point (`multihost_utils.reached_preemption_sync_point`)? Its C++ manager
 (xla/tsl/distributed_runtime/preemption/preemption_sync_manager.cc) reacts to SIGTERM by publishing each
@@ -58,7 +58,7 @@ class PreemptionWatcher:
     """`agree(save_failed)` -> (stop, some process's save failed), identical on every process.
 
     All processes must call `agree` at the same points (it is a collective when there are several).
-    `seconds` accumulates its wall time after the first call (the per-step cost of the agreement).
+    `seconds` accumulates its wall time after each step (the per-step cost of the agreement).
     """
 
     def __init__(self) -> None:
@@ -80,7 +80,7 @@ class PreemptionWatcher:
             from jax.experimental import multihost_utils
 
             flags = np.asarray(multihost_utils.process_allgather(flags)).reshape(-1, 2).max(axis=0)
-        if self.calls:  # the first call also sets up the collective: kept out of the per-step cost
+        if self.calls >= 2:  # the two calls before the first step (which set up the collective) are not per-step
             self.seconds += time.perf_counter() - t
         self.calls += 1
         return bool(flags[0]), bool(flags[1])
@@ -94,8 +94,8 @@ class PreemptionWatcher:
             distributed.global_state.client.wait_at_barrier(f"mirage_{name}", timeout_in_ms=int(timeout_s * 1000))
 
     def mean_cost_s(self) -> float:
-        """Mean wall time of one agreement after the first (the per-step cost of agreeing on the stop step)."""
-        return self.seconds / max(self.calls - 1, 1)
+        """Mean wall time of one agreement after a step (the per-step cost of agreeing on the stop step)."""
+        return self.seconds / max(self.calls - 2, 1)
 
     def close(self) -> None:
         """Nothing to undo: the handler stays for the rest of the process (a late SIGTERM is harmless)."""

@@ -1,5 +1,6 @@
-"""Every gs:// path of a pod job against a local fake-gcs-server (mirage_jax/emulator.py): prepare -> train ->
-resume (losses equal a local-disk run), export gs:// -> gs://, kill -9 during an async save to gs://, and the
+"""Every gs:// path of a pod job against a local fake-gcs-server (mirage_jax/emulator.py): synthesize -> prepare
+(gs:// in and out) -> train -> resume (losses equal a local-disk run), export gs:// -> gs://, generate/eval
+loading a gs:// checkpoint, kill -9 during an async save to gs://, HTTP 503s retried by the libraries, and the
 one-line errors for a missing bucket, missing credentials, a refused connection and a half-set emulator."""
 
 from __future__ import annotations
@@ -59,10 +60,10 @@ def _losses(rows: list[dict]) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def gcs_run(emulator, cache, tmp_path_factory):
-    """synthesize -> prepare --output=gs:// -> train --workdir=gs:// for 2 steps, then rerun to 3 (resume)."""
+    """synthesize -> prepare gs:// -> gs:// -> train --workdir=gs:// for 2 steps, then rerun to 3 (resume)."""
     tmp = tmp_path_factory.mktemp("gcs")
-    _ok(_py(["-m", "data_pipeline.synthesize", f"--out={tmp / 'raw'}", "--clips=2", "--seconds=2", "--seed=1"]))
-    _ok(_py(["-m", "data_pipeline.prepare", f"--input={tmp / 'raw'}", f"--output=gs://{BUCKET}/data",
+    _ok(_py(["-m", "data_pipeline.synthesize", f"--out=gs://{BUCKET}/raw", "--clips=2", "--seconds=2", "--seed=1"]))
+    _ok(_py(["-m", "data_pipeline.prepare", f"--input=gs://{BUCKET}/raw", f"--output=gs://{BUCKET}/data",
              "--clip-seconds=1"]))
     common = dict(TRAIN, **{"data.source": f"gs://{BUCKET}/data"})
     first = run_cli(f"gs://{BUCKET}/run", devices=4, cache_dir=cache, **common, **{"train.steps": 2})

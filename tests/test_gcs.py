@@ -287,3 +287,33 @@ def test_generate_and_eval_load_a_gcs_checkpoint(gcs_run):
     assert jax.tree.all(jax.tree.map(lambda x, y: bool(np.array_equal(np.asarray(x), np.asarray(y))), a, b))
     encs = load_encoders(remote.config)  # the run's data.source: gs://bkt/data
     assert encs.manifest["num_records"] > 0
+
+
+def test_warm_start_gcs_source_to_gcs_workdir_equals_mochi(emulator, tmp_path):
+    """warm_start --source=gs:// (safetensors read through gcsfs) --out=gs:// gives the Mochi forward; a truncated
+    shard on GCS is refused naming the file."""
+    pytest.importorskip("diffusers")
+    import jax.numpy as jnp
+    import torch
+    from flax import nnx
+    from test_warm_start import SMALL, inputs, make_source, mirage_from
+
+    from mirage_jax.warm_start import SourceError, warm_start
+
+    kwargs = SMALL[0]
+    tm = make_source(tmp_path / "src", kwargs)
+    fs = _fs()
+    fs.put(str(tmp_path / "src"), f"{BUCKET}/mochi", recursive=True)
+    report = warm_start(f"gs://{BUCKET}/mochi", None, f"gs://{BUCKET}/ws")
+    assert report["unused"] == [] and report["missing"] == [] and report["mismatched"] == []
+    fs.get(f"{BUCKET}/ws/checkpoints", str(tmp_path / "ws" / "checkpoints"), recursive=True)
+    model, _ = mirage_from(tmp_path / "ws")
+    x, text, mask, ts = inputs(kwargs)
+    with torch.no_grad():
+        want = tm(torch.from_numpy(x), torch.from_numpy(text), torch.from_numpy(ts), torch.from_numpy(mask)).sample
+    got = np.asarray(nnx.jit(lambda m, *a: m(*a))(model, jnp.asarray(x.transpose(0, 2, 3, 4, 1)), ts, text, mask))
+    assert np.abs(got.transpose(0, 4, 1, 2, 3) - want.numpy()).max() <= 1e-4
+    shard = sorted(p for p in fs.ls(f"{BUCKET}/mochi/transformer") if p.endswith(".safetensors"))[0]
+    fs.pipe(shard, fs.cat(shard)[:-10])
+    with pytest.raises(SourceError, match=os.path.basename(shard)):
+        warm_start(f"gs://{BUCKET}/mochi", None, f"gs://{BUCKET}/ws2")

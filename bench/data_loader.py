@@ -5,6 +5,7 @@ based global batches) against the loader it replaced (a Grain chain shuffle -> r
 
     python -m bench.data_loader --data=DIR [--batch=8] [--batches=50] [--workers=0,2] [--json]
     python -m bench.data_loader --synthesize=6        # make a small dataset in a temp dir first
+    python -m bench.data_loader --gcs --synthesize=2 --batch=2 --batches=4   # gs:// (emulator) vs local disk
 
 Prints records/s and MB/s (of record bytes) per configuration, or a JSON list with --json.
 `loader_vs_step` (run by `python -m bench`) compares the loader's samples/s with the samples/s the tiny
@@ -150,11 +151,39 @@ def loader_vs_step(data: str | None = None, clips: int = 8, batch: int = 8, roun
             "times": times}
 
 
+def gcs_vs_local(data: str | None = None, clips: int = 2, batch: int = 2, batches: int = 4) -> list[dict]:
+    """Records/s of raw ArrayRecord reads and of the Grain loader (in-process), from local disk and from a
+    local GCS emulator (mirage_jax/emulator.py) holding a copy of the same shards: ArrayRecord's own gs://
+    reader against the local file reader. Only the emulator's HTTP path is exercised (no network latency)."""
+    import fsspec
+
+    from data_pipeline import manifest
+    from mirage_jax.emulator import GcsEmulator
+
+    if data is None:
+        data = prepare_dataset(tempfile.mkdtemp(prefix="bench-data-"), clips, clip_seconds=1.0)
+    m = manifest.read_manifest(data)
+    counts = [s["num_records"] for s in m["shards"]]
+    rows = []
+    with GcsEmulator(["bench"]):
+        fsspec.filesystem("gcs").put(data, "bench/data", recursive=True)
+        for where, root in (("local", data), ("gcs emulator", "gs://bench/data")):
+            paths = [f"{root}/{s['path']}" for s in m["shards"]]
+            raw = bench_raw(paths, counts, batch * batches)
+            mean_bytes = raw["MB_per_s"] * 1e6 * raw["seconds"] / raw["records"]
+            for r in (raw, bench_loader(root, batch, batches, 0, mean_bytes)):
+                rows.append({**r, "storage": where})
+    return rows
+
+
 def main(argv: Sequence[str]) -> None:
     del argv
     from data_pipeline import manifest
 
     data = FLAGS.data
+    if FLAGS.gcs:
+        print(json.dumps(gcs_vs_local(data, FLAGS.synthesize or 2, FLAGS.batch, FLAGS.batches), indent=1))
+        return
     if FLAGS.synthesize:
         data = prepare_dataset(tempfile.mkdtemp(prefix="bench-data-"), FLAGS.synthesize, clip_seconds=1.0)
     if not data:
@@ -198,4 +227,5 @@ if __name__ == "__main__":
     flags.DEFINE_integer("batches", 50, "Batches timed per loader configuration.")
     flags.DEFINE_list("workers", ["0", "2"], "Worker counts to time (0 = in-process).")
     flags.DEFINE_bool("json", False, "Print JSON instead of a table.")
+    flags.DEFINE_bool("gcs", False, "Records/s from a local GCS emulator vs local disk (gcs_vs_local), as JSON.")
     app.run(main)

@@ -74,7 +74,6 @@ def test_failed_async_save_surfaces_within_a_step_and_keeps_the_last_checkpoint(
     assert len(failed) == 1, r.stderr[-3000:]
     assert str(tmp_path / "run" / "checkpoints" / "4") in failed[0] and "File too large" in failed[0]
     assert "last committed checkpoint is 2" in failed[0]
-    assert r.stderr.rstrip().splitlines()[-1] == failed[0]  # the last word, not buried in shutdown noise
     for noise in ("exception was never retrieved", "Event loop is closed", "sys.meta_path is None"):
         assert noise not in r.stderr, r.stderr[-3000:]
     steps = [m["step"] for m in read_metrics(tmp_path / "run") if "loss" in m]

@@ -85,7 +85,10 @@ def main(argv: list[str]) -> None:
         sys.exit(EXIT_NONFINITE)
     except CheckpointSaveError as e:
         print(f"CHECKPOINT SAVE FAILED: {e}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_SAVE_FAILED)
+        sys.stdout.flush()
+        # not sys.exit: tensorstore's pending callbacks of the failed write would each print an "Event loop
+        # is closed" traceback during interpreter shutdown, burying this line; committed steps are on disk
+        os._exit(EXIT_SAVE_FAILED)
     print(f"DONE: trained to step {step}; workdir {_WORKDIR.value}", flush=True)
 
 

@@ -117,6 +117,12 @@ class CheckpointStore:
                 "meta": ocp.JsonCheckpointHandler(),
             },
         )
+        # Orbax deletes unfinished step directories of earlier runs in a background thread and waits for it only
+        # at the first save; wait now, so that once the store exists the workdir holds committed steps only
+        # (a rerun after a kill -9 mid-save must not find the torn step still there, even briefly).
+        wait_cleanup = getattr(self.manager, "_maybe_await_cleanup_tmp_directory", None)
+        if wait_cleanup is not None:
+            wait_cleanup()
 
     def step_dir(self, step: int) -> epath.Path:
         return self.directory / str(step)

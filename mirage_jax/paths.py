@@ -18,7 +18,13 @@ import sys
 import uuid
 from typing import IO
 
+import fsspec
 from etils import epath
+
+# gcsfs keeps directory listings forever by default (cache_timeout=None): a process that lists a workdir twice
+# (export or eval after training went on, a trainer after another host saved) would not see new steps.
+# Listings are re-read every time unless a user's fsspec config says otherwise.
+fsspec.config.conf.setdefault("gcs", {}).setdefault("cache_timeout", 0)
 
 # The emulator variables the libraries read, in the order docs/pods.md lists them.
 EMULATOR_VARS = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING",
@@ -89,7 +95,6 @@ def check_storage(*paths: str | os.PathLike[str] | None) -> None:
             continue
         seen.add(bucket)
         try:
-            import fsspec
             import gcsfs  # noqa: F401 - epath needs it for gs://
         except ImportError:
             raise StorageError(f"{url}: gs:// needs gcsfs; `pip install -r requirements.txt` pins it") from None
@@ -145,8 +150,6 @@ class AppendLog:
             return
         if not self._buf:
             return
-        import fsspec
-
         fs = fsspec.filesystem("gcs")
         target = os.fspath(self.path)
         data = "".join(self._buf).encode()
@@ -171,8 +174,6 @@ def upload_dir(local_dir: str, url: str, *, last: str | None = None) -> None:
     """Copy the files of `local_dir` to the folder `url` (gs://...), the file named `last` after all
     others (a reader that finds it finds the rest complete); files already in `url` that `local_dir`
     lacks are removed afterwards."""
-    import fsspec
-
     fs = fsspec.filesystem("gcs")
     dst = epath.Path(url)
     names = sorted(os.listdir(local_dir), key=lambda n: (n == last, n))

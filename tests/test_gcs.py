@@ -102,8 +102,8 @@ def test_prepare_train_resume_on_gcs_equals_local_disk(gcs_run, cache):
     steps = [r["step"] for r in rows if "loss" in r]
     assert steps[:4] == [1, 2, 3, 4] and steps[-1] == 5  # the rerun appended (repeating 3..4 if resumed at 2)
     assert fs.glob(f"{BUCKET}/run/tensorboard/events.out.tfevents.*")
-    state = json.loads(fs.cat(f"{BUCKET}/run/checkpoints/2/data/process_0-of-1.json"))
-    assert state["kind"] == "grain"
+    state = json.loads(fs.cat(f"{BUCKET}/run/checkpoints/2/data/data_state.json"))
+    assert state["kind"] == "grain" and state["step"] == 2  # the elastic data position, on gs://
     # the same config on local disk (the shards copied down), uninterrupted
     fs.get(f"{BUCKET}/data", str(tmp / "data"), recursive=True)
     local = run_cli(tmp / "run", devices=4, cache_dir=cache, **dict(gcs_run["common"], **{

@@ -144,3 +144,12 @@ def test_host_state() -> None:
     assert common.host_state(1.0, 2.0, ncores=2)["claim"]
     assert not common.host_state(1.0, 2.1, ncores=2)["claim"]
     assert not common.host_state(None, None, ncores=2)["claim"]
+
+
+def test_data_loader_compares_the_legacy_and_elastic_loaders(prepared_shards) -> None:
+    """Both rows of `python -m bench.data_loader` run on real shards (the legacy rebuild broke once unseen)."""
+    from bench import data_loader
+
+    rows = [data_loader.bench_loader(prepared_shards, 2, 2, 0, 1.0, legacy) for legacy in (True, False)]
+    assert [r["config"] for r in rows] == ["legacy loader", "grain loader"]
+    assert all(r["records_per_s"] > 0 for r in rows)

@@ -86,6 +86,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     cfg.data.shuffle_seed = 0
     # resume on another dataset (fingerprint) or shuffle_seed at the same sample offset instead of refusing
     cfg.data.allow_dataset_change = False
+    cfg.data.verify = "auto"  # shard check at start: 'sha256' | 'size' | 'none'; auto = sha256 local, size on gs://
     cfg.data.row_hash_log = ""  # debug: PREFIX -> PREFIX.p<i>.jsonl, sha256 of every batch row fed (docs/runtime.md)
     return cfg
 

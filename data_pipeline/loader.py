@@ -96,9 +96,19 @@ def _manifest_dirs(source: str) -> tuple[list[epath.Path], set[str] | None]:
     return [parent], matched
 
 
-def resolve_shards(source: str | list[str], verify: str = "sha256") -> ShardSet:
+def verify_level(directory: str | os.PathLike[str], verify: str) -> str:
+    """The shard check for a dataset in `directory`: `verify`, with 'auto' meaning 'sha256' for local disk and
+    'size' for remote storage (gs://): hashing there downloads every shard on every host at start-up, while
+    ArrayRecord's chunk checksums and safetensors parsing still catch a damaged record when it is read."""
+    if verify != "auto":
+        return verify
+    return "size" if "://" in os.fspath(directory) else "sha256"
+
+
+def resolve_shards(source: str | list[str], verify: str = "auto") -> ShardSet:
     """The shards of `source` (directory, glob of shards, manifest path, or a list of these) that the
-    manifest lists and `verify` ('sha256', 'size' or 'none') accepts; a mismatch raises naming the shard."""
+    manifest lists and `verify` ('auto', 'sha256', 'size' or 'none'; see `verify_level`) accepts; a mismatch
+    raises naming the shard."""
     sources = [source] if isinstance(source, str) else list(source)
     paths, counts, digests, manifests = [], [], [], []
     for s in sources:
@@ -115,7 +125,7 @@ def resolve_shards(source: str | list[str], verify: str = "sha256") -> ShardSet:
                 full = os.fspath(d / sh["path"])
                 if selected is not None and full not in selected:
                     continue
-                problem = mf.verify_shard(d, sh, verify)
+                problem = mf.verify_shard(d, sh, verify_level(d, verify))
                 if problem:
                     raise ValueError(
                         f"{problem}. Re-run data_pipeline.prepare on its inputs to rewrite it, or "
@@ -427,7 +437,7 @@ def make_loader(
     process_count: int | None = None,
     corrupt_budget: int = 8,
     slow_batch_warn_s: float = 30.0,
-    verify: str = "sha256",
+    verify: str = "auto",
     random_crop: bool = True,
     read_threads: int = 4,
     allow_dataset_change: bool = False,
@@ -453,7 +463,8 @@ def make_loader(
         CorruptRecordError names the shard and record. A skipped record is replaced by the record of the next
         sample position, the same whatever the process count.
     slow_batch_warn_s: log a warning when a batch takes longer than this (0: off).
-    verify: how shards are checked against the manifest before reading: 'sha256' (default), 'size', 'none'.
+    verify: how shards are checked against the manifest before reading: 'sha256', 'size', 'none', or 'auto'
+        (default: sha256 on local disk, size on gs://; `verify_level`).
     random_crop: False always crops from frame 0.
     read_threads: grain read threads per process (worker); each reads whole batches.
     allow_dataset_change: `set_state` of a position saved on another dataset (fingerprint), seed or shuffle

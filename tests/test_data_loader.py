@@ -191,3 +191,12 @@ def test_batches_assemble_into_a_global_jax_array(prepared):
     for v in batch.values():
         arr = jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec("data")), v)
         assert arr.shape == v.shape and arr.shape[0] == n
+
+
+def test_auto_verify_hashes_local_shards_and_checks_sizes_on_gcs():
+    """'auto' must not download every shard per host on gs://, and must keep the sha256 check on local disk."""
+    from data_pipeline.loader import verify_level
+
+    assert verify_level("/data/prepared", "auto") == "sha256"
+    assert verify_level("gs://bkt/prepared", "auto") == "size"
+    assert verify_level("gs://bkt/prepared", "sha256") == "sha256"  # an explicit choice is kept

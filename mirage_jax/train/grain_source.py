@@ -51,5 +51,6 @@ def make(cfg: Any, rows: RowRange) -> GrainSource:
         process_index=rows.index,
         process_count=rows.count,
         allow_dataset_change=bool(cfg.data.get("allow_dataset_change", False)),
+        verify=str(cfg.data.get("verify", "auto")),
     )
     return GrainSource(iter(loader))

@@ -495,7 +495,7 @@ def main(argv: Sequence[str]) -> None:
         m = _run_from_flags(argv)
     except NoClipsError as e:  # nothing kept: one line naming the counts and the first failure
         raise SystemExit(f"error: {e}") from None
-    except ValueError as e:  # a user's input or flag: one line, no traceback
+    except (ValueError, FileNotFoundError) as e:  # a user's input or flag: one line, no traceback
         raise SystemExit(f"prepare: {e}") from None
     print(summary(m, FLAGS.output))
 

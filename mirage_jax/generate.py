@@ -509,9 +509,11 @@ if __name__ == "__main__":
     define_flags()
 
     def _main(argv: Sequence[str]) -> None:
+        from mirage_jax.export.checkpoint_reader import CheckpointError
+
         try:
             main(argv)
-        except GenerateError as e:
+        except (GenerateError, CheckpointError, FileNotFoundError) as e:  # a user's path or input: one line
             print(f"generate: {e}", file=sys.stderr)
             sys.exit(2)
 

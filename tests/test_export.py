@@ -145,6 +145,11 @@ def test_cli_exports_a_training_checkpoint(tmp_path, monkeypatch):
     assert out.returncode == 0, out.stderr[-3000:]
     monkeypatch.chdir(tmp_path)  # a relative --checkpoint (Orbax itself only takes absolute paths)
     step_dir = resolve_step_dir("run")
+    assert resolve_step_dir("run/2") == step_dir  # the README's WORKDIR/STEP form names WORKDIR/checkpoints/STEP
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in [tmp_path / "exp", *(tmp_path / "exp").iterdir()]:  # readable by a serving process of another user
+        assert p.stat().st_mode & 0o777 == (0o777 if p.is_dir() else 0o666) & ~mask, p
     cfg = read_model_config(step_dir)
     reader = ParamReader(step_dir, ema=True)
     m = MirageDiT(cfg, rngs=nnx.Rngs(0))

@@ -31,6 +31,7 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {list(argv[1:])}")
     from mirage_jax.eval.heldout import EvalError, EvalSettings, evaluate
+    from mirage_jax.export.checkpoint_reader import CheckpointError
     from mirage_jax.generate import GenerateError, load_encoders
     from mirage_jax.inference import load_run
 
@@ -45,7 +46,7 @@ def main(argv: Sequence[str]) -> None:
         settings = EvalSettings(clips=F.clips, seeds=F.seeds, steps=F.steps or run.diffusion_config.sample_steps,
                                 cfg_audio=F.cfg_audio, cfg_text=F.cfg_text)
         report = evaluate(run, encs, F.data, settings, progress=not F.json)
-    except (EvalError, GenerateError) as e:
+    except (EvalError, GenerateError, CheckpointError, FileNotFoundError) as e:  # a user's path or input: one line
         print(f"eval: {e}", file=sys.stderr)
         sys.exit(2)
     if F.json:

@@ -27,12 +27,12 @@ def resolve_step_dir(path: str) -> epath.Path:
     """WORKDIR (latest committed step), WORKDIR/checkpoints, or WORKDIR[/checkpoints]/STEP -> the step folder
     (absolute, `paths.orbax_path`)."""
     p = orbax_path(path)
+    if p.name.isdigit() and not p.exists() and (p.parent / "checkpoints" / p.name).exists():
+        return p.parent / "checkpoints" / p.name  # WORKDIR/STEP names WORKDIR/checkpoints/STEP
     if not p.exists():
         raise CheckpointError(f"--checkpoint {p}: does not exist")
     if (p / "state").exists() and (p / "config").exists():
         return p
-    if p.name.isdigit() and (p.parent / "checkpoints" / p.name).exists():
-        return p.parent / "checkpoints" / p.name
     import orbax.checkpoint as ocp
 
     root = p / "checkpoints" if (p / "checkpoints").exists() else p

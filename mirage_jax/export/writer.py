@@ -158,6 +158,7 @@ def export_params(get_leaf: Callable[[Path], Any] | Mapping[Path, Any], cfg: Mod
                       indent=1)
         with open(os.path.join(tmp, INDEX_NAME), "w") as f:
             json.dump(index, f, indent=1)
+        _umask_modes(tmp)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.rename(tmp, out_dir)
@@ -165,3 +166,13 @@ def export_params(get_leaf: Callable[[Path], Any] | Mapping[Path, Any], cfg: Mod
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask_modes(root: str) -> None:
+    """Give `root` (made 0700 by mkdtemp) and its files the modes a plain mkdir / open would (0777 / 0666 less
+    the umask), so a serving process running as another user can read the export."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(root, 0o777 & ~mask)
+    for name in os.listdir(root):
+        os.chmod(os.path.join(root, name), 0o666 & ~mask)

@@ -4,8 +4,8 @@ The same command runs on one CPU, a GPU box, or every host of a TPU pod (see doc
 0 when training finished or was preempted (SIGTERM at any moment: the newest completed step is saved, or,
 before the first step, nothing new was trained; the message says which), 3 when it stopped on too many
 non-finite steps, 2 on a config that is invalid or does not fit its data (one line naming the fields and the
-`--config.` overrides) or that cannot resume the workdir's checkpoint (changed model, data or seed; named),
-4 when a checkpoint could not be written, 1 on any other error.
+`--config.` overrides), whose data.source has no shards, or that cannot resume the workdir's checkpoint
+(changed model, data or seed; named), 4 when a checkpoint could not be written, 1 on any other error.
 """
 
 from __future__ import annotations
@@ -78,6 +78,9 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     except (ConfigChangeError, DataStateError) as e:  # a healthy checkpoint this config/data cannot resume
         print(f"RESUME REFUSED: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except FileNotFoundError as e:  # e.g. a data.source with no (committed) shards: the path, no traceback
+        print(f"DATA ERROR: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except NonFiniteError as e:
         logging.error("%s", e)

@@ -60,9 +60,10 @@ def _limit_file_size(max_bytes: int):
     return preexec
 
 
-# slow (not in the default run) because it is flaky: in 2 of 4 full-suite runs on 2026-11-30 the message named
-# Orbax's secondary "RuntimeError: cannot schedule new futures after shutdown" instead of the OS error (EFBIG):
-# which failure reaches CheckpointStore first is a race. Passes when run alone; fix the race, then un-mark it.
+# slow (not in the default run) because it is flaky: it failed in 2 of 4 runs on 2026-11-30 (passed alone and in
+# one full run). Once the message named Orbax's secondary "RuntimeError: cannot schedule new futures after
+# shutdown" instead of the OS error (EFBIG); once stderr carried asyncio's "Event loop is closed" tracebacks.
+# Both are races at the failed save's teardown; fix them, then un-mark it (issue #16).
 @pytest.mark.slow
 def test_failed_async_save_surfaces_within_a_step_and_keeps_the_last_checkpoint(tmp_path):
     cache = str(tmp_path / "cache")

@@ -98,16 +98,6 @@ def _f(x: float, nd: int = 2) -> str:
     return f"{x:.{nd}f}"
 
 
-def host_line(r: dict[str, Any]) -> str:
-    """One sentence on whether a result is a claim, from the load averages recorded around it."""
-    h = r.get("host")
-    if not h:
-        return "Host load not recorded: **not a claim**."
-    loads = ", ".join("?" if x is None else f"{x:.1f}" for x in (h["load_before"], h["load_after"]))
-    verdict = "a claim for this host" if h["claim"] else "**not a claim**"
-    return f"Load average before, after: {loads} on {h['cores']} cores: {verdict} ({h['why']})."
-
-
 def ratio_sentence(ratio: float, a: str, b: str, what: str = "throughput") -> str:
     """'A is 1.3x faster than B' / 'B is 1.2x faster than A (A runs at 0.82x)' / 'equal', from a/b."""
     if ratio > 1.005:
@@ -133,7 +123,7 @@ def _section_train_step(r: dict[str, Any], target: float = 1.2) -> list[str]:
         f"{s['steps_per_round']} steps. Compute threads: PyTorch {th.get('torch', '?')}, XLA {th.get('xla', '?')} "
         f"(requested {th.get('requested', '?')}). Audio stream off: the two networks are the same (parity-tested).",
         "",
-        host_line(r),
+        common.host_line(r),
         "",
         "| | samples/s (median) | GFLOP/s (analytic) | step s (min / median / max) |",
         "|---|---|---|---|",
@@ -324,7 +314,7 @@ def write_report(results: dict[str, dict[str, Any]], machine: dict[str, Any], pa
             continue
         sec = SECTIONS[name](r)
         if name != "train_step":  # its host line sits under its setup; the others get it after the title
-            sec[1:1] = ["", host_line(r)]
+            sec[1:1] = ["", common.host_line(r)]
         lines += sec
     lines += ["## GPU", "",
               "This report has no GPU run: `python -m bench.train_step --gpu` runs both steps in bf16 on a GPU "

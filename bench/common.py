@@ -248,3 +248,13 @@ def fmt_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+def host_line(r: dict[str, Any]) -> str:
+    """One sentence on whether a result is a claim, from the load averages recorded around it."""
+    h = r.get("host")
+    if not h:
+        return "Host load not recorded: **not a claim**."
+    loads = ", ".join("?" if x is None else f"{x:.1f}" for x in (h["load_before"], h["load_after"]))
+    verdict = "a claim for this host" if h["claim"] else "**not a claim**"
+    return f"Load average before, after: {loads} on {h['cores']} cores: {verdict} ({h['why']})."

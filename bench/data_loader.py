@@ -24,6 +24,8 @@ from typing import Any
 from absl import app, flags
 from array_record.python.array_record_module import ArrayRecordReader
 
+from bench import common
+
 FLAGS = flags.FLAGS
 
 
@@ -193,6 +195,7 @@ def main(argv: Sequence[str]) -> None:
     paths = [os.path.join(data, s["path"]) for s in m["shards"]]
     counts = [s["num_records"] for s in m["shards"]]
     total = FLAGS.batches * FLAGS.batch
+    load_before = common.load_average()
     rows = [bench_raw(paths, counts, total)]
     mean_bytes = rows[0]["MB_per_s"] * 1e6 * rows[0]["seconds"] / rows[0]["records"]
     for w in FLAGS.workers:
@@ -203,13 +206,15 @@ def main(argv: Sequence[str]) -> None:
         old = [o for o in rows if o["config"] == "legacy loader" and o["workers"] == r["workers"]]
         if r["config"] == "grain loader" and old:
             r["vs_legacy"] = r["records_per_s"] / old[0]["records_per_s"]
+    host = common.host_state(load_before, common.load_average())
     if FLAGS.json:
-        print(json.dumps(rows, indent=1))
+        print(json.dumps({"host": host, "rows": rows}, indent=1))
         return
     print(
         f"{m['num_records']} records in {len(paths)} shards, {mean_bytes / 1e6:.2f} MB/record, "
         f"batch {FLAGS.batch}"
     )
+    print(common.host_line({"host": host}))
     print(f"{'config':<24}{'workers':>8}{'records/s':>12}{'MB/s':>10}{'vs raw':>9}{'vs legacy':>11}")
     for r in rows:
         vs_legacy = f"{r['vs_legacy']:>11.2f}" if "vs_legacy" in r else ""

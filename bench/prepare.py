@@ -27,6 +27,8 @@ from collections.abc import Sequence
 import numpy as np
 from absl import app, flags
 
+from bench import common
+
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OLD_DEFAULT = "3a5e92f"  # main before issue 18 (display rotation, geometry, bounded held frames)
@@ -123,6 +125,7 @@ def main(argv: Sequence[str]) -> None:
         src = os.path.join(tmp, "src")
         write_sources(src, FLAGS.sources, FLAGS.seconds, parse_size(FLAGS.size))
         total_s = FLAGS.sources * FLAGS.seconds
+        load_before = common.load_average()
         for enc in FLAGS.encoders:
             times: dict[str, list[float]] = {"old": [], "new": []}
             rss: dict[str, int] = {}
@@ -153,9 +156,11 @@ def main(argv: Sequence[str]) -> None:
                     "size": FLAGS.long_size, "wall_s": dt, "source_s_per_wall_s": FLAGS.long_seconds / dt,
                     "peak_rss_MiB": peak / 2**20,
                 })  # fmt: skip
+        host = common.host_state(load_before, common.load_average())
     if FLAGS.json:
-        print(json.dumps(results, indent=1))
+        print(json.dumps({"host": host, "results": results}, indent=1))
         return
+    print(common.host_line({"host": host}))
     for r in results:
         print("  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
 

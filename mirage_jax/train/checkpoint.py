@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import re
+import sys
 from typing import Any
 
 import jax
@@ -97,6 +98,7 @@ class CheckpointStore:
         self.directory = orbax_path(workdir) / "checkpoints"
         self.last_saved: int | None = None
         self._unchecked = False  # a save was started and its outcome not yet looked at
+        self._failed = False  # a save failure was reported: the process is about to exit
         keep: list[ocm.PreservationPolicy] = [ocm.LatestN(max(int(ckpt_cfg.keep_last_n), 1))]
         if int(ckpt_cfg.keep_every_k) > 0:
             keep.append(ocm.EveryNSteps(int(ckpt_cfg.keep_every_k)))
@@ -117,6 +119,7 @@ class CheckpointStore:
                 "meta": ocp.JsonCheckpointHandler(),
             },
         )
+        _quiet_abandoned_write_callbacks()
         # Orbax deletes unfinished step directories of earlier runs in a background thread and waits for it only
         # at the first save; wait now, so that once the store exists the workdir holds committed steps only
         # (a rerun after a kill -9 mid-save must not find the torn step still there, even briefly).
@@ -199,19 +202,23 @@ class CheckpointStore:
 
     def save_error(self) -> CheckpointSaveError | None:
         """The failure of a background save that has ended since the last call, else None (never blocks)."""
+        # Only ever wait for the manager's finalize thread, never call `check_for_errors`: Orbax (0.12) raises a
+        # background failure ONCE, to whichever thread asks first. If this (main) thread took it from the async
+        # checkpointer, the finalize thread would go on finalizing the failed step and its own secondary error
+        # ("cannot schedule new futures after shutdown") could be the one reported. The finalize thread always
+        # asks first and keeps what it got; joining it (once the save has ended: never blocks) raises that.
+        if not self._unchecked or self.manager.is_saving_in_progress():
+            return None
+        self._unchecked = False
         try:
-            self.manager.check_for_errors()
-            if self._unchecked and not self.manager.is_saving_in_progress():
-                # the save has ended: waiting returns at once, and raises what check_for_errors (Orbax 0.12)
-                # does not see for a CheckpointManager's composite save
-                self._unchecked = False
-                self.manager.wait_until_finished()
+            self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - returned as one message
             return self._save_error(e, self.last_saved)
         return None
 
     def _save_error(self, e: BaseException, step: int | None) -> CheckpointSaveError:
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # the same error again per unretrieved future
+        self._failed = True
         os_error = _find_cause(e, OSError)
         m = _TS_WRITE_ERROR.search(str(e))
         if os_error is not None:
@@ -238,11 +245,40 @@ class CheckpointStore:
             raise error
 
     def close(self) -> None:
+        """Wait for started saves and release Orbax's threads. After a reported save failure it does nothing:
+        closing tears down executors that the failed save's callbacks may still use, and their tracebacks would
+        bury the one message; the caller exits (nothing is pending, the committed steps are on disk)."""
+        if self._failed:
+            return
         try:
             self.manager.close()
         except Exception as e:  # noqa: BLE001 - a failed save was (or will be) reported by save_error / wait
             first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
             logging.getLogger(__name__).warning("closing the checkpoint manager: %s", first_line)
+
+
+def _quiet_abandoned_write_callbacks() -> None:
+    """Once per process: tensorstore callbacks of a write abandoned by a failed save post to the event loop
+    that Orbax's save thread ran, after that loop closed; each raises "Event loop is closed" in a tensorstore
+    thread and goes to `sys.unraisablehook`, whose default prints a traceback (dozens, burying the one
+    CHECKPOINT SAVE FAILED line). Those are counted and logged once at debug level; any other unraisable
+    exception still goes to the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_mirage_quiet", False):
+        return
+    dropped = [0]
+
+    def hook(unraisable: Any) -> None:
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            dropped[0] += 1
+            if dropped[0] == 1:
+                logging.getLogger(__name__).debug("dropping 'Event loop is closed' errors of abandoned writes")
+            return
+        previous(unraisable)
+
+    hook._mirage_quiet = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 _TS_WRITE_ERROR = re.compile(r'Failed writing: "(?P<path>[^"]+)": (?P<err>[^\[]+)\[os_error_code=.(?P<code>\d+)')

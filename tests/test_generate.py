@@ -16,6 +16,7 @@ from data_pipeline.encoders.time_map import TimeMap
 from helpers import random_inputs, randomize, small_config
 from mirage_jax import generate as gen
 from mirage_jax import run_encoders
+from mirage_jax.config import DiffusionConfig
 from mirage_jax.diffusion import sample
 from mirage_jax.inference import LoadedRun
 from mirage_jax.model import MirageDiT
@@ -138,3 +139,20 @@ def test_long_speech_is_cut_into_training_length_windows():
     np.testing.assert_array_equal(joined[: len(wave)], wave)
     assert not joined[len(wave):].any()  # the last window is padded with silence
     assert gen.split_windows(p, 0, ONE) == [p] and gen.split_windows(p, 60, ONE) == [p]
+
+
+def test_prompts_follow_the_command_line():
+    """--say / --audio interleaved: prompt i (and so output NNN = i) is the i-th on the command line."""
+    argv = ["generate", "--say=first", "--audio", "b.wav", "--checkpoint=w", "--say", "third", "--audio=d.mp3",
+            "--caption=c"]
+    order = gen.prompt_order(argv, ["b.wav", "d.mp3"], ["first", "third"])
+    assert order == [("say", "first"), ("audio", "b.wav"), ("say", "third"), ("audio", "d.mp3")]
+    # values absl read elsewhere (a --flagfile): every --audio, then every --say
+    assert gen.prompt_order(["generate", "--flagfile=f"], ["b.wav"], ["hi"]) == [("audio", "b.wav"), ("say", "hi")]
+
+
+def test_sampling_defaults_to_the_runs_own_guidance():
+    run = DiffusionConfig(sample_steps=12, cfg_audio=5.0, cfg_text=1.5, cfg_schedule="cosine")
+    assert SamplingSettings.of_run(run) == SamplingSettings(steps=12, cfg_audio=5.0, cfg_text=1.5, schedule="cosine")
+    flagged = SamplingSettings.of_run(run, steps=None, cfg_audio=2.0, cfg_text=None, schedule=None, seed=3)
+    assert flagged == SamplingSettings(steps=12, cfg_audio=2.0, cfg_text=1.5, schedule="cosine", seed=3)

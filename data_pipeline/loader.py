@@ -39,21 +39,6 @@ from data_pipeline.records import RecordError, decode_record
 
 log = logging.getLogger(__name__)
 
-BATCH_KEYS = (
-    "video",
-    "video_mask",
-    "audio",
-    "audio_mask",
-    "text",
-    "text_mask",
-    "ref",
-    "ref_time",
-    "ref_mask",
-    "mouth",
-    "mouth_valid",
-)
-
-
 class CorruptRecordError(RuntimeError):
     """More corrupt records than the loader's budget; names the shard and record index at fault."""
 
@@ -251,7 +236,7 @@ def crop_or_pad(
     t: dict[str, np.ndarray], clip_frames: int, time_map: TimeMap, rng: np.random.Generator | None
 ) -> dict[str, np.ndarray]:
     """One record's tensors -> a loader example of `clip_frames` (25 fps) audio frames and the
-    `time_map.latent_count(clip_frames)` latent frames covering them, with masks.
+    `time_map.latent_count(clip_frames)` latent frames covering them, with masks (keys: `batch_keys.LOADER_KEYS`).
 
     A longer record is cropped at a (random) latent offset from `time_map.crop_offsets` (a window whose
     frame-to-latent map is that of a fresh clip, so audio frame a still belongs to latent frame_latent[a]);

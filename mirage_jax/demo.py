@@ -47,8 +47,7 @@ flags.DEFINE_integer("devices_per_process", 4,
                      "CPU devices per training process: 2 processes x 4 devices is a data-parallel mesh of 8, joined "
                      "like the hosts of a pod (docs/runtime.md, 'Several processes on one machine').")
 
-DEMO = tiny.get_config("demo")  # the config the demo trains (default steps, audio guidance of its generations)
-CFG_AUDIO = float(DEMO.diffusion.cfg_audio)
+DEMO = tiny.get_config("demo")  # the config the demo trains (default steps; generate and eval read its guidance)
 SAY = "Hello there. This video was generated from my voice, on a laptop processor."
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -192,7 +191,7 @@ def main(argv: Sequence[str]) -> None:
     t = time.perf_counter()
     with open(f"{raw_ho}/clip_00000.json") as f:
         caption = json.load(f)["caption"]
-    gen = [py, "-m", "mirage_jax.generate", f"--checkpoint={workdir}", f"--cfg-audio={CFG_AUDIO}"]
+    gen = [py, "-m", "mirage_jax.generate", f"--checkpoint={workdir}"]
     run(gen + [f"--audio={raw_ho}/clip_00000.mp4", f"--ref={raw_ho}/clip_00001.mp4", f"--caption={caption}",
                "--seconds=1", f"--out={videos}/heldout_speech.mp4"], "generate", quiet=True)
     run(gen + [f"--say={SAY}", f"--ref={raw_ho}/clip_00001.mp4", f"--caption={caption}",
@@ -201,7 +200,6 @@ def main(argv: Sequence[str]) -> None:
 
     t = time.perf_counter()
     report_text = run([py, "-m", "mirage_jax.eval", f"--checkpoint={workdir}", f"--data={sh_ho}", "--json",
-                       f"--cfg-audio={CFG_AUDIO}",
                        f"--clips={2 if fast else 16}", f"--seeds={eval_seeds}"] + (["--steps=4"] if fast else []),
                       "eval", quiet=True, keep=True)
     times["eval"] = time.perf_counter() - t

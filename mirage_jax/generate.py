@@ -5,19 +5,20 @@
 
 Speech comes from any file PyAV reads (WAV, MP3, MP4, ...), or is synthesized with espeak-ng (`--say`,
 the report's TTS integration). It goes through the SAME frozen encoders the run was trained with (named
-with their versions in the data manifest the checkpoint's config points at, or `--data`), then the Euler
-sampler with per-modality guidance, then the video encoder's decoder, and is written as an mp4 (H.264 at
-25 fps) with the input audio muxed in, plus a JSON sidecar (prompt, settings, checkpoint step).
+with their versions in the data manifest the checkpoint's config points at, or `--data`; `run_encoders`), then
+the Euler sampler with per-modality guidance (`sampling`: steps and guidance default to the run's own
+`diffusion.sample_steps / cfg_audio / cfg_text / cfg_schedule`), then the video encoder's decoder, and is written
+as an mp4 (H.264 at 25 fps) with the input audio muxed in, plus a JSON sidecar (prompt, settings, checkpoint step).
 
 Several prompts in one call: repeat `--audio` / `--say` (and `--caption` / `--ref`, once for all or once
-per prompt); `--out` is then a directory. Prompts run together as one batch (padded frames are masked),
+per prompt, in the order the prompts appear on the command line); `--out` is then a directory, whose
+000.mp4, 001.mp4, ... follow that order. Prompts run together as one batch (padded frames are masked),
 sharded over all devices on the mesh's batch axis, and over its `sequence` axis with
 `--sequence_parallel=N` for long clips.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -27,131 +28,17 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from etils import epath
-from flax.core import spmd as core_spmd
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from tqdm import tqdm
 
-from data_pipeline import encoders as enc_lib
-from data_pipeline import manifest as mf
 from data_pipeline import media, speech
-from data_pipeline.encoders.time_map import TimeMap, of_manifest
+from data_pipeline.encoders.time_map import TimeMap
 from mirage_jax.config import ModelConfig
-from mirage_jax.diffusion.sampler import guided_velocity, model_velocity_fn
-from mirage_jax.diffusion.schedules import linear_quadratic_schedule
 from mirage_jax.inference import LoadedRun
-from mirage_jax.parallel import mesh as mesh_lib
-from mirage_jax.parallel import rules as rules_lib
+from mirage_jax.run_encoders import Encoders, GenerateError, check_fit, decode_video, load_encoders
+from mirage_jax.sampling import SamplingSettings, generation_mesh, sample_latents
 
-COND_KEYS = ("text", "text_mask", "audio", "audio_mask", "ref", "ref_time", "ref_mask", "video_mask")
 SAY_VOICE = {"voice": "en-us+m3", "rate": 160, "pitch": 50}
-
-
-class GenerateError(ValueError):
-    """The checkpoint, the encoders and the inputs do not fit together; the message says which and why."""
-
-
-# ----------------------------------------------------------------------------------------------- encoders
-@dataclasses.dataclass
-class Encoders:
-    """The frozen encoders of a prepared dataset, as its manifest records them."""
-
-    video: Any
-    audio: Any
-    text: Any
-    manifest: dict[str, Any]
-    source: str  # the dataset directory
-
-    @property
-    def frame_size(self) -> tuple[int, int]:
-        """(height, width) in pixels of the frames the data was encoded from."""
-        shape = self.manifest["encoders"]["video"]["feature_shape"]
-        f = enc_lib.spatial_factor(self.video)
-        if shape[1] is None or shape[2] is None:
-            raise GenerateError(f"{self.source}/manifest.json: the video latents have no fixed size "
-                                f"({shape}); cannot tell the frame size to generate")
-        return int(shape[1]) * f, int(shape[2]) * f
-
-    @property
-    def temporal_factor(self) -> int:
-        return enc_lib.temporal_factor(self.video)
-
-    @property
-    def latent_hwc(self) -> tuple[int, int, int]:
-        """(h, w, c) of one latent frame."""
-        h, w, c = self.manifest["encoders"]["video"]["feature_shape"][1:]
-        return int(h), int(w), int(c)
-
-    @property
-    def time_map(self) -> TimeMap:
-        """The frame-to-latent map the data was encoded with (manifest.json `time_map`)."""
-        return of_manifest(self.manifest)
-
-    def latent_frames(self, frames: int) -> int:
-        """Latent frames to sample for `frames` frames of speech: the fewest whose decoded frames cover them
-        (s2d: ceil(frames / tf); Mochi on 25-frame chunks: 5 per chunk; whole clip: 1 + ceil((frames - 1) / 6))."""
-        return self.time_map.latents_to_cover(frames)
-
-    @property
-    def clip_frames(self) -> int:
-        """Frames per training clip that its latents cover (time_map.covered_frames of the manifest's clip_frames)."""
-        return self.time_map.covered_frames(int(self.manifest["clip_frames"]))
-
-
-def dataset_dir(source: str) -> str:
-    """The prepared-dataset directory behind a `data.source` value (directory, manifest path or shard glob)."""
-    p = os.fspath(source)
-    if p.endswith(mf.MANIFEST):
-        return os.path.dirname(p)
-    if any(ch in os.path.basename(p) for ch in "*?["):
-        return os.path.dirname(p)
-    return p
-
-
-def load_encoders(run_config: dict[str, Any], data: str | None = None) -> Encoders:
-    """Encoders from `data` (a prepared dataset) or from the dataset the run trained on."""
-    source = data or run_config.get("data", {}).get("source", "synthetic")
-    if source == "synthetic":
-        raise GenerateError("the checkpoint was trained on data.source='synthetic' (random arrays): no manifest "
-                            "says which encoders its latents belong to. Pass --data=DIR, a data_pipeline.prepare "
-                            "output whose encoders match the model")
-    d = dataset_dir(source)
-    try:
-        manifest = mf.read_manifest(d)
-    except (FileNotFoundError, ValueError) as e:
-        raise GenerateError(f"cannot read the encoders of the run's data ({e}); pass --data=DIR of the prepared "
-                            "dataset the model was trained on") from e
-    try:
-        encs = [enc_lib.from_manifest(manifest, k) for k in ("video", "audio", "text")]
-    except (KeyError, ValueError, TypeError) as e:
-        raise GenerateError(f"{d}/manifest.json: {e}") from e
-    return Encoders(*encs, manifest=manifest, source=d)
-
-
-def check_fit(mcfg: ModelConfig, encs: Encoders) -> None:
-    """Refuse (listing every mismatch) when the model's input sizes are not the encoders' output sizes."""
-    venc_c = int(encs.manifest["encoders"]["video"]["feature_shape"][-1])
-    problems = []
-    if venc_c != mcfg.latent_channels:
-        problems.append(f"video encoder {encs.video.name!r} gives {venc_c} latent channels, the model takes "
-                        f"model.latent_channels={mcfg.latent_channels}")
-    if int(encs.audio.feature_dim) != mcfg.audio_feature_dim:
-        problems.append(f"audio encoder {encs.audio.name!r} gives {encs.audio.feature_dim} features per frame, the "
-                        f"model takes model.audio_feature_dim={mcfg.audio_feature_dim}")
-    if int(encs.text.feature_dim) != mcfg.text_embed_dim:
-        problems.append(f"text encoder {encs.text.name!r} gives width {encs.text.feature_dim}, the model takes "
-                        f"model.text_embed_dim={mcfg.text_embed_dim}")
-    if encs.time_map.rule != mcfg.frame_map.rule:
-        problems.append(f"the video latents were encoded with time map {encs.time_map.rule} (manifest.json "
-                        f"time_map.rule), the model places audio by model.time_map={mcfg.time_map}")
-    if not mcfg.use_audio:
-        problems.append("the model has no audio stream (model.use_audio=False): it cannot be driven by speech")
-    if problems:
-        raise GenerateError(f"the checkpoint and the encoders of {encs.source} do not fit together:\n  - "
-                            + "\n  - ".join(problems))
 
 
 # ----------------------------------------------------------------------------------------------- prompts
@@ -245,67 +132,6 @@ def encode_prompts(prompts: Sequence[Prompt], encs: Encoders, mcfg: ModelConfig,
     return {k: np.stack([np.asarray(r[k]) for r in rows]) for k in rows[0]}
 
 
-# ----------------------------------------------------------------------------------------------- sampling
-def generation_mesh(sequence_parallel: int = 1) -> Mesh:
-    """All devices: `sequence` = `sequence_parallel`, `data` = the rest (fsdp = tensor = 1)."""
-    cfg = ml_collections.ConfigDict({"ici": dict(data=-1, fsdp=1, sequence=sequence_parallel, tensor=1),
-                                     "dcn": dict(data=1, fsdp=1, sequence=1, tensor=1)})
-    return mesh_lib.build_mesh(cfg)
-
-
-def sample_latents(run: LoadedRun, cond: dict[str, np.ndarray], latent_shape: tuple[int, ...], *, steps: int,
-                   cfg_audio: float, cfg_text: float, schedule: str = "constant", seed: int = 0,
-                   mesh: Mesh | None = None, progress: bool = True, desc: str = "sample") -> np.ndarray:
-    """Euler sampling (the same update as `diffusion.sampler.euler_sample`) with a progress bar.
-
-    One jitted guided Euler step per noise level; the batch is sharded on the mesh's batch axes (and tokens
-    over `sequence`) by the run's activation rules. Returns latents (B, T, H, W, C) as numpy.
-    """
-    act_rules: Any = ()
-    if mesh is not None:
-        act_rules, _ = rules_lib.effective_activation_rules(rules_lib.normalize_rules(
-            run.config["mesh"]["rules"]["activations"], "mesh.rules.activations", mesh))
-    batch_axes = dict(act_rules).get("batch") if act_rules else None
-
-    def put(x: np.ndarray) -> jax.Array:
-        if mesh is None:
-            return jnp.asarray(x)
-        return jax.device_put(x, NamedSharding(mesh, PartitionSpec(batch_axes, *([None] * (x.ndim - 1)))))
-
-    levels = np.asarray(linear_quadratic_schedule(steps, run.diffusion_config.lq_threshold), np.float32)
-    noise = jax.random.normal(jax.random.key(seed), latent_shape, jnp.float32)
-    c = {k: put(np.asarray(v)) for k, v in cond.items() if k in COND_KEYS}
-    fn, state = model_velocity_fn(run.model, c)
-    if mesh is not None:  # a model restored onto one device (load_run without a mesh) is replicated over the mesh
-        devices = set(mesh.devices.flat)
-        rep = NamedSharding(mesh, PartitionSpec())
-        state = jax.tree.map(lambda v: v if isinstance(v, jax.Array) and v.sharding.device_set == devices
-                             else jax.device_put(v, rep), state)
-
-    def step(x: jax.Array, t: jax.Array, t_next: jax.Array, st: Any) -> jax.Array:
-        with core_spmd.logical_axis_rules(act_rules):
-            v = guided_velocity(fn, x, t, cfg_text, cfg_audio, schedule, st)
-        return x + (t - t_next) * v.astype(x.dtype)
-
-    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        x = put(np.asarray(noise))
-        step_fn = jax.jit(step)
-        for i in tqdm(range(len(levels) - 1), desc=desc, unit="step", disable=not progress, leave=False):
-            x = step_fn(x, levels[i], levels[i + 1], state)
-        return np.asarray(jax.device_get(x))
-
-
-def to_uint8(pixels: np.ndarray) -> np.ndarray:
-    """Decoder output in [-1, 1] -> uint8 (rounded, clipped)."""
-    return np.clip(np.rint((np.asarray(pixels, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
-def decode_video(latents: np.ndarray, encs: Encoders, num_frames: int) -> np.ndarray:
-    """uint8 frames [num_frames, H, W, 3] from one sample's latents (T, H, W, C): the latents covering
-    `num_frames` by the time map, through the encoder's decoder, cropped to `num_frames`."""
-    return to_uint8(encs.video.decode(np.asarray(latents)[: encs.latent_frames(num_frames)]))[:num_frames]
-
-
 def write_video(path: str | epath.Path, frames: np.ndarray, waveform: np.ndarray, sidecar: dict[str, Any]) -> None:
     """mp4 (H.264 25 fps + AAC 16 kHz of `waveform`) and `<path>.json`, each written whole or not at all."""
     dst = epath.Path(path)
@@ -326,18 +152,6 @@ def write_video(path: str | epath.Path, frames: np.ndarray, waveform: np.ndarray
     tmp_side.replace(side)
 
 
-@dataclasses.dataclass
-class Settings:
-    steps: int = 16
-    cfg_audio: float = 2.0
-    cfg_text: float = 1.0
-    schedule: str = "constant"
-    seed: int = 0
-    batch_size: int = 8
-    sequence_parallel: int = 1
-    window: int = 0  # > 0: speech longer than this many frames is generated in consecutive windows of it
-
-
 def split_windows(p: Prompt, window: int, time_map: TimeMap) -> list[Prompt]:
     """A long prompt as consecutive windows of `window` frames (the clip length the model was trained on,
     rounded down to what its latents cover), each a fresh clip of the time map with its own slice of the
@@ -356,7 +170,7 @@ def split_windows(p: Prompt, window: int, time_map: TimeMap) -> list[Prompt]:
     return out
 
 
-def generate(run: LoadedRun, encs: Encoders, prompts: Sequence[Prompt], settings: Settings,
+def generate(run: LoadedRun, encs: Encoders, prompts: Sequence[Prompt], settings: SamplingSettings,
              progress: bool = True) -> list[np.ndarray]:
     """uint8 frames [T_i, H, W, 3] for every prompt (batched, sharded over all devices).
 
@@ -385,9 +199,8 @@ def generate(run: LoadedRun, encs: Encoders, prompts: Sequence[Prompt], settings
         t_lat = cond["video_mask"].shape[1]
         lat_h, lat_w = cond["ref"].shape[2:4]
         shape = (rows, t_lat, lat_h, lat_w, mcfg.latent_channels)
-        lat = sample_latents(run, cond, shape, steps=settings.steps, cfg_audio=settings.cfg_audio,
-                             cfg_text=settings.cfg_text, schedule=settings.schedule, seed=settings.seed + start,
-                             mesh=mesh, progress=progress, desc=f"sample {start + 1}-{start + len(chunk)}")
+        lat = sample_latents(run, cond, shape, settings, seed=settings.seed + start, mesh=mesh, progress=progress,
+                             desc=f"sample {start + 1}-{start + len(chunk)}")
         for i, p in enumerate(chunk):
             frames = decode_video(lat[i], encs, p.num_frames)
             if frames.shape[1:3] != (h, w):
@@ -397,8 +210,8 @@ def generate(run: LoadedRun, encs: Encoders, prompts: Sequence[Prompt], settings
 
 
 __all__ = [
-    "Encoders", "GenerateError", "Prompt", "Settings", "check_fit", "decode_video", "encode_prompts", "frames_for",
-    "generate", "load_encoders", "read_image", "read_speech", "sample_latents", "say", "split_windows", "write_video",
+    "Prompt", "encode_prompts", "frames_for", "generate", "output_paths", "prompt_order", "read_image", "read_speech",
+    "say", "split_windows", "write_video",
 ]
 
 
@@ -426,7 +239,29 @@ def output_paths(out: str, n: int) -> list[epath.Path]:
     return [p / f"{i:03d}.mp4" for i in range(n)]
 
 
+def prompt_order(argv: Sequence[str], audio: Sequence[str], said: Sequence[str]) -> list[tuple[str, str]]:
+    """("audio" | "say", value) of every prompt in the order of the command line `argv` (absl keeps the values of
+    each repeated flag, not their order across flags). When `argv` does not show them all (a --flagfile),
+    every --audio comes first, then every --say."""
+    found: list[tuple[str, str]] = []
+    args = list(argv[1:])
+    for i, a in enumerate(args):
+        if a == "--":
+            break
+        for name in ("audio", "say"):
+            for flag in (f"--{name}", f"-{name}"):
+                if a.startswith(flag + "="):
+                    found.append((name, a[len(flag) + 1 :]))
+                elif a == flag and i + 1 < len(args):
+                    found.append((name, args[i + 1]))
+    if [v for k, v in found if k == "audio"] != list(audio) or [v for k, v in found if k == "say"] != list(said):
+        return [("audio", a) for a in audio] + [("say", t) for t in said]
+    return found
+
+
 def main(argv: Sequence[str]) -> None:
+    import sys
+
     from absl import flags, logging
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO
@@ -437,8 +272,8 @@ def main(argv: Sequence[str]) -> None:
         raise GenerateError(f"unexpected arguments {list(argv[1:])}")
     F = flags.FLAGS
     exit_on_storage_error("generate", F.checkpoint, F.out, F.data, *F.audio, *F.ref)
-    speeches: list[tuple[np.ndarray, str]] = [(read_speech(a), f"audio:{a}") for a in F.audio or []]
-    speeches += [(say(t), f"say:{t}") for t in F.say or []]
+    speeches = [(read_speech(v) if kind == "audio" else say(v), f"{kind}:{v}")
+                for kind, v in prompt_order(sys.argv, F.audio or [], F.say or [])]
     if not speeches:
         raise GenerateError("give the speech: --audio=FILE (WAV/MP3/MP4...) or --say='text to speak' (repeatable)")
     run = load_run(F.checkpoint, ema=F.ema)
@@ -459,10 +294,10 @@ def main(argv: Sequence[str]) -> None:
         prompts.append(Prompt(waveform=wave, num_frames=frames, caption=cap or "",
                               ref_frame=read_image(ref, encs.frame_size) if ref else None,
                               ref_time=float(F.ref_time), source=src))
-    d = run.diffusion_config
-    settings = Settings(steps=F.steps or d.sample_steps, cfg_audio=F.cfg_audio, cfg_text=F.cfg_text,
-                        schedule=F.cfg_schedule, seed=F.seed, batch_size=F.batch_size,
-                        sequence_parallel=F.sequence_parallel, window=encs.clip_frames if F.window else 0)
+    settings = SamplingSettings.of_run(
+        run.diffusion_config, steps=F.steps or None, cfg_audio=F.cfg_audio, cfg_text=F.cfg_text,
+        schedule=F.cfg_schedule, seed=F.seed, batch_size=F.batch_size, sequence_parallel=F.sequence_parallel,
+        window=encs.clip_frames if F.window else 0)
     videos = generate(run, encs, prompts, settings)
     for p, frames, path in zip(prompts, videos, paths, strict=True):
         side = {"source": p.source, "caption": p.caption, "num_frames": int(frames.shape[0]), "fps": media.FPS,
@@ -487,9 +322,10 @@ def define_flags() -> None:
     flags.DEFINE_float("ref_time", -25.0, "Reference frame position in 25 fps frames relative to the clip start.")
     flags.DEFINE_float("seconds", None, "Clip length (default: the speech's length).")
     flags.DEFINE_integer("steps", None, "Euler steps (default: the run's diffusion.sample_steps).")
-    flags.DEFINE_float("cfg_audio", 2.0, "Audio guidance scale (1 = no guidance).")
-    flags.DEFINE_float("cfg_text", 1.0, "Text guidance scale (1 = no guidance).")
-    flags.DEFINE_enum("cfg_schedule", "constant", ["constant", "cosine"], "Guidance over noise levels.")
+    flags.DEFINE_float("cfg_audio", None, "Audio guidance scale, 1 = none (default: the run's diffusion.cfg_audio).")
+    flags.DEFINE_float("cfg_text", None, "Text guidance scale, 1 = none (default: the run's diffusion.cfg_text).")
+    flags.DEFINE_enum("cfg_schedule", None, ["constant", "cosine"],
+                      "Guidance over noise levels (default: the run's diffusion.cfg_schedule).")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
     flags.DEFINE_integer("batch_size", 8, "Prompts sampled together.")
     flags.DEFINE_integer("sequence_parallel", 1, "Devices that split each clip's tokens (long clips).")

@@ -53,3 +53,5 @@ def test_fast_demo_runs_the_whole_path(tmp_path):
     n = _check_mp4(tmp_path / "videos" / "say.mp4")
     side = json.loads((tmp_path / "videos" / "say.json").read_text())
     assert len(side["mouth"]) == n == side["num_frames"] and side["step"] == 6
+    # no guidance flag was given: generate and eval used the run's own (configs/tiny.py:demo diffusion.cfg_audio)
+    assert side["settings"]["cfg_audio"] == report["cfg_audio"] == 5.0

@@ -17,6 +17,8 @@ from helpers import tiny_encoder_weights
 from mirage_jax import generate as gen
 from mirage_jax.config import ConfigError
 from mirage_jax.inference import load_run
+from mirage_jax.run_encoders import load_encoders
+from mirage_jax.sampling import SamplingSettings
 from mirage_jax.train import data_fit, loop
 from mirage_jax.train.testing import fast_config
 
@@ -73,13 +75,13 @@ def test_prepare_train_generate_with_the_real_encoders(weights, raw, tmp_path, c
     assert loop.Trainer(cfg, work).run() == 3
 
     run = load_run(work)
-    encs = gen.load_encoders(run.config)
+    encs = load_encoders(run.config)
     assert isinstance(encs.video, MochiVAE) and encs.video.time_map.rule == rule and encs.clip_frames == frames
     wave = speech.speak("a person speaks.", voice="en-us", rate=160, pitch=50)
     wave = np.resize(wave, 3 * 16000).astype(np.float32)  # 3 s of speech
     n = gen.frames_for(None, wave)
     assert n == 75
-    settings = gen.Settings(steps=2, cfg_audio=2.0, window=encs.clip_frames)
+    settings = SamplingSettings(steps=2, cfg_audio=2.0, window=encs.clip_frames)
     [video] = gen.generate(run, encs, [gen.Prompt(wave, n, caption="a person speaks .")], settings, progress=False)
     assert video.shape == (75, 32, 32, 3) and video.dtype == np.uint8
     out = tmp_path / "out.mp4"

@@ -274,8 +274,8 @@ def test_generate_and_eval_load_a_gcs_checkpoint(gcs_run):
     encoders, equal to loading a local copy of the same workdir."""
     import jax
 
-    from mirage_jax.generate import load_encoders
     from mirage_jax.inference import load_run
+    from mirage_jax.run_encoders import load_encoders
 
     tmp = gcs_run["tmp"]
     remote = load_run(f"gs://{BUCKET}/run")

@@ -11,12 +11,16 @@ from configs.common import get_base_config
 from configs.tiny import diffusion_config
 from data_pipeline import encoders as enc_lib
 from data_pipeline import media
+from data_pipeline.batch_keys import CONDITION_KEYS
 from data_pipeline.encoders.time_map import TimeMap
 from helpers import random_inputs, randomize, small_config
 from mirage_jax import generate as gen
+from mirage_jax import run_encoders
+from mirage_jax.config import DiffusionConfig
 from mirage_jax.diffusion import sample
 from mirage_jax.inference import LoadedRun
 from mirage_jax.model import MirageDiT
+from mirage_jax.sampling import SamplingSettings, generation_mesh, sample_latents
 
 
 def _run(cfg):
@@ -29,7 +33,7 @@ def _run(cfg):
 
 def _cond(cfg, b):
     x = random_inputs(cfg, b=2, t=3)
-    cond = {k: np.concatenate([x[k]] * (b // 2)) for k in gen.COND_KEYS if k in x}
+    cond = {k: np.concatenate([x[k]] * (b // 2)) for k in CONDITION_KEYS if k in x}
     cond["video_mask"] = np.ones((b, 3), bool)
     return cond, (b,) + x["video"].shape[1:]
 
@@ -39,7 +43,8 @@ def test_sampling_loop_equals_library_sampler(cfg_audio):
     cfg = small_config()
     run = _run(cfg)
     cond, shape = _cond(cfg, 2)
-    ours = gen.sample_latents(run, cond, shape, steps=6, cfg_audio=cfg_audio, cfg_text=1.5, seed=4, progress=False)
+    ours = sample_latents(run, cond, shape, SamplingSettings(steps=6, cfg_audio=cfg_audio, cfg_text=1.5, seed=4),
+                          progress=False)
     ref = sample(run.model, {k: jnp.asarray(v) for k, v in cond.items()}, shape, jax.random.key(4), steps=6,
                  cfg_audio=cfg_audio, cfg_text=1.5)
     np.testing.assert_allclose(ours, np.asarray(ref), atol=2e-5, rtol=1e-5)
@@ -51,11 +56,11 @@ def test_sharded_generation_equals_single_device(sp):
     cfg = small_config()
     run = _run(cfg)
     cond, shape = _cond(cfg, 8 // sp)
-    one = gen.sample_latents(run, cond, shape, steps=4, cfg_audio=2.0, cfg_text=1.0, seed=1, progress=False)
-    mesh = gen.generation_mesh(sequence_parallel=sp)
+    settings = SamplingSettings(steps=4, cfg_audio=2.0, cfg_text=1.0, seed=1)
+    one = sample_latents(run, cond, shape, settings, progress=False)
+    mesh = generation_mesh(sequence_parallel=sp)
     assert mesh.shape["data"] == 8 // sp and mesh.shape["sequence"] == sp
-    many = gen.sample_latents(run, cond, shape, steps=4, cfg_audio=2.0, cfg_text=1.0, seed=1, mesh=mesh,
-                              progress=False)
+    many = sample_latents(run, cond, shape, settings, mesh=mesh, progress=False)
     np.testing.assert_allclose(many, one, atol=2e-5, rtol=1e-5)
 
 
@@ -64,16 +69,16 @@ def _encoders(**video):
     aenc, tenc = enc_lib.get_audio_encoder("logmel", n_mels=8), enc_lib.get_text_encoder("hash", max_len=7, dim=16)
     manifest = {"clip_frames": 25, "encoders": {"video": venc.spec(16, 32).to_json(), "audio": aenc.spec().to_json(),
                                                 "text": tenc.spec().to_json()}}
-    return gen.Encoders(venc, aenc, tenc, manifest=manifest, source="/data/x")
+    return run_encoders.Encoders(venc, aenc, tenc, manifest=manifest, source="/data/x")
 
 
 def test_check_fit_names_every_mismatch():
     cfg = small_config(latent_channels=192, audio_feature_dim=8, text_embed_dim=16, time_map="uniform:1")
-    gen.check_fit(cfg, _encoders())  # fits
+    run_encoders.check_fit(cfg, _encoders())  # fits
     bad = small_config(latent_channels=4, audio_feature_dim=80, text_embed_dim=16, time_map="uniform:2",
                        use_audio=False)
-    with pytest.raises(gen.GenerateError) as e:
-        gen.check_fit(bad, _encoders())
+    with pytest.raises(run_encoders.GenerateError) as e:
+        run_encoders.check_fit(bad, _encoders())
     msg = str(e.value)
     for field in ("model.latent_channels=4", "model.audio_feature_dim=80", "model.time_map=uniform:2",
                   "model.use_audio=False", "/data/x"):
@@ -96,10 +101,10 @@ def test_prompts_are_padded_and_masked():
 
 
 def test_refusals_name_the_input(tmp_path):
-    with pytest.raises(gen.GenerateError, match="data.source='synthetic'.*--data"):
-        gen.load_encoders({"data": {"source": "synthetic"}})
-    with pytest.raises(gen.GenerateError, match="--data"):
-        gen.load_encoders({"data": {"source": str(tmp_path)}})  # no manifest.json there
+    with pytest.raises(run_encoders.GenerateError, match="data.source='synthetic'.*--data"):
+        run_encoders.load_encoders({"data": {"source": "synthetic"}})
+    with pytest.raises(run_encoders.GenerateError, match="--data"):
+        run_encoders.load_encoders({"data": {"source": str(tmp_path)}})  # no manifest.json there
     with pytest.raises(gen.GenerateError, match="no such file"):
         gen.read_speech(str(tmp_path / "missing.wav"))
     silent = tmp_path / "silent.mp4"
@@ -134,3 +139,20 @@ def test_long_speech_is_cut_into_training_length_windows():
     np.testing.assert_array_equal(joined[: len(wave)], wave)
     assert not joined[len(wave):].any()  # the last window is padded with silence
     assert gen.split_windows(p, 0, ONE) == [p] and gen.split_windows(p, 60, ONE) == [p]
+
+
+def test_prompts_follow_the_command_line():
+    """--say / --audio interleaved: prompt i (and so output NNN = i) is the i-th on the command line."""
+    argv = ["generate", "--say=first", "--audio", "b.wav", "--checkpoint=w", "--say", "third", "--audio=d.mp3",
+            "--caption=c"]
+    order = gen.prompt_order(argv, ["b.wav", "d.mp3"], ["first", "third"])
+    assert order == [("say", "first"), ("audio", "b.wav"), ("say", "third"), ("audio", "d.mp3")]
+    # values absl read elsewhere (a --flagfile): every --audio, then every --say
+    assert gen.prompt_order(["generate", "--flagfile=f"], ["b.wav"], ["hi"]) == [("audio", "b.wav"), ("say", "hi")]
+
+
+def test_sampling_defaults_to_the_runs_own_guidance():
+    run = DiffusionConfig(sample_steps=12, cfg_audio=5.0, cfg_text=1.5, cfg_schedule="cosine")
+    assert SamplingSettings.of_run(run) == SamplingSettings(steps=12, cfg_audio=5.0, cfg_text=1.5, schedule="cosine")
+    flagged = SamplingSettings.of_run(run, steps=None, cfg_audio=2.0, cfg_text=None, schedule=None, seed=3)
+    assert flagged == SamplingSettings(steps=12, cfg_audio=2.0, cfg_text=1.5, schedule="cosine", seed=3)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from data_pipeline.batch_keys import STREAMS as KINDS  # the encoder kinds are the model's streams
 from data_pipeline.encoders.audio_logmel import LogMel
 from data_pipeline.encoders.base import EncoderSpec
 from data_pipeline.encoders.text_hash import HashText
@@ -44,7 +45,6 @@ def _t5(**params: Any) -> Any:
     return t5.get(**params)
 
 
-KINDS = ("video", "audio", "text")
 _REGISTRY: dict[str, dict[str, Callable[..., Any]]] = {
     "video": {"s2d": SpaceToDepth, "dct": DCT, "mochi_vae": _mochi_vae},
     "audio": {"logmel": LogMel, "wav2vec2": _wav2vec2},

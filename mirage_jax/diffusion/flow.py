@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from data_pipeline.batch_keys import CONDITION_KEYS
 from mirage_jax.config import DiffusionConfig
 from mirage_jax.diffusion.schedules import model_timestep, sample_timesteps
 
@@ -56,6 +57,16 @@ def draw_noise(rng: jax.Array, batch: Mapping[str, Any], cfg: DiffusionConfig) -
             **draw_drops(k_drop, x0.shape[0], cfg)}
 
 
+def fixed_draws(t: jax.Array | float, noise: jax.Array) -> dict[str, jax.Array]:
+    """The draws of a loss at noise level `t` for every sample, with the given `noise` (B, T, H, W, C) and no
+    condition dropped: `flow_matching_loss(..., draws=fixed_draws(t, noise))` scores every checkpoint on
+    exactly the same problems (held-out evaluation)."""
+    b = noise.shape[0]
+    keep = jnp.ones((b,), bool)
+    return {"t": jnp.full((b,), t, jnp.float32), "noise": noise, "keep_text": keep, "keep_audio": keep,
+            "keep_ref": keep}
+
+
 def _frame_mask(batch: Mapping[str, Any]) -> jax.Array:
     """(B, T) float32 mask of the valid latent frames (all ones without a `video_mask`)."""
     mask = batch.get("video_mask")
@@ -75,7 +86,7 @@ def loss_weight(batch: Mapping[str, Any]) -> jax.Array:
 
 def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
     """Keyword arguments of MirageDiT.__call__ taken from a batch dict (missing modalities stay None)."""
-    return {k: batch.get(k) for k in ("audio", "audio_mask", "ref", "ref_time", "ref_mask", "video_mask")}
+    return {k: batch.get(k) for k in CONDITION_KEYS if k not in ("text", "text_mask")}  # text goes positionally
 
 
 def flow_matching_loss(

@@ -52,13 +52,21 @@ def _call_with_state(fn, state, x, t, use_text, use_audio):
 
 def euler_sample(fn: VelocityFn, noise: jax.Array, *, steps: int, threshold: float = 0.025,
                  cfg_text: float = 1.0, cfg_audio: float = 1.0, schedule: str = "constant",
-                 sigmas: jax.Array | None = None, state: Any = None) -> jax.Array:
-    """Integrate dx/dt = -v from t = 1 (noise) to t = 0 on Mochi's linear-quadratic grid."""
+                 sigmas: jax.Array | None = None, state: Any = None,
+                 on_step: Callable[[int], None] | None = None) -> jax.Array:
+    """Integrate dx/dt = -v from t = 1 (noise) to t = 0 on Mochi's linear-quadratic grid.
+
+    `noise` is the latent shape (B, T, H, W, C) of pure noise; returns float32 latents of that shape.
+    `on_step(i)` (optional) is called on the host at step i = 0 .. steps - 1, e.g. for a progress bar: a
+    `jax.debug.callback`, so it also works when the sampler is jitted, once per step even on a mesh.
+    """
     levels = jnp.asarray(linear_quadratic_schedule(steps, threshold) if sigmas is None else sigmas, jnp.float32)
 
     def body(i, carry):
         x, st = carry
         t, t_next = levels[i], levels[i + 1]
+        if on_step is not None:
+            jax.debug.callback(lambda k: on_step(int(k)), i)
         v = guided_velocity(fn, x, t, cfg_text, cfg_audio, schedule, st)
         return x + (t - t_next) * v.astype(x.dtype), st
 

@@ -2,6 +2,8 @@
 
 Prints the report (mirage_jax/eval/heldout.py) as text, or as one JSON object with `--json` (keys include
 sync_generated, sync_shuffled, sync_real, offset_frames, heldout_loss, each sync with its spread over seeds).
+Sampling steps and guidance default to the run's own `diffusion` section. Held-out footage without mouth tracks
+gets the loss only: the lip-sync keys are null and one line on stderr says why.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ flags.DEFINE_string("data", None, "Held-out prepared dataset: a data_pipeline.pr
 flags.DEFINE_integer("clips", 8, "Held-out clips (full-length, with a mouth track) to evaluate.")
 flags.DEFINE_integer("seeds", 3, "Sampling seeds (the spread of the generated scores).")
 flags.DEFINE_integer("steps", None, "Euler steps (default: the run's diffusion.sample_steps).")
-flags.DEFINE_float("cfg_audio", 2.0, "Audio guidance scale.")
-flags.DEFINE_float("cfg_text", 1.0, "Text guidance scale.")
+flags.DEFINE_float("cfg_audio", None, "Audio guidance scale (default: the run's diffusion.cfg_audio).")
+flags.DEFINE_float("cfg_text", None, "Text guidance scale (default: the run's diffusion.cfg_text).")
+flags.DEFINE_enum("cfg_schedule", None, ["constant", "cosine"],
+                  "Guidance over noise levels (default: the run's diffusion.cfg_schedule).")
 flags.DEFINE_bool("ema", False, "Evaluate the EMA parameters.")
 flags.DEFINE_bool("json", False, "Print one JSON object.")
 flags.DEFINE_string("train_data", None, "The run's training data (for its encoders), if not the saved data.source.")
@@ -30,10 +34,11 @@ flags.DEFINE_string("train_data", None, "The run's training data (for its encode
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {list(argv[1:])}")
-    from mirage_jax.eval.heldout import EvalError, EvalSettings, evaluate
+    from mirage_jax.eval.heldout import EvalError, evaluate
     from mirage_jax.export.checkpoint_reader import CheckpointError
-    from mirage_jax.generate import GenerateError, load_encoders
     from mirage_jax.inference import load_run
+    from mirage_jax.run_encoders import GenerateError, load_encoders
+    from mirage_jax.sampling import SamplingSettings
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO
     from mirage_jax.paths import exit_on_storage_error
@@ -43,12 +48,14 @@ def main(argv: Sequence[str]) -> None:
     try:
         run = load_run(F.checkpoint, ema=F.ema)
         encs = load_encoders(run.config, F.train_data)
-        settings = EvalSettings(clips=F.clips, seeds=F.seeds, steps=F.steps or run.diffusion_config.sample_steps,
-                                cfg_audio=F.cfg_audio, cfg_text=F.cfg_text)
-        report = evaluate(run, encs, F.data, settings, progress=not F.json)
+        settings = SamplingSettings.of_run(run.diffusion_config, steps=F.steps or None, cfg_audio=F.cfg_audio,
+                                           cfg_text=F.cfg_text, schedule=F.cfg_schedule)
+        report = evaluate(run, encs, F.data, settings, clips=F.clips, seeds=F.seeds, progress=not F.json)
     except (EvalError, GenerateError, CheckpointError, FileNotFoundError) as e:  # a user's path or input: one line
         print(f"eval: {e}", file=sys.stderr)
         sys.exit(2)
+    if report["skipped"]:
+        print(f"eval: {report['skipped']}", file=sys.stderr)
     if F.json:
         print(json.dumps(report))
         return

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data_pipeline.batch_keys import STREAMS
 from data_pipeline.encoders.time_map import TimeMap
 
 NORM_EPS, QK_EPS = 1e-6, 1e-5
@@ -149,7 +150,7 @@ class _Block(nn.Module):
             "text": (self.norm1_context.linear_1 if self.last else self.norm1_context.linear, a.add_q_proj,
                      a.add_k_proj, a.add_v_proj, a.norm_added_q, a.norm_added_k, self.last),
         }
-        names = [n for n in ("video", "audio", "text") if xs.get(n) is not None]
+        names = [n for n in STREAMS if xs.get(n) is not None]
         qkvs, mods = {}, {}
         for n in names:
             (q, k, v), mods[n] = self._qkv(xs[n], c, *spec[n])

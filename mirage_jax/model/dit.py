@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from data_pipeline.batch_keys import STREAMS
 from mirage_jax.config import ModelConfig
 from mirage_jax.model import rope as rope_lib
 from mirage_jax.model.attention import SPLASH_RESIDUALS, attention
@@ -35,7 +36,6 @@ from mirage_jax.parallel.sharding import constrain
 
 NORM_EPS = 1e-6  # block and final norms (diffusers MochiTransformerBlock eps)
 QK_EPS = 1e-5  # query/key RMSNorm (diffusers MochiAttention eps)
-STREAMS = ("video", "audio", "text")
 
 QKV_NAME = "attention_qkv"  # checkpoint name of the joint q, k, v (after RoPE), as attention receives them
 REMAT = {

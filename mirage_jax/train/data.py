@@ -22,8 +22,6 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-BATCH_KEYS = ("video", "video_mask", "audio", "audio_mask", "text", "text_mask", "ref", "ref_time", "ref_mask")
-
 
 class BatchIterator(Protocol):
     """What the loop needs from a data source."""

@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from mirage_jax.train.data import BATCH_KEYS, RowRange
+from data_pipeline.batch_keys import BATCH_KEYS
+from mirage_jax.train.data import RowRange
 
 
 class GrainSource:

@@ -1,0 +1,97 @@
+"""mirage_jax.eval.heldout: the held-out loss against its closed form (a "model" whose velocity is its own
+input), and held-out footage without mouth tracks: the loss is still computed, the lip-sync keys stay in the
+report as null and `skipped` names the data and why."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs.tiny import diffusion_config
+from data_pipeline import prepare, speech
+from data_pipeline.batch_keys import LOADER_KEYS
+from data_pipeline.ingest import IngestConfig
+from data_pipeline.synthesize import synthesize
+from helpers import small_config
+from mirage_jax.eval.heldout import LOSS_LEVELS, SYNC_KEYS, evaluate, heldout_loss, read_heldout
+from mirage_jax.inference import LoadedRun
+from mirage_jax.run_encoders import load_encoders
+from mirage_jax.sampling import SamplingSettings
+
+
+class Echo(nnx.Module):
+    """Predicts the velocity x_t (its noisy input): then pred - target = -t * x0 + (1 + t) * noise."""
+
+    def __call__(self, x, t, text, text_mask, **inputs):
+        return x
+
+
+def _run(model: dict | None = None) -> LoadedRun:
+    config = {"model": model or {}, "diffusion": diffusion_config().to_dict()}
+    return LoadedRun(model=Echo(), config=config, step=7, step_dir=None, weights="params")
+
+
+def _closed_form(batch, seed):
+    """Per level: mean over the valid latent frames of (-t * x0 + (1 + t) * noise)^2, in float64."""
+    x0 = batch["video"].astype(np.float64)
+    noise = np.asarray(jax.random.normal(jax.random.key(seed), x0.shape, jnp.float32), np.float64)
+    valid = batch["video_mask"].astype(bool)
+    return {t: float(np.mean(np.square(-t * x0 + (1 + t) * noise)[valid])) for t in LOSS_LEVELS}
+
+
+def test_heldout_loss_is_the_velocity_mse_over_valid_frames():
+    rng = np.random.default_rng(0)
+    b, t, h, w, c = 3, 4, 2, 3, 5
+    mask = np.ones((b, t), bool)
+    mask[1, 2:] = mask[2, 1:] = False  # padded clips: their padding is out of the loss
+    batch = {
+        "video": rng.standard_normal((b, t, h, w, c)).astype(np.float32), "video_mask": mask,
+        "audio": rng.standard_normal((b, 6, 8)).astype(np.float32), "audio_mask": np.ones((b, 6), bool),
+        "text": rng.standard_normal((b, 5, 16)).astype(np.float32), "text_mask": np.ones((b, 5), bool),
+        "ref": rng.standard_normal((b, 1, h, w, c)).astype(np.float32), "ref_time": np.zeros(b, np.float32),
+        "ref_mask": np.ones(b, bool),
+    }  # fmt: skip
+    got = heldout_loss(_run(), batch, seed=5)
+    want = _closed_form(batch, seed=5)
+    assert list(got) == list(LOSS_LEVELS)
+    for level in LOSS_LEVELS:
+        assert got[level] == pytest.approx(want[level], rel=1e-5), level
+
+
+def _prepared(tmp_path, name, mouth: bool) -> str:
+    raw = tmp_path / f"raw_{name}"
+    synthesize(str(raw), clips=2, seconds=2.0, seed=3, size=(64, 64), progress=False)
+    if not mouth:  # footage without mouth tracks (real footage): the sidecars carry a caption only
+        for side in raw.glob("*.json"):
+            d = json.loads(side.read_text())
+            del d["mouth"]
+            side.write_text(json.dumps(d))
+    out = str(tmp_path / name)
+    prepare.run(str(raw), out, IngestConfig(clip_seconds=1.0), progress=False)
+    return out
+
+
+@pytest.mark.skipif(not speech.espeak_available(), reason="espeak-ng not installed (make sysdeps)")
+def test_footage_without_mouth_tracks_gets_the_loss_and_says_what_was_skipped(tmp_path):
+    synced, unsynced = _prepared(tmp_path, "synced", mouth=True), _prepared(tmp_path, "unsynced", mouth=False)
+    encs = load_encoders({"data": {"source": synced}})
+    model = small_config(latent_channels=192, audio_feature_dim=80, text_embed_dim=64, time_map="uniform:1")
+    run = _run(dataclasses.asdict(model))
+    settings = SamplingSettings(steps=2)
+    full = evaluate(run, encs, synced, settings, clips=3, seeds=1, progress=False)
+    assert full["skipped"] is None and all(full[k] is not None for k in SYNC_KEYS)
+    part = evaluate(run, encs, unsynced, settings, clips=3, seeds=1, progress=False)
+    assert list(part) == list(full)  # the same keys, in the same order
+    assert all(part[k] is None for k in SYNC_KEYS)
+    assert unsynced in part["skipped"] and "0 full-length clip(s) with a mouth track" in part["skipped"]
+    assert part["clips"] == 3 and full["clips"] == 3
+    held = read_heldout(unsynced, 3, encs)
+    assert held.lipsync_skipped == part["skipped"] and not held.batch["mouth_valid"].any()
+    assert set(held.batch) == set(LOADER_KEYS)  # the one list of batch keys is what the loader yields
+    want = _closed_form(held.batch, seed=0)
+    for level in LOSS_LEVELS:
+        assert part["heldout_loss_per_level"][f"{level:.1f}"] == pytest.approx(want[level], rel=1e-5)

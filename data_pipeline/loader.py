@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -541,8 +540,3 @@ def restore_state(iterator: grain.DatasetIterator, path: str) -> None:
     if not p.exists():
         raise FileNotFoundError(f"{path}: no saved loader state")
     iterator.set_state(json.loads(p.read_text()))
-
-
-def steps_per_epoch(loader: LoaderDataset, global_batch_size: int) -> int:
-    """Global batches per pass over the data (rounded down)."""
-    return math.floor(loader.shards.num_records / global_batch_size)

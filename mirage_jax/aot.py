@@ -256,7 +256,7 @@ def plan(cfg: Any, topology: str, *, mfu: float = DEFAULT_MFU, min_headroom: flo
         "hbm_per_device_bytes": hbm, "usable_hbm_per_device_bytes": usable, "min_headroom": min_headroom,
         "analytic_flops": analytic, "peak_flops_per_device": peak, "mfu_assumed": mfu,
         "predicted_step_time_s": analytic / (n * peak * mfu),
-        "param_fallbacks": len(setup.layout.fallbacks), "activation_rules_warning": setup.act_warning,
+        "param_fallbacks": len(setup.layout.fallbacks),
     }
     t0 = time.perf_counter()
     try:
@@ -324,8 +324,6 @@ def format_report(r: Mapping[str, Any]) -> str:
         f"{r['global_batch_size']} in {r['grad_accum']} micro-batch(es); remat={r['remat_policy']}, "
         f"attention={r['attention_backend']}",
     ]
-    if r.get("activation_rules_warning"):
-        lines.append(f"warning: {r['activation_rules_warning']}")
     if not r["compiled"]:
         lines.append(f"DOES NOT FIT: the TPU compiler ran out of memory: {r.get('error', '')}")
         if r.get("compiler_hbm_bytes"):

@@ -83,10 +83,6 @@ class MetricsWriter:
                          if k in flat)
         logging.info("step %d: %s", step, shown)
 
-    def log_text(self, message: str) -> None:
-        if self.enabled:
-            logging.info("%s", message)
-
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()

@@ -12,7 +12,7 @@ above the core count is "not a claim"), plus achieved GFLOP/s of each on the ana
 count (`describe.count_flops`, identical networks so identical FLOPs). `--profile` adds where the time
 goes: the PyTorch step's top operators (torch.profiler) and XLA's cost analysis of the JAX step.
 `--gpu` is a code path for a GPU host (bf16 compute, `attention_backend='cudnn'` vs PyTorch SDPA under
-bf16 autocast; MFU against `train.metrics.PEAK_FLOPS`); no GPU numbers have been measured with it.
+bf16 autocast; MFU against `mirage_jax.chips.PEAK_FLOPS`); no GPU numbers have been measured with it.
 """
 
 from __future__ import annotations
@@ -190,9 +190,9 @@ def measure(batch: int = 2, layers: int = 4, heads: int = 4, frames: int = 8, ro
     if gpu:
         import jax
 
-        from mirage_jax.train.metrics import PEAK_FLOPS
+        from mirage_jax.chips import peak_flops
 
-        peak = PEAK_FLOPS.get(jax.devices()[0].device_kind, 0.0)
+        peak = peak_flops(jax.devices()[0].device_kind)
         if peak:
             res["jax_mfu"] = flops * jax_sps / batch / peak
             res["torch_mfu"] = flops * torch_sps / batch / peak

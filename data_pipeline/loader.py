@@ -35,6 +35,7 @@ from data_pipeline import order as order_lib
 from data_pipeline.encoders.time_map import TimeMap, of_manifest
 from data_pipeline.lifetime import DieWithParent
 from data_pipeline.records import RecordError, decode_record
+from data_pipeline.storage import is_remote
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def verify_level(directory: str | os.PathLike[str], verify: str) -> str:
     ArrayRecord's chunk checksums and safetensors parsing still catch a damaged record when it is read."""
     if verify != "auto":
         return verify
-    return "size" if "://" in os.fspath(directory) else "sha256"
+    return "size" if is_remote(directory) else "sha256"
 
 
 def resolve_shards(source: str | list[str], verify: str = "auto") -> ShardSet:

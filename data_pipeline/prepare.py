@@ -488,7 +488,7 @@ def config_from_flags() -> IngestConfig:
 
 def main(argv: Sequence[str]) -> None:
     logging.basicConfig(level=logging.WARNING)
-    from mirage_jax.paths import exit_on_storage_error  # gs:// preflight: one line, not a traceback
+    from data_pipeline.storage import exit_on_storage_error  # gs:// preflight: one line, not a traceback
 
     exit_on_storage_error("prepare", FLAGS.input, FLAGS.output)
     try:

@@ -205,7 +205,7 @@ def test_batches_assemble_into_a_global_jax_array(prepared):
 
 def test_auto_verify_hashes_local_shards_and_checks_sizes_on_gcs():
     """'auto' must not download every shard per host on gs://, and must keep the sha256 check on local disk."""
-    from data_pipeline.loader import verify_level
+    from data_pipeline.shards import verify_level
 
     assert verify_level("/data/prepared", "auto") == "sha256"
     assert verify_level("gs://bkt/prepared", "auto") == "size"

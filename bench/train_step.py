@@ -132,9 +132,10 @@ def _profile(jax_parts: Any, torch_run: Callable[[], float]) -> dict[str, Any]:
     top = [{"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3,
             "share": e.self_cpu_time_total / total} for e in events[:8]]
     step, state, _ = jax_parts
+    from mirage_jax.aot_flops import compiled_cost
+
     compiled = step.lower(state["p"], state["o"]).compile()
-    ca = compiled.cost_analysis()
-    ca = (ca[0] if isinstance(ca, list | tuple) else ca) or {}
+    ca = compiled_cost(compiled)
     hlo = compiled.as_text()
     return {
         "torch_top_ops": top, "torch_op_calls": sum(e.count for e in events),

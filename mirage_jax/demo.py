@@ -90,21 +90,23 @@ def train_with_drill(cmd: list[str], workdir: str, stop_at: int | None) -> None:
         run(cmd, "train", quiet=True)
         return
     print(f"[train] $ {shlex.join(cmd)}", flush=True)
-    print(f"[train] --- demo: at step {stop_at} the launcher gets SIGTERM (preemption drill) ---", flush=True)
 
     def echo(line: str) -> None:
         if _worth_showing(line):
             sys.stdout.write(f"[train] {line}")
             sys.stdout.flush()
 
-    r = drill.preempt_at_step(cmd, workdir, stop_at, cwd=ROOT, on_line=echo)
+    def announce(step: int) -> None:
+        print(f"[train] --- demo: step {step} reached: sending SIGTERM to the launcher (preemption drill) ---",
+              flush=True)
+
+    r = drill.preempt_at_step(cmd, workdir, stop_at, cwd=ROOT, on_line=echo, on_signal=announce)
     if r.returncode != 0:
         raise SystemExit(f"demo: training exited with {r.returncode}")
     if r.signalled_at is None:
         print("[train] (training finished before the drill could preempt it)")
         return
-    print(f"[train] --- demo: SIGTERM sent at step {r.signalled_at}; the preempted run exited 0; resuming with "
-          "the same command ---", flush=True)
+    print("[train] --- demo: preempted run exited 0; resuming with the same command ---", flush=True)
     run(cmd, "train", quiet=True)
 
 

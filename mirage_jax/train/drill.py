@@ -44,11 +44,12 @@ class DrillResult:
 def preempt_at_step(cmd: Sequence[str], workdir: str | os.PathLike, step: int, *,
                     cwd: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
                     timeout: float | None = None, on_line: Callable[[str], None] | None = None,
-                    poll_s: float = 0.2) -> DrillResult:
+                    on_signal: Callable[[int], None] | None = None, poll_s: float = 0.2) -> DrillResult:
     """Run `cmd` (a training run that logs to `workdir`/metrics.jsonl); once its logged step is >= `step`,
     send it SIGTERM; wait for it to exit.
 
-    `on_line` gets every output line as it arrives (e.g. to echo it). `timeout` (seconds, None: no limit)
+    `on_line` gets every output line as it arrives (e.g. to echo it); `on_signal` gets the logged step just
+    before the signal is sent. `timeout` (seconds, None: no limit)
     bounds the wait for the step and, separately, the wait for the exit after the signal; past either the
     run is killed and TimeoutError raised with the end of its output.
     """
@@ -83,6 +84,8 @@ def preempt_at_step(cmd: Sequence[str], workdir: str | os.PathLike, step: int, *
     while proc.poll() is None:
         reached = last_logged_step(workdir)
         if reached >= step:
+            if on_signal is not None:
+                on_signal(reached)
             proc.send_signal(signal.SIGTERM)
             signalled_at = reached
             break

@@ -220,14 +220,14 @@ class RealStep:
 
     def compiled_flops(self) -> dict[str, float]:
         """XLA cost_analysis FLOPs of the compiled step: raw (a scanned layer body counted once) and
-        corrected for the scan trip count with `aot.correct_compiled_flops`."""
-        from mirage_jax import aot
+        corrected for the scan trip count with `aot_flops.correct_compiled_flops`."""
+        from mirage_jax import aot_flops
 
-        ca = aot._cost(self.compile())
+        ca = aot_flops.compiled_cost(self.compile())
         raw = float(ca.get("flops", 0.0)) * self.setup.mesh.size  # cost_analysis is per device
         mcfg = self.setup.mcfg
-        parts = aot.flop_parts(mcfg, dict(self.cfg.shapes))
-        corrected = aot.correct_compiled_flops(
+        parts = aot_flops.flop_parts(mcfg, dict(self.cfg.shapes))
+        corrected = aot_flops.correct_compiled_flops(
             raw, parts, global_batch=self.global_batch, grad_accum=int(self.cfg.train.grad_accum),
             num_layers=mcfg.num_layers, splash=False, remat=False, padded_tokens=0,
             attn_dim=mcfg.attn_dim)

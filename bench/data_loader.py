@@ -60,13 +60,15 @@ def legacy_loader(data: str, batch: int, workers: int, seed: int = 0, read_threa
 
     from data_pipeline import loader as L
     from data_pipeline.encoders.time_map import of_manifest
+    from data_pipeline.examples import DecodeCrop
+    from data_pipeline.shards import ShardSource, resolve_shards
 
-    shards = L.resolve_shards(data, "sha256")
+    shards = resolve_shards(data, "sha256")
     m = shards.manifest
     tm = of_manifest(m)  # the same crop as make_loader's: only the order and its state differ
-    src = L.ShardSource(shards.paths, shards.counts)
+    src = ShardSource(shards.paths, shards.counts)
     ds = grain.MapDataset.source(src).shuffle(seed=seed).repeat(None)[0::1]
-    ds = ds.random_map(L.DecodeCrop(src, tm.covered_frames(int(m["clip_frames"])), tm, 8), seed=seed)
+    ds = ds.random_map(DecodeCrop(src, tm.covered_frames(int(m["clip_frames"])), tm, 8), seed=seed)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(batch * 2, 8)))
     it = it.batch(batch, drop_remainder=True)
     if workers > 0:

@@ -12,7 +12,7 @@ above the core count is "not a claim"), plus achieved GFLOP/s of each on the ana
 count (`describe.count_flops`, identical networks so identical FLOPs). `--profile` adds where the time
 goes: the PyTorch step's top operators (torch.profiler) and XLA's cost analysis of the JAX step.
 `--gpu` is a code path for a GPU host (bf16 compute, `attention_backend='cudnn'` vs PyTorch SDPA under
-bf16 autocast; MFU against `train.metrics.PEAK_FLOPS`); no GPU numbers have been measured with it.
+bf16 autocast; MFU against `mirage_jax.chips.PEAK_FLOPS`); no GPU numbers have been measured with it.
 """
 
 from __future__ import annotations
@@ -132,9 +132,10 @@ def _profile(jax_parts: Any, torch_run: Callable[[], float]) -> dict[str, Any]:
     top = [{"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3,
             "share": e.self_cpu_time_total / total} for e in events[:8]]
     step, state, _ = jax_parts
+    from mirage_jax.aot_flops import compiled_cost
+
     compiled = step.lower(state["p"], state["o"]).compile()
-    ca = compiled.cost_analysis()
-    ca = (ca[0] if isinstance(ca, list | tuple) else ca) or {}
+    ca = compiled_cost(compiled)
     hlo = compiled.as_text()
     return {
         "torch_top_ops": top, "torch_op_calls": sum(e.count for e in events),
@@ -190,9 +191,9 @@ def measure(batch: int = 2, layers: int = 4, heads: int = 4, frames: int = 8, ro
     if gpu:
         import jax
 
-        from mirage_jax.train.metrics import PEAK_FLOPS
+        from mirage_jax.chips import peak_flops
 
-        peak = PEAK_FLOPS.get(jax.devices()[0].device_kind, 0.0)
+        peak = peak_flops(jax.devices()[0].device_kind)
         if peak:
             res["jax_mfu"] = flops * jax_sps / batch / peak
             res["torch_mfu"] = flops * torch_sps / batch / peak

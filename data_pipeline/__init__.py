@@ -2,7 +2,7 @@
 
     python -m data_pipeline.synthesize --out=raw --clips=8 --seconds=3 --seed=0
     python -m data_pipeline.prepare --input=raw --output=prepared
-    from data_pipeline import make_loader, synthetic_batches, encoders
+    from data_pipeline import make_loader, encoders
 
 It never imports mirage_jax (data flows one way); see docs/data_pipeline.md.
 """
@@ -10,8 +10,6 @@ It never imports mirage_jax (data flows one way); see docs/data_pipeline.md.
 from __future__ import annotations
 
 from typing import Any
-
-from data_pipeline.synthetic import SyntheticBatches, synthetic_batches
 
 
 def make_loader(*args: Any, **kwargs: Any) -> Any:
@@ -21,4 +19,4 @@ def make_loader(*args: Any, **kwargs: Any) -> Any:
     return _make_loader(*args, **kwargs)
 
 
-__all__ = ["SyntheticBatches", "make_loader", "synthetic_batches"]
+__all__ = ["make_loader"]

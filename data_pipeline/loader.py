@@ -12,7 +12,10 @@ of each global batch (batch = global_batch_size // process_count rows) -> option
 mp_prefetch, whole batches in order) -> watchdog + epoch cap. The global batch at step n is a pure function of
 (dataset fingerprint, seed, n, global batch size), whatever the process count. A corrupt record is skipped,
 counted and replaced by the next position's record; past `corrupt_budget` skips the loader raises
-CorruptRecordError naming the shard and record index.
+`examples.CorruptRecordError` naming the shard and record index.
+
+Modules: `shards` (which shards, verified; random access to records), `examples` (record -> cropped/padded
+example), `order` (the elastic global order), this module (the Grain pipeline, iterator, checkpoint state).
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -33,244 +35,13 @@ from etils import epath
 
 from data_pipeline import manifest as mf
 from data_pipeline import order as order_lib
-from data_pipeline.encoders.time_map import TimeMap, of_manifest
+from data_pipeline.encoders.time_map import of_manifest
+from data_pipeline.examples import DecodeCrop
 from data_pipeline.lifetime import DieWithParent
-from data_pipeline.records import RecordError, decode_record
+from data_pipeline.shards import ShardSet, ShardSource, resolve_shards
 
 log = logging.getLogger(__name__)
 
-class CorruptRecordError(RuntimeError):
-    """More corrupt records than the loader's budget; names the shard and record index at fault."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ShardSet:
-    """Verified shards (absolute paths, record counts, manifest sha256 digests) and the manifest they came from."""
-
-    paths: tuple[str, ...]
-    counts: tuple[int, ...]
-    manifest: dict[str, Any]
-    digests: tuple[str, ...] = ()
-
-    @property
-    def fingerprint(self) -> str:
-        """`order.dataset_fingerprint` of these shards (names, record counts, digests)."""
-        digests = self.digests or ("",) * len(self.paths)
-        return order_lib.dataset_fingerprint(self.paths, self.counts, digests)
-
-    @property
-    def num_records(self) -> int:
-        return sum(self.counts)
-
-
-def _manifest_dirs(source: str) -> tuple[list[epath.Path], set[str] | None]:
-    """Dataset directories named by `source`, and (for a glob) the shard file names it selects."""
-    p = epath.Path(source)
-    if p.is_dir():
-        return [p], None
-    if os.path.basename(source) == mf.MANIFEST:
-        return [p.parent], None
-    parent = epath.Path(os.path.dirname(source) or ".")
-    if any(ch in os.path.dirname(source) for ch in "*?["):
-        raise ValueError(f"{source}: globs may only match file names, not directories; list the directories")
-    matched = {os.fspath(q) for q in parent.glob(os.path.basename(source))}
-    if not matched:
-        raise FileNotFoundError(
-            f"{source}: matches no files; point at a data_pipeline.prepare output directory"
-        )
-    return [parent], matched
-
-
-def verify_level(directory: str | os.PathLike[str], verify: str) -> str:
-    """The shard check for a dataset in `directory`: `verify`, with 'auto' meaning 'sha256' for local disk and
-    'size' for remote storage (gs://): hashing there downloads every shard on every host at start-up, while
-    ArrayRecord's chunk checksums and safetensors parsing still catch a damaged record when it is read."""
-    if verify != "auto":
-        return verify
-    return "size" if "://" in os.fspath(directory) else "sha256"
-
-
-def resolve_shards(source: str | list[str], verify: str = "auto") -> ShardSet:
-    """The shards of `source` (directory, glob of shards, manifest path, or a list of these) that the
-    manifest lists and `verify` ('auto', 'sha256', 'size' or 'none'; see `verify_level`) accepts; a mismatch
-    raises naming the shard."""
-    sources = [source] if isinstance(source, str) else list(source)
-    paths, counts, digests, manifests = [], [], [], []
-    for s in sources:
-        dirs, selected = _manifest_dirs(s)
-        for d in dirs:
-            m = mf.read_manifest(d)
-            listed = {os.fspath(d / sh["path"]) for sh in m["shards"]}
-            if selected is not None:
-                for extra in sorted(q for q in selected if q.endswith(".array_record") and q not in listed):
-                    log.warning(
-                        "%s is not listed in %s/manifest.json; ignoring it (not a committed shard)", extra, d
-                    )
-            for sh in m["shards"]:
-                full = os.fspath(d / sh["path"])
-                if selected is not None and full not in selected:
-                    continue
-                problem = mf.verify_shard(d, sh, verify_level(d, verify))
-                if problem:
-                    raise ValueError(
-                        f"{problem}. Re-run data_pipeline.prepare on its inputs to rewrite it, or "
-                        "remove the dataset; the loader reads only shards matching manifest.json"
-                    )
-                if sh["num_records"] > 0:
-                    paths.append(full)
-                    counts.append(int(sh["num_records"]))
-                    digests.append(str(sh.get("sha256", "")))
-            manifests.append(m)
-    if not paths:
-        raise FileNotFoundError(f"{source}: no committed shards with records")
-    first = manifests[0]
-    for m in manifests[1:]:
-        if m["encoders"] != first["encoders"]:
-            raise ValueError(
-                f"{source}: datasets were built with different encoders ({first['encoders']} vs "
-                f"{m['encoders']}); load them separately"
-            )
-    return ShardSet(tuple(paths), tuple(counts), first, tuple(digests))
-
-
-class ShardSource:
-    """Random access to the records of a ShardSet: item i -> (i, bytes or None, error text).
-
-    Reading never raises: an unreadable record comes back as (i, None, why) for the decode step to count.
-    Picklable (worker processes reopen the files lazily).
-    """
-
-    def __init__(self, paths: tuple[str, ...], counts: tuple[int, ...]):
-        self.paths, self.counts = tuple(paths), tuple(counts)
-        self._starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
-        self._src: Any = None
-
-    def __len__(self) -> int:
-        return int(self._starts[-1])
-
-    def locate(self, i: int) -> tuple[str, int]:
-        """(shard path, record index inside it) of global record i."""
-        s = int(np.searchsorted(self._starts, i, side="right") - 1)
-        return self.paths[s], int(i - self._starts[s])
-
-    def _source(self) -> Any:
-        if self._src is None:  # "path[start:stop]" skips opening every file to count its records
-            self._src = grain.sources.ArrayRecordDataSource(
-                [f"{p}[0:{n}]" for p, n in zip(self.paths, self.counts, strict=True)]
-            )
-        return self._src
-
-    def __getitem__(self, i: int) -> tuple[int, bytes | None, str]:
-        try:
-            return int(i), self._source()[int(i)], ""
-        except (RuntimeError, ValueError, OSError) as e:
-            return int(i), None, f"{type(e).__name__}: {e}"
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"paths": self.paths, "counts": self.counts}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["paths"], state["counts"])
-
-
-class DecodeCrop(grain.transforms.RandomMap):
-    """Record bytes -> one example with the time axis cropped (random offset) or padded to `clip_frames`."""
-
-    def __init__(
-        self,
-        source: ShardSource,
-        clip_frames: int,
-        time_map: TimeMap,
-        corrupt_budget: int,
-        random_crop: bool = True,
-    ):
-        self.source, self.clip_frames, self.time_map = source, int(clip_frames), time_map
-        self.corrupt_budget, self.random_crop = int(corrupt_budget), random_crop
-        self.bad: set[int] = set()  # distinct corrupt records (each epoch meets them again)
-
-    @property
-    def skipped(self) -> int:
-        return len(self.bad)
-
-    def _corrupt(self, i: int, why: str) -> None:
-        shard, idx = self.source.locate(i)
-        new = i not in self.bad
-        self.bad.add(i)
-        if self.skipped > self.corrupt_budget:  # every meeting raises once over budget (reader threads race)
-            raise CorruptRecordError(
-                f"{shard} record {idx}: {why}. {self.skipped} corrupt records in this process (budget "
-                f"corrupt_budget={self.corrupt_budget}); re-run data_pipeline.prepare to rewrite the shard "
-                "or raise the budget"
-            )
-        if not new:
-            return
-        log.warning(
-            "skipping corrupt record %d of %s (%d/%d skipped): %s",
-            idx,
-            shard,
-            self.skipped,
-            self.corrupt_budget,
-            why,
-        )
-
-    def random_map(
-        self, element: tuple[int, bytes | None, str], rng: np.random.Generator
-    ) -> dict[str, Any] | None:
-        i, data, err = element
-        if data is None:
-            self._corrupt(i, err or "unreadable")
-            return None
-        try:
-            t, _ = decode_record(data)
-        except RecordError as e:
-            self._corrupt(i, str(e))
-            return None
-        return crop_or_pad(t, self.clip_frames, self.time_map, rng if self.random_crop else None)
-
-
-def _pad_to(x: np.ndarray, n: int) -> np.ndarray:
-    return np.concatenate([x, np.zeros((n - x.shape[0], *x.shape[1:]), x.dtype)]) if x.shape[0] < n else x
-
-
-def crop_or_pad(
-    t: dict[str, np.ndarray], clip_frames: int, time_map: TimeMap, rng: np.random.Generator | None
-) -> dict[str, np.ndarray]:
-    """One record's tensors -> a loader example of `clip_frames` (25 fps) audio frames and the
-    `time_map.latent_count(clip_frames)` latent frames covering them, with masks (keys: `batch_keys.LOADER_KEYS`).
-
-    A longer record is cropped at a (random) latent offset from `time_map.crop_offsets` (a window whose
-    frame-to-latent map is that of a fresh clip, so audio frame a still belongs to latent frame_latent[a]);
-    a shorter one is padded (masks False). `clip_frames` must be a whole length of the map
-    (`covered_frames(clip_frames) == clip_frames`)."""
-    target = time_map.latent_count(clip_frames)
-    video, audio, mouth = t["video"], t["audio"], t["mouth"]
-    offsets = time_map.crop_offsets(video.shape[0], target)
-    lat_off, off = offsets[0] if rng is None else offsets[int(rng.integers(0, len(offsets)))]
-    video = video[lat_off : lat_off + target]
-    # a record's audio may run past the frames its latents cover (causal: 50 frames -> 9 latents cover 49)
-    n_audio = min(clip_frames, time_map.frames_for_latents(video.shape[0]))
-    audio = audio[off : off + n_audio]
-    mouth = mouth[off : off + n_audio]
-    vmask = np.zeros(target, bool)
-    vmask[: video.shape[0]] = True
-    amask = np.zeros(clip_frames, bool)
-    amask[: audio.shape[0]] = True
-    video, audio, mouth = _pad_to(video, target), _pad_to(audio, clip_frames), _pad_to(mouth, clip_frames)
-    ref_time = float(t["ref_time"].reshape(-1)[0])
-    has_ref = bool(np.isfinite(ref_time))
-    return {
-        "video": video,
-        "video_mask": vmask,
-        "audio": audio,
-        "audio_mask": amask,
-        "text": t["text"],
-        "text_mask": t["text_mask"].astype(bool),
-        "ref": t["ref"],
-        "ref_time": np.float32(ref_time - off if has_ref else 0.0),
-        "ref_mask": np.bool_(has_ref),
-        "mouth": mouth,
-        "mouth_valid": np.bool_(t["mouth_valid"].reshape(-1)[0] > 0),
-    }
 
 
 class _Watchdog:
@@ -526,8 +297,3 @@ def restore_state(iterator: grain.DatasetIterator, path: str) -> None:
     if not p.exists():
         raise FileNotFoundError(f"{path}: no saved loader state")
     iterator.set_state(json.loads(p.read_text()))
-
-
-def steps_per_epoch(loader: LoaderDataset, global_batch_size: int) -> int:
-    """Global batches per pass over the data (rounded down)."""
-    return math.floor(loader.shards.num_records / global_batch_size)

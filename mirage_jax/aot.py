@@ -12,17 +12,14 @@ predicted at a stated MFU. An out-of-memory layout fails at compile time on the 
 "does not fit" report (exit status 2) instead of minutes of pod time. docs/scaling.md has the measured
 layouts for the report's 10B model.
 
-Why compiled FLOPs need a correction: XLA's cost analysis counts a while-loop body ONCE (the scanned
-layers, and the gradient-accumulation scan), and sees nothing inside custom kernels (Pallas splash
-attention). `correct_compiled_flops` scales the loop bodies by their trip counts and adds the kernel's
-executed attention matmuls; the raw number is reported as well.
+Modules: `mirage_jax.chips` (HBM and bf16 peak per chip), `aot_topology` (slice names -> libtpu's abstract
+devices), `aot_flops` (XLA's FLOP count corrected for scanned loops and splash attention: why it needs a
+correction is there), this module (compile, memory and FLOPs report, CLI) and `aot_search` (`--search`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 import re
 import sys
@@ -30,163 +27,19 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from mirage_jax.aot_flops import compiled_cost, correct_compiled_flops, flop_parts
+from mirage_jax.aot_topology import TopologyError, parse_topology, topology_devices
+from mirage_jax.chips import GiB
+
 if TYPE_CHECKING:
     from mirage_jax.train.setup import RunSetup
 
-GiB = 1024**3
-
-
-@dataclasses.dataclass(frozen=True)
-class ChipSpec:
-    """One TPU generation: per-chip HBM and bf16 peak, and how its Cloud names count (cores or chips).
-
-    Sources (docs/scaling.md links them): Google Cloud TPU system-architecture pages for v4, v5e, v5p and
-    v6e (Trillium); `cloud_units_per_chip` is 2 where the Cloud name counts TensorCores (v4-N, v5p-N).
-    """
-
-    generation: str
-    hbm_bytes: int  # per chip
-    peak_bf16_flops: float  # dense bf16 per chip, FLOP/s
-    cloud_units_per_chip: int  # v5p-256 = 256 TensorCores = 128 chips; v6e-256 = 256 chips
-    torus_dims: int  # 3 (v4, v5p) or 2 (v5e, v6e): the shape of a slice's topology name
-    usable_hbm_bytes: int = 0  # what the TPU compiler lets a program use per chip (measured, libtpu 0.0.42.1)
-    chip_config: str | None = None  # libtpu's chip_config_name; v4 needs "megacore" for one device per chip
-
-
-CHIPS: dict[str, ChipSpec] = {
-    "v4": ChipSpec("v4", 32 * GiB, 275e12, 2, 3, int(30.75 * GiB), chip_config="megacore"),
-    "v5p": ChipSpec("v5p", 95 * GiB, 459e12, 2, 3, int(95.74 * GiB)),
-    "v5e": ChipSpec("v5e", 16 * GiB, 197e12, 1, 2, int(15.75 * GiB)),
-    "v6e": ChipSpec("v6e", 32 * GiB, 918e12, 1, 2, int(31.25 * GiB)),
-}
-CLOUD_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "trillium": "v6e"}
-
-# Standard slice shapes by chip count (Cloud's accelerator types); any `gen:AxBxC` is accepted as well.
-SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
-             512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16", 8192: "16x16x32"}
-SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
-
 DEFAULT_MFU = 0.40  # between maxdiffusion's Wan 2.1 (~30%) and MaxText's LLMs (50-65%): docs/scaling.md
 DEFAULT_MIN_HEADROOM = 0.10  # keep >= 10% of HBM free (runtime reservations, fragmentation, XLA drift)
-# Splash attention's executed matmuls in units of the forward's two (QK^T, PV): the backward runs a dq
-# kernel (QK^T, dO V^T, dS K) and a dkv kernel (QK^T, dO V^T, P^T dO, dS^T Q) = 7 matmuls = 3.5 forwards.
-SPLASH_BWD_PER_FWD = 3.5
-
-
-class TopologyError(ValueError):
-    """`--topology` names no known TPU slice, or libtpu's description disagrees with it."""
 
 
 class UncompilableError(RuntimeError):
     """The step cannot be compiled for a mesh at all (not a memory problem); the message names the field."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Topology:
-    """A resolved TPU slice: the name asked for, libtpu's topology name, chip spec and chip count."""
-
-    requested: str
-    name: str  # e.g. "v5p:4x4x8"
-    chip: ChipSpec
-    chips: int
-
-
-def parse_topology(text: str) -> Topology:
-    """`v5p-256` (Cloud accelerator type) or `v5p:4x4x8` (libtpu topology name) -> Topology.
-
-    Cloud names count TensorCores on v4/v5p (2 per chip) and chips on v5e/v6e, so v5p-256 is 128 chips.
-    """
-    raw = text.strip().lower()
-    m = re.fullmatch(r"([a-z0-9]+?)[:](\d+(?:x\d+)+)", raw)
-    if m:
-        gen, shape = CLOUD_ALIASES.get(m.group(1), m.group(1)), m.group(2)
-        if gen not in CHIPS:
-            raise TopologyError(f"--topology={text}: unknown TPU generation {m.group(1)!r}; known: {sorted(CHIPS)}")
-        chip = CHIPS[gen]
-        chips = math.prod(int(d) for d in shape.split("x"))
-        return Topology(text, f"{gen}:{shape}", chip, chips)
-    m = re.fullmatch(r"([a-z0-9]+?)-(\d+)", raw)
-    if not m:
-        raise TopologyError(f"--topology={text}: expected a Cloud name such as v5p-256 / v6e-256 or a libtpu "
-                            "topology such as v5p:4x4x8 / v6e:16x16")
-    gen = CLOUD_ALIASES.get(m.group(1), m.group(1))
-    if gen not in CHIPS:
-        raise TopologyError(f"--topology={text}: unknown TPU generation {m.group(1)!r}; known: {sorted(CHIPS)}")
-    chip, units = CHIPS[gen], int(m.group(2))
-    if units % chip.cloud_units_per_chip:
-        raise TopologyError(f"--topology={text}: {gen} names count {chip.cloud_units_per_chip} TensorCores per "
-                            f"chip, so the number must be a multiple of {chip.cloud_units_per_chip}")
-    chips = units // chip.cloud_units_per_chip
-    table = SHAPES_3D if chip.torus_dims == 3 else SHAPES_2D
-    if chips not in table:
-        raise TopologyError(f"--topology={text}: no standard {gen} slice of {chips} chips; known chip counts "
-                            f"{sorted(table)}, or give the shape, e.g. {gen}:{next(iter(table.values()))}")
-    return Topology(text, f"{gen}:{table[chips]}", chip, chips)
-
-
-def topology_devices(topo: Topology) -> list[Any]:
-    """The slice's abstract devices from libtpu; raises with an install hint when libtpu is missing."""
-    from jax.experimental import topologies
-
-    try:
-        extra = {"chip_config_name": topo.chip.chip_config} if topo.chip.chip_config else {}
-        desc = topologies.get_topology_desc(platform="tpu", topology_name=topo.name, **extra)
-    except Exception as e:  # noqa: BLE001 - libtpu raises several types; all mean "cannot describe"
-        raise TopologyError(f"--topology={topo.requested}: libtpu could not describe {topo.name!r} ({e}); "
-                            "install the pinned libtpu with `pip install -r requirements-tpu.txt`") from e
-    devices = list(desc.devices)
-    if len(devices) % topo.chips:
-        raise TopologyError(f"--topology={topo.requested}: libtpu gives {len(devices)} devices for {topo.chips} "
-                            "chips; expected a whole number of devices per chip")
-    return devices
-
-
-# -- FLOPs ------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class FlopParts:
-    """Forward FLOPs per sample, split the way XLA's cost analysis sees them (all from describe)."""
-
-    total: int  # describe.forward_flops
-    per_scanned_layer: int  # one of the num_layers - 1 scanned blocks (attention core included)
-    attention_core_per_layer: int  # QK^T and AV of one block (4 S^2 H D)
-    scanned_layers: int
-
-
-def flop_parts(mcfg: Any, shapes: Mapping[str, int]) -> FlopParts:
-    """Split `describe.forward_flops` into one scanned layer and the rest by differencing over num_layers,
-    so the split cannot drift from describe's formula."""
-    from mirage_jax.describe import count_tokens, forward_flops
-
-    total = forward_flops(mcfg, shapes)
-    scanned = mcfg.num_layers - 1 if mcfg.scan_layers else 0
-    per_layer = total - forward_flops(dataclasses.replace(mcfg, num_layers=mcfg.num_layers - 1), shapes) \
-        if mcfg.num_layers >= 2 else 0
-    attn = 4 * count_tokens(mcfg, shapes)["total"] ** 2 * mcfg.attn_dim
-    return FlopParts(total=total, per_scanned_layer=per_layer, attention_core_per_layer=attn, scanned_layers=scanned)
-
-
-def correct_compiled_flops(raw_total: float, parts: FlopParts, *, global_batch: int, grad_accum: int,
-                           num_layers: int, splash: bool, remat: bool, padded_tokens: int, attn_dim: int) -> float:
-    """XLA's count with loop bodies scaled by their trip counts and custom-kernel attention added.
-
-    XLA counts one scanned layer and one micro-batch. Of what it counts, the share of one scanned layer is
-    taken from the analytic split (same fwd/bwd/remat multipliers assumed for every part), so
-    corrected = raw * grad_accum * (rest + L_s * layer) / (rest + layer). With splash the kernel's matmuls
-    are invisible to XLA: they are added as executed (forward, a remat re-forward when `remat` -- i.e. the
-    policy does not save the kernel's named residuals, `model.dit.recomputes_attention` -- and 3.5 forwards
-    of backward) at the kernel's padded length.
-    """
-    visible_layer = parts.per_scanned_layer - (parts.attention_core_per_layer if splash else 0)
-    visible_total = parts.total - num_layers * (parts.attention_core_per_layer if splash else 0)
-    rest = visible_total - parts.scanned_layers * visible_layer
-    counted = rest + (visible_layer if parts.scanned_layers else 0)
-    corrected = raw_total * grad_accum * (visible_total / counted if counted > 0 else 1.0)
-    if splash:
-        per_sample = 4 * padded_tokens**2 * attn_dim * num_layers
-        corrected += global_batch * per_sample * (1.0 + SPLASH_BWD_PER_FWD + (1.0 if remat else 0.0))
-    return corrected
 
 
 # -- compile ----------------------------------------------------------------------------------------
@@ -198,13 +51,6 @@ def abstract_batch(setup: RunSetup, global_batch: int) -> dict[str, Any]:
 
     return {k: jax.ShapeDtypeStruct((global_batch, *shape), dtype, sharding=setup.batch_shardings[k])
             for k, (shape, dtype) in setup.batch_shapes.items()}
-
-
-def _cost(compiled: Any) -> dict[str, float]:
-    ca = compiled.cost_analysis()
-    if isinstance(ca, list | tuple):  # older jax: one dict per program
-        ca = ca[0] if ca else {}
-    return dict(ca or {})
 
 
 # The TPU compiler's out-of-memory messages, as libtpu 0.0.42.1 words them:
@@ -256,7 +102,7 @@ def plan(cfg: Any, topology: str, *, mfu: float = DEFAULT_MFU, min_headroom: flo
         "hbm_per_device_bytes": hbm, "usable_hbm_per_device_bytes": usable, "min_headroom": min_headroom,
         "analytic_flops": analytic, "peak_flops_per_device": peak, "mfu_assumed": mfu,
         "predicted_step_time_s": analytic / (n * peak * mfu),
-        "param_fallbacks": len(setup.layout.fallbacks), "activation_rules_warning": setup.act_warning,
+        "param_fallbacks": len(setup.layout.fallbacks),
     }
     t0 = time.perf_counter()
     try:
@@ -297,7 +143,7 @@ def plan(cfg: Any, topology: str, *, mfu: float = DEFAULT_MFU, min_headroom: flo
     # The donated state's outputs reuse its argument buffers (aliased): count them once.
     total = mem["arguments"] + mem["outputs"] - mem["aliased"] + mem["temporaries"] + mem["generated_code"]
     headroom = 1.0 - total / usable
-    raw = _cost(compiled).get("flops", 0.0) * n  # cost analysis is of the per-device (partitioned) program
+    raw = compiled_cost(compiled).get("flops", 0.0) * n  # cost analysis is of the per-device (partitioned) program
     splash = mcfg.attention_backend == "splash"
     corrected = correct_compiled_flops(
         raw, parts, global_batch=gb, grad_accum=accum, num_layers=mcfg.num_layers, splash=splash,
@@ -324,8 +170,6 @@ def format_report(r: Mapping[str, Any]) -> str:
         f"{r['global_batch_size']} in {r['grad_accum']} micro-batch(es); remat={r['remat_policy']}, "
         f"attention={r['attention_backend']}",
     ]
-    if r.get("activation_rules_warning"):
-        lines.append(f"warning: {r['activation_rules_warning']}")
     if not r["compiled"]:
         lines.append(f"DOES NOT FIT: the TPU compiler ran out of memory: {r.get('error', '')}")
         if r.get("compiler_hbm_bytes"):

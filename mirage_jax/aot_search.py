@@ -10,7 +10,7 @@ The idea is MaxText's estimator: rather than guess a remat policy and a layout, 
 `aot.plan`'s report of the config with `model.remat_policy`, `mesh.ici.sequence` and a global batch of
 `micro` samples per batch device x `accum` micro-batches (`train.global_batch_size`, `train.grad_accum`);
 fsdp takes the rest of the slice (`mesh.ici.fsdp=-1`). The MFU ceiling is analytic / executed FLOPs
-(`aot.correct_compiled_flops`); memory is the compiled per-device total. A point that does not compile
+(`aot_flops.correct_compiled_flops`); memory is the compiled per-device total. A point that does not compile
 (out of memory, a layout the mesh checks refuse) is listed with its reason and is never on the front.
 Each 10B compile takes minutes and several GB of host RAM: the sweep is sequential.
 """

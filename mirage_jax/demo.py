@@ -24,7 +24,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from typing import Any
 from absl import app, flags
 
 from configs import tiny
+from mirage_jax.train import drill
 
 flags.DEFINE_string("out", "demo_out", "Everything the demo writes goes under this directory.")
 flags.DEFINE_bool("fast", False, "Tiny sizes and a few steps: checks the path works, not that it learns.")
@@ -82,50 +82,31 @@ def _worth_showing(line: str) -> bool:
 
 
 def train_with_drill(cmd: list[str], workdir: str, stop_at: int | None) -> None:
-    """Run the training command; with `stop_at`, SIGTERM the launcher once metrics pass that step, check the
-    preemption save and clean exit, then run the same command again to resume."""
+    """Run the training command; with `stop_at`, SIGTERM the launcher once metrics pass that step
+    (`train.drill.preempt_at_step`), check the preemption save and clean exit, then run the same command again
+    to resume."""
     if stop_at is None:
         run(cmd, "train", quiet=True)
         return
-    metrics = os.path.join(workdir, "metrics.jsonl")
-    p = _stream(cmd, "train")
-    assert p.stdout is not None
-    os.set_blocking(p.stdout.fileno(), False)
-    signalled = False
-    while True:
-        line = p.stdout.readline()
-        if line:
-            if _worth_showing(line):
-                sys.stdout.write(f"[train] {line}")
-                sys.stdout.flush()
-            continue
-        if p.poll() is not None:
-            rest = p.stdout.read() or ""
-            for ln in rest.splitlines(keepends=True):
-                sys.stdout.write(f"[train] {ln}")
-            break
-        if not signalled and _last_step(metrics) >= stop_at:
-            print(f"[train] --- demo: step {_last_step(metrics)} reached: sending SIGTERM to the launcher "
-                  "(preemption drill) ---", flush=True)
-            p.send_signal(signal.SIGTERM)
-            signalled = True
-        time.sleep(0.2)
-    if p.returncode != 0:
-        raise SystemExit(f"demo: training exited with {p.returncode}")
-    if not signalled:
+    print(f"[train] $ {shlex.join(cmd)}", flush=True)
+
+    def echo(line: str) -> None:
+        if _worth_showing(line):
+            sys.stdout.write(f"[train] {line}")
+            sys.stdout.flush()
+
+    def announce(step: int) -> None:
+        print(f"[train] --- demo: step {step} reached: sending SIGTERM to the launcher (preemption drill) ---",
+              flush=True)
+
+    r = drill.preempt_at_step(cmd, workdir, stop_at, cwd=ROOT, on_line=echo, on_signal=announce)
+    if r.returncode != 0:
+        raise SystemExit(f"demo: training exited with {r.returncode}")
+    if r.signalled_at is None:
         print("[train] (training finished before the drill could preempt it)")
         return
     print("[train] --- demo: preempted run exited 0; resuming with the same command ---", flush=True)
     run(cmd, "train", quiet=True)
-
-
-def _last_step(metrics_path: str) -> int:
-    try:
-        with open(metrics_path) as f:
-            lines = f.read().strip().splitlines()
-        return int(json.loads(lines[-1])["step"]) if lines else 0
-    except (OSError, ValueError, KeyError):
-        return 0
 
 
 MARKER = ".mirage_demo"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -107,8 +106,7 @@ def describe(cfg: ModelConfig, shapes: Mapping[str, int]) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> None:
-    from absl import app, flags
-    from ml_collections import config_flags
+    from absl import flags
 
     del argv
     cfg = flags.FLAGS.config
@@ -128,7 +126,6 @@ def main(argv: list[str]) -> None:
         f" (but shapes.latent_frames={cfg.shapes.latent_frames}: set --config.shapes.latent_frames="
         f"{tm['latent_frames_of_audio']})")
     print(f"time map {tm['rule']}: {tm['audio_frames']} frames -> {tm['latent_frames_of_audio']} latent frames{note}")
-    _ = app, config_flags
 
 
 def _run() -> None:
@@ -142,4 +139,4 @@ def _run() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(_run())
+    _run()

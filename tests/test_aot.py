@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from mirage_jax import aot
+from mirage_jax import aot, aot_topology, chips
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,16 +22,16 @@ FLOPS_BAND = (0.9, 1.5)
 
 
 def test_cloud_names_resolve_to_topologies():
-    assert aot.parse_topology("v5p-256").name == "v5p:4x4x8"  # v5p counts TensorCores: 128 chips
-    assert aot.parse_topology("v5p-256").chips == 128
-    assert aot.parse_topology("v5p-512").name == "v5p:4x8x8"
-    assert aot.parse_topology("v6e-256").name == "v6e:16x16"  # v6e counts chips
-    assert aot.parse_topology("v5litepod-4").name == "v5e:2x2"
-    assert aot.parse_topology("v5p:4x4x8").chips == 128
-    with pytest.raises(aot.TopologyError, match="--topology=v5p-255"):
-        aot.parse_topology("v5p-255")
-    with pytest.raises(aot.TopologyError, match="unknown TPU generation"):
-        aot.parse_topology("v9-8")
+    assert aot_topology.parse_topology("v5p-256").name == "v5p:4x4x8"  # v5p counts TensorCores: 128 chips
+    assert aot_topology.parse_topology("v5p-256").chips == 128
+    assert aot_topology.parse_topology("v5p-512").name == "v5p:4x8x8"
+    assert aot_topology.parse_topology("v6e-256").name == "v6e:16x16"  # v6e counts chips
+    assert aot_topology.parse_topology("v5litepod-4").name == "v5e:2x2"
+    assert aot_topology.parse_topology("v5p:4x4x8").chips == 128
+    with pytest.raises(aot_topology.TopologyError, match="--topology=v5p-255"):
+        aot_topology.parse_topology("v5p-255")
+    with pytest.raises(aot_topology.TopologyError, match="unknown TPU generation"):
+        aot_topology.parse_topology("v9-8")
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +65,11 @@ def test_compiled_flops_match_the_analytic_count(tiny_report):
     ratio = r["compiled_flops_corrected"] / r["analytic_flops"]
     assert FLOPS_BAND[0] < ratio < FLOPS_BAND[1], ratio
     assert r["compiled_flops"] < r["compiled_flops_corrected"]  # the raw count misses 2 of 3 scanned layers
-    peak = 197e12
-    assert r["predicted_step_time_s"] == pytest.approx(r["analytic_flops"] / (4 * peak * r["mfu_assumed"]))
+    # aot takes the peak from the topology's chip (v5e); the runtime's MFU looks it up by the device kind libtpu
+    # reports: the two paths agree, and the predicted time is the analytic FLOPs at that peak and MFU
+    peak = chips.peak_flops(r["device_kind"])
+    assert peak > 0 and r["peak_flops_per_device"] == peak
+    assert r["predicted_step_time_s"] == pytest.approx(r["analytic_flops"] / (r["devices"] * peak * r["mfu_assumed"]))
 
 
 def test_a_layout_that_does_not_fit_is_reported_not_raised():

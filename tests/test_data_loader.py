@@ -1,5 +1,5 @@
 """The Grain loader: per-process slices partition the data, resume is exact, crop/pad and masks are right,
-and synthetic_batches has the loader's exact keys, shapes and dtypes."""
+and the trainer's synthetic source (`train.data.SyntheticSource`) has the loader's exact keys, shapes and dtypes."""
 
 import hashlib
 import logging
@@ -13,7 +13,7 @@ import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
 from data_pipeline import loader as loader_mod
-from data_pipeline import manifest, speech, synthetic_batches
+from data_pipeline import manifest, speech
 from data_pipeline.loader import checkpoint_args, make_loader, restore_state, save_state
 from data_pipeline.records import decode_record
 
@@ -140,11 +140,21 @@ def test_crop_and_pad_follow_the_records(prepared):
     assert not padded["video"][0, 25:].any() and not padded["audio"][0, 25:].any()
 
 
-def test_synthetic_batches_match_loader_keys_shapes_dtypes(prepared):
-    real = next(
-        iter(make_loader(prepared, global_batch_size=3, clip_frames=25, process_index=0, process_count=1))
-    )
-    fake_it = synthetic_batches(batch_size=3, clip_frames=25, seed=0)
+def test_synthetic_source_matches_loader_keys_shapes_dtypes(prepared):
+    """The trainer's two sources give the same batch: `data.source='synthetic'` and the Grain loader over the
+    shards, for a config that fits the shards' manifest (`data_fit.check` is the independent gate)."""
+    from configs.tiny import get_config
+    from mirage_jax.train import data_fit
+    from mirage_jax.train.data import RowRange, SyntheticSource, batch_shapes
+    from mirage_jax.train.grain_source import GrainSource
+
+    cfg = get_config()
+    cfg.shapes.latent_frames = cfg.shapes.audio_frames = 25
+    cfg.data.source = prepared
+    data_fit.check(cfg)
+    real = next(GrainSource(iter(
+        make_loader(prepared, global_batch_size=3, clip_frames=25, process_index=0, process_count=1))))
+    fake_it = SyntheticSource(batch_shapes(cfg), RowRange(0, 3, 3), seed=0)
     fake = next(fake_it)
     assert {k: (v.shape, v.dtype) for k, v in fake.items()} == {
         k: (v.shape, v.dtype) for k, v in real.items()
@@ -195,7 +205,7 @@ def test_batches_assemble_into_a_global_jax_array(prepared):
 
 def test_auto_verify_hashes_local_shards_and_checks_sizes_on_gcs():
     """'auto' must not download every shard per host on gs://, and must keep the sha256 check on local disk."""
-    from data_pipeline.loader import verify_level
+    from data_pipeline.shards import verify_level
 
     assert verify_level("/data/prepared", "auto") == "sha256"
     assert verify_level("gs://bkt/prepared", "auto") == "size"

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from data_pipeline import encoders, manifest, speech, tfio_backend
+from data_pipeline.examples import CorruptRecordError
 from data_pipeline.ingest import IngestConfig
-from data_pipeline.loader import CorruptRecordError, make_loader
+from data_pipeline.loader import make_loader
 from data_pipeline.prepare import run
 from data_pipeline.records import decode_record
 from data_pipeline.synthesize import synthesize

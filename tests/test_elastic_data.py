@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 from data_pipeline import manifest, speech
-from data_pipeline.loader import CorruptRecordError, ShardSource, make_loader
+from data_pipeline.examples import CorruptRecordError
+from data_pipeline.loader import make_loader
 from data_pipeline.order import DataStateError
 from data_pipeline.records import decode_record
+from data_pipeline.shards import ShardSource
 
 pytestmark = pytest.mark.skipif(not speech.espeak_available(), reason="espeak-ng not installed (make sysdeps)")
 

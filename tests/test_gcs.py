@@ -14,8 +14,8 @@ import sys
 import numpy as np
 import pytest
 
+from data_pipeline.storage import StorageError, check_storage
 from mirage_jax.emulator import GcsEmulator, clear_gcsfs_cache
-from mirage_jax.paths import StorageError, check_storage
 from mirage_jax.train.testing import ROOT, run_cli
 
 pytest.importorskip("gcsfs")

@@ -96,27 +96,19 @@ def test_resume_on_one_process_two_meshes_same_next_loss(two_process_run, tmp_pa
 @pytest.mark.slow
 def test_sigterm_to_launcher_saves_on_every_process_and_exits_zero(tmp_path, cache):
     import os
-    import signal
-    import subprocess
     import sys
-    import time
 
-    from mirage_jax.train.testing import ROOT, cli_args, read_metrics
+    from mirage_jax.train import drill
+    from mirage_jax.train.testing import ROOT, cli_args
 
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
     cmd = [sys.executable, str(ROOT / "launch" / "local.py"), "--processes=2", "--devices-per-process=4", "--",
            sys.executable, *cli_args(tmp_path, train__steps=10_000, checkpoint__save_every=10_000,
                                      mesh__ici__data=2, mesh__ici__fsdp=-1)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 400
-    while time.time() < deadline and proc.poll() is None:
-        if (tmp_path / "metrics.jsonl").exists() and len(read_metrics(tmp_path)) >= 3:
-            break
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=400)[0]
-    assert proc.returncode == 0, out[-4000:]
+    r = drill.preempt_at_step(cmd, tmp_path, 3, cwd=ROOT, env=env, timeout=400, poll_s=0.5)
+    out = r.output
+    assert r.returncode == 0, out[-4000:]
     assert out.count("PREEMPTED (clean exit)") == 2 and "[launcher] exit statuses [0, 0]" in out
     steps = [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(steps) == 1 and int(steps[0]) >= 3

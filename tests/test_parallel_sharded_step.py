@@ -29,7 +29,7 @@ def loss_and_grads(ici: dict[str, int], devices) -> tuple[float, dict, object]:
     cfg.mesh.ici.update(ici)
     mesh = mesh_lib.build_mesh(cfg.mesh, devices)
     prules = rules_lib.normalize_rules(cfg.mesh.rules.params, "p", mesh)
-    arules, _ = rules_lib.effective_activation_rules(rules_lib.normalize_rules(cfg.mesh.rules.activations, "a", mesh))
+    arules = rules_lib.normalize_rules(cfg.mesh.rules.activations, "a", mesh)
     mcfg, dcfg = ModelConfig.from_config(cfg.model), DiffusionConfig.from_config(cfg.diffusion)
     layout = state_lib.StateLayout(mcfg, optim.make_optimizer(cfg.optim, 1.0, 10), mesh, prules, 0)
     state = layout.create()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from data_pipeline.encoders.time_map import TimeMap
-from data_pipeline.loader import crop_or_pad
+from data_pipeline.examples import crop_or_pad
 from helpers import small_config
 from mirage_jax.config import ConfigError
 from mirage_jax.model import rope as rope_lib

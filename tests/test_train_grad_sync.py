@@ -27,7 +27,7 @@ def setup(grad_sync: str, accum: int, ici: dict[str, int] | None = None):
     cfg.mesh.ici.update(ici or dict(data=-1, fsdp=1, sequence=1, tensor=1))
     mesh = mesh_lib.build_mesh(cfg.mesh, jax.devices())
     prules = rules_lib.normalize_rules(cfg.mesh.rules.params, "p", mesh)
-    arules, _ = rules_lib.effective_activation_rules(rules_lib.normalize_rules(cfg.mesh.rules.activations, "a", mesh))
+    arules = rules_lib.normalize_rules(cfg.mesh.rules.activations, "a", mesh)
     mcfg, dcfg = ModelConfig.from_config(cfg.model), DiffusionConfig.from_config(cfg.diffusion)
     schedule = optim.learning_rate_schedule(cfg.optim, 10)
     layout = state_lib.StateLayout(mcfg, optim.make_optimizer(cfg.optim, 1.0, 10), mesh, prules, 0)

@@ -7,13 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mirage_jax.train.testing import ROOT, cli_args, load_params, loss_at, read_metrics, run_cli
+from mirage_jax.train import drill
+from mirage_jax.train.testing import ROOT, cli_args, load_params, loss_at, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -55,16 +55,10 @@ def test_sigterm_saves_exits_zero_and_resumes_at_that_step(tmp_path, cache):
                JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
     cmd = [sys.executable, *cli_args(tmp_path, train__steps=10_000, checkpoint__save_every=10_000)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (tmp_path / "metrics.jsonl").exists() and len(read_metrics(tmp_path)) >= 3:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.communicate()[0][-3000:]
-    proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 0, out[-3000:]
+    r = drill.preempt_at_step(cmd, tmp_path, 3, cwd=ROOT, env=env, timeout=300)
+    out = r.output
+    assert r.signalled_at is not None, out[-3000:]  # still running at step 3
+    assert r.returncode == 0, out[-3000:]
     assert "PREEMPTED (clean exit)" in out
     saved = committed_steps(tmp_path)
     assert len(saved) == 1 and saved[0] >= 3

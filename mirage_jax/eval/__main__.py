@@ -41,7 +41,7 @@ def main(argv: Sequence[str]) -> None:
     from mirage_jax.sampling import SamplingSettings
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO
-    from mirage_jax.paths import exit_on_storage_error
+    from data_pipeline.storage import exit_on_storage_error
 
     F = flags.FLAGS
     exit_on_storage_error("eval", F.checkpoint, F.data, F.train_data)

@@ -20,10 +20,11 @@ import numpy as np
 from etils import epath
 from safetensors.numpy import save_file
 
+from data_pipeline.storage import is_remote
 from mirage_jax.config import ModelConfig
 from mirage_jax.export.torch_model import INDEX_NAME
 from mirage_jax.interop.mochi import mochi_rows
-from mirage_jax.paths import is_remote, upload_dir
+from mirage_jax.paths import upload_dir
 
 Path = tuple[str, ...]
 DTYPES = {"fp32": np.float32, "bf16": ml_dtypes.bfloat16}

@@ -120,6 +120,3 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, backend
         raise ValueError(f"model.attention_backend: unknown backend {backend!r}; "
                          "use one of 'xla', 'dot_product', 'cudnn', 'splash'")
     return out * mask[:, :, None, None].astype(out.dtype)
-
-
-splash_available = functools.partial(lambda: _splash is not None)

@@ -91,38 +91,3 @@ def param_specs(abstract_state: Any, rules: Rules, mesh: Mesh) -> tuple[Any, lis
 def named(mesh: Mesh, specs: Any) -> Any:
     """NamedSharding tree for a PartitionSpec tree."""
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
-
-
-def batch_spec(rules: Rules, ndim: int) -> PartitionSpec:
-    """Input batches: the leading (batch) dimension on the `batch` rule's axes, the rest replicated."""
-    return PartitionSpec(dict(rules).get("batch"), *([None] * (ndim - 1)))
-
-
-def effective_activation_rules(rules: Rules) -> tuple[Rules, str | None]:
-    """The activation rules the model can use, and a warning when they had to be weakened.
-
-    The model constrains attention outputs as ("batch", "seq", "act_heads", None): Ulysses needs
-    `act_heads` to include the `seq` axes inside attention and to drop them there. When the model's
-    `sharding.logical_to_spec` does not drop mesh axes already used by an earlier dimension, that spec
-    is invalid, so `act_heads` loses the `seq` axes (attention then gathers the sequence instead of
-    re-sharding it: correct, but no context parallelism inside attention).
-    """
-    from flax.core import spmd as core_spmd
-
-    from mirage_jax.parallel.sharding import logical_to_spec
-
-    with core_spmd.logical_axis_rules(rules):
-        spec = logical_to_spec(("batch", "seq", "act_heads", None))
-    seen: list[str] = []
-    for entry in spec or ():
-        seen.extend(_as_tuple(entry))
-    if len(seen) == len(set(seen)):
-        return rules, None
-    table = dict(rules)
-    seq_axes = set(_as_tuple(table.get("seq")))
-    heads = tuple(a for a in _as_tuple(table.get("act_heads")) if a not in seq_axes)
-    new = tuple((n, (heads[0] if len(heads) == 1 else heads or None) if n == "act_heads" else a) for n, a in rules)
-    return new, (f"mesh.rules.activations: act_heads={table.get('act_heads')} repeats the `seq` axes "
-                 f"{sorted(seq_axes)} in the attention-output constraint, which the model's "
-                 f"sharding.logical_to_spec does not de-duplicate; using act_heads={dict(new)['act_heads']} "
-                 "(attention gathers the sequence: no Ulysses re-sharding)")

@@ -1,6 +1,22 @@
 """The distributed training runtime: `python -m mirage_jax.train --config=... --workdir=...`.
 
-Modules, one job each: `distributed` (multi-host init), `state` (sharded train state), `optim` (AdamW
-schedule), `step` (the jitted update), `data` (synthetic / Grain batches -> global arrays), `checkpoint`
-(Orbax manager, resume checks), `preemption`, `metrics`, `loop` (ties them together), `cli` (flags).
+Modules, one job each:
+- `__main__`: the CLI (flags, one-line errors, exit codes);
+- `distributed`: join the processes of a multi-host run (`jax.distributed.initialize`);
+- `setup`: `RunSetup`, everything derived from the config before data or checkpoints (mesh, rules, layout,
+  optimizer, batch shapes and shardings, the jitted step);
+- `state`: the train state and `StateLayout` (abstract shapes, shardings, sharded creation);
+- `optim`: AdamW with warmup + cosine decay, clipping;
+- `step`: the jitted update (gradient accumulation, EMA, NaN/Inf guard);
+- `data`: batch shapes, which rows a process feeds, the synthetic source, per-process rows -> global arrays;
+- `data_fit`: does the config fit the prepared dataset's manifest (checked before compiling);
+- `grain_source`: the Grain loader of `data_pipeline` as the loop's data source;
+- `checkpoint`: the Orbax checkpoint store of a workdir (state, data state, config, meta);
+- `resume`: restore the newest committed checkpoint or initialize, with the config-change checks;
+- `preemption`: SIGTERM -> save the newest completed step -> exit 0;
+- `metrics`: console, TensorBoard and JSONL metrics, throughput and MFU;
+- `loop`: the `Trainer` that ties them together;
+- `drill`: a preemption drill from outside a run (start it, SIGTERM at a logged step), for the demo and tests;
+- `chaos`: the chaos drill (`python -m mirage_jax.train.chaos`: random kills of a 2-process job);
+- `testing`: the tests' fast config and CLI runner (moving under tests/).
 """

@@ -58,8 +58,8 @@ def main(argv: list[str]) -> None:
     distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
 
     from data_pipeline.order import DataStateError
+    from data_pipeline.storage import exit_on_storage_error
     from mirage_jax.config import ConfigError
-    from mirage_jax.paths import exit_on_storage_error
     from mirage_jax.train.checkpoint import CheckpointSaveError
     from mirage_jax.train.loop import NonFiniteError, Trainer
     from mirage_jax.train.resume import ConfigChangeError

@@ -36,6 +36,7 @@ import threading
 import time
 from pathlib import Path
 
+from mirage_jax.train.drill import last_logged_step
 from mirage_jax.train.testing import FAST_OVERRIDES, ROOT, load_params
 
 GRACE_S = 60.0  # a SIGTERM must end the job within this (a pod's grace period is typically 30-120 s)
@@ -75,12 +76,6 @@ def committed_steps(workdir: Path) -> list[int]:
     """Steps whose directory has its final name (Orbax renames a finished save into place)."""
     d = workdir / "checkpoints"
     return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
-
-
-def last_logged_step(workdir: Path) -> int:
-    path = workdir / "metrics.jsonl"
-    steps = re.findall(r'"step": (\d+)', path.read_text()) if path.exists() else []
-    return max((int(s) for s in steps), default=0)
 
 
 def _proc_table() -> dict[int, tuple[int, str]]:

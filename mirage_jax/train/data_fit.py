@@ -73,7 +73,7 @@ def check(cfg: Any) -> None:
     source = cfg.data.source
     if source == "synthetic":
         return
-    from data_pipeline.loader import resolve_shards
+    from data_pipeline.shards import resolve_shards
 
     manifest = resolve_shards(source, verify="none").manifest
     bad = mismatches(cfg, manifest)

@@ -43,8 +43,6 @@ class Trainer(RunSetup):
         super().__init__(cfg)
         self.workdir = workdir
         self.allow_config_change = allow_config_change or bool(cfg.checkpoint.allow_config_change)
-        if self.act_warning:
-            logging.warning("%s", self.act_warning)
         self.rows = data_lib.process_rows(self.mesh, self.batch_axes, int(cfg.train.global_batch_size))
 
     def _log_setup(self) -> None:

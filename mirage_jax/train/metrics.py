@@ -3,7 +3,7 @@
 Throughput numbers: tokens/s/device counts every token the DiT attends over (video, reference, audio,
 text); model TFLOP/s/device uses the analytic train FLOPs of `mirage_jax.describe.count_flops` (remat
 recomputation not counted), and MFU divides that by `metrics.peak_flops_per_device` (or the device
-kind's bf16 peak from PEAK_FLOPS when that is 0).
+kind's bf16 peak from `mirage_jax.chips.PEAK_FLOPS` when that is 0).
 """
 
 from __future__ import annotations
@@ -17,21 +17,15 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from mirage_jax.chips import peak_flops
 from mirage_jax.paths import AppendLog
-
-# bf16 dense peak per JAX device (TPU v4/v5p: one device per chip; v5e/v6e: per chip)
-PEAK_FLOPS = {
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
-    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12,
-    "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12,
-}
 
 
 def peak_flops_per_device(configured: float) -> float:
-    """The configured peak, else the table's value for this device kind, else 0 (MFU not reported)."""
+    """The configured peak, else `chips.peak_flops` of this device kind, else 0 (MFU not reported)."""
     if configured and configured > 0:
         return float(configured)
-    return PEAK_FLOPS.get(jax.devices()[0].device_kind, 0.0)
+    return peak_flops(jax.devices()[0].device_kind)
 
 
 def throughput_model(cfg: Any) -> tuple[int, int]:
@@ -82,10 +76,6 @@ class MetricsWriter:
                                                         "tokens_per_s_per_device", "tflops_per_device", "mfu")
                          if k in flat)
         logging.info("step %d: %s", step, shown)
-
-    def log_text(self, message: str) -> None:
-        if self.enabled:
-            logging.info("%s", message)
 
     def close(self) -> None:
         if self.tb is not None:

@@ -37,8 +37,7 @@ class RunSetup:
             data_fit.check(cfg)  # clip shapes and time map vs the dataset's manifest.json, before any compile
         self.mesh = mesh_lib.build_mesh(cfg.mesh, devices)
         self.param_rules = rules_lib.normalize_rules(cfg.mesh.rules.params, "mesh.rules.params", self.mesh)
-        self.act_rules, self.act_warning = rules_lib.effective_activation_rules(
-            rules_lib.normalize_rules(cfg.mesh.rules.activations, "mesh.rules.activations", self.mesh))
+        self.act_rules = rules_lib.normalize_rules(cfg.mesh.rules.activations, "mesh.rules.activations", self.mesh)
         tc = cfg.train
         checks.check_layout(self.mesh, self.act_rules, self.mcfg.num_heads, int(tc.global_batch_size),
                             int(tc.grad_accum))

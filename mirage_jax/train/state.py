@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 
 from mirage_jax.config import ModelConfig
 from mirage_jax.parallel import rules as rules_lib
@@ -128,7 +128,3 @@ class StateLayout:
 
     def param_count(self) -> int:
         return sum(int(x.size) for x in jax.tree.leaves(self.abstract.params))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())

@@ -27,7 +27,7 @@ flags.mark_flags_as_required(["source", "out"])
 
 def main(argv: list[str]) -> None:
     del argv
-    from mirage_jax.paths import exit_on_storage_error
+    from data_pipeline.storage import exit_on_storage_error
     from mirage_jax.train import distributed
     from mirage_jax.warm_start import SourceError, WarmStartError, warm_start
 

@@ -20,7 +20,7 @@ import numpy as np
 from etils import epath
 from safetensors import SafetensorError, safe_open
 
-from mirage_jax.paths import is_remote
+from data_pipeline.storage import is_remote
 
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 SINGLE_NAME = "diffusion_pytorch_model.safetensors"

@@ -1,0 +1,140 @@
+"""`python -m data_pipeline.prepare`'s flags, and the IngestConfig they describe (encoder params per encoder,
+weight folders made absolute so the manifest can rebuild the encoders from any directory)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from absl import app, flags
+
+from data_pipeline.ingest import DEFAULT_HELD_BYTES, IngestConfig
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    flags.DEFINE_string(
+        "input", None, "Source videos: a directory (searched recursively) or a glob.", required=True
+    )
+    flags.DEFINE_string(
+        "output", None, "Output directory for shards + manifest.json (local or gs://).", required=True
+    )
+    flags.DEFINE_string(
+        "runner",
+        "local",
+        "'local' (in-process FnApiRunner) or a Beam runner name: DirectRunner, "
+        "DataflowRunner, FlinkRunner, SparkRunner, PortableRunner. Extra Beam flags go after `--`.",
+    )
+    flags.DEFINE_float("clip_seconds", 2.0, "Clip length in seconds (at 25 fps).")
+    flags.DEFINE_float(
+        "min_seconds", None, "Keep a source's tail if at least this long (default: --clip-seconds)."
+    )
+    flags.DEFINE_string(
+        "size",
+        None,
+        "Training frame size WxH: each source (display orientation) is scaled to cover it and cropped "
+        "(--crop). Default: the sources' own size, which must then be the same for all.",
+    )
+    flags.DEFINE_string("crop", "center", "Crop policy with --size: center, or one registered with "
+                        "data_pipeline.geometry.register_crop (e.g. a face-centred crop).")
+    flags.DEFINE_integer(
+        "max_held_mb", DEFAULT_HELD_BYTES >> 20, "Decoded frames one source may hold in memory (MiB); "
+        "past it reference frames are fetched by seeking (same output)."
+    )
+    flags.DEFINE_string("video_encoder", "s2d", "Video encoder name: s2d, dct, or mochi_vae (docs/encoders.md).")
+    flags.DEFINE_integer("spatial_factor", 8, "s2d / dct: spatial factor (block size in pixels).")
+    flags.DEFINE_integer("dct_luma", 10, "dct: luma DCT coefficients kept per block (zig-zag order).")
+    flags.DEFINE_integer("dct_chroma", 3, "dct: coefficients kept per chroma channel.")
+    flags.DEFINE_integer("temporal_factor", 1, "s2d: temporal factor.")
+    flags.DEFINE_string(
+        "video_weights", None, "mochi_vae: diffusers VAE folder (config.json + diffusion_pytorch_model.safetensors)."
+    )
+    flags.DEFINE_integer("vae_tile", 256, "mochi_vae: spatial tile in pixels (0: none).")
+    flags.DEFINE_integer("vae_tile_stride", 192, "mochi_vae: tile stride in pixels (overlap is blended).")
+    flags.DEFINE_integer("vae_encode_chunk_latents", 0, "mochi_vae: latent frames per encoder chunk (0: whole clip).")
+    flags.DEFINE_integer("vae_decode_chunk_latents", 4, "mochi_vae: latent frames per decoder chunk (0: whole clip).")
+    flags.DEFINE_integer(
+        "vae_chunk_frames", 0, "mochi_vae time map: 0 encodes each clip whole and causally (100 frames -> 17 "
+        "latents, causal:6); 25 encodes independent 25-frame chunks (100 -> 20, causal:6/25: configs/mirage_10b.py)."
+    )
+    flags.DEFINE_string("audio_encoder", "logmel", "Audio encoder name: logmel, or wav2vec2 (docs/encoders.md).")
+    flags.DEFINE_integer("n_mels", 80, "logmel: mel bands.")
+    flags.DEFINE_string("audio_weights", None, "wav2vec2: folder with config.json + model.safetensors.")
+    flags.DEFINE_string("text_encoder", "hash", "Text encoder name: hash, or t5 (docs/encoders.md).")
+    flags.DEFINE_integer("text_len", 32, "hash, t5: tokens L (Mochi's T5: 256).")
+    flags.DEFINE_string("text_weights", None, "t5: folder with config.json + model*.safetensors (T5EncoderModel).")
+    flags.DEFINE_string("text_tokenizer", None, "t5: folder with tokenizer.json (default: weights, ../tokenizer).")
+    flags.DEFINE_integer("text_dim", 64, "hash: embedding width D.")
+    flags.DEFINE_list(
+        "filters", [], "Quality filters by name (data_pipeline.filters): silence, static, black."
+    )
+    flags.DEFINE_enum("audio_backend", "pyav", ["pyav", "tfio"], "Audio decode/resample backend.")
+    flags.DEFINE_string(
+        "tfio_python",
+        None,
+        "Python of the tensorflow-io venv (default $MIRAGE_TFIO_PYTHON or .venv-tfio/bin/python).",
+    )
+    flags.DEFINE_integer("records_per_shard", 64, "Records per ArrayRecord shard.")
+    flags.DEFINE_integer("batch_sources", 8, "Sources per Beam work item (and per tfio subprocess).")
+    flags.DEFINE_integer("seed", 0, "Seed for reference-frame choice.")
+    flags.DEFINE_bool("force", False, "Rewrite even if the output is up to date.")
+
+
+def _weights_flag(flag: str, encoder: str) -> str:
+    value = getattr(FLAGS, flag)
+    if not value:
+        raise app.UsageError(f"--{encoder} needs --{flag.replace('_', '-')}=<weights folder>; see docs/encoders.md")
+    return os.path.abspath(os.path.expanduser(value))  # the manifest must rebuild it from any directory
+
+
+def encoder_params_from_flags() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Video, audio and text encoder params from the flags of the chosen encoders (paths made absolute)."""
+    video: dict[str, Any] = {}
+    if FLAGS.video_encoder == "s2d":
+        video = {"spatial_factor": FLAGS.spatial_factor, "temporal_factor": FLAGS.temporal_factor}
+    elif FLAGS.video_encoder == "dct":
+        video = {"spatial_factor": FLAGS.spatial_factor, "luma": FLAGS.dct_luma, "chroma": FLAGS.dct_chroma}
+    elif FLAGS.video_encoder == "mochi_vae":
+        video = {
+            "weights": _weights_flag("video_weights", "video-encoder=mochi_vae"),
+            "tile": FLAGS.vae_tile,
+            "tile_stride": FLAGS.vae_tile_stride,
+            "encode_chunk_latents": FLAGS.vae_encode_chunk_latents,
+            "decode_chunk_latents": FLAGS.vae_decode_chunk_latents,
+            "chunk_frames": FLAGS.vae_chunk_frames,
+        }
+    audio: dict[str, Any] = {}
+    if FLAGS.audio_encoder == "logmel":
+        audio = {"n_mels": FLAGS.n_mels}
+    elif FLAGS.audio_encoder == "wav2vec2":
+        audio = {"weights": _weights_flag("audio_weights", "audio-encoder=wav2vec2")}
+    text: dict[str, Any] = {}
+    if FLAGS.text_encoder == "hash":
+        text = {"max_len": FLAGS.text_len, "dim": FLAGS.text_dim}
+    elif FLAGS.text_encoder == "t5":
+        tok = os.path.abspath(os.path.expanduser(FLAGS.text_tokenizer)) if FLAGS.text_tokenizer else ""
+        weights = _weights_flag("text_weights", "text-encoder=t5")
+        text = {"weights": weights, "tokenizer": tok, "max_len": FLAGS.text_len}
+    return video, audio, text
+
+
+def config_from_flags() -> IngestConfig:
+    from data_pipeline.synthesize import parse_size
+
+    video_params, audio_params, text_params = encoder_params_from_flags()
+    return IngestConfig(
+        clip_seconds=FLAGS.clip_seconds,
+        min_seconds=FLAGS.min_seconds,
+        size=parse_size(FLAGS.size) if FLAGS.size else None,
+        crop=FLAGS.crop,
+        video_encoder=FLAGS.video_encoder,
+        video_params=tuple(sorted(video_params.items())),
+        audio_encoder=FLAGS.audio_encoder,
+        audio_params=tuple(sorted(audio_params.items())),
+        text_encoder=FLAGS.text_encoder,
+        text_params=tuple(sorted(text_params.items())),
+        filters=tuple(FLAGS.filters),
+        audio_backend=FLAGS.audio_backend,
+        seed=FLAGS.seed,
+    )

@@ -43,7 +43,6 @@ from data_pipeline.shards import ShardSet, ShardSource, resolve_shards
 log = logging.getLogger(__name__)
 
 
-
 class _Watchdog:
     """One daemon thread that warns (logging) while a batch is overdue."""
 

@@ -48,6 +48,7 @@ import numpy as np
 from data_pipeline.encoders.base import EncoderSpec, check_params
 from data_pipeline.encoders.time_map import TimeMap
 from data_pipeline.encoders.weights import load_weights, take
+from data_pipeline.safetensors_reader import SINGLE_NAME
 
 VERSION = "1"
 DEFAULTS: dict[str, Any] = {
@@ -62,7 +63,7 @@ DEFAULTS: dict[str, Any] = {
     "chunk_frames": 0,
 }
 _HI = jax.lax.Precision.HIGHEST
-_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors")
+_WEIGHT_FILES = (SINGLE_NAME, f"vae/{SINGLE_NAME}")
 
 
 @dataclasses.dataclass(frozen=True)

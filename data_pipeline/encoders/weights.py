@@ -3,75 +3,21 @@
 Frozen encoders with learned weights (`mochi_vae`, `wav2vec2`, `t5`) load the layouts their PyTorch owners
 publish: diffusers' `vae/diffusion_pytorch_model.safetensors` + `config.json`, transformers'
 `model.safetensors` (or sharded `model-0000N-of-0000M.safetensors` + index) + `config.json`. Tensors are
-read with our own small safetensors parser over a memory map, so bf16/fp16 files work without torch and
-nothing is ever unpickled; every tensor comes back as float32 numpy.
+read with the one safetensors reader (`data_pipeline.safetensors_reader`: safetensors' memory-mapped
+`safe_open`), so bf16/fp16 files work without torch and nothing is ever unpickled; every tensor comes back
+as float32 numpy.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import struct
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
-_DTYPES = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": np.uint16,  # widened to float32 by a 16-bit shift
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-}
-
-
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """All tensors of one .safetensors file as float32 numpy arrays (bf16/fp16 widened), keyed by name."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-        (n,) = struct.unpack("<Q", head)
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not a safetensors file (header is not JSON: {e})") from e
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
-    out: dict[str, np.ndarray] = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dt = _DTYPES.get(info["dtype"])
-        if dt is None:
-            raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which this reader does not know")
-        lo, hi = info["data_offsets"]
-        raw = np.frombuffer(data[lo:hi], dtype=dt).reshape(info["shape"])
-        if info["dtype"] == "BF16":
-            arr = (raw.astype(np.uint32) << 16).view(np.float32)
-        else:
-            arr = raw.astype(np.float32)
-        out[name] = arr
-    return out
-
-
-def _safetensors_files(folder: str, preferred: Iterable[str]) -> list[str]:
-    for name in preferred:
-        p = os.path.join(folder, name)
-        if os.path.isfile(p):
-            return [p]
-        index = p + ".index.json"
-        if os.path.isfile(index):
-            with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-            return [os.path.join(folder, s) for s in shards]
-    found = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
-    return [os.path.join(folder, n) for n in found]
+from data_pipeline.safetensors_reader import SafetensorsReader, weight_files
 
 
 def load_weights(
@@ -92,7 +38,7 @@ def load_weights(
             )
         folder, files = os.path.dirname(weights) or ".", [weights]
     elif os.path.isdir(weights):
-        folder, files = weights, _safetensors_files(weights, preferred)
+        folder, files = weights, list(weight_files(weights, preferred))
         if not files:
             pickles = [n for n in os.listdir(weights) if n.endswith((".bin", ".pt", ".ckpt", ".pth"))]
             hint = (
@@ -108,10 +54,9 @@ def load_weights(
         raise FileNotFoundError(f"{what}: {cfg_path} is missing; the weights folder needs its config.json")
     with open(cfg_path) as f:
         config = json.load(f)
-    tensors: dict[str, np.ndarray] = {}
-    for p in files:
-        tensors.update(read_safetensors(p))
-    return tensors, config, ", ".join(files)
+    reader = SafetensorsReader(files)
+    tensors = {name: np.asarray(reader.read(name), dtype=np.float32) for name in sorted(reader.names())}
+    return tensors, config, ", ".join(map(str, files))
 
 
 def take(tensors: dict[str, np.ndarray], name: str, shape: tuple[int, ...], source: str) -> np.ndarray:

@@ -23,10 +23,10 @@ from torch import nn
 
 from data_pipeline.batch_keys import STREAMS
 from data_pipeline.encoders.time_map import TimeMap
+from data_pipeline.safetensors_reader import INDEX_NAME, SINGLE_NAME, SafetensorsReader, weight_files
+from mirage_jax.config import ModelConfig  # jax-free: the SwiGLU width is ModelConfig.mlp_hidden
 
 NORM_EPS, QK_EPS = 1e-6, 1e-5
-INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
-SINGLE_NAME = "diffusion_pytorch_model.safetensors"
 
 
 @dataclass
@@ -41,10 +41,6 @@ def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 def _mod_rms(x: torch.Tensor, scale: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
     return (_rms(x, eps) * scale.float()).to(x.dtype)
-
-
-def _mlp_hidden(dim: int, ratio: float) -> int:
-    return int(ratio * dim * 2) // 3
 
 
 class _Weight(nn.Module):
@@ -111,13 +107,13 @@ class _Block(nn.Module):
         self.norm1 = _Linear(vd, 4 * vd)
         self.norm1_context = _Linear1(vd, td) if last else _Linear(vd, 4 * td)
         self.attn1 = _Attention(c, last)
-        self.ff = _FeedForward(vd, _mlp_hidden(vd, c["mlp_ratio_video"]))
+        self.ff = _FeedForward(vd, ModelConfig.mlp_hidden(vd, c["mlp_ratio_video"]))
         if not last:
-            self.ff_context = _FeedForward(td, _mlp_hidden(td, c["mlp_ratio_text"]))
+            self.ff_context = _FeedForward(td, ModelConfig.mlp_hidden(td, c["mlp_ratio_text"]))
         if c["use_audio"]:
             self.norm1_audio = _Linear1(vd, ad) if last else _Linear(vd, 4 * ad)
             if not last:
-                self.ff_audio = _FeedForward(ad, _mlp_hidden(ad, c["mlp_ratio_audio"]))
+                self.ff_audio = _FeedForward(ad, ModelConfig.mlp_hidden(ad, c["mlp_ratio_audio"]))
 
     def _qkv(self, x, c, mod, q, k, v, qn, kn, pre_only):
         mods = mod(F.silu(c)).chunk(1 if pre_only else 4, dim=-1)
@@ -236,9 +232,10 @@ class MirageTransformer(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu") -> MirageTransformer:
-        """Load config.json + safetensors (one file or shards with the index) written by mirage_jax.export."""
-        from safetensors.torch import load_file
+        """Load config.json + safetensors (one file or shards with the index) written by mirage_jax.export.
 
+        Raises FileNotFoundError if config.json or the weights are missing, SafetensorsError (a ValueError)
+        naming the file if the index names a missing shard or a file is unreadable."""
         path = os.fspath(path)
         cfg_path = os.path.join(path, "config.json")
         if not os.path.exists(cfg_path):
@@ -247,19 +244,13 @@ class MirageTransformer(nn.Module):
             config = json.load(f)
         with torch.device("meta"):
             model = cls(config)
-        index = os.path.join(path, INDEX_NAME)
-        if os.path.exists(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        else:
-            files = [SINGLE_NAME]
-        state: dict[str, torch.Tensor] = {}
-        for fname in files:
-            fpath = os.path.join(path, fname)
-            if not os.path.exists(fpath):
-                raise FileNotFoundError(f"{fpath}: named by {index} but missing")
-            state.update(load_file(fpath, device=str(device)))
-        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+        files = weight_files(path)
+        if not files:
+            raise FileNotFoundError(f"{path}: no {SINGLE_NAME} and no {INDEX_NAME}; point from_pretrained at a "
+                                    "mirage_jax export folder")
+        reader = SafetensorsReader(files, framework="pt", device=str(device))
+        state = {name: reader.read(name).to(dtype) for name in reader.names()}
+        model.load_state_dict(state, strict=True, assign=True)
         return model.eval()
 
     # -- forward ----------------------------------------------------------------------------------

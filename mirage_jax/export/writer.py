@@ -20,9 +20,9 @@ import numpy as np
 from etils import epath
 from safetensors.numpy import save_file
 
+from data_pipeline.safetensors_reader import INDEX_NAME
 from data_pipeline.storage import is_remote
 from mirage_jax.config import ModelConfig
-from mirage_jax.export.torch_model import INDEX_NAME
 from mirage_jax.interop.mochi import mochi_rows
 from mirage_jax.paths import upload_dir
 
@@ -32,17 +32,6 @@ DTYPES = {"fp32": np.float32, "bf16": ml_dtypes.bfloat16}
 
 class ExportError(ValueError):
     """The export cannot be written as asked; the message names the path or tensor."""
-
-
-def _inverse(fn: str, value: np.ndarray, cfg: ModelConfig) -> np.ndarray:
-    if fn == "id":
-        return value
-    if fn == "T":
-        return value.T
-    if fn == "conv_patch":  # (p*p*C, D) -> torch Conv2d (D, C, p, p)
-        p = cfg.patch_size
-        return value.reshape(p, p, -1, value.shape[-1]).transpose(3, 2, 0, 1)
-    raise ValueError(f"no inverse for transform {fn!r}")
 
 
 def torch_config(cfg: ModelConfig) -> dict[str, Any]:
@@ -63,7 +52,7 @@ def torch_config(cfg: ModelConfig) -> dict[str, Any]:
 
 def iter_tensors(get_leaf: Callable[[Path], Any], cfg: ModelConfig):
     """Yield (name, numpy array in torch layout) in table order, reading each leaf (or layer) only as needed."""
-    fused: dict[str, dict[str, np.ndarray]] = {}
+    fused: dict[str, dict[int, np.ndarray]] = {}  # a source tensor holding several targets: its parts so far
     cache: dict[Path, Any] = {}
 
     def layer_of(dst: Path, layer: int | None) -> np.ndarray:
@@ -83,15 +72,15 @@ def iter_tensors(get_leaf: Callable[[Path], Any], cfg: ModelConfig):
     order = sorted(range(len(rows)), key=lambda i: (group(rows[i][1]), rows[i][3] or 0, i))
     for i in order:
         name, dst, fn, layer = rows[i]
-        value = layer_of(dst, layer)
-        if fn in ("T_half0", "T_half1"):
+        value = fn.inverse(layer_of(dst, layer), cfg)
+        if fn.parts > 1:  # stacked on the source's rows in part order
             parts = fused.setdefault(name, {})
-            parts[fn] = value.T
-            if len(parts) == 2:
+            parts[fn.part] = value
+            if len(parts) == fn.parts:
                 del fused[name]
-                yield name, np.ascontiguousarray(np.concatenate([parts["T_half0"], parts["T_half1"]], axis=0))
+                yield name, np.ascontiguousarray(np.concatenate([parts[k] for k in range(fn.parts)], axis=0))
             continue
-        yield name, np.ascontiguousarray(_inverse(fn, value, cfg))
+        yield name, np.ascontiguousarray(value)
 
 
 def parse_size(text: str | int) -> int:

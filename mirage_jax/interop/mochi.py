@@ -1,123 +1,216 @@
-"""The name/shape table from diffusers' `MochiTransformer3DModel` to MirageDiT, as data.
+"""The name/shape table from diffusers' `MochiTransformer3DModel` to MirageDiT, as data, with its transforms.
 
 Each row: (source name relative to the model or to `transformer_blocks.{i}.`, target path in the nnx
-parameter tree relative to the model or to a block, transform, which blocks). Scanned blocks
+parameter tree relative to the model or to a block, Transform, which blocks). Scanned blocks
 (0..L-2) are stacked on a leading `layers` axis under `blocks`; block L-1 is `last_block`.
-Genmo's original single-file layout differs in names only and is handled by warm_start's alias table.
+A Transform holds everything about one layout change: `forward` (warm start, whole tensor), `shape` and
+`read_slice` (warm start, one device's block without reading the rest) and `inverse` (export).
+Genmo's original single-file layout fuses qkv and swaps scale/shift (more than names): it is not read;
+the warm start refuses it and points to diffusers' conversion script.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
 from mirage_jax.config import ModelConfig
 
 Path = tuple[str, ...]
+Reader = Callable[[tuple[slice, ...]], np.ndarray]  # source index -> source[index]
 
 
-def _t(w: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(w.T)
+def unit_slice(s: slice, n: int) -> slice:
+    """`s` over an axis of length `n` as slice(start, stop); ValueError if strided (shards never are)."""
+    start, stop, step = s.indices(n)
+    if step != 1:
+        raise ValueError("strided shards are not supported")
+    return slice(start, stop)
 
 
-def _conv_patch(w: np.ndarray) -> np.ndarray:
-    # torch Conv2d (D, C, p, p) -> dense kernel over patch vectors ordered (ph, pw, c)
-    return np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(-1, w.shape[0]))
+class Transform:
+    """Identity: the torch tensor (source) is the nnx leaf (target). Subclasses change the layout.
+
+    `parts` > 1: one source tensor holds that many targets stacked on its rows (SwiGLU's fused projection:
+    value then gate); this transform yields target number `part`, and `inverse` gives its block of rows.
+    """
+
+    name = "id"
+    parts, part = 1, 0
+
+    def forward(self, w: np.ndarray) -> np.ndarray:
+        """The target from the whole source tensor."""
+        return w
+
+    def shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The target's shape from the source's, without reading it."""
+        return tuple(shape)
+
+    def inverse(self, value: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+        """The source tensor (its rows for `part` if parts > 1) from the target."""
+        return value
+
+    def read_slice(self, read: Reader, shape: Sequence[int], index: Sequence[slice]) -> np.ndarray:
+        """forward(source)[index] for a source of `shape`, reading through `read` only what that block needs."""
+        idx = tuple(unit_slice(s, n) for s, n in zip(index, self.shape(shape), strict=True))
+        return self._read(read, tuple(shape), idx)
+
+    def _read(self, read: Reader, shape: tuple[int, ...], idx: tuple[slice, ...]) -> np.ndarray:
+        return read(idx)
+
+    def __repr__(self) -> str:
+        return self.name
 
 
-def _half(i: int) -> Callable[[np.ndarray], np.ndarray]:
-    def f(w: np.ndarray) -> np.ndarray:  # SwiGLU fused proj (2*hidden, dim): first half value, second gate
+class Transpose(Transform):
+    """torch Linear weight (out, in) <-> kernel (in, out)."""
+
+    name = "T"
+
+    def forward(self, w: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(w.T)
+
+    def shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        return tuple(reversed(shape))
+
+    def inverse(self, value: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+        return value.T
+
+    def _read(self, read: Reader, shape: tuple[int, ...], idx: tuple[slice, ...]) -> np.ndarray:
+        return np.ascontiguousarray(read(tuple(reversed(idx))).T)
+
+
+class ConvPatch(Transform):
+    """torch Conv2d (D, C, p, p) <-> dense kernel (p*p*C, D) over patch vectors ordered (ph, pw, c)."""
+
+    name = "conv_patch"
+
+    def forward(self, w: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(-1, w.shape[0]))
+
+    def shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        d, c, p1, p2 = shape
+        return (p1 * p2 * c, d)
+
+    def inverse(self, value: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+        p = cfg.patch_size
+        return value.reshape(p, p, -1, value.shape[-1]).transpose(3, 2, 0, 1)
+
+    def _read(self, read: Reader, shape: tuple[int, ...], idx: tuple[slice, ...]) -> np.ndarray:
+        # rows mix (ph, pw, c): read the needed output channels whole (a small tensor)
+        full = self.forward(read((idx[1], slice(None), slice(None), slice(None))))
+        return np.ascontiguousarray(full[idx[0]])
+
+
+class SwiGLUHalf(Transform):
+    """SwiGLU's fused torch projection (2*hidden, dim): rows [0, hidden) are the value (`up`, part 0),
+    rows [hidden, 2*hidden) the gate (part 1); each target is its half transposed, (dim, hidden)."""
+
+    parts = 2
+
+    def __init__(self, part: int):
+        self.part, self.name = part, f"T_half{part}"
+
+    def forward(self, w: np.ndarray) -> np.ndarray:
         n = w.shape[0] // 2
-        return np.ascontiguousarray(w[i * n:(i + 1) * n].T)
-    return f
+        return np.ascontiguousarray(w[self.part * n:(self.part + 1) * n].T)
+
+    def shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        return (shape[1], shape[0] // 2)
+
+    def inverse(self, value: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+        return value.T
+
+    def _read(self, read: Reader, shape: tuple[int, ...], idx: tuple[slice, ...]) -> np.ndarray:
+        off = self.part * (shape[0] // 2)
+        rows = slice(idx[1].start + off, idx[1].stop + off)
+        return np.ascontiguousarray(read((rows, idx[0])).T)
 
 
-TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "id": lambda w: w, "T": _t, "conv_patch": _conv_patch, "T_half0": _half(0), "T_half1": _half(1),
-}
+ID, T, CONV_PATCH, UP, GATE = Transform(), Transpose(), ConvPatch(), SwiGLUHalf(0), SwiGLUHalf(1)
 
-GLOBAL_TABLE: list[tuple[str, Path, str]] = [
-    ("pos_frequencies", ("pos_frequencies",), "id"),
-    ("patch_embed.proj.weight", ("patch_embed", "kernel"), "conv_patch"),
-    ("patch_embed.proj.bias", ("patch_embed", "bias"), "id"),
-    ("time_embed.timestep_embedder.linear_1.weight", ("time_embed", "linear_1", "kernel"), "T"),
-    ("time_embed.timestep_embedder.linear_1.bias", ("time_embed", "linear_1", "bias"), "id"),
-    ("time_embed.timestep_embedder.linear_2.weight", ("time_embed", "linear_2", "kernel"), "T"),
-    ("time_embed.timestep_embedder.linear_2.bias", ("time_embed", "linear_2", "bias"), "id"),
-    ("time_embed.pooler.to_kv.weight", ("text_pool", "to_kv", "kernel"), "T"),
-    ("time_embed.pooler.to_kv.bias", ("text_pool", "to_kv", "bias"), "id"),
-    ("time_embed.pooler.to_q.weight", ("text_pool", "to_q", "kernel"), "T"),
-    ("time_embed.pooler.to_q.bias", ("text_pool", "to_q", "bias"), "id"),
-    ("time_embed.pooler.to_out.weight", ("text_pool", "to_out", "kernel"), "T"),
-    ("time_embed.pooler.to_out.bias", ("text_pool", "to_out", "bias"), "id"),
-    ("time_embed.caption_proj.weight", ("caption_proj", "kernel"), "T"),
-    ("time_embed.caption_proj.bias", ("caption_proj", "bias"), "id"),
-    ("norm_out.linear.weight", ("norm_out", "kernel"), "T"),
-    ("norm_out.linear.bias", ("norm_out", "bias"), "id"),
-    ("proj_out.weight", ("proj_out", "kernel"), "T"),
-    ("proj_out.bias", ("proj_out", "bias"), "id"),
+GLOBAL_TABLE: list[tuple[str, Path, Transform]] = [
+    ("pos_frequencies", ("pos_frequencies",), ID),
+    ("patch_embed.proj.weight", ("patch_embed", "kernel"), CONV_PATCH),
+    ("patch_embed.proj.bias", ("patch_embed", "bias"), ID),
+    ("time_embed.timestep_embedder.linear_1.weight", ("time_embed", "linear_1", "kernel"), T),
+    ("time_embed.timestep_embedder.linear_1.bias", ("time_embed", "linear_1", "bias"), ID),
+    ("time_embed.timestep_embedder.linear_2.weight", ("time_embed", "linear_2", "kernel"), T),
+    ("time_embed.timestep_embedder.linear_2.bias", ("time_embed", "linear_2", "bias"), ID),
+    ("time_embed.pooler.to_kv.weight", ("text_pool", "to_kv", "kernel"), T),
+    ("time_embed.pooler.to_kv.bias", ("text_pool", "to_kv", "bias"), ID),
+    ("time_embed.pooler.to_q.weight", ("text_pool", "to_q", "kernel"), T),
+    ("time_embed.pooler.to_q.bias", ("text_pool", "to_q", "bias"), ID),
+    ("time_embed.pooler.to_out.weight", ("text_pool", "to_out", "kernel"), T),
+    ("time_embed.pooler.to_out.bias", ("text_pool", "to_out", "bias"), ID),
+    ("time_embed.caption_proj.weight", ("caption_proj", "kernel"), T),
+    ("time_embed.caption_proj.bias", ("caption_proj", "bias"), ID),
+    ("norm_out.linear.weight", ("norm_out", "kernel"), T),
+    ("norm_out.linear.bias", ("norm_out", "bias"), ID),
+    ("proj_out.weight", ("proj_out", "kernel"), T),
+    ("proj_out.bias", ("proj_out", "bias"), ID),
 ]
 
 # which: "all" blocks, "full" = every block but the last (context pre-only) one, "last" = the last only
-BLOCK_TABLE: list[tuple[str, Path, str, str]] = [
-    ("norm1.linear.weight", ("video", "mod", "kernel"), "T", "all"),
-    ("norm1.linear.bias", ("video", "mod", "bias"), "id", "all"),
-    ("norm1_context.linear.weight", ("text", "mod", "kernel"), "T", "full"),
-    ("norm1_context.linear.bias", ("text", "mod", "bias"), "id", "full"),
-    ("norm1_context.linear_1.weight", ("text", "mod", "kernel"), "T", "last"),
-    ("norm1_context.linear_1.bias", ("text", "mod", "bias"), "id", "last"),
-    ("attn1.to_q.weight", ("video", "q", "kernel"), "T", "all"),
-    ("attn1.to_k.weight", ("video", "k", "kernel"), "T", "all"),
-    ("attn1.to_v.weight", ("video", "v", "kernel"), "T", "all"),
-    ("attn1.norm_q.weight", ("video", "q_norm"), "id", "all"),
-    ("attn1.norm_k.weight", ("video", "k_norm"), "id", "all"),
-    ("attn1.add_q_proj.weight", ("text", "q", "kernel"), "T", "all"),
-    ("attn1.add_k_proj.weight", ("text", "k", "kernel"), "T", "all"),
-    ("attn1.add_v_proj.weight", ("text", "v", "kernel"), "T", "all"),
-    ("attn1.norm_added_q.weight", ("text", "q_norm"), "id", "all"),
-    ("attn1.norm_added_k.weight", ("text", "k_norm"), "id", "all"),
-    ("attn1.to_out.0.weight", ("video", "o", "kernel"), "T", "all"),
-    ("attn1.to_out.0.bias", ("video", "o", "bias"), "id", "all"),
-    ("attn1.to_add_out.weight", ("text", "o", "kernel"), "T", "full"),
-    ("attn1.to_add_out.bias", ("text", "o", "bias"), "id", "full"),
-    ("ff.net.0.proj.weight", ("video", "mlp", "up", "kernel"), "T_half0", "all"),
-    ("ff.net.0.proj.weight", ("video", "mlp", "gate", "kernel"), "T_half1", "all"),
-    ("ff.net.2.weight", ("video", "mlp", "down", "kernel"), "T", "all"),
-    ("ff_context.net.0.proj.weight", ("text", "mlp", "up", "kernel"), "T_half0", "full"),
-    ("ff_context.net.0.proj.weight", ("text", "mlp", "gate", "kernel"), "T_half1", "full"),
-    ("ff_context.net.2.weight", ("text", "mlp", "down", "kernel"), "T", "full"),
+BLOCK_TABLE: list[tuple[str, Path, Transform, str]] = [
+    ("norm1.linear.weight", ("video", "mod", "kernel"), T, "all"),
+    ("norm1.linear.bias", ("video", "mod", "bias"), ID, "all"),
+    ("norm1_context.linear.weight", ("text", "mod", "kernel"), T, "full"),
+    ("norm1_context.linear.bias", ("text", "mod", "bias"), ID, "full"),
+    ("norm1_context.linear_1.weight", ("text", "mod", "kernel"), T, "last"),
+    ("norm1_context.linear_1.bias", ("text", "mod", "bias"), ID, "last"),
+    ("attn1.to_q.weight", ("video", "q", "kernel"), T, "all"),
+    ("attn1.to_k.weight", ("video", "k", "kernel"), T, "all"),
+    ("attn1.to_v.weight", ("video", "v", "kernel"), T, "all"),
+    ("attn1.norm_q.weight", ("video", "q_norm"), ID, "all"),
+    ("attn1.norm_k.weight", ("video", "k_norm"), ID, "all"),
+    ("attn1.add_q_proj.weight", ("text", "q", "kernel"), T, "all"),
+    ("attn1.add_k_proj.weight", ("text", "k", "kernel"), T, "all"),
+    ("attn1.add_v_proj.weight", ("text", "v", "kernel"), T, "all"),
+    ("attn1.norm_added_q.weight", ("text", "q_norm"), ID, "all"),
+    ("attn1.norm_added_k.weight", ("text", "k_norm"), ID, "all"),
+    ("attn1.to_out.0.weight", ("video", "o", "kernel"), T, "all"),
+    ("attn1.to_out.0.bias", ("video", "o", "bias"), ID, "all"),
+    ("attn1.to_add_out.weight", ("text", "o", "kernel"), T, "full"),
+    ("attn1.to_add_out.bias", ("text", "o", "bias"), ID, "full"),
+    ("ff.net.0.proj.weight", ("video", "mlp", "up", "kernel"), UP, "all"),
+    ("ff.net.0.proj.weight", ("video", "mlp", "gate", "kernel"), GATE, "all"),
+    ("ff.net.2.weight", ("video", "mlp", "down", "kernel"), T, "all"),
+    ("ff_context.net.0.proj.weight", ("text", "mlp", "up", "kernel"), UP, "full"),
+    ("ff_context.net.0.proj.weight", ("text", "mlp", "gate", "kernel"), GATE, "full"),
+    ("ff_context.net.2.weight", ("text", "mlp", "down", "kernel"), T, "full"),
 ]
 
 
 # Mirage's audio stream in the same (diffusers-style) naming, used by export and by warm starts from a
 # Mirage export; a Mochi source has none of these and warm_start initialises them.
-AUDIO_GLOBAL_TABLE: list[tuple[str, Path, str]] = [
-    ("audio_proj.weight", ("audio_proj", "kernel"), "T"),
-    ("audio_proj.bias", ("audio_proj", "bias"), "id"),
-    ("audio_pos_frequencies", ("audio_pos_frequencies",), "id"),
+AUDIO_GLOBAL_TABLE: list[tuple[str, Path, Transform]] = [
+    ("audio_proj.weight", ("audio_proj", "kernel"), T),
+    ("audio_proj.bias", ("audio_proj", "bias"), ID),
+    ("audio_pos_frequencies", ("audio_pos_frequencies",), ID),
 ]
 
-AUDIO_BLOCK_TABLE: list[tuple[str, Path, str, str]] = [
-    ("norm1_audio.linear.weight", ("audio", "mod", "kernel"), "T", "full"),
-    ("norm1_audio.linear.bias", ("audio", "mod", "bias"), "id", "full"),
-    ("norm1_audio.linear_1.weight", ("audio", "mod", "kernel"), "T", "last"),
-    ("norm1_audio.linear_1.bias", ("audio", "mod", "bias"), "id", "last"),
-    ("attn1.add_audio_q_proj.weight", ("audio", "q", "kernel"), "T", "all"),
-    ("attn1.add_audio_k_proj.weight", ("audio", "k", "kernel"), "T", "all"),
-    ("attn1.add_audio_v_proj.weight", ("audio", "v", "kernel"), "T", "all"),
-    ("attn1.norm_audio_q.weight", ("audio", "q_norm"), "id", "all"),
-    ("attn1.norm_audio_k.weight", ("audio", "k_norm"), "id", "all"),
-    ("attn1.to_audio_out.weight", ("audio", "o", "kernel"), "T", "full"),
-    ("attn1.to_audio_out.bias", ("audio", "o", "bias"), "id", "full"),
-    ("ff_audio.net.0.proj.weight", ("audio", "mlp", "up", "kernel"), "T_half0", "full"),
-    ("ff_audio.net.0.proj.weight", ("audio", "mlp", "gate", "kernel"), "T_half1", "full"),
-    ("ff_audio.net.2.weight", ("audio", "mlp", "down", "kernel"), "T", "full"),
+AUDIO_BLOCK_TABLE: list[tuple[str, Path, Transform, str]] = [
+    ("norm1_audio.linear.weight", ("audio", "mod", "kernel"), T, "full"),
+    ("norm1_audio.linear.bias", ("audio", "mod", "bias"), ID, "full"),
+    ("norm1_audio.linear_1.weight", ("audio", "mod", "kernel"), T, "last"),
+    ("norm1_audio.linear_1.bias", ("audio", "mod", "bias"), ID, "last"),
+    ("attn1.add_audio_q_proj.weight", ("audio", "q", "kernel"), T, "all"),
+    ("attn1.add_audio_k_proj.weight", ("audio", "k", "kernel"), T, "all"),
+    ("attn1.add_audio_v_proj.weight", ("audio", "v", "kernel"), T, "all"),
+    ("attn1.norm_audio_q.weight", ("audio", "q_norm"), ID, "all"),
+    ("attn1.norm_audio_k.weight", ("audio", "k_norm"), ID, "all"),
+    ("attn1.to_audio_out.weight", ("audio", "o", "kernel"), T, "full"),
+    ("attn1.to_audio_out.bias", ("audio", "o", "bias"), ID, "full"),
+    ("ff_audio.net.0.proj.weight", ("audio", "mlp", "up", "kernel"), UP, "full"),
+    ("ff_audio.net.0.proj.weight", ("audio", "mlp", "gate", "kernel"), GATE, "full"),
+    ("ff_audio.net.2.weight", ("audio", "mlp", "down", "kernel"), T, "full"),
 ]
 
 
-def block_rows(i: int, num_layers: int, table: list[tuple[str, Path, str, str]] | None = None
-               ) -> list[tuple[str, Path, str]]:
+def block_rows(i: int, num_layers: int, table: list[tuple[str, Path, Transform, str]] | None = None
+               ) -> list[tuple[str, Path, Transform]]:
     """Rows of a block table (default BLOCK_TABLE) for block i, with full source names and target paths."""
     last = i == num_layers - 1
     rows = []
@@ -128,10 +221,10 @@ def block_rows(i: int, num_layers: int, table: list[tuple[str, Path, str, str]] 
     return rows
 
 
-def mochi_rows(num_layers: int, *, audio: bool = False) -> list[tuple[str, Path, str, int | None]]:
+def mochi_rows(num_layers: int, *, audio: bool = False) -> list[tuple[str, Path, Transform, int | None]]:
     """Every (source, target, transform, layer index or None for unstacked) row for a model of this depth;
     `audio=True` adds the audio stream's rows (Mirage's own naming)."""
-    rows: list[tuple[str, Path, str, int | None]] = [(s, d, f, None) for s, d, f in GLOBAL_TABLE]
+    rows: list[tuple[str, Path, Transform, int | None]] = [(s, d, f, None) for s, d, f in GLOBAL_TABLE]
     if audio:
         rows += [(s, d, f, None) for s, d, f in AUDIO_GLOBAL_TABLE]
     for i in range(num_layers):
@@ -175,7 +268,7 @@ def convert_mochi_state(tensors: Mapping[str, np.ndarray], cfg: ModelConfig, *, 
     for src, dst, fn, layer in mochi_rows(cfg.num_layers, audio=audio):
         if src not in tensors:
             raise KeyError(f"source tensor {src!r} is missing")
-        value = TRANSFORMS[fn](np.asarray(tensors[src]))
+        value = fn.forward(np.asarray(tensors[src]))
         if layer is None:
             out[dst] = value
         else:

@@ -16,57 +16,23 @@ import jax
 import numpy as np
 
 from mirage_jax.config import ModelConfig
-from mirage_jax.interop.mochi import TRANSFORMS, mochi_rows
+from mirage_jax.interop.mochi import Transform, mochi_rows, unit_slice
 from mirage_jax.warm_start.source import TensorSource
 
 Path = tuple[str, ...]
+Row = tuple[str, Transform, int | None]  # (source name, transform, layer or None if unstacked)
 
 
-def transformed_shape(fn: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Shape of TRANSFORMS[fn](tensor of `shape`) without reading it."""
-    if fn == "id":
-        return shape
-    if fn == "T":
-        return tuple(reversed(shape))
-    if fn == "conv_patch":
-        d, c, p1, p2 = shape
-        return (p1 * p2 * c, d)
-    if fn in ("T_half0", "T_half1"):
-        return (shape[1], shape[0] // 2)
-    raise ValueError(f"unknown transform {fn!r}")
-
-
-def _norm(s: slice, n: int) -> slice:
-    start, stop, step = s.indices(n)
-    if step != 1:
-        raise ValueError("strided shards are not supported")
-    return slice(start, stop)
-
-
-def read_transformed(src: TensorSource, name: str, fn: str, index: tuple[slice, ...]) -> np.ndarray:
-    """TRANSFORMS[fn](tensor)[index], reading only what that block needs."""
-    shape = src.shape(name)
-    tshape = transformed_shape(fn, shape)
-    idx = tuple(_norm(s, n) for s, n in zip(index, tshape, strict=True))
-    if fn == "id":
-        return src.read(name, idx)
-    if fn == "T":
-        return np.ascontiguousarray(src.read(name, tuple(reversed(idx))).T)
-    if fn in ("T_half0", "T_half1"):
-        off = 0 if fn == "T_half0" else shape[0] // 2
-        rows = slice(idx[1].start + off, idx[1].stop + off)
-        return np.ascontiguousarray(src.read(name, (rows, idx[0])).T)
-    if fn == "conv_patch":  # rows mix (ph, pw, c): read the needed output channels whole (a small tensor)
-        full = TRANSFORMS[fn](src.read(name, (idx[1], slice(None), slice(None), slice(None))))
-        return np.ascontiguousarray(full[idx[0]])
-    raise ValueError(f"unknown transform {fn!r}")
+def read_transformed(src: TensorSource, name: str, fn: Transform, index: tuple[slice, ...]) -> np.ndarray:
+    """fn.forward(tensor)[index], reading only what that block needs."""
+    return fn.read_slice(lambda idx: src.read(name, idx), src.shape(name), index)
 
 
 @dataclasses.dataclass
 class Plan:
     """Which target leaves come from which source tensors, and what could not be mapped."""
 
-    rows: dict[Path, list[tuple[str, str, int | None]]]  # target -> [(source, transform, layer)]
+    rows: dict[Path, list[Row]]  # target -> [(source, transform, layer)]
     mapped_sources: set[str]
     missing: list[str]  # sources the table needs that the file lacks
     mismatched: list[str]  # "name: source shape -> target shape"
@@ -74,7 +40,7 @@ class Plan:
 
 
 def plan(src: TensorSource, cfg: ModelConfig, target_shapes: Mapping[Path, tuple[int, ...]]) -> Plan:
-    rows: dict[Path, list[tuple[str, str, int | None]]] = {}
+    rows: dict[Path, list[Row]] = {}
     missing, mismatched = [], []
     for name, dst, fn, layer in mochi_rows(cfg.num_layers):
         if name not in src.names():
@@ -84,10 +50,10 @@ def plan(src: TensorSource, cfg: ModelConfig, target_shapes: Mapping[Path, tuple
     for dst, rs in list(rows.items()):
         want = target_shapes.get(dst)
         for name, fn, layer in rs:
-            got = transformed_shape(fn, src.shape(name))
+            got = fn.shape(src.shape(name))
             exp = None if want is None else (want[1:] if layer is not None else want)
             if exp is None or tuple(got) != tuple(exp):
-                mismatched.append(f"{name} (in {src.entries[name][0].name}): source {src.shape(name)} -> "
+                mismatched.append(f"{name} (in {src.file(name).name}): source {src.shape(name)} -> "
                                   f"{tuple(got)}, target {'.'.join(dst)} expects {exp}")
                 rows.pop(dst, None)
                 break
@@ -102,7 +68,7 @@ def plan(src: TensorSource, cfg: ModelConfig, target_shapes: Mapping[Path, tuple
                 unused=unused)
 
 
-def leaf_callback(src: TensorSource, rs: list[tuple[str, str, int | None]], stacked: bool
+def leaf_callback(src: TensorSource, rs: list[Row], stacked: bool
                   ) -> Callable[[tuple[slice, ...]], np.ndarray]:
     if not stacked:
         (name, fn, _), = rs
@@ -110,7 +76,7 @@ def leaf_callback(src: TensorSource, rs: list[tuple[str, str, int | None]], stac
     by_layer = {layer: (name, fn) for name, fn, layer in rs}
 
     def cb(index: tuple[slice, ...]) -> np.ndarray:
-        layers = range(*_norm(index[0], len(by_layer)).indices(len(by_layer)))
+        layers = range(*unit_slice(index[0], len(by_layer)).indices(len(by_layer)))
         return np.stack([read_transformed(src, *by_layer[i], tuple(index[1:])) for i in layers])
 
     return cb

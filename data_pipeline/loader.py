@@ -34,6 +34,7 @@ from etils import epath
 from data_pipeline import manifest as mf
 from data_pipeline import order as order_lib
 from data_pipeline.encoders.time_map import TimeMap, of_manifest
+from data_pipeline.errors import MirageError
 from data_pipeline.lifetime import DieWithParent
 from data_pipeline.records import RecordError, decode_record
 
@@ -54,7 +55,7 @@ BATCH_KEYS = (
 )
 
 
-class CorruptRecordError(RuntimeError):
+class CorruptRecordError(MirageError, RuntimeError):
     """More corrupt records than the loader's budget; names the shard and record index at fault."""
 
 

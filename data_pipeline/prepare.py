@@ -31,15 +31,17 @@ from tqdm import tqdm
 
 from data_pipeline import encoders, geometry, media, records, sources
 from data_pipeline import manifest as mf
-from data_pipeline.cli import dashed_flags_parser
+from data_pipeline.errors import MirageError
 from data_pipeline.ingest import DEFAULT_HELD_BYTES, IngestConfig, ingest_source, list_sources
 
 log = logging.getLogger(__name__)
 _PROGRESS: dict[str, Any] = {}  # in-process runs only: the tqdm bar DoFns update
 
 
-class NoClipsError(RuntimeError):
+class NoClipsError(MirageError, RuntimeError):
     """Prepare kept no clip from any source; the message says why (stats, first failure) and what to change."""
+
+    exit_code, label = 1, "error"
 
 
 def fingerprint(files: Sequence[str], cfg: IngestConfig, records_per_shard: int) -> str:
@@ -488,15 +490,10 @@ def config_from_flags() -> IngestConfig:
 
 def main(argv: Sequence[str]) -> None:
     logging.basicConfig(level=logging.WARNING)
-    from mirage_jax.paths import exit_on_storage_error  # gs:// preflight: one line, not a traceback
+    from mirage_jax.paths import check_storage  # gs:// preflight: one line, not a traceback
 
-    exit_on_storage_error("prepare", FLAGS.input, FLAGS.output)
-    try:
-        m = _run_from_flags(argv)
-    except NoClipsError as e:  # nothing kept: one line naming the counts and the first failure
-        raise SystemExit(f"error: {e}") from None
-    except (ValueError, FileNotFoundError) as e:  # a user's input or flag: one line, no traceback
-        raise SystemExit(f"prepare: {e}") from None
+    check_storage(FLAGS.input, FLAGS.output)
+    m = _run_from_flags(argv)  # NoClipsError, or a user's input or flag: one line, exit 1 (`run` below)
     print(summary(m, FLAGS.output))
 
 
@@ -531,4 +528,6 @@ if __name__ == "__main__":
     _prepare.define_flags()
     flags.adopt_module_key_flags(_prepare)  # so --help lists them
     # absl stops at `--`: what follows reaches main() as Beam pipeline flags
-    app.run(_prepare.main, flags_parser=dashed_flags_parser)
+    from data_pipeline.cli import run
+
+    run(_prepare.main, "prepare", also={ValueError: (1, ""), FileNotFoundError: (1, "")})

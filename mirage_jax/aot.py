@@ -30,6 +30,8 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from data_pipeline.errors import MirageError
+
 if TYPE_CHECKING:
     from mirage_jax.train.setup import RunSetup
 
@@ -73,11 +75,11 @@ DEFAULT_MIN_HEADROOM = 0.10  # keep >= 10% of HBM free (runtime reservations, fr
 SPLASH_BWD_PER_FWD = 3.5
 
 
-class TopologyError(ValueError):
+class TopologyError(MirageError, ValueError):
     """`--topology` names no known TPU slice, or libtpu's description disagrees with it."""
 
 
-class UncompilableError(RuntimeError):
+class UncompilableError(MirageError, RuntimeError):
     """The step cannot be compiled for a mesh at all (not a memory problem); the message names the field."""
 
 
@@ -360,21 +362,11 @@ def main(argv: list[str]) -> None:
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from mirage_jax.config import ConfigError
-    from mirage_jax.parallel.checks import LayoutError
-    from mirage_jax.parallel.mesh import MeshConfigError
-    from mirage_jax.parallel.rules import RulesError
-
     f = flags.FLAGS
-    errors = (TopologyError, UncompilableError, ConfigError, LayoutError, MeshConfigError, RulesError)
     if f.search:
-        _search(f, errors)
+        _search(f, (MirageError,))
         return
-    try:
-        report = plan(f.config, f.topology, mfu=f.mfu, min_headroom=f.min_headroom, hlo_path=f.hlo_out)
-    except errors as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    report = plan(f.config, f.topology, mfu=f.mfu, min_headroom=f.min_headroom, hlo_path=f.hlo_out)
     print(json.dumps(report) if f.json else format_report(report), flush=True)
     if not report["fits"]:
         sys.exit(2)
@@ -410,10 +402,12 @@ def _search(f: Any, errors: tuple[type[Exception], ...]) -> None:
 def _run() -> None:
     # Compile for the topology only: never claim a local accelerator (on a TPU VM, training may own it).
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mirage_10b.py[:8s].",
+    from data_pipeline.cli import run
+
+    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mirage_10b.py[:layout=v6e256].",
                                     lock_config=True)
     flags.DEFINE_string("topology", None, "TPU slice: Cloud name (v5p-256, v6e-256) or libtpu name (v5p:4x4x8).")
     flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
@@ -427,7 +421,8 @@ def _run() -> None:
     flags.DEFINE_list("search_micro", ["1"], "--search: samples per batch device per micro-batch.")
     flags.DEFINE_list("search_accum", ["1"], "--search: gradient-accumulation micro-batches.")
     flags.mark_flags_as_required(["config", "topology"])
-    app.run(main)
+    # every user error (config, topology, mesh, layout, uncompilable) is exit 1: 2 means "does not fit"
+    run(main, "aot", also={MirageError: (1, "error")})
 
 
 if __name__ == "__main__":

@@ -32,8 +32,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from absl import app, flags
-
-from configs import tiny
+from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
 flags.DEFINE_string("out", "demo_out", "Everything the demo writes goes under this directory.")
 flags.DEFINE_bool("fast", False, "Tiny sizes and a few steps: checks the path works, not that it learns.")
@@ -47,10 +46,11 @@ flags.DEFINE_integer("devices_per_process", 4,
                      "CPU devices per training process: 2 processes x 4 devices is a data-parallel mesh of 8, joined "
                      "like the hosts of a pod (docs/runtime.md, 'Several processes on one machine').")
 
-DEMO = tiny.get_config("demo")  # the config the demo trains (default steps, audio guidance of its generations)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the config the demo trains (default steps, audio guidance of its generations), loaded as `--config=` loads it
+DEMO = ConfigFileFlagParser("config").parse(os.path.join(ROOT, "configs", "tiny.py") + ":demo")
 CFG_AUDIO = float(DEMO.diffusion.cfg_audio)
 SAY = "Hello there. This video was generated from my voice, on a laptop processor."
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _stream(cmd: list[str], tag: str, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -246,4 +246,6 @@ def _summary(report: dict[str, Any], times: dict[str, float], out: str, videos: 
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from data_pipeline.cli import run
+
+    run(main, "demo")

@@ -39,6 +39,7 @@ from data_pipeline import encoders as enc_lib
 from data_pipeline import manifest as mf
 from data_pipeline import media, speech
 from data_pipeline.encoders.time_map import TimeMap, of_manifest
+from data_pipeline.errors import MirageError
 from mirage_jax.config import ModelConfig
 from mirage_jax.diffusion.sampler import guided_velocity, model_velocity_fn
 from mirage_jax.diffusion.schedules import linear_quadratic_schedule
@@ -50,8 +51,10 @@ COND_KEYS = ("text", "text_mask", "audio", "audio_mask", "ref", "ref_time", "ref
 SAY_VOICE = {"voice": "en-us+m3", "rate": 160, "pitch": 50}
 
 
-class GenerateError(ValueError):
+class GenerateError(MirageError, ValueError):
     """The checkpoint, the encoders and the inputs do not fit together; the message says which and why."""
+
+    exit_code = 2
 
 
 # ----------------------------------------------------------------------------------------------- encoders
@@ -431,12 +434,12 @@ def main(argv: Sequence[str]) -> None:
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO
     from mirage_jax.inference import load_run
-    from mirage_jax.paths import exit_on_storage_error
+    from mirage_jax.paths import check_storage
 
     if len(argv) > 1:
         raise GenerateError(f"unexpected arguments {list(argv[1:])}")
     F = flags.FLAGS
-    exit_on_storage_error("generate", F.checkpoint, F.out, F.data, *F.audio, *F.ref)
+    check_storage(F.checkpoint, F.out, F.data, *F.audio, *F.ref)
     speeches: list[tuple[np.ndarray, str]] = [(read_speech(a), f"audio:{a}") for a in F.audio or []]
     speeches += [(say(t), f"say:{t}") for t in F.say or []]
     if not speeches:
@@ -500,21 +503,7 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
-    from absl import app
-
-    from data_pipeline.cli import dashed_flags_parser
+    from data_pipeline.cli import run
 
     define_flags()
-
-    def _main(argv: Sequence[str]) -> None:
-        from mirage_jax.export.checkpoint_reader import CheckpointError
-
-        try:
-            main(argv)
-        except (GenerateError, CheckpointError, FileNotFoundError) as e:  # a user's path or input: one line
-            print(f"generate: {e}", file=sys.stderr)
-            sys.exit(2)
-
-    app.run(_main, flags_parser=dashed_flags_parser)
+    run(main, "generate", also={FileNotFoundError: (2, "")})  # a user's path or input: one line, exit 2

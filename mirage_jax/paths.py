@@ -14,12 +14,13 @@ nothing listening) into one line naming the URL and what to do; the CLIs call it
 from __future__ import annotations
 
 import os
-import sys
 import uuid
 from typing import IO
 
 import fsspec
 from etils import epath
+
+from data_pipeline.errors import MirageError
 
 # gcsfs keeps directory listings forever by default (cache_timeout=None): a process that lists a workdir twice
 # (export or eval after training went on, a trainer after another host saved) would not see new steps.
@@ -31,8 +32,10 @@ EMULATOR_VARS = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AU
                  "CLOUD_STORAGE_EMULATOR_ENDPOINT")
 
 
-class StorageError(RuntimeError):
+class StorageError(MirageError, RuntimeError):
     """A gs:// URL that cannot be used at all; the message is one line naming the URL and the remedy."""
+
+    exit_code = 2
 
 
 def is_remote(path: str | os.PathLike[str]) -> bool:
@@ -113,15 +116,6 @@ def check_storage(*paths: str | os.PathLike[str] | None) -> None:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise StorageError(f"{url}: cannot reach {endpoint} after gcsfs's retries ({type(e).__name__}: "
                                f"{reason}); check the network, or STORAGE_EMULATOR_HOST for an emulator") from None
-
-
-def exit_on_storage_error(prog: str, *paths: str | os.PathLike[str] | None) -> None:
-    """`check_storage(*paths)` for a CLI: on failure print `prog: <one line>` to stderr and exit 2."""
-    try:
-        check_storage(*paths)
-    except StorageError as e:
-        print(f"{prog}: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
 
 
 class AppendLog:

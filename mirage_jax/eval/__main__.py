@@ -7,12 +7,9 @@ sync_generated, sync_shuffled, sync_real, offset_frames, heldout_loss, each sync
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Sequence
 
 from absl import app, flags, logging
-
-from data_pipeline.cli import dashed_flags_parser
 
 flags.DEFINE_string("checkpoint", None, "Training workdir, its checkpoints/ folder, or one step folder.", required=True)
 flags.DEFINE_string("data", None, "Held-out prepared dataset: a data_pipeline.prepare output dir or shard glob.",
@@ -30,25 +27,20 @@ flags.DEFINE_string("train_data", None, "The run's training data (for its encode
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {list(argv[1:])}")
-    from mirage_jax.eval.heldout import EvalError, EvalSettings, evaluate
-    from mirage_jax.export.checkpoint_reader import CheckpointError
-    from mirage_jax.generate import GenerateError, load_encoders
+    from mirage_jax.eval.heldout import EvalSettings, evaluate
+    from mirage_jax.generate import load_encoders
     from mirage_jax.inference import load_run
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO
-    from mirage_jax.paths import exit_on_storage_error
+    from mirage_jax.paths import check_storage
 
     F = flags.FLAGS
-    exit_on_storage_error("eval", F.checkpoint, F.data, F.train_data)
-    try:
-        run = load_run(F.checkpoint, ema=F.ema)
-        encs = load_encoders(run.config, F.train_data)
-        settings = EvalSettings(clips=F.clips, seeds=F.seeds, steps=F.steps or run.diffusion_config.sample_steps,
-                                cfg_audio=F.cfg_audio, cfg_text=F.cfg_text)
-        report = evaluate(run, encs, F.data, settings, progress=not F.json)
-    except (EvalError, GenerateError, CheckpointError, FileNotFoundError) as e:  # a user's path or input: one line
-        print(f"eval: {e}", file=sys.stderr)
-        sys.exit(2)
+    check_storage(F.checkpoint, F.data, F.train_data)
+    run = load_run(F.checkpoint, ema=F.ema)
+    encs = load_encoders(run.config, F.train_data)
+    settings = EvalSettings(clips=F.clips, seeds=F.seeds, steps=F.steps or run.diffusion_config.sample_steps,
+                            cfg_audio=F.cfg_audio, cfg_text=F.cfg_text)
+    report = evaluate(run, encs, F.data, settings, progress=not F.json)
     if F.json:
         print(json.dumps(report))
         return
@@ -57,4 +49,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=dashed_flags_parser)
+    from data_pipeline.cli import run
+
+    run(main, "eval", also={FileNotFoundError: (2, "")})  # a user's path or input: one line, exit 2

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from data_pipeline.errors import MirageError
 from mirage_jax.diffusion.flow import model_inputs
 from mirage_jax.diffusion.schedules import model_timestep
 from mirage_jax.eval import lipsync
@@ -30,8 +31,10 @@ LOSS_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)
 COND = ("text", "text_mask", "audio", "audio_mask", "ref", "ref_time", "ref_mask", "video_mask")
 
 
-class EvalError(ValueError):
+class EvalError(MirageError, ValueError):
     """The held-out data does not fit the checkpoint; the message names what and where."""
+
+    exit_code = 2
 
 
 @dataclasses.dataclass

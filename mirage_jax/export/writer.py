@@ -20,6 +20,7 @@ import numpy as np
 from etils import epath
 from safetensors.numpy import save_file
 
+from data_pipeline.errors import MirageError
 from mirage_jax.config import ModelConfig
 from mirage_jax.export.torch_model import INDEX_NAME
 from mirage_jax.interop.mochi import mochi_rows
@@ -29,8 +30,10 @@ Path = tuple[str, ...]
 DTYPES = {"fp32": np.float32, "bf16": ml_dtypes.bfloat16}
 
 
-class ExportError(ValueError):
+class ExportError(MirageError, ValueError):
     """The export cannot be written as asked; the message names the path or tensor."""
+
+    exit_code = 2
 
 
 def _inverse(fn: str, value: np.ndarray, cfg: ModelConfig) -> np.ndarray:

@@ -8,6 +8,7 @@ kind's bf16 peak from PEAK_FLOPS when that is 0).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from typing import Any
@@ -18,6 +19,7 @@ from absl import logging
 from etils import epath
 
 from mirage_jax.paths import AppendLog
+from mirage_jax.run_config import MetricsConfig, RunConfig
 
 # bf16 dense peak per JAX device (TPU v4/v5p: one device per chip; v5e/v6e: per chip)
 PEAK_FLOPS = {
@@ -34,20 +36,18 @@ def peak_flops_per_device(configured: float) -> float:
     return PEAK_FLOPS.get(jax.devices()[0].device_kind, 0.0)
 
 
-def throughput_model(cfg: Any) -> tuple[int, int]:
+def throughput_model(run: RunConfig) -> tuple[int, int]:
     """(train FLOPs per sample, tokens per sample) for the configured model and shapes."""
-    from mirage_jax.config import ModelConfig
     from mirage_jax.describe import count_flops, count_tokens
 
-    mcfg = ModelConfig.from_config(cfg.model)
-    shapes = dict(cfg.shapes)
-    return int(count_flops(mcfg, shapes)), int(count_tokens(mcfg, shapes)["total"])
+    shapes = dataclasses.asdict(run.shapes)
+    return int(count_flops(run.model, shapes)), int(count_tokens(run.model, shapes)["total"])
 
 
 class MetricsWriter:
     """Console + TensorBoard + JSONL sink; silent on processes other than 0."""
 
-    def __init__(self, workdir: str, metrics_cfg: Any):
+    def __init__(self, workdir: str, metrics_cfg: MetricsConfig):
         self.enabled = jax.process_index() == 0
         self.tb = None
         self.jsonl = None

@@ -20,6 +20,7 @@ import numpy as np
 from etils import epath
 from safetensors import SafetensorError, safe_open
 
+from data_pipeline.errors import MirageError
 from mirage_jax.paths import is_remote
 
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -32,8 +33,10 @@ DTYPES = {
 GENMO_MARKERS = ("blocks.0.attn.qkv_x.weight", "x_embedder.proj.weight", "t5_y_embedder.to_kv.weight")
 
 
-class SourceError(ValueError):
+class SourceError(MirageError, ValueError):
     """The source folder or one of its files is unusable; the message names the file and tensor."""
+
+    exit_code = 2
 
 
 class TensorSource:

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mirage_jax.run_config import base_config
 from configs.tiny import diffusion_config
 from data_pipeline import encoders as enc_lib
 from data_pipeline import media
@@ -17,6 +16,7 @@ from mirage_jax import generate as gen
 from mirage_jax.diffusion import sample
 from mirage_jax.inference import LoadedRun
 from mirage_jax.model import MirageDiT
+from mirage_jax.run_config import base_config
 
 
 def _run(cfg):

@@ -15,17 +15,10 @@ from typing import Any, NoReturn
 
 from absl import flags
 
-from data_pipeline.errors import MirageError
+from data_pipeline.errors import ConfigArgError, MirageError
 
 
-class ConfigOverrideError(MirageError):
-    """A `--config.a.b=v` override names a field the config does not have."""
-
-    exit_code = 2
-    label = "CONFIG ERROR"
-
-
-def _unknown_override(argv: Sequence[str], exc: BaseException) -> ConfigOverrideError | None:
+def _unknown_override(argv: Sequence[str], exc: BaseException) -> ConfigArgError | None:
     """The one-line error for ml_collections' "unknown key" failure while parsing `--config.` overrides."""
     text = str(exc)  # e.g. AttributeError('\'stepz\'\nDid you mean "steps" instead of "stepz"?')
     m = re.search(r"'([\w-]+)\\?'", text)
@@ -40,7 +33,7 @@ def _unknown_override(argv: Sequence[str], exc: BaseException) -> ConfigOverride
             section = ".".join(parts[1:parts.index(key, 1)])
             where = f"in `{section}`" if section else "at the top level"
             close = hint.group(1) if hint else None
-            return ConfigOverrideError(
+            return ConfigArgError(
                 f"{a}: the config has no field `{key}` {where}"
                 + (f"; did you mean `{'.'.join([section, close]).lstrip('.')}`?" if close else ""))
     return None
@@ -48,7 +41,7 @@ def _unknown_override(argv: Sequence[str], exc: BaseException) -> ConfigOverride
 
 def dashed_flags_parser(argv: Sequence[str]) -> list[str]:
     """absl flag parser that maps `--a-b[=v]` to `--a_b[=v]` before `--`; what follows `--` is left alone.
-    A `--config.` override naming an unknown field raises ConfigOverrideError (one line) instead of
+    A `--config.` override naming an unknown field raises ConfigArgError (one line) instead of
     ml_collections' chained AttributeError."""
     out, passthrough = [argv[0]], False
     for a in argv[1:]:

@@ -23,6 +23,14 @@ class MirageError(Exception):
     label: str = ""
 
 
+class ConfigArgError(MirageError):
+    """A `--config.a.b=v` override names no field, or a config file's `:argument` is wrong (exit 2). Not a
+    ValueError: ml_collections re-raises those from a config file with the traceback inside the message."""
+
+    exit_code = 2
+    label = "CONFIG ERROR"
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """`; did you mean `x`?` for the closest of `choices` to `name` (difflib), or '' when none is close."""
     hit = difflib.get_close_matches(name, list(choices), n=1)

@@ -18,7 +18,7 @@ from typing import Any
 
 import ml_collections
 
-from data_pipeline.errors import MirageError, did_you_mean
+from data_pipeline.errors import ConfigArgError, did_you_mean
 from mirage_jax.config import ConfigError, DiffusionConfig, ModelConfig, _check, _from_mapping
 
 # Logical axis name -> mesh axis (a name, a tuple of names, or None = replicated).
@@ -42,14 +42,6 @@ ACTIVATION_RULES = (
     ("heads", "tensor"),
     ("mlp", "tensor"),
 )
-class ConfigArgError(MirageError):
-    """A config file's `:argument` is wrong. Not a ValueError: ml_collections re-raises those from a config file
-    with the traceback inside the message, and the CLI's line would not be one line."""
-
-    exit_code = 2
-    label = "CONFIG ERROR"
-
-
 GRAD_SYNCS = ("xla", "flat")
 VERIFY_LEVELS = ("auto", "sha256", "size", "none")
 

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from data_pipeline.errors import MirageError
+from data_pipeline.errors import ConfigArgError, MirageError
 from mirage_jax.config import ConfigError
-from mirage_jax.run_config import ConfigArgError, RunConfig, parse_arg
+from mirage_jax.run_config import RunConfig, parse_arg
 from mirage_jax.train.testing import ROOT, fast_config
 
 
@@ -75,3 +75,29 @@ def test_cli_refuses_in_one_line_with_exit_2(override, line):
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == line, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
     assert not os.path.exists("/nonexistent/never-written")
+
+
+@pytest.mark.parametrize("arg, batch, latents, tokens", [
+    ("", 32, 20, 75_956), ("layout=v6e256", 64, 20, 75_956), ("seconds=8,layout=v5p512", 64, 40, 148_056),
+    ("8s", 32, 40, 148_056)])
+def test_mirage_10b_layouts_are_the_measured_ones(arg, batch, latents, tokens):
+    """The rows of docs/scaling.md's table (global batch, fsdp x sequence=4, tokens per sample) that the three
+    former layout files (mirage_10b_v5p256 / _v6e256 / _8s_v5p512) gave."""
+    from configs.mirage_10b import get_config
+    from mirage_jax.describe import count_tokens
+
+    cfg = get_config(arg)
+    run = RunConfig.from_config(cfg)
+    assert (run.train.global_batch_size, cfg.mesh.ici.sequence, cfg.mesh.ici.fsdp, run.shapes.latent_frames) == (
+        batch, 4, -1, latents)
+    assert dict(cfg.mesh.rules.params)["embed"] == ("fsdp", "sequence")
+    assert count_tokens(run.model, cfg.shapes.to_dict())["total"] == tokens
+
+
+def test_bad_config_file_argument_is_one_line():
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-m", "mirage_jax.describe", "--config=configs/mirage_10b.py:layout=v7"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        "CONFIG ERROR: configs/mirage_10b.py:layout=v7: unknown layout 'v7'; one of ['v5p256', 'v5p512', 'v6e256']")

@@ -4,20 +4,36 @@ plus an audio stream, on 4 s 720p portrait clips (20 x 160 x 90 latents = 72,000
 VAE on independent 25-frame chunks (`model.time_map=causal:6/25`, 5 latents per chunk), the map the dataset
 must be prepared with (`data_pipeline.prepare --video-encoder=mochi_vae --vae-chunk-frames=25`).
 
-Defaults to the layout measured to fit v5p-256 (docs/scaling.md); other slices: configs/mirage_10b_*.py.
+The argument is `key=value,...` (mirage_jax.run_config.parse_arg): `seconds` (clip length, default 4) and
+`layout` (the slice it is laid out for, default v5p256; docs/scaling.md has the measured memory of each):
 
-    --config=configs/mirage_10b.py        4 s clips
-    --config=configs/mirage_10b.py:8s     8 s clips (40 latent frames, 200 audio frames)
+    --config=configs/mirage_10b.py                             4 s clips on v5p-256 (128 chips, 95 GiB each):
+                                                               fsdp 32 x sequence 4, global batch 32
+    --config=configs/mirage_10b.py:layout=v6e256               4 s clips on v6e-256 (256 chips, 32 GiB each):
+                                                               fsdp 64 x sequence 4, global batch 64
+    --config=configs/mirage_10b.py:seconds=8,layout=v5p512     8 s clips (40 latent frames, 200 audio frames,
+                                                               148,056 tokens) on v5p-512: fsdp 64 x sequence 4,
+                                                               global batch 64
+    --config=configs/mirage_10b.py:8s                          the older spelling of `seconds=8`
+
+Every layout: one sample per 4 chips (Ulysses inside attention), full remat, no accumulation; weights,
+gradients and optimizer state sharded over fsdp AND sequence (all chips). For example:
+
+    python -m mirage_jax.aot --config=configs/mirage_10b.py:layout=v6e256 --topology=v6e-256
+    python -m mirage_jax.train --config=configs/mirage_10b.py --workdir=gs://...
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from configs.common import PARAM_RULES, get_base_config
-from data_pipeline.encoders.time_map import TimeMap
+from data_pipeline.errors import ConfigArgError
+from mirage_jax.run_config import PARAM_RULES, base_config, clip_shapes, parse_arg
 
 TIME_MAP = "causal:6/25"  # Mochi's VAE on independent 25-frame chunks: 100 frames -> 20 latent frames
+
+# slice -> (mesh.ici.sequence, train.global_batch_size), measured to fit with > 10% HBM headroom (docs/scaling.md)
+LAYOUTS = {"v5p256": (4, 32), "v6e256": (4, 64), "v5p512": (4, 64)}
 
 
 def model_config() -> ml_collections.ConfigDict:
@@ -28,17 +44,6 @@ def model_config() -> ml_collections.ConfigDict:
         time_embed_dim=256, pool_heads=8, rope_base_height=192, rope_base_width=192, rope_theta=10000.0,
         rope_init="mixed", use_audio=True, compute_dtype="bfloat16", param_dtype="float32", attention_backend="splash",
         remat_policy="full", scan_layers=True,
-    ))
-
-
-def shapes_config(seconds: int = 4, time_map: str = TIME_MAP) -> ml_collections.ConfigDict:
-    """25 fps clips of `seconds`: latent frames and the audio frames they cover from the encoder's time map
-    (causal:6/25: 4 s -> 20 latents, 100 audio frames); 720p portrait / 8 = 160 x 90."""
-    tm = TimeMap.parse(time_map)
-    latents = tm.latent_count(25 * seconds)
-    return ml_collections.ConfigDict(dict(
-        latent_frames=latents, latent_height=160, latent_width=90, audio_frames=tm.frames_for_latents(latents),
-        text_len=256, ref_frames=1,
     ))
 
 
@@ -68,14 +73,13 @@ def apply_layout(cfg: ml_collections.ConfigDict, *, sequence: int, global_batch:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    cfg = get_base_config()
+    a = parse_arg("seconds=8" if arg == "8s" else arg, "configs/mirage_10b.py", seconds=4, layout="v5p256")
+    if a.layout not in LAYOUTS:
+        raise ConfigArgError(f"configs/mirage_10b.py:{arg}: unknown layout {a.layout!r}; one of {sorted(LAYOUTS)}")
+    cfg = base_config()
     cfg.model = model_config()
-    seconds = 4
-    if arg == "8s":
-        seconds = 8
-    elif arg not in (None, ""):
-        raise ValueError(f"configs/mirage_10b.py: unknown argument {arg!r}; use nothing or '8s'")
-    cfg.shapes = shapes_config(seconds)
+    cfg.shapes = ml_collections.ConfigDict(clip_shapes(a.seconds, TIME_MAP, latent_height=160, latent_width=90,
+                                                       text_len=256))
     cfg.diffusion = diffusion_config()
-    # the layout that fits a v5p-256 slice with >10% HBM headroom (docs/scaling.md): fsdp 32 x sequence 4
-    return apply_layout(cfg, sequence=4, global_batch=32)
+    sequence, global_batch = LAYOUTS[a.layout]
+    return apply_layout(cfg, sequence=sequence, global_batch=global_batch)

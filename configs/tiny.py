@@ -8,13 +8,14 @@ frame, 32 hashed text tokens of width 64, 2 s clips.
     --config=configs/tiny.py:mochi      same, without the audio stream (a pure Mochi AsymmDiT)
     --config=configs/tiny.py:demo       the README demo's run: 1 s clips of prepared synthetic A-roll, a
                                         learning rate and cadence that learn lip-sync on a 2-core CPU
+                                        (why each value: docs/tiny_config.md)
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from configs.common import get_base_config
+from mirage_jax.run_config import base_config, parse_arg
 
 
 def model_config() -> ml_collections.ConfigDict:
@@ -43,35 +44,18 @@ def diffusion_config() -> ml_collections.ConfigDict:
 
 
 def demo(cfg: ml_collections.ConfigDict) -> None:
-    """The `make demo` run (mirage_jax/demo.py): 1 s clips (25 latent frames), batch 8, data parallel over 2 processes.
-
-    Latents come from the `dct` video encoder (8 x 8 px -> 16 channels, so a 2 x 2 patch is 64 numbers, the
-    video stream's width): with `s2d`'s 192 channels a 64-wide model cannot represent the noise it must remove.
-    """
-    cfg.model.latent_channels = 16
-    # Pure data parallelism: a 0.6M-parameter model gains nothing from FSDP's per-layer all-gathers, which are
-    # pure overhead across local processes (docs/runtime.md, "Several processes on one machine").
-    cfg.mesh.ici.data, cfg.mesh.ici.fsdp = -1, 1
-    # One all-reduce of all gradients per step instead of XLA's per-layer tuple all-reduces, which XLA:CPU runs
-    # as one Gloo collective per buffer (162 per step): 2 processes x 4 devices then cost 1.3 s/step, not 0.5.
-    cfg.train.grad_sync = "flat"
+    """The `make demo` run (mirage_jax/demo.py): 1 s clips (25 latent frames), batch 8, data parallel over 2
+    processes. docs/tiny_config.md gives the measurements behind each value."""
+    cfg.model.latent_channels = 16  # the `dct` encoder's 8 x 8 px -> 16 channels (s2d's 192 is too wide)
+    cfg.mesh.ici.data, cfg.mesh.ici.fsdp = -1, 1  # pure data parallelism
+    cfg.train.grad_sync = "flat"  # one all-reduce per step (XLA:CPU runs each tuple buffer as a Gloo collective)
     cfg.shapes.latent_frames = cfg.shapes.audio_frames = 25
     cfg.train.global_batch_size = 8
     cfg.train.steps = 2000
     cfg.train.log_every = 50
     cfg.train.ema_decay = 0.99
-    # RoPE: head_dim 16 gives 8 frequency pairs; at Mochi's theta=10000 (1, 0.32, 0.1, 0.03, ...) about one pair per
-    # head resolves time at 25 fps, so "video frame t attends to audio frame t" was slow to form and did not always
-    # (held-out sync, 16 clips x 3 seeds, guidance 5, share of the floor -> ceiling gap closed, 2,000-step runs at
-    # 1 x 1, train.seed 0 / 1 / 2, README "What it showed"): theta=10000 0.82, 0.82 (and 0.41, 0.44 at 2 x 4);
-    # theta=100 0.90, 0.62, 0.84, and at step 1,000 0.80, 0.43, 0.70 (theta=10000: 0.48, 0.69, 0.11); at 2 x 4
-    # (the demo) theta=100 seed 0 0.82, seed 1 0.22. So 4 of 5 runs pass the 0.5 bar, not all: see README.
-    # model.rope_init='axial' at 2 x 4: seed 0 0.52, seed 1 0.78 -- not better on balance, so not set here.
-    cfg.model.rope_theta = 100.0
-    # Lip-sync needs the learning rate still high once the images are good (with 1e-3, or with the cosine ending
-    # at step 1,200, there was none by step 1,200-1,800) and then a full anneal. The cosine ends at train.steps
-    # (decay_steps=-1), so `--config.train.steps=N` / `demo --steps=N` is a complete schedule.
-    cfg.optim.lr = 2.5e-3
+    cfg.model.rope_theta = 100.0  # more of head_dim 16's 8 RoPE pairs resolve time at 25 fps
+    cfg.optim.lr = 2.5e-3  # high until the images are good, then a full anneal (decay_steps=-1: train.steps)
     cfg.optim.warmup_steps = 100
     cfg.optim.decay_steps = -1
     cfg.checkpoint.save_every = 200
@@ -81,14 +65,14 @@ def demo(cfg: ml_collections.ConfigDict) -> None:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    cfg = get_base_config()
+    """`arg`: `mochi` and/or `demo` (`key=value,...` style, mirage_jax.run_config.parse_arg)."""
+    a = parse_arg(arg, "configs/tiny.py", mochi=False, demo=False)
+    cfg = base_config()
     cfg.model = model_config()
     cfg.shapes = shapes_config()
     cfg.diffusion = diffusion_config()
-    if arg == "mochi":
+    if a.mochi:
         cfg.model.use_audio = False
-    elif arg == "demo":
+    if a.demo:
         demo(cfg)
-    elif arg not in (None, ""):
-        raise ValueError(f"configs/tiny.py: unknown argument {arg!r}; use nothing or 'mochi'")
     return cfg

@@ -11,13 +11,14 @@ import grain
 import numpy as np
 
 from data_pipeline.encoders.time_map import TimeMap
+from data_pipeline.errors import MirageError
 from data_pipeline.records import RecordError, decode_record
 from data_pipeline.shards import ShardSource
 
 log = logging.getLogger(__name__)
 
 
-class CorruptRecordError(RuntimeError):
+class CorruptRecordError(MirageError, RuntimeError):
     """More corrupt records than the loader's budget; names the shard and record index at fault."""
 
 

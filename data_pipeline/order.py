@@ -33,11 +33,15 @@ from typing import Any
 import grain
 import numpy as np
 
+from data_pipeline.errors import MirageError
+
 ORDER = "elastic-v1"  # the `order` tag of DataPosition.to_json(); older loader states have none
 
 
-class DataStateError(ValueError):
+class DataStateError(MirageError, ValueError):
     """A saved data position that this run cannot continue from; the message says why and what to do."""
+
+    exit_code, label = 2, "RESUME REFUSED"
 
 
 def dataset_fingerprint(names: Sequence[str], counts: Sequence[int], digests: Sequence[str]) -> str:

@@ -23,23 +23,26 @@ from typing import Any
 
 import apache_beam as beam
 import numpy as np
-from absl import app, flags
+from absl import flags
 from apache_beam.options.pipeline_options import PipelineOptions
 from etils import epath
 from tqdm import tqdm
 
 from data_pipeline import encoders, geometry, media, records, sources
 from data_pipeline import manifest as mf
-from data_pipeline.cli import dashed_flags_parser
+from data_pipeline.errors import MirageError
 from data_pipeline.ingest import DEFAULT_HELD_BYTES, IngestConfig, ingest_source, list_sources
 from data_pipeline.prepare_flags import FLAGS, config_from_flags
+from data_pipeline.storage import check_storage
 
 log = logging.getLogger(__name__)
 _PROGRESS: dict[str, Any] = {}  # in-process runs only: the tqdm bar DoFns update
 
 
-class NoClipsError(RuntimeError):
+class NoClipsError(MirageError, RuntimeError):
     """Prepare kept no clip from any source; the message says why (stats, first failure) and what to change."""
+
+    exit_code, label = 1, "error"
 
 
 def fingerprint(files: Sequence[str], cfg: IngestConfig, records_per_shard: int) -> str:
@@ -358,15 +361,8 @@ def _finish(
 
 def main(argv: Sequence[str]) -> None:
     logging.basicConfig(level=logging.WARNING)
-    from data_pipeline.storage import exit_on_storage_error  # gs:// preflight: one line, not a traceback
-
-    exit_on_storage_error("prepare", FLAGS.input, FLAGS.output)
-    try:
-        m = _run_from_flags(argv)
-    except NoClipsError as e:  # nothing kept: one line naming the counts and the first failure
-        raise SystemExit(f"error: {e}") from None
-    except (ValueError, FileNotFoundError) as e:  # a user's input or flag: one line, no traceback
-        raise SystemExit(f"prepare: {e}") from None
+    check_storage(FLAGS.input, FLAGS.output)  # gs:// preflight: one line, not a traceback
+    m = _run_from_flags(argv)  # NoClipsError, or a user's input or flag: one line, exit 1 (`run` below)
     print(summary(m, FLAGS.output))
 
 
@@ -402,4 +398,6 @@ if __name__ == "__main__":
     prepare_flags.define_flags()
     flags.adopt_module_key_flags(prepare_flags)  # so --help lists them
     # absl stops at `--`: what follows reaches main() as Beam pipeline flags
-    app.run(_prepare.main, flags_parser=dashed_flags_parser)
+    from data_pipeline.cli import run
+
+    run(_prepare.main, "prepare", also={ValueError: (1, ""), FileNotFoundError: (1, "")})

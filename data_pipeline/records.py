@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from data_pipeline.errors import MirageError
+
 TENSOR_DTYPES: dict[str, np.dtype] = {
     "video": np.dtype(np.float32),
     "audio": np.dtype(np.float32),
@@ -55,7 +57,7 @@ _ST_DTYPES = {
 _NP_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
 
 
-class RecordError(ValueError):
+class RecordError(MirageError, ValueError):
     """A record is unreadable or breaks the format; the message names the key at fault."""
 
 

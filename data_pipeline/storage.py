@@ -13,9 +13,10 @@ retried by each library with exponential backoff: gcsfs 6 attempts (1 s .. 16 s 
 from __future__ import annotations
 
 import os
-import sys
 
 import fsspec
+
+from data_pipeline.errors import MirageError
 
 # gcsfs keeps directory listings forever by default (cache_timeout=None): a process that lists a workdir twice
 # (export or eval after training went on, a trainer after another host saved) would not see new steps.
@@ -27,8 +28,10 @@ EMULATOR_VARS = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AU
                  "CLOUD_STORAGE_EMULATOR_ENDPOINT")
 
 
-class StorageError(RuntimeError):
+class StorageError(MirageError, RuntimeError):
     """A gs:// URL that cannot be used at all; the message is one line naming the URL and the remedy."""
+
+    exit_code = 2
 
 
 def is_remote(path: str | os.PathLike[str]) -> bool:
@@ -103,11 +106,3 @@ def check_storage(*paths: str | os.PathLike[str] | None) -> None:
             raise StorageError(f"{url}: cannot reach {endpoint} after gcsfs's retries ({type(e).__name__}: "
                                f"{reason}); check the network, or STORAGE_EMULATOR_HOST for an emulator") from None
 
-
-def exit_on_storage_error(prog: str, *paths: str | os.PathLike[str] | None) -> None:
-    """`check_storage(*paths)` for a CLI: on failure print `prog: <one line>` to stderr and exit 2."""
-    try:
-        check_storage(*paths)
-    except StorageError as e:
-        print(f"{prog}: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)

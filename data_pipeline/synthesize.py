@@ -23,7 +23,6 @@ from etils import epath
 from tqdm import tqdm
 
 from data_pipeline import media, speech, talking_head
-from data_pipeline.cli import dashed_flags_parser
 
 SIDECAR_VERSION = "1"
 
@@ -128,5 +127,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+    from data_pipeline.cli import run
+
     define_flags()
-    app.run(main, flags_parser=dashed_flags_parser)
+    run(main, "synthesize")

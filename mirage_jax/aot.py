@@ -19,6 +19,7 @@ correction is there), this module (compile, memory and FLOPs report, CLI) and `a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -27,6 +28,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from data_pipeline.errors import MirageError
 from mirage_jax.aot_flops import compiled_cost, correct_compiled_flops, flop_parts
 from mirage_jax.aot_topology import TopologyError, parse_topology, topology_devices
 from mirage_jax.chips import GiB
@@ -38,7 +40,7 @@ DEFAULT_MFU = 0.40  # between maxdiffusion's Wan 2.1 (~30%) and MaxText's LLMs (
 DEFAULT_MIN_HEADROOM = 0.10  # keep >= 10% of HBM free (runtime reservations, fragmentation, XLA drift)
 
 
-class UncompilableError(RuntimeError):
+class UncompilableError(MirageError, RuntimeError):
     """The step cannot be compiled for a mesh at all (not a memory problem); the message names the field."""
 
 
@@ -87,9 +89,9 @@ def plan(cfg: Any, topology: str, *, mfu: float = DEFAULT_MFU, min_headroom: flo
     usable = min(topo.chip.hbm_bytes, topo.chip.usable_hbm_bytes or topo.chip.hbm_bytes) // per_chip
     peak = topo.chip.peak_bf16_flops / per_chip
     setup = RunSetup(cfg, devices)  # the runtime's own derivations, over the topology's devices
-    mcfg, tc = setup.mcfg, cfg.train
-    gb, accum = int(tc.global_batch_size), int(tc.grad_accum)
-    shapes = dict(cfg.shapes)
+    mcfg, tc = setup.mcfg, setup.run_cfg.train
+    gb, accum = tc.global_batch_size, tc.grad_accum
+    shapes = dataclasses.asdict(setup.run_cfg.shapes)
     tokens = count_tokens(mcfg, shapes)
     parts = flop_parts(mcfg, shapes)
     analytic = 3 * parts.total * gb
@@ -204,21 +206,11 @@ def main(argv: list[str]) -> None:
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from mirage_jax.config import ConfigError
-    from mirage_jax.parallel.checks import LayoutError
-    from mirage_jax.parallel.mesh import MeshConfigError
-    from mirage_jax.parallel.rules import RulesError
-
     f = flags.FLAGS
-    errors = (TopologyError, UncompilableError, ConfigError, LayoutError, MeshConfigError, RulesError)
     if f.search:
-        _search(f, errors)
+        _search(f, (MirageError,))
         return
-    try:
-        report = plan(f.config, f.topology, mfu=f.mfu, min_headroom=f.min_headroom, hlo_path=f.hlo_out)
-    except errors as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    report = plan(f.config, f.topology, mfu=f.mfu, min_headroom=f.min_headroom, hlo_path=f.hlo_out)
     print(json.dumps(report) if f.json else format_report(report), flush=True)
     if not report["fits"]:
         sys.exit(2)
@@ -254,10 +246,12 @@ def _search(f: Any, errors: tuple[type[Exception], ...]) -> None:
 def _run() -> None:
     # Compile for the topology only: never claim a local accelerator (on a TPU VM, training may own it).
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mirage_10b.py[:8s].",
+    from data_pipeline.cli import run
+
+    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mirage_10b.py[:layout=v6e256].",
                                     lock_config=True)
     flags.DEFINE_string("topology", None, "TPU slice: Cloud name (v5p-256, v6e-256) or libtpu name (v5p:4x4x8).")
     flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
@@ -271,7 +265,8 @@ def _run() -> None:
     flags.DEFINE_list("search_micro", ["1"], "--search: samples per batch device per micro-batch.")
     flags.DEFINE_list("search_accum", ["1"], "--search: gradient-accumulation micro-batches.")
     flags.mark_flags_as_required(["config", "topology"])
-    app.run(main)
+    # every user error (config, topology, mesh, layout, uncompilable) is exit 1: 2 means "does not fit"
+    run(main, "aot", also={MirageError: (1, "error")})
 
 
 if __name__ == "__main__":

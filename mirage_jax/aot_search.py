@@ -1,7 +1,7 @@
 """Layout search: compile the train step for every remat policy x sequence axis x batch / accumulation, and
 print the Pareto front of memory per device against the MFU ceiling.
 
-    python -m mirage_jax.aot --config=configs/mirage_10b_v5p256.py --topology=v5p-256 --search \
+    python -m mirage_jax.aot --config=configs/mirage_10b.py --topology=v5p-256 --search \
         [--search_remat=full,save_splash,save_splash_qkv] [--search_sequence=2,4] \
         [--search_micro=1] [--search_accum=1,2]
 

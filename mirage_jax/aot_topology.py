@@ -10,6 +10,7 @@ import math
 import re
 from typing import Any
 
+from data_pipeline.errors import MirageError
 from mirage_jax.chips import CHIPS, ChipSpec
 
 CLOUD_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "trillium": "v6e"}
@@ -20,7 +21,7 @@ SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128:
 SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
 
 
-class TopologyError(ValueError):
+class TopologyError(MirageError, ValueError):
     """`--topology` names no known TPU slice, or libtpu's description disagrees with it."""
 
 

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from data_pipeline.encoders.time_map import TimeMap
+from data_pipeline.errors import MirageError, did_you_mean
 
 ATTENTION_BACKENDS = ("xla", "dot_product", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention", "save_splash", "save_splash_qkv")
@@ -22,21 +23,33 @@ TIMESTEP_SAMPLERS = ("uniform", "logit_normal", "linear_quadratic")
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A config field is missing, unknown or out of range; the message names the field."""
+class ConfigError(MirageError, ValueError):
+    """A config field is missing, unknown or out of range; the message names the field (exit 2)."""
+
+    exit_code = 2
+    label = "CONFIG ERROR"
+
+
+# The Python types a field's annotation accepts (an int is a valid float; a bool is not an int).
+_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
 
 
 def _from_mapping(cls: type[T], section: str, values: Mapping[str, Any] | Any) -> T:
+    """`cls(**values)` after checking that every key is a field of `cls` and every value has its field's type."""
     if hasattr(values, "to_dict"):
         values = values.to_dict()
     values = dict(values)
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(
-            f"unknown field(s) {', '.join(f'{section}.{u}' for u in unknown)}; "
-            f"valid fields of `{section}` are: {', '.join(sorted(names))}"
-        )
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for name in sorted(set(values) - set(fields)):
+        raise ConfigError(f"--config.{section}.{name}: `{section}` has no such field{did_you_mean(name, fields)} "
+                          f"(its fields: {', '.join(sorted(fields))})")
+    for name, f in fields.items():
+        if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"--config.{section}.{name}: missing (the `{section}` section must set it)")
+    for name, v in values.items():
+        types = _TYPES.get(str(fields[name].type))
+        if types and (not isinstance(v, types) or (bool not in types and isinstance(v, bool))):
+            raise ConfigError(f"--config.{section}.{name}={v!r}: must be a {fields[name].type}")
     return cls(**values)
 
 
@@ -50,9 +63,10 @@ def upgrade_model_fields(values: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def _check(cond: bool, field: str, msg: str) -> None:
+def _check(cond: bool, field: str, msg: str, value: Any = None) -> None:
+    """Raise `--config.FIELD[=VALUE]: MSG` unless `cond` (FIELD is `section.name`)."""
     if not cond:
-        raise ConfigError(f"config field `{field}`: {msg}")
+        raise ConfigError(f"--config.{field}{'' if value is None else f'={value}'}: {msg}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +125,7 @@ class ModelConfig:
         try:
             TimeMap.parse(self.time_map, "model.time_map")
         except ValueError as e:
-            raise ConfigError(f"config field `model.time_map`: {e}") from e
+            raise ConfigError(f"--config.model.time_map: {e}") from None
         _check(self.rope_init in ROPE_INITS, "model.rope_init", f"one of {ROPE_INITS}, got {self.rope_init!r}")
         _check(float(self.rope_theta) > 1.0, "model.rope_theta", f"must be > 1, got {self.rope_theta}")
         _check(self.time_embed_dim % 2 == 0, "model.time_embed_dim", "must be even")

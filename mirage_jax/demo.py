@@ -31,8 +31,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from absl import app, flags
+from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
-from configs import tiny
 from mirage_jax.train import drill
 
 flags.DEFINE_string("out", "demo_out", "Everything the demo writes goes under this directory.")
@@ -47,9 +47,10 @@ flags.DEFINE_integer("devices_per_process", 4,
                      "CPU devices per training process: 2 processes x 4 devices is a data-parallel mesh of 8, joined "
                      "like the hosts of a pod (docs/runtime.md, 'Several processes on one machine').")
 
-DEMO = tiny.get_config("demo")  # the config the demo trains (default steps; generate and eval read its guidance)
 SAY = "Hello there. This video was generated from my voice, on a laptop processor."
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the config the demo trains (default steps; generate and eval read its guidance), loaded as `--config=` loads it
+DEMO = ConfigFileFlagParser("config").parse(os.path.join(ROOT, "configs", "tiny.py") + ":demo")
 
 
 def _stream(cmd: list[str], tag: str, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -225,4 +226,6 @@ def _summary(report: dict[str, Any], times: dict[str, float], out: str, videos: 
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from data_pipeline.cli import run
+
+    run(main, "demo")

@@ -129,13 +129,15 @@ def main(argv: list[str]) -> None:
 
 
 def _run() -> None:
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
+
+    from data_pipeline.cli import run
 
     config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mirage_10b.py", lock_config=True)
     flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    run(main, "describe")
 
 
 if __name__ == "__main__":

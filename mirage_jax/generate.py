@@ -265,13 +265,13 @@ def main(argv: Sequence[str]) -> None:
     from absl import flags, logging
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO
-    from data_pipeline.storage import exit_on_storage_error
+    from data_pipeline.storage import check_storage
     from mirage_jax.inference import load_run
 
     if len(argv) > 1:
         raise GenerateError(f"unexpected arguments {list(argv[1:])}")
     F = flags.FLAGS
-    exit_on_storage_error("generate", F.checkpoint, F.out, F.data, *F.audio, *F.ref)
+    check_storage(F.checkpoint, F.out, F.data, *F.audio, *F.ref)
     speeches = [(read_speech(v) if kind == "audio" else say(v), f"{kind}:{v}")
                 for kind, v in prompt_order(sys.argv, F.audio or [], F.say or [])]
     if not speeches:
@@ -336,21 +336,7 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
-    from absl import app
-
-    from data_pipeline.cli import dashed_flags_parser
+    from data_pipeline.cli import run
 
     define_flags()
-
-    def _main(argv: Sequence[str]) -> None:
-        from mirage_jax.export.checkpoint_reader import CheckpointError
-
-        try:
-            main(argv)
-        except (GenerateError, CheckpointError, FileNotFoundError) as e:  # a user's path or input: one line
-            print(f"generate: {e}", file=sys.stderr)
-            sys.exit(2)
-
-    app.run(_main, flags_parser=dashed_flags_parser)
+    run(main, "generate", also={FileNotFoundError: (2, "")})  # a user's path or input: one line, exit 2

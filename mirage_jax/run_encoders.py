@@ -18,11 +18,14 @@ from data_pipeline import encoders as enc_lib
 from data_pipeline import manifest as mf
 from data_pipeline.batch_keys import STREAMS
 from data_pipeline.encoders.time_map import TimeMap, of_manifest
+from data_pipeline.errors import MirageError
 from mirage_jax.config import ModelConfig
 
 
-class GenerateError(ValueError):
+class GenerateError(MirageError, ValueError):
     """The checkpoint, the encoders and the inputs do not fit together; the message says which and why."""
+
+    exit_code = 2
 
 
 @dataclasses.dataclass

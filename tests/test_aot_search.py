@@ -34,7 +34,7 @@ def test_pareto_front_by_hand() -> None:
 
 
 def test_candidates_follow_the_slice() -> None:
-    from configs.mirage_10b_v5p256 import get_config
+    from configs.mirage_10b import get_config
 
     cfg = get_config()
     pts = aot_search.candidates(cfg, 128, ["full", "save_splash"], [3, 4], [1], [1, 2])

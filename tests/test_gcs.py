@@ -74,8 +74,7 @@ def gcs_run(emulator, cache, tmp_path_factory):
 
     common = dict(TRAIN, **{"data.source": f"gs://{BUCKET}/data"})
     workdir = f"gs://{BUCKET}/run"
-    killed = run_cli(workdir, devices=4, cache_dir=cache, **common, **{"train.steps": 4,
-                                                                      "train.fault_kill_at_step": 4})
+    killed = run_cli(workdir, devices=4, cache_dir=cache, kill_at_step=4, **common, **{"train.steps": 4})
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]  # SIGKILL right after the save of 4 started
     listed = ocp.path.step.checkpoint_steps(f"{workdir}/checkpoints")
     present = {p.rsplit("/", 1)[-1] for p in _fs().ls(f"{BUCKET}/run/checkpoints")}

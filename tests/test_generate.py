@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs.common import get_base_config
 from configs.tiny import diffusion_config
 from data_pipeline import encoders as enc_lib
 from data_pipeline import media
@@ -20,13 +19,14 @@ from mirage_jax.config import DiffusionConfig
 from mirage_jax.diffusion import sample
 from mirage_jax.inference import LoadedRun
 from mirage_jax.model import MirageDiT
+from mirage_jax.run_config import base_config
 from mirage_jax.sampling import SamplingSettings, generation_mesh, sample_latents
 
 
 def _run(cfg):
     model = MirageDiT(cfg, rngs=nnx.Rngs(0))
     randomize(model, seed=3)
-    base = get_base_config().to_dict()
+    base = base_config().to_dict()
     config = {"model": {}, "diffusion": diffusion_config().to_dict(), "mesh": base["mesh"]}
     return LoadedRun(model=model, config=config, step=0, step_dir=None, weights="params")
 

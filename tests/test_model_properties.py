@@ -214,8 +214,8 @@ def test_splash_under_a_mesh_runs_per_device_and_matches_reference():
     from flax.core import spmd as core_spmd
     from jax.sharding import AxisType, Mesh
 
-    from configs.common import ACTIVATION_RULES
     from mirage_jax.parallel.sharding import constrain
+    from mirage_jax.run_config import ACTIVATION_RULES
 
     mesh = Mesh(np.array(jax.devices()).reshape(1, 2, 2, 2), ("data", "fsdp", "sequence", "tensor"),
                 axis_types=(AxisType.Auto,) * 4)

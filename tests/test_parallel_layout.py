@@ -7,10 +7,10 @@ import ml_collections
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from configs.common import ACTIVATION_RULES, PARAM_RULES
 from mirage_jax.parallel import checks
 from mirage_jax.parallel import mesh as mesh_lib
 from mirage_jax.parallel import rules as rules_lib
+from mirage_jax.run_config import ACTIVATION_RULES, PARAM_RULES
 from mirage_jax.train import data as data_lib
 
 

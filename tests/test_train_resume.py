@@ -36,7 +36,7 @@ def test_kill9_and_resume_is_bitwise_identical(tmp_path, cache):
     # synchronous saves here: with async ones, a loaded machine may not have committed step 10 by step 17,
     # and then the correct outcome (no checkpoint) is not the one this test is about; kill -9 during an
     # async save has its own test
-    killed = run_cli(crashed, cache_dir=cache, train__steps=20, train__fault_kill_at_step=17,
+    killed = run_cli(crashed, cache_dir=cache, train__steps=20, kill_at_step=17,
                      checkpoint__async_save=False)
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
     assert committed_steps(crashed) == [10]
@@ -78,7 +78,7 @@ def test_bad_layout_fails_before_compiling_and_is_not_a_preemption(tmp_path, cac
 
 @pytest.mark.slow
 def test_kill9_during_async_save_restores_previous_checkpoint(tmp_path, cache):
-    killed = run_cli(tmp_path, cache_dir=cache, train__steps=20, checkpoint__save_every=5, train__fault_kill_at_step=10)
+    killed = run_cli(tmp_path, cache_dir=cache, train__steps=20, checkpoint__save_every=5, kill_at_step=10)
     assert killed.returncode == -signal.SIGKILL
     names = [p.name for p in (tmp_path / "checkpoints").iterdir()]
     torn = any(n.startswith("10.") and "tmp" in n for n in names)

@@ -14,8 +14,6 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 
-from data_pipeline.cli import dashed_flags_parser
-
 flags.DEFINE_string("checkpoint", None, "Training workdir, its checkpoints/ folder, or one step folder.", required=True)
 flags.DEFINE_string("data", None, "Held-out prepared dataset: a data_pipeline.prepare output dir or shard glob.",
                     required=True)
@@ -34,26 +32,21 @@ flags.DEFINE_string("train_data", None, "The run's training data (for its encode
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {list(argv[1:])}")
-    from mirage_jax.eval.heldout import EvalError, evaluate
-    from mirage_jax.export.checkpoint_reader import CheckpointError
+    from mirage_jax.eval.heldout import evaluate
     from mirage_jax.inference import load_run
-    from mirage_jax.run_encoders import GenerateError, load_encoders
+    from mirage_jax.run_encoders import load_encoders
     from mirage_jax.sampling import SamplingSettings
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO
-    from data_pipeline.storage import exit_on_storage_error
+    from data_pipeline.storage import check_storage
 
     F = flags.FLAGS
-    exit_on_storage_error("eval", F.checkpoint, F.data, F.train_data)
-    try:
-        run = load_run(F.checkpoint, ema=F.ema)
-        encs = load_encoders(run.config, F.train_data)
-        settings = SamplingSettings.of_run(run.diffusion_config, steps=F.steps or None, cfg_audio=F.cfg_audio,
-                                           cfg_text=F.cfg_text, schedule=F.cfg_schedule)
-        report = evaluate(run, encs, F.data, settings, clips=F.clips, seeds=F.seeds, progress=not F.json)
-    except (EvalError, GenerateError, CheckpointError, FileNotFoundError) as e:  # a user's path or input: one line
-        print(f"eval: {e}", file=sys.stderr)
-        sys.exit(2)
+    check_storage(F.checkpoint, F.data, F.train_data)
+    run = load_run(F.checkpoint, ema=F.ema)
+    encs = load_encoders(run.config, F.train_data)
+    settings = SamplingSettings.of_run(run.diffusion_config, steps=F.steps or None, cfg_audio=F.cfg_audio,
+                                       cfg_text=F.cfg_text, schedule=F.cfg_schedule)
+    report = evaluate(run, encs, F.data, settings, clips=F.clips, seeds=F.seeds, progress=not F.json)
     if report["skipped"]:
         print(f"eval: {report['skipped']}", file=sys.stderr)
     if F.json:
@@ -64,4 +57,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=dashed_flags_parser)
+    from data_pipeline.cli import run
+
+    run(main, "eval", also={FileNotFoundError: (2, "")})  # a user's path or input: one line, exit 2

@@ -7,9 +7,8 @@ Writes safetensors shards + diffusion_pytorch_model.safetensors.index.json + con
 from __future__ import annotations
 
 import json
-import sys
 
-from absl import app, flags
+from absl import flags
 
 flags.DEFINE_string("checkpoint", None, "A training workdir (latest committed step) or one step folder.")
 flags.DEFINE_string("out", None, "Output folder (must not exist or be empty, unless --overwrite).")
@@ -22,24 +21,21 @@ flags.mark_flags_as_required(["checkpoint", "out"])
 
 def main(argv: list[str]) -> None:
     del argv
-    from data_pipeline.storage import exit_on_storage_error
-    from mirage_jax.export.checkpoint_reader import CheckpointError, ParamReader, read_model_config, resolve_step_dir
-    from mirage_jax.export.writer import ExportError, export_params
+    from data_pipeline.storage import check_storage
+    from mirage_jax.export.checkpoint_reader import ParamReader, read_model_config, resolve_step_dir
+    from mirage_jax.export.writer import export_params
 
     F = flags.FLAGS
-    exit_on_storage_error("export", F.checkpoint, F.out)
-    try:
-        step_dir = resolve_step_dir(F.checkpoint)
-        cfg = read_model_config(step_dir)
-        index = export_params(ParamReader(step_dir, ema=F.ema), cfg, F.out, dtype=F.dtype,
-                              max_shard_size=F.max_shard_size, overwrite=F.overwrite)
-    except (CheckpointError, ExportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    check_storage(F.checkpoint, F.out)
+    step_dir = resolve_step_dir(F.checkpoint)  # CheckpointError / ExportError: one line, exit 2 (cli.run)
+    cfg = read_model_config(step_dir)
+    index = export_params(ParamReader(step_dir, ema=F.ema), cfg, F.out, dtype=F.dtype,
+                          max_shard_size=F.max_shard_size, overwrite=F.overwrite)
     print(json.dumps({"checkpoint": str(step_dir), "out": F.out, "tensors": len(index["weight_map"]),
                       "shards": len(set(index["weight_map"].values())), "bytes": index["metadata"]["total_size"]}))
 
 
 if __name__ == "__main__":
-    sys.argv = [a.replace("--max-shard-size", "--max_shard_size") for a in sys.argv]
-    app.run(main)
+    from data_pipeline.cli import run
+
+    run(main, "export")

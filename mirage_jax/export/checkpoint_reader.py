@@ -13,14 +13,17 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from data_pipeline.errors import MirageError
 from mirage_jax.config import ModelConfig
 from mirage_jax.paths import orbax_path
 
 Path = tuple[str, ...]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MirageError, ValueError):
     """The checkpoint path is not a committed mirage_jax checkpoint; the message names it."""
+
+    exit_code = 2
 
 
 def resolve_step_dir(path: str) -> epath.Path:

@@ -20,6 +20,7 @@ import numpy as np
 from etils import epath
 from safetensors.numpy import save_file
 
+from data_pipeline.errors import MirageError
 from data_pipeline.safetensors_reader import INDEX_NAME
 from data_pipeline.storage import is_remote
 from mirage_jax.config import ModelConfig
@@ -30,8 +31,10 @@ Path = tuple[str, ...]
 DTYPES = {"fp32": np.float32, "bf16": ml_dtypes.bfloat16}
 
 
-class ExportError(ValueError):
+class ExportError(MirageError, ValueError):
     """The export cannot be written as asked; the message names the path or tensor."""
+
+    exit_code = 2
 
 
 def torch_config(cfg: ModelConfig) -> dict[str, Any]:

@@ -11,10 +11,11 @@ from typing import Any
 
 from jax.sharding import Mesh
 
+from data_pipeline.errors import MirageError
 from mirage_jax.parallel.rules import Rules
 
 
-class LayoutError(ValueError):
+class LayoutError(MirageError, ValueError):
     """The mesh / rules / batch size do not fit together; the message says which field to change."""
 
 

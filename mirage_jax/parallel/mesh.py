@@ -17,10 +17,12 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
+from data_pipeline.errors import MirageError
+
 AXES = ("data", "fsdp", "sequence", "tensor")
 
 
-class MeshConfigError(ValueError):
+class MeshConfigError(MirageError, ValueError):
     """The mesh section does not fit the devices; the message names the field and the fix."""
 
 

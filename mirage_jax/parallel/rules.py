@@ -17,11 +17,13 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from data_pipeline.errors import MirageError
+
 MeshAxes = str | tuple[str, ...] | None
 Rules = tuple[tuple[str, MeshAxes], ...]
 
 
-class RulesError(ValueError):
+class RulesError(MirageError, ValueError):
     """A logical axis name has no rule, or a rule names an axis the mesh does not have."""
 
 

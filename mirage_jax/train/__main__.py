@@ -14,11 +14,12 @@ from mirage_jax.train import preemption  # first: SIGTERM is handled from here o
 
 preemption.install_handler()
 
+import functools  # noqa: E402
 import os  # noqa: E402
-import sys  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
 from typing import Any  # noqa: E402
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py[:arg].",
@@ -32,9 +33,6 @@ _NPROC = flags.DEFINE_integer("num_processes", None, "Number of JAX processes (m
 _PID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
 flags.mark_flags_as_required(["config", "workdir"])
 
-EXIT_NONFINITE = 3
-EXIT_SAVE_FAILED = 4
-
 
 class _QuietLibraries:
     """absl log filter: drop INFO chatter of Orbax and Grain (one line per file written); keep warnings."""
@@ -45,7 +43,10 @@ class _QuietLibraries:
         return record.levelno >= 30 or not any(n in record.pathname for n in self.NOISY)
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], hooks: Sequence[Any] = ()) -> None:
+    """Train; `hooks` go to `Trainer` (called with each new step; drills pass one, see tests/kill_at_step.py)."""
+    from absl import app
+
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
@@ -57,46 +58,31 @@ def main(argv: list[str]) -> None:
 
     distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
 
-    from data_pipeline.order import DataStateError
-    from data_pipeline.storage import exit_on_storage_error
-    from mirage_jax.config import ConfigError
-    from mirage_jax.train.checkpoint import CheckpointSaveError
-    from mirage_jax.train.loop import NonFiniteError, Trainer
-    from mirage_jax.train.resume import ConfigChangeError
+    from data_pipeline.storage import check_storage
+    from mirage_jax.train.loop import Trainer
 
-    exit_on_storage_error("train", _WORKDIR.value, _CONFIG.value.data.get("source"))
-
+    check_storage(_WORKDIR.value, _CONFIG.value.data.get("source"))
     try:
-        trainer = Trainer(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW.value)
+        trainer = Trainer(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW.value, hooks=hooks)
         step = trainer.run()
     except preemption.Preempted as e:
         logging.warning("%s", e)
         print(f"PREEMPTED (clean exit): {e}", flush=True)
-        sys.exit(0)
-    except ConfigError as e:  # a user's config mistake: one line naming the fields, no traceback
-        print(f"CONFIG ERROR: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except (ConfigChangeError, DataStateError) as e:  # a healthy checkpoint this config/data cannot resume
-        print(f"RESUME REFUSED: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except FileNotFoundError as e:  # e.g. a data.source with no (committed) shards: the path, no traceback
-        print(f"DATA ERROR: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except NonFiniteError as e:
-        logging.error("%s", e)
-        print(f"STOPPED: {e}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_NONFINITE)
-    except CheckpointSaveError as e:
-        print(f"CHECKPOINT SAVE FAILED: {e}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        # not sys.exit: tensorstore's pending callbacks of the failed write would each print an "Event loop
-        # is closed" traceback during interpreter shutdown, burying this line; committed steps are on disk
-        os._exit(EXIT_SAVE_FAILED)
+        return
     print(f"DONE: trained to step {step}; workdir {_WORKDIR.value}", flush=True)
 
 
-def run() -> None:
-    app.run(main)
+def run(hooks: Sequence[Any] = ()) -> None:
+    """The CLI: `main` through data_pipeline.cli.run, which prints a user's mistake as one line with its exit
+    status (ConfigError, ConfigChangeError, DataStateError: 2; NonFiniteError: 3; CheckpointSaveError: 4,
+    through os._exit so that tensorstore's callbacks of the failed write cannot bury the line under
+    "Event loop is closed" tracebacks at shutdown; committed steps are on disk)."""
+    from data_pipeline.cli import run as run_cli
+    from mirage_jax.train.checkpoint import CheckpointSaveError
+
+    run_cli(functools.partial(main, hooks=hooks), "train",
+            also={FileNotFoundError: (2, "DATA ERROR")},  # e.g. a data.source with no (committed) shards
+            hard_exit=(CheckpointSaveError,))
 
 
 if __name__ == "__main__":

@@ -25,16 +25,19 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from data_pipeline.errors import MirageError
 from mirage_jax.paths import orbax_path
 from mirage_jax.train.state import TrainState
 
 
-class CheckpointRestoreError(RuntimeError):
+class CheckpointRestoreError(MirageError, RuntimeError):
     """A checkpoint exists but could not be restored; the message names the step directory."""
 
 
-class CheckpointSaveError(RuntimeError):
+class CheckpointSaveError(MirageError, RuntimeError):
     """A (background) checkpoint save failed; the message names the step directory and the OS error."""
+
+    exit_code, label = 4, "CHECKPOINT SAVE FAILED"
 
 
 class DataStateHandler(ocp.CheckpointHandler):
@@ -99,12 +102,12 @@ class CheckpointStore:
         self.last_saved: int | None = None
         self._unchecked = False  # a save was started and its outcome not yet looked at
         self._failed = False  # a save failure was reported: the process is about to exit
-        keep: list[ocm.PreservationPolicy] = [ocm.LatestN(max(int(ckpt_cfg.keep_last_n), 1))]
-        if int(ckpt_cfg.keep_every_k) > 0:
-            keep.append(ocm.EveryNSteps(int(ckpt_cfg.keep_every_k)))
+        keep: list[ocm.PreservationPolicy] = [ocm.LatestN(ckpt_cfg.keep_last_n)]  # >= 1: run_config checks it
+        if ckpt_cfg.keep_every_k > 0:
+            keep.append(ocm.EveryNSteps(ckpt_cfg.keep_every_k))
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocm.AnyPreservationPolicy(keep),
-            enable_async_checkpointing=bool(ckpt_cfg.async_save),
+            enable_async_checkpointing=ckpt_cfg.async_save,
             cleanup_tmp_directories=not read_only,
             read_only=read_only,
             create=not read_only,

@@ -71,10 +71,11 @@ def process_rows(mesh: Mesh, batch_axes: Any, global_batch: int) -> RowRange:
 
 
 def batch_shapes(cfg: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """Per-sample shape and dtype of every batch key, from `cfg.shapes` and `cfg.model`."""
+    """Per-sample shape and dtype of every batch key, from `cfg.shapes` and `cfg.model` (a RunConfig or its
+    ConfigDict)."""
     s, m = cfg.shapes, cfg.model
     t, h, w = int(s.latent_frames), int(s.latent_height), int(s.latent_width)
-    a, lt, r = int(s.audio_frames), int(s.text_len), int(s.get("ref_frames", 1))
+    a, lt, r = int(s.audio_frames), int(s.text_len), int(s.ref_frames)
     c = int(m.latent_channels)
     return {
         "video": ((t, h, w, c), np.float32), "video_mask": ((t,), np.bool_),
@@ -119,15 +120,15 @@ class SyntheticSource(Iterator[dict[str, np.ndarray]]):
 
 
 def make_source(cfg: Any, rows: RowRange, start_step: int) -> BatchIterator:
-    """The iterator `cfg.data.source` names, positioned at `start_step` for the synthetic source (wrapped in a
-    `RowHashLog` when `data.row_hash_log` is set)."""
+    """The iterator `cfg.data.source` names (`cfg`: a RunConfig or its ConfigDict), positioned at `start_step` for
+    the synthetic source (wrapped in a `RowHashLog` when `data.row_hash_log` is set)."""
     if cfg.data.source == "synthetic":
-        source: BatchIterator = SyntheticSource(batch_shapes(cfg), rows, int(cfg.train.seed) + 1, start_step)
+        source: BatchIterator = SyntheticSource(batch_shapes(cfg), rows, cfg.train.seed + 1, start_step)
     else:
         from mirage_jax.train import grain_source
 
         source = grain_source.make(cfg, rows)
-    prefix = str(cfg.data.get("row_hash_log", "") or "")
+    prefix = cfg.data.row_hash_log
     return RowHashLog(source, rows, f"{prefix}.p{jax.process_index()}.jsonl") if prefix else source
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from data_pipeline.encoders.time_map import of_manifest
 from mirage_jax.config import ConfigError
+from mirage_jax.run_config import RunConfig
 
 
 def manifest_shapes(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -34,42 +35,44 @@ def manifest_shapes(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def mismatches(cfg: Any, manifest: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(config field, config value, the value the data needs) for every disagreement."""
+def mismatches(cfg: RunConfig | Any, manifest: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(config field, config value, the value the data needs) for every disagreement; `cfg` is a RunConfig or
+    the ConfigDict it is validated from (older model fields such as `frames_per_latent` read as today's)."""
+    if not isinstance(cfg, RunConfig):
+        cfg = RunConfig.from_config(cfg)
     want = manifest_shapes(manifest)
     tm = of_manifest(manifest)
 
     def get(field: str) -> Any:
         section, name = field.split(".")
-        return cfg[section].get(name)
+        return getattr(getattr(cfg, section), name)
 
     out = []
     for field, need in want.items():
         have = get(field)
-        if field == "model.time_map" and have is None and cfg.model.get("frames_per_latent") is not None:
-            have = f"uniform:{int(cfg.model.frames_per_latent)}"  # the older spelling of the same field
         if need is None:  # clips of different sizes: the loader pads, nothing to compare
             continue
-        if field == "model.audio_feature_dim" and not cfg.model.get("use_audio", True):
+        if field == "model.audio_feature_dim" and not cfg.model.use_audio:
             continue  # a Mochi-only network never reads the audio features
         if field == "shapes.audio_frames":  # a shorter window is fine if it is a whole clip of the map
-            a = int(have)
+            a = have
             if 0 < a <= need and tm.covered_frames(a) == a:
                 continue
         elif field == "shapes.latent_frames":
-            a = int(get("shapes.audio_frames"))
-            if 0 < a <= want["shapes.audio_frames"] and int(have) == tm.latent_count(a):
+            a = get("shapes.audio_frames")
+            if 0 < a <= want["shapes.audio_frames"] and have == tm.latent_count(a):
                 continue
         elif str(have) == str(need):
             continue
         out.append((field, have, need))
-    if int(cfg.model.max_text_len) < int(want["shapes.text_len"]):
+    if cfg.model.max_text_len < int(want["shapes.text_len"]):
         out.append(("model.max_text_len", cfg.model.max_text_len, want["shapes.text_len"]))
     return out
 
 
-def check(cfg: Any) -> None:
-    """Raise ConfigError (one line: every mismatch, then the overrides) unless `cfg` fits `cfg.data.source`."""
+def check(cfg: RunConfig | Any) -> None:
+    """Raise ConfigError (one line: every mismatch, then the overrides) unless `cfg` (a RunConfig or its
+    ConfigDict) fits `cfg.data.source`."""
     source = cfg.data.source
     if source == "synthetic":
         return

@@ -51,7 +51,7 @@ def make(cfg: Any, rows: RowRange) -> GrainSource:
         prefetch=int(cfg.data.prefetch),
         process_index=rows.index,
         process_count=rows.count,
-        allow_dataset_change=bool(cfg.data.get("allow_dataset_change", False)),
-        verify=str(cfg.data.get("verify", "auto")),
+        allow_dataset_change=cfg.data.allow_dataset_change,
+        verify=cfg.data.verify,
     )
     return GrainSource(iter(loader))

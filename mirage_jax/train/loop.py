@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
 
+from data_pipeline.errors import MirageError
 from mirage_jax.parallel import mesh as mesh_lib
 from mirage_jax.train import checkpoint as ckpt_lib
 from mirage_jax.train import data as data_lib
@@ -26,8 +27,10 @@ from mirage_jax.train.preemption import Preempted, PreemptionWatcher, describe_n
 from mirage_jax.train.setup import RunSetup
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(MirageError, RuntimeError):
     """Too many consecutive non-finite steps; the last good checkpoint is kept."""
+
+    exit_code, label = 3, "STOPPED"
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -35,20 +38,30 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(cfg.to_json_best_effort())
 
 
+StepHook = Callable[[int], None]
+
+
 class Trainer(RunSetup):
     """Everything derived from the config once (`RunSetup`), this process's batch rows; `run()` trains to
-    `train.steps`."""
+    `train.steps`.
 
-    def __init__(self, cfg: Any, workdir: str, *, allow_config_change: bool = False):
+    `hooks` (Levanter-style): callables run with the new step number after every step, once its metrics are
+    logged and its checkpoint (if due) was started, before a preemption stops the run. Drills use one to kill
+    the process at a chosen step (tests/kill_at_step.py).
+    """
+
+    def __init__(self, cfg: Any, workdir: str, *, allow_config_change: bool = False,
+                 hooks: Sequence[StepHook] = ()):
         super().__init__(cfg)
         self.workdir = workdir
-        self.allow_config_change = allow_config_change or bool(cfg.checkpoint.allow_config_change)
-        self.rows = data_lib.process_rows(self.mesh, self.batch_axes, int(cfg.train.global_batch_size))
+        self.hooks = tuple(hooks)
+        self.allow_config_change = allow_config_change or self.run_cfg.checkpoint.allow_config_change
+        self.rows = data_lib.process_rows(self.mesh, self.batch_axes, self.run_cfg.train.global_batch_size)
 
     def _log_setup(self) -> None:
         logging.info("%s; %d parameters; process %d feeds batch rows [%d, %d)", mesh_lib.describe(self.mesh),
                      self.layout.param_count(), jax.process_index(), self.rows.start, self.rows.stop)
-        if jax.process_count() > 1 and jax.default_backend() == "cpu" and self.cfg.train.get("grad_sync") == "xla":
+        if jax.process_count() > 1 and jax.default_backend() == "cpu" and self.run_cfg.train.grad_sync == "xla":
             logging.warning("%d CPU processes with train.grad_sync='xla': XLA:CPU runs every buffer of the gradient "
                             "all-reduces as its own Gloo collective (2.9x the step time of 'flat' for "
                             "configs/tiny.py:demo at 2 x 4); on a pure data-parallel mesh set "
@@ -59,14 +72,14 @@ class Trainer(RunSetup):
 
     def run(self) -> int:
         """Train until `train.steps`; returns the final step. Raises Preempted after a preemption save."""
-        cfg = self.cfg
+        run = self.run_cfg
         self._log_setup()
-        store = ckpt_lib.CheckpointStore(self.workdir, cfg.checkpoint)
-        config = config_to_dict(cfg)
+        store = ckpt_lib.CheckpointStore(self.workdir, run.checkpoint)
+        config = config_to_dict(self.cfg)
         with jax.set_mesh(self.mesh):
             state, data_state, restored = resume.restore_or_init(store, self.layout, config, self.allow_config_change)
         start = int(jax.device_get(state.step))
-        source = data_lib.make_source(cfg, self.rows, start)
+        source = data_lib.make_source(run, self.rows, start)
         if data_state is not None:
             source.set_state(data_state)
         logging.info("%s at step %d of %d", "resumed from checkpoint" if restored is not None else "initialized",
@@ -75,7 +88,7 @@ class Trainer(RunSetup):
             store.close()
             return start
         step_fn = self.make_step()
-        writer = metrics_lib.MetricsWriter(self.workdir, cfg.metrics)
+        writer = metrics_lib.MetricsWriter(self.workdir, run.metrics)
         watcher = PreemptionWatcher()
         try:
             return self._loop(state, start, source, step_fn, store, writer, watcher, config)
@@ -86,21 +99,21 @@ class Trainer(RunSetup):
 
     def _throughput(self) -> tuple[float, float, float]:
         try:
-            flops, tokens = metrics_lib.throughput_model(self.cfg)
+            flops, tokens = metrics_lib.throughput_model(self.run_cfg)
         except Exception as e:  # noqa: BLE001 - metrics must not stop training
             logging.warning("throughput model unavailable (%s); TFLOP/s and MFU not reported", e)
             flops, tokens = 0, 0
-        peak = metrics_lib.peak_flops_per_device(float(self.cfg.metrics.peak_flops_per_device))
+        peak = metrics_lib.peak_flops_per_device(self.run_cfg.metrics.peak_flops_per_device)
         return float(flops), float(tokens), peak
 
     def _loop(self, state: Any, start: int, source: Any, step_fn: Any, store: ckpt_lib.CheckpointStore,
               writer: metrics_lib.MetricsWriter, watcher: PreemptionWatcher, config: dict[str, Any]) -> int:
-        cfg, tc = self.cfg, self.cfg.train
-        gb = int(tc.global_batch_size)
+        tc, save_every = self.run_cfg.train, self.run_cfg.checkpoint.save_every
+        gb = tc.global_batch_size
         flops_per_sample, tokens_per_sample, peak = self._throughput()
         n_dev = jax.device_count()
-        k_max = int(tc.max_nonfinite_steps)
-        profile_start, profile_end = int(tc.profile_start_step), int(tc.profile_start_step) + int(tc.profile_steps)
+        k_max = tc.max_nonfinite_steps
+        profile_start, profile_end = tc.profile_start_step, tc.profile_start_step + tc.profile_steps
         profiling = False
 
         def draw() -> tuple[dict[str, jax.Array], Any, float]:
@@ -165,7 +178,7 @@ class Trainer(RunSetup):
                         f"{new_step}; stopping. The last good checkpoint is kept (steps {store.all_steps()} in "
                         f"{store.directory}). Lower optim.lr, raise optim.warmup_steps or check the data, then "
                         "rerun the same command to resume.")
-                if new_step % int(tc.log_every) == 0 or new_step == self.total_steps:
+                if new_step % tc.log_every == 0 or new_step == self.total_steps:
                     avg = window_time / window_steps if window_steps else step_time
                     scalars = {
                         "loss": m["loss"], "grad_norm": m["grad_norm"], "lr": m["lr"],
@@ -192,7 +205,7 @@ class Trainer(RunSetup):
                     raise ckpt_lib.CheckpointSaveError(
                         f"a checkpoint save under {store.directory} failed on another process (its log names the "
                         "file and the OS error); fix the storage and rerun the same command")
-                due = new_step % int(cfg.checkpoint.save_every) == 0 or new_step == self.total_steps
+                due = new_step % save_every == 0 or new_step == self.total_steps
                 if due and not bool(m["finite"]) and not preempted:
                     logging.warning("step %d: not checkpointing a step inside a non-finite streak", new_step)
                     due = False
@@ -202,9 +215,8 @@ class Trainer(RunSetup):
                             "preempted": preempted}
                     store.save(new_step, state, data_state, config, meta)
                     logging.info("checkpoint %d started%s", new_step, " (preemption)" if preempted else "")
-                if new_step == int(tc.fault_kill_at_step):
-                    logging.warning("train.fault_kill_at_step=%d: killing this process with SIGKILL", new_step)
-                    os.kill(os.getpid(), signal.SIGKILL)
+                for hook in self.hooks:
+                    hook(new_step)
                 if preempted:
                     store.wait()
                     logging.info("stop-flag agreement: %.2f ms per step (%d steps)", 1e3 * watcher.mean_cost_s(),

@@ -8,6 +8,7 @@ kind's bf16 peak from `mirage_jax.chips.PEAK_FLOPS` when that is 0).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from typing import Any
@@ -19,6 +20,7 @@ from etils import epath
 
 from mirage_jax.chips import peak_flops
 from mirage_jax.paths import AppendLog
+from mirage_jax.run_config import MetricsConfig, RunConfig
 
 
 def peak_flops_per_device(configured: float) -> float:
@@ -28,20 +30,18 @@ def peak_flops_per_device(configured: float) -> float:
     return peak_flops(jax.devices()[0].device_kind)
 
 
-def throughput_model(cfg: Any) -> tuple[int, int]:
+def throughput_model(run: RunConfig) -> tuple[int, int]:
     """(train FLOPs per sample, tokens per sample) for the configured model and shapes."""
-    from mirage_jax.config import ModelConfig
     from mirage_jax.describe import count_flops, count_tokens
 
-    mcfg = ModelConfig.from_config(cfg.model)
-    shapes = dict(cfg.shapes)
-    return int(count_flops(mcfg, shapes)), int(count_tokens(mcfg, shapes)["total"])
+    shapes = dataclasses.asdict(run.shapes)
+    return int(count_flops(run.model, shapes)), int(count_tokens(run.model, shapes)["total"])
 
 
 class MetricsWriter:
     """Console + TensorBoard + JSONL sink; silent on processes other than 0."""
 
-    def __init__(self, workdir: str, metrics_cfg: Any):
+    def __init__(self, workdir: str, metrics_cfg: MetricsConfig):
         self.enabled = jax.process_index() == 0
         self.tb = None
         self.jsonl = None

@@ -14,6 +14,7 @@ from typing import Any
 import jax
 from absl import logging
 
+from data_pipeline.errors import MirageError
 from mirage_jax.config import upgrade_model_fields
 from mirage_jax.train import checkpoint as ckpt_lib
 from mirage_jax.train.state import StateLayout, TrainState
@@ -22,8 +23,10 @@ from mirage_jax.train.state import StateLayout, TrainState
 EXECUTION_FIELDS = {"model.compute_dtype", "model.attention_backend", "model.remat_policy"}
 
 
-class ConfigChangeError(RuntimeError):
+class ConfigChangeError(MirageError, RuntimeError):
     """The config changed the train state or the model since the checkpoint; names the fields."""
+
+    exit_code, label = 2, "RESUME REFUSED"
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:

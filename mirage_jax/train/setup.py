@@ -1,9 +1,10 @@
 """Everything a run derives from its config before it touches data or checkpoints, in one place.
 
-`RunSetup(cfg)` builds the mesh over this process's devices; `RunSetup(cfg, devices)` over any device list,
-such as a TPU topology's abstract devices (`mirage_jax.aot` compiles the real train step from it on a CPU
-host). `train.loop.Trainer` extends it with the workdir, this process's batch rows and the loop, so the
-AOT report, the benchmarks and training always compile the same step from the same derivations.
+`RunSetup(cfg)` validates every section once (`run_config.RunConfig`: a bad field raises ConfigError naming
+it, before any compile) and builds the mesh over this process's devices; `RunSetup(cfg, devices)` over any
+device list, such as a TPU topology's abstract devices (`mirage_jax.aot` compiles the real train step from
+it on a CPU host). `train.loop.Trainer` extends it with the workdir, this process's batch rows and the loop,
+so the AOT report, the benchmarks and training always compile the same step from the same derivations.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ import functools
 from collections.abc import Sequence
 from typing import Any
 
-from mirage_jax.config import DiffusionConfig, ModelConfig
 from mirage_jax.parallel import checks
 from mirage_jax.parallel import mesh as mesh_lib
 from mirage_jax.parallel import rules as rules_lib
+from mirage_jax.run_config import RunConfig, TrainConfig, section
 from mirage_jax.train import data as data_lib
 from mirage_jax.train import data_fit, optim
 from mirage_jax.train import step as step_lib
@@ -23,36 +24,32 @@ from mirage_jax.train.state import StateLayout
 
 
 class RunSetup:
-    """Model/diffusion configs, mesh, sharding rules, layout checks, optimizer, state layout, batch shardings."""
+    """Typed config (`run`), mesh, sharding rules, layout checks, optimizer, state layout, batch shardings."""
 
     def __init__(self, cfg: Any, devices: Sequence[Any] | None = None):
         self.cfg = cfg
-        for section in ("model", "diffusion", "shapes"):
-            if section not in cfg:
-                raise ValueError(f"the config has no `{section}` section; start from a model config such as "
-                                 "configs/tiny.py or configs/mirage_10b.py, not configs/common.py")
-        self.mcfg = ModelConfig.from_config(cfg.model)
-        self.dcfg = DiffusionConfig.from_config(cfg.diffusion)
-        if "data" in cfg:
-            data_fit.check(cfg)  # clip shapes and time map vs the dataset's manifest.json, before any compile
+        self.run_cfg = run = RunConfig.from_config(cfg)
+        self.mcfg, self.dcfg = run.model, run.diffusion
+        data_fit.check(run)  # clip shapes and time map vs the dataset's manifest.json, before any compile
         self.mesh = mesh_lib.build_mesh(cfg.mesh, devices)
         self.param_rules = rules_lib.normalize_rules(cfg.mesh.rules.params, "mesh.rules.params", self.mesh)
         self.act_rules = rules_lib.normalize_rules(cfg.mesh.rules.activations, "mesh.rules.activations", self.mesh)
-        tc = cfg.train
-        checks.check_layout(self.mesh, self.act_rules, self.mcfg.num_heads, int(tc.global_batch_size),
-                            int(tc.grad_accum))
-        self.total_steps = int(tc.steps)
-        self.tx = optim.make_optimizer(cfg.optim, float(tc.clip_norm), self.total_steps)
-        self.lr_schedule = optim.learning_rate_schedule(cfg.optim, self.total_steps)
-        self.layout = StateLayout(self.mcfg, self.tx, self.mesh, self.param_rules, int(tc.seed))
+        tc = run.train
+        checks.check_layout(self.mesh, self.act_rules, self.mcfg.num_heads, tc.global_batch_size, tc.grad_accum)
+        self.total_steps = tc.steps
+        self.tx = optim.make_optimizer(run.optim, tc.clip_norm, self.total_steps)
+        self.lr_schedule = optim.learning_rate_schedule(run.optim, self.total_steps)
+        self.layout = StateLayout(self.mcfg, self.tx, self.mesh, self.param_rules, tc.seed)
         self.batch_axes = dict(self.act_rules).get("batch")
-        self.batch_shapes = data_lib.batch_shapes(cfg)
+        self.batch_shapes = data_lib.batch_shapes(run)
         self.batch_shardings = data_lib.batch_shardings(self.mesh, self.batch_axes, self.batch_shapes)
 
     def make_step(self, train_cfg: Any = None) -> Any:
-        """The run's jitted train step; `train_cfg` replaces `cfg.train` (bench.multiprocess_step times both
-        `grad_sync` modes with it)."""
-        tc = self.cfg.train if train_cfg is None else train_cfg
+        """The run's jitted train step; `train_cfg` (a TrainConfig or a `train` ConfigDict) replaces the config's
+        `train` section (bench.multiprocess_step times both `grad_sync` modes with it)."""
+        tc = self.run_cfg.train if train_cfg is None else train_cfg
+        if not isinstance(tc, TrainConfig):
+            tc = section(TrainConfig, "train", tc)
         return step_lib.make_train_step(self.layout, self.dcfg, tc, self.lr_schedule, self.act_rules,
                                         self.batch_shardings)
 

@@ -58,11 +58,9 @@ def make_train_step(
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Jitted `(state, batch) -> (state, metrics)` with explicit shardings; `state` is donated."""
     graphdef, tx = layout.graphdef, layout.tx
-    accum = int(train_cfg.grad_accum)
-    seed = int(train_cfg.seed)
-    ema_decay = float(train_cfg.ema_decay)
+    accum, seed, ema_decay = train_cfg.grad_accum, train_cfg.seed, float(train_cfg.ema_decay)
     batch_axes = dict(activation_rules).get("batch")
-    grad_sync = str(train_cfg.get("grad_sync", "xla"))
+    grad_sync = train_cfg.grad_sync
     if grad_sync == "xla":
         compute_grads = _xla_grads(graphdef, dcfg, accum, batch_axes, layout.shardings.params)
     elif grad_sync == "flat":
@@ -70,7 +68,7 @@ def make_train_step(
         mesh = shardings[0].mesh
         axes = checks.check_flat_grad_sync(mesh, activation_rules, [sh.spec for sh in shardings])
         compute_grads = _flat_grads(graphdef, dcfg, accum, batch_axes, mesh, axes)
-    else:
+    else:  # run_config.TrainConfig refuses any other value up front
         raise ValueError(f"train.grad_sync={grad_sync!r}: expected 'xla' or 'flat'")
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:

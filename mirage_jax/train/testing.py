@@ -25,11 +25,9 @@ FAST_OVERRIDES = {
 
 def fast_config(**overrides: Any) -> Any:
     """configs/tiny.py with FAST_OVERRIDES and `overrides` ('a__b' keys for nested 'a.b') applied."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    from configs.tiny import get_config
+    from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
-    cfg = get_config()
+    cfg = ConfigFileFlagParser("config", lock_config=False).parse(str(ROOT / "configs" / "tiny.py"))
     values = dict(FAST_OVERRIDES)
     values.update({k.replace("__", "."): v for k, v in overrides.items()})
     for key, v in values.items():
@@ -41,23 +39,29 @@ def fast_config(**overrides: Any) -> Any:
     return cfg
 
 
-def cli_args(workdir: str | os.PathLike, **overrides: Any) -> list[str]:
+def cli_args(workdir: str | os.PathLike, kill_at_step: int | None = None, **overrides: Any) -> list[str]:
+    """The train CLI's arguments; with `kill_at_step`, through tests/kill_at_step.py (SIGKILL after that step)."""
     values = dict(FAST_OVERRIDES)
     values.update({k.replace("__", "."): v for k, v in overrides.items()})
-    args = ["-m", "mirage_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}"]
+    cli = ["-m", "mirage_jax.train"] if kill_at_step is None else [
+        str(ROOT / "tests" / "kill_at_step.py"), str(kill_at_step)]
+    args = [*cli, "--config=configs/tiny.py", f"--workdir={workdir}"]
     return args + [f"--config.{k}={v}" for k, v in values.items()]
 
 
 def run_cli(workdir: str | os.PathLike, *, processes: int = 1, devices: int = 8, cache_dir: str | None = None,
-            extra: Sequence[str] = (), timeout: float = 600, **overrides: Any) -> subprocess.CompletedProcess:
-    """Run the train CLI to completion; returns the CompletedProcess (stdout+stderr in .stdout)."""
+            extra: Sequence[str] = (), timeout: float = 600, kill_at_step: int | None = None,
+            **overrides: Any) -> subprocess.CompletedProcess:
+    """Run the train CLI to completion (or until `kill_at_step`: SIGKILL right after that step, its checkpoint
+    started); returns the CompletedProcess (stdout+stderr in .stdout)."""
     env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env["JAX_PLATFORMS"] = "cpu"
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     if cache_dir:
         env.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
-    cmd = [sys.executable, *cli_args(workdir, **overrides), *extra]
+    cmd = [sys.executable, *cli_args(workdir, kill_at_step, **overrides), *extra]
     if processes > 1:
         cmd = [sys.executable, str(ROOT / "launch" / "local.py"), f"--processes={processes}",
                f"--devices-per-process={devices}", "--", *cmd]

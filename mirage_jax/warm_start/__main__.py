@@ -8,9 +8,8 @@ with the same model config continues from it. Multi-host: run it on every host (
 from __future__ import annotations
 
 import json
-import sys
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "Mirage config file; derived from the source's config.json "
@@ -27,23 +26,19 @@ flags.mark_flags_as_required(["source", "out"])
 
 def main(argv: list[str]) -> None:
     del argv
-    from data_pipeline.storage import exit_on_storage_error
+    from data_pipeline.storage import check_storage
     from mirage_jax.train import distributed
-    from mirage_jax.warm_start import SourceError, WarmStartError, warm_start
+    from mirage_jax.warm_start import warm_start
 
     F = flags.FLAGS
-    exit_on_storage_error("warm_start", F.source, F.out)
+    check_storage(F.source, F.out)
     distributed.initialize(F.coordinator_address, F.num_processes, F.process_id)
-    try:
-        report = warm_start(F.source, F.config, F.out, allow_partial=F.allow_partial)
-    except (SourceError, WarmStartError) as e:
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    report = warm_start(F.source, F.config, F.out, allow_partial=F.allow_partial)  # errors: one line, exit 2
     summary = {k: (len(v) if isinstance(v, list) else v) for k, v in report.items()}
     print(json.dumps(summary))
 
 
 if __name__ == "__main__":
-    sys.argv = [a.replace("--allow-partial", "--allow_partial") for a in sys.argv]
-    app.run(main)
+    from data_pipeline.cli import run
+
+    run(main, "warm_start")

@@ -23,6 +23,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
+from data_pipeline.errors import MirageError
 from mirage_jax.config import DiffusionConfig, ModelConfig
 from mirage_jax.interop.mochi import mochi_config_to_model
 from mirage_jax.warm_start import mapping
@@ -32,20 +33,22 @@ Path = tuple[str, ...]
 REPORT_NAME = "warm_start_report.json"
 
 
-class WarmStartError(ValueError):
+class WarmStartError(MirageError, ValueError):
     """The source does not fit the Mirage config, or the output would overwrite a run."""
+
+    exit_code = 2
 
 
 def derive_config(src: TensorSource) -> ml_collections.ConfigDict:
     """A full Mirage config from the source's config.json with the default audio-stream settings."""
-    from configs import mirage_10b
-    from configs.common import get_base_config
+    from mirage_jax.run_config import base_config, clip_shapes
 
-    cfg = get_base_config()
+    cfg = base_config()
     model = {f: getattr(ModelConfig(), f) for f in ModelConfig.__dataclass_fields__}
     model.update(mochi_config_to_model(src.config))
     cfg.model = ml_collections.ConfigDict(model)
-    cfg.shapes = mirage_10b.shapes_config()
+    cfg.shapes = ml_collections.ConfigDict(clip_shapes(4, ModelConfig.time_map, latent_height=160, latent_width=90,
+                                                       text_len=256))  # configs/mirage_10b.py's 4 s 720p clips
     cfg.diffusion = ml_collections.ConfigDict(
         {f: getattr(DiffusionConfig(), f) for f in DiffusionConfig.__dataclass_fields__})
     return cfg

@@ -18,14 +18,17 @@ import ml_dtypes
 import numpy as np
 from etils import epath
 
+from data_pipeline.errors import MirageError
 from data_pipeline.safetensors_reader import INDEX_NAME, SafetensorsError, SafetensorsReader, weight_files
 
 # genmo's original single-file checkpoint: fused qkv and swapped scale/shift, not only other names
 GENMO_MARKERS = ("blocks.0.attn.qkv_x.weight", "x_embedder.proj.weight", "t5_y_embedder.to_kv.weight")
 
 
-class SourceError(ValueError):
+class SourceError(MirageError, ValueError):
     """The source folder or one of its files is unusable; the message names the file and tensor."""
+
+    exit_code = 2
 
 
 class TensorSource(SafetensorsReader):

@@ -1,0 +1,103 @@
+"""Every runtime section is typed and validated once, before anything compiles: a bad value or a misspelt
+field is one line naming the `--config.` override, exit 2 (the CLI), or a ConfigError (the library)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from data_pipeline.errors import ConfigArgError, MirageError
+from mirage_jax.config import ConfigError
+from mirage_jax.run_config import RunConfig, parse_arg
+from mirage_jax.train.testing import ROOT, fast_config
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("checkpoint.save_every", 0, "--config.checkpoint.save_every=0: must be >= 1"),
+    ("train.log_every", 0, "--config.train.log_every=0: must be >= 1"),
+    ("checkpoint.keep_last_n", 0, "--config.checkpoint.keep_last_n=0: must be >= 1"),
+    ("train.grad_sync", "ring", "--config.train.grad_sync='ring'"),
+    ("data.verify", "md5", "--config.data.verify='md5'"),
+    ("optim.b2", 1.0, "--config.optim.b2=1.0: must be in [0, 1)"),
+    ("data.prefetch", 0, "--config.data.prefetch=0"),
+])
+def test_out_of_range_fields_are_named(field, value, needle):
+    with pytest.raises(ConfigError) as e:
+        RunConfig.from_config(fast_config(**{field.replace(".", "__"): value}))
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unknown_missing_and_mistyped_fields_are_named():
+    cfg = fast_config()
+    cfg.train.stepz = 3
+    with pytest.raises(ConfigError, match=r"--config\.train\.stepz: `train` has no such field; did you mean `steps`"):
+        RunConfig.from_config(cfg)
+    cfg = fast_config()
+    del cfg.shapes["text_len"]
+    with pytest.raises(ConfigError, match=r"--config\.shapes\.text_len: missing"):
+        RunConfig.from_config(cfg)
+    run = RunConfig.from_config(fast_config())  # the shipped values themselves validate
+    assert (run.checkpoint.keep_last_n, run.checkpoint.save_every, run.train.log_every, run.shapes.ref_frames) == (
+        3, 10, 1, 1)  # base default, FAST_OVERRIDES, FAST_OVERRIDES, tiny.py
+    with pytest.raises(ConfigError, match=r"--config\.train\.steps=True: must be a int"):
+        RunConfig.from_config(fast_config(train__steps=True))
+
+
+def test_config_file_arguments():
+    assert dict(parse_arg("seconds=8,layout=v6e256", "f.py", seconds=4, layout="v5p256")) == {
+        "seconds": 8, "layout": "v6e256"}
+    assert parse_arg("demo", "f.py", demo=False, mochi=False).demo is True
+    with pytest.raises(ConfigArgError, match="unknown argument `secs`; did you mean `seconds`"):
+        parse_arg("secs=8", "f.py", seconds=4)
+    with pytest.raises(ConfigArgError, match="`seconds` takes a int, got 'eight'"):
+        parse_arg("seconds=eight", "f.py", seconds=4)
+    assert issubclass(ConfigArgError, MirageError) and not issubclass(ConfigArgError, ValueError)
+
+
+def _train(*overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", "mirage_jax.train", "--config=configs/tiny.py",
+                           "--workdir=/nonexistent/never-written", *overrides], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("override, line", [
+    ("--config.checkpoint.save_every=0", "CONFIG ERROR: --config.checkpoint.save_every=0: must be >= 1"),
+    ("--config.train.stepz=3", "CONFIG ERROR: --config.train.stepz=3: the config has no field `stepz` in `train`; "
+                               "did you mean `train.steps`?"),
+])
+def test_cli_refuses_in_one_line_with_exit_2(override, line):
+    """Before any compile or write: the workdir is never created, and the error is one line, no traceback."""
+    r = _train(override)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == line, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    assert not os.path.exists("/nonexistent/never-written")
+
+
+@pytest.mark.parametrize("arg, batch, latents, tokens", [
+    ("", 32, 20, 75_956), ("layout=v6e256", 64, 20, 75_956), ("seconds=8,layout=v5p512", 64, 40, 148_056),
+    ("8s", 32, 40, 148_056)])
+def test_mirage_10b_layouts_are_the_measured_ones(arg, batch, latents, tokens):
+    """The rows of docs/scaling.md's table (global batch, fsdp x sequence=4, tokens per sample) that the three
+    former layout files (mirage_10b_v5p256 / _v6e256 / _8s_v5p512) gave."""
+    from configs.mirage_10b import get_config
+    from mirage_jax.describe import count_tokens
+
+    cfg = get_config(arg)
+    run = RunConfig.from_config(cfg)
+    assert (run.train.global_batch_size, cfg.mesh.ici.sequence, cfg.mesh.ici.fsdp, run.shapes.latent_frames) == (
+        batch, 4, -1, latents)
+    assert dict(cfg.mesh.rules.params)["embed"] == ("fsdp", "sequence")
+    assert count_tokens(run.model, cfg.shapes.to_dict())["total"] == tokens
+
+
+def test_bad_config_file_argument_is_one_line():
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-m", "mirage_jax.describe", "--config=configs/mirage_10b.py:layout=v7"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        "CONFIG ERROR: configs/mirage_10b.py:layout=v7: unknown layout 'v7'; one of ['v5p256', 'v5p512', 'v6e256']")

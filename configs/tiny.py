@@ -8,6 +8,8 @@ frame, 32 hashed text tokens of width 64, 2 s clips.
     --config=configs/tiny.py:mochi      same, without the audio stream (a pure Mochi AsymmDiT)
     --config=configs/tiny.py:demo       the README demo's run: 1 s clips of prepared synthetic A-roll, a
                                         learning rate and cadence that learn lip-sync on a 2-core CPU
+    --config=configs/tiny.py:fast       smaller still (2 blocks, 4 latent frames): compiles in seconds on a
+                                        2-core CPU; the runtime's tests and the chaos drill
 """
 
 from __future__ import annotations
@@ -80,6 +82,17 @@ def demo(cfg: ml_collections.ConfigDict) -> None:
     cfg.diffusion.cfg_audio = 5.0
 
 
+def fast(cfg: ml_collections.ConfigDict) -> None:
+    """The tests' and the chaos drill's run (tests/train_cli.py, mirage_jax/train/chaos.py)."""
+    cfg.model.num_layers = 2
+    cfg.shapes.latent_frames = cfg.shapes.audio_frames = 4
+    cfg.train.global_batch_size = 8
+    cfg.train.log_every = 1
+    cfg.optim.warmup_steps = 2
+    cfg.optim.lr = 1e-3
+    cfg.checkpoint.save_every = 10
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg = get_base_config()
     cfg.model = model_config()
@@ -89,6 +102,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         cfg.model.use_audio = False
     elif arg == "demo":
         demo(cfg)
+    elif arg == "fast":
+        fast(cfg)
     elif arg not in (None, ""):
-        raise ValueError(f"configs/tiny.py: unknown argument {arg!r}; use nothing or 'mochi'")
+        raise ValueError(f"configs/tiny.py: unknown argument {arg!r}; use nothing, 'mochi', 'demo' or 'fast'")
     return cfg

@@ -509,7 +509,7 @@ if __name__ == "__main__":
     define_flags()
 
     def _main(argv: Sequence[str]) -> None:
-        from mirage_jax.export.checkpoint_reader import CheckpointError
+        from mirage_jax.checkpoint_format import CheckpointError
 
         try:
             main(argv)

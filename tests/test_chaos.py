@@ -22,7 +22,7 @@ import time
 import pytest
 
 from mirage_jax.train import chaos
-from mirage_jax.train.testing import ROOT, cli_args, read_metrics, run_cli
+from train_cli import ROOT, cli_args, read_metrics, run_cli
 
 # one of each signal at the moments the issue names; delays within each moment are drawn from the seed
 SCHEDULE = [("SIGTERM", "compile"), ("SIGKILL", "save"), ("SIGTERM", "step")]

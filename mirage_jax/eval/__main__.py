@@ -30,8 +30,8 @@ flags.DEFINE_string("train_data", None, "The run's training data (for its encode
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {list(argv[1:])}")
+    from mirage_jax.checkpoint_format import CheckpointError
     from mirage_jax.eval.heldout import EvalError, EvalSettings, evaluate
-    from mirage_jax.export.checkpoint_reader import CheckpointError
     from mirage_jax.generate import GenerateError, load_encoders
     from mirage_jax.inference import load_run
 

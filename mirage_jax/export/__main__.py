@@ -22,7 +22,7 @@ flags.mark_flags_as_required(["checkpoint", "out"])
 
 def main(argv: list[str]) -> None:
     del argv
-    from mirage_jax.export.checkpoint_reader import CheckpointError, ParamReader, read_model_config, resolve_step_dir
+    from mirage_jax.checkpoint_format import CheckpointError, ParamReader, read_model_config, resolve_step_dir
     from mirage_jax.export.writer import ExportError, export_params
     from mirage_jax.paths import exit_on_storage_error
 

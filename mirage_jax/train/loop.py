@@ -7,7 +7,6 @@ dispatch step n -> draw batch n+1 (snapshotting the iterator state first) -> wai
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -17,6 +16,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from mirage_jax.checkpoint_format import config_to_dict
 from mirage_jax.parallel import mesh as mesh_lib
 from mirage_jax.train import checkpoint as ckpt_lib
 from mirage_jax.train import data as data_lib
@@ -28,11 +28,6 @@ from mirage_jax.train.setup import RunSetup
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive non-finite steps; the last good checkpoint is kept."""
-
-
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """The config as plain JSON data (tuples become lists), as stored in every checkpoint."""
-    return json.loads(cfg.to_json_best_effort())
 
 
 class Trainer(RunSetup):

@@ -152,6 +152,17 @@ def describe_tree_diff(saved: dict[Names, Any], current: dict[Names, Any], limit
     return lines
 
 
+# ---- arrays ----------------------------------------------------------------------------------------------
+
+def restore_subtree(step: epath.Path, target: dict[str, Any]) -> dict[str, Any]:
+    """Orbax partial restore of step folder `step`'s train state: only the leaves of `target`, a sub-tree of
+    the saved state as nested dicts of `jax.ShapeDtypeStruct`s carrying the shardings to restore into."""
+    import orbax.checkpoint as ocp
+
+    return ocp.PyTreeCheckpointer().restore(step / STATE, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+
+
 # ---- parameters as numpy, on one host ----------------------------------------------------------------------
 
 class ParamReader:
@@ -165,8 +176,8 @@ class ParamReader:
         import jax
         import orbax.checkpoint as ocp
 
-        self._jax, self._ocp = jax, ocp
-        self.path = step / STATE
+        self._jax = jax
+        self.step, self.path = step, step / STATE
         self.root = "ema" if ema else "params"
         meta = ocp.StandardCheckpointer().metadata(self.path)
         tree = getattr(getattr(meta, "item_metadata", meta), "tree", getattr(meta, "item_metadata", meta))
@@ -178,10 +189,7 @@ class ParamReader:
     def _restore(self, meta: dict[Names, Any]) -> dict[Names, np.ndarray]:
         target = {self.root: unflatten({names: self._jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=self.device)
                                         for names, m in meta.items()})}
-        ocp = self._ocp
-        out = ocp.PyTreeCheckpointer().restore(self.path, args=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
-        return {names[1:]: np.asarray(leaf) for names, leaf in flatten(out).items()}
+        return {names[1:]: np.asarray(leaf) for names, leaf in flatten(restore_subtree(self.step, target)).items()}
 
     def __call__(self, path: Names) -> np.ndarray:
         node: Any = self.meta

@@ -11,12 +11,11 @@ import dataclasses
 from typing import Any
 
 import jax
-import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mirage_jax.checkpoint_format import CheckpointError, read_config, resolve_step_dir
+from mirage_jax.checkpoint_format import STATE, CheckpointError, read_config, resolve_step_dir, restore_subtree
 from mirage_jax.config import DiffusionConfig, ModelConfig
 from mirage_jax.model.build import abstract_model
 from mirage_jax.parallel import rules as rules_lib
@@ -62,11 +61,10 @@ def load_run(checkpoint: str, *, ema: bool = False, mesh: Mesh | None = None) ->
     target = {root: jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
                                  nnx.to_pure_dict(abs_params), shardings)}
     try:
-        out = ocp.PyTreeCheckpointer().restore(step_dir / "state", args=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+        out = restore_subtree(step_dir, target)
     except Exception as e:  # noqa: BLE001 - re-raised with the step directory
         raise CheckpointError(
-            f"restoring `{root}` from {step_dir / 'state'} failed: {type(e).__name__}: {e}. The checkpoint does "
+            f"restoring `{root}` from {step_dir / STATE} failed: {type(e).__name__}: {e}. The checkpoint does "
             "not match the network its own config describes (damaged, or written by another version)") from e
     model = nnx.merge(graphdef, out[root])
     meta_step = int(step_dir.name) if step_dir.name.isdigit() else -1

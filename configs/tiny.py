@@ -9,6 +9,8 @@ frame, 32 hashed text tokens of width 64, 2 s clips.
     --config=configs/tiny.py:demo       the README demo's run: 1 s clips of prepared synthetic A-roll, a
                                         learning rate and cadence that learn lip-sync on a 2-core CPU
                                         (why each value: docs/tiny_config.md)
+    --config=configs/tiny.py:fast       smaller still (2 blocks, 4 latent frames): compiles in seconds on a
+                                        2-core CPU; the runtime's tests and the chaos drill
 """
 
 from __future__ import annotations
@@ -64,9 +66,20 @@ def demo(cfg: ml_collections.ConfigDict) -> None:
     cfg.diffusion.cfg_audio = 5.0
 
 
+def fast(cfg: ml_collections.ConfigDict) -> None:
+    """The tests' and the chaos drill's run (tests/train_cli.py, mirage_jax/train/chaos.py)."""
+    cfg.model.num_layers = 2
+    cfg.shapes.latent_frames = cfg.shapes.audio_frames = 4
+    cfg.train.global_batch_size = 8
+    cfg.train.log_every = 1
+    cfg.optim.warmup_steps = 2
+    cfg.optim.lr = 1e-3
+    cfg.checkpoint.save_every = 10
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """`arg`: `mochi` and/or `demo` (`key=value,...` style, mirage_jax.run_config.parse_arg)."""
-    a = parse_arg(arg, "configs/tiny.py", mochi=False, demo=False)
+    """`arg`: `mochi`, `demo` and/or `fast` (`key=value,...` style, mirage_jax.run_config.parse_arg)."""
+    a = parse_arg(arg, "configs/tiny.py", mochi=False, demo=False, fast=False)
     cfg = base_config()
     cfg.model = model_config()
     cfg.shapes = shapes_config()
@@ -75,4 +88,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         cfg.model.use_audio = False
     if a.demo:
         demo(cfg)
+    if a.fast:
+        fast(cfg)
     return cfg

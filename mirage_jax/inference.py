@@ -8,19 +8,17 @@ The run's config (saved with every checkpoint) rebuilds the network, so a checkp
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 import jax
-import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mirage_jax.checkpoint_format import STATE, CheckpointError, read_config, resolve_step_dir, restore_subtree
 from mirage_jax.config import DiffusionConfig, ModelConfig
-from mirage_jax.export.checkpoint_reader import CheckpointError, resolve_step_dir
+from mirage_jax.model.build import abstract_model
 from mirage_jax.parallel import rules as rules_lib
-from mirage_jax.train.state import abstract_model
 
 
 @dataclasses.dataclass
@@ -42,16 +40,6 @@ class LoadedRun:
         return DiffusionConfig.from_config(self.config["diffusion"])
 
 
-def read_run_config(step_dir: epath.Path) -> dict[str, Any]:
-    """The config JSON saved with a checkpoint step."""
-    path = step_dir / "config" / "metadata"
-    try:
-        return json.loads(path.read_text())
-    except Exception as e:  # noqa: BLE001 - re-raised with the path
-        raise CheckpointError(f"{path}: cannot read the run's config ({e}); is {step_dir} a mirage_jax "
-                              "training checkpoint?") from e
-
-
 def load_run(checkpoint: str, *, ema: bool = False, mesh: Mesh | None = None) -> LoadedRun:
     """Restore the model of `checkpoint` (WORKDIR, WORKDIR/checkpoints or a step folder).
 
@@ -59,9 +47,7 @@ def load_run(checkpoint: str, *, ema: bool = False, mesh: Mesh | None = None) ->
     replicated on this process's devices (fine up to models that fit one device).
     """
     step_dir = resolve_step_dir(checkpoint)
-    config = read_run_config(step_dir)
-    if "model" not in config:
-        raise CheckpointError(f"{step_dir}: its config has no `model` section; not a mirage_jax training run")
+    config = read_config(step_dir)
     mcfg = ModelConfig.from_config(config["model"])
     graphdef, abs_params = abstract_model(mcfg)
     if mesh is not None:
@@ -75,11 +61,10 @@ def load_run(checkpoint: str, *, ema: bool = False, mesh: Mesh | None = None) ->
     target = {root: jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
                                  nnx.to_pure_dict(abs_params), shardings)}
     try:
-        out = ocp.PyTreeCheckpointer().restore(step_dir / "state", args=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+        out = restore_subtree(step_dir, target)
     except Exception as e:  # noqa: BLE001 - re-raised with the step directory
         raise CheckpointError(
-            f"restoring `{root}` from {step_dir / 'state'} failed: {type(e).__name__}: {e}. The checkpoint does "
+            f"restoring `{root}` from {step_dir / STATE} failed: {type(e).__name__}: {e}. The checkpoint does "
             "not match the network its own config describes (damaged, or written by another version)") from e
     model = nnx.merge(graphdef, out[root])
     meta_step = int(step_dir.name) if step_dir.name.isdigit() else -1

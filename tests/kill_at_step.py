@@ -2,7 +2,7 @@
 hook that SIGKILLs the process right after step STEP (its checkpoint, if due, already started).
 
 The kill -9 drills of tests/test_train_resume.py and tests/test_gcs.py run this (through
-`mirage_jax.train.testing.run_cli(..., kill_at_step=STEP)`), so the trainer itself carries no fault knob.
+`tests/train_cli.run_cli(..., kill_at_step=STEP)`), so the trainer itself carries no fault knob.
 """
 
 from __future__ import annotations

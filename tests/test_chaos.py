@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from mirage_jax.train import chaos
-from mirage_jax.train.testing import ROOT, cli_args, read_metrics, run_cli
+from train_cli import ROOT, cli_args, read_metrics, run_cli
 
 # One of each signal at the moments the issue names, ordered so that each lands on a RESUMED run after the
 # first: a preemption mid-step (saves), one while the resumed run compiles (the case JAX's sync point missed),

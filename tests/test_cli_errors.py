@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from mirage_jax.train.testing import ROOT, run_cli
+from train_cli import ROOT, run_cli
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

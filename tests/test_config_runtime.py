@@ -12,7 +12,7 @@ import pytest
 from data_pipeline.errors import ConfigArgError, MirageError
 from mirage_jax.config import ConfigError
 from mirage_jax.run_config import RunConfig, parse_arg
-from mirage_jax.train.testing import ROOT, fast_config
+from train_cli import ROOT, fast_config
 
 
 @pytest.mark.parametrize("field, value, needle", [
@@ -41,7 +41,7 @@ def test_unknown_missing_and_mistyped_fields_are_named():
         RunConfig.from_config(cfg)
     run = RunConfig.from_config(fast_config())  # the shipped values themselves validate
     assert (run.checkpoint.keep_last_n, run.checkpoint.save_every, run.train.log_every, run.shapes.ref_frames) == (
-        3, 10, 1, 1)  # base default, FAST_OVERRIDES, FAST_OVERRIDES, tiny.py
+        3, 10, 1, 1)  # base default, tiny.py:fast, tiny.py:fast, tiny.py
     with pytest.raises(ConfigError, match=r"--config\.train\.steps=True: must be a int"):
         RunConfig.from_config(fast_config(train__steps=True))
 

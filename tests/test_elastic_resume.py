@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from data_pipeline import speech
-from mirage_jax.train.testing import loss_at, run_cli
+from train_cli import loss_at, run_cli
 
 pytestmark = [pytest.mark.multiprocess,
               pytest.mark.skipif(not speech.espeak_available(), reason="espeak-ng not installed (make sysdeps)")]

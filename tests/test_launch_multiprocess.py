@@ -8,13 +8,14 @@ import jax
 import numpy as np
 import pytest
 
+from mirage_jax.checkpoint_format import path_names
 from mirage_jax.config import ModelConfig
 from mirage_jax.parallel import mesh as mesh_lib
 from mirage_jax.parallel import rules as rules_lib
 from mirage_jax.train import checkpoint as ckpt_lib
 from mirage_jax.train import optim
 from mirage_jax.train import state as state_lib
-from mirage_jax.train.testing import fast_config, load_params, loss_at, run_cli
+from train_cli import fast_config, load_params, loss_at, run_cli
 
 pytestmark = pytest.mark.multiprocess
 
@@ -73,7 +74,7 @@ def test_restore_into_one_process_and_another_mesh_gives_equal_params(two_proces
     assert data_state["step"] == 20 and int(state.step) == 20
     saved = load_params(two_process_run, 20)
     for path, leaf in jax.tree_util.tree_leaves_with_path(state.params):
-        key = "/".join(ckpt_lib._key_name(k) for k in path)
+        key = "/".join(path_names(path))
         assert leaf.sharding.mesh.shape == mesh.shape
         assert np.array_equal(np.asarray(leaf), saved[key]), key
 
@@ -99,7 +100,7 @@ def test_sigterm_to_launcher_saves_on_every_process_and_exits_zero(tmp_path, cac
     import sys
 
     from mirage_jax.train import drill
-    from mirage_jax.train.testing import ROOT, cli_args
+    from train_cli import ROOT, cli_args
 
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")

@@ -16,7 +16,7 @@ from mirage_jax.train import data as data_lib
 from mirage_jax.train import optim
 from mirage_jax.train import state as state_lib
 from mirage_jax.train import step as step_lib
-from mirage_jax.train.testing import fast_config
+from train_cli import fast_config
 
 
 @functools.lru_cache(maxsize=1)

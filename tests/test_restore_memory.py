@@ -19,7 +19,7 @@ from mirage_jax.parallel import rules as rules_lib
 from mirage_jax.train import checkpoint as ckpt_lib
 from mirage_jax.train import optim
 from mirage_jax.train import state as state_lib
-from mirage_jax.train.testing import fast_config
+from train_cli import fast_config
 
 SAVED = dict(data=1, fsdp=8, sequence=1, tensor=1)
 TARGET = dict(data=1, fsdp=2, sequence=1, tensor=4)

@@ -10,7 +10,7 @@ import pytest
 
 from mirage_jax.train import data as data_lib
 from mirage_jax.train import loop
-from mirage_jax.train.testing import fast_config, read_metrics
+from train_cli import fast_config, read_metrics
 
 BAD_STEPS = {3, 4, 7, 8, 9}  # batches (0-based) carrying a NaN: two alone, then three in a row
 

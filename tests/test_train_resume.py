@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mirage_jax.train import drill
-from mirage_jax.train.testing import ROOT, cli_args, load_params, loss_at, run_cli
+from train_cli import ROOT, cli_args, load_params, loss_at, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ flags.mark_flags_as_required(["checkpoint", "out"])
 def main(argv: list[str]) -> None:
     del argv
     from data_pipeline.storage import check_storage
-    from mirage_jax.export.checkpoint_reader import ParamReader, read_model_config, resolve_step_dir
+    from mirage_jax.checkpoint_format import ParamReader, read_model_config, resolve_step_dir
     from mirage_jax.export.writer import export_params
 
     F = flags.FLAGS

@@ -2,7 +2,7 @@
 
     python -m mirage_jax.train.chaos --iterations=20 --seed=0 [--keep=DIR]      (`make chaos N=20`)
 
-Setup: synthetic A-roll -> `data_pipeline.prepare` shards; the tiny config (`testing.FAST_OVERRIDES`) as
+Setup: synthetic A-roll -> `data_pipeline.prepare` shards; the tiny config (`configs/tiny.py:fast`) as
 2 processes x 4 CPU devices through launch/local.py, fed by the Grain loader with one worker process each.
 Every iteration launches the same command, waits for a moment drawn from a seeded RNG (`setup`: since
 the launcher started both processes; `restore`: after the mesh/parameter line; `compile`: after
@@ -36,8 +36,10 @@ import threading
 import time
 from pathlib import Path
 
+from mirage_jax.checkpoint_format import CHECKPOINTS, ParamReader, step_dir
 from mirage_jax.train.drill import last_logged_step
-from mirage_jax.train.testing import FAST_OVERRIDES, ROOT, load_params
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository: the CLIs run from it (configs/, launch/)
 
 GRACE_S = 60.0  # a SIGTERM must end the job within this (a pod's grace period is typically 30-120 s)
 ORPHAN_WAIT_S = 5.0  # after the launcher exits, every process of the job must be gone within this
@@ -64,17 +66,16 @@ def prepare_shards(out: Path) -> Path:
 
 
 def command(workdir: Path, shards: Path, steps: int, save_every: int) -> list[str]:
-    values = dict(FAST_OVERRIDES)
-    values.update({"data.source": shards, "data.worker_count": 1, "mesh.ici.data": 2, "mesh.ici.fsdp": -1,
-                   "train.steps": steps, "checkpoint.save_every": save_every})
+    values = {"data.source": shards, "data.worker_count": 1, "mesh.ici.data": 2, "mesh.ici.fsdp": -1,
+              "train.steps": steps, "checkpoint.save_every": save_every}
     return [sys.executable, str(ROOT / "launch" / "local.py"), "--processes=2", "--devices-per-process=4", "--",
-            sys.executable, "-m", "mirage_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}",
+            sys.executable, "-m", "mirage_jax.train", "--config=configs/tiny.py:fast", f"--workdir={workdir}",
             *[f"--config.{k}={v}" for k, v in values.items()]]
 
 
 def committed_steps(workdir: Path) -> list[int]:
     """Steps whose directory has its final name (Orbax renames a finished save into place)."""
-    d = workdir / "checkpoints"
+    d = workdir / CHECKPOINTS
     return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
 
 
@@ -320,7 +321,7 @@ def run_chaos(base: Path, iterations: int, seed: int, steps: int = 24, save_ever
     if rc != 0:
         rep.failures.append(f"the uninterrupted run failed:\n{ref.text[-3000:]}")
         return rep
-    want, got = load_params(ref_dir, steps), load_params(workdir, steps)
+    want, got = (ParamReader(step_dir(str(d), steps)).read_all() for d in (ref_dir, workdir))
     import numpy as np
 
     diff = [k for k in want if k not in got or not np.array_equal(want[k], got[k])]

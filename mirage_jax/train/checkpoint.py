@@ -26,6 +26,7 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from data_pipeline.errors import MirageError
+from mirage_jax import checkpoint_format
 from mirage_jax.paths import orbax_path
 from mirage_jax.train.state import TrainState
 
@@ -157,12 +158,11 @@ class CheckpointStore:
 
     def read_json(self, step: int, item: str) -> dict[str, Any]:
         """The `config` or `meta` item of a step, as saved."""
-        path = self.step_dir(step) / item / "metadata"
         try:
-            return json.loads(path.read_text())
-        except Exception as e:  # noqa: BLE001 - re-raised with the path
-            raise CheckpointRestoreError(f"cannot read {path}: {e}. The checkpoint {self.step_dir(step)} is "
-                                         "damaged; move it away to resume from the previous one") from e
+            return checkpoint_format.read_item(self.step_dir(step), item)
+        except checkpoint_format.CheckpointError as e:
+            raise CheckpointRestoreError(f"{e}. Move {self.step_dir(step)} away to resume from the previous "
+                                         "checkpoint") from e
 
     def saved_shapes(self, step: int) -> dict[tuple[str, ...], tuple[tuple[int, ...], str]]:
         """Path -> (shape, dtype) of every array of the saved train state (from metadata, no data read)."""
@@ -171,7 +171,7 @@ class CheckpointStore:
         except Exception as e:  # noqa: BLE001
             raise CheckpointRestoreError(f"cannot read the state metadata of {self.step_dir(step)}: {e}. "
                                          "Move that directory away to resume from the previous checkpoint") from e
-        return tree_shapes(meta)
+        return checkpoint_format.tree_shapes(meta)
 
     def restore(self, step: int, target: TrainState) -> tuple[TrainState, Any]:
         """(state restored into the shardings of `target` (abstract arrays), the data-iterator state)."""
@@ -297,34 +297,3 @@ def _find_cause(e: BaseException | None, kind: type[Exception]) -> Any:
         e = e.__cause__ or e.__context__
     return None
 
-
-def _key_name(k: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
-def tree_shapes(tree: Any) -> dict[tuple[str, ...], tuple[tuple[int, ...], str]]:
-    """Normalized path -> (shape, dtype) for every array-like leaf (namedtuple fields and dict keys alike)."""
-    out = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        if hasattr(leaf, "shape"):
-            out[tuple(_key_name(k) for k in path)] = (tuple(leaf.shape), str(getattr(leaf, "dtype", "")))
-    return out
-
-
-def describe_tree_diff(saved: dict[tuple[str, ...], Any], current: dict[tuple[str, ...], Any],
-                       limit: int = 6) -> list[str]:
-    """Human-readable differences between two `tree_shapes` tables (missing, new, reshaped leaves)."""
-    lines = []
-    for p in sorted(set(saved) - set(current))[:limit]:
-        lines.append(f"only in checkpoint: {'/'.join(p)} {saved[p][0]}")
-    for p in sorted(set(current) - set(saved))[:limit]:
-        lines.append(f"only in this config: {'/'.join(p)} {current[p][0]}")
-    for p in sorted(set(saved) & set(current)):
-        if saved[p][0] != current[p][0] or saved[p][1] != current[p][1]:
-            lines.append(f"changed: {'/'.join(p)} {saved[p]} -> {current[p]}")
-            if len(lines) >= 3 * limit:
-                break
-    return lines

@@ -7,7 +7,6 @@ dispatch step n -> draw batch n+1 (snapshotting the iterator state first) -> wai
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +17,7 @@ import numpy as np
 from absl import logging
 
 from data_pipeline.errors import MirageError
+from mirage_jax.checkpoint_format import config_to_dict
 from mirage_jax.parallel import mesh as mesh_lib
 from mirage_jax.train import checkpoint as ckpt_lib
 from mirage_jax.train import data as data_lib
@@ -31,11 +31,6 @@ class NonFiniteError(MirageError, RuntimeError):
     """Too many consecutive non-finite steps; the last good checkpoint is kept."""
 
     exit_code, label = 3, "STOPPED"
-
-
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """The config as plain JSON data (tuples become lists), as stored in every checkpoint."""
-    return json.loads(cfg.to_json_best_effort())
 
 
 StepHook = Callable[[int], None]

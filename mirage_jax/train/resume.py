@@ -15,6 +15,7 @@ import jax
 from absl import logging
 
 from data_pipeline.errors import MirageError
+from mirage_jax import checkpoint_format as fmt
 from mirage_jax.config import upgrade_model_fields
 from mirage_jax.train import checkpoint as ckpt_lib
 from mirage_jax.train.state import StateLayout, TrainState
@@ -70,8 +71,8 @@ def check_compatible(store: ckpt_lib.CheckpointStore, step: int, layout: StateLa
         logging.warning("config differs from the one checkpoint %s was written with: %s", step, _fmt(diff))
     model_diff = {k: v for k, v in diff.items() if k.startswith("model.") and k not in EXECUTION_FIELDS}
     saved = store.saved_shapes(step)
-    current = ckpt_lib.tree_shapes(layout.abstract.as_dict())
-    tree_lines = ckpt_lib.describe_tree_diff(saved, current)
+    current = fmt.tree_shapes(layout.abstract.as_dict())
+    tree_lines = fmt.describe_tree_diff(saved, current)
     if (model_diff or tree_lines) and not allow_change:
         state_fields = {k: v for k, v in diff.items() if k.startswith(("model.", "optim.", "train.clip"))}
         raise ConfigChangeError(
@@ -102,40 +103,13 @@ def restore_or_init(store: ckpt_lib.CheckpointStore, layout: StateLayout, config
     # partial: restore the leaves present with equal shapes, keep fresh values for the rest
     fresh = layout.create()
     saved = store.saved_shapes(step)
-    flat, _ = jax.tree_util.tree_flatten_with_path(target.as_dict())
+    n_leaves = len(jax.tree.leaves(target.as_dict()))
     # params / EMA leaves that still fit, and the counters; the optimizer state restarts
-    keep_paths = {p for p, leaf in flat if ckpt_lib._key_name(p[0]) != "opt_state"
-                  and saved.get(tuple(ckpt_lib._key_name(k) for k in p), (None,))[0] == tuple(leaf.shape)}
-    sub = _subtree(target.as_dict(), keep_paths)
-    restored = store.restore_partial(step, sub)
-    merged = _merge(fresh.as_dict(), restored)
+    keep = {names: leaf for names, leaf in fmt.flatten(target.as_dict()).items() if names[0] != "opt_state"
+            and saved.get(names, (None,))[0] == tuple(leaf.shape)}
+    restored = store.restore_partial(step, fmt.unflatten(keep))
+    merged = fmt.replace_leaves(fresh.as_dict(), fmt.flatten(restored))
     logging.warning("restored %d of %d state arrays from %s; the rest are freshly initialized",
-                    len(keep_paths), len(flat), store.step_dir(step))
+                    len(keep), n_leaves, store.step_dir(step))
     return TrainState.from_dict(merged), store.restore_data_state(step), step
 
-
-def _subtree(tree: Any, keep: set[tuple[Any, ...]]) -> Any:
-    """Nested dict of only the kept leaves (namedtuples become dicts keyed by field, as Orbax stores them)."""
-    out: dict[str, Any] = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if path not in keep:
-            continue
-        node = out
-        names = [ckpt_lib._key_name(k) for k in path]
-        for n in names[:-1]:
-            node = node.setdefault(n, {})
-        node[names[-1]] = leaf
-    return out
-
-
-def _merge(fresh: Any, restored: dict[str, Any]) -> Any:
-    def pick(path: tuple[Any, ...], leaf: Any) -> Any:
-        node: Any = restored
-        for k in path:
-            name = ckpt_lib._key_name(k)
-            if not isinstance(node, dict) or name not in node:
-                return leaf
-            node = node[name]
-        return node
-
-    return jax.tree_util.tree_map_with_path(pick, fresh)

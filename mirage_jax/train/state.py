@@ -9,6 +9,7 @@ format does not depend on Flax internals, and `nnx.merge(graphdef, params)` rebu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.struct
@@ -18,7 +19,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
+from mirage_jax.checkpoint_format import path_names
 from mirage_jax.config import ModelConfig
+from mirage_jax.model.build import abstract_model, build_model
 from mirage_jax.parallel import rules as rules_lib
 
 
@@ -42,41 +45,14 @@ class TrainState:
         return cls(**d)
 
 
-def _build_model(mcfg: ModelConfig, seed: int) -> nnx.Module:
-    from mirage_jax.model import MirageDiT
-
-    return MirageDiT(mcfg, rngs=nnx.Rngs(seed))
-
-
-def abstract_model(mcfg: ModelConfig, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
-    """Graph definition and abstract `nnx.Param` state (shapes, dtypes, logical axes); no memory used."""
-    abs_model = nnx.eval_shape(lambda: _build_model(mcfg, seed))
-    graphdef, params, rest = nnx.split(abs_model, nnx.Param, ...)
-    if jax.tree.leaves(rest):
-        raise ValueError("MirageDiT holds non-Param state; the train state only carries nnx.Param")
-    return graphdef, params
-
-
-def _norm_path(path: tuple[Any, ...]) -> tuple[str, ...]:
-    out = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                out.append(str(getattr(k, attr)))
-                break
-        else:
-            out.append(str(k))
-    return tuple(out)
-
-
 def _follow_params(abstract_tree: Any, param_specs: Any) -> Any:
     """Specs for a tree whose leaves mirror params somewhere below (optimizer moments): match the
     longest path suffix that is a param path; anything else (counts, scalars) is replicated."""
-    table = {_norm_path(p): s for p, s in jax.tree_util.tree_leaves_with_path(
+    table = {path_names(p): s for p, s in jax.tree_util.tree_leaves_with_path(
         param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))}
 
     def spec(path: tuple[Any, ...], leaf: Any) -> PartitionSpec:
-        names = _norm_path(path)
+        names = path_names(path)
         for i in range(len(names)):
             if names[i:] in table:
                 s = table[names[i:]]
@@ -112,19 +88,29 @@ class StateLayout:
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             self.abstract, self.shardings)
 
+    def fresh_state(self, params: Any) -> TrainState:
+        """The step-0 state of a run starting from `params`: optimizer initialized, EMA = `params`, counters
+        at 0 (traceable; what `create` and warm start jit)."""
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(step=zero, params=params, opt_state=self.tx.init(params),
+                          ema=jax.tree.map(jnp.copy, params), nonfinite_streak=zero, nonfinite_total=zero)
+
+    def _init_params(self) -> Any:
+        return nnx.to_pure_dict(nnx.state(build_model(self.mcfg, self.seed), nnx.Param))
+
+    def init_params(self) -> Any:
+        """Freshly initialized parameters (the same values `create` starts from), sharded like the state's."""
+        with jax.set_mesh(self.mesh):
+            return jax.jit(self._init_params, out_shardings=self.shardings.params)()
+
+    def create_from(self, make_params: Callable[..., Any], *args: Any) -> TrainState:
+        """`fresh_state(make_params(*args))` computed on the mesh: every device materializes only its shards."""
+        with jax.set_mesh(self.mesh):
+            return jax.jit(lambda *a: self.fresh_state(make_params(*a)), out_shardings=self.shardings)(*args)
+
     def create(self) -> TrainState:
         """Initialize the state on the mesh; every device materializes only its own shards."""
-        graphdef_seed, tx, mcfg = self.seed, self.tx, self.mcfg
-
-        def init() -> TrainState:
-            model = _build_model(mcfg, graphdef_seed)
-            params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-            zero = jnp.zeros((), jnp.int32)
-            return TrainState(step=zero, params=params, opt_state=tx.init(params),
-                              ema=jax.tree.map(jnp.copy, params), nonfinite_streak=zero, nonfinite_total=zero)
-
-        with jax.set_mesh(self.mesh):
-            return jax.jit(init, out_shardings=self.shardings)()
+        return self.create_from(self._init_params)
 
     def param_count(self) -> int:
         return sum(int(x.size) for x in jax.tree.leaves(self.abstract.params))

@@ -24,12 +24,12 @@ from absl import logging
 from etils import epath
 
 from data_pipeline.errors import MirageError
+from mirage_jax.checkpoint_format import CHECKPOINTS, config_to_dict, flatten, replace_leaves
 from mirage_jax.config import DiffusionConfig, ModelConfig
 from mirage_jax.interop.mochi import mochi_config_to_model
 from mirage_jax.warm_start import mapping
 from mirage_jax.warm_start.source import TensorSource
 
-Path = tuple[str, ...]
 REPORT_NAME = "warm_start_report.json"
 
 
@@ -64,20 +64,6 @@ def check_dimensions(src: TensorSource, model_section: Any) -> None:
                              + "\nFix these fields (or omit --config to derive the config from the source).")
 
 
-def _flat(tree: Any) -> dict[Path, Any]:
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        out[tuple(str(getattr(k, "key", k)) for k in path)] = leaf
-    return out
-
-
-def _set(tree: dict[str, Any], path: Path, value: Any) -> None:
-    node = tree
-    for k in path[:-1]:
-        node = node[k]
-    node[path[-1]] = value
-
-
 def warm_start(source: str, cfg: ml_collections.ConfigDict | None, out: str, *, allow_partial: bool = False
                ) -> dict[str, Any]:
     """Write the step-0 checkpoint into workdir `out`; returns the report (also saved as JSON)."""
@@ -85,8 +71,7 @@ def warm_start(source: str, cfg: ml_collections.ConfigDict | None, out: str, *, 
     from mirage_jax.parallel import rules as rules_lib
     from mirage_jax.train import checkpoint as ckpt_lib
     from mirage_jax.train import optim
-    from mirage_jax.train.loop import config_to_dict
-    from mirage_jax.train.state import StateLayout, TrainState
+    from mirage_jax.train.state import StateLayout
 
     src = TensorSource(source)
     if cfg is None:
@@ -94,7 +79,7 @@ def warm_start(source: str, cfg: ml_collections.ConfigDict | None, out: str, *, 
     else:
         check_dimensions(src, cfg.model)
     mcfg = ModelConfig.from_config(cfg.model)
-    store_dir = epath.Path(out) / "checkpoints"
+    store_dir = epath.Path(out) / CHECKPOINTS
     if store_dir.exists() and any(store_dir.iterdir()):
         raise WarmStartError(f"--out {out}: already holds checkpoints ({store_dir}); warm start writes the "
                              "first checkpoint of a new run: choose an empty workdir")
@@ -103,9 +88,10 @@ def warm_start(source: str, cfg: ml_collections.ConfigDict | None, out: str, *, 
     param_rules = rules_lib.normalize_rules(cfg.mesh.rules.params, "mesh.rules.params", mesh)
     tx = optim.make_optimizer(cfg.optim, float(cfg.train.clip_norm), int(cfg.train.steps))
     layout = StateLayout(mcfg, tx, mesh, param_rules, int(cfg.train.seed))
-    shapes = {p: tuple(a.shape) for p, a in _flat(layout.abstract.params).items()}
-    dtypes = {p: a.dtype for p, a in _flat(layout.abstract.params).items()}
-    shardings = _flat(layout.shardings.params)
+    abstract = flatten(layout.abstract.params)
+    shapes = {p: tuple(a.shape) for p, a in abstract.items()}
+    dtypes = {p: a.dtype for p, a in abstract.items()}
+    shardings = flatten(layout.shardings.params)
 
     p = mapping.plan(src, mcfg, shapes)
     new = sorted(".".join(k) for k in shapes if k not in p.rows)
@@ -122,27 +108,22 @@ def warm_start(source: str, cfg: ml_collections.ConfigDict | None, out: str, *, 
                           for k in ("unused", "missing", "mismatched") if report[k])
             + "\nPass --allow-partial to initialize what cannot be mapped and ignore unused tensors.")
 
+    def finish(params: Any) -> Any:
+        """The initial parameters with the audio stream set up as the module docstring says."""
+        params = jax.tree.map(lambda x: x, params)
+        if mcfg.use_audio:
+            for block in ("blocks", "last_block"):
+                if block in params:
+                    v = params[block]["audio"]["v"]["kernel"]
+                    params[block]["audio"]["v"]["kernel"] = jnp.zeros_like(v)
+            if ("pos_frequencies",) in p.rows:
+                params["audio_pos_frequencies"] = params["pos_frequencies"][0:1]
+        return params
+
     with jax.set_mesh(mesh):
         mapped = mapping.build_mapped(src, p, shardings, dtypes, shapes)
-        fresh = layout.create()
-        params = jax.tree.map(lambda x: x, fresh.params)
-        for path, arr in mapped.items():
-            _set(params, path, arr)
-
-        def finish(params: Any) -> TrainState:
-            params = jax.tree.map(lambda x: x, params)
-            if mcfg.use_audio:
-                for block in ("blocks", "last_block"):
-                    if block in params:
-                        v = params[block]["audio"]["v"]["kernel"]
-                        params[block]["audio"]["v"]["kernel"] = jnp.zeros_like(v)
-                if ("pos_frequencies",) in p.rows:
-                    params["audio_pos_frequencies"] = params["pos_frequencies"][0:1]
-            zero = jnp.zeros((), jnp.int32)
-            return TrainState(step=zero, params=params, opt_state=tx.init(params),
-                              ema=jax.tree.map(jnp.copy, params), nonfinite_streak=zero, nonfinite_total=zero)
-
-        state = jax.jit(finish, out_shardings=layout.shardings)(params)
+        params = replace_leaves(layout.init_params(), mapped)
+        state = layout.create_from(finish, params)
 
     store = ckpt_lib.CheckpointStore(out, cfg.checkpoint)
     store.save(0, state, None, config_to_dict(cfg), {"warm_start": report})

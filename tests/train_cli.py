@@ -1,8 +1,9 @@
-"""Helpers for the runtime's tests and local drills: a fast tiny config and a CLI runner.
+"""The runtime's tests' helpers: the fast tiny config, a train-CLI runner, and readers of a run's output.
 
-`FAST_OVERRIDES` shrink configs/tiny.py further (2 blocks, 4 latent frames) so that a compile takes
-seconds on a 2-core CPU; `run_cli` runs `python -m mirage_jax.train` (optionally through
-launch/local.py) with a shared persistent compilation cache so repeated runs skip compilation.
+`configs/tiny.py:fast` shrinks the tiny config further (2 blocks, 4 latent frames) so that a compile takes
+seconds on a 2-core CPU; `run_cli` runs `python -m mirage_jax.train` (optionally through launch/local.py)
+with a shared persistent compilation cache so repeated runs skip compilation. `load_params` reads a step's
+parameters through `mirage_jax.checkpoint_format` (plain Orbax, no mesh), not through the trainer.
 """
 
 from __future__ import annotations
@@ -15,22 +16,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
+FAST_CONFIG = "configs/tiny.py:fast"
 
-FAST_OVERRIDES = {
-    "model.num_layers": 2, "shapes.latent_frames": 4, "shapes.audio_frames": 4, "train.global_batch_size": 8,
-    "train.log_every": 1, "optim.warmup_steps": 2, "optim.lr": 1e-3, "checkpoint.save_every": 10,
-}
+
+def _dotted(overrides: dict[str, Any]) -> dict[str, Any]:
+    return {k.replace("__", "."): v for k, v in overrides.items()}
 
 
 def fast_config(**overrides: Any) -> Any:
-    """configs/tiny.py with FAST_OVERRIDES and `overrides` ('a__b' keys for nested 'a.b') applied."""
+    """configs/tiny.py:fast with `overrides` ('a__b' keys for nested 'a.b') applied."""
     from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
-    cfg = ConfigFileFlagParser("config", lock_config=False).parse(str(ROOT / "configs" / "tiny.py"))
-    values = dict(FAST_OVERRIDES)
-    values.update({k.replace("__", "."): v for k, v in overrides.items()})
-    for key, v in values.items():
+    cfg = ConfigFileFlagParser("config", lock_config=False).parse(str(ROOT / FAST_CONFIG))
+    for key, v in _dotted(overrides).items():
         node = cfg
         *parents, leaf = key.split(".")
         for p in parents:
@@ -40,13 +39,12 @@ def fast_config(**overrides: Any) -> Any:
 
 
 def cli_args(workdir: str | os.PathLike, kill_at_step: int | None = None, **overrides: Any) -> list[str]:
-    """The train CLI's arguments; with `kill_at_step`, through tests/kill_at_step.py (SIGKILL after that step)."""
-    values = dict(FAST_OVERRIDES)
-    values.update({k.replace("__", "."): v for k, v in overrides.items()})
+    """`python` arguments of the train CLI on configs/tiny.py:fast with `overrides` as --config.a.b=v flags;
+    with `kill_at_step`, through tests/kill_at_step.py (SIGKILL after that step)."""
     cli = ["-m", "mirage_jax.train"] if kill_at_step is None else [
         str(ROOT / "tests" / "kill_at_step.py"), str(kill_at_step)]
-    args = [*cli, "--config=configs/tiny.py", f"--workdir={workdir}"]
-    return args + [f"--config.{k}={v}" for k, v in values.items()]
+    args = [*cli, f"--config={FAST_CONFIG}", f"--workdir={workdir}"]
+    return args + [f"--config.{k}={v}" for k, v in _dotted(overrides).items()]
 
 
 def run_cli(workdir: str | os.PathLike, *, processes: int = 1, devices: int = 8, cache_dir: str | None = None,
@@ -83,24 +81,7 @@ def loss_at(workdir: str | os.PathLike, step: int) -> float:
 
 
 def load_params(workdir: str | os.PathLike, step: int) -> dict[str, Any]:
-    """The saved parameters of a step as numpy (flat 'a/b/c' keys), read without a mesh."""
-    import jax
-    import numpy as np
-    import orbax.checkpoint as ocp
+    """The saved parameters of a step as numpy (flat 'a/b/c' keys), read on one device without a mesh."""
+    from mirage_jax.checkpoint_format import ParamReader, step_dir
 
-    path = Path(workdir) / "checkpoints" / str(step) / "state"
-    ckptr = ocp.PyTreeCheckpointer()
-    meta = ckptr.metadata(str(path)).item_metadata.tree
-    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-    tree = ckptr.restore(str(path), args=ocp.args.PyTreeRestore(restore_args=args))
-    flat = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{prefix}/{k}" if prefix else str(k))
-        else:
-            flat[prefix] = np.asarray(node)
-
-    walk(tree["params"], "")
-    return flat
+    return ParamReader(step_dir(os.fspath(workdir), step)).read_all()

@@ -19,6 +19,8 @@ from typing import Any
 from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 
+from data_pipeline.storage import is_remote
+
 MANIFEST = "manifest.json"
 FORMAT = "mirage_jax.aroll.v1"
 WRITER_OPTIONS = "group_size:1"  # one record per chunk: random access for Grain
@@ -58,7 +60,7 @@ def atomic_write_bytes(dst: epath.Path, data: bytes) -> None:
 def write_shard(records: list[bytes], out_dir: str, name: str) -> ShardInfo:
     """Write `records` in order as ArrayRecord shard `out_dir/name`; returns its size and sha256."""
     out = epath.Path(out_dir)
-    local_dir = out if "://" not in os.fspath(out) else epath.Path(tempfile.mkdtemp(prefix="mirage-shard-"))
+    local_dir = out if not is_remote(out) else epath.Path(tempfile.mkdtemp(prefix="mirage-shard-"))
     tmp = local_dir / f"{TMP_PREFIX}{name}.{uuid.uuid4().hex}"
     writer = ArrayRecordWriter(os.fspath(tmp), WRITER_OPTIONS)
     try:

@@ -19,6 +19,8 @@ import av
 import numpy as np
 from etils import epath
 
+from data_pipeline.storage import is_remote
+
 FPS = 25
 SAMPLE_RATE = 16000
 HOP = SAMPLE_RATE // FPS  # audio samples per video frame
@@ -89,7 +91,7 @@ class VideoInfo:
 
 
 def _open(path: str) -> Any:
-    if "://" in path:  # gs:// and friends through etils.epath
+    if is_remote(path):  # gs:// and friends through etils.epath
         return av.open(epath.Path(path).open("rb"))
     return av.open(path)
 

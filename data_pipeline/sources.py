@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from etils import epath
 
 from data_pipeline import media
+from data_pipeline.storage import is_remote
 
 
 def input_root(input_pattern: str, files: Sequence[str]) -> str:
@@ -24,7 +25,7 @@ def input_root(input_pattern: str, files: Sequence[str]) -> str:
         return os.fspath(epath.Path(input_pattern))
     if not files:
         return ""
-    scheme = files[0].partition("://")[0] + "://" if "://" in files[0] else ""
+    scheme = files[0].partition("://")[0] + "://" if is_remote(files[0]) else ""
     if any(not f.startswith(scheme) for f in files):
         return ""
     return scheme + posixpath.commonpath([posixpath.dirname(f[len(scheme) :]) for f in files])

@@ -33,11 +33,11 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     """{"total", "video", "text", "audio", "conditioning"} parameter counts from the abstract module."""
     from flax import nnx
 
-    from mirage_jax.model import MirageDiT
+    from mirage_jax.model.build import abstract_model
 
-    abstract = nnx.eval_shape(lambda: MirageDiT(cfg, rngs=nnx.Rngs(0)))
+    _, params = abstract_model(cfg)
     counts = {"total": 0, "video": 0, "text": 0, "audio": 0, "conditioning": 0}
-    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+    for path, var in nnx.to_flat_state(params):
         n = math.prod(var.shape)
         counts["total"] += n
         counts[_stream_of(tuple(path))] = counts.get(_stream_of(tuple(path)), 0) + n

@@ -24,7 +24,7 @@ from torch import nn
 from data_pipeline.batch_keys import STREAMS
 from data_pipeline.encoders.time_map import TimeMap
 from data_pipeline.safetensors_reader import INDEX_NAME, SINGLE_NAME, SafetensorsReader, weight_files
-from mirage_jax.config import ModelConfig  # jax-free: the SwiGLU width is ModelConfig.mlp_hidden
+from mirage_jax.config import ModelConfig, upgrade_model_fields  # jax-free: SwiGLU width, old config fields
 
 NORM_EPS, QK_EPS = 1e-6, 1e-5
 
@@ -201,9 +201,8 @@ class MirageTransformer(nn.Module):
 
     def __init__(self, config: dict[str, Any]):
         super().__init__()
-        c = dict(config)
-        if "time_map" not in c:  # exports written before time_map: K frames per latent = uniform:K
-            c["time_map"] = f"uniform:{int(c.get('frames_per_latent', 1))}"
+        c = upgrade_model_fields(dict(config))  # exports written before time_map: frames_per_latent=K
+        c.setdefault("time_map", "uniform:1")
         self.config = c
         self.frame_map = TimeMap.parse(c["time_map"], "config.json time_map")
         p, ch, vd = c["patch_size"], c["in_channels"], c["video_dim"]

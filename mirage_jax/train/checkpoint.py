@@ -99,7 +99,7 @@ class CheckpointStore:
     """The workdir's checkpoints (WORKDIR/checkpoints/<step>/{state,data,config,meta})."""
 
     def __init__(self, workdir: str, ckpt_cfg: Any, *, read_only: bool = False):
-        self.directory = orbax_path(workdir) / "checkpoints"
+        self.directory = orbax_path(workdir) / checkpoint_format.CHECKPOINTS
         self.last_saved: int | None = None
         self._unchecked = False  # a save was started and its outcome not yet looked at
         self._failed = False  # a save failure was reported: the process is about to exit
@@ -180,10 +180,9 @@ class CheckpointStore:
                 state=ocp.args.StandardRestore(target.as_dict()), data=DataStateRestore()))
         except Exception as e:  # noqa: BLE001 - re-raised with the step directory
             raise CheckpointRestoreError(
-                f"restoring {self.step_dir(step)} failed: {type(e).__name__}: {e}\n"
-                f"The run will NOT start from scratch by itself. If this checkpoint is damaged, move "
-                f"{self.step_dir(step)} out of {self.directory} to resume from the previous checkpoint "
-                f"(steps: {self.all_steps()}), or use a new --workdir to start over.") from e
+                f"restoring {self.step_dir(step)} failed: {_root_cause(e)}. The run will NOT start from scratch "
+                f"by itself. {_MOVE_AWAY.format(step_dir=self.step_dir(step))} (steps: {self.all_steps()}), or use "
+                "a new --workdir to start over.") from e
         return TrainState.from_dict(dict(out["state"])), out["data"]
 
     def restore_data_state(self, step: int) -> Any:
@@ -195,13 +194,11 @@ class CheckpointStore:
 
     def restore_partial(self, step: int, target: dict[str, Any]) -> dict[str, Any]:
         """Restore only the leaves of `target` (a sub-tree of the saved state with equal shapes)."""
-        path = self.step_dir(step) / "state"
-        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
         try:
-            return ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
-                item=target, restore_args=restore_args, partial_restore=True))
+            return checkpoint_format.restore_subtree(self.step_dir(step), target)
         except Exception as e:  # noqa: BLE001
-            raise CheckpointRestoreError(f"partial restore of {path} failed: {type(e).__name__}: {e}") from e
+            raise CheckpointRestoreError(f"partial restore of {self.step_dir(step)} failed: {_root_cause(e)}. "
+                                         f"{_MOVE_AWAY.format(step_dir=self.step_dir(step))}") from e
 
     def save_error(self) -> CheckpointSaveError | None:
         """The failure of a background save that has ended since the last call, else None (never blocks)."""
@@ -282,6 +279,20 @@ def _quiet_abandoned_write_callbacks() -> None:
 
     hook._mirage_quiet = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
+
+
+_MOVE_AWAY = "If this checkpoint is damaged, move {step_dir} away to resume from the previous checkpoint"
+
+
+def _root_cause(e: BaseException) -> str:
+    """`Type: first line` of the innermost exception of `e`'s chain (Orbax wraps tensorstore's reason, e.g.
+    'OUT_OF_RANGE: Error reading "params.x/0.0" ...', in messages carrying a page of tensorstore spec)."""
+    seen = set()
+    while id(e) not in seen and (e.__cause__ or e.__context__) is not None:
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {first}"
 
 
 _TS_WRITE_ERROR = re.compile(r'Failed writing: "(?P<path>[^"]+)": (?P<err>[^\[]+)\[os_error_code=.(?P<code>\d+)')

@@ -44,8 +44,9 @@ class ShardSet:
         return sum(self.counts)
 
 
-def _manifest_dirs(source: str) -> tuple[list[epath.Path], set[str] | None]:
-    """Dataset directories named by `source`, and (for a glob) the shard file names it selects."""
+def dataset_dirs(source: str) -> tuple[list[epath.Path], set[str] | None]:
+    """The prepared-dataset directories named by `source` (a directory, its manifest.json, or a glob of shard
+    files), and (for a glob) the shard file names it selects. Raises FileNotFoundError / ValueError naming it."""
     p = epath.Path(source)
     if p.is_dir():
         return [p], None
@@ -78,7 +79,7 @@ def resolve_shards(source: str | list[str], verify: str = "auto") -> ShardSet:
     sources = [source] if isinstance(source, str) else list(source)
     paths, counts, digests, manifests = [], [], [], []
     for s in sources:
-        dirs, selected = _manifest_dirs(s)
+        dirs, selected = dataset_dirs(s)
         for d in dirs:
             m = mf.read_manifest(d)
             listed = {os.fspath(d / sh["path"]) for sh in m["shards"]}

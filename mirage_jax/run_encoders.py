@@ -19,6 +19,7 @@ from data_pipeline import manifest as mf
 from data_pipeline.batch_keys import STREAMS
 from data_pipeline.encoders.time_map import TimeMap, of_manifest
 from data_pipeline.errors import MirageError
+from data_pipeline.shards import dataset_dirs
 from mirage_jax.config import ModelConfig
 
 
@@ -76,12 +77,7 @@ class Encoders:
 
 def dataset_dir(source: str) -> str:
     """The prepared-dataset directory behind a `data.source` value (directory, manifest path or shard glob)."""
-    p = os.fspath(source)
-    if p.endswith(mf.MANIFEST):
-        return os.path.dirname(p)
-    if any(ch in os.path.basename(p) for ch in "*?["):
-        return os.path.dirname(p)
-    return p
+    return os.fspath(dataset_dirs(os.fspath(source))[0][0])
 
 
 def load_encoders(run_config: dict[str, Any], data: str | None = None) -> Encoders:

@@ -74,6 +74,8 @@ def apply_layout(cfg: ml_collections.ConfigDict, *, sequence: int, global_batch:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     a = parse_arg("seconds=8" if arg == "8s" else arg, "configs/mirage_10b.py", seconds=4, layout="v5p256")
+    if a.seconds < 1:
+        raise ConfigArgError(f"configs/mirage_10b.py:{arg}: seconds={a.seconds}: a clip of at least 1 s")
     if a.layout not in LAYOUTS:
         raise ConfigArgError(f"configs/mirage_10b.py:{arg}: unknown layout {a.layout!r}; one of {sorted(LAYOUTS)}")
     cfg = base_config()

@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 from absl import flags
 
-from data_pipeline.errors import ConfigArgError, MirageError
+from data_pipeline.errors import ConfigArgError, MirageError, root_cause
 
 
 def _unknown_override(argv: Sequence[str], exc: BaseException) -> ConfigArgError | None:
@@ -51,13 +51,32 @@ def dashed_flags_parser(argv: Sequence[str]) -> list[str]:
             name, eq, value = a[2:].partition("=")
             a = "--" + name.replace("-", "_") + eq + value
         out.append(a)
+    sys.argv = list(out)  # ml_collections reads its `--config.` overrides from sys.argv at parse time
     try:
-        return flags.FLAGS(out)
+        rest = flags.FLAGS(out)
     except (AttributeError, KeyError) as e:
         err = _unknown_override(out, e)
         if err is None:
             raise
         raise err from None
+    except (flags.Error, ValueError, OSError) as e:  # an unknown flag, a bad value, a missing required flag
+        raise FlagError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    if "config" in flags.FLAGS and flags.FLAGS["config"].present:
+        try:  # ml_collections defers a config file that failed to load to its first use
+            flags.FLAGS.config.keys()
+        except OSError as e:
+            given = next((a for a in out if a.startswith("--config=")), "--config=")
+            path = given.partition("=")[2].partition(":")[0]
+            why = root_cause(e) if os.path.isfile(path) else f"no such file {path!r} (relative to {os.getcwd()})"
+            raise FlagError(f"{given}: {why}") from None
+    return rest
+
+
+class FlagError(MirageError):
+    """A command-line flag that absl or ml_collections cannot parse (unknown, bad value, missing, unreadable
+    config file): the parser's own one-line message, exit 2."""
+
+    exit_code = 2
 
 
 def exit_one_line(prog: str, e: BaseException, code: int, *, label: str = "", hard: bool = False) -> NoReturn:

@@ -35,3 +35,14 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """`; did you mean `x`?` for the closest of `choices` to `name` (difflib), or '' when none is close."""
     hit = difflib.get_close_matches(name, list(choices), n=1)
     return f"; did you mean `{hit[0]}`?" if hit else ""
+
+
+def root_cause(e: BaseException) -> str:
+    """`Type: first line` of the innermost exception of `e`'s chain (`__cause__`, else `__context__`): the reason
+    a library wrapped, e.g. tensorstore's 'OUT_OF_RANGE: Error reading ...' inside Orbax's page of spec JSON,
+    or the FileNotFoundError inside ml_collections' 'Failed loading config file'."""
+    seen = set()
+    while id(e) not in seen and (e.__cause__ or e.__context__) is not None:
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

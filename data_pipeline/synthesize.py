@@ -110,11 +110,11 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
     flags.DEFINE_string("out", None, "Output directory (local or gs://).", required=True)
-    flags.DEFINE_integer("clips", 8, "Number of clips.")
-    flags.DEFINE_float("seconds", 3.0, "Length of every clip in seconds.")
+    flags.DEFINE_integer("clips", 8, "Number of clips.", lower_bound=1)
+    flags.DEFINE_float("seconds", 3.0, "Length of every clip in seconds.", lower_bound=0.04)
     flags.DEFINE_integer("seed", 0, "Seed; clip i depends only on (seed, i).")
     flags.DEFINE_string("size", "64x64", "Frame size WxH (even numbers).")
-    flags.DEFINE_integer("workers", 0, "Worker processes (0: in this process).")
+    flags.DEFINE_integer("workers", 0, "Worker processes (0: in this process).", lower_bound=0)
 
 
 def main(argv: Sequence[str]) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from data_pipeline.errors import MirageError
+from data_pipeline.errors import MirageError, root_cause
 from mirage_jax.config import ModelConfig
 from mirage_jax.paths import orbax_path
 
@@ -159,11 +159,17 @@ def describe_tree_diff(saved: dict[Names, Any], current: dict[Names, Any], limit
 
 def restore_subtree(step: epath.Path, target: dict[str, Any]) -> dict[str, Any]:
     """Orbax partial restore of step folder `step`'s train state: only the leaves of `target`, a sub-tree of
-    the saved state as nested dicts of `jax.ShapeDtypeStruct`s carrying the shardings to restore into."""
+    the saved state as nested dicts of `jax.ShapeDtypeStruct`s carrying the shardings to restore into.
+    Raises CheckpointError naming the step, the subtree and the root cause (e.g. a damaged chunk)."""
     import orbax.checkpoint as ocp
 
-    return ocp.PyTreeCheckpointer().restore(step / STATE, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+    try:
+        return ocp.PyTreeCheckpointer().restore(step / STATE, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+    except Exception as e:  # noqa: BLE001 - re-raised as one line
+        raise CheckpointError(
+            f"restoring `{'`, `'.join(target)}` from {step / STATE} failed: {root_cause(e)}. If this checkpoint is "
+            f"damaged, move {step} away (or name another step) to use the previous one") from e
 
 
 # ---- parameters as numpy, on one host ----------------------------------------------------------------------

@@ -109,8 +109,11 @@ def main(argv: list[str]) -> None:
     from absl import flags
 
     del argv
+    from mirage_jax.run_config import ShapesConfig, section
+
     cfg = flags.FLAGS.config
     mcfg = ModelConfig.from_config(cfg.model)
+    section(ShapesConfig, "shapes", cfg.shapes)  # ConfigError (one line, exit 2) for a bad --config.shapes.*
     info = describe(mcfg, cfg.shapes.to_dict())
     if flags.FLAGS.json:
         print(json.dumps(info))

@@ -321,14 +321,16 @@ def define_flags() -> None:
     flags.DEFINE_multi_string("ref", [], "Reference image (once for all prompts, or once per prompt).")
     flags.DEFINE_float("ref_time", -25.0, "Reference frame position in 25 fps frames relative to the clip start.")
     flags.DEFINE_float("seconds", None, "Clip length (default: the speech's length).")
-    flags.DEFINE_integer("steps", None, "Euler steps (default: the run's diffusion.sample_steps).")
+    flags.DEFINE_integer("steps", None, "Euler steps (default: the run's diffusion.sample_steps).",
+                         lower_bound=1)
     flags.DEFINE_float("cfg_audio", None, "Audio guidance scale, 1 = none (default: the run's diffusion.cfg_audio).")
     flags.DEFINE_float("cfg_text", None, "Text guidance scale, 1 = none (default: the run's diffusion.cfg_text).")
     flags.DEFINE_enum("cfg_schedule", None, ["constant", "cosine"],
                       "Guidance over noise levels (default: the run's diffusion.cfg_schedule).")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
-    flags.DEFINE_integer("batch_size", 8, "Prompts sampled together.")
-    flags.DEFINE_integer("sequence_parallel", 1, "Devices that split each clip's tokens (long clips).")
+    flags.DEFINE_integer("batch_size", 8, "Prompts sampled together.", lower_bound=1)
+    flags.DEFINE_integer("sequence_parallel", 1, "Devices that split each clip's tokens (long clips).",
+                         lower_bound=1)
     flags.DEFINE_bool("window", True, "Generate speech longer than the training clips in windows of that length "
                       "(--nowindow: one long clip; use --sequence-parallel for memory).")
     flags.DEFINE_bool("ema", False, "Use the EMA parameters instead of the raw ones.")

@@ -15,7 +15,7 @@ from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mirage_jax.checkpoint_format import STATE, CheckpointError, read_config, resolve_step_dir, restore_subtree
+from mirage_jax.checkpoint_format import read_config, resolve_step_dir, restore_subtree
 from mirage_jax.config import DiffusionConfig, ModelConfig
 from mirage_jax.model.build import abstract_model
 from mirage_jax.parallel import rules as rules_lib
@@ -60,12 +60,7 @@ def load_run(checkpoint: str, *, ema: bool = False, mesh: Mesh | None = None) ->
     root = "ema" if ema else "params"
     target = {root: jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
                                  nnx.to_pure_dict(abs_params), shardings)}
-    try:
-        out = restore_subtree(step_dir, target)
-    except Exception as e:  # noqa: BLE001 - re-raised with the step directory
-        raise CheckpointError(
-            f"restoring `{root}` from {step_dir / STATE} failed: {type(e).__name__}: {e}. The checkpoint does "
-            "not match the network its own config describes (damaged, or written by another version)") from e
+    out = restore_subtree(step_dir, target)  # CheckpointError naming the root cause
     model = nnx.merge(graphdef, out[root])
     meta_step = int(step_dir.name) if step_dir.name.isdigit() else -1
     return LoadedRun(model=model, config=config, step=meta_step, step_dir=step_dir, weights=root)

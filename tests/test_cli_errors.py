@@ -32,3 +32,33 @@ def test_missing_paths_are_one_line(tmp_path, args):
     r = _cli(*(a.format(missing=tmp_path / "nowhere", tmp=tmp_path) for a in args))
     assert r.returncode in (1, 2) and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert str(tmp_path / "nowhere") in r.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("args, names", [
+    (("mirage_jax.train", "--config=configs/tiny.py", "--workdir={tmp}/w", "--config.train.steps=abc"),
+     "--config.train.steps=abc"),
+    (("mirage_jax.train", "--config=configs/tiny.py", "--workdir={tmp}/w", "--config.checkpoint.async_save=maybe"),
+     "--config.checkpoint.async_save=maybe"),
+    (("mirage_jax.train", "--config=configs/tiny.py", "--work-dir={tmp}/w"), "work_dir"),
+    (("mirage_jax.train", "--config=configs/tiny.py"), "--workdir"),
+    (("mirage_jax.train", "--config=configs/nope.py", "--workdir={tmp}/w"), "configs/nope.py"),
+    (("mirage_jax.describe", "--config=configs/mirage_10b.py:seconds=-4"), "seconds=-4"),
+    (("mirage_jax.describe", "--config=configs/tiny.py", "--config.shapes.latent_frames=-5"),
+     "--config.shapes.latent_frames=-5"),
+    (("mirage_jax.eval", "--checkpoint={tmp}", "--data={tmp}", "--seeds=0"), "--seeds=0"),
+    (("data_pipeline.synthesize", "--out={tmp}/raw", "--clips=0"), "--clips=0"),
+    (("mirage_jax.export", "--checkpoint={tmp}", "--out={tmp}/e", "--dtype=fp16"), "--dtype"),
+])
+def test_bad_flags_and_config_values_are_one_line_exit_2(tmp_path, args, names):
+    """Flags absl or ml_collections cannot parse, and values out of range, as a new user typed them: one line
+    naming the flag, exit 2, nothing written."""
+    r = _cli(*(a.format(tmp=tmp_path) for a in args))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert names in last, last
+    assert not (tmp_path / "w").exists() and not (tmp_path / "raw").exists()
+
+
+def test_dashed_config_override_is_accepted(tmp_path):
+    r = run_cli(tmp_path / "run", extra=["--config.train.log-every=1"], **{"train.steps": 0})
+    assert r.returncode == 0 and "DONE" in r.stdout, r.stdout[-3000:]

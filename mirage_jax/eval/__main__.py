@@ -17,9 +17,9 @@ from absl import app, flags, logging
 flags.DEFINE_string("checkpoint", None, "Training workdir, its checkpoints/ folder, or one step folder.", required=True)
 flags.DEFINE_string("data", None, "Held-out prepared dataset: a data_pipeline.prepare output dir or shard glob.",
                     required=True)
-flags.DEFINE_integer("clips", 8, "Held-out clips (full-length, with a mouth track) to evaluate.")
-flags.DEFINE_integer("seeds", 3, "Sampling seeds (the spread of the generated scores).")
-flags.DEFINE_integer("steps", None, "Euler steps (default: the run's diffusion.sample_steps).")
+flags.DEFINE_integer("clips", 8, "Held-out clips (full-length, with a mouth track) to evaluate.", lower_bound=1)
+flags.DEFINE_integer("seeds", 3, "Sampling seeds (the spread of the generated scores).", lower_bound=1)
+flags.DEFINE_integer("steps", None, "Euler steps (default: the run's diffusion.sample_steps).", lower_bound=1)
 flags.DEFINE_float("cfg_audio", None, "Audio guidance scale (default: the run's diffusion.cfg_audio).")
 flags.DEFINE_float("cfg_text", None, "Text guidance scale (default: the run's diffusion.cfg_text).")
 flags.DEFINE_enum("cfg_schedule", None, ["constant", "cosine"],

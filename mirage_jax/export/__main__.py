@@ -21,6 +21,9 @@ flags.mark_flags_as_required(["checkpoint", "out"])
 
 def main(argv: list[str]) -> None:
     del argv
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every leaf it reads at INFO (~850 lines for the tiny model)
     from data_pipeline.storage import check_storage
     from mirage_jax.checkpoint_format import ParamReader, read_model_config, resolve_step_dir
     from mirage_jax.export.writer import export_params

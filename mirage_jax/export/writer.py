@@ -87,13 +87,23 @@ def iter_tensors(get_leaf: Callable[[Path], Any], cfg: ModelConfig):
 
 
 def parse_size(text: str | int) -> int:
+    """Bytes of `text` ('2GB', '500MB', '10KB', '123B' or a plain integer; decimal units, as diffusers'
+    `max_shard_size`). Raises ExportError naming --max_shard_size for anything else or a size < 1."""
     if isinstance(text, int):
         return text
     t = text.strip().upper()
-    for unit, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
-        if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * mult)
-    return int(t)
+    try:
+        for unit, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+            if t.endswith(unit):
+                size = int(float(t[: -len(unit)]) * mult)
+                break
+        else:
+            size = int(t)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise ExportError(f"--max_shard_size={text}: expected a positive size such as 2GB, 500MB or 10000000")
+    return size
 
 
 def export_params(get_leaf: Callable[[Path], Any] | Mapping[Path, Any], cfg: ModelConfig, out_dir: str, *,

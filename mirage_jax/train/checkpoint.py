@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from data_pipeline.errors import MirageError
+from data_pipeline.errors import MirageError, root_cause
 from mirage_jax import checkpoint_format
 from mirage_jax.paths import orbax_path
 from mirage_jax.train.state import TrainState
@@ -180,7 +180,7 @@ class CheckpointStore:
                 state=ocp.args.StandardRestore(target.as_dict()), data=DataStateRestore()))
         except Exception as e:  # noqa: BLE001 - re-raised with the step directory
             raise CheckpointRestoreError(
-                f"restoring {self.step_dir(step)} failed: {_root_cause(e)}. The run will NOT start from scratch "
+                f"restoring {self.step_dir(step)} failed: {root_cause(e)}. The run will NOT start from scratch "
                 f"by itself. {_MOVE_AWAY.format(step_dir=self.step_dir(step))} (steps: {self.all_steps()}), or use "
                 "a new --workdir to start over.") from e
         return TrainState.from_dict(dict(out["state"])), out["data"]
@@ -197,7 +197,7 @@ class CheckpointStore:
         try:
             return checkpoint_format.restore_subtree(self.step_dir(step), target)
         except Exception as e:  # noqa: BLE001
-            raise CheckpointRestoreError(f"partial restore of {self.step_dir(step)} failed: {_root_cause(e)}. "
+            raise CheckpointRestoreError(f"partial restore of {self.step_dir(step)} failed: {root_cause(e)}. "
                                          f"{_MOVE_AWAY.format(step_dir=self.step_dir(step))}") from e
 
     def save_error(self) -> CheckpointSaveError | None:
@@ -282,17 +282,6 @@ def _quiet_abandoned_write_callbacks() -> None:
 
 
 _MOVE_AWAY = "If this checkpoint is damaged, move {step_dir} away to resume from the previous checkpoint"
-
-
-def _root_cause(e: BaseException) -> str:
-    """`Type: first line` of the innermost exception of `e`'s chain (Orbax wraps tensorstore's reason, e.g.
-    'OUT_OF_RANGE: Error reading "params.x/0.0" ...', in messages carrying a page of tensorstore spec)."""
-    seen = set()
-    while id(e) not in seen and (e.__cause__ or e.__context__) is not None:
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__  # type: ignore[assignment]
-    first = str(e).splitlines()[0] if str(e) else ""
-    return f"{type(e).__name__}: {first}"
 
 
 _TS_WRITE_ERROR = re.compile(r'Failed writing: "(?P<path>[^"]+)": (?P<err>[^\[]+)\[os_error_code=.(?P<code>\d+)')

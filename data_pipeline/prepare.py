@@ -398,6 +398,6 @@ if __name__ == "__main__":
     prepare_flags.define_flags()
     flags.adopt_module_key_flags(prepare_flags)  # so --help lists them
     # absl stops at `--`: what follows reaches main() as Beam pipeline flags
-    from data_pipeline.cli import run
+    from data_pipeline import cli  # not `import run`: this module has its own run() (the pipeline)
 
-    run(_prepare.main, "prepare", also={ValueError: (1, ""), FileNotFoundError: (1, "")})
+    cli.run(_prepare.main, "prepare", also={ValueError: (1, ""), FileNotFoundError: (1, "")})

@@ -102,7 +102,7 @@ class SafetensorsReader:
             path = epath.Path(path)
             if is_remote(path) and framework != "numpy":
                 raise SafetensorsError(f"{path}: remote files are read with framework='numpy' only; copy it locally")
-            header = self._openis_remote(path) if is_remote(path) else self._open_local(path)
+            header = self._open_remote(path) if is_remote(path) else self._open_local(path)
             if names is not None and not names <= header.keys():
                 missing = sorted(names - header.keys())
                 raise SafetensorsError(f"{path}: the index says it holds {missing[0]!r} (and {len(missing) - 1} "

@@ -23,6 +23,7 @@ from etils import epath
 from tqdm import tqdm
 
 from data_pipeline import media, speech, talking_head
+from data_pipeline.errors import MirageError
 
 SIDECAR_VERSION = "1"
 
@@ -72,6 +73,18 @@ def make_clip(out_dir: str, index: int, seconds: float, seed: int, size: tuple[i
     return os.fspath(mp4)
 
 
+class StaleClipsError(MirageError, ValueError):
+    """--out holds clips of an earlier, larger run that this one would leave behind (exit 2)."""
+
+    exit_code = 2
+
+
+def _index_below(name: str, clips: int) -> bool:
+    """Is `clip_NNNNN.mp4` one of the first `clips` clips (rewritten by this run)?"""
+    digits = name[len("clip_"):-len(".mp4")]
+    return digits.isdigit() and int(digits) < clips
+
+
 def _job(args: tuple[str, int, float, int, tuple[int, int]]) -> str:
     return make_clip(*args)
 
@@ -88,7 +101,13 @@ def synthesize(
     """Write `clips` synthetic clips of `seconds` each into `out`; returns the mp4 paths in order."""
     if clips < 1 or seconds <= 0:
         raise ValueError(f"--clips={clips} must be >= 1 and --seconds={seconds} > 0")
-    epath.Path(out).mkdir(parents=True, exist_ok=True)
+    root = epath.Path(out)
+    stale = sorted(p.name for p in root.glob("clip_*.mp4") if not _index_below(p.name, clips)) if root.exists() else []
+    if stale:  # prepare ingests every clip of the folder: a smaller run must not leave an earlier run's behind
+        raise StaleClipsError(f"--out={out} already holds {len(stale)} clip(s) this run would not rewrite "
+                              f"({', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''}); data_pipeline.prepare "
+                              "would ingest them too. Use an empty --out, or delete them")
+    root.mkdir(parents=True, exist_ok=True)
     jobs = [(out, i, seconds, seed, size) for i in range(clips)]
     bar = tqdm(total=clips, desc="synthesize", unit="clip", disable=not progress)
     paths = []

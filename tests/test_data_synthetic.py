@@ -9,7 +9,7 @@ import pytest
 from scipy.stats import spearmanr
 
 from data_pipeline import speech
-from data_pipeline.synthesize import synthesize
+from data_pipeline.synthesize import StaleClipsError, synthesize
 
 pytestmark = pytest.mark.skipif(
     not speech.espeak_available(), reason="espeak-ng not installed (make sysdeps)"
@@ -89,3 +89,12 @@ def test_deterministic_for_a_seed(clips, tmp_path):
         assert open(a[:-4] + ".json").read() == open(b[:-4] + ".json").read()
     other = synthesize(str(tmp_path / "o"), clips=1, seconds=SECONDS, seed=8, size=(64, 64), progress=False)
     assert open(other[0], "rb").read() != open(paths[0], "rb").read()
+
+
+def test_a_smaller_run_into_a_folder_of_more_clips_is_refused(clips):
+    """prepare ingests every clip of a folder: leaving an earlier, larger run's clips behind would mix them in."""
+    out, paths = clips
+    before = {p: os.path.getmtime(p) for p in paths}
+    with pytest.raises(StaleClipsError, match=r"already holds 1 clip\(s\) this run would not rewrite \(clip_00002"):
+        synthesize(str(out), clips=2, seconds=SECONDS, seed=7, size=(64, 64), progress=False)
+    assert {p: os.path.getmtime(p) for p in paths} == before  # nothing rewritten

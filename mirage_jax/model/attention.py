@@ -5,8 +5,12 @@ boolean token mask (B, S) that removes padding and dropped modalities from the k
 masked query positions are zero (as diffusers' Mochi processor leaves padded text outputs), so a
 masked token can never influence an unmasked one.
 
-Backends (all compute the same numbers within tolerance; tests compare them with `xla`):
-- `xla`: plain einsum + fp32 softmax; the reference, runs everywhere.
+Backends (all compute the same numbers within tolerance; tests compare them with `xla` and `xla` with
+`jax.nn.dot_product_attention`):
+- `xla`: einsum + fp32 softmax with a custom VJP (`softmax_attention`): the backward recomputes the
+  probabilities from the saved per-row logsumexp instead of keeping the (B, H, S, S) softmax as a residual
+  (FlashAttention's backward, Dao 2023, Algorithm 2, without tiling). Runs everywhere; on CPU it is the
+  fastest backend (bench/train_step.py, `--ablation`).
 - `dot_product`: `jax.nn.dot_product_attention` with XLA's implementation choice.
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`: cuDNN flash attention on GPU.
 - `splash`: Pallas splash attention on TPU (segment ids carry the mask); `interpret=True` runs the
@@ -40,12 +44,57 @@ _NEG = -0.7 * float(np.finfo(np.float32).max)
 SPLASH_RESIDUALS = "splash_residuals"  # checkpoint name of the splash kernel's output and logsumexp
 
 
+def _logits(q_scaled: jax.Array, k: jax.Array, bias: jax.Array) -> jax.Array:
+    """(B, H, Sq, Sk) float32 logits of pre-scaled queries, plus the (B, Sk) additive key bias."""
+    s = jnp.einsum("bqhd,bkhd->bhqk", q_scaled, k, preferred_element_type=jnp.float32)
+    return s + bias[:, None, None, :]
+
+
+@jax.custom_vjp
+def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(D) + bias) v for q, k, v of shape (B, S, H, D) and a float32 key bias (B, S)
+    (0 for a valid key, a large negative number for a masked one); returns (B, S, H, D) in v's dtype.
+
+    Forward: logits and softmax in float32, the 1/sqrt(D) scale folded into q (an (S, D) pass, not an
+    (S, S) one) and the row normalisation applied to the (S, D) output. Backward: FlashAttention's
+    (Dao 2023, "FlashAttention-2", Algorithm 2) without tiling: P = exp(logits - logsumexp) is recomputed
+    from the saved per-row logsumexp; dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K / sqrt(D),
+    dK = dS^T Q / sqrt(D). Residuals are q, k, v, the output and the (B, H, S) logsumexp, not the
+    (B, H, S, S) probabilities. The bias gets a zero cotangent (it comes from a boolean mask)."""
+    return _softmax_attention_fwd(q, k, v, bias)[0]
+
+
+def _softmax_attention_fwd(q, k, v, bias):
+    q_scaled = q * jnp.asarray(1.0 / np.sqrt(q.shape[-1]), q.dtype)
+    logits = _logits(q_scaled, k, bias)
+    row_max = jnp.max(logits, axis=-1)
+    p = jnp.exp(logits - row_max[..., None])
+    row_sum = jnp.sum(p, axis=-1)  # (B, H, S)
+    unnormalised = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = (unnormalised / jnp.swapaxes(row_sum, 1, 2)[..., None]).astype(v.dtype)
+    logsumexp = row_max + jnp.log(row_sum)
+    return out, (q_scaled, k, v, bias, out, logsumexp)
+
+
+def _softmax_attention_bwd(residuals, d_out):
+    q_scaled, k, v, bias, out, logsumexp = residuals
+    scale = jnp.asarray(1.0 / np.sqrt(k.shape[-1]), k.dtype)
+    p = jnp.exp(_logits(q_scaled, k, bias) - logsumexp[..., None])
+    d_v = jnp.einsum("bhqk,bqhd->bkhd", p.astype(d_out.dtype), d_out)
+    d_p = jnp.einsum("bqhd,bkhd->bhqk", d_out, v, preferred_element_type=jnp.float32)
+    delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    d_s = (p * (d_p - delta[..., None])).astype(k.dtype)
+    d_q = jnp.einsum("bhqk,bkhd->bqhd", d_s, k) * scale
+    d_k = jnp.einsum("bhqk,bqhd->bkhd", d_s, q_scaled)
+    return d_q, d_k, d_v, jnp.zeros_like(bias)
+
+
+softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
+
+
 def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    scale = 1.0 / np.sqrt(q.shape[-1])
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(mask[:, None, None, :], logits, _NEG)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    bias = jnp.where(mask, 0.0, _NEG).astype(jnp.float32)
+    return softmax_attention(q, k, v, bias)
 
 
 def _dot_product_attention(q, k, v, mask, implementation):

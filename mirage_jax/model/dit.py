@@ -30,7 +30,6 @@ from mirage_jax.model.layers import (
     layer_norm,
     modulated_rms_norm,
     partitioned,
-    rms_norm,
 )
 from mirage_jax.parallel.sharding import constrain
 
@@ -84,8 +83,8 @@ class StreamLayer(nnx.Module):
         h = modulated_rms_norm(x, 1.0 + mods[0][:, None, :], NORM_EPS)
         b, s, _ = h.shape
         split = lambda y: y.reshape(b, s, self.heads, self.head_dim)  # noqa: E731
-        q = (rms_norm(split(self.q(h)), QK_EPS) * self.q_norm[...]).astype(h.dtype)
-        k = (rms_norm(split(self.k(h)), QK_EPS) * self.k_norm[...]).astype(h.dtype)
+        q = modulated_rms_norm(split(self.q(h)), self.q_norm[...], QK_EPS)
+        k = modulated_rms_norm(split(self.k(h)), self.k_norm[...], QK_EPS)
         v = split(self.v(h))
         return (q, k, v), tuple(mods)
 

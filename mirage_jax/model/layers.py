@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -58,9 +59,65 @@ def layer_norm(x: jax.Array, eps: float) -> jax.Array:
     return (x32 - mean) * jax.lax.rsqrt(var + eps)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def modulated_rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm(x) * scale, returned in x's dtype (diffusers `MochiModulatedRMSNorm`)."""
+    """RMSNorm(x) * scale over the last axis, computed in float32, returned in x's dtype (diffusers
+    `MochiModulatedRMSNorm`); `scale` broadcasts against x (e.g. (B, 1, D) per sample, (D,) learned).
+
+    Custom VJP: only x and scale are kept for the backward pass, which recomputes r = rsqrt(mean(x^2) + eps)
+    (one pass over x) instead of keeping the float32 copy of x, r and the normalised x that autodiff keeps
+    (a third of the per-layer residuals of the scanned blocks). With y = x r:
+    dx = r * (g - x r^2 mean(g x)) where g = dout * scale, d_scale = sum of dout * y over scale's broadcast axes
+    (tests/test_layers_vjp.py compares both with autodiff of the plain formula)."""
     return (rms_norm(x, eps) * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def _modulated_rms_norm_fwd(x, scale, eps):
+    return modulated_rms_norm(x, scale, eps), (x, scale)
+
+
+def _modulated_rms_norm_bwd(eps, residuals, d_out):
+    x, scale = residuals
+    x32 = x.astype(jnp.float32)
+    r = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    y = x32 * r
+    d32 = d_out.astype(jnp.float32)
+    g = d32 * scale.astype(jnp.float32)
+    d_x = r * (g - y * jnp.mean(g * y, axis=-1, keepdims=True))
+    d_scale = _sum_to_shape(d32 * y, scale.shape)
+    return d_x.astype(x.dtype), d_scale.astype(scale.dtype)
+
+
+def _sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Sum x over the axes that broadcasting `shape` to x.shape expanded (the cotangent of a broadcast)."""
+    lead = x.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape) if n == 1 and x.shape[lead + i] != 1)
+    return jnp.sum(x, axis=axes, keepdims=True).reshape(shape) if axes else x
+
+
+modulated_rms_norm.defvjp(_modulated_rms_norm_fwd, _modulated_rms_norm_bwd)
+
+
+@jax.custom_vjp
+def swiglu(up: jax.Array, gate: jax.Array) -> jax.Array:
+    """up * silu(gate) (Shazeer 2020, "GLU Variants Improve Transformer"), same shape and dtype as `up`.
+
+    Custom VJP: keeps only up and gate for the backward pass (autodiff of silu keeps four arrays of the MLP's
+    width): with s = sigmoid(gate), d_up = dout * gate * s, d_gate = dout * up * s * (1 + gate * (1 - s))."""
+    return up * jax.nn.silu(gate)
+
+
+def _swiglu_fwd(up, gate):
+    return swiglu(up, gate), (up, gate)
+
+
+def _swiglu_bwd(residuals, d_out):
+    up, gate = residuals
+    s = jax.nn.sigmoid(gate)
+    return d_out * gate * s, d_out * up * s * (1 + gate * (1 - s))
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class SwiGLU(nnx.Module):
@@ -75,6 +132,6 @@ class SwiGLU(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         from mirage_jax.parallel.sharding import constrain
 
-        h = self.up(x) * jax.nn.silu(self.gate(x))
+        h = swiglu(self.up(x), self.gate(x))
         h = constrain(h, ("batch", "seq", "mlp"))
         return self.down(h)

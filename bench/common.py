@@ -26,13 +26,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def alternate(runners: Mapping[str, Callable[[], Any]], rounds: int, reps: int = 1) -> dict[str, list[float]]:
     """Seconds per call of each runner: `rounds` rounds, each running every runner `reps` times in turn.
 
-    Runners must block until their work is done (e.g. `jax.block_until_ready` / `float(loss)`)."""
+    A runner either blocks until its work is done (`float(loss)`) or returns an array still being computed
+    (JAX's asynchronous dispatch): the round then waits for the last call's result (`jax.block_until_ready`)
+    before its time is taken, so every call of the round is counted."""
     times: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(rounds):
         for name, fn in runners.items():
             t0 = time.perf_counter()
+            out = None
             for _ in range(reps):
-                fn()
+                out = fn()
+            if hasattr(out, "block_until_ready"):
+                out.block_until_ready()
             times[name].append((time.perf_counter() - t0) / reps)
     return times
 

@@ -1,12 +1,15 @@
 """Train-step throughput: MirageDiT (audio stream off, so the networks are the same) vs a PyTorch step of
 diffusers' MochiTransformer3DModel of equal dimensions and token counts (AdamW, fp32, CPU, same batch).
 
-    python -m bench.train_step [--json] [--rounds=5] [--steps=3] [--profile]
+    python -m bench.train_step [--json] [--rounds=5] [--steps=3] [--profile] [--ablation]
+    python -m bench.train_step --heads=8 --frames=16   # twice as wide (video_dim 256) and long (1056 tokens)
     python -m bench.train_step --gpu        # on a GPU: bf16, cuDNN attention / SDPA, MFU vs the bf16 peak
 
 Both sides do the same work per step: forward on the same noisy latents, MSE against the same velocity
 target, backward, AdamW update. Both get the same number of compute threads (`--threads`, stated in the
-result). The two are timed alternately in one run (the machine is shared and noisy) and reported as samples/s
+result). The JAX step is jitted with its state donated and is dispatched asynchronously, as the runtime's
+train step and loop run it (`JAX_VARIANTS`; each round waits for its last step's loss); the PyTorch step
+runs eagerly and reads its loss every step (free there: the value is already computed). The two are timed alternately in one run (the machine is shared and noisy) and reported as samples/s
 medians and their ratio, min / median / max per round, the load average before and after (a run with the load
 above the core count is "not a claim"), plus achieved GFLOP/s of each on the analytic FLOP
 count (`describe.count_flops`, identical networks so identical FLOPs). `--profile` adds where the time
@@ -42,8 +45,24 @@ def _inputs(batch: int, frames: int) -> dict[str, np.ndarray]:
     }
 
 
-def jax_step(kw: dict, data: dict[str, np.ndarray], gpu: bool = False) -> tuple[Callable[[], float], Any]:
-    """(one-step runner, the jitted step's compiled form) for MirageDiT without audio."""
+JAX_VARIANTS = {
+    # name: (attention backend, donate the state, block on every step's loss); ordered as changes applied
+    "before": ("dot_product", False, True),  # autodiff through softmax (the former `xla` backend), no donation
+    "attention VJP": ("xla", False, True),  # model/attention.softmax_attention: no (B,H,S,S) residual
+    "donated state": ("xla", True, True),  # donate_argnums, as the runtime's train step does
+    "async dispatch": ("xla", True, False),  # loss read once per round, as the train loop does: the default
+}
+DEFAULT_VARIANT = "async dispatch"
+
+
+def jax_step(kw: dict, data: dict[str, np.ndarray], gpu: bool = False, variant: str = DEFAULT_VARIANT
+             ) -> tuple[Callable[[], Any], Any]:
+    """(one-step runner, the jitted step's compiled form) for MirageDiT without audio.
+
+    `variant` (JAX_VARIANTS) picks the attention backend, whether the state is donated (as
+    `train.step.make_train_step` does) and whether each step blocks on its loss. The default dispatches
+    asynchronously, as the train loop does (metrics are read every `log_every` steps): the runner then
+    returns the loss array and `common.alternate` waits for the last one of each round."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -53,7 +72,8 @@ def jax_step(kw: dict, data: dict[str, np.ndarray], gpu: bool = False) -> tuple[
     from mirage_jax.interop.mochi import mochi_config_to_model
     from mirage_jax.model import MirageDiT
 
-    extra = dict(compute_dtype="bfloat16", attention_backend="cudnn") if gpu else {}
+    backend, donate, sync = JAX_VARIANTS[variant]
+    extra = dict(compute_dtype="bfloat16", attention_backend="cudnn") if gpu else {"attention_backend": backend}
     cfg = ModelConfig(**mochi_config_to_model(kw), use_audio=False, pool_heads=8, **extra)
     model = MirageDiT(cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
@@ -63,7 +83,6 @@ def jax_step(kw: dict, data: dict[str, np.ndarray], gpu: bool = False) -> tuple[
     target = jnp.asarray(data["target"].transpose(0, 2, 3, 4, 1))
     text, mask, t = jnp.asarray(data["text"]), jnp.asarray(data["mask"]), jnp.asarray(data["t"])
 
-    @jax.jit
     def step(params, opt):
         def loss_fn(p):
             return jnp.mean((nnx.merge(graphdef, p)(x, t, text, mask) - target) ** 2)
@@ -72,11 +91,12 @@ def jax_step(kw: dict, data: dict[str, np.ndarray], gpu: bool = False) -> tuple[
         updates, opt = tx.update(grads, opt, params)
         return optax.apply_updates(params, updates), opt, loss
 
+    step = jax.jit(step, donate_argnums=(0, 1) if donate else ())
     state = {"p": params, "o": opt}
 
-    def run() -> float:
+    def run() -> Any:
         state["p"], state["o"], loss = step(state["p"], state["o"])
-        return float(loss)
+        return float(loss) if sync else loss
 
     return run, (step, state, cfg)
 
@@ -120,9 +140,9 @@ def analytic_flops(kw: dict, batch: int, frames: int) -> float:
     return float(count_flops(cfg, shapes) * batch)
 
 
-def _profile(jax_parts: Any, torch_run: Callable[[], float]) -> dict[str, Any]:
+def _profile(jax_run: Callable[[], Any], jax_parts: Any, torch_run: Callable[[], float]) -> dict[str, Any]:
     """Where the time goes: torch.profiler's top operators for one PyTorch step; XLA's cost analysis of the
-    JAX step (FLOPs, bytes accessed) and its fusion count."""
+    JAX step (FLOPs, bytes accessed), its fusion count and its per-operation times (`_jax_profile`)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -141,12 +161,63 @@ def _profile(jax_parts: Any, torch_run: Callable[[], float]) -> dict[str, Any]:
         "torch_top_ops": top, "torch_op_calls": sum(e.count for e in events),
         "jax_cost_analysis": {k: float(ca[k]) for k in ("flops", "bytes accessed", "transcendentals") if k in ca},
         "jax_fusions": sum(" fusion(" in line for line in hlo.splitlines()),
+        **_jax_profile(jax_run, hlo),
+    }
+
+
+def _jax_profile(jax_run: Callable[[], Any], hlo: str, steps: int = 3) -> dict[str, Any]:
+    """XLA's own per-operation times for `steps` JAX steps (jax.profiler trace of the CPU runtime's thunks,
+    summed over its compute threads, per step): the top kinds (fusion names without their number, e.g.
+    `ynn_fusion` = a YNNPACK matmul with its fused epilogue, `copy` = a layout transpose or buffer copy,
+    `wrapped_broadcast` = a materialised broadcast) and the top single operations with their HLO shape."""
+    import re
+    import tempfile
+
+    import jax
+
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            out = None
+            for _ in range(steps):
+                out = jax_run()
+            jax.block_until_ready(out)
+        files = [os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs if f.endswith(".xplane.pb")]
+        data = jax.profiler.ProfileData.from_file(files[0])
+    ops: dict[str, float] = {}
+    for plane in data.planes:
+        for line in plane.lines:
+            if not line.name.startswith("tf_XLAEigen"):  # XLA:CPU's compute threads
+                continue
+            for ev in line.events:
+                if not ev.name.startswith(("ThunkExecutor", "SlinkyThreadPool")):
+                    ops[ev.name] = ops.get(ev.name, 0.0) + ev.duration_ns / 1e6 / steps
+    kinds: dict[str, float] = {}
+    for name, ms in ops.items():
+        kind = re.sub(r"\.\d+$", "", name)
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+    total = sum(ops.values()) or 1.0
+
+    def shape(name: str) -> str:
+        m = re.search(r"%" + re.escape(name) + r" = (\S+)", hlo)
+        return m.group(1).split("{")[0] if m else "?"
+
+    top_kinds = sorted(kinds.items(), key=lambda kv: -kv[1])[:8]
+    top_ops = sorted(ops.items(), key=lambda kv: -kv[1])[:8]
+    return {
+        "jax_op_ms_per_step": total,
+        "jax_top_kinds": [{"kind": k, "ms": ms, "share": ms / total} for k, ms in top_kinds],
+        "jax_top_ops": [{"op": k, "shape": shape(k), "ms": ms, "share": ms / total} for k, ms in top_ops],
     }
 
 
 def measure(batch: int = 2, layers: int = 4, heads: int = 4, frames: int = 8, rounds: int = 5, steps: int = 3,
-            *, profile: bool = False, gpu: bool = False, threads: int | None = None) -> dict[str, Any]:
+            *, profile: bool = False, gpu: bool = False, threads: int | None = None, ablation: bool = False
+            ) -> dict[str, Any]:
     """Samples/s of both steps, alternated; `ratio` = jax / torch (> 1: the JAX step is faster).
+
+    `ablation=True` (CPU only) also times every `JAX_VARIANTS` step in the same alternating rounds, in the
+    order the changes were applied, so what each change bought is measured in one run: `ablation` lists
+    each variant's samples/s (median), step spread and ratio to the same run's PyTorch step.
 
     Both sides get `threads` compute threads (default: the CPUs this process may use): torch.set_num_threads,
     and NPROC for XLA's intra-op pool when jax has not started yet (`common.set_threads`); the counts each side
@@ -161,12 +232,19 @@ def measure(batch: int = 2, layers: int = 4, heads: int = 4, frames: int = 8, ro
     warnings.filterwarnings("ignore")
     kw = dict(MOCHI, num_layers=layers, num_attention_heads=heads, pooled_projection_dim=64)
     data = _inputs(batch, frames)
-    jax_run, jax_parts = jax_step(kw, data, gpu)
+    variants = list(JAX_VARIANTS) if ablation and not gpu else [DEFAULT_VARIANT]
+    runners: dict[str, Callable[[], Any]] = {}
+    for variant in variants:
+        run, parts = jax_step(kw, data, gpu, variant)
+        runners["jax" if variant == DEFAULT_VARIANT else f"jax ({variant})"] = run
+        if variant == DEFAULT_VARIANT:
+            jax_run, jax_parts = run, parts
     torch_run, _ = torch_step(kw, data, gpu)
-    runners = {"jax": jax_run, "torch": torch_run}
+    runners["torch"] = torch_run
     for r in runners.values():  # compile / warm up
-        r()
-        r()
+        for _ in range(2):
+            out = r()
+        getattr(out, "block_until_ready", lambda: None)()
     load_before = common.load_average()
     times = common.alternate(runners, rounds, steps)
     host = common.host_state(load_before, common.load_average())
@@ -188,6 +266,15 @@ def measure(batch: int = 2, layers: int = 4, heads: int = 4, frames: int = 8, ro
                   "device": "gpu" if gpu else "cpu", "rounds": rounds, "steps_per_round": steps},
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
     }
+    if len(variants) > 1:
+        res["ablation"] = []
+        for variant in variants:
+            t = times["jax" if variant == DEFAULT_VARIANT else f"jax ({variant})"]
+            backend, donate, sync = JAX_VARIANTS[variant]
+            sps = batch / common.median(t)
+            res["ablation"].append({
+                "variant": variant, "attention_backend": backend, "donated_state": donate, "sync_every_step": sync,
+                "samples_per_s": sps, "step_s": t, "step": common.spread(t), "ratio_vs_torch": sps / torch_sps})
     if gpu:
         import jax
 
@@ -198,7 +285,7 @@ def measure(batch: int = 2, layers: int = 4, heads: int = 4, frames: int = 8, ro
             res["jax_mfu"] = flops * jax_sps / batch / peak
             res["torch_mfu"] = flops * torch_sps / batch / peak
     if profile:
-        res["profile"] = _profile(jax_parts, torch_run)
+        res["profile"] = _profile(jax_run, jax_parts, torch_run)
     return res
 
 
@@ -206,7 +293,7 @@ def main(argv: list[str]) -> None:
     del argv
     F = flags.FLAGS
     res = measure(F.batch, F.layers, F.heads, F.frames, F.rounds, F.steps, profile=F.profile, gpu=F.gpu,
-                  threads=F.threads or None)
+                  threads=F.threads or None, ablation=F.ablation)
     if F.json:
         print(json.dumps(res))
     else:
@@ -216,6 +303,10 @@ def main(argv: list[str]) -> None:
         print(f"ratio JAX/PyTorch {res['ratio']:.2f}x (per round min {res['round_ratio']['min']:.2f}, max "
               f"{res['round_ratio']['max']:.2f}); threads torch {th['torch']}, xla {th['xla']}  ({res['setup']})")
         print(("a claim for this host: " if h["claim"] else "NOT a claim: ") + h["why"])
+        for row in res.get("ablation", []):
+            print(f"  JAX {row['variant']:16s} {row['samples_per_s']:.2f} samples/s, JAX/PyTorch "
+                  f"{row['ratio_vs_torch']:.2f} (attention {row['attention_backend']}, donated "
+                  f"{row['donated_state']}, sync every step {row['sync_every_step']})")
         if "jax_mfu" in res:
             print(f"MFU: JAX {res['jax_mfu']:.1%}, PyTorch {res['torch_mfu']:.1%}")
         if "profile" in res:
@@ -231,6 +322,7 @@ if __name__ == "__main__":
     flags.DEFINE_integer("heads", 4, "Attention heads (head_dim 32).")
     flags.DEFINE_integer("frames", 8, "Latent frames (16x16 latents, patch 2 -> 64 tokens per frame).")
     flags.DEFINE_bool("profile", False, "Also report where each step's time goes.")
+    flags.DEFINE_bool("ablation", False, "Also time each JAX change (JAX_VARIANTS) in the same rounds (CPU).")
     flags.DEFINE_bool("gpu", False, "Run both on the GPU in bf16 (cuDNN attention) and report MFU.")
     flags.DEFINE_integer("threads", 0, "Compute threads for each side (0: the CPUs this process may use).")
     app.run(main)

@@ -1,6 +1,6 @@
 """Run every benchmark and write bench/results.md (machine info, numbers, ratios, interpretations).
 
-    python -m bench [--quick] [--only=train_step,efficiency,seq_parallel,checkpoint,data] [--out=bench/results.md]
+    python -m bench [--quick] [--only=train_step,train_step_2x,efficiency,seq_parallel,checkpoint,data] [--out=...]
     make bench
 
 Each benchmark runs in its own child process (`python -m bench --child=NAME`), one after the other: the
@@ -25,7 +25,7 @@ from absl import app, flags
 
 from bench import common
 
-NAMES = ("train_step", "efficiency", "seq_parallel", "checkpoint", "data")
+NAMES = ("train_step", "train_step_2x", "efficiency", "seq_parallel", "checkpoint", "data")
 FAST = {"model.num_layers": 2, "shapes.latent_frames": 4, "shapes.audio_frames": 4}
 
 def run_one(name: str, quick: bool) -> dict[str, Any]:
@@ -38,7 +38,14 @@ def run_one(name: str, quick: bool) -> dict[str, Any]:
             return train_step.measure(batch=2, layers=2, heads=4, frames=2, rounds=2, steps=1, profile=True,
                                       threads=threads)
         return train_step.measure(batch=2, layers=4, heads=4, frames=8, rounds=7, steps=2, profile=True,
-                                  threads=threads)
+                                  threads=threads, ablation=True)
+    if name == "train_step_2x":  # twice as wide (8 heads: video_dim 256) and long (16 frames: 1056 tokens)
+        from bench import train_step
+
+        if quick:
+            return train_step.measure(batch=2, layers=2, heads=8, frames=4, rounds=2, steps=1, threads=threads)
+        return train_step.measure(batch=2, layers=4, heads=8, frames=16, rounds=5, steps=1, profile=True,
+                                  threads=threads, ablation=True)
     if name == "efficiency":
         from bench import efficiency
 
@@ -111,12 +118,14 @@ def _mmm(x: dict[str, float], nd: int = 3) -> str:
     return f"{_f(x['min'], nd)} / {_f(x['median'], nd)} / {_f(x['max'], nd)}"
 
 
-def _section_train_step(r: dict[str, Any], target: float = 1.2) -> list[str]:
+def _section_train_step(r: dict[str, Any], target: float = 1.2,
+                        title: str = "## 1. Train step: MirageDiT (JAX) vs diffusers MochiTransformer3DModel (PyTorch)"
+                        ) -> list[str]:
     s, th = r["setup"], r.get("threads", {})
     best = min(r["torch_step_s"]) / min(r["jax_step_s"])
     rr = r.get("round_ratio")
     out = [
-        "## 1. Train step: MirageDiT (JAX) vs diffusers MochiTransformer3DModel (PyTorch)",
+        title,
         "",
         f"{s['layers']} blocks, {s['heads']} heads x {s['head_dim']}, {s['tokens_per_sample']} tokens/sample, batch "
         f"{s['batch']}, {s['dtype']}, AdamW, {s['device'].upper()}; {s['rounds']} alternating rounds of "
@@ -141,6 +150,22 @@ def _section_train_step(r: dict[str, Any], target: float = 1.2) -> list[str]:
     else:
         out.append(f"Target JAX / PyTorch >= {target}: no verdict, the run is not a claim.")
     out.append("")
+    if r.get("ablation"):
+        out += ["What each JAX change buys, timed in the same alternating rounds (`--ablation`; each row adds "
+                "one change to the row above; the last row is the JAX step above):", "",
+                "| JAX step | attention | state donated | waits every step | samples/s (median) | "
+                "step s (min / median / max) | JAX / PyTorch | vs row above |",
+                "|---|---|---|---|---|---|---|---|"]
+        prev = None
+        for a in r["ablation"]:
+            gain = "" if prev is None else f"{a['samples_per_s'] / prev:.2f}x"
+            out.append(f"| {a['variant']} | `{a['attention_backend']}` | {a['donated_state']} | "
+                       f"{a['sync_every_step']} | {_f(a['samples_per_s'])} | {_mmm(a['step'])} | "
+                       f"{_f(a['ratio_vs_torch'])} | {gain} |")
+            prev = a["samples_per_s"]
+        first, last = r["ablation"][0], r["ablation"][-1]
+        out += ["", f"All changes together: {last['samples_per_s'] / first['samples_per_s']:.2f}x the first row's "
+                f"samples/s (JAX / PyTorch {_f(first['ratio_vs_torch'])} -> {_f(last['ratio_vs_torch'])}).", ""]
     p = r.get("profile")
     if p:
         ca = p["jax_cost_analysis"]
@@ -149,7 +174,14 @@ def _section_train_step(r: dict[str, Any], target: float = 1.2) -> list[str]:
                 ", ".join(f"`{o['op']}` {o['share']:.0%} ({o['calls']} calls)" for o in p["torch_top_ops"][:6]) + ".",
                 f"- JAX: one XLA program with {p['jax_fusions']} fusions; cost analysis "
                 f"{ca.get('flops', 0) / 1e9:.2f} GFLOP (scanned blocks counted once), "
-                f"{ca.get('bytes accessed', 0) / 1e9:.2f} GB accessed.", ""]
+                f"{ca.get('bytes accessed', 0) / 1e9:.2f} GB accessed."]
+        if p.get("jax_top_kinds"):
+            out.append(f"- JAX, XLA's own operation times ({_f(p['jax_op_ms_per_step'], 1)} ms per step summed over "
+                       "its compute threads): " + ", ".join(f"`{k['kind']}` {k['share']:.0%}"
+                                                             for k in p["jax_top_kinds"][:6]) +
+                       "; top single operations: " + ", ".join(f"`{o['op']}` {o['shape']} {o['share']:.0%}"
+                                                              for o in p["jax_top_ops"][:4]) + ".")
+        out.append("")
     return out
 
 
@@ -240,16 +272,23 @@ def _section_data(r: dict[str, Any]) -> list[str]:
     ]
 
 
-SECTIONS = {"train_step": _section_train_step, "efficiency": _section_efficiency, "seq_parallel": _section_seq,
+def _section_train_step_2x(r: dict[str, Any]) -> list[str]:
+    return _section_train_step(r, title="## 1b. Train step, twice as wide and long (8 heads: width 256; "
+                                        f"{r['setup']['tokens_per_sample']} tokens)")
+
+
+SECTIONS = {"train_step": _section_train_step, "train_step_2x": _section_train_step_2x,
+            "efficiency": _section_efficiency, "seq_parallel": _section_seq,
             "checkpoint": _section_ckpt, "data": _section_data}
 
 
 def interpret(results: dict[str, dict[str, Any]]) -> dict[str, str]:
     """One line per benchmark restating its headline number and whether it is a claim (from its load)."""
     out = {}
-    r = results.get("train_step", {})
-    if "ratio" in r:
-        out["train_step"] = ratio_sentence(r["ratio"], "JAX", "PyTorch", "median samples/s")
+    for name in ("train_step", "train_step_2x"):
+        r = results.get(name, {})
+        if "ratio" in r:
+            out[name] = ratio_sentence(r["ratio"], "JAX", "PyTorch", "median samples/s")
     r = results.get("efficiency", {})
     if "efficiency" in r:
         out["efficiency"] = (f"The tiny config's train step reaches {r['efficiency']:.0%} of the FLOP/s of a "
@@ -313,7 +352,7 @@ def write_report(results: dict[str, dict[str, Any]], machine: dict[str, Any], pa
         if r is None or "error" in r:
             continue
         sec = SECTIONS[name](r)
-        if name != "train_step":  # its host line sits under its setup; the others get it after the title
+        if name not in ("train_step", "train_step_2x"):  # their host line sits under the setup; others' after the title
             sec[1:1] = ["", common.host_line(r)]
         lines += sec
     lines += ["## GPU", "",

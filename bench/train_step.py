@@ -9,11 +9,13 @@ Both sides do the same work per step: forward on the same noisy latents, MSE aga
 target, backward, AdamW update. Both get the same number of compute threads (`--threads`, stated in the
 result). The JAX step is jitted with its state donated and is dispatched asynchronously, as the runtime's
 train step and loop run it (`JAX_VARIANTS`; each round waits for its last step's loss); the PyTorch step
-runs eagerly and reads its loss every step (free there: the value is already computed). The two are timed alternately in one run (the machine is shared and noisy) and reported as samples/s
-medians and their ratio, min / median / max per round, the load average before and after (a run with the load
-above the core count is "not a claim"), plus achieved GFLOP/s of each on the analytic FLOP
+runs eagerly and reads its loss every step (free there: the value is already computed). The two are timed
+alternately in one run (the machine is shared and noisy) and reported as samples/s medians and their ratio,
+min / median / max per round, the load average before and after (a run with the load above the core count
+is "not a claim"), plus achieved GFLOP/s of each on the analytic FLOP
 count (`describe.count_flops`, identical networks so identical FLOPs). `--profile` adds where the time
-goes: the PyTorch step's top operators (torch.profiler) and XLA's cost analysis of the JAX step.
+goes: the PyTorch step's top operators (torch.profiler), XLA's cost analysis of the JAX step and XLA's own
+per-operation times (jax.profiler).
 `--gpu` is a code path for a GPU host (bf16 compute, `attention_backend='cudnn'` vs PyTorch SDPA under
 bf16 autocast; MFU against `mirage_jax.chips.PEAK_FLOPS`); no GPU numbers have been measured with it.
 """

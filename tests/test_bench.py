@@ -33,7 +33,8 @@ def _ratio_of_medians(value: float, num: list[float], den: list[float], scale: f
 def train_step_result() -> dict[str, Any]:
     from bench import train_step
 
-    return train_step.measure(batch=1, layers=1, heads=2, frames=1, rounds=2, steps=1, profile=True, threads=1)
+    return train_step.measure(batch=1, layers=1, heads=2, frames=1, rounds=2, steps=1, profile=True, threads=1,
+                              ablation=True)
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +81,20 @@ def test_train_step(train_step_result) -> None:
     assert r["jax_step"]["min"] <= r["jax_step"]["median"] <= r["jax_step"]["max"]
     assert set(r["host"]) >= {"load_before", "load_after", "cores", "claim", "why"}
     assert r["profile"]["torch_top_ops"] and r["profile"]["jax_cost_analysis"]["flops"] > 0
+    # XLA's per-operation times: positive, summing to the reported total, shares within (0, 1]
+    prof = r["profile"]
+    assert prof["jax_op_ms_per_step"] > 0 and prof["jax_top_kinds"] and prof["jax_top_ops"]
+    assert sum(k["ms"] for k in prof["jax_top_kinds"]) <= prof["jax_op_ms_per_step"] * (1 + 1e-9)
+    assert all(0 < k["share"] <= 1 for k in prof["jax_top_kinds"] + prof["jax_top_ops"])
+    # the ablation: every variant timed in the same rounds, the default variant is the headline JAX step
+    from bench.train_step import DEFAULT_VARIANT, JAX_VARIANTS
+
+    rows = r["ablation"]
+    assert [a["variant"] for a in rows] == list(JAX_VARIANTS)
+    for a in rows:
+        assert len(a["step_s"]) == len(r["torch_step_s"])
+        _ratio_of_medians(a["ratio_vs_torch"], r["torch_step_s"], a["step_s"])
+    assert [a for a in rows if a["variant"] == DEFAULT_VARIANT][0]["step_s"] == r["jax_step_s"]
 
 
 def test_efficiency(efficiency_result) -> None:
@@ -120,7 +135,8 @@ def test_report(tmp_path, train_step_result, efficiency_result, seq_parallel_res
     import bench.__main__ as run_all
     from bench import common
 
-    real = {"train_step": train_step_result, "efficiency": efficiency_result, "seq_parallel": seq_parallel_result,
+    real = {"train_step": train_step_result, "train_step_2x": train_step_result,
+            "efficiency": efficiency_result, "seq_parallel": seq_parallel_result,
             "checkpoint": checkpoint_result, "data": data_result}
     results = {**real, "broken": {"error": "exit 1: boom"}}
     out = tmp_path / "results.md"

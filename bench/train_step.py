@@ -49,7 +49,8 @@ def _inputs(batch: int, frames: int) -> dict[str, np.ndarray]:
 
 JAX_VARIANTS = {
     # name: (attention backend, donate the state, block on every step's loss); ordered as changes applied
-    "before": ("dot_product", False, True),  # autodiff through softmax (the former `xla` backend), no donation
+    "before": ("dot_product", False, True),  # jax.nn.dot_product_attention: autodiff keeps the softmax, as the
+    # former `xla` backend did; no donation
     "attention VJP": ("xla", False, True),  # model/attention.softmax_attention: no (B,H,S,S) residual
     "donated state": ("xla", True, True),  # donate_argnums, as the runtime's train step does
     "async dispatch": ("xla", True, False),  # loss read once per round, as the train loop does: the default

@@ -135,7 +135,7 @@ class StateHandler(ocp.StandardCheckpointHandler):
         super().__init__(use_ocdbt=fmt.ocdbt)
         self._format = fmt
         # orbax-checkpoint 0.12: StandardCheckpointHandler delegates everything to `_impl` and exposes neither
-        # compression nor zarr3; tests/test_checkpoint_integrity.py checks the written chunks' compressor.
+        # compression nor zarr3; tests/test_checkpoint_array_format.py reads the written chunks' compressor back.
         self._impl = ocp.PyTreeCheckpointHandler(
             use_ocdbt=fmt.ocdbt, use_zarr3=fmt.zarr3, use_compression=fmt.compression)
 

@@ -62,8 +62,8 @@ def run_one(name: str, quick: bool) -> dict[str, Any]:
         from bench import checkpoint
 
         if quick:
-            return checkpoint.measure(rounds=1, video_dim=64, layers=2)
-        return checkpoint.measure(rounds=3, video_dim=320, layers=8)
+            return checkpoint.measure(rounds=1, video_dim=64, layers=2, formats=checkpoint.candidate_formats())
+        return checkpoint.measure(rounds=3, video_dim=320, layers=8, formats=checkpoint.candidate_formats())
     if name == "data":
         from bench import data_loader
 
@@ -231,12 +231,15 @@ def _section_seq(r: dict[str, Any]) -> list[str]:
 
 def _section_ckpt(r: dict[str, Any]) -> list[str]:
     s = r["setup"]
-    return [
+    fmt = ", ".join(f"{k}={v}" for k, v in s.get("format", {}).items())
+    out = [
         "## 4. Checkpoints: CheckpointStore (Orbax) vs the disk's raw bandwidth",
         "",
         f"A TrainState of {r['params']:,} parameters (params + AdamW moments + EMA, random values): "
         f"{r['state_bytes'] / 1e6:.0f} MB ({r['checkpoint_disk_bytes'] / 1e6:.0f} MB on disk), in "
-        f"`{s['directory']}`; {s['rounds']} alternating rounds, async save as in training.",
+        f"`{s['directory']}`; {s['rounds']} alternating rounds, async save as in training; array format: {fmt}.",
+        "",
+        common.host_line(r),
         "",
         "| | GB/s | vs raw |",
         "|---|---|---|",
@@ -251,6 +254,18 @@ def _section_ckpt(r: dict[str, Any]) -> list[str]:
         f"{r['save_commit_s'] * 1e3:.0f} ms until committed ({r['blocking_fraction']:.0%}).",
         "",
     ]
+    if r.get("formats"):
+        out += ["Array formats timed side by side (`python -m bench.checkpoint --compare`; ratios of medians, "
+                "per-round min / median / max in brackets):", "",
+                "| format | save / raw write | restore / raw read | blocking / commit | MB on disk |",
+                "|---|---|---|---|---|"]
+        for name, x in r["formats"].items():
+            sp = x["spread"]
+            out.append(f"| {name} | {_f(x['save_vs_raw_write'])} ({_mmm(sp['save_vs_raw_write'], 2)}) | "
+                       f"{_f(x['restore_vs_raw_read'])} ({_mmm(sp['restore_vs_raw_read'], 2)}) | "
+                       f"{x['blocking_fraction']:.1%} | {x['checkpoint_disk_bytes'] / 1e6:.0f} |")
+        out.append("")
+    return out
 
 
 def _section_data(r: dict[str, Any]) -> list[str]:

@@ -60,7 +60,8 @@ def checkpoint_dir(tmp_path_factory) -> Any:
 def checkpoint_result(checkpoint_dir) -> dict[str, Any]:
     from bench import checkpoint
 
-    return checkpoint.measure(rounds=1, video_dim=32, layers=1, directory=str(checkpoint_dir))
+    return checkpoint.measure(rounds=2, video_dim=32, layers=1, directory=str(checkpoint_dir),
+                              formats=checkpoint.candidate_formats())
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +122,18 @@ def test_checkpoint(checkpoint_result, checkpoint_dir) -> None:
     _ratio_of_medians(r["restore_vs_raw_read"], t["raw_read"], t["restore"])
     assert r["save_blocking_s"] <= r["save_commit_s"] <= r["save_fsync_s"]
     assert list(checkpoint_dir.iterdir()) == []  # cleaned up
+    # --compare: every format timed in the same rounds as the raw I/O; the headline is the shipped format's
+    assert r["times"]["save_fsync"] == r["formats"]["shipped"]["times"]["save_fsync"]
+    for x in r["formats"].values():
+        ft = x["times"]
+        _ratio_of_medians(x["save_vs_raw_write"], t["raw_write"], ft["save_fsync"])
+        _ratio_of_medians(x["restore_vs_raw_read"], t["raw_read"], ft["restore"])
+        per_round = [w / f for w, f in zip(t["raw_write"], ft["save_fsync"], strict=True)]
+        assert x["spread"]["save_vs_raw_write"]["max"] == pytest.approx(max(per_round))
+        assert x["meets"]["save_vs_raw_write"] == (x["save_vs_raw_write"] >= 0.5)
+    disk = {name: x["checkpoint_disk_bytes"] for name, x in r["formats"].items()}
+    assert disk["zstd (before #20)"] < disk["shipped"]  # random floats still shrink a little under zstd
+    assert r["host"]["cores"] >= 1 and isinstance(r["host"]["claim"], bool)
 
 
 def test_data(data_result) -> None:

@@ -5,6 +5,9 @@
   when complete (Orbax writes to a temporary name and renames on commit), so a kill mid-save leaves an
   uncommitted temporary directory that is never listed, never restored, and removed at the next start.
 - Retention: the newest `keep_last_n` plus every step that is a multiple of `keep_every_k`.
+- Arrays are written as OCDBT + zarr2 chunks WITHOUT zstd compression (`ArrayFormat`, `STATE_FORMAT`; see
+  docs/runtime.md "Checkpoint performance" for the measurements); reading follows each checkpoint's own metadata,
+  so checkpoints written with compression (before issue 20) restore unchanged.
 - Restores go through abstract arrays carrying the CURRENT shardings, so a checkpoint written on one mesh
   and process count restores onto any other.
 - A restore that fails raises `CheckpointRestoreError` naming the step directory; it never falls back to
@@ -95,10 +98,75 @@ class DataStateRestore(ocp.args.CheckpointArgs):
     pass
 
 
-class CheckpointStore:
-    """The workdir's checkpoints (WORKDIR/checkpoints/<step>/{state,data,config,meta})."""
+@dataclasses.dataclass(frozen=True)
+class ArrayFormat:
+    """How the train state's arrays are written (Orbax `PyTreeCheckpointHandler` / tensorstore options).
 
-    def __init__(self, workdir: str, ckpt_cfg: Any, *, read_only: bool = False):
+    Only writing depends on it: a restore reads each checkpoint's own metadata (OCDBT or a file per chunk,
+    zarr2 or zarr3, each array's compressor), so a checkpoint written with one ArrayFormat restores with any other.
+    - `ocdbt`: one OCDBT database per process (few large data files) instead of a file per array chunk;
+    - `zarr3`: zarr v3 chunk metadata (Orbax default: v2);
+    - `compression`: zstd on every chunk (level 1 with zarr2, 3 with zarr3; Orbax default: on);
+    - `data_file_mib`: OCDBT target data file size in MiB (None: Orbax's, 2 GiB locally, 400 MiB on GCS).
+    """
+
+    ocdbt: bool = True
+    zarr3: bool = False
+    compression: bool = False
+    data_file_mib: int | None = None
+
+    def handler(self) -> ocp.StandardCheckpointHandler:
+        return StateHandler(self)
+
+
+LEGACY_FORMAT = ArrayFormat(compression=True)  # Orbax's defaults: what CheckpointStore wrote before issue 20
+# zstd costs CPU on every save (random-like float mantissas barely compress: ~8% fewer bytes on disk), so the state
+# is written uncompressed (bench/checkpoint.py --compare; docs/runtime.md "Checkpoint performance").
+STATE_FORMAT = ArrayFormat()
+
+
+class StateHandler(ocp.StandardCheckpointHandler):
+    """StandardCheckpointHandler (its StandardSave / StandardRestore and validation) writing with `ArrayFormat`.
+
+    The same on-disk format as the standard handler (both wrap a PyTreeCheckpointHandler; only the write options
+    differ), so either reads what the other wrote; the step's metadata names this class as the item's handler."""
+
+    def __init__(self, fmt: ArrayFormat):
+        super().__init__(use_ocdbt=fmt.ocdbt)
+        self._format = fmt
+        # orbax-checkpoint 0.12: StandardCheckpointHandler delegates everything to `_impl` and exposes neither
+        # compression nor zarr3; tests/test_checkpoint_array_format.py reads the written chunks' compressor back.
+        self._impl = ocp.PyTreeCheckpointHandler(
+            use_ocdbt=fmt.ocdbt, use_zarr3=fmt.zarr3, use_compression=fmt.compression)
+
+    async def async_save(self, directory: Any, item: Any = None, save_args: Any = None, args: Any = None) -> Any:
+        if self._format.data_file_mib is None or args is None:
+            return await super().async_save(directory, item, save_args, args)
+        item = self._validate_save_state(args.item, save_args=args.save_args)
+        return await self._impl.async_save(directory, args=ocp.args.PyTreeSave(
+            item=item, save_args=args.save_args, custom_metadata=args.custom_metadata,
+            ocdbt_target_data_file_size=self._format.data_file_mib << 20))
+
+
+@ocp.args.register_with_handler(StateHandler, for_save=True)
+@dataclasses.dataclass
+class StateSave(ocp.args.StandardSave):
+    """StandardSave for `StateHandler` (Orbax maps argument classes to handler classes one to one)."""
+
+
+@ocp.args.register_with_handler(StateHandler, for_restore=True)
+@dataclasses.dataclass
+class StateRestore(ocp.args.StandardRestore):
+    """StandardRestore for `StateHandler`."""
+
+
+class CheckpointStore:
+    """The workdir's checkpoints (WORKDIR/checkpoints/<step>/{state,data,config,meta}).
+
+    `array_format` sets how the state's arrays are written (`STATE_FORMAT`; bench/checkpoint.py compares others)."""
+
+    def __init__(self, workdir: str, ckpt_cfg: Any, *, read_only: bool = False,
+                 array_format: ArrayFormat = STATE_FORMAT):
         self.directory = orbax_path(workdir) / checkpoint_format.CHECKPOINTS
         self.last_saved: int | None = None
         self._unchecked = False  # a save was started and its outcome not yet looked at
@@ -117,7 +185,7 @@ class CheckpointStore:
             self.directory,
             options=options,
             item_handlers={
-                "state": ocp.StandardCheckpointHandler(),
+                "state": array_format.handler(),
                 "data": DataStateHandler(),
                 "config": ocp.JsonCheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler(),
@@ -148,7 +216,7 @@ class CheckpointStore:
         self._unchecked = True
         try:
             return self.manager.save(step, force=True, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state.as_dict()),
+                state=StateSave(state.as_dict()),
                 data=DataStateSave(data_state),
                 config=ocp.args.JsonSave(config),
                 meta=ocp.args.JsonSave(meta),
@@ -177,7 +245,7 @@ class CheckpointStore:
         """(state restored into the shardings of `target` (abstract arrays), the data-iterator state)."""
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target.as_dict()), data=DataStateRestore()))
+                state=StateRestore(target.as_dict()), data=DataStateRestore()))
         except Exception as e:  # noqa: BLE001 - re-raised with the step directory
             raise CheckpointRestoreError(
                 f"restoring {self.step_dir(step)} failed: {root_cause(e)}. The run will NOT start from scratch "

@@ -43,7 +43,7 @@ def model_config() -> ml_collections.ConfigDict:
         mlp_ratio_audio=4.0, text_embed_dim=4096, max_text_len=256, audio_feature_dim=1024, time_map=TIME_MAP,
         time_embed_dim=256, pool_heads=8, rope_base_height=192, rope_base_width=192, rope_theta=10000.0,
         rope_init="mixed", use_audio=True, compute_dtype="bfloat16", param_dtype="float32", attention_backend="splash",
-        remat_policy="full", scan_layers=True,
+        remat_policy="full", splash_fused_bwd=False, scan_layers=True,
     ))
 
 

@@ -73,6 +73,7 @@ def plan(cfg: Any, topology: str, *, mfu: float = DEFAULT_MFU, min_headroom: flo
     import jax
 
     from mirage_jax.describe import count_params, count_tokens
+    from mirage_jax.model.attention import splash_block
     from mirage_jax.model.dit import recomputes_attention
     from mirage_jax.train.setup import RunSetup
 
@@ -99,6 +100,7 @@ def plan(cfg: Any, topology: str, *, mfu: float = DEFAULT_MFU, min_headroom: flo
         "topology": topology, "topology_name": topo.name, "device_kind": getattr(devices[0], "device_kind", ""),
         "devices": n, "chips": topo.chips, "mesh": {k: int(v) for k, v in setup.mesh.shape.items()},
         "global_batch_size": gb, "grad_accum": accum, "remat_policy": mcfg.remat_policy,
+        "splash_fused_bwd": mcfg.splash_fused_bwd,
         "attention_backend": mcfg.attention_backend, "scan_layers": mcfg.scan_layers,
         "params": count_params(mcfg)["total"], "tokens_per_sample": tokens["total"],
         "hbm_per_device_bytes": hbm, "usable_hbm_per_device_bytes": usable, "min_headroom": min_headroom,
@@ -147,10 +149,11 @@ def plan(cfg: Any, topology: str, *, mfu: float = DEFAULT_MFU, min_headroom: flo
     headroom = 1.0 - total / usable
     raw = compiled_cost(compiled).get("flops", 0.0) * n  # cost analysis is of the per-device (partitioned) program
     splash = mcfg.attention_backend == "splash"
+    block = splash_block(tokens["total"])
     corrected = correct_compiled_flops(
         raw, parts, global_batch=gb, grad_accum=accum, num_layers=mcfg.num_layers, splash=splash,
-        remat=recomputes_attention(mcfg.remat_policy), padded_tokens=-(-tokens["total"] // 128) * 128,
-        attn_dim=mcfg.attn_dim)
+        remat=recomputes_attention(mcfg.remat_policy), padded_tokens=-(-tokens["total"] // block) * block,
+        attn_dim=mcfg.attn_dim, fused_bwd=mcfg.splash_fused_bwd)
     report.update({
         "compiled": True, "memory": mem, "memory_per_device_bytes": total, "headroom_fraction": headroom,
         "fits": headroom >= min_headroom, "compiled_flops": raw, "compiled_flops_corrected": corrected,
@@ -170,7 +173,7 @@ def format_report(r: Mapping[str, Any]) -> str:
         f"mesh {mesh}",
         f"model {r['params']:,} params, {r['tokens_per_sample']:,} tokens/sample; global batch "
         f"{r['global_batch_size']} in {r['grad_accum']} micro-batch(es); remat={r['remat_policy']}, "
-        f"attention={r['attention_backend']}",
+        f"attention={r['attention_backend']}{' (fused backward)' if r.get('splash_fused_bwd') else ''}",
     ]
     if not r["compiled"]:
         lines.append(f"DOES NOT FIT: the TPU compiler ran out of memory: {r.get('error', '')}")

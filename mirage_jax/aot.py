@@ -219,6 +219,12 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
 
 
+def _bool(text: str, flag: str) -> bool:
+    if text.strip().lower() not in ("true", "false"):
+        raise ValueError(f"--{flag}={text}: a comma-separated list of true/false")
+    return text.strip().lower() == "true"
+
+
 def _search(f: Any, errors: tuple[type[Exception], ...]) -> None:
     """`--search`: the sweep of `mirage_jax.aot_search` over the flags' lists; table (or JSON rows) to stdout."""
     from mirage_jax import aot_search
@@ -232,7 +238,9 @@ def _search(f: Any, errors: tuple[type[Exception], ...]) -> None:
                 raise ValueError(f"--{name}={','.join(getattr(f, name))}: a comma-separated list of integers") from None
 
         seqs = ints("search_sequence") or [int(f.config.mesh.ici.sequence)]
-        points = aot_search.candidates(f.config, n, f.search_remat, seqs, ints("search_micro"), ints("search_accum"))
+        fused = [_bool(x, "search_fused_bwd") for x in f.search_fused_bwd]
+        points = aot_search.candidates(f.config, n, f.search_remat, seqs, ints("search_micro"), ints("search_accum"),
+                                       fused)
     except (TopologyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
@@ -267,6 +275,8 @@ def _run() -> None:
     flags.DEFINE_list("search_sequence", [], "--search: sequence axis sizes (default: the config's).")
     flags.DEFINE_list("search_micro", ["1"], "--search: samples per batch device per micro-batch.")
     flags.DEFINE_list("search_accum", ["1"], "--search: gradient-accumulation micro-batches.")
+    flags.DEFINE_list("search_fused_bwd", [], "--search: splash's fused backward kernel, e.g. false,true "
+                      "(default: the config's model.splash_fused_bwd).")
     flags.mark_flags_as_required(["config", "topology"])
     # every user error (config, topology, mesh, layout, uncompilable) is exit 1: 2 means "does not fit"
     run(main, "aot", also={MirageError: (1, "error")})

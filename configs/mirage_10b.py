@@ -11,16 +11,18 @@ The argument is `key=value,...` (mirage_jax.run_config.parse_arg): `seconds` (cl
                                                                fsdp 32 x sequence 4, global batch 32,
                                                                remat save_splash + fused splash backward
     --config=configs/mirage_10b.py:layout=v6e256               4 s clips on v6e-256 (256 chips, 32 GiB each):
-                                                               fsdp 64 x sequence 4, global batch 64
+                                                               fsdp 32 x sequence 8, global batch 32,
+                                                               remat save_splash + fused splash backward
     --config=configs/mirage_10b.py:seconds=8,layout=v5p512     8 s clips (40 latent frames, 200 audio frames,
                                                                148,056 tokens) on v5p-512: fsdp 64 x sequence 4,
                                                                global batch 64
     --config=configs/mirage_10b.py:8s                          the older spelling of `seconds=8`
 
 Every layout: no accumulation; weights, gradients and optimizer state sharded over fsdp AND sequence (all
-chips); Ulysses inside attention. The v5p-256 one keeps splash's residuals (`remat_policy=save_splash`) and
-runs its fused backward kernel (`splash_fused_bwd`): MFU ceiling 0.80 with 48% of HBM free, against 0.56
-under full remat. v5p512 is still the full-remat layout (not recompiled with them). For example:
+chips); Ulysses inside attention. v5p256 and v6e256 keep splash's residuals (`remat_policy=save_splash`) and
+run its fused backward kernel (`splash_fused_bwd`): MFU ceilings 0.80 (48% of HBM free) and 0.76 (18% free;
+v6e needs sequence 8, one sample per 8 chips, to fit), against 0.56 under full remat. v5p512 (8 s) is the
+full-remat layout: the fused kernel's dq buffer grows with the square of the sequence. For example:
 
     python -m mirage_jax.aot --config=configs/mirage_10b.py:layout=v6e256 --topology=v6e-256
     python -m mirage_jax.train --config=configs/mirage_10b.py --workdir=gs://...
@@ -37,7 +39,8 @@ TIME_MAP = "causal:6/25"  # Mochi's VAE on independent 25-frame chunks: 100 fram
 
 # slice -> (mesh.ici.sequence, train.global_batch_size, model.remat_policy, model.splash_fused_bwd), each
 # compiled (python -m mirage_jax.aot) to fit with > 10% HBM headroom; numbers in docs/scaling.md
-LAYOUTS = {"v5p256": (4, 32, "save_splash", True), "v6e256": (4, 64, "full", False), "v5p512": (4, 64, "full", False)}
+LAYOUTS = {"v5p256": (4, 32, "save_splash", True), "v6e256": (8, 32, "save_splash", True),
+           "v5p512": (4, 64, "full", False)}
 
 
 def model_config() -> ml_collections.ConfigDict:

@@ -8,16 +8,21 @@ The argument is `key=value,...` (mirage_jax.run_config.parse_arg): `seconds` (cl
 `layout` (the slice it is laid out for, default v5p256; docs/scaling.md has the measured memory of each):
 
     --config=configs/mirage_10b.py                             4 s clips on v5p-256 (128 chips, 95 GiB each):
-                                                               fsdp 32 x sequence 4, global batch 32
+                                                               fsdp 32 x sequence 4, global batch 32,
+                                                               remat save_splash + fused splash backward
     --config=configs/mirage_10b.py:layout=v6e256               4 s clips on v6e-256 (256 chips, 32 GiB each):
-                                                               fsdp 64 x sequence 4, global batch 64
+                                                               fsdp 32 x sequence 8, global batch 32,
+                                                               remat save_splash + fused splash backward
     --config=configs/mirage_10b.py:seconds=8,layout=v5p512     8 s clips (40 latent frames, 200 audio frames,
                                                                148,056 tokens) on v5p-512: fsdp 64 x sequence 4,
                                                                global batch 64
     --config=configs/mirage_10b.py:8s                          the older spelling of `seconds=8`
 
-Every layout: one sample per 4 chips (Ulysses inside attention), full remat, no accumulation; weights,
-gradients and optimizer state sharded over fsdp AND sequence (all chips). For example:
+Every layout: no accumulation; weights, gradients and optimizer state sharded over fsdp AND sequence (all
+chips); Ulysses inside attention. v5p256 and v6e256 keep splash's residuals (`remat_policy=save_splash`) and
+run its fused backward kernel (`splash_fused_bwd`): MFU ceilings 0.80 (48% of HBM free) and 0.76 (18% free;
+v6e needs sequence 8, one sample per 8 chips, to fit), against 0.56 under full remat. v5p512 (8 s) is the
+full-remat layout: the fused kernel's dq buffer grows with the square of the sequence. For example:
 
     python -m mirage_jax.aot --config=configs/mirage_10b.py:layout=v6e256 --topology=v6e-256
     python -m mirage_jax.train --config=configs/mirage_10b.py --workdir=gs://...
@@ -32,8 +37,10 @@ from mirage_jax.run_config import PARAM_RULES, base_config, clip_shapes, parse_a
 
 TIME_MAP = "causal:6/25"  # Mochi's VAE on independent 25-frame chunks: 100 frames -> 20 latent frames
 
-# slice -> (mesh.ici.sequence, train.global_batch_size), measured to fit with > 10% HBM headroom (docs/scaling.md)
-LAYOUTS = {"v5p256": (4, 32), "v6e256": (4, 64), "v5p512": (4, 64)}
+# slice -> (mesh.ici.sequence, train.global_batch_size, model.remat_policy, model.splash_fused_bwd), each
+# compiled (python -m mirage_jax.aot) to fit with > 10% HBM headroom; numbers in docs/scaling.md
+LAYOUTS = {"v5p256": (4, 32, "save_splash", True), "v6e256": (8, 32, "save_splash", True),
+           "v5p512": (4, 64, "full", False)}
 
 
 def model_config() -> ml_collections.ConfigDict:
@@ -43,7 +50,7 @@ def model_config() -> ml_collections.ConfigDict:
         mlp_ratio_audio=4.0, text_embed_dim=4096, max_text_len=256, audio_feature_dim=1024, time_map=TIME_MAP,
         time_embed_dim=256, pool_heads=8, rope_base_height=192, rope_base_width=192, rope_theta=10000.0,
         rope_init="mixed", use_audio=True, compute_dtype="bfloat16", param_dtype="float32", attention_backend="splash",
-        remat_policy="full", scan_layers=True,
+        remat_policy="full", splash_fused_bwd=False, scan_layers=True,
     ))
 
 
@@ -62,13 +69,15 @@ def params_sharded_over(axes: tuple[str, ...]) -> tuple[tuple[str, object], ...]
 
 
 def apply_layout(cfg: ml_collections.ConfigDict, *, sequence: int, global_batch: int, grad_accum: int = 1,
-                 remat: str = "full") -> ml_collections.ConfigDict:
-    """fsdp = the rest of the slice x `sequence`, tensor 1; state sharded over fsdp and sequence."""
+                 remat: str = "full", fused_bwd: bool = False) -> ml_collections.ConfigDict:
+    """fsdp = the rest of the slice x `sequence`, tensor 1; state sharded over fsdp and sequence; the remat
+    policy and splash's backward kernel (`model.splash_fused_bwd`)."""
     cfg.mesh.ici.update(dict(data=1, fsdp=-1, sequence=sequence, tensor=1))
     cfg.mesh.rules.params = params_sharded_over(("fsdp", "sequence"))
     cfg.train.global_batch_size = global_batch
     cfg.train.grad_accum = grad_accum
     cfg.model.remat_policy = remat
+    cfg.model.splash_fused_bwd = fused_bwd
     return cfg
 
 
@@ -83,5 +92,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.shapes = ml_collections.ConfigDict(clip_shapes(a.seconds, TIME_MAP, latent_height=160, latent_width=90,
                                                        text_len=256))
     cfg.diffusion = diffusion_config()
-    sequence, global_batch = LAYOUTS[a.layout]
-    return apply_layout(cfg, sequence=sequence, global_batch=global_batch)
+    sequence, global_batch, remat, fused_bwd = LAYOUTS[a.layout]
+    return apply_layout(cfg, sequence=sequence, global_batch=global_batch, remat=remat, fused_bwd=fused_bwd)

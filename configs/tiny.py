@@ -26,7 +26,8 @@ def model_config() -> ml_collections.ConfigDict:
         video_dim=64, text_dim=32, audio_dim=32, mlp_ratio_video=4.0, mlp_ratio_text=4.0, mlp_ratio_audio=4.0,
         text_embed_dim=64, max_text_len=32, audio_feature_dim=80, time_map="uniform:1", time_embed_dim=64,
         pool_heads=4, rope_base_height=8, rope_base_width=8, rope_theta=10000.0, rope_init="mixed", use_audio=True,
-        compute_dtype="float32", param_dtype="float32", attention_backend="xla", remat_policy="none", scan_layers=True,
+        compute_dtype="float32", param_dtype="float32", attention_backend="xla", remat_policy="none",
+        splash_fused_bwd=False, scan_layers=True,
     ))
 
 

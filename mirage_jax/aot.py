@@ -73,6 +73,7 @@ def plan(cfg: Any, topology: str, *, mfu: float = DEFAULT_MFU, min_headroom: flo
     import jax
 
     from mirage_jax.describe import count_params, count_tokens
+    from mirage_jax.model.attention import splash_block
     from mirage_jax.model.dit import recomputes_attention
     from mirage_jax.train.setup import RunSetup
 
@@ -99,6 +100,7 @@ def plan(cfg: Any, topology: str, *, mfu: float = DEFAULT_MFU, min_headroom: flo
         "topology": topology, "topology_name": topo.name, "device_kind": getattr(devices[0], "device_kind", ""),
         "devices": n, "chips": topo.chips, "mesh": {k: int(v) for k, v in setup.mesh.shape.items()},
         "global_batch_size": gb, "grad_accum": accum, "remat_policy": mcfg.remat_policy,
+        "splash_fused_bwd": mcfg.splash_fused_bwd,
         "attention_backend": mcfg.attention_backend, "scan_layers": mcfg.scan_layers,
         "params": count_params(mcfg)["total"], "tokens_per_sample": tokens["total"],
         "hbm_per_device_bytes": hbm, "usable_hbm_per_device_bytes": usable, "min_headroom": min_headroom,
@@ -147,10 +149,11 @@ def plan(cfg: Any, topology: str, *, mfu: float = DEFAULT_MFU, min_headroom: flo
     headroom = 1.0 - total / usable
     raw = compiled_cost(compiled).get("flops", 0.0) * n  # cost analysis is of the per-device (partitioned) program
     splash = mcfg.attention_backend == "splash"
+    block = splash_block(tokens["total"])
     corrected = correct_compiled_flops(
         raw, parts, global_batch=gb, grad_accum=accum, num_layers=mcfg.num_layers, splash=splash,
-        remat=recomputes_attention(mcfg.remat_policy), padded_tokens=-(-tokens["total"] // 128) * 128,
-        attn_dim=mcfg.attn_dim)
+        remat=recomputes_attention(mcfg.remat_policy), padded_tokens=-(-tokens["total"] // block) * block,
+        attn_dim=mcfg.attn_dim, fused_bwd=mcfg.splash_fused_bwd)
     report.update({
         "compiled": True, "memory": mem, "memory_per_device_bytes": total, "headroom_fraction": headroom,
         "fits": headroom >= min_headroom, "compiled_flops": raw, "compiled_flops_corrected": corrected,
@@ -170,7 +173,7 @@ def format_report(r: Mapping[str, Any]) -> str:
         f"mesh {mesh}",
         f"model {r['params']:,} params, {r['tokens_per_sample']:,} tokens/sample; global batch "
         f"{r['global_batch_size']} in {r['grad_accum']} micro-batch(es); remat={r['remat_policy']}, "
-        f"attention={r['attention_backend']}",
+        f"attention={r['attention_backend']}{' (fused backward)' if r.get('splash_fused_bwd') else ''}",
     ]
     if not r["compiled"]:
         lines.append(f"DOES NOT FIT: the TPU compiler ran out of memory: {r.get('error', '')}")
@@ -216,6 +219,12 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
 
 
+def _bool(text: str, flag: str) -> bool:
+    if text.strip().lower() not in ("true", "false"):
+        raise ValueError(f"--{flag}={text}: a comma-separated list of true/false")
+    return text.strip().lower() == "true"
+
+
 def _search(f: Any, errors: tuple[type[Exception], ...]) -> None:
     """`--search`: the sweep of `mirage_jax.aot_search` over the flags' lists; table (or JSON rows) to stdout."""
     from mirage_jax import aot_search
@@ -229,7 +238,9 @@ def _search(f: Any, errors: tuple[type[Exception], ...]) -> None:
                 raise ValueError(f"--{name}={','.join(getattr(f, name))}: a comma-separated list of integers") from None
 
         seqs = ints("search_sequence") or [int(f.config.mesh.ici.sequence)]
-        points = aot_search.candidates(f.config, n, f.search_remat, seqs, ints("search_micro"), ints("search_accum"))
+        fused = [_bool(x, "search_fused_bwd") for x in f.search_fused_bwd]
+        points = aot_search.candidates(f.config, n, f.search_remat, seqs, ints("search_micro"), ints("search_accum"),
+                                       fused)
     except (TopologyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
@@ -264,6 +275,8 @@ def _run() -> None:
     flags.DEFINE_list("search_sequence", [], "--search: sequence axis sizes (default: the config's).")
     flags.DEFINE_list("search_micro", ["1"], "--search: samples per batch device per micro-batch.")
     flags.DEFINE_list("search_accum", ["1"], "--search: gradient-accumulation micro-batches.")
+    flags.DEFINE_list("search_fused_bwd", [], "--search: splash's fused backward kernel, e.g. false,true "
+                      "(default: the config's model.splash_fused_bwd).")
     flags.mark_flags_as_required(["config", "topology"])
     # every user error (config, topology, mesh, layout, uncompilable) is exit 1: 2 means "does not fit"
     run(main, "aot", also={MirageError: (1, "error")})

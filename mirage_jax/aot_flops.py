@@ -14,8 +14,12 @@ from collections.abc import Mapping
 from typing import Any
 
 # Splash attention's executed matmuls in units of the forward's two (QK^T, PV): the backward runs a dq
-# kernel (QK^T, dO V^T, dS K) and a dkv kernel (QK^T, dO V^T, P^T dO, dS^T Q) = 7 matmuls = 3.5 forwards.
+# kernel (QK^T, dO V^T, dS K) and a dkv kernel (QK^T, dO V^T, P^T dO, dS^T Q) = 7 matmuls = 3.5 forwards;
+# the fused backward kernel (`model.splash_fused_bwd`) computes P and dS once for all three gradients:
+# QK^T, dO V^T, P^T dO, dS^T Q, dS K = 5 matmuls = 2.5 forwards (jax's splash_attention_kernel.py,
+# `_flash_attention_dkv_kernel`).
 SPLASH_BWD_PER_FWD = 3.5
+SPLASH_FUSED_BWD_PER_FWD = 2.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +46,8 @@ def flop_parts(mcfg: Any, shapes: Mapping[str, int]) -> FlopParts:
 
 
 def correct_compiled_flops(raw_total: float, parts: FlopParts, *, global_batch: int, grad_accum: int,
-                           num_layers: int, splash: bool, remat: bool, padded_tokens: int, attn_dim: int) -> float:
+                           num_layers: int, splash: bool, remat: bool, padded_tokens: int, attn_dim: int,
+                           fused_bwd: bool = False) -> float:
     """XLA's count with loop bodies scaled by their trip counts and custom-kernel attention added.
 
     XLA counts one scanned layer and one micro-batch. Of what it counts, the share of one scanned layer is
@@ -50,7 +55,7 @@ def correct_compiled_flops(raw_total: float, parts: FlopParts, *, global_batch: 
     corrected = raw * grad_accum * (rest + L_s * layer) / (rest + layer). With splash the kernel's matmuls
     are invisible to XLA: they are added as executed (forward, a remat re-forward when `remat` -- i.e. the
     policy does not save the kernel's named residuals, `model.dit.recomputes_attention` -- and 3.5 forwards
-    of backward) at the kernel's padded length.
+    of backward, 2.5 with the fused backward kernel when `fused_bwd`) at the kernel's padded length.
     """
     visible_layer = parts.per_scanned_layer - (parts.attention_core_per_layer if splash else 0)
     visible_total = parts.total - num_layers * (parts.attention_core_per_layer if splash else 0)
@@ -59,7 +64,8 @@ def correct_compiled_flops(raw_total: float, parts: FlopParts, *, global_batch: 
     corrected = raw_total * grad_accum * (visible_total / counted if counted > 0 else 1.0)
     if splash:
         per_sample = 4 * padded_tokens**2 * attn_dim * num_layers
-        corrected += global_batch * per_sample * (1.0 + SPLASH_BWD_PER_FWD + (1.0 if remat else 0.0))
+        bwd = SPLASH_FUSED_BWD_PER_FWD if fused_bwd else SPLASH_BWD_PER_FWD
+        corrected += global_batch * per_sample * (1.0 + bwd + (1.0 if remat else 0.0))
     return corrected
 
 

@@ -3,12 +3,13 @@ print the Pareto front of memory per device against the MFU ceiling.
 
     python -m mirage_jax.aot --config=configs/mirage_10b.py --topology=v5p-256 --search \
         [--search_remat=full,save_splash,save_splash_qkv] [--search_sequence=2,4] \
-        [--search_micro=1] [--search_accum=1,2]
+        [--search_micro=1] [--search_accum=1,2] [--search_fused_bwd=false,true]
 
 The idea is MaxText's estimator: rather than guess a remat policy and a layout, compile the candidates
 (`aot.plan`, nothing is allocated) and keep the ones no other candidate beats on both axes. Each point is
 `aot.plan`'s report of the config with `model.remat_policy`, `mesh.ici.sequence` and a global batch of
-`micro` samples per batch device x `accum` micro-batches (`train.global_batch_size`, `train.grad_accum`);
+`micro` samples per batch device x `accum` micro-batches (`train.global_batch_size`, `train.grad_accum`),
+and splash's backward kernel (`model.splash_fused_bwd`, the config's unless `--search_fused_bwd` lists both);
 fsdp takes the rest of the slice (`mesh.ici.fsdp=-1`). The MFU ceiling is analytic / executed FLOPs
 (`aot_flops.correct_compiled_flops`); memory is the compiled per-device total. A point that does not compile
 (out of memory, a layout the mesh checks refuse) is listed with its reason and is never on the front.
@@ -39,17 +40,19 @@ def pareto(points: Sequence[Mapping[str, Any]]) -> list[int]:
 
 
 def candidates(cfg: Any, devices: int, remat: Sequence[str], sequence: Sequence[int], micro: Sequence[int],
-               accum: Sequence[int]) -> list[dict[str, Any]]:
-    """The sweep's settings: one dict per point, {"remat", "sequence", "micro", "accum", "global_batch"}.
+               accum: Sequence[int], fused_bwd: Sequence[bool] = ()) -> list[dict[str, Any]]:
+    """The sweep's settings: one dict per point, {"remat", "fused_bwd", "sequence", "micro", "accum",
+    "global_batch"}; `fused_bwd` empty: the config's `model.splash_fused_bwd`.
 
     Batch devices = devices / (sequence x tensor); a sequence size that does not divide the slice is
     skipped (the mesh could not be built)."""
     tensor = int(cfg.mesh.ici.tensor)
     out = []
-    for r, s, m, a in itertools.product(remat, sequence, micro, accum):
+    fused_bwd = fused_bwd or (bool(cfg.model.get("splash_fused_bwd", False)),)
+    for r, f, s, m, a in itertools.product(remat, fused_bwd, sequence, micro, accum):
         if devices % (s * tensor):
             continue
-        out.append({"remat": r, "sequence": s, "micro": m, "accum": a,
+        out.append({"remat": r, "fused_bwd": f, "sequence": s, "micro": m, "accum": a,
                     "global_batch": m * a * devices // (s * tensor)})
     return out
 
@@ -58,12 +61,18 @@ def configure(cfg: Any, point: Mapping[str, Any]) -> Any:
     """A copy of `cfg` with the point's remat policy, sequence axis (fsdp = the rest) and batch."""
     c = cfg.copy_and_resolve_references()
     c.model.remat_policy = point["remat"]
+    c.model.splash_fused_bwd = point["fused_bwd"]
     c.mesh.ici.sequence = point["sequence"]
     c.mesh.ici.fsdp = -1
     c.mesh.ici.data = 1
     c.train.global_batch_size = point["global_batch"]
     c.train.grad_accum = point["accum"]
     return c
+
+
+def _bwd(point: Mapping[str, Any]) -> str:
+    """How a row names splash's fused backward kernel (nothing for the separate dq/dkv kernels)."""
+    return " + fused bwd" if point.get("fused_bwd") else ""
 
 
 def search(cfg: Any, topology: str, plan: Callable[..., dict[str, Any]], points: Sequence[Mapping[str, Any]],
@@ -73,7 +82,7 @@ def search(cfg: Any, topology: str, plan: Callable[..., dict[str, Any]], points:
     row with its one-line reason. Returns the reports, each with the point's settings under "point"."""
     rows = []
     for k, p in enumerate(points):
-        log(f"[search {k + 1}/{len(points)}] remat={p['remat']} sequence={p['sequence']} "
+        log(f"[search {k + 1}/{len(points)}] remat={p['remat']}{_bwd(p)} sequence={p['sequence']} "
             f"batch={p['global_batch']} ({p['accum']} micro-batches)")
         try:
             r = plan(configure(cfg, p), topology, **plan_kw)
@@ -98,17 +107,17 @@ def format_table(rows: Sequence[Mapping[str, Any]], topology: str) -> str:
         if not r.get("compiled"):
             used = r.get("memory_per_device_bytes")
             why = r.get("error", "did not compile")
-            lines.append(f"| | {p['remat']} | {p['sequence']} | | {batch} | "
+            lines.append(f"| | {p['remat']}{_bwd(p)} | {p['sequence']} | | {batch} | "
                          f"{f'{used / GiB:.2f} GiB' if used else 'n/a'} | does not fit | | {why[:120]} |")
             continue
         lines.append(
-            f"| {'*' if i in front else ''} | {p['remat']} | {p['sequence']} | {r['mesh'].get('fsdp', '')} | "
+            f"| {'*' if i in front else ''} | {p['remat']}{_bwd(p)} | {p['sequence']} | {r['mesh'].get('fsdp', '')} | "
             f"{batch} | {r['memory_per_device_bytes'] / GiB:.2f} GiB | {100 * r['headroom_fraction']:.1f}%"
             f"{'' if r['fits'] else ' (too little)'} | {r['mfu_ceiling']:.3f} | {r['predicted_step_time_s']:.3g} |")
     if front:
         best = max(front, key=lambda i: rows[i]["mfu_ceiling"])
         r, p = rows[best], rows[best]["point"]
-        lines += ["", f"Highest MFU ceiling that fits: {r['mfu_ceiling']:.3f} with remat={p['remat']}, "
+        lines += ["", f"Highest MFU ceiling that fits: {r['mfu_ceiling']:.3f} with remat={p['remat']}{_bwd(p)}, "
                       f"sequence={p['sequence']}, global batch {p['global_batch']} in {p['accum']} micro-batch(es), "
                       f"{r['memory_per_device_bytes'] / GiB:.2f} GiB per device ({100 * r['headroom_fraction']:.1f}% "
                       "free)."]

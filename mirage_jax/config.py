@@ -107,6 +107,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     attention_backend: str = "xla"
     remat_policy: str = "none"
+    # splash only: the kernel's fused backward (dq, dk, dv in one kernel: 5 matmuls instead of 7) at the cost
+    # of a bf16 dq partial per kv block (model/attention.py); False: separate dq and dkv kernels
+    splash_fused_bwd: bool = False
     scan_layers: bool = True
 
     @classmethod

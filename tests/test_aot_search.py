@@ -45,6 +45,9 @@ def test_candidates_follow_the_slice() -> None:
     assert (c.model.remat_policy, c.mesh.ici.sequence, c.mesh.ici.fsdp, c.train.global_batch_size,
             c.train.grad_accum) == ("full", 4, -1, 64, 2)
     assert cfg.train.grad_accum == 1  # the original is untouched
+    assert {p["fused_bwd"] for p in pts} == {cfg.model.splash_fused_bwd}  # the config's backward kernel
+    both = aot_search.candidates(cfg, 128, ["save_splash"], [4], [1], [1], [False, True])
+    assert [aot_search.configure(cfg, p).model.splash_fused_bwd for p in both] == [False, True]
 
 
 def test_tiny_search_on_a_tpu_topology() -> None:

@@ -77,19 +77,21 @@ def test_cli_refuses_in_one_line_with_exit_2(override, line):
     assert not os.path.exists("/nonexistent/never-written")
 
 
-@pytest.mark.parametrize("arg, batch, latents, tokens", [
-    ("", 32, 20, 75_956), ("layout=v6e256", 64, 20, 75_956), ("seconds=8,layout=v5p512", 64, 40, 148_056),
-    ("8s", 32, 40, 148_056)])
-def test_mirage_10b_layouts_are_the_measured_ones(arg, batch, latents, tokens):
-    """The rows of docs/scaling.md's table (global batch, fsdp x sequence=4, tokens per sample) that the three
-    former layout files (mirage_10b_v5p256 / _v6e256 / _8s_v5p512) gave."""
+@pytest.mark.parametrize("arg, batch, sequence, remat, latents, tokens", [
+    ("", 32, 4, ("save_splash", True), 20, 75_956), ("layout=v6e256", 32, 8, ("save_splash", True), 20, 75_956),
+    ("seconds=8,layout=v5p512", 64, 4, ("full", False), 40, 148_056),
+    ("8s", 32, 4, ("save_splash", True), 40, 148_056)])
+def test_mirage_10b_layouts_are_the_measured_ones(arg, batch, sequence, remat, latents, tokens):
+    """The compiled rows of docs/scaling.md (global batch, fsdp x sequence, remat policy and splash backward,
+    tokens per sample)."""
     from configs.mirage_10b import get_config
     from mirage_jax.describe import count_tokens
 
     cfg = get_config(arg)
     run = RunConfig.from_config(cfg)
     assert (run.train.global_batch_size, cfg.mesh.ici.sequence, cfg.mesh.ici.fsdp, run.shapes.latent_frames) == (
-        batch, 4, -1, latents)
+        batch, sequence, -1, latents)
+    assert (run.model.remat_policy, run.model.splash_fused_bwd) == remat
     assert dict(cfg.mesh.rules.params)["embed"] == ("fsdp", "sequence")
     assert count_tokens(run.model, cfg.shapes.to_dict())["total"] == tokens
 

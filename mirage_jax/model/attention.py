@@ -23,6 +23,12 @@ inside the VJP's forward: a remat policy that saves the name (`model.remat_polic
 `'save_splash_qkv'`, model/dit.py) keeps them, and the backward no longer reruns the forward kernel (its
 recomputation is dead code; tests/test_splash_remat.py counts the live forward kernels). Without the name,
 every policy reruns the forward, the largest part of the 10B model's FLOPs (docs/scaling.md).
+
+Splash backward: by default two kernels, dq (QK^T, dO V^T, dS K) and dk/dv (QK^T, dO V^T, P^T dO, dS^T Q),
+7 matmuls = 3.5 forwards. `model.splash_fused_bwd=True` runs jax's fused backward kernel
+(`BlockSizes(use_fused_bwd_kernel=True)`): one kernel, 5 matmuls = 2.5 forwards, at the cost of a bf16 dq
+partial per kv block, (S / block, heads, S, head_dim) per sample, summed after the kernel (16 GiB per
+device for the 10B model's 76k tokens with 6 local heads and 512-token blocks; docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -101,7 +107,15 @@ def _dot_product_attention(q, k, v, mask, implementation):
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :], implementation=implementation)
 
 
-def _splash_attention(q, k, v, mask, interpret: bool, block: int = 128):
+def splash_block(seq_len: int) -> int:
+    """The splash kernel's token block for a sequence of `seq_len` tokens (it pads to a multiple of it).
+
+    Long sequences: 512-token blocks (MaxText's default); with 128 the kernel's per-block mask table
+    (blocks^2 entries, prefetched into SMEM) exceeds v5p's 1 MiB SMEM beyond ~60k tokens."""
+    return 512 if seq_len >= 4096 else 128
+
+
+def _splash_attention(q, k, v, mask, interpret: bool, block: int = 128, fused_bwd: bool = False):
     if _splash is None:
         raise RuntimeError("attention_backend='splash' needs jax.experimental.pallas splash attention "
                            "(a TPU build of jax); set model.attention_backend='xla' or 'dot_product'")
@@ -114,8 +128,11 @@ def _splash_attention(q, k, v, mask, interpret: bool, block: int = 128):
         ids = jnp.pad(ids, ((0, 0), (0, pad)))  # padding is segment 0: it never meets a valid token
     sp = s + pad
     bs = min(block, sp)
-    sizes = _splash.BlockSizes(block_q=bs, block_kv=bs, block_kv_compute=bs, block_q_dkv=bs,
-                               block_kv_dkv=bs, block_kv_dkv_compute=bs, block_q_dq=bs, block_kv_dq=bs)
+    # fused_bwd: one backward kernel computes dq with dk, dv (5 matmuls instead of the dq + dkv kernels' 7);
+    # it writes a bf16 dq partial per kv block, (S / bs, H, S, D) per sample, summed after the kernel.
+    dq_blocks = {} if fused_bwd else dict(block_q_dq=bs, block_kv_dq=bs)
+    sizes = _splash.BlockSizes(block_q=bs, block_kv=bs, block_kv_compute=bs, block_q_dkv=bs, block_kv_dkv=bs,
+                               block_kv_dkv_compute=bs, use_fused_bwd_kernel=fused_bwd, **dq_blocks)
     kernel = _splash.make_splash_mha(
         _splash_mask.MultiHeadMask([_splash_mask.FullMask((sp, sp))] * h),
         head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret,
@@ -132,7 +149,7 @@ def _splash_attention(q, k, v, mask, interpret: bool, block: int = 128):
     return out[:, :s]
 
 
-def _splash_sharded(q, k, v, mask, interpret: bool):
+def _splash_sharded(q, k, v, mask, interpret: bool, fused_bwd: bool):
     """Splash per device: a Mosaic kernel cannot be partitioned by XLA, so under an active mesh and
     logical rules it runs inside `jax.shard_map` with q/k/v laid out as (batch, full sequence, heads
     shard, head_dim) -- the layout the block's Ulysses constraint already produces."""
@@ -142,21 +159,22 @@ def _splash_sharded(q, k, v, mask, interpret: bool):
 
     spec = logical_to_spec(("batch", None, "act_heads", None))
     mesh = jax.sharding.get_abstract_mesh()
-    # Long sequences: 512-token blocks (MaxText's default); with 128 the kernel's per-block mask table
-    # (blocks^2 entries, prefetched into SMEM) exceeds v5p's 1 MiB SMEM beyond ~60k tokens.
-    block = 512 if q.shape[1] >= 4096 else 128
+    local = functools.partial(_splash_attention, interpret=interpret, block=splash_block(q.shape[1]),
+                              fused_bwd=fused_bwd)
     if spec is None or mesh is None or mesh.empty:
-        return _splash_attention(q, k, v, mask, interpret, block)
+        return local(q, k, v, mask)
     mask_spec = PartitionSpec(spec[0], None)
-    local = functools.partial(_splash_attention, interpret=interpret, block=block)
     fn = jax.shard_map(local, in_specs=(spec, spec, spec, mask_spec),
                        out_specs=spec, check_vma=False)
     return fn(q, k, v, mask)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, backend: str = "xla",
-              *, interpret: bool = False) -> jax.Array:
-    """Softmax attention of (B, S, H, D) inputs with a (B, S) key mask; masked queries give zeros."""
+              *, interpret: bool = False, splash_fused_bwd: bool = False) -> jax.Array:
+    """Softmax attention of (B, S, H, D) inputs with a (B, S) key mask; masked queries give zeros.
+
+    `splash_fused_bwd` (splash only, `model.splash_fused_bwd`): the kernel's fused backward (dq, dk, dv in
+    one kernel) instead of separate dq and dkv kernels; same numbers, fewer matmuls, a dq buffer per kv block."""
     if backend == "xla":
         out = _xla_attention(q, k, v, mask)
     elif backend == "dot_product":
@@ -164,7 +182,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, backend
     elif backend == "cudnn":
         out = _dot_product_attention(q, k, v, mask, "cudnn")
     elif backend == "splash":
-        out = _splash_sharded(q, k, v, mask, interpret)
+        out = _splash_sharded(q, k, v, mask, interpret, splash_fused_bwd)
     else:
         raise ValueError(f"model.attention_backend: unknown backend {backend!r}; "
                          "use one of 'xla', 'dot_product', 'cudnn', 'splash'")

@@ -105,6 +105,7 @@ class MirageBlock(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, last: bool, rngs: nnx.Rngs):
         self.backend = cfg.attention_backend
+        self.splash_fused_bwd = cfg.splash_fused_bwd
         self.video = StreamLayer(cfg, cfg.video_dim, cfg.mlp_ratio_video, pre_only=False, out_bias=True, rngs=rngs)
         self.text = StreamLayer(cfg, cfg.text_dim, cfg.mlp_ratio_text, pre_only=last, out_bias=True, rngs=rngs)
         self.audio = (StreamLayer(cfg, cfg.audio_dim, cfg.mlp_ratio_audio, pre_only=last, out_bias=True, rngs=rngs)
@@ -125,7 +126,7 @@ class MirageBlock(nnx.Module):
         # Ulysses: tokens arrive sharded over `seq`; attention runs with heads sharded instead.
         q, k, v = (constrain(t, ("batch", None, "act_heads", None)) for t in (q, k, v))
         q, k, v = (jax.ad_checkpoint.checkpoint_name(t, QKV_NAME) for t in (q, k, v))
-        out = attention(q, k, v, mask, self.backend)
+        out = attention(q, k, v, mask, self.backend, splash_fused_bwd=self.splash_fused_bwd)
         out = jax.ad_checkpoint.checkpoint_name(out, "attention_out")
         out = constrain(out, ("batch", "seq", "act_heads", None))
         outs = jnp.split(out, _split_points(lengths), axis=1)

@@ -37,14 +37,14 @@ def run_one(name: str, quick: bool) -> dict[str, Any]:
         if quick:
             return train_step.measure(batch=2, layers=2, heads=4, frames=2, rounds=2, steps=1, profile=True,
                                       threads=threads)
-        return train_step.measure(batch=2, layers=4, heads=4, frames=8, rounds=7, steps=2, profile=True,
+        return train_step.measure(batch=2, layers=4, heads=4, frames=8, rounds=7, steps=4, profile=True,
                                   threads=threads, ablation=True)
     if name == "train_step_2x":  # twice as wide (8 heads: video_dim 256) and long (16 frames: 1056 tokens)
         from bench import train_step
 
         if quick:
             return train_step.measure(batch=2, layers=2, heads=8, frames=4, rounds=2, steps=1, threads=threads)
-        return train_step.measure(batch=2, layers=4, heads=8, frames=16, rounds=5, steps=1, profile=True,
+        return train_step.measure(batch=2, layers=4, heads=8, frames=16, rounds=5, steps=2, profile=True,
                                   threads=threads, ablation=True)
     if name == "efficiency":
         from bench import efficiency
@@ -145,8 +145,12 @@ def _section_train_step(r: dict[str, Any], target: float = 1.2,
             (f" Per round (torch time / jax time): min {_f(rr['min'])}, median {_f(rr['median'])}, "
              f"max {_f(rr['max'])}." if rr else "")]
     if r.get("host", {}).get("claim"):
-        out.append(f"Target JAX / PyTorch >= {target}: {'met' if r['ratio'] >= target else 'NOT met'} "
-                   f"({_f(r['ratio'])}).")
+        # met only if both the ratio of medians and the median of the paired per-round ratios reach it: one
+        # side's slow rounds can move the first, not the second
+        paired = rr["median"] if rr else r["ratio"]
+        met = min(r["ratio"], paired) >= target
+        out.append(f"Target JAX / PyTorch >= {target} (ratio of medians and median per-round ratio): "
+                   f"{'met' if met else 'NOT met'} ({_f(r['ratio'])} and {_f(paired)}).")
     else:
         out.append(f"Target JAX / PyTorch >= {target}: no verdict, the run is not a claim.")
     out.append("")

@@ -371,7 +371,7 @@ def write_report(results: dict[str, dict[str, Any]], machine: dict[str, Any], pa
         if r is None or "error" in r:
             continue
         sec = SECTIONS[name](r)
-        if name not in ("train_step", "train_step_2x"):  # their host line sits under the setup; others' after the title
+        if name not in ("train_step", "train_step_2x", "checkpoint"):  # these print it under their setup
             sec[1:1] = ["", common.host_line(r)]
         lines += sec
     lines += ["## GPU", "",

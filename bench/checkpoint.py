@@ -269,6 +269,9 @@ def report(r: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str]) -> None:
     del argv
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every metadata store it closes at INFO
     F = flags.FLAGS
     r = measure(F.rounds, F.video_dim, F.layers, F.dir, formats=candidate_formats() if F.compare else None)
     if F.json:
@@ -279,9 +282,9 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     flags.DEFINE_bool("json", False, "Print one JSON object.")
-    flags.DEFINE_integer("rounds", 3, "Alternating rounds.")
-    flags.DEFINE_integer("video_dim", 320, "Model width (sets the state size: 16 bytes per parameter).")
-    flags.DEFINE_integer("layers", 8, "Blocks.")
+    flags.DEFINE_integer("rounds", 3, "Alternating rounds.", lower_bound=1)
+    flags.DEFINE_integer("video_dim", 320, "Model width (sets the state size: 16 bytes per parameter).", lower_bound=8)
+    flags.DEFINE_integer("layers", 8, "Blocks.", lower_bound=1)
     flags.DEFINE_string("dir", None, "Directory on the disk to measure (default: the temp dir).")
     flags.DEFINE_bool("compare", False, "Time every candidate ArrayFormat (candidate_formats) side by side.")
     app.run(main)

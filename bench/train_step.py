@@ -301,6 +301,8 @@ def main(argv: list[str]) -> None:
         print(json.dumps(res))
     else:
         h, th = res["host"], res["threads"]
+        if not h["claim"]:
+            print("NOT A CLAIM (every number below): " + h["why"])
         print(f"MirageDiT (JAX)  {res['jax_samples_per_s']:.2f} samples/s")
         print(f"Mochi (PyTorch)  {res['torch_samples_per_s']:.2f} samples/s")
         print(f"ratio JAX/PyTorch {res['ratio']:.2f}x (per round min {res['round_ratio']['min']:.2f}, max "
@@ -318,12 +320,12 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     flags.DEFINE_bool("json", False, "Print one JSON object.")
-    flags.DEFINE_integer("rounds", 5, "Alternating timing rounds.")
-    flags.DEFINE_integer("steps", 3, "Steps per timing round per framework.")
-    flags.DEFINE_integer("batch", 2, "Batch size.")
-    flags.DEFINE_integer("layers", 4, "Blocks.")
-    flags.DEFINE_integer("heads", 4, "Attention heads (head_dim 32).")
-    flags.DEFINE_integer("frames", 8, "Latent frames (16x16 latents, patch 2 -> 64 tokens per frame).")
+    flags.DEFINE_integer("rounds", 5, "Alternating timing rounds.", lower_bound=1)
+    flags.DEFINE_integer("steps", 3, "Steps per timing round per framework.", lower_bound=1)
+    flags.DEFINE_integer("batch", 2, "Batch size.", lower_bound=1)
+    flags.DEFINE_integer("layers", 4, "Blocks.", lower_bound=1)
+    flags.DEFINE_integer("heads", 4, "Attention heads (head_dim 32).", lower_bound=1)
+    flags.DEFINE_integer("frames", 8, "Latent frames (16x16 latents, patch 2 -> 64 tokens per frame).", lower_bound=1)
     flags.DEFINE_bool("profile", False, "Also report where each step's time goes.")
     flags.DEFINE_bool("ablation", False, "Also time each JAX change (JAX_VARIANTS) in the same rounds (CPU).")
     flags.DEFINE_bool("gpu", False, "Run both on the GPU in bf16 (cuDNN attention) and report MFU.")

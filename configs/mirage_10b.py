@@ -22,7 +22,9 @@ Every layout: no accumulation; weights, gradients and optimizer state sharded ov
 chips); Ulysses inside attention. v5p256 and v6e256 keep splash's residuals (`remat_policy=save_splash`) and
 run its fused backward kernel (`splash_fused_bwd`): MFU ceilings 0.80 (48% of HBM free) and 0.76 (18% free;
 v6e needs sequence 8, one sample per 8 chips, to fit), against 0.56 under full remat. v5p512 (8 s) is the
-full-remat layout: the fused kernel's dq buffer grows with the square of the sequence. For example:
+full-remat layout: the fused kernel's dq buffer grows with the square of the sequence. Those two settings were
+compiled for 4 s clips only: with `seconds` above 4 every layout uses full remat and the split backward (as
+`v5p512`), so `:seconds=8` alone gives v5p-256 with full remat, never an uncompiled fused layout. For example:
 
     python -m mirage_jax.aot --config=configs/mirage_10b.py:layout=v6e256 --topology=v6e-256
     python -m mirage_jax.train --config=configs/mirage_10b.py --workdir=gs://...
@@ -41,6 +43,7 @@ TIME_MAP = "causal:6/25"  # Mochi's VAE on independent 25-frame chunks: 100 fram
 # compiled (python -m mirage_jax.aot) to fit with > 10% HBM headroom; numbers in docs/scaling.md
 LAYOUTS = {"v5p256": (4, 32, "save_splash", True), "v6e256": (8, 32, "save_splash", True),
            "v5p512": (4, 64, "full", False)}
+MEASURED_SECONDS = 4  # the clip length save_splash + the fused backward were compiled for (v5p256, v6e256)
 
 
 def model_config() -> ml_collections.ConfigDict:
@@ -93,4 +96,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                                        text_len=256))
     cfg.diffusion = diffusion_config()
     sequence, global_batch, remat, fused_bwd = LAYOUTS[a.layout]
+    if a.seconds > MEASURED_SECONDS and fused_bwd:  # compiled at 4 s; the fused dq buffer grows with tokens^2
+        remat, fused_bwd = "full", False
     return apply_layout(cfg, sequence=sequence, global_batch=global_batch, remat=remat, fused_bwd=fused_bwd)

@@ -173,7 +173,8 @@ def format_report(r: Mapping[str, Any]) -> str:
         f"mesh {mesh}",
         f"model {r['params']:,} params, {r['tokens_per_sample']:,} tokens/sample; global batch "
         f"{r['global_batch_size']} in {r['grad_accum']} micro-batch(es); remat={r['remat_policy']}, "
-        f"attention={r['attention_backend']}{' (fused backward)' if r.get('splash_fused_bwd') else ''}",
+        f"attention={r['attention_backend']}"
+        f"{' (fused backward)' if r.get('splash_fused_bwd') and r['attention_backend'] == 'splash' else ''}",
     ]
     if not r["compiled"]:
         lines.append(f"DOES NOT FIT: the TPU compiler ran out of memory: {r.get('error', '')}")

@@ -216,19 +216,11 @@ def measure(rounds: int = 3, video_dim: int = 320, layers: int = 8, directory: s
     }
     out["setup"] = {"config": "configs/tiny.py", "video_dim": video_dim, "layers": layers, "rounds": rounds,
                     "async_save": True, "directory": directory or tempfile.gettempdir(), "format": head["format"],
-                    "orbax_checkpoint": _version("orbax-checkpoint"), "tensorstore": _version("tensorstore")}
+                    "orbax_checkpoint": common.module_version("orbax.checkpoint"),
+                    "tensorstore": common.module_version("tensorstore")}
     if formats:
         out["formats"] = per
     return out
-
-
-def _version(dist: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def _target_words(r: dict[str, Any]) -> str:
@@ -240,7 +232,8 @@ def _target_words(r: dict[str, Any]) -> str:
 
 def report(r: dict[str, Any]) -> list[str]:
     """The printed lines, every one computed from `r`."""
-    lines = [f"state {r['state_bytes'] / 1e6:.0f} MB ({r['params']:,} parameters), {r['setup']['rounds']} rounds, "
+    lines = [] if r["host"]["claim"] else ["NOT A CLAIM (every number below): " + r["host"]["why"]]
+    lines += [f"state {r['state_bytes'] / 1e6:.0f} MB ({r['params']:,} parameters), {r['setup']['rounds']} rounds, "
              f"orbax-checkpoint {r['setup']['orbax_checkpoint']}, tensorstore {r['setup']['tensorstore']}",
              common.host_line(r).replace("**", ""),
              f"raw write+fsync {r['raw_write_GBps']:.2f} GB/s, raw read {r['raw_read_GBps']:.2f} GB/s"]
@@ -262,8 +255,6 @@ def report(r: dict[str, Any]) -> list[str]:
             lines.append(f"fastest {what}: {best} ({per[best][k]:.2f}x raw)")
         best = min(per, key=lambda n: per[n]["blocking_fraction"])
         lines.append(f"least blocking: {best} ({per[best]['blocking_fraction']:.1%})")
-    if not r["host"]["claim"]:
-        lines.append("NOT A CLAIM: " + r["host"]["why"] + "; rerun on an idle host")
     return lines
 
 

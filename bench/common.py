@@ -155,12 +155,23 @@ def machine_info() -> dict[str, Any]:
         "python": sys.version.split()[0],
     }
     for mod in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "torch", "diffusers", "grain"):
-        try:
-            m = __import__(mod, fromlist=["__version__"])
-            info[mod] = getattr(m, "__version__", "?")
-        except Exception:  # noqa: BLE001 - a missing package is reported, not fatal
-            info[mod] = None
+        info[mod] = module_version(mod)
     return info
+
+
+def module_version(mod: str) -> str | None:
+    """`mod.__version__`, else the installed distribution's (`orbax.checkpoint` -> orbax-checkpoint), "?" if
+    neither says; None where the module cannot be imported."""
+    from importlib import metadata
+
+    try:
+        m = __import__(mod, fromlist=["__version__"])
+    except Exception:  # noqa: BLE001 - a missing package is reported, not fatal
+        return None
+    try:
+        return getattr(m, "__version__", None) or metadata.version(mod.replace(".", "-"))
+    except metadata.PackageNotFoundError:
+        return "?"
 
 
 def tiny_config(overrides: Mapping[str, Any] | None = None) -> Any:

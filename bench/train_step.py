@@ -47,6 +47,11 @@ def _inputs(batch: int, frames: int) -> dict[str, np.ndarray]:
     }
 
 
+def _runner_name(variant: str) -> str:
+    """The default variant is the headline "jax" runner; the others are named after their change."""
+    return "jax" if variant == DEFAULT_VARIANT else f"jax ({variant})"
+
+
 JAX_VARIANTS = {
     # name: (attention backend, donate the state, block on every step's loss); ordered as changes applied
     "before": ("dot_product", False, True),  # jax.nn.dot_product_attention: autodiff keeps the softmax, as the
@@ -239,7 +244,7 @@ def measure(batch: int = 2, layers: int = 4, heads: int = 4, frames: int = 8, ro
     runners: dict[str, Callable[[], Any]] = {}
     for variant in variants:
         run, parts = jax_step(kw, data, gpu, variant)
-        runners["jax" if variant == DEFAULT_VARIANT else f"jax ({variant})"] = run
+        runners[_runner_name(variant)] = run
         if variant == DEFAULT_VARIANT:
             jax_run, jax_parts = run, parts
     torch_run, _ = torch_step(kw, data, gpu)
@@ -272,7 +277,7 @@ def measure(batch: int = 2, layers: int = 4, heads: int = 4, frames: int = 8, ro
     if len(variants) > 1:
         res["ablation"] = []
         for variant in variants:
-            t = times["jax" if variant == DEFAULT_VARIANT else f"jax ({variant})"]
+            t = times[_runner_name(variant)]
             backend, donate, sync = JAX_VARIANTS[variant]
             sps = batch / common.median(t)
             res["ablation"].append({
@@ -301,13 +306,11 @@ def main(argv: list[str]) -> None:
         print(json.dumps(res))
     else:
         h, th = res["host"], res["threads"]
-        if not h["claim"]:
-            print("NOT A CLAIM (every number below): " + h["why"])
+        print(("a claim for this host: " if h["claim"] else "NOT A CLAIM (every number below): ") + h["why"])
         print(f"MirageDiT (JAX)  {res['jax_samples_per_s']:.2f} samples/s")
         print(f"Mochi (PyTorch)  {res['torch_samples_per_s']:.2f} samples/s")
         print(f"ratio JAX/PyTorch {res['ratio']:.2f}x (per round min {res['round_ratio']['min']:.2f}, max "
               f"{res['round_ratio']['max']:.2f}); threads torch {th['torch']}, xla {th['xla']}  ({res['setup']})")
-        print(("a claim for this host: " if h["claim"] else "NOT a claim: ") + h["why"])
         for row in res.get("ablation", []):
             print(f"  JAX {row['variant']:16s} {row['samples_per_s']:.2f} samples/s, JAX/PyTorch "
                   f"{row['ratio_vs_torch']:.2f} (attention {row['attention_backend']}, donated "

@@ -15,7 +15,7 @@ from mirage_jax.model.attention import attention
 B, S, H, D = 2, 48, 3, 16
 
 
-def _inputs(dtype=jnp.float32):
+def _inputs():
     rng = np.random.default_rng(0)
     q, k, v, g = (rng.standard_normal((B, S, H, D)).astype(np.float32) for _ in range(4))
     mask = np.ones((B, S), bool)

@@ -1,4 +1,4 @@
-"""The custom VJPs of model/layers.py (modulated RMSNorm, SwiGLU) against JAX autodiff of their plain formulas
+"""The custom VJPs of model/layers.py (modulated RMSNorm, SwiGLU, the dense layers' matmul) against JAX autodiff of their plain formulas
 (a second code path), for every scale shape the model uses and in bfloat16. The whole chain is also checked
 against PyTorch autograd of diffusers' Mochi in tests/test_warm_start.py."""
 
@@ -9,7 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mirage_jax.model.layers import modulated_rms_norm, rms_norm, swiglu
+from flax import nnx
+
+from mirage_jax.model.dit import REMAT
+from mirage_jax.model.layers import DENSE_NAME, dense, linear, modulated_rms_norm, rms_norm, swiglu
 
 
 def _compare(f, ref, args, dtype, atol):
@@ -44,3 +47,32 @@ def test_custom_vjps_keep_only_their_inputs():
     assert sorted(a.shape for a in jax.tree.leaves(vjp)) == [(2, 5, 24), (24,)]
     _, vjp = jax.vjp(swiglu, x, x)
     assert [a.shape for a in jax.tree.leaves(vjp)] == [(2, 5, 24)] * 2
+
+
+@pytest.mark.parametrize("dtype,atol", [(jnp.float32, 2e-5), (jnp.bfloat16, 1e-1)])
+@pytest.mark.parametrize("x_shape", [(7, 24), (2, 5, 24), (2, 3, 5, 24)])
+def test_linear_matches_autodiff(dtype, atol, x_shape):
+    _compare(linear, lambda x, w: x @ w, [x_shape, (24, 40)], dtype, atol)
+
+
+def test_dense_layers_use_linear_and_keep_remat_dot_policies(capsys):
+    """nnx.Linear built by `dense` runs `linear` (same values as lax.dot_general); under the remat policies that
+    save matmul outputs, a chain of dense layers keeps the same residuals as plain matmuls under JAX's own dot
+    policies (a dot inside a custom VJP is invisible to those: `DENSE_NAME` makes it visible)."""
+    layer = dense(24, 40, (None, None), rngs=nnx.Rngs(0), bias=True)
+    x = jax.random.normal(jax.random.key(1), (2, 5, 24))
+    kernel, bias = layer.kernel[...], layer.bias[...]
+    np.testing.assert_allclose(layer(x), x @ kernel + bias, rtol=1e-6, atol=1e-6)
+
+    def chain(f):
+        return lambda x: jnp.sum(jnp.tanh(f(jnp.tanh(f(x) @ kernel.T))) ** 2)
+
+    def saved(f, policy):
+        jax.ad_checkpoint.print_saved_residuals(jax.checkpoint(chain(f), policy=policy), x)
+        return sorted(line.split(" ")[0] for line in capsys.readouterr().out.splitlines() if "argument" not in line
+                      and "constant" not in line)
+
+    plain = jax.checkpoint_policies
+    for ours, reference in (("dots", plain.checkpoint_dots), ("dots_no_batch", plain.dots_with_no_batch_dims_saveable),
+                            ("full", plain.nothing_saveable)):
+        assert saved(layer, REMAT[ours]) == saved(lambda x: x @ kernel + bias, reference), ours

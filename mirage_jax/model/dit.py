@@ -24,6 +24,7 @@ from mirage_jax.model import rope as rope_lib
 from mirage_jax.model.attention import SPLASH_RESIDUALS, attention
 from mirage_jax.model.embeddings import AttentionPool, TimestepEmbedder
 from mirage_jax.model.layers import (
+    DENSE_NAME,
     DTYPE,
     SwiGLU,
     dense,
@@ -39,8 +40,12 @@ QK_EPS = 1e-5  # query/key RMSNorm (diffusers MochiAttention eps)
 QKV_NAME = "attention_qkv"  # checkpoint name of the joint q, k, v (after RoPE), as attention receives them
 REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Every matmul output; the dense layers' matmuls are custom VJPs (layers.linear), named DENSE_NAME.
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots, jax.checkpoint_policies.save_only_these_names(DENSE_NAME)),
+    "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(DENSE_NAME)),
     "save_attention": jax.checkpoint_policies.save_only_these_names("attention_out"),
     # The splash kernel's own residuals (output + logsumexp, named in model/attention.py): its forward is not
     # rerun in the backward. Other backends have no such name: there this is full remat.

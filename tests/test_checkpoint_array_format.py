@@ -88,3 +88,21 @@ def test_store_resumes_saving_onto_a_zstd_checkpoint_dir(tmp_path):
     for s in (1, 2):
         assert_state_equal(store.restore(s, target_of(random_state(s)))[0], random_state(s))
     store.close()
+
+
+def test_restore_casts_only_where_the_target_dtype_differs(tmp_path):
+    """Restores pass no dtype to Orbax where the saved one already is the target's (no per-array cast); a target
+    leaf of another dtype (here bfloat16 params over a float32 checkpoint, an int32 step) is still cast to it."""
+    state = random_state(3)
+    save(tmp_path, 3, state, ckpt_lib.STATE_FORMAT)
+    target = target_of(state)
+    bf16 = jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, jnp.bfloat16, sharding=t.sharding), target.params)
+    target = TrainState(**{**target.as_dict(), "params": bf16})
+    store = ckpt_lib.CheckpointStore(str(tmp_path), CKPT, read_only=True)
+    got, _ = store.restore(3, target)
+    store.close()
+    for a, t in zip(jax.tree.leaves(got), jax.tree.leaves(target), strict=True):
+        assert a.dtype == t.dtype
+    for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(state.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b.astype(jnp.bfloat16)))
+    assert_state_equal(got.ema, state.ema)

@@ -1,6 +1,6 @@
-"""The custom VJPs of model/layers.py (modulated RMSNorm, SwiGLU, the dense layers' matmul) against JAX autodiff of their plain formulas
-(a second code path), for every scale shape the model uses and in bfloat16. The whole chain is also checked
-against PyTorch autograd of diffusers' Mochi in tests/test_warm_start.py."""
+"""The custom VJPs of model/layers.py (modulated RMSNorm, SwiGLU, the dense layers' matmul) against JAX autodiff
+of their plain formulas (a second code path), for every scale shape the model uses and in bfloat16. The whole
+chain is also checked against PyTorch autograd of diffusers' Mochi in tests/test_warm_start.py."""
 
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from flax import nnx
 
 from mirage_jax.model.dit import REMAT
-from mirage_jax.model.layers import DENSE_NAME, dense, linear, modulated_rms_norm, rms_norm, swiglu
+from mirage_jax.model.layers import dense, linear, modulated_rms_norm, rms_norm, swiglu
 
 
 def _compare(f, ref, args, dtype, atol):

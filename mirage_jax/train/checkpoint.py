@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import re
@@ -108,15 +109,12 @@ class ArrayFormat:
     - `zarr3`: zarr v3 chunk metadata (Orbax default: v2);
     - `compression`: zstd on every chunk (level 1 with zarr2, 3 with zarr3; Orbax default: on);
     - `data_file_mib`: OCDBT target data file size in MiB (None: Orbax's, 2 GiB locally, 400 MiB on GCS);
-    - `chunk_mib`: largest chunk in MiB (Orbax `SaveArgs.chunk_byte_size`: each array is split into chunks of
-      at most this size, which tensorstore writes and reads concurrently; None: one chunk per array shard).
     """
 
     ocdbt: bool = True
     zarr3: bool = False
     compression: bool = False
     data_file_mib: int | None = None
-    chunk_mib: int | None = None
 
     def handler(self) -> ocp.StandardCheckpointHandler:
         return StateHandler(self)
@@ -145,27 +143,27 @@ class StateHandler(ocp.StandardCheckpointHandler):
             use_ocdbt=fmt.ocdbt, use_zarr3=fmt.zarr3, use_compression=fmt.compression)
 
     async def async_save(self, directory: Any, item: Any = None, save_args: Any = None, args: Any = None) -> Any:
-        if args is None:  # Orbax's deprecated (item, save_args) form
+        if self._format.data_file_mib is None or args is None:
             return await super().async_save(directory, item, save_args, args)
-        save_args = args.save_args
-        if save_args is None and self._format.chunk_mib is not None:
-            save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=self._format.chunk_mib << 20), args.item)
-        extra = {} if self._format.data_file_mib is None else {
-            "ocdbt_target_data_file_size": self._format.data_file_mib << 20}
-        item = self._validate_save_state(args.item, save_args=save_args)
+        item = self._validate_save_state(args.item, save_args=args.save_args)
         return await self._impl.async_save(directory, args=ocp.args.PyTreeSave(
-            item=item, save_args=save_args, custom_metadata=args.custom_metadata, **extra))
+            item=item, save_args=args.save_args, custom_metadata=args.custom_metadata,
+            ocdbt_target_data_file_size=self._format.data_file_mib << 20))
 
     def restore(self, directory: Any, item: Any = None, args: Any = None) -> Any:
-        if args is None or args.item is None or not args.strict or args.fallback_sharding is not None:
-            return super().restore(directory, item, args)
+        if (args is None or args.item is None or not args.strict or args.fallback_sharding is not None
+                or args.support_layout or any(getattr(leaf, "sharding", None) is None
+                                              for leaf in jax.tree.leaves(args.item))):
+            return super().restore(directory, item, args)  # Orbax's own restore arguments (sharding fallbacks)
         self._validate_restore_state(args.item)
-        saved = {path: meta.dtype for path, meta in jax.tree_util.tree_leaves_with_path(
+        # The metadata tree has dicts where the state has named tuples (optimizer states): match paths as strings.
+        key = functools.partial(jax.tree_util.keystr, simple=True, separator="/")
+        saved = {key(path): meta.dtype for path, meta in jax.tree_util.tree_leaves_with_path(
             self.metadata(directory).tree) if hasattr(meta, "dtype")}
 
         def no_cast(path: Any, arg: Any) -> Any:  # dtype=None: Orbax returns the stored dtype without a cast
             dtype = getattr(arg, "dtype", None)
-            if dtype is not None and saved.get(path) == dtype and not jax.dtypes.issubdtype(
+            if dtype is not None and saved.get(key(path)) == dtype and not jax.dtypes.issubdtype(
                     dtype, jax.dtypes.prng_key):
                 return dataclasses.replace(arg, dtype=None)
             return arg

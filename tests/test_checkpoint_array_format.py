@@ -90,9 +90,9 @@ def test_store_resumes_saving_onto_a_zstd_checkpoint_dir(tmp_path):
     store.close()
 
 
-def test_restore_casts_only_where_the_target_dtype_differs(tmp_path):
-    """Restores pass no dtype to Orbax where the saved one already is the target's (no per-array cast); a target
-    leaf of another dtype (here bfloat16 params over a float32 checkpoint, an int32 step) is still cast to it."""
+def test_restore_casts_to_the_target_dtype(tmp_path):
+    """A target leaf of another dtype than the saved one (bfloat16 params over a float32 checkpoint) is restored
+    cast to it; the others keep their saved dtype and values."""
     state = random_state(3)
     save(tmp_path, 3, state, ckpt_lib.STATE_FORMAT)
     target = target_of(state)

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import re
@@ -108,7 +107,7 @@ class ArrayFormat:
     - `ocdbt`: one OCDBT database per process (few large data files) instead of a file per array chunk;
     - `zarr3`: zarr v3 chunk metadata (Orbax default: v2);
     - `compression`: zstd on every chunk (level 1 with zarr2, 3 with zarr3; Orbax default: on);
-    - `data_file_mib`: OCDBT target data file size in MiB (None: Orbax's, 2 GiB locally, 400 MiB on GCS);
+    - `data_file_mib`: OCDBT target data file size in MiB (None: Orbax's, 2 GiB locally, 400 MiB on GCS).
     """
 
     ocdbt: bool = True
@@ -130,9 +129,7 @@ class StateHandler(ocp.StandardCheckpointHandler):
     """StandardCheckpointHandler (its StandardSave / StandardRestore and validation) writing with `ArrayFormat`.
 
     The same on-disk format as the standard handler (both wrap a PyTreeCheckpointHandler; only the write options
-    differ), so either reads what the other wrote; the step's metadata names this class as the item's handler.
-    Restores skip Orbax's per-array host cast (a thread hop per array) where the saved dtype already is the
-    target's; other arrays are cast to the target's dtype as before."""
+    differ), so either reads what the other wrote; the step's metadata names this class as the item's handler."""
 
     def __init__(self, fmt: ArrayFormat):
         super().__init__(use_ocdbt=fmt.ocdbt)
@@ -149,28 +146,6 @@ class StateHandler(ocp.StandardCheckpointHandler):
         return await self._impl.async_save(directory, args=ocp.args.PyTreeSave(
             item=item, save_args=args.save_args, custom_metadata=args.custom_metadata,
             ocdbt_target_data_file_size=self._format.data_file_mib << 20))
-
-    def restore(self, directory: Any, item: Any = None, args: Any = None) -> Any:
-        if (args is None or args.item is None or not args.strict or args.fallback_sharding is not None
-                or args.support_layout or any(getattr(leaf, "sharding", None) is None
-                                              for leaf in jax.tree.leaves(args.item))):
-            return super().restore(directory, item, args)  # Orbax's own restore arguments (sharding fallbacks)
-        self._validate_restore_state(args.item)
-        # The metadata tree has dicts where the state has named tuples (optimizer states): match paths as strings.
-        key = functools.partial(jax.tree_util.keystr, simple=True, separator="/")
-        saved = {key(path): meta.dtype for path, meta in jax.tree_util.tree_leaves_with_path(
-            self.metadata(directory).tree) if hasattr(meta, "dtype")}
-
-        def no_cast(path: Any, arg: Any) -> Any:  # dtype=None: Orbax returns the stored dtype without a cast
-            dtype = getattr(arg, "dtype", None)
-            if dtype is not None and saved.get(key(path)) == dtype and not jax.dtypes.issubdtype(
-                    dtype, jax.dtypes.prng_key):
-                return dataclasses.replace(arg, dtype=None)
-            return arg
-
-        restore_args = jax.tree_util.tree_map_with_path(
-            no_cast, ocp.checkpoint_utils.construct_restore_args(args.item))
-        return self._impl.restore(directory, args=ocp.args.PyTreeRestore(item=args.item, restore_args=restore_args))
 
 
 @ocp.args.register_with_handler(StateHandler, for_save=True)

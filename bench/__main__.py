@@ -157,14 +157,15 @@ def _section_train_step(r: dict[str, Any], target: float = 1.2,
     if r.get("ablation"):
         out += ["What each JAX change buys, timed in the same alternating rounds (`--ablation`; each row adds "
                 "one change to the row above; the last row is the JAX step above):", "",
-                "| JAX step | attention | state donated | waits every step | samples/s (median) | "
+                "| JAX step | attention | state donated | waits every step | dense-layer VJP | samples/s (median) | "
                 "step s (min / median / max) | JAX / PyTorch | vs row above |",
-                "|---|---|---|---|---|---|---|---|"]
+                "|---|---|---|---|---|---|---|---|---|"]
         prev = None
         for a in r["ablation"]:
             gain = "" if prev is None else f"{a['samples_per_s'] / prev:.2f}x"
             out.append(f"| {a['variant']} | `{a['attention_backend']}` | {a['donated_state']} | "
-                       f"{a['sync_every_step']} | {_f(a['samples_per_s'])} | {_mmm(a['step'])} | "
+                       f"{a['sync_every_step']} | {a.get('dense_layer_vjp', False)} | {_f(a['samples_per_s'])} | "
+                       f"{_mmm(a['step'])} | "
                        f"{_f(a['ratio_vs_torch'])} | {gain} |")
             prev = a["samples_per_s"]
         first, last = r["ablation"][0], r["ablation"][-1]

@@ -53,14 +53,17 @@ def _runner_name(variant: str) -> str:
 
 
 JAX_VARIANTS = {
-    # name: (attention backend, donate the state, block on every step's loss); ordered as changes applied
-    "before": ("dot_product", False, True),  # jax.nn.dot_product_attention: autodiff keeps the softmax, as the
-    # former `xla` backend did; no donation
-    "attention VJP": ("xla", False, True),  # model/attention.softmax_attention: no (B,H,S,S) residual
-    "donated state": ("xla", True, True),  # donate_argnums, as the runtime's train step does
-    "async dispatch": ("xla", True, False),  # loss read once per round, as the train loop does: the default
+    # name: (attention backend, donate the state, block on every step's loss, dense layers' custom VJP);
+    # ordered as changes applied
+    "before": ("dot_product", False, True, False),  # jax.nn.dot_product_attention: autodiff keeps the softmax, as
+    # the former `xla` backend did; no donation
+    "attention VJP": ("xla", False, True, False),  # model/attention.softmax_attention: no (B,H,S,S) residual
+    "donated state": ("xla", True, True, False),  # donate_argnums, as the runtime's train step does
+    "async dispatch": ("xla", True, False, False),  # loss read once per round, as the train loop does
+    "dense-layer VJP": ("xla", True, False, True),  # model/layers.linear: weight gradient dot_general(x, d_out);
+    # off = nnx.Linear's lax.dot_general (autodiff's transpose rule). The default: the model as shipped
 }
-DEFAULT_VARIANT = "async dispatch"
+DEFAULT_VARIANT = "dense-layer VJP"
 
 
 def jax_step(kw: dict, data: dict[str, np.ndarray], gpu: bool = False, variant: str = DEFAULT_VARIANT
@@ -80,10 +83,14 @@ def jax_step(kw: dict, data: dict[str, np.ndarray], gpu: bool = False, variant: 
     from mirage_jax.interop.mochi import mochi_config_to_model
     from mirage_jax.model import MirageDiT
 
-    backend, donate, sync = JAX_VARIANTS[variant]
+    backend, donate, sync, dense_vjp = JAX_VARIANTS[variant]
     extra = dict(compute_dtype="bfloat16", attention_backend="cudnn") if gpu else {"attention_backend": backend}
     cfg = ModelConfig(**mochi_config_to_model(kw), use_audio=False, pool_heads=8, **extra)
     model = MirageDiT(cfg, rngs=nnx.Rngs(0))
+    if not dense_vjp:  # the dense layers as nnx.Linear runs them by default (autodiff of lax.dot_general)
+        for _, module in model.iter_modules():
+            if isinstance(module, nnx.Linear):
+                module.dot_general = jax.lax.dot_general
     graphdef, params = nnx.split(model, nnx.Param)
     tx = optax.adamw(1e-4)
     opt = tx.init(params)
@@ -278,10 +285,11 @@ def measure(batch: int = 2, layers: int = 4, heads: int = 4, frames: int = 8, ro
         res["ablation"] = []
         for variant in variants:
             t = times[_runner_name(variant)]
-            backend, donate, sync = JAX_VARIANTS[variant]
+            backend, donate, sync, dense_vjp = JAX_VARIANTS[variant]
             sps = batch / common.median(t)
             res["ablation"].append({
                 "variant": variant, "attention_backend": backend, "donated_state": donate, "sync_every_step": sync,
+                "dense_layer_vjp": dense_vjp,
                 "samples_per_s": sps, "step_s": t, "step": common.spread(t), "ratio_vs_torch": sps / torch_sps})
     if gpu:
         import jax
@@ -314,7 +322,8 @@ def main(argv: list[str]) -> None:
         for row in res.get("ablation", []):
             print(f"  JAX {row['variant']:16s} {row['samples_per_s']:.2f} samples/s, JAX/PyTorch "
                   f"{row['ratio_vs_torch']:.2f} (attention {row['attention_backend']}, donated "
-                  f"{row['donated_state']}, sync every step {row['sync_every_step']})")
+                  f"{row['donated_state']}, sync every step {row['sync_every_step']}, dense-layer VJP "
+                  f"{row['dense_layer_vjp']})")
         if "jax_mfu" in res:
             print(f"MFU: JAX {res['jax_mfu']:.1%}, PyTorch {res['torch_mfu']:.1%}")
         if "profile" in res:

@@ -63,7 +63,7 @@ def run_one(name: str, quick: bool) -> dict[str, Any]:
 
         if quick:
             return checkpoint.measure(rounds=1, video_dim=64, layers=2, formats=checkpoint.candidate_formats())
-        return checkpoint.measure(rounds=3, video_dim=320, layers=8, formats=checkpoint.candidate_formats())
+        return checkpoint.measure(rounds=6, video_dim=320, layers=8, formats=checkpoint.candidate_formats())
     if name == "data":
         from bench import data_loader
 

@@ -13,7 +13,8 @@ in the same directory:
 - restore: after evicting every checkpoint file from the page cache, until the arrays are ready.
 With --compare, every candidate option set of the state's arrays (`candidate_formats`: CheckpointStore's
 format before issue 20, the shipped one, and single changes: zarr3, OCDBT data file size, no OCDBT) gets its own
-CheckpointStore, and each round times raw write, raw read, then save + restore of every format in turn; ratios to
+CheckpointStore, and each round times raw write, raw read, then save + restore of every format in turn (the order
+rotates by one format per round: a format's save can overlap the previous one's background work); ratios to
 raw are given as ratios of medians and as the spread (min/median/max) of the per-round ratios. The load average
 before and after is recorded (`common.host_state`): above the core count the numbers are "not a claim".
 GB/s are of the state's logical bytes (sum of array sizes). Every float array is filled with random values
@@ -153,7 +154,8 @@ def _run(formats: dict[str, Any], rounds: int, video_dim: int, layers: int, dire
             t0 = time.perf_counter()
             raw_read(raw_path)
             raw["raw_read"].append(time.perf_counter() - t0)
-            for name in formats:
+            names = list(formats)
+            for name in names[rnd % len(names):] + names[:rnd % len(names)]:  # rotated: no format always first
                 save(name)
                 restore(name)
             if rnd == 0:

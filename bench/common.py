@@ -69,14 +69,16 @@ def host_state(load_before: float | None, load_after: float | None, ncores: int 
 
     It is not a claim when either reading is above the core count: then runnable tasks outnumbered the cores
     and the compared sides competed with other processes (unequally: OpenMP waits for its slowest thread).
+    Linux counts tasks waiting on disk I/O in the load average too, so an I/O benchmark (checkpoints) can push
+    it over by itself; the sentence says so rather than blaming other processes.
     Returns {"load_before", "load_after", "cores", "claim" (bool), "why" (one sentence)}."""
     n = ncores if ncores is not None else cores()
     loads = [x for x in (load_before, load_after) if x is not None]
     if not loads:
         claim, why = False, "the load average could not be read, so whether the host was idle is unknown"
     elif max(loads) > n:
-        claim, why = False, (f"the load average reached {max(loads):.1f} on {n} cores: other processes competed "
-                             "for the cores during the run")
+        claim, why = False, (f"the load average reached {max(loads):.1f} on {n} cores: more tasks were runnable or "
+                             "waiting on disk I/O than there are cores (other processes', or this run's own)")
     else:
         claim, why = True, f"the load average stayed at or below {max(loads):.1f} on {n} cores"
     return {"load_before": load_before, "load_after": load_after, "cores": n, "claim": claim, "why": why}

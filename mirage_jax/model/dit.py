@@ -125,7 +125,11 @@ class MirageBlock(nnx.Module):
             if ropes.get(n) is not None:
                 cos, sin = ropes[n]
                 q, k = rope_lib.apply_rope(q, cos, sin), rope_lib.apply_rope(k, cos, sin)
-            qkvs[n] = (q, k, v)
+            # Token-sharded as the projections made them. A sharding constraint's transpose gives the cotangent
+            # the same sharding, so without this the Ulysses constraint below would hand the projections'
+            # backward head-sharded, full-length d_q/d_k/d_v: d_x then is a partial sum at full length,
+            # all-reduced over the sequence group (docs/scaling.md, Findings 5) instead of an all-to-all back.
+            qkvs[n] = tuple(constrain(t, ("batch", "seq", "act_heads", None)) for t in (q, k, v))
         lengths = [xs[n].shape[1] for n in names]
         q, k, v = (jnp.concatenate([qkvs[n][i] for n in names], axis=1) for i in range(3))
         # Ulysses: tokens arrive sharded over `seq`; attention runs with heads sharded instead.

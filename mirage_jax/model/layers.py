@@ -68,9 +68,10 @@ def linear(x: jax.Array, kernel: jax.Array, precision: Any = None, preferred_ele
 
     Custom VJP, same values as autodiff: d_kernel = dot_general(x, d_out) contracting every leading axis, written
     with x as the left operand. JAX's transpose rule writes it as dot_general(d_out, x) followed by a transpose,
-    and XLA:CPU then copies d_out into (dout, tokens) layout and runs a generic dot: 2.3x slower for the
-    MLP's (2048, 256) x (2048, 682) (docs/cpu_step.md). d_x = d_out @ kernel^T as autodiff computes it
-    (tests/test_layers_vjp.py compares both with autodiff)."""
+    and XLA:CPU then copies d_out into (dout, tokens) layout and runs a generic dot instead of YNNPACK: 2.3x
+    slower for the MLP's x (2, 1024, 256), d_out (2, 1024, 682) (docs/cpu_step.md). d_x = d_out @ kernel^T as
+    autodiff computes it (tests/test_layers_vjp.py compares both with autodiff). Reverse mode only: like
+    every jax.custom_vjp, `jax.jvp` / `jax.jacfwd` through it raise a TypeError."""
     return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision,
                                preferred_element_type=preferred_element_type)
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from mirage_jax.config import ModelConfig  # noqa: E402
+from mirage_jax.interop.mochi import convert_mochi_state  # noqa: E402
 from mirage_jax.model import MirageDiT  # noqa: E402
 from mirage_jax.warm_start import SourceError, WarmStartError, warm_start  # noqa: E402
 
@@ -98,14 +99,23 @@ def test_warm_started_mirage_equals_mochi(tmp_path, idx):
         out = nnx.merge(graphdef, params)(xj, ts, textj, mask)
         return jnp.sum(out * jnp.asarray(w.transpose(0, 2, 3, 4, 1)))
 
-    # (params differentiated too: nnx.scan wants the blocks' state at the same trace level as its inputs)
-    gx, gt, _ = jax.jit(jax.grad(weighted, argnums=(0, 1, 2)))(jnp.asarray(x.transpose(0, 2, 3, 4, 1)),
-                                                                jnp.asarray(text), params)
+    gx, gt, gp = jax.jit(jax.grad(weighted, argnums=(0, 1, 2)))(jnp.asarray(x.transpose(0, 2, 3, 4, 1)),
+                                                                 jnp.asarray(text), params)
     pairs = ((np.asarray(gx).transpose(0, 4, 1, 2, 3), tx.grad.numpy()), (np.asarray(gt), tt.grad.numpy()))
     for got_g, want_g in pairs:
         scale = np.abs(want_g).max()
         assert scale > 0 and np.abs(got_g - want_g).max() <= 1e-4 * max(scale, 1.0), (
             np.abs(got_g - want_g).max(), scale)
+    # ... and every weight's gradient (the dense layers' own VJP writes the kernels' gradients), mapped to
+    # Mirage's layout by the warm start's converter (transposes, reshapes and splits: linear re-layouts)
+    torch_grads = {n: p.grad.numpy() if p.grad is not None else np.zeros(tuple(p.shape), np.float32)
+                   for n, p in tm.named_parameters()}
+    got_p = {k: np.asarray(v.get_value() if hasattr(v, "get_value") else v) for k, v in nnx.to_flat_state(gp)}
+    want_p = convert_mochi_state(torch_grads, model.cfg)
+    assert len(want_p) > 20 and set(want_p) <= set(got_p)
+    for key, want_g in want_p.items():
+        scale = np.abs(want_g).max()
+        assert np.abs(got_p[key] - want_g).max() <= 1e-4 * max(scale, 1.0), (key, np.abs(got_p[key] - want_g).max())
     # audio present at step 0: values start at zero, so audio only dilutes attention slightly
     a = np.random.default_rng(1).standard_normal((2, 6, model.cfg.audio_feature_dim)).astype(np.float32)
     with_audio = np.asarray(fwd(model, jnp.asarray(x.transpose(0, 2, 3, 4, 1)), ts, text, mask, audio=a))

@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from data_pipeline.errors import MirageError
+from mirage_jax.aot_collectives import collective_summary
 from mirage_jax.aot_flops import compiled_cost, correct_compiled_flops, flop_parts
 from mirage_jax.aot_topology import TopologyError, parse_topology, topology_devices
 from mirage_jax.chips import GiB
@@ -135,9 +136,11 @@ def plan(cfg: Any, topology: str, *, mfu: float = DEFAULT_MFU, min_headroom: flo
         })
         return report
     report["compile_time_s"] = time.perf_counter() - t0
+    hlo = compiled.as_text()
+    report["collectives"] = collective_summary(hlo)
     if hlo_path:
         with open(hlo_path, "w") as f:
-            f.write(compiled.as_text())
+            f.write(hlo)
     ma = compiled.memory_analysis()
     mem = {
         "arguments": int(ma.argument_size_in_bytes), "outputs": int(ma.output_size_in_bytes),
@@ -202,6 +205,10 @@ def format_report(r: Mapping[str, Any]) -> str:
         f"{r['predicted_step_time_s']:.2f} s ({r['global_batch_size'] / r['predicted_step_time_s']:.2f} samples/s)",
         f"compile time {r['compile_time_s']:.0f} s",
     ]
+    if r.get("collectives"):
+        lines.append("collectives (ops in the program; a loop body counts once), largest of each: " + "; ".join(
+            f"{k} {c['ops']} ops, {c['largest']} {c['largest_bytes'] / 2**20:.1f} MiB"
+            for k, c in sorted(r["collectives"].items())))
     return "\n".join(lines)
 
 

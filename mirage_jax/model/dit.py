@@ -38,14 +38,19 @@ NORM_EPS = 1e-6  # block and final norms (diffusers MochiTransformerBlock eps)
 QK_EPS = 1e-5  # query/key RMSNorm (diffusers MochiAttention eps)
 
 QKV_NAME = "attention_qkv"  # checkpoint name of the joint q, k, v (after RoPE), as attention receives them
+
+
+def _and_dense(policy: Any) -> Any:
+    """`policy` plus the dense layers' matmul outputs: those are custom VJPs (layers.linear), invisible to JAX's
+    dot policies, so they carry DENSE_NAME."""
+    return jax.checkpoint_policies.save_from_both_policies(
+        policy, jax.checkpoint_policies.save_only_these_names(DENSE_NAME))
+
+
 REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    # Every matmul output; the dense layers' matmuls are custom VJPs (layers.linear), named DENSE_NAME.
-    "dots": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.checkpoint_dots, jax.checkpoint_policies.save_only_these_names(DENSE_NAME)),
-    "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names(DENSE_NAME)),
+    "dots": _and_dense(jax.checkpoint_policies.checkpoint_dots),
+    "dots_no_batch": _and_dense(jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
     "save_attention": jax.checkpoint_policies.save_only_these_names("attention_out"),
     # The splash kernel's own residuals (output + logsumexp, named in model/attention.py): its forward is not
     # rerun in the backward. Other backends have no such name: there this is full remat.

@@ -23,6 +23,7 @@ demo: venv sysdeps
 	JAX_PLATFORMS=cpu $(PY) -m mirage_jax.demo
 
 test: venv sysdeps
+	$(VENV)/bin/ruff check .
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q
 
 test-slow: venv sysdeps

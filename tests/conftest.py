@@ -14,6 +14,15 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under CI a missing espeak-ng is a failure, not ten skipped modules (the Makefile's sysdeps installs it)."""
+    import shutil
+
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes") and shutil.which("espeak-ng") is None:
+        pytest.exit("espeak-ng is not installed under CI: `make sysdeps` (apt-get install espeak-ng) must run first",
+                    returncode=1)
+
+
 @pytest.fixture(scope="session")
 def prepared_shards(tmp_path_factory):
     """3 synthetic sources x 3 s cut into 1 s clips: 9 records of 25 frames (64x64) in 3 shards (4, 4, 1).

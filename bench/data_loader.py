@@ -59,9 +59,9 @@ def legacy_loader(data: str, batch: int, workers: int, seed: int = 0, read_threa
     import grain
 
     from data_pipeline import loader as L
-    from data_pipeline.encoders.time_map import of_manifest
     from data_pipeline.examples import DecodeCrop
     from data_pipeline.shards import ShardSource, resolve_shards
+    from mirage_base.time_map import of_manifest
 
     shards = resolve_shards(data, "sha256")
     m = shards.manifest

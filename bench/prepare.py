@@ -177,6 +177,6 @@ if __name__ == "__main__":
     flags.DEFINE_integer("long_held_mb", 64, "--max-held-mb for the new code on the long source.")
     flags.DEFINE_string("old", OLD_DEFAULT, "Git revision whose data_pipeline is the 'old' code.")
     flags.DEFINE_bool("json", False, "Print a JSON list.")
-    from data_pipeline.cli import dashed_flags_parser
+    from mirage_base.cli import dashed_flags_parser
 
     app.run(main, flags_parser=dashed_flags_parser)

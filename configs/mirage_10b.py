@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from data_pipeline.errors import ConfigArgError
+from mirage_base.errors import ConfigArgError
 from mirage_jax.run_config import PARAM_RULES, base_config, clip_shapes, parse_arg
 
 TIME_MAP = "causal:6/25"  # Mochi's VAE on independent 25-frame chunks: 100 frames -> 20 latent frames

@@ -10,10 +10,10 @@ from typing import Any
 import grain
 import numpy as np
 
-from data_pipeline.encoders.time_map import TimeMap
-from data_pipeline.errors import MirageError
 from data_pipeline.records import RecordError, decode_record
 from data_pipeline.shards import ShardSource
+from mirage_base.errors import MirageError
+from mirage_base.time_map import TimeMap
 
 log = logging.getLogger(__name__)
 

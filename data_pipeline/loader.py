@@ -35,10 +35,10 @@ from etils import epath
 
 from data_pipeline import manifest as mf
 from data_pipeline import order as order_lib
-from data_pipeline.encoders.time_map import of_manifest
 from data_pipeline.examples import DecodeCrop
-from data_pipeline.lifetime import DieWithParent
 from data_pipeline.shards import ShardSet, ShardSource, resolve_shards
+from mirage_base.lifetime import DieWithParent
+from mirage_base.time_map import of_manifest
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ def make_loader(
         raise ValueError(
             f"clip_frames={clip_frames} is not a whole clip of the video encoder's time map {tm.rule}: its "
             f"{tm.latent_count(clip_frames)} latent frames cover {tm.covered_frames(clip_frames)} frames; "
-            "use that (data_pipeline/encoders/time_map.py)"
+            "use that (mirage_base/time_map.py)"
         )
     src = ShardSource(shards.paths, shards.counts)
     decode = DecodeCrop(src, clip_frames, tm, corrupt_budget, random_crop)

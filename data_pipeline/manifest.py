@@ -19,7 +19,7 @@ from typing import Any
 from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 
-from data_pipeline.storage import is_remote
+from mirage_base.storage import is_remote
 
 MANIFEST = "manifest.json"
 FORMAT = "mirage_jax.aroll.v1"

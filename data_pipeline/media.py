@@ -19,7 +19,7 @@ import av
 import numpy as np
 from etils import epath
 
-from data_pipeline.storage import is_remote
+from mirage_base.storage import is_remote
 
 FPS = 25
 SAMPLE_RATE = 16000

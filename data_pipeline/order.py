@@ -33,7 +33,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from data_pipeline.errors import MirageError
+from mirage_base.errors import MirageError
 
 ORDER = "elastic-v1"  # the `order` tag of DataPosition.to_json(); older loader states have none
 

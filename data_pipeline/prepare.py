@@ -30,10 +30,10 @@ from tqdm import tqdm
 
 from data_pipeline import encoders, geometry, media, records, sources
 from data_pipeline import manifest as mf
-from data_pipeline.errors import MirageError
 from data_pipeline.ingest import DEFAULT_HELD_BYTES, IngestConfig, ingest_source, list_sources
 from data_pipeline.prepare_flags import FLAGS, config_from_flags
-from data_pipeline.storage import check_storage
+from mirage_base.errors import MirageError
+from mirage_base.storage import check_storage
 
 log = logging.getLogger(__name__)
 _PROGRESS: dict[str, Any] = {}  # in-process runs only: the tqdm bar DoFns update
@@ -398,6 +398,6 @@ if __name__ == "__main__":
     prepare_flags.define_flags()
     flags.adopt_module_key_flags(prepare_flags)  # so --help lists them
     # absl stops at `--`: what follows reaches main() as Beam pipeline flags
-    from data_pipeline import cli  # not `import run`: this module has its own run() (the pipeline)
+    from mirage_base import cli  # not `import run`: this module has its own run() (the pipeline)
 
     cli.run(_prepare.main, "prepare", also={ValueError: (1, ""), FileNotFoundError: (1, "")})

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline.errors import MirageError
+from mirage_base.errors import MirageError
 
 TENSOR_DTYPES: dict[str, np.dtype] = {
     "video": np.dtype(np.float32),

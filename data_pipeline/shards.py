@@ -19,7 +19,7 @@ from etils import epath
 
 from data_pipeline import manifest as mf
 from data_pipeline import order as order_lib
-from data_pipeline.storage import is_remote
+from mirage_base.storage import is_remote
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from etils import epath
 
 from data_pipeline import media
-from data_pipeline.storage import is_remote
+from mirage_base.storage import is_remote
 
 
 def input_root(input_pattern: str, files: Sequence[str]) -> str:

@@ -28,7 +28,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from data_pipeline.errors import MirageError
+from mirage_base.errors import MirageError
 from mirage_jax.aot_collectives import collective_summary
 from mirage_jax.aot_flops import compiled_cost, correct_compiled_flops, flop_parts
 from mirage_jax.aot_topology import TopologyError, parse_topology, topology_devices
@@ -268,7 +268,7 @@ def _run() -> None:
     from absl import flags
     from ml_collections import config_flags
 
-    from data_pipeline.cli import run
+    from mirage_base.cli import run
 
     config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mirage_10b.py[:layout=v6e256].",
                                     lock_config=True)

@@ -10,7 +10,7 @@ import math
 import re
 from typing import Any
 
-from data_pipeline.errors import MirageError
+from mirage_base.errors import MirageError
 from mirage_jax.chips import CHIPS, ChipSpec
 
 CLOUD_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "trillium": "v6e"}

@@ -226,6 +226,6 @@ def _summary(report: dict[str, Any], times: dict[str, float], out: str, videos: 
 
 
 if __name__ == "__main__":
-    from data_pipeline import cli  # not `import run`: this module has its own run() (a subprocess)
+    from mirage_base import cli  # not `import run`: this module has its own run() (a subprocess)
 
     cli.run(main, "demo")

@@ -88,7 +88,7 @@ def test_failed_async_save_surfaces_within_a_step_and_keeps_the_last_checkpoint(
 
 WORKER_PARENT = textwrap.dedent("""
     import multiprocessing as mp, os, sys, time
-    from data_pipeline.lifetime import DieWithParent
+    from mirage_base.lifetime import DieWithParent
 
     def work(q, init):
         init(0, 1)

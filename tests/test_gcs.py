@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from data_pipeline.storage import StorageError, check_storage
+from mirage_base.storage import StorageError, check_storage
 from mirage_jax.emulator import GcsEmulator, clear_gcsfs_cache
 from train_cli import ROOT, run_cli
 

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from data_pipeline.batch_keys import BATCH_KEYS, STREAMS
-from data_pipeline.errors import MirageError
+from mirage_base.batch_keys import BATCH_KEYS, STREAMS
+from mirage_base.errors import MirageError
 from mirage_jax.diffusion.flow import fixed_draws, flow_matching_loss
 from mirage_jax.eval import lipsync
 from mirage_jax.inference import LoadedRun

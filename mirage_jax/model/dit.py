@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from data_pipeline.batch_keys import STREAMS
+from mirage_base.batch_keys import STREAMS
 from mirage_jax.config import ModelConfig
 from mirage_jax.model import rope as rope_lib
 from mirage_jax.model.attention import SPLASH_RESIDUALS, attention

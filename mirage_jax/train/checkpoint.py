@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from data_pipeline.errors import MirageError, root_cause
+from mirage_base.errors import MirageError, root_cause
 from mirage_jax import checkpoint_format
 from mirage_jax.paths import orbax_path
 from mirage_jax.train.state import TrainState

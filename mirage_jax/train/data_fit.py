@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from data_pipeline.encoders.time_map import of_manifest
+from mirage_base.time_map import of_manifest
 from mirage_jax.config import ConfigError
 from mirage_jax.run_config import RunConfig
 

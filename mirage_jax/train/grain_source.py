@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline.batch_keys import BATCH_KEYS
+from mirage_base.batch_keys import BATCH_KEYS
 from mirage_jax.train.data import RowRange
 
 

@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 from absl import flags
 
-from data_pipeline.errors import ConfigArgError, MirageError, root_cause
+from mirage_base.errors import ConfigArgError, MirageError, root_cause
 
 
 def _unknown_override(argv: Sequence[str], exc: BaseException) -> ConfigArgError | None:

@@ -26,7 +26,7 @@ import numpy as np
 from etils import epath
 from safetensors import SafetensorError, safe_open
 
-from data_pipeline.storage import is_remote
+from mirage_base.storage import is_remote
 
 # diffusers' names for a model's weights: one file, or shards listed by the index
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"

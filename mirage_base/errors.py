@@ -1,9 +1,10 @@
 """The one base of every error a user's input can cause, and the exit status a CLI gives it.
 
 Every package raises a subclass (`ConfigError`, `RecordError`, `CheckpointError`, ...); the CLIs run their
-`main` through `data_pipeline.cli.run`, which prints such an error as one line (`prog: message`, or the
-class's `label`) and exits with its `exit_code` instead of a traceback. It lives in data_pipeline because
-data_pipeline must not import mirage_jax, and mirage_jax imports data_pipeline.
+`main` through `mirage_base.cli.run`, which prints such an error as one line (`prog: message`, or the
+class's `label`) and exits with its `exit_code` instead of a traceback. It lives in mirage_base, the package
+below both data_pipeline and mirage_jax (data_pipeline must not import mirage_jax, and mirage_jax imports
+data_pipeline).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import os
 
 import fsspec
 
-from data_pipeline.errors import MirageError
+from mirage_base.errors import MirageError
 
 # gcsfs keeps directory listings forever by default (cache_timeout=None): a process that lists a workdir twice
 # (export or eval after training went on, a trainer after another host saved) would not see new steps.

@@ -22,7 +22,8 @@ from absl import app, flags
 from etils import epath
 from tqdm import tqdm
 
-from data_pipeline import media, speech, talking_head
+from data_pipeline.ingest import media
+from data_pipeline.synthetic import speech, talking_head
 from mirage_base.errors import MirageError
 
 SIDECAR_VERSION = "1"

@@ -6,7 +6,7 @@
     CONDITION_KEYS  BATCH_KEYS without the video latents: what sampling is given (generate, eval)
     LOADER_KEYS     what `data_pipeline.loader` yields per example: BATCH_KEYS and the mouth track (eval's truth)
 
-It lives in data_pipeline because the loader shares it and data_pipeline never imports mirage_jax.
+It lives in mirage_base because the loader shares it and data_pipeline never imports mirage_jax.
 """
 
 from __future__ import annotations

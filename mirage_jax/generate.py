@@ -31,7 +31,8 @@ import jax
 import numpy as np
 from etils import epath
 
-from data_pipeline import media, speech
+from data_pipeline.ingest import media
+from data_pipeline.synthetic import speech
 from mirage_base.time_map import TimeMap
 from mirage_jax.config import ModelConfig
 from mirage_jax.inference import LoadedRun

@@ -9,7 +9,7 @@ from flax import nnx
 
 from configs.tiny import diffusion_config
 from data_pipeline import encoders as enc_lib
-from data_pipeline import media
+from data_pipeline.ingest import media
 from helpers import random_inputs, randomize, small_config
 from mirage_base.batch_keys import CONDITION_KEYS
 from mirage_base.time_map import TimeMap

@@ -6,7 +6,7 @@ that covers its frame; crops keep that true."""
 import numpy as np
 import pytest
 
-from data_pipeline.examples import crop_or_pad
+from data_pipeline.loader.examples import crop_or_pad
 from helpers import small_config
 from mirage_base.time_map import TimeMap
 from mirage_jax.config import ConfigError

@@ -123,7 +123,7 @@ def from_spec(kind: str, spec: dict[str, Any]) -> Any:
 
 
 def from_manifest(manifest: dict[str, Any], kind: str) -> Any:
-    """The `kind` encoder recorded in a prepared dataset's manifest.json (a dict; data_pipeline.manifest)."""
+    """The `kind` encoder recorded in a prepared dataset's manifest.json (a dict; data_pipeline.dataset.manifest)."""
     try:
         spec = manifest["encoders"][kind]
     except KeyError as e:

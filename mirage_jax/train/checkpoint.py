@@ -49,10 +49,10 @@ class DataStateHandler(ocp.CheckpointHandler):
 
     The state is a snapshot taken when the step's batch was drawn (the loop prefetches the next batch
     while the device computes, so the live iterator is already one batch ahead at save time). Both sources
-    keep a global position (the synthetic source: the step; the Grain loader: `data_pipeline.order.DataPosition`),
-    the same on every process. Checkpoints of older versions hold one `process_<i>-of-<n>.json` per process:
-    the first is returned and the source decides (a synthetic step restores; a per-process Grain iterator
-    state is refused by the loader, saying why).
+    keep a global position (the synthetic source: the step; the Grain loader:
+    `data_pipeline.loader.order.DataPosition`), the same on every process. Checkpoints of older versions hold
+    one `process_<i>-of-<n>.json` per process: the first is returned and the source decides (a synthetic step
+    restores; a per-process Grain iterator state is refused by the loader, saying why).
     """
 
     FILE = "data_state.json"

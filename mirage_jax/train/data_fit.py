@@ -76,7 +76,7 @@ def check(cfg: RunConfig | Any) -> None:
     source = cfg.data.source
     if source == "synthetic":
         return
-    from data_pipeline.shards import resolve_shards
+    from data_pipeline.loader.shards import resolve_shards
 
     manifest = resolve_shards(source, verify="none").manifest
     bad = mismatches(cfg, manifest)

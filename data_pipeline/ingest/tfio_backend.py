@@ -16,7 +16,7 @@ import wave
 
 import numpy as np
 
-from data_pipeline.media import SAMPLE_RATE
+from data_pipeline.ingest.media import SAMPLE_RATE
 
 ENV_VAR = "MIRAGE_TFIO_PYTHON"
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tfio_worker.py")
@@ -24,7 +24,7 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tfio_worker.p
 
 def default_python() -> str:
     """$MIRAGE_TFIO_PYTHON, else .venv-tfio/bin/python under the repository root."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return os.environ.get(ENV_VAR) or os.path.join(root, ".venv-tfio", "bin", "python")
 
 

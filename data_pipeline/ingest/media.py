@@ -5,7 +5,7 @@ Decoding resamples by time, not by frame count: output frame k (time k / 25 s af
 frame) is the source frame on screen at that time, so 30 fps or variable-frame-rate sources come out at
 25 fps with the audio still in sync. Audio sample 0 is aligned to that same first video frame.
 Frames come out at display orientation (the container's display matrix applied), optionally fitted to a
-training size by a data_pipeline.geometry Geometry; of several streams, the default one is used.
+training size by a data_pipeline.ingest.geometry Geometry; of several streams, the default one is used.
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ FrameFn = Callable[[Any], np.ndarray]
 
 
 def frame_converter(info: VideoInfo, geometry: Any = None) -> FrameFn:
-    """av.VideoFrame -> uint8 RGB [H, W, 3] at display orientation; `geometry` (data_pipeline.geometry
+    """av.VideoFrame -> uint8 RGB [H, W, 3] at display orientation; `geometry` (data_pipeline.ingest.geometry
     Geometry or None) scales the stored frame then crops the turned one."""
     k = info.rotation // 90
 

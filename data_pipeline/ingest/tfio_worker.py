@@ -1,6 +1,6 @@
 """Runs INSIDE the tensorflow-io venv (.venv-tfio, requirements-tfio.txt), never in the JAX venv.
 
-    .venv-tfio/bin/python data_pipeline/tfio_worker.py JOBS.json
+    .venv-tfio/bin/python data_pipeline/ingest/tfio_worker.py JOBS.json
 
 JOBS.json: {"rate": 16000, "jobs": [{"wav": in.wav, "npy": out.npy}, ...]}. For each job it decodes the
 WAV with tfio.audio.AudioIOTensor, averages channels to mono, resamples to `rate` with

@@ -5,7 +5,7 @@
     batch = next(it)            # dict of numpy arrays: this process's rows of the global batch
     state = it.get_state()      # JSON-able, the same on every process; it.set_state(state) resumes exactly
 
-Pipeline: shards listed in manifest.json (size/sha256 checked) -> the elastic order of `data_pipeline.order`:
+Pipeline: shards listed in manifest.json (size/sha256 checked) -> the elastic order of `data_pipeline.loader.order`:
 global batch n = sample positions [n*B, (n+1)*B), position g -> record (global shuffle by index, reshuffled
 every epoch) -> decode + random crop/pad of the time axis (seeded by g) -> this process's rows [start, stop)
 of each global batch (batch = global_batch_size // process_count rows) -> optional worker processes (grain
@@ -33,10 +33,10 @@ import grain
 import numpy as np
 from etils import epath
 
-from data_pipeline import manifest as mf
-from data_pipeline import order as order_lib
-from data_pipeline.examples import DecodeCrop
-from data_pipeline.shards import ShardSet, ShardSource, resolve_shards
+from data_pipeline.dataset import manifest as mf
+from data_pipeline.loader import order as order_lib
+from data_pipeline.loader.examples import DecodeCrop
+from data_pipeline.loader.shards import ShardSet, ShardSource, resolve_shards
 from mirage_base.lifetime import DieWithParent
 from mirage_base.time_map import of_manifest
 
@@ -206,7 +206,7 @@ def make_loader(
         `time_map.covered_frames`); longer records are cropped at a random (seeded) offset on a latent boundary
         of the encoder's time map, shorter ones padded with video_mask/audio_mask False.
     seed: shuffle order (reshuffled every epoch) and crop offsets; global batch n is a function of (dataset
-        fingerprint, seed, n, global_batch_size), not of the process count (data_pipeline.order).
+        fingerprint, seed, n, global_batch_size), not of the process count (data_pipeline.loader.order).
     shuffle: global shuffle of records; False reads them in shard order.
     num_epochs: None repeats forever; N stops after N * num_records // global_batch_size batches (every
         process yields the same number of batches, so multi-host loops stay in step).

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from etils import epath
 
-from data_pipeline import media
+from data_pipeline.ingest import media
 from mirage_base.storage import is_remote
 
 

@@ -3,7 +3,7 @@
 `resolve_shards(source, verify)` turns a prepare output directory, a glob of its shards, a manifest path or a
 list of these into a `ShardSet` (only shards the manifest lists, size/sha256 checked); `ShardSource` reads
 record i of the set without ever raising (an unreadable record comes back as None with the reason), for the
-loader's decode step (`data_pipeline.examples`) to count.
+loader's decode step (`data_pipeline.loader.examples`) to count.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import grain
 import numpy as np
 from etils import epath
 
-from data_pipeline import manifest as mf
-from data_pipeline import order as order_lib
+from data_pipeline.dataset import manifest as mf
+from data_pipeline.loader import order as order_lib
 from mirage_base.storage import is_remote
 
 log = logging.getLogger(__name__)

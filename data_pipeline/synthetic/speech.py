@@ -16,7 +16,7 @@ import wave
 import numpy as np
 from scipy import signal
 
-from data_pipeline.media import FPS, HOP, SAMPLE_RATE
+from data_pipeline.ingest.media import FPS, HOP, SAMPLE_RATE
 
 VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-gb-x-gbclan")
 VARIANTS = ("m1", "m2", "m3", "m4", "m7", "f1", "f2", "f3", "f4", "f5", "klatt", "klatt3", "john", "linda")

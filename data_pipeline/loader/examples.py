@@ -10,8 +10,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from data_pipeline.records import RecordError, decode_record
-from data_pipeline.shards import ShardSource
+from data_pipeline.dataset.records import RecordError, decode_record
+from data_pipeline.loader.shards import ShardSource
 from mirage_base.errors import MirageError
 from mirage_base.time_map import TimeMap
 

@@ -19,7 +19,9 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from data_pipeline import clips, encoders, filters, geometry, media, records, sources
+from data_pipeline import encoders
+from data_pipeline.dataset import records
+from data_pipeline.ingest import clips, filters, geometry, media, sources
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
 
@@ -31,7 +33,7 @@ class IngestConfig:
     clip_seconds: float = 2.0
     min_seconds: float | None = None  # None: clip_seconds (tails shorter than a clip are dropped)
     size: tuple[int, int] | None = None  # (W, H) training size (scale to cover + crop); None: the source's
-    crop: str = "center"  # crop policy (data_pipeline.geometry) when scaling to `size`
+    crop: str = "center"  # crop policy (data_pipeline.ingest.geometry) when scaling to `size`
     video_encoder: str = "s2d"
     video_params: tuple[tuple[str, Any], ...] = ()
     audio_encoder: str = "logmel"

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.ad_checkpoint import checkpoint_name
 
-from mirage_jax.aot_flops import SPLASH_BWD_PER_FWD, SPLASH_FUSED_BWD_PER_FWD
+from mirage_jax.aot.flops import SPLASH_BWD_PER_FWD, SPLASH_FUSED_BWD_PER_FWD
 from mirage_jax.model.attention import attention
 from mirage_jax.model.dit import QKV_NAME, REMAT, recomputes_attention
 

@@ -11,7 +11,7 @@ The idea is MaxText's estimator: rather than guess a remat policy and a layout, 
 `micro` samples per batch device x `accum` micro-batches (`train.global_batch_size`, `train.grad_accum`),
 and splash's backward kernel (`model.splash_fused_bwd`, the config's unless `--search_fused_bwd` lists both);
 fsdp takes the rest of the slice (`mesh.ici.fsdp=-1`). The MFU ceiling is analytic / executed FLOPs
-(`aot_flops.correct_compiled_flops`); memory is the compiled per-device total. A point that does not compile
+(`aot.flops.correct_compiled_flops`); memory is the compiled per-device total. A point that does not compile
 (out of memory, a layout the mesh checks refuse) is listed with its reason and is never on the front.
 Each 10B compile takes minutes and several GB of host RAM: the sweep is sequential.
 """
@@ -21,6 +21,8 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+from mirage_jax.aot.layout import apply_layout
 
 GiB = 1024**3
 
@@ -58,16 +60,11 @@ def candidates(cfg: Any, devices: int, remat: Sequence[str], sequence: Sequence[
 
 
 def configure(cfg: Any, point: Mapping[str, Any]) -> Any:
-    """A copy of `cfg` with the point's remat policy, sequence axis (fsdp = the rest) and batch."""
-    c = cfg.copy_and_resolve_references()
-    c.model.remat_policy = point["remat"]
-    c.model.splash_fused_bwd = point["fused_bwd"]
-    c.mesh.ici.sequence = point["sequence"]
-    c.mesh.ici.fsdp = -1
-    c.mesh.ici.data = 1
-    c.train.global_batch_size = point["global_batch"]
-    c.train.grad_accum = point["accum"]
-    return c
+    """A copy of `cfg` laid out as the point says (`layout.apply_layout`: remat policy, splash backward,
+    sequence axis with fsdp the rest and the state over both, batch); the config's tensor axis is kept."""
+    return apply_layout(cfg.copy_and_resolve_references(), sequence=point["sequence"],
+                        global_batch=point["global_batch"], grad_accum=point["accum"], remat=point["remat"],
+                        fused_bwd=point["fused_bwd"], tensor=int(cfg.mesh.ici.tensor))
 
 
 def _bwd(point: Mapping[str, Any]) -> str:

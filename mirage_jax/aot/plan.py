@@ -1,7 +1,7 @@
 """Scale planning: compile the real train step for a TPU topology on a CPU host, before renting the pod.
 
     python -m mirage_jax.aot --config=configs/mirage_10b.py --topology=v5p-256 [--config.mesh.ici.sequence=4] [--json]
-    python -m mirage_jax.aot --config=... --topology=... --search [--search_remat=...]   # mirage_jax/aot_search.py
+    python -m mirage_jax.aot --config=... --topology=... --search [--search_remat=...]   # mirage_jax/aot/search.py
 
 libtpu can compile for a TPU slice it is not running on (`jax.experimental.topologies`): the mesh is built
 over the topology's abstract devices, and the runtime's own jitted step (`train.step.make_train_step`, with
@@ -12,9 +12,10 @@ predicted at a stated MFU. An out-of-memory layout fails at compile time on the 
 "does not fit" report (exit status 2) instead of minutes of pod time. docs/scaling.md has the measured
 layouts for the report's 10B model.
 
-Modules: `mirage_jax.chips` (HBM and bf16 peak per chip), `aot_topology` (slice names -> libtpu's abstract
-devices), `aot_flops` (XLA's FLOP count corrected for scanned loops and splash attention: why it needs a
-correction is there), this module (compile, memory and FLOPs report, CLI) and `aot_search` (`--search`).
+Modules of the `mirage_jax.aot` package: `chips` (HBM and bf16 peak per chip), `topology` (slice names ->
+libtpu's abstract devices), `flops` (XLA's FLOP count corrected for scanned loops and splash attention: why it
+needs a correction is there), this module (compile, memory and FLOPs report, CLI; `python -m mirage_jax.aot`
+runs `run_cli` through aot/__main__.py), `search` (`--search`) and `layout` (a layout on a config).
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from mirage_base.errors import MirageError
-from mirage_jax.aot_collectives import collective_summary
-from mirage_jax.aot_flops import compiled_cost, correct_compiled_flops, flop_parts
-from mirage_jax.aot_topology import TopologyError, parse_topology, topology_devices
-from mirage_jax.chips import GiB
+from mirage_jax.aot.chips import GiB
+from mirage_jax.aot.collectives import collective_summary
+from mirage_jax.aot.flops import compiled_cost, correct_compiled_flops, flop_parts
+from mirage_jax.aot.topology import TopologyError, parse_topology, topology_devices
 
 if TYPE_CHECKING:
     from mirage_jax.train.setup import RunSetup
@@ -234,8 +235,8 @@ def _bool(text: str, flag: str) -> bool:
 
 
 def _search(f: Any, errors: tuple[type[Exception], ...]) -> None:
-    """`--search`: the sweep of `mirage_jax.aot_search` over the flags' lists; table (or JSON rows) to stdout."""
-    from mirage_jax import aot_search
+    """`--search`: the sweep of `mirage_jax.aot.search` over the flags' lists; table (or JSON rows) to stdout."""
+    from mirage_jax.aot import search as aot_search
 
     try:
         n = len(topology_devices(parse_topology(f.topology)))
@@ -262,7 +263,8 @@ def _search(f: Any, errors: tuple[type[Exception], ...]) -> None:
     print(json.dumps(rows) if f.json else aot_search.format_table(rows, f.topology), flush=True)
 
 
-def _run() -> None:
+def run_cli() -> None:
+    """`python -m mirage_jax.aot`: define the flags and run `main` (exit codes in the module docstring)."""
     # Compile for the topology only: never claim a local accelerator (on a TPU VM, training may own it).
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from absl import flags
@@ -278,7 +280,7 @@ def _run() -> None:
     flags.DEFINE_float("min_headroom", DEFAULT_MIN_HEADROOM, "Fraction of HBM that must stay free to 'fit'.")
     flags.DEFINE_string("hlo_out", None, "Write the compiled (optimized, per-device) HLO text to this file.")
     flags.DEFINE_bool("search", False, "Compile every point of the --search_* lists; print the Pareto table of "
-                      "memory per device vs MFU ceiling (mirage_jax/aot_search.py).")
+                      "memory per device vs MFU ceiling (mirage_jax/aot/search.py).")
     flags.DEFINE_list("search_remat", ["full", "save_splash", "save_splash_qkv"], "--search: remat policies.")
     flags.DEFINE_list("search_sequence", [], "--search: sequence axis sizes (default: the config's).")
     flags.DEFINE_list("search_micro", ["1"], "--search: samples per batch device per micro-batch.")
@@ -290,5 +292,3 @@ def _run() -> None:
     run(main, "aot", also={MirageError: (1, "error")})
 
 
-if __name__ == "__main__":
-    _run()

@@ -1,7 +1,7 @@
 """Accelerator facts, one table: per-chip HBM and dense bf16 peak of each TPU generation, and the peak of the
 GPUs the benchmarks know, keyed by the `device_kind` JAX reports.
 
-Read by `mirage_jax.aot` (scale planning: HBM, predicted step time), `train.metrics` (MFU in the training
+Read by `mirage_jax.aot.plan` (scale planning: HBM, predicted step time), `train.metrics` (MFU in the training
 logs) and `bench.train_step` (MFU on a GPU). Sources: Google Cloud TPU system-architecture pages for v4, v5e,
 v5p and v6e (Trillium), linked from docs/scaling.md; NVIDIA's H100/H200/A100 SXM datasheets (dense bf16,
 no sparsity).

@@ -4,7 +4,7 @@ XLA's cost analysis sees it, and XLA's compiled count corrected for what it miss
 Why compiled FLOPs need a correction: XLA's cost analysis counts a while-loop body ONCE (the scanned
 layers, and the gradient-accumulation scan), and sees nothing inside custom kernels (Pallas splash
 attention). `correct_compiled_flops` scales the loop bodies by their trip counts and adds the kernel's
-executed attention matmuls; `mirage_jax.aot` reports the raw number as well.
+executed attention matmuls; `mirage_jax.aot.plan` reports the raw number as well.
 """
 
 from __future__ import annotations

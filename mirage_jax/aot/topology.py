@@ -1,6 +1,6 @@
 """TPU slices for scale planning: Cloud names (`v5p-256`) and libtpu topology names (`v5p:4x4x8`) resolved to a
-chip generation (`mirage_jax.chips.CHIPS`) and chip count, and the slice's abstract devices from libtpu
-(`jax.experimental.topologies`), over which `mirage_jax.aot` compiles the train step without the pod.
+chip generation (`mirage_jax.aot.chips.CHIPS`) and chip count, and the slice's abstract devices from libtpu
+(`jax.experimental.topologies`), over which `mirage_jax.aot.plan` compiles the train step without the pod.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 from mirage_base.errors import MirageError
-from mirage_jax.chips import CHIPS, ChipSpec
+from mirage_jax.aot.chips import CHIPS, ChipSpec
 
 CLOUD_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "trillium": "v6e"}
 

@@ -24,7 +24,8 @@ run its fused backward kernel (`splash_fused_bwd`): MFU ceilings 0.83 (52% of HB
 v6e needs sequence 8, one sample per 8 chips, to fit), against 0.56 under full remat (docs/scaling.md).
 v5p512 (8 s) is the full-remat layout: the fused kernel's dq buffer grows with the square of the sequence.
 Those two settings were compiled for 4 s clips only: with `seconds` above 4 every layout uses full remat and
-the split backward (as `v5p512`), so `:seconds=8` alone gives v5p-256 with full remat, never an uncompiled fused layout. For example:
+the split backward (as `v5p512`), so `:seconds=8` alone gives v5p-256 with full remat, never an uncompiled
+fused layout. For example:
 
     python -m mirage_jax.aot --config=configs/mirage_10b.py:layout=v6e256 --topology=v6e-256
     python -m mirage_jax.train --config=configs/mirage_10b.py --workdir=gs://...

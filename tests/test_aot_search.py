@@ -68,7 +68,6 @@ def test_search_point_lays_out_like_the_shipped_layout() -> None:
     the state over fsdp x sequence, not replicated across the sequence axis), starting from the default
     rules of a config that was laid out for another slice."""
     from configs.mirage_10b import LAYOUTS, get_config
-
     from mirage_jax.run_config import PARAM_RULES
 
     base = get_config("layout=v5p512")  # another layout: sequence 4, batch 64, full remat

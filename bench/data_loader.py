@@ -158,12 +158,12 @@ def loader_vs_step(data: str | None = None, clips: int = 8, batch: int = 8, roun
 
 def gcs_vs_local(data: str | None = None, clips: int = 2, batch: int = 2, batches: int = 4) -> list[dict]:
     """Records/s of raw ArrayRecord reads and of the Grain loader (in-process), from local disk and from a
-    local GCS emulator (mirage_jax/emulator.py) holding a copy of the same shards: ArrayRecord's own gs://
+    local GCS emulator (tools/emulator.py) holding a copy of the same shards: ArrayRecord's own gs://
     reader against the local file reader. Only the emulator's HTTP path is exercised (no network latency)."""
     import fsspec
 
     from data_pipeline.dataset import manifest
-    from mirage_jax.emulator import GcsEmulator
+    from tools.emulator import GcsEmulator
 
     if data is None:
         data = prepare_dataset(tempfile.mkdtemp(prefix="bench-data-"), clips, clip_seconds=1.0)

@@ -68,7 +68,7 @@ def demo(cfg: ml_collections.ConfigDict) -> None:
 
 
 def fast(cfg: ml_collections.ConfigDict) -> None:
-    """The tests' and the chaos drill's run (tests/train_cli.py, mirage_jax/train/chaos.py)."""
+    """The tests' and the chaos drill's run (tests/train_cli.py, tools/chaos.py)."""
     cfg.model.num_layers = 2
     cfg.shapes.latent_frames = cfg.shapes.audio_frames = 4
     cfg.train.global_batch_size = 8

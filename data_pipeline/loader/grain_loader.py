@@ -21,7 +21,6 @@ example), `order` (the elastic global order), this module (the Grain pipeline, i
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import threading
@@ -31,9 +30,7 @@ from typing import Any
 
 import grain
 import numpy as np
-from etils import epath
 
-from data_pipeline.dataset import manifest as mf
 from data_pipeline.loader import order as order_lib
 from data_pipeline.loader.examples import DecodeCrop
 from data_pipeline.loader.shards import ShardSet, ShardSource, resolve_shards
@@ -275,24 +272,3 @@ def make_loader(
         )
     position = order_lib.DataPosition(0, 0, int(seed), shards.fingerprint, global_batch_size, bool(shuffle))
     return LoaderDataset(build, max_batches, slow_batch_warn_s, shards, per_process, position, allow_dataset_change)
-
-
-def checkpoint_args(iterator: grain.DatasetIterator, restore: bool = False) -> Any:
-    """Orbax item for the loader iterator: `grain.checkpoint.CheckpointSave(it)` (or `CheckpointRestore`),
-    for `ocp.args.Composite(..., data=checkpoint_args(it))` in a CheckpointManager save/restore."""
-    return (
-        grain.checkpoint.CheckpointRestore(iterator) if restore else grain.checkpoint.CheckpointSave(iterator)
-    )
-
-
-def save_state(iterator: grain.DatasetIterator, path: str) -> None:
-    """Write the iterator state as JSON (atomically) - for trainers that do not use Orbax."""
-    mf.atomic_write_bytes(epath.Path(path), json.dumps(iterator.get_state(), sort_keys=True).encode())
-
-
-def restore_state(iterator: grain.DatasetIterator, path: str) -> None:
-    """Set the iterator to the JSON state written by `save_state`."""
-    p = epath.Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{path}: no saved loader state")
-    iterator.set_state(json.loads(p.read_text()))

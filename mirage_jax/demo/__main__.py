@@ -16,6 +16,9 @@
 Every stage is the project's own command line run as a subprocess (what a user would type), timed. The
 last line printed is the eval JSON. `--fast` shrinks everything for the test suite (a smoke test of the
 path, not of learning).
+
+This package: `__main__` (this file: the stages, run by `python -m mirage_jax.demo`) and `preempt` (the
+preemption drill from outside a run that stage 3 uses; library code, so the demo imports no tools/).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from typing import Any
 from absl import app, flags
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
-from mirage_jax.train import drill
+from mirage_jax.demo.preempt import preempt_at_step
 
 flags.DEFINE_string("out", "demo_out", "Everything the demo writes goes under this directory.")
 flags.DEFINE_bool("fast", False, "Tiny sizes and a few steps: checks the path works, not that it learns.")
@@ -48,9 +51,9 @@ flags.DEFINE_integer("devices_per_process", 4,
                      "like the hosts of a pod (docs/runtime.md, 'Several processes on one machine').")
 
 SAY = "Hello there. This video was generated from my voice, on a laptop processor."
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# the config the demo trains (default steps; generate and eval read its guidance), loaded as `--config=` loads it
-DEMO = ConfigFileFlagParser("config").parse(os.path.join(ROOT, "configs", "tiny.py") + ":demo")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
+# the config the demo trains (generate and eval read its guidance): the training CLI loads it by path
+DEMO_CONFIG = os.path.join(ROOT, "configs", "tiny.py") + ":demo"
 
 
 def _stream(cmd: list[str], tag: str, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -84,7 +87,7 @@ def _worth_showing(line: str) -> bool:
 
 def train_with_drill(cmd: list[str], workdir: str, stop_at: int | None) -> None:
     """Run the training command; with `stop_at`, SIGTERM the launcher once metrics pass that step
-    (`train.drill.preempt_at_step`), check the preemption save and clean exit, then run the same command again
+    (`demo.preempt.preempt_at_step`), check the preemption save and clean exit, then run the same command again
     to resume."""
     if stop_at is None:
         run(cmd, "train", quiet=True)
@@ -100,7 +103,7 @@ def train_with_drill(cmd: list[str], workdir: str, stop_at: int | None) -> None:
         print(f"[train] --- demo: step {step} reached: sending SIGTERM to the launcher (preemption drill) ---",
               flush=True)
 
-    r = drill.preempt_at_step(cmd, workdir, stop_at, cwd=ROOT, on_line=echo, on_signal=announce)
+    r = preempt_at_step(cmd, workdir, stop_at, cwd=ROOT, on_line=echo, on_signal=announce)
     if r.returncode != 0:
         raise SystemExit(f"demo: training exited with {r.returncode}")
     if r.signalled_at is None:
@@ -132,7 +135,8 @@ def main(argv: Sequence[str]) -> None:
     fast = F.fast
     out = os.path.abspath(F.out)
     py = sys.executable
-    steps = F.steps or (6 if fast else int(DEMO.train.steps))
+    # default: the config's own steps, loaded as `--config=` loads it (here, not when this module is imported)
+    steps = F.steps or (6 if fast else int(ConfigFileFlagParser("config").parse(DEMO_CONFIG).train.steps))
     clips = F.clips or (4 if fast else 160)
     held = 2 if fast else 8
     seconds = 2 if fast else 4

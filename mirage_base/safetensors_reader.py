@@ -9,8 +9,10 @@ ever unpickled.
 
 Used by the frozen encoders' weight loader (`data_pipeline.encoders.weights`), warm start's Mochi source
 (`mirage_jax.warm_start.source`) and the PyTorch export loader (`MirageTransformer.from_pretrained`,
-`framework="pt"`). It lives in data_pipeline because data_pipeline never imports mirage_jax; it imports
-neither JAX nor torch (safetensors imports torch itself only for `framework="pt"`).
+`framework="pt"`). It lives in mirage_base, below both packages; it imports neither JAX nor torch (safetensors
+imports torch itself only for `framework="pt"`), and etils/fsspec only when a path is a URL (`_as_path`), so
+the PyTorch serving module loads without the storage stack. Local paths are `pathlib.Path`s, URLs
+`etils.epath.Path`s.
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ import json
 import os
 import struct
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import ml_dtypes
 import numpy as np
-from etils import epath
 from safetensors import SafetensorError, safe_open
 
-from mirage_base.storage import is_remote
+if TYPE_CHECKING:
+    from etils import epath
 
 # diffusers' names for a model's weights: one file, or shards listed by the index
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -44,7 +47,25 @@ class SafetensorsError(ValueError):
     """A weights file or index is unusable; the message is one line naming the file (and tensor)."""
 
 
-def weight_files(folder: PathLike, preferred: Iterable[str] = (SINGLE_NAME,)) -> dict[epath.Path, set[str] | None]:
+def _is_url(path: PathLike) -> bool:
+    """True for URLs (gs://bucket/...), as `mirage_base.storage.is_remote` says, without importing fsspec."""
+    return "://" in os.fspath(path)
+
+
+def _as_path(path: PathLike) -> Path | epath.Path:
+    """A local path as `pathlib.Path`; a URL as `etils.epath.Path` (imported here, with `mirage_base.storage`,
+    which sets gcsfs's listing cache to re-read, only when a URL is read)."""
+    if not _is_url(path):
+        return Path(os.fspath(path))
+    from etils import epath
+
+    import mirage_base.storage  # noqa: F401  (gcsfs listing-cache setting before the first listing)
+
+    return epath.Path(path)
+
+
+def weight_files(folder: PathLike,
+                 preferred: Iterable[str] = (SINGLE_NAME,)) -> dict[Path | epath.Path, set[str] | None]:
     """The safetensors files of a weights folder, each with the tensor names its index says it holds (None
     without an index). For each name in `preferred` (e.g. `model.safetensors`): that file, else the shards
     listed by `NAME.index.json` (`weight_map`: tensor -> file); failing all, every `*.safetensors` in the
@@ -53,7 +74,7 @@ def weight_files(folder: PathLike, preferred: Iterable[str] = (SINGLE_NAME,)) ->
     Raises SafetensorsError naming the index if it is not JSON with a `weight_map`, or names a shard that
     does not exist.
     """
-    root = epath.Path(folder)
+    root = _as_path(folder)
     for name in preferred:
         if (root / name).exists():
             return {root / name: None}
@@ -63,10 +84,10 @@ def weight_files(folder: PathLike, preferred: Iterable[str] = (SINGLE_NAME,)) ->
     return dict.fromkeys(sorted(root.glob("*.safetensors")))
 
 
-def index_files(index: PathLike) -> dict[epath.Path, set[str]]:
+def index_files(index: PathLike) -> dict[Path | epath.Path, set[str]]:
     """{shard path: tensor names} from a safetensors index json (`{"weight_map": {tensor: file}}`), shards
     resolved next to the index and checked to exist (SafetensorsError naming the index and the shard if not)."""
-    index = epath.Path(index)
+    index = _as_path(index)
     try:
         weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
@@ -95,14 +116,14 @@ class SafetensorsReader:
                  framework: str = "numpy", device: str = "cpu"):
         expected = dict(files) if isinstance(files, Mapping) else dict.fromkeys(files)
         self.framework, self.device = framework, device
-        self.entries: dict[str, tuple[epath.Path, str, tuple[int, ...], int]] = {}  # file, dtype, shape, offset
-        self._handles: dict[epath.Path, Any] = {}
+        self.entries: dict[str, tuple[Any, str, tuple[int, ...], int]] = {}  # file, dtype, shape, offset
+        self._handles: dict[Any, Any] = {}
         self._latest: tuple[str, np.ndarray] | None = None  # remote files: the last whole tensor read
         for path, names in expected.items():
-            path = epath.Path(path)
-            if is_remote(path) and framework != "numpy":
+            path = _as_path(path)
+            if _is_url(path) and framework != "numpy":
                 raise SafetensorsError(f"{path}: remote files are read with framework='numpy' only; copy it locally")
-            header = self._open_remote(path) if is_remote(path) else self._open_local(path)
+            header = self._open_remote(path) if _is_url(path) else self._open_local(path)
             if names is not None and not names <= header.keys():
                 missing = sorted(names - header.keys())
                 raise SafetensorsError(f"{path}: the index says it holds {missing[0]!r} (and {len(missing) - 1} "
@@ -114,7 +135,7 @@ class SafetensorsReader:
                     raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
                 self.entries[name] = (path, dtype, shape, start)
 
-    def _open_local(self, path: epath.Path) -> dict[str, tuple[str, tuple[int, ...], int]]:
+    def _open_local(self, path: Path) -> dict[str, tuple[str, tuple[int, ...], int]]:
         try:
             f = safe_open(os.fspath(path), framework=self.framework, device=self.device)
             slices = {name: f.get_slice(name) for name in f.keys()}
@@ -148,11 +169,11 @@ class SafetensorsReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entry(name)[2]
 
-    def file(self, name: str) -> epath.Path:
+    def file(self, name: str) -> Path | epath.Path:
         """The file holding tensor `name`."""
         return self._entry(name)[0]
 
-    def _entry(self, name: str) -> tuple[epath.Path, str, tuple[int, ...], int]:
+    def _entry(self, name: str) -> tuple[Any, str, tuple[int, ...], int]:
         if name not in self.entries:
             files = sorted({str(e[0]) for e in self.entries.values()}) or ["no files"]
             raise SafetensorsError(f"{', '.join(files)}: no tensor named {name!r}")

@@ -1,4 +1,4 @@
-"""`aot_collectives.collective_summary` against collectives of known size: a program compiled on the 8 CPU
+"""`aot.collectives.collective_summary` against collectives of known size: a program compiled on the 8 CPU
 devices (shard_map psum / all_gather, sizes in closed form) and lines of a real TPU compile (Findings 5)."""
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ not rerun the forward kernel. Pallas interpret mode on CPU, against the `xla` ba
 second code path): forward and gradients on a masked batch; and the number of forward kernels whose
 results the gradient actually uses (2 under full remat, 1 when the residuals are saved). The same with the
 kernel's fused backward (`model.splash_fused_bwd`), and the matmuls inside each kernel's jaxpr against the
-per-forward backward costs `aot_flops` adds for it."""
+per-forward backward costs `aot.flops` adds for it."""
 
 from __future__ import annotations
 

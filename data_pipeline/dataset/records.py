@@ -88,7 +88,7 @@ def validate(tensors: dict[str, np.ndarray], metadata: dict[str, str], where: st
             f"{where}: 'text_mask' length {tensors['text_mask'].shape[0]} != text length "
             f"{tensors['text'].shape[0]}"
         )
-    if t == 0 or a < t:  # the frame-to-latent map itself is the manifest's (encoders/time_map.py)
+    if t == 0 or a < t:  # the frame-to-latent map itself is the manifest's (mirage_base/time_map.py)
         raise RecordError(f"{where}: {a} audio frames for {t} latent video frames; expected at least one per latent")
     missing_meta = sorted(set(METADATA_KEYS) - set(metadata))
     if missing_meta:

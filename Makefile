@@ -36,8 +36,8 @@ bench: venv sysdeps
 	JAX_PLATFORMS=cpu $(PY) -m bench
 
 # chaos drill: N iterations of SIGTERM / SIGKILL at seeded random moments of a 2-process job, restarted each
-# time; checks bitwise-equal final params, exit 0 on SIGTERM, no step lost, no orphans (mirage_jax/train/chaos.py)
+# time; checks bitwise-equal final params, exit 0 on SIGTERM, no step lost, no orphans (tools/chaos.py)
 N ?= 20
 SEED ?= 0
 chaos: venv sysdeps
-	JAX_PLATFORMS=cpu $(PY) -m mirage_jax.train.chaos --iterations=$(N) --seed=$(SEED)
+	JAX_PLATFORMS=cpu $(PY) -m tools.chaos --iterations=$(N) --seed=$(SEED)

@@ -383,7 +383,7 @@ def write_report(results: dict[str, dict[str, Any]], machine: dict[str, Any], pa
     lines += ["## GPU", "",
               "This report has no GPU run: `python -m bench.train_step --gpu` runs both steps in bf16 on a GPU "
               "(JAX with `attention_backend='cudnn'`, PyTorch SDPA under autocast) and reports MFU against the "
-              "chip's bf16 peak (`mirage_jax.chips.PEAK_FLOPS`).", ""]
+              "chip's bf16 peak (`mirage_jax.aot.chips.PEAK_FLOPS`).", ""]
     text = "\n".join(lines)
     with open(path, "w") as f:
         f.write(text)

@@ -238,8 +238,8 @@ class RealStep:
 
     def compiled_flops(self) -> dict[str, float]:
         """XLA cost_analysis FLOPs of the compiled step: raw (a scanned layer body counted once) and
-        corrected for the scan trip count with `aot_flops.correct_compiled_flops`."""
-        from mirage_jax import aot_flops
+        corrected for the scan trip count with `aot.flops.correct_compiled_flops`."""
+        from mirage_jax.aot import flops as aot_flops
 
         ca = aot_flops.compiled_cost(self.compile())
         raw = float(ca.get("flops", 0.0)) * self.setup.mesh.size  # cost_analysis is per device

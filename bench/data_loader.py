@@ -58,10 +58,10 @@ def legacy_loader(data: str, batch: int, workers: int, seed: int = 0, read_threa
     """The loader before the elastic order (per-process Grain iterator state), for comparison only."""
     import grain
 
-    from data_pipeline import loader as L
-    from data_pipeline.encoders.time_map import of_manifest
-    from data_pipeline.examples import DecodeCrop
-    from data_pipeline.shards import ShardSource, resolve_shards
+    from data_pipeline.loader import grain_loader as L
+    from data_pipeline.loader.examples import DecodeCrop
+    from data_pipeline.loader.shards import ShardSource, resolve_shards
+    from mirage_base.time_map import of_manifest
 
     shards = resolve_shards(data, "sha256")
     m = shards.manifest
@@ -80,7 +80,7 @@ def legacy_loader(data: str, batch: int, workers: int, seed: int = 0, read_threa
 def bench_loader(data: str, batch: int, batches: int, workers: int, mean_record_bytes: float,
                  legacy: bool = False) -> dict:
     """Loader batches/s after one warm-up batch (worker start-up excluded)."""
-    from data_pipeline.loader import make_loader
+    from data_pipeline.loader.grain_loader import make_loader
 
     if legacy:
         ds = legacy_loader(data, batch, workers)
@@ -107,7 +107,7 @@ def bench_loader(data: str, batch: int, batches: int, workers: int, mean_record_
 
 def prepare_dataset(directory: str, clips: int, seconds: float = 3.0, clip_seconds: float = 2.0) -> str:
     """Synthesize `clips` talking-head clips (64x64) and prepare them into shards; returns the shard dir."""
-    from data_pipeline.ingest import IngestConfig
+    from data_pipeline.ingest.per_source import IngestConfig
     from data_pipeline.prepare import run
     from data_pipeline.synthesize import synthesize
 
@@ -127,7 +127,7 @@ def loader_vs_step(data: str | None = None, clips: int = 8, batch: int = 8, roun
     if data is None:
         tmp = tempfile.mkdtemp(prefix="bench-data-")
         data = prepare_dataset(tmp, clips)
-    from data_pipeline.loader import make_loader
+    from data_pipeline.loader.grain_loader import make_loader
 
     overrides = {"train.global_batch_size": batch, **(step_overrides or {})}
     step = common.RealStep(common.tiny_config(overrides))
@@ -158,12 +158,12 @@ def loader_vs_step(data: str | None = None, clips: int = 8, batch: int = 8, roun
 
 def gcs_vs_local(data: str | None = None, clips: int = 2, batch: int = 2, batches: int = 4) -> list[dict]:
     """Records/s of raw ArrayRecord reads and of the Grain loader (in-process), from local disk and from a
-    local GCS emulator (mirage_jax/emulator.py) holding a copy of the same shards: ArrayRecord's own gs://
+    local GCS emulator (tools/emulator.py) holding a copy of the same shards: ArrayRecord's own gs://
     reader against the local file reader. Only the emulator's HTTP path is exercised (no network latency)."""
     import fsspec
 
-    from data_pipeline import manifest
-    from mirage_jax.emulator import GcsEmulator
+    from data_pipeline.dataset import manifest
+    from tools.emulator import GcsEmulator
 
     if data is None:
         data = prepare_dataset(tempfile.mkdtemp(prefix="bench-data-"), clips, clip_seconds=1.0)
@@ -183,7 +183,7 @@ def gcs_vs_local(data: str | None = None, clips: int = 2, batch: int = 2, batche
 
 def main(argv: Sequence[str]) -> None:
     del argv
-    from data_pipeline import manifest
+    from data_pipeline.dataset import manifest
 
     data = FLAGS.data
     if FLAGS.gcs:

@@ -5,7 +5,7 @@
 The step is the runtime's real jitted train step (`train.setup.RunSetup`, as `train.loop.Trainer`) of
 configs/tiny.py on one CPU device. Its FLOPs are counted two ways: analytic (`describe.count_flops`, the
 MFU numerator: forward + backward matmuls only) and XLA's `cost_analysis()` of the compiled step, corrected
-for the scanned layers (`aot_flops.correct_compiled_flops`; it also counts norms, softmax, RoPE, the optimizer).
+for the scanned layers (`aot.flops.correct_compiled_flops`; it also counts norms, softmax, RoPE, the optimizer).
 The matmul (n x n fp32, 2 n^3 FLOPs) is the practical peak of this host for XLA; the two are timed alternately.
 """
 

@@ -38,7 +38,7 @@ def write_sources(out: str, count: int, seconds: float, size: tuple[int, int], s
     """`count` mp4s (H.264 + AAC, streamed: any length) of moving noise and a 220 Hz tone, `seconds` long."""
     import av
 
-    from data_pipeline import media
+    from data_pipeline.ingest import media
 
     os.makedirs(out, exist_ok=True)
     w, h = size
@@ -94,7 +94,7 @@ def run_prepare(tree: str, args: Sequence[str]) -> tuple[float, int]:
 
 _INGEST = """
 import inspect, sys
-from data_pipeline.ingest import IngestConfig, ingest_source
+from data_pipeline.ingest.per_source import IngestConfig, ingest_source
 cfg = IngestConfig(clip_seconds=1.0)
 kw = {"held_bytes": int(sys.argv[2])} if "held_bytes" in inspect.signature(ingest_source).parameters else {}
 print(sum(1 for _ in ingest_source(sys.argv[1], cfg, cfg.build_encoders(), **kw)))
@@ -177,6 +177,6 @@ if __name__ == "__main__":
     flags.DEFINE_integer("long_held_mb", 64, "--max-held-mb for the new code on the long source.")
     flags.DEFINE_string("old", OLD_DEFAULT, "Git revision whose data_pipeline is the 'old' code.")
     flags.DEFINE_bool("json", False, "Print a JSON list.")
-    from data_pipeline.cli import dashed_flags_parser
+    from mirage_base.cli import dashed_flags_parser
 
     app.run(main, flags_parser=dashed_flags_parser)

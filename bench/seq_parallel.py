@@ -20,13 +20,14 @@ from typing import Any
 from absl import app, flags
 
 from bench import common
+from mirage_jax import run_config
+from mirage_jax.aot.layout import params_sharded_over
 
 # 8 heads x 8 = the tiny model's attention width (64) with a head count every size up to 8 divides.
 MODEL = {"model.num_heads": 8, "model.head_dim": 8}
-# The state sharded over fsdp x sequence (as the shipped 10B configs do), so that every size keeps the
-# state spread over all 8 devices and the memory column shows what sequence parallelism itself changes.
-PARAM_RULES = (("layers", None), ("embed", ("fsdp", "sequence")), ("heads", "tensor"), ("mlp", "tensor"),
-               ("mod", "tensor"), ("vocab", None), ("norm", None))
+# The state sharded over fsdp x sequence (as every laid-out config does: mirage_jax.aot.layout), so that every
+# size keeps the state spread over all 8 devices and the memory column shows what sequence parallelism changes.
+PARAM_RULES = params_sharded_over(run_config.PARAM_RULES)
 
 
 def measure(sizes: Sequence[int] = (1, 2, 4, 8), rounds: int = 3, overrides: dict[str, Any] | None = None,

@@ -17,7 +17,7 @@ count (`describe.count_flops`, identical networks so identical FLOPs). `--profil
 goes: the PyTorch step's top operators (torch.profiler), XLA's cost analysis of the JAX step and XLA's own
 per-operation times (jax.profiler).
 `--gpu` is a code path for a GPU host (bf16 compute, `attention_backend='cudnn'` vs PyTorch SDPA under
-bf16 autocast; MFU against `mirage_jax.chips.PEAK_FLOPS`); no GPU numbers have been measured with it.
+bf16 autocast; MFU against `mirage_jax.aot.chips.PEAK_FLOPS`); no GPU numbers have been measured with it.
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def _profile(jax_run: Callable[[], Any], jax_parts: Any, torch_run: Callable[[],
     top = [{"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3,
             "share": e.self_cpu_time_total / total} for e in events[:8]]
     step, state, _ = jax_parts
-    from mirage_jax.aot_flops import compiled_cost
+    from mirage_jax.aot.flops import compiled_cost
 
     compiled = step.lower(state["p"], state["o"]).compile()
     ca = compiled_cost(compiled)
@@ -294,7 +294,7 @@ def measure(batch: int = 2, layers: int = 4, heads: int = 4, frames: int = 8, ro
     if gpu:
         import jax
 
-        from mirage_jax.chips import peak_flops
+        from mirage_jax.aot.chips import peak_flops
 
         peak = peak_flops(jax.devices()[0].device_kind)
         if peak:

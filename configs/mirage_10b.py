@@ -21,10 +21,11 @@ The argument is `key=value,...` (mirage_jax.run_config.parse_arg): `seconds` (cl
 Every layout: no accumulation; weights, gradients and optimizer state sharded over fsdp AND sequence (all
 chips); Ulysses inside attention. v5p256 and v6e256 keep splash's residuals (`remat_policy=save_splash`) and
 run its fused backward kernel (`splash_fused_bwd`): MFU ceilings 0.83 (52% of HBM free) and 0.83 (22% free;
-v6e needs sequence 8, one sample per 8 chips, to fit), against 0.56 under full remat (docs/scaling.md). v5p512
-(8 s) is the full-remat layout: the fused kernel's dq buffer grows with the square of the sequence. Those two
-settings were compiled for 4 s clips only: with `seconds` above 4 every layout uses full remat and the split backward
-(as `v5p512`), so `:seconds=8` alone gives v5p-256 with full remat, never an uncompiled fused layout. For example:
+v6e needs sequence 8, one sample per 8 chips, to fit), against 0.56 under full remat (docs/scaling.md).
+v5p512 (8 s) is the full-remat layout: the fused kernel's dq buffer grows with the square of the sequence.
+Those two settings were compiled for 4 s clips only: with `seconds` above 4 every layout uses full remat and
+the split backward (as `v5p512`), so `:seconds=8` alone gives v5p-256 with full remat, never an uncompiled
+fused layout. For example:
 
     python -m mirage_jax.aot --config=configs/mirage_10b.py:layout=v6e256 --topology=v6e-256
     python -m mirage_jax.train --config=configs/mirage_10b.py --workdir=gs://...
@@ -34,13 +35,15 @@ from __future__ import annotations
 
 import ml_collections
 
-from data_pipeline.errors import ConfigArgError
-from mirage_jax.run_config import PARAM_RULES, base_config, clip_shapes, parse_arg
+from mirage_base.errors import ConfigArgError
+from mirage_jax.aot.layout import apply_layout
+from mirage_jax.run_config import base_config, clip_shapes, parse_arg
 
 TIME_MAP = "causal:6/25"  # Mochi's VAE on independent 25-frame chunks: 100 frames -> 20 latent frames
 
 # slice -> (mesh.ici.sequence, train.global_batch_size, model.remat_policy, model.splash_fused_bwd), each
-# compiled (python -m mirage_jax.aot) to fit with > 10% HBM headroom; numbers in docs/scaling.md
+# compiled (python -m mirage_jax.aot) to fit with > 10% HBM headroom; numbers in docs/scaling.md. The one
+# table of the 10B layouts; `mirage_jax.aot.layout.apply_layout` sets one on the config (as the search does)
 LAYOUTS = {"v5p256": (4, 32, "save_splash", True), "v6e256": (8, 32, "save_splash", True),
            "v5p512": (4, 64, "full", False)}
 MEASURED_SECONDS = 4  # the clip length save_splash + the fused backward were compiled for (v5p256, v6e256)
@@ -63,25 +66,6 @@ def diffusion_config() -> ml_collections.ConfigDict:
         lq_steps=64, drop_text=0.1, drop_audio=0.1, drop_ref=0.1, loss_buckets=8, sample_steps=64,
         cfg_audio=1.0, cfg_text=1.0, cfg_schedule="cosine",
     ))
-
-
-def params_sharded_over(axes: tuple[str, ...]) -> tuple[tuple[str, object], ...]:
-    """PARAM_RULES with the `embed` (FSDP) dimension split over `axes` instead of `fsdp` alone, so
-    state is not replicated across the sequence axis."""
-    return tuple((name, axes if name == "embed" else mesh_axes) for name, mesh_axes in PARAM_RULES)
-
-
-def apply_layout(cfg: ml_collections.ConfigDict, *, sequence: int, global_batch: int, grad_accum: int = 1,
-                 remat: str = "full", fused_bwd: bool = False) -> ml_collections.ConfigDict:
-    """fsdp = the rest of the slice x `sequence`, tensor 1; state sharded over fsdp and sequence; the remat
-    policy and splash's backward kernel (`model.splash_fused_bwd`)."""
-    cfg.mesh.ici.update(dict(data=1, fsdp=-1, sequence=sequence, tensor=1))
-    cfg.mesh.rules.params = params_sharded_over(("fsdp", "sequence"))
-    cfg.train.global_batch_size = global_batch
-    cfg.train.grad_accum = grad_accum
-    cfg.model.remat_policy = remat
-    cfg.model.splash_fused_bwd = fused_bwd
-    return cfg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -47,7 +47,7 @@ def diffusion_config() -> ml_collections.ConfigDict:
 
 
 def demo(cfg: ml_collections.ConfigDict) -> None:
-    """The `make demo` run (mirage_jax/demo.py): 1 s clips (25 latent frames), batch 8, data parallel over 2
+    """The `make demo` run (mirage_jax/demo/): 1 s clips (25 latent frames), batch 8, data parallel over 2
     processes. docs/tiny_config.md gives the measurements behind each value."""
     cfg.model.latent_channels = 16  # the `dct` encoder's 8 x 8 px -> 16 channels (s2d's 192 is too wide)
     cfg.mesh.ici.data, cfg.mesh.ici.fsdp = -1, 1  # pure data parallelism
@@ -68,7 +68,7 @@ def demo(cfg: ml_collections.ConfigDict) -> None:
 
 
 def fast(cfg: ml_collections.ConfigDict) -> None:
-    """The tests' and the chaos drill's run (tests/train_cli.py, mirage_jax/train/chaos.py)."""
+    """The tests' and the chaos drill's run (tests/train_cli.py, tools/chaos.py)."""
     cfg.model.num_layers = 2
     cfg.shapes.latent_frames = cfg.shapes.audio_frames = 4
     cfg.train.global_batch_size = 8

@@ -28,12 +28,14 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from etils import epath
 from tqdm import tqdm
 
-from data_pipeline import encoders, geometry, media, records, sources
-from data_pipeline import manifest as mf
-from data_pipeline.errors import MirageError
-from data_pipeline.ingest import DEFAULT_HELD_BYTES, IngestConfig, ingest_source, list_sources
+from data_pipeline import encoders
+from data_pipeline.dataset import manifest as mf
+from data_pipeline.dataset import records
+from data_pipeline.ingest import geometry, media, sources
+from data_pipeline.ingest.per_source import DEFAULT_HELD_BYTES, IngestConfig, ingest_source, list_sources
 from data_pipeline.prepare_flags import FLAGS, config_from_flags
-from data_pipeline.storage import check_storage
+from mirage_base.errors import MirageError
+from mirage_base.storage import check_storage
 
 log = logging.getLogger(__name__)
 _PROGRESS: dict[str, Any] = {}  # in-process runs only: the tqdm bar DoFns update
@@ -71,7 +73,7 @@ class IngestBatch(beam.DoFn):
     def process(self, paths: list[str]) -> Iterator[Any]:
         audio: dict[str, tuple[np.ndarray, float]] = {}
         if self.cfg.audio_backend == "tfio":
-            from data_pipeline import tfio_backend
+            from data_pipeline.ingest import tfio_backend
 
             natives = {}
             for p in paths:
@@ -259,7 +261,7 @@ def run(
         print(f"{output}: up to date (same inputs and options); nothing to do. Pass --force to rewrite.")
         return mf.read_manifest(output)
     if cfg.audio_backend == "tfio":
-        from data_pipeline import tfio_backend
+        from data_pipeline.ingest import tfio_backend
 
         ok, why = tfio_backend.available(tfio_python)
         if not ok:
@@ -398,6 +400,6 @@ if __name__ == "__main__":
     prepare_flags.define_flags()
     flags.adopt_module_key_flags(prepare_flags)  # so --help lists them
     # absl stops at `--`: what follows reaches main() as Beam pipeline flags
-    from data_pipeline import cli  # not `import run`: this module has its own run() (the pipeline)
+    from mirage_base import cli  # not `import run`: this module has its own run() (the pipeline)
 
     cli.run(_prepare.main, "prepare", also={ValueError: (1, ""), FileNotFoundError: (1, "")})

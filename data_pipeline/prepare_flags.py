@@ -8,7 +8,7 @@ from typing import Any
 
 from absl import app, flags
 
-from data_pipeline.ingest import DEFAULT_HELD_BYTES, IngestConfig
+from data_pipeline.ingest.per_source import DEFAULT_HELD_BYTES, IngestConfig
 
 FLAGS = flags.FLAGS
 
@@ -37,7 +37,7 @@ def define_flags() -> None:
         "(--crop). Default: the sources' own size, which must then be the same for all.",
     )
     flags.DEFINE_string("crop", "center", "Crop policy with --size: center, or one registered with "
-                        "data_pipeline.geometry.register_crop (e.g. a face-centred crop).")
+                        "data_pipeline.ingest.geometry.register_crop (e.g. a face-centred crop).")
     flags.DEFINE_integer(
         "max_held_mb", DEFAULT_HELD_BYTES >> 20, "Decoded frames one source may hold in memory (MiB); "
         "past it reference frames are fetched by seeking (same output)."
@@ -67,7 +67,7 @@ def define_flags() -> None:
     flags.DEFINE_string("text_tokenizer", None, "t5: folder with tokenizer.json (default: weights, ../tokenizer).")
     flags.DEFINE_integer("text_dim", 64, "hash: embedding width D.")
     flags.DEFINE_list(
-        "filters", [], "Quality filters by name (data_pipeline.filters): silence, static, black."
+        "filters", [], "Quality filters by name (data_pipeline.ingest.filters): silence, static, black."
     )
     flags.DEFINE_enum("audio_backend", "pyav", ["pyav", "tfio"], "Audio decode/resample backend.")
     flags.DEFINE_string(

@@ -22,8 +22,9 @@ from absl import app, flags
 from etils import epath
 from tqdm import tqdm
 
-from data_pipeline import media, speech, talking_head
-from data_pipeline.errors import MirageError
+from data_pipeline.ingest import media
+from data_pipeline.synthetic import speech, talking_head
+from mirage_base.errors import MirageError
 
 SIDECAR_VERSION = "1"
 
@@ -146,7 +147,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    from data_pipeline.cli import run
+    from mirage_base.cli import run
 
     define_flags()
     run(main, "synthesize")

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from data_pipeline.errors import MirageError, root_cause
+from mirage_base.errors import MirageError, root_cause
 from mirage_jax.config import ModelConfig
 from mirage_jax.paths import orbax_path
 

@@ -11,8 +11,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from data_pipeline.encoders.time_map import TimeMap
-from data_pipeline.errors import MirageError, did_you_mean
+from mirage_base.errors import MirageError, did_you_mean
+from mirage_base.time_map import TimeMap
 
 ATTENTION_BACKENDS = ("xla", "dot_product", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention", "save_splash", "save_splash_qkv")
@@ -87,7 +87,7 @@ class ModelConfig:
     text_embed_dim: int = 4096  # T5-XXL features
     max_text_len: int = 256
     audio_feature_dim: int = 1024  # wav2vec2-large features at 25 fps
-    # The video encoder's frame-to-latent map (data_pipeline/encoders/time_map.py), the rule its dataset's
+    # The video encoder's frame-to-latent map (mirage_base/time_map.py), the rule its dataset's
     # manifest.json records: audio token a sits at the time of the latent frame covering frame a. Mochi's VAE
     # on independent 25-frame chunks (the report's 20 latents for 4 s): causal:6/25; whole clip: causal:6;
     # s2d / dct: uniform:K. (Configs and checkpoints from before it say frames_per_latent=K = uniform:K.)

@@ -135,7 +135,7 @@ def _run() -> None:
     from absl import flags
     from ml_collections import config_flags
 
-    from data_pipeline.cli import run
+    from mirage_base.cli import run
 
     config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mirage_10b.py", lock_config=True)
     flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")

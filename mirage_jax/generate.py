@@ -31,8 +31,9 @@ import jax
 import numpy as np
 from etils import epath
 
-from data_pipeline import media, speech
-from data_pipeline.encoders.time_map import TimeMap
+from data_pipeline.ingest import media
+from data_pipeline.synthetic import speech
+from mirage_base.time_map import TimeMap
 from mirage_jax.config import ModelConfig
 from mirage_jax.inference import LoadedRun
 from mirage_jax.run_encoders import Encoders, GenerateError, check_fit, decode_video, load_encoders
@@ -265,7 +266,7 @@ def main(argv: Sequence[str]) -> None:
     from absl import flags, logging
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO
-    from data_pipeline.storage import check_storage
+    from mirage_base.storage import check_storage
     from mirage_jax.inference import load_run
 
     if len(argv) > 1:
@@ -338,7 +339,7 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
-    from data_pipeline.cli import run
+    from mirage_base.cli import run
 
     define_flags()
     run(main, "generate", also={FileNotFoundError: (2, "")})  # a user's path or input: one line, exit 2

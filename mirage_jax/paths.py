@@ -1,6 +1,6 @@
 """Filesystem paths for the runtime: local folders and gs:// URLs alike (etils.epath over gcsfs; Orbax over
 tensorstore). Which paths are remote, and the gs:// preflight with its one-line errors, are
-`data_pipeline.storage` (below both packages; importing it also sets gcsfs's listing cache to re-read).
+`mirage_base.storage` (below both packages; importing it also sets gcsfs's listing cache to re-read).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import IO
 import fsspec
 from etils import epath
 
-from data_pipeline.storage import is_remote
+from mirage_base.storage import is_remote
 
 
 def orbax_path(path: str | os.PathLike[str]) -> epath.Path:

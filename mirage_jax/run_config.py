@@ -18,7 +18,7 @@ from typing import Any
 
 import ml_collections
 
-from data_pipeline.errors import ConfigArgError, did_you_mean
+from mirage_base.errors import ConfigArgError, did_you_mean
 from mirage_jax.config import ConfigError, DiffusionConfig, ModelConfig, _check, _from_mapping
 
 # Logical axis name -> mesh axis (a name, a tuple of names, or None = replicated).
@@ -246,7 +246,7 @@ def clip_shapes(seconds: int, time_map: str, *, latent_height: int, latent_width
                 ref_frames: int = 1) -> dict[str, int]:
     """The `shapes` section of 25 fps clips of `seconds`: the latent frames the encoder's time map gives and the
     audio frames they cover (causal:6/25: 4 s -> 20 latents, 100 audio frames)."""
-    from data_pipeline.encoders.time_map import TimeMap
+    from mirage_base.time_map import TimeMap
 
     tm = TimeMap.parse(time_map)
     latents = tm.latent_count(25 * seconds)

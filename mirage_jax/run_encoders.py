@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 
 from data_pipeline import encoders as enc_lib
-from data_pipeline import manifest as mf
-from data_pipeline.batch_keys import STREAMS
-from data_pipeline.encoders.time_map import TimeMap, of_manifest
-from data_pipeline.errors import MirageError
-from data_pipeline.shards import dataset_dirs
+from data_pipeline.dataset import manifest as mf
+from data_pipeline.loader.shards import dataset_dirs
+from mirage_base.batch_keys import STREAMS
+from mirage_base.errors import MirageError
+from mirage_base.time_map import TimeMap, of_manifest
 from mirage_jax.config import ModelConfig
 
 

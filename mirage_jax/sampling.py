@@ -19,7 +19,7 @@ from flax.core import spmd as core_spmd
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from data_pipeline.batch_keys import CONDITION_KEYS
+from mirage_base.batch_keys import CONDITION_KEYS
 from mirage_jax.config import DiffusionConfig
 from mirage_jax.diffusion.sampler import euler_sample, model_velocity_fn
 from mirage_jax.inference import LoadedRun

@@ -27,7 +27,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 def prepared_shards(tmp_path_factory):
     """3 synthetic sources x 3 s cut into 1 s clips: 9 records of 25 frames (64x64) in 3 shards (4, 4, 1).
     Shared by the loader tests; read-only (a test that damages shards copies them first). Needs espeak-ng."""
-    from data_pipeline.ingest import IngestConfig
+    from data_pipeline.ingest.per_source import IngestConfig
     from data_pipeline.prepare import run
     from data_pipeline.synthesize import synthesize
 

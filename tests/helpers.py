@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from mirage_jax.config import ModelConfig
@@ -74,3 +76,26 @@ def tiny_encoder_weights(root) -> tuple[str, str, str]:
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     tok.save(str(root / "t5" / "tokenizer.json"))
     return str(root / "vae"), str(root / "w2v"), str(root / "t5")
+
+
+def make_eval_loss(layout: Any, dcfg: Any, seed: int, activation_rules: tuple[tuple[str, Any], ...]) -> Any:
+    """`(params, batch, step) -> (loss, grads)` without an update (the flow-matching loss of `train.step` under
+    `activation_rules`): the tests compare layouts with it."""
+    import jax
+    from flax import nnx
+    from flax.core import spmd as core_spmd
+
+    from mirage_jax.diffusion import flow_matching_loss
+
+    graphdef = layout.graphdef
+
+    def fn(params: Any, batch: dict[str, Any], step: Any) -> tuple[Any, Any]:
+        with core_spmd.logical_axis_rules(activation_rules):
+            rng = jax.random.fold_in(jax.random.key(seed), step)
+
+            def loss(p: Any) -> Any:
+                return flow_matching_loss(nnx.merge(graphdef, p), batch, rng, dcfg)[0]
+
+            return jax.value_and_grad(loss)(params)
+
+    return jax.jit(fn)

@@ -11,7 +11,9 @@ import sys
 
 import pytest
 
-from mirage_jax import aot, aot_topology, chips
+from mirage_jax.aot import chips
+from mirage_jax.aot import plan as aot
+from mirage_jax.aot import topology as aot_topology
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

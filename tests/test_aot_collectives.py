@@ -1,4 +1,4 @@
-"""`aot_collectives.collective_summary` against collectives of known size: a program compiled on the 8 CPU
+"""`aot.collectives.collective_summary` against collectives of known size: a program compiled on the 8 CPU
 devices (shard_map psum / all_gather, sizes in closed form) and lines of a real TPU compile (Findings 5)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from mirage_jax.aot_collectives import collective_summary
+from mirage_jax.aot.collectives import collective_summary
 
 # Two lines of the v6e-256 10B compile before the fix of docs/scaling.md Findings 5 (metadata shortened), and a
 # tuple-shaped all-reduce as XLA writes combined ones.

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from mirage_jax import aot_search
+from mirage_jax.aot import search as aot_search
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 G = 2**30
@@ -61,3 +61,21 @@ def test_tiny_search_on_a_tpu_topology() -> None:
     assert "4 points" in table and "Highest MFU ceiling that fits" in table
     rows = [ln for ln in table.splitlines() if ln.startswith("| ") and "GiB" in ln]
     assert len(rows) == 4 and any(ln.startswith("| * |") for ln in rows)
+
+
+def test_search_point_lays_out_like_the_shipped_layout() -> None:
+    """A search point with a shipped layout's numbers gives that layout's config (one place applies a layout:
+    the state over fsdp x sequence, not replicated across the sequence axis), starting from the default
+    rules of a config that was laid out for another slice."""
+    from configs.mirage_10b import LAYOUTS, get_config
+    from mirage_jax.run_config import PARAM_RULES
+
+    base = get_config("layout=v5p512")  # another layout: sequence 4, batch 64, full remat
+    base.mesh.rules.params = PARAM_RULES  # the default rules: `embed` on fsdp alone
+    want = get_config("layout=v6e256")
+    sequence, batch, remat, fused = LAYOUTS["v6e256"]
+    got = aot_search.configure(base, {"remat": remat, "fused_bwd": fused, "sequence": sequence, "micro": 1,
+                                      "accum": 1, "global_batch": batch})
+    for field in ("mesh", "train", "model"):
+        assert got[field].to_dict() == want[field].to_dict(), field
+    assert dict(got.mesh.rules.params)["embed"] == ("fsdp", "sequence")

@@ -1,6 +1,6 @@
 """Preemption and crash safety at every moment of a run.
 
-- The chaos drill (mirage_jax/train/chaos.py; `make chaos` runs more iterations): a 2-process x 4-device job
+- The chaos drill (tools/chaos.py; `make chaos` runs more iterations): a 2-process x 4-device job
   on prepared shards with Grain workers, SIGTERM / SIGKILL at seeded moments (setup, restore, compilation,
   mid-step, mid-save), restarted with the same command; final parameters bitwise equal to an uninterrupted
   run, every SIGTERM -> exit 0 within 60 s, no step lost beyond the last commit, no process left behind.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from mirage_jax.train import chaos
+from tools import chaos
 from train_cli import ROOT, cli_args, read_metrics, run_cli
 
 # One of each signal at the moments the issue names, ordered so that each lands on a RESUMED run after the
@@ -88,7 +88,7 @@ def test_failed_async_save_surfaces_within_a_step_and_keeps_the_last_checkpoint(
 
 WORKER_PARENT = textwrap.dedent("""
     import multiprocessing as mp, os, sys, time
-    from data_pipeline.lifetime import DieWithParent
+    from mirage_base.lifetime import DieWithParent
 
     def work(q, init):
         init(0, 1)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from data_pipeline.errors import ConfigArgError, MirageError
+from mirage_base.errors import ConfigArgError, MirageError
 from mirage_jax.config import ConfigError
 from mirage_jax.run_config import RunConfig, parse_arg
 from train_cli import ROOT, fast_config

@@ -10,7 +10,7 @@ import pytest
 import safetensors.numpy as stn
 
 from data_pipeline import encoders
-from data_pipeline.records import RecordError, decode_record, encode_record
+from data_pipeline.dataset.records import RecordError, decode_record, encode_record
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -118,7 +118,7 @@ def test_record_is_safetensors_and_byte_reproducible_across_processes():
     code = (
         "import numpy as np, sys, hashlib; sys.path.insert(0, sys.argv[1]); "
         "from tests.test_data_encoders import _tensors, "
-        "META; from data_pipeline.records import encode_record; "
+        "META; from data_pipeline.dataset.records import encode_record; "
         "print(hashlib.sha256(encode_record(_tensors(), META)).hexdigest())"
     )
     import hashlib

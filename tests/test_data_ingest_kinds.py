@@ -12,8 +12,10 @@ import media_inputs as mi
 import numpy as np
 import pytest
 
-from data_pipeline import encoders, geometry, manifest, media, sources
-from data_pipeline.ingest import IngestConfig, ingest_source
+from data_pipeline import encoders
+from data_pipeline.dataset import manifest
+from data_pipeline.ingest import geometry, media, sources
+from data_pipeline.ingest.per_source import IngestConfig, ingest_source
 from data_pipeline.prepare import run, summary
 
 CFG = IngestConfig(clip_seconds=0.4)  # 10 frames
@@ -28,7 +30,7 @@ def _prepare(src, out, cfg=CFG, **kw):
 def _records(out):
     from array_record.python.array_record_module import ArrayRecordReader
 
-    from data_pipeline.records import decode_record
+    from data_pipeline.dataset.records import decode_record
 
     m = manifest.read_manifest(out)
     recs = []

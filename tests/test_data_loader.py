@@ -2,24 +2,44 @@
 and the trainer's synthetic source (`train.data.SyntheticSource`) has the loader's exact keys, shapes and dtypes."""
 
 import hashlib
+import json
 import logging
 import os
 import time
 from collections import Counter
+from typing import Any
 
 import grain
 import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader
+from etils import epath
 
-from data_pipeline import loader as loader_mod
-from data_pipeline import manifest, speech
-from data_pipeline.loader import checkpoint_args, make_loader, restore_state, save_state
-from data_pipeline.records import decode_record
+from data_pipeline.dataset import manifest
+from data_pipeline.dataset.records import decode_record
+from data_pipeline.loader import grain_loader as loader_mod
+from data_pipeline.loader.grain_loader import make_loader
+from data_pipeline.synthetic import speech
 
 pytestmark = pytest.mark.skipif(
     not speech.espeak_available(), reason="espeak-ng not installed (make sysdeps)"
 )
+
+
+def checkpoint_args(iterator: grain.DatasetIterator, restore: bool = False) -> Any:
+    """Grain's Orbax item for a loader iterator (`grain.checkpoint.CheckpointSave`/`CheckpointRestore`)."""
+    return grain.checkpoint.CheckpointRestore(iterator) if restore else grain.checkpoint.CheckpointSave(iterator)
+
+
+def save_state(iterator: grain.DatasetIterator, path: str) -> None:
+    """The iterator's JSON state to a file (what a trainer without Orbax would do)."""
+    epath.Path(path).write_text(json.dumps(iterator.get_state(), sort_keys=True))
+
+
+def restore_state(iterator: grain.DatasetIterator, path: str) -> None:
+    """Set the iterator to the JSON state written by `save_state`."""
+    iterator.set_state(json.loads(epath.Path(path).read_text()))
+
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +203,7 @@ def test_watchdog_warns_about_a_slow_batch(caplog):
             pass
 
     it = loader_mod.LoaderIterator(Slow(), max_batches=None, slow_batch_warn_s=0.1)
-    with caplog.at_level(logging.WARNING, logger="data_pipeline.loader"):
+    with caplog.at_level(logging.WARNING, logger="data_pipeline.loader.grain_loader"):
         next(it)
     assert any("no batch for" in r.message for r in caplog.records)
     assert it.last_wait_s >= 0.4
@@ -205,7 +225,7 @@ def test_batches_assemble_into_a_global_jax_array(prepared):
 
 def test_auto_verify_hashes_local_shards_and_checks_sizes_on_gcs():
     """'auto' must not download every shard per host on gs://, and must keep the sha256 check on local disk."""
-    from data_pipeline.shards import verify_level
+    from data_pipeline.loader.shards import verify_level
 
     assert verify_level("/data/prepared", "auto") == "sha256"
     assert verify_level("gs://bkt/prepared", "auto") == "size"

@@ -10,13 +10,16 @@ import av
 import numpy as np
 import pytest
 
-from data_pipeline import encoders, manifest, speech, tfio_backend
-from data_pipeline.examples import CorruptRecordError
-from data_pipeline.ingest import IngestConfig
-from data_pipeline.loader import make_loader
+from data_pipeline import encoders
+from data_pipeline.dataset import manifest
+from data_pipeline.dataset.records import decode_record
+from data_pipeline.ingest import tfio_backend
+from data_pipeline.ingest.per_source import IngestConfig
+from data_pipeline.loader.examples import CorruptRecordError
+from data_pipeline.loader.grain_loader import make_loader
 from data_pipeline.prepare import run
-from data_pipeline.records import decode_record
 from data_pipeline.synthesize import synthesize
+from data_pipeline.synthetic import speech
 
 pytestmark = pytest.mark.skipif(
     not speech.espeak_available(), reason="espeak-ng not installed (make sysdeps)"
@@ -45,7 +48,7 @@ def _files(d):
 
 
 def _reference(mp4, start, length, ref_frame):
-    """What the records must hold, computed straight from PyAV and the encoders (no data_pipeline.media)."""
+    """What the records must hold, computed straight from PyAV and the encoders (no data_pipeline.ingest.media)."""
     with av.open(mp4) as c:
         frames = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
     with av.open(mp4) as c:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from data_pipeline import speech
 from data_pipeline.synthesize import StaleClipsError, synthesize
+from data_pipeline.synthetic import speech
 
 pytestmark = pytest.mark.skipif(
     not speech.espeak_available(), reason="espeak-ng not installed (make sysdeps)"

@@ -10,7 +10,7 @@ import sys
 import av
 import pytest
 
-from data_pipeline import speech
+from data_pipeline.synthetic import speech
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ("sync_generated", "sync_shuffled", "sync_real", "offset_frames", "heldout_loss", "sync_generated_std",

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from data_pipeline import speech
+from data_pipeline.synthetic import speech
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,4 @@
-"""The elastic data order (data_pipeline.order through make_loader): global batch n does not depend on the
+"""The elastic data order (data_pipeline.loader.order through make_loader): global batch n does not depend on the
 process count or worker count, a position saved by P processes resumes under any other count (and another
 global batch size, at the same sample offset), corrupt records are replaced the same way under every layout,
 and other datasets / old per-process states are refused by name."""
@@ -10,12 +10,13 @@ import shutil
 import numpy as np
 import pytest
 
-from data_pipeline import manifest, speech
-from data_pipeline.examples import CorruptRecordError
-from data_pipeline.loader import make_loader
-from data_pipeline.order import DataStateError
-from data_pipeline.records import decode_record
-from data_pipeline.shards import ShardSource
+from data_pipeline.dataset import manifest
+from data_pipeline.dataset.records import decode_record
+from data_pipeline.loader.examples import CorruptRecordError
+from data_pipeline.loader.grain_loader import make_loader
+from data_pipeline.loader.order import DataStateError
+from data_pipeline.loader.shards import ShardSource
+from data_pipeline.synthetic import speech
 
 pytestmark = pytest.mark.skipif(not speech.espeak_available(), reason="espeak-ng not installed (make sysdeps)")
 

@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 import pytest
 
-from data_pipeline import speech
+from data_pipeline.synthetic import speech
 from train_cli import loss_at, run_cli
 
 pytestmark = [pytest.mark.multiprocess,

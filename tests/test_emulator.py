@@ -1,4 +1,4 @@
-"""`python -m mirage_jax.emulator` stops its fake-gcs-server when it is told to stop (SIGTERM from a job
+"""`python -m tools.emulator` stops its fake-gcs-server when it is told to stop (SIGTERM from a job
 runner, SIGINT from Ctrl-C): the port stops answering and the server process is gone."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _children(pid: int) -> list[int]:
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads child processes from /proc (Linux)")
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_cli_stops_the_server_on_a_signal(sig: signal.Signals) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "mirage_jax.emulator", "--bucket=bkt"], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "tools.emulator", "--bucket=bkt"], cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:

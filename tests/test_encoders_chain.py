@@ -9,10 +9,11 @@ import av
 import numpy as np
 import pytest
 
-from data_pipeline import prepare, speech
+from data_pipeline import prepare
 from data_pipeline.encoders.mochi_vae import MochiVAE
-from data_pipeline.ingest import IngestConfig
+from data_pipeline.ingest.per_source import IngestConfig
 from data_pipeline.synthesize import synthesize
+from data_pipeline.synthetic import speech
 from helpers import tiny_encoder_weights
 from mirage_jax import generate as gen
 from mirage_jax.config import ConfigError

@@ -9,9 +9,11 @@ import sys
 import numpy as np
 import pytest
 
-from data_pipeline import encoders, manifest, speech
-from data_pipeline.loader import make_loader
+from data_pipeline import encoders
+from data_pipeline.dataset import manifest
+from data_pipeline.loader.grain_loader import make_loader
 from data_pipeline.synthesize import synthesize
+from data_pipeline.synthetic import speech
 from helpers import tiny_encoder_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

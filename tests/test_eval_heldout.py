@@ -12,11 +12,12 @@ import pytest
 from flax import nnx
 
 from configs.tiny import diffusion_config
-from data_pipeline import prepare, speech
-from data_pipeline.batch_keys import LOADER_KEYS
-from data_pipeline.ingest import IngestConfig
+from data_pipeline import prepare
+from data_pipeline.ingest.per_source import IngestConfig
 from data_pipeline.synthesize import synthesize
+from data_pipeline.synthetic import speech
 from helpers import small_config
+from mirage_base.batch_keys import LOADER_KEYS
 from mirage_jax.eval.heldout import LOSS_LEVELS, SYNC_KEYS, evaluate, heldout_loss, read_heldout
 from mirage_jax.inference import LoadedRun
 from mirage_jax.run_encoders import load_encoders

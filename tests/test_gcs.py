@@ -1,4 +1,4 @@
-"""Every gs:// path of a pod job against a local fake-gcs-server (mirage_jax/emulator.py): synthesize -> prepare
+"""Every gs:// path of a pod job against a local fake-gcs-server (tools/emulator.py): synthesize -> prepare
 (gs:// in and out) -> train -> resume (losses equal a local-disk run), export gs:// -> gs://, generate/eval
 loading a gs:// checkpoint, kill -9 during an async save to gs://, HTTP 503s retried by the libraries, and the
 one-line errors for a missing bucket, missing credentials, a refused connection and a half-set emulator."""
@@ -14,8 +14,8 @@ import sys
 import numpy as np
 import pytest
 
-from data_pipeline.storage import StorageError, check_storage
-from mirage_jax.emulator import GcsEmulator, clear_gcsfs_cache
+from mirage_base.storage import StorageError, check_storage
+from tools.emulator import GcsEmulator, clear_gcsfs_cache
 from train_cli import ROOT, run_cli
 
 pytest.importorskip("gcsfs")

@@ -9,10 +9,10 @@ from flax import nnx
 
 from configs.tiny import diffusion_config
 from data_pipeline import encoders as enc_lib
-from data_pipeline import media
-from data_pipeline.batch_keys import CONDITION_KEYS
-from data_pipeline.encoders.time_map import TimeMap
+from data_pipeline.ingest import media
 from helpers import random_inputs, randomize, small_config
+from mirage_base.batch_keys import CONDITION_KEYS
+from mirage_base.time_map import TimeMap
 from mirage_jax import generate as gen
 from mirage_jax import run_encoders
 from mirage_jax.config import DiffusionConfig

@@ -99,7 +99,7 @@ def test_sigterm_to_launcher_saves_on_every_process_and_exits_zero(tmp_path, cac
     import os
     import sys
 
-    from mirage_jax.train import drill
+    from mirage_jax.demo import preempt as drill
     from train_cli import ROOT, cli_args
 
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",

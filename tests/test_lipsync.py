@@ -5,8 +5,9 @@ import av
 import numpy as np
 import pytest
 
-from data_pipeline import media, speech
+from data_pipeline.ingest import media
 from data_pipeline.synthesize import synthesize
+from data_pipeline.synthetic import speech
 from mirage_jax.eval import lipsync
 
 pytestmark = pytest.mark.skipif(not speech.espeak_available(), reason="espeak-ng not installed (make sysdeps)")

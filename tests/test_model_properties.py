@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from data_pipeline.encoders.time_map import TimeMap
 from helpers import random_inputs, randomize, small_config
+from mirage_base.time_map import TimeMap
 from mirage_jax.model import MirageDiT
 from mirage_jax.model import rope as rope_lib
 from mirage_jax.model.attention import attention

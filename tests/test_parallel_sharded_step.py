@@ -9,13 +9,13 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import make_eval_loss
 from mirage_jax.config import DiffusionConfig, ModelConfig
 from mirage_jax.parallel import mesh as mesh_lib
 from mirage_jax.parallel import rules as rules_lib
 from mirage_jax.train import data as data_lib
 from mirage_jax.train import optim
 from mirage_jax.train import state as state_lib
-from mirage_jax.train import step as step_lib
 from train_cli import fast_config
 
 
@@ -37,7 +37,7 @@ def loss_and_grads(ici: dict[str, int], devices) -> tuple[float, dict, object]:
     bax = dict(arules)["batch"]
     rows = data_lib.process_rows(mesh, bax, 8)
     batch = data_lib.to_global(next(data_lib.make_source(cfg, rows, 3)), data_lib.batch_shardings(mesh, bax, shapes), 8)
-    fn = step_lib.make_eval_loss(layout, dcfg, 0, arules)
+    fn = make_eval_loss(layout, dcfg, 0, arules)
     with jax.set_mesh(mesh):
         loss, grads = fn(state.params, batch, np.int32(3))
         hlo = fn.lower(state.params, batch, np.int32(3)).compile().as_text() if ici["sequence"] > 1 else ""

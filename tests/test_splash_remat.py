@@ -4,7 +4,7 @@ not rerun the forward kernel. Pallas interpret mode on CPU, against the `xla` ba
 second code path): forward and gradients on a masked batch; and the number of forward kernels whose
 results the gradient actually uses (2 under full remat, 1 when the residuals are saved). The same with the
 kernel's fused backward (`model.splash_fused_bwd`), and the matmuls inside each kernel's jaxpr against the
-per-forward backward costs `aot_flops` adds for it."""
+per-forward backward costs `aot.flops` adds for it."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.ad_checkpoint import checkpoint_name
 
-from mirage_jax.aot_flops import SPLASH_BWD_PER_FWD, SPLASH_FUSED_BWD_PER_FWD
+from mirage_jax.aot.flops import SPLASH_BWD_PER_FWD, SPLASH_FUSED_BWD_PER_FWD
 from mirage_jax.model.attention import attention
 from mirage_jax.model.dit import QKV_NAME, REMAT, recomputes_attention
 

@@ -1,4 +1,4 @@
-"""The frame-to-latent time contract (data_pipeline/encoders/time_map.py) against hand-written tables: for Mochi's
+"""The frame-to-latent time contract (mirage_base/time_map.py) against hand-written tables: for Mochi's
 VAE over the whole clip (causal:6) and over independent 25-frame chunks (causal:6/25), clips of 25, 50 and 100
 frames, every audio token the loader yields gets, from the model's RoPE positions, the index of the latent frame
 that covers its frame; crops keep that true."""
@@ -6,9 +6,9 @@ that covers its frame; crops keep that true."""
 import numpy as np
 import pytest
 
-from data_pipeline.encoders.time_map import TimeMap
-from data_pipeline.examples import crop_or_pad
+from data_pipeline.loader.examples import crop_or_pad
 from helpers import small_config
+from mirage_base.time_map import TimeMap
 from mirage_jax.config import ConfigError
 from mirage_jax.model import rope as rope_lib
 
@@ -96,7 +96,7 @@ def test_train_config_fits_the_manifest_or_names_the_overrides():
     """data_fit against a 4 s chunked manifest: the 10B config's shapes fit; 2 s windows of it fit (crops on chunk
     boundaries); 52 frames (not a whole clip of the map: its 11 latents cover 51) and the whole-clip map do not."""
     from configs.mirage_10b import get_config
-    from data_pipeline.encoders.time_map import TimeMap
+    from mirage_base.time_map import TimeMap
     from mirage_jax.train import data_fit
 
     manifest = {"clip_frames": 100, "time_map": TimeMap.parse("causal:6/25").to_json(100), "encoders": {},

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mirage_jax.train import drill
+from mirage_jax.demo import preempt as drill
 from train_cli import ROOT, cli_args, load_params, loss_at, run_cli
 
 

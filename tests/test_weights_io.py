@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from data_pipeline.safetensors_reader import SafetensorsError, SafetensorsReader, weight_files
+from mirage_base.safetensors_reader import SafetensorsError, SafetensorsReader, weight_files
 from mirage_jax.config import ModelConfig
 from mirage_jax.interop.mochi import CONV_PATCH, GATE, ID, UP, T
 

@@ -18,13 +18,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from data_pipeline.batch_keys import STREAMS as KINDS  # the encoder kinds are the model's streams
 from data_pipeline.encoders.audio_logmel import LogMel
 from data_pipeline.encoders.base import EncoderSpec
 from data_pipeline.encoders.text_hash import HashText
-from data_pipeline.encoders.time_map import TimeMap
 from data_pipeline.encoders.video_dct import DCT
 from data_pipeline.encoders.video_s2d import SpaceToDepth
+from mirage_base.batch_keys import STREAMS as KINDS  # the encoder kinds are the model's streams
+from mirage_base.time_map import TimeMap
 
 
 def _mochi_vae(**params: Any) -> Any:
@@ -123,7 +123,7 @@ def from_spec(kind: str, spec: dict[str, Any]) -> Any:
 
 
 def from_manifest(manifest: dict[str, Any], kind: str) -> Any:
-    """The `kind` encoder recorded in a prepared dataset's manifest.json (a dict; data_pipeline.manifest)."""
+    """The `kind` encoder recorded in a prepared dataset's manifest.json (a dict; data_pipeline.dataset.manifest)."""
     try:
         spec = manifest["encoders"][kind]
     except KeyError as e:
@@ -137,7 +137,6 @@ __all__ = [
     "HashText",
     "LogMel",
     "SpaceToDepth",
-    "TimeMap",
     "frame_multiple",
     "from_manifest",
     "from_spec",

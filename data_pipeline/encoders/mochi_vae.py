@@ -13,7 +13,7 @@ What it computes, exactly as diffusers 0.42.1 does (tests/test_encoders_mochi_va
 - decode: 1x1x1 conv -> residual blocks -> per up block a linear to (6, 2, 2)-fold channels and
   depth-to-space -> linear to RGB; the first 5 of the 6 T' frames are dropped (the causal first frame),
   so T' latents give 6 (T' - 1) + 1 frames.
-- Two time maps (data_pipeline/encoders/time_map.py; `chunk_frames`): the whole clip causally (rule
+- Two time maps (mirage_base/time_map.py; `chunk_frames`): the whole clip causally (rule
   causal:6, 100 frames -> 17 latents), or independent 25-frame chunks each encoded and decoded on its own
   (rule causal:6/25, 5 latents per chunk, 100 frames -> 20: the report's 20 x 160 x 90 latents for 4 s).
 - Latents are normalised as diffusers' Mochi pipeline does: z_n = (z - latents_mean) * scaling_factor /
@@ -46,9 +46,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_pipeline.encoders.base import EncoderSpec, check_params
-from data_pipeline.encoders.time_map import TimeMap
 from data_pipeline.encoders.weights import load_weights, take
-from data_pipeline.safetensors_reader import SINGLE_NAME
+from mirage_base.safetensors_reader import SINGLE_NAME
+from mirage_base.time_map import TimeMap
 
 VERSION = "1"
 DEFAULTS: dict[str, Any] = {
@@ -59,7 +59,7 @@ DEFAULTS: dict[str, Any] = {
     "decode_chunk_latents": 4,  # latent frames per decoder chunk (0: whole clip per tile)
     # time: 0 encodes the whole clip causally (100 frames -> 17 latents); C > 0 encodes independent chunks of
     # C frames (C - 1 a multiple of 6; the report's 25-frame chunks: 100 frames -> 4 x 5 = 20 latents) and
-    # decodes each chunk's latents on their own (data_pipeline/encoders/time_map.py)
+    # decodes each chunk's latents on their own (mirage_base/time_map.py)
     "chunk_frames": 0,
 }
 _HI = jax.lax.Precision.HIGHEST

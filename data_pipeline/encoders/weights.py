@@ -3,7 +3,7 @@
 Frozen encoders with learned weights (`mochi_vae`, `wav2vec2`, `t5`) load the layouts their PyTorch owners
 publish: diffusers' `vae/diffusion_pytorch_model.safetensors` + `config.json`, transformers'
 `model.safetensors` (or sharded `model-0000N-of-0000M.safetensors` + index) + `config.json`. Tensors are
-read with the one safetensors reader (`data_pipeline.safetensors_reader`: safetensors' memory-mapped
+read with the one safetensors reader (`mirage_base.safetensors_reader`: safetensors' memory-mapped
 `safe_open`), so bf16/fp16 files work without torch and nothing is ever unpickled; every tensor comes back
 as float32 numpy.
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline.safetensors_reader import SafetensorsReader, weight_files
+from mirage_base.safetensors_reader import SafetensorsReader, weight_files
 
 
 def load_weights(

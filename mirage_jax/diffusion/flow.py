@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from data_pipeline.batch_keys import CONDITION_KEYS
+from mirage_base.batch_keys import CONDITION_KEYS
 from mirage_jax.config import DiffusionConfig
 from mirage_jax.diffusion.schedules import model_timestep, sample_timesteps
 

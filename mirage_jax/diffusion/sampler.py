@@ -5,6 +5,10 @@ Guidance composes the three conditionings the dropout in training makes availabl
 so s_text = s_audio = 1 is the plain conditional velocity (one network pass per step). With
 `cfg_schedule="cosine"` each scale is annealed as 1 + (s - 1) * (1 - cos(pi * t)) / 2: full guidance
 at t = 1 (pure noise), none at t = 0.
+
+Public API: `euler_sample(fn, noise, ...)` (the jitted loop over a velocity function; `mirage_jax.sampling` runs
+the CLIs' sampling through it, sharded) and `sample(model, cond, shape, rng, ...)`, the same sampler in one
+call on a live model (unsharded: notebooks, and the tests' reference that generate is compared against).
 """
 
 from __future__ import annotations

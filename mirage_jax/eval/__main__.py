@@ -38,7 +38,7 @@ def main(argv: Sequence[str]) -> None:
     from mirage_jax.sampling import SamplingSettings
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO
-    from data_pipeline.storage import check_storage
+    from mirage_base.storage import check_storage
 
     F = flags.FLAGS
     check_storage(F.checkpoint, F.data, F.train_data)
@@ -57,6 +57,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    from data_pipeline.cli import run
+    from mirage_base.cli import run
 
     run(main, "eval", also={FileNotFoundError: (2, "")})  # a user's path or input: one line, exit 2

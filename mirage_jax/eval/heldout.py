@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from data_pipeline.batch_keys import BATCH_KEYS, STREAMS
-from data_pipeline.errors import MirageError
+from mirage_base.batch_keys import BATCH_KEYS, STREAMS
+from mirage_base.errors import MirageError
 from mirage_jax.diffusion.flow import fixed_draws, flow_matching_loss
 from mirage_jax.eval import lipsync
 from mirage_jax.inference import LoadedRun
@@ -56,8 +56,8 @@ class HeldOut:
 def read_heldout(data: str, clips: int, encs: Encoders) -> HeldOut:
     """The first `clips` full-length held-out clips with a true mouth track. When fewer than MIN_SYNC_CLIPS
     have one, the first `clips` clips of any kind (padded frames are masked out of the loss), for the loss alone."""
-    from data_pipeline import manifest as mf
-    from data_pipeline.loader import make_loader
+    from data_pipeline.dataset import manifest as mf
+    from data_pipeline.loader.grain_loader import make_loader
 
     held_manifest = mf.read_manifest(dataset_dir(data))
     for kind in STREAMS:

@@ -1,14 +1,14 @@
 """Lip-sync for synthetic A-roll: mouth opening read off the frames, its correlation with the speech, and
 the audio-video offset with a confidence (SyncNet's offset + confidence, made exact for this domain).
 
-The synthetic talking heads (`data_pipeline.talking_head`) draw the mouth interior in one colour
+The synthetic talking heads (`data_pipeline.synthetic.talking_head`) draw the mouth interior in one colour
 (`MOUTH_INTERIOR`) as an ellipse whose height is linear in the opening, and nothing else of that colour
 sits in the lower middle of the face. So the per-frame opening is, up to an affine map, the soft area of
 mouth-interior-coloured pixels in a fixed window around the mouth (wide enough for the head's sway and
 tilt). The soft (Gaussian) colour membership keeps partial credit for the blurred mouths a young model
 draws. On real synthetic clips the estimate correlates with the true track at r ~ 0.99.
 
-The speech's own track is `data_pipeline.speech.mouth_track(waveform)` (the loudness envelope the
+The speech's own track is `data_pipeline.synthetic.speech.mouth_track(waveform)` (the loudness envelope the
 renderer animates the mouth with), so any audio, not only the data set's, has a ground truth.
 
 Sync score = Pearson r of the two tracks at offset 0. Offset = the lag in [-max_offset, max_offset] that
@@ -22,7 +22,7 @@ import dataclasses
 
 import numpy as np
 
-from data_pipeline.talking_head import MOUTH_INTERIOR
+from data_pipeline.synthetic.talking_head import MOUTH_INTERIOR
 
 # (top, bottom, left, right) as fractions of the frame: the mouth at every opening, face shape, sway and tilt
 MOUTH_WINDOW = (0.44, 0.72, 0.30, 0.70)

@@ -24,7 +24,7 @@ def main(argv: list[str]) -> None:
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every leaf it reads at INFO (~850 lines for the tiny model)
-    from data_pipeline.storage import check_storage
+    from mirage_base.storage import check_storage
     from mirage_jax.checkpoint_format import ParamReader, read_model_config, resolve_step_dir
     from mirage_jax.export.writer import export_params
 
@@ -39,6 +39,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from data_pipeline.cli import run
+    from mirage_base.cli import run
 
     run(main, "export")

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_pipeline.batch_keys import STREAMS
-from data_pipeline.encoders.time_map import TimeMap
-from data_pipeline.safetensors_reader import INDEX_NAME, SINGLE_NAME, SafetensorsReader, weight_files
+from mirage_base.batch_keys import STREAMS
+from mirage_base.safetensors_reader import INDEX_NAME, SINGLE_NAME, SafetensorsReader, weight_files
+from mirage_base.time_map import TimeMap
 from mirage_jax.config import ModelConfig, upgrade_model_fields  # jax-free: SwiGLU width, old config fields
 
 NORM_EPS, QK_EPS = 1e-6, 1e-5

@@ -20,9 +20,9 @@ import numpy as np
 from etils import epath
 from safetensors.numpy import save_file
 
-from data_pipeline.errors import MirageError
-from data_pipeline.safetensors_reader import INDEX_NAME
-from data_pipeline.storage import is_remote
+from mirage_base.errors import MirageError
+from mirage_base.safetensors_reader import INDEX_NAME
+from mirage_base.storage import is_remote
 from mirage_jax.config import ModelConfig
 from mirage_jax.interop.mochi import mochi_rows
 from mirage_jax.paths import upload_dir

@@ -7,6 +7,11 @@ A Transform holds everything about one layout change: `forward` (warm start, who
 `read_slice` (warm start, one device's block without reading the rest) and `inverse` (export).
 Genmo's original single-file layout fuses qkv and swaps scale/shift (more than names): it is not read;
 the warm start refuses it and points to diffusers' conversion script.
+
+Public API besides the table: `convert_mochi_state(tensors, cfg)` converts a whole in-memory diffusers state
+dict to {target path: array} (the warm start reads slice by slice instead) and `assign_params(model, values)`
+writes such a dict into a live model; with them a diffusers or exported model's weights are loaded into a
+MirageDiT in a notebook, and the parity tests load the PyTorch peer's weights.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from data_pipeline.batch_keys import STREAMS
+from mirage_base.batch_keys import STREAMS
 from mirage_jax.config import ModelConfig
 from mirage_jax.model import rope as rope_lib
 from mirage_jax.model.attention import SPLASH_RESIDUALS, attention
@@ -62,7 +62,7 @@ REMAT = {
 
 def recomputes_attention(policy: str) -> bool:
     """Whether the backward pass reruns the splash forward kernel under `model.remat_policy=policy` (the
-    FLOP correction of `aot_flops.correct_compiled_flops` adds one more forward of the kernel when it does)."""
+    FLOP correction of `aot.flops.correct_compiled_flops` adds one more forward of the kernel when it does)."""
     return policy not in ("none", "save_splash", "save_splash_qkv")
 
 

@@ -4,7 +4,7 @@ Frequencies are parameters of shape (axes, heads, head_dim/2): the rotation angl
 for a token at position p is sum_d p[d] * freqs[d, h, f]. Video and reference tokens use (t, h, w);
 audio has its own learned (t) frequencies and shares the video time axis: audio frame a sits at the
 time of the latent frame that covers it, by the video encoder's frame-to-latent map
-(data_pipeline/encoders/time_map.py; Mochi's VAE on 25-frame chunks: frames 0, 1-6, 7-12, ... -> 0, 1, 2, ...).
+(mirage_base/time_map.py; Mochi's VAE on 25-frame chunks: frames 0, 1-6, 7-12, ... -> 0, 1, 2, ...).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data_pipeline.encoders.time_map import TimeMap
+from mirage_base.time_map import TimeMap
 
 
 def mixed_rope_init(key: jax.Array, n_axes: int, heads: int, half: int, theta: float = 10000.0) -> jax.Array:

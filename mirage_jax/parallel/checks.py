@@ -11,7 +11,7 @@ from typing import Any
 
 from jax.sharding import Mesh
 
-from data_pipeline.errors import MirageError
+from mirage_base.errors import MirageError
 from mirage_jax.parallel.rules import Rules
 
 

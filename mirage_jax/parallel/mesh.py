@@ -17,7 +17,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-from data_pipeline.errors import MirageError
+from mirage_base.errors import MirageError
 
 AXES = ("data", "fsdp", "sequence", "tensor")
 

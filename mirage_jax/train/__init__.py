@@ -15,8 +15,8 @@ Modules, one job each:
 - `resume`: restore the newest committed checkpoint or initialize, with the config-change checks;
 - `preemption`: SIGTERM -> save the newest completed step -> exit 0;
 - `metrics`: console, TensorBoard and JSONL metrics, throughput and MFU;
-- `loop`: the `Trainer` that ties them together;
-- `drill`: a preemption drill from outside a run (start it, SIGTERM at a logged step), for the demo and tests;
-- `chaos`: the chaos drill (`python -m mirage_jax.train.chaos`: random kills of a 2-process job);
-- `testing`: the tests' fast config and CLI runner (moving under tests/).
+- `loop`: the `Trainer` that ties them together.
+
+Rehearsals run a training job from outside and live elsewhere: the demo's preemption drill is
+`mirage_jax.demo.preempt`, the chaos drill is `python -m tools.chaos` (tools/, never imported by the library).
 """

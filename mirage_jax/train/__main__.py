@@ -51,14 +51,14 @@ def main(argv: list[str], hooks: Sequence[Any] = ()) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
     if os.environ.get("MIRAGE_LAUNCHER_PID"):  # under launch/local.py: die with the launcher
-        from data_pipeline.lifetime import exit_with_parent
+        from mirage_base.lifetime import exit_with_parent
 
         exit_with_parent(int(os.environ["MIRAGE_LAUNCHER_PID"]))
     from mirage_jax.train import distributed
 
     distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
 
-    from data_pipeline.storage import check_storage
+    from mirage_base.storage import check_storage
     from mirage_jax.train.loop import Trainer
 
     check_storage(_WORKDIR.value, _CONFIG.value.data.get("source"))
@@ -73,11 +73,11 @@ def main(argv: list[str], hooks: Sequence[Any] = ()) -> None:
 
 
 def run(hooks: Sequence[Any] = ()) -> None:
-    """The CLI: `main` through data_pipeline.cli.run, which prints a user's mistake as one line with its exit
+    """The CLI: `main` through mirage_base.cli.run, which prints a user's mistake as one line with its exit
     status (ConfigError, ConfigChangeError, DataStateError: 2; NonFiniteError: 3; CheckpointSaveError: 4,
     through os._exit so that tensorstore's callbacks of the failed write cannot bury the line under
     "Event loop is closed" tracebacks at shutdown; committed steps are on disk)."""
-    from data_pipeline.cli import run as run_cli
+    from mirage_base.cli import run as run_cli
     from mirage_jax.train.checkpoint import CheckpointSaveError
 
     run_cli(functools.partial(main, hooks=hooks), "train",

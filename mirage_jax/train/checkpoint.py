@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from data_pipeline.errors import MirageError, root_cause
+from mirage_base.errors import MirageError, root_cause
 from mirage_jax import checkpoint_format
 from mirage_jax.paths import orbax_path
 from mirage_jax.train.state import TrainState
@@ -49,10 +49,10 @@ class DataStateHandler(ocp.CheckpointHandler):
 
     The state is a snapshot taken when the step's batch was drawn (the loop prefetches the next batch
     while the device computes, so the live iterator is already one batch ahead at save time). Both sources
-    keep a global position (the synthetic source: the step; the Grain loader: `data_pipeline.order.DataPosition`),
-    the same on every process. Checkpoints of older versions hold one `process_<i>-of-<n>.json` per process:
-    the first is returned and the source decides (a synthetic step restores; a per-process Grain iterator
-    state is refused by the loader, saying why).
+    keep a global position (the synthetic source: the step; the Grain loader:
+    `data_pipeline.loader.order.DataPosition`), the same on every process. Checkpoints of older versions hold
+    one `process_<i>-of-<n>.json` per process: the first is returned and the source decides (a synthetic step
+    restores; a per-process Grain iterator state is refused by the loader, saying why).
     """
 
     FILE = "data_state.json"

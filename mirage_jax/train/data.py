@@ -5,7 +5,7 @@ Two sources share one iterator interface (`next(it)` -> dict of numpy arrays for
 - `SyntheticSource` (`data.source='synthetic'`): random arrays of the model's shapes, a pure function
   of (seed, step, global row index), so any process layout sees the same global batch and a resume is
   bitwise; its state is the step.
-- the Grain loader of `data_pipeline.loader` over prepared ArrayRecord shards (any other source).
+- the Grain loader of `data_pipeline.loader.grain_loader` over prepared ArrayRecord shards (any other source).
 Which rows a process loads follows from the batch sharding (`process_rows`), not from the process index,
 so meshes that replicate the batch across processes still get consistent data.
 """

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from data_pipeline.encoders.time_map import of_manifest
+from mirage_base.time_map import of_manifest
 from mirage_jax.config import ConfigError
 from mirage_jax.run_config import RunConfig
 
@@ -76,7 +76,7 @@ def check(cfg: RunConfig | Any) -> None:
     source = cfg.data.source
     if source == "synthetic":
         return
-    from data_pipeline.shards import resolve_shards
+    from data_pipeline.loader.shards import resolve_shards
 
     manifest = resolve_shards(source, verify="none").manifest
     bad = mismatches(cfg, manifest)

@@ -1,6 +1,6 @@
-"""Adapter from `data_pipeline.loader.make_loader` (Grain over ArrayRecord shards) to the loop's
+"""Adapter from `data_pipeline.loader.grain_loader.make_loader` (Grain over ArrayRecord shards) to the loop's
 iterator interface: this process reads its rows of every global batch; the checkpointed data state is the
-loader's global position (`data_pipeline.order.DataPosition`: step, next sample, seed, dataset fingerprint,
+loader's global position (`data_pipeline.loader.order.DataPosition`: step, next sample, seed, dataset fingerprint,
 global batch size), the same on every process, so a run resumes under any process count and mesh.
 """
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline.batch_keys import BATCH_KEYS
+from mirage_base.batch_keys import BATCH_KEYS
 from mirage_jax.train.data import RowRange
 
 
@@ -38,9 +38,9 @@ class GrainSource:
 def make(cfg: Any, rows: RowRange) -> GrainSource:
     """Build the loader for `cfg.data.source` feeding `rows` of every global batch."""
     try:
-        from data_pipeline.loader import make_loader
+        from data_pipeline.loader.grain_loader import make_loader
     except ImportError as e:
-        raise ImportError(f"data.source={cfg.data.source!r} needs data_pipeline.loader.make_loader ({e}); "
+        raise ImportError(f"data.source={cfg.data.source!r} needs data_pipeline.loader.grain_loader.make_loader ({e}); "
                           "use --config.data.source=synthetic or install the data pipeline") from e
     loader = make_loader(
         cfg.data.source,

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from data_pipeline.errors import MirageError
+from mirage_base.errors import MirageError
 from mirage_jax.checkpoint_format import config_to_dict
 from mirage_jax.parallel import mesh as mesh_lib
 from mirage_jax.train import checkpoint as ckpt_lib

@@ -3,7 +3,7 @@
 Throughput numbers: tokens/s/device counts every token the DiT attends over (video, reference, audio,
 text); model TFLOP/s/device uses the analytic train FLOPs of `mirage_jax.describe.count_flops` (remat
 recomputation not counted), and MFU divides that by `metrics.peak_flops_per_device` (or the device
-kind's bf16 peak from `mirage_jax.chips.PEAK_FLOPS` when that is 0).
+kind's bf16 peak from `mirage_jax.aot.chips.PEAK_FLOPS` when that is 0).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from mirage_jax.chips import peak_flops
+from mirage_jax.aot.chips import peak_flops
 from mirage_jax.paths import AppendLog
 from mirage_jax.run_config import MetricsConfig, RunConfig
 

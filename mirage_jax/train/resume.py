@@ -14,7 +14,7 @@ from typing import Any
 import jax
 from absl import logging
 
-from data_pipeline.errors import MirageError
+from mirage_base.errors import MirageError
 from mirage_jax import checkpoint_format as fmt
 from mirage_jax.config import upgrade_model_fields
 from mirage_jax.train import checkpoint as ckpt_lib

@@ -195,22 +195,3 @@ def _flat_grads(graphdef: Any, dcfg: DiffusionConfig, accum: int, batch_axes: An
         return loss / accum, aux, jax.tree.map(lambda g: g / accum, grads)
 
     return compute
-
-
-def make_eval_loss(layout: StateLayout, dcfg: DiffusionConfig, seed: int,
-                   activation_rules: tuple[tuple[str, Any], ...]) -> Callable[..., tuple[jax.Array, Any]]:
-    """`(params, batch, step) -> (loss, grads)` without an update: used by tests to compare layouts."""
-    graphdef = layout.graphdef
-
-    def fn(params: Any, batch: Batch, step: jax.Array) -> tuple[jax.Array, Any]:
-        from mirage_jax.diffusion import flow_matching_loss
-
-        with core_spmd.logical_axis_rules(activation_rules):
-            rng = jax.random.fold_in(jax.random.key(seed), step)
-
-            def loss(p: Any) -> jax.Array:
-                return flow_matching_loss(nnx.merge(graphdef, p), batch, rng, dcfg)[0]
-
-            return jax.value_and_grad(loss)(params)
-
-    return jax.jit(fn)

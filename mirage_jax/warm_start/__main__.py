@@ -26,7 +26,7 @@ flags.mark_flags_as_required(["source", "out"])
 
 def main(argv: list[str]) -> None:
     del argv
-    from data_pipeline.storage import check_storage
+    from mirage_base.storage import check_storage
     from mirage_jax.train import distributed
     from mirage_jax.warm_start import warm_start
 
@@ -39,6 +39,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from data_pipeline.cli import run
+    from mirage_base.cli import run
 
     run(main, "warm_start")

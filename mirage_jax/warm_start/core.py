@@ -23,7 +23,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from data_pipeline.errors import MirageError
+from mirage_base.errors import MirageError
 from mirage_jax.checkpoint_format import CHECKPOINTS, config_to_dict, flatten, replace_leaves
 from mirage_jax.config import DiffusionConfig, ModelConfig
 from mirage_jax.interop.mochi import mochi_config_to_model

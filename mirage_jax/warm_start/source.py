@@ -3,7 +3,7 @@
 `--source` is a pipeline folder holding `transformer/`, or that `transformer/` folder itself: a
 `config.json` plus safetensors, either one file or shards listed by
 `diffusion_pytorch_model.safetensors.index.json`. The files are opened with the one safetensors reader
-(`data_pipeline.safetensors_reader`): every file is validated when opened (truncation; the index must name
+(`mirage_base.safetensors_reader`): every file is validated when opened (truncation; the index must name
 existing files that hold the tensors it claims), and a slice read touches only its own bytes, so no process
 ever holds the whole model (a gs:// source is read through gcsfs, one tensor at a time).
 """
@@ -18,8 +18,8 @@ import ml_dtypes
 import numpy as np
 from etils import epath
 
-from data_pipeline.errors import MirageError
-from data_pipeline.safetensors_reader import INDEX_NAME, SafetensorsError, SafetensorsReader, weight_files
+from mirage_base.errors import MirageError
+from mirage_base.safetensors_reader import INDEX_NAME, SafetensorsError, SafetensorsReader, weight_files
 
 # genmo's original single-file checkpoint: fused qkv and swapped scale/shift, not only other names
 GENMO_MARKERS = ("blocks.0.attn.qkv_x.weight", "x_embedder.proj.weight", "t5_y_embedder.to_kv.weight")

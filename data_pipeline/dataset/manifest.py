@@ -1,0 +1,136 @@
+"""ArrayRecord shards and manifest.json: crash-safe writes, and the checks a loader trusts.
+
+Every shard is written under a temporary name and renamed into place only when complete; manifest.json
+is written last, the same way. A loader reads only the shards manifest.json lists, and only after their
+size (and, by default, sha256) match: a run that crashed midway leaves at worst stray temporary files or
+shards without a manifest entry, which nothing reads and the next run replaces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import uuid
+from typing import Any
+
+from array_record.python.array_record_module import ArrayRecordWriter
+from etils import epath
+
+from mirage_base.storage import is_remote
+
+MANIFEST = "manifest.json"
+FORMAT = "mirage_jax.aroll.v1"
+WRITER_OPTIONS = "group_size:1"  # one record per chunk: random access for Grain
+TMP_PREFIX = ".tmp-"
+
+
+def shard_name(index: int, count: int) -> str:
+    return f"data-{index:05d}-of-{count:05d}.array_record"
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardInfo:
+    path: str  # relative to the dataset directory
+    num_records: int
+    bytes: int
+    sha256: str
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _sha256_file(path: str | epath.Path) -> str:
+    h = hashlib.sha256()
+    with epath.Path(path).open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(dst: epath.Path, data: bytes) -> None:
+    """Write `data` to `dst` through a temporary sibling and a rename (a reader never sees half a file)."""
+    tmp = dst.parent / f"{TMP_PREFIX}{dst.name}.{uuid.uuid4().hex}"
+    tmp.write_bytes(data)
+    tmp.replace(dst)
+
+
+def write_shard(records: list[bytes], out_dir: str, name: str) -> ShardInfo:
+    """Write `records` in order as ArrayRecord shard `out_dir/name`; returns its size and sha256."""
+    out = epath.Path(out_dir)
+    local_dir = out if not is_remote(out) else epath.Path(tempfile.mkdtemp(prefix="mirage-shard-"))
+    tmp = local_dir / f"{TMP_PREFIX}{name}.{uuid.uuid4().hex}"
+    writer = ArrayRecordWriter(os.fspath(tmp), WRITER_OPTIONS)
+    try:
+        for r in records:
+            writer.write(r)
+    finally:
+        writer.close()
+    info = ShardInfo(name, len(records), tmp.stat().length, _sha256_file(tmp))
+    if local_dir == out:
+        tmp.replace(out / name)
+    else:  # remote: copy to a temporary remote name, then rename
+        remote_tmp = out / f"{TMP_PREFIX}{name}.{uuid.uuid4().hex}"
+        tmp.copy(remote_tmp)
+        remote_tmp.replace(out / name)
+        tmp.unlink()
+    return info
+
+
+def write_manifest(out_dir: str, manifest: dict[str, Any]) -> None:
+    """Write manifest.json last, atomically, with sorted keys (byte-reproducible)."""
+    atomic_write_bytes(
+        epath.Path(out_dir) / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+    )
+
+
+def read_manifest(path: str | epath.Path) -> dict[str, Any]:
+    """Load a manifest (a dataset directory or the manifest.json path) and check its format."""
+    p = epath.Path(path)
+    if p.is_dir():
+        p = p / MANIFEST
+    if not p.exists():
+        raise FileNotFoundError(
+            f"{p}: no manifest.json; the directory is not a finished data_pipeline.prepare "
+            "output (a run that crashed writes it last) - run prepare again"
+        )
+    try:
+        m = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not valid JSON ({e}); run data_pipeline.prepare again") from e
+    if m.get("format") != FORMAT:
+        raise ValueError(f"{p}: format {m.get('format')!r} is not {FORMAT!r}; re-run data_pipeline.prepare")
+    return m
+
+
+def verify_shard(root: str | epath.Path, shard: dict[str, Any], level: str) -> str | None:
+    """None if shard matches the manifest at `level` ('none', 'size' or 'sha256'), else what is wrong."""
+    p = epath.Path(root) / shard["path"]
+    if level == "none":
+        return None
+    if not p.exists():
+        return f"{p}: listed in the manifest but missing"
+    size = p.stat().length
+    if size != shard["bytes"]:
+        return f"{p}: {size} bytes, the manifest says {shard['bytes']} (truncated or rewritten)"
+    if level == "sha256":
+        digest = _sha256_file(p)
+        if digest != shard["sha256"]:
+            want = shard["sha256"][:12]
+            return f"{p}: sha256 {digest[:12]}... differs from the manifest's {want}... (corrupted)"
+    elif level != "size":
+        raise ValueError(f"verify={level!r}: use 'sha256', 'size' or 'none'")
+    return None
+
+
+def clean_stale(out_dir: str, keep: set[str]) -> list[str]:
+    """Delete temporary files and shards that manifest.json does not list; returns what was removed."""
+    removed = []
+    for p in epath.Path(out_dir).iterdir():
+        stale_shard = p.name.endswith(".array_record") and p.name not in keep
+        if p.name.startswith(TMP_PREFIX) or stale_shard:
+            p.unlink()
+            removed.append(p.name)
+    return sorted(removed)

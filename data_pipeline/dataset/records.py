@@ -1,0 +1,148 @@
+"""The record format: one clip = the bytes of a safetensors file (tensors + str metadata).
+
+Keys (the model side depends on them):
+    video float32 [T, h, w, c]   audio float32 [A, D_audio]   text float32 [L, D_text]   text_mask uint8 [L]
+    ref float32 [1, h, w, c]     ref_time float32 [1]         mouth float32 [A]          mouth_valid uint8 [1]
+metadata: clip_id, source, caption, start_frame.
+
+`ref_time` is the reference frame's position in 25 fps video frames relative to the clip start (negative:
+before the clip); NaN when the source had no frame outside the clip (then `ref` is zeros).
+
+`encode_record` writes the safetensors layout itself, with keys and metadata in sorted order, because
+`safetensors.numpy.save` orders metadata by a per-process hash seed and so is not byte-reproducible;
+`safetensors.numpy.load` reads the result (tests/test_data_records.py checks this).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+import numpy as np
+
+from mirage_base.errors import MirageError
+
+TENSOR_DTYPES: dict[str, np.dtype] = {
+    "video": np.dtype(np.float32),
+    "audio": np.dtype(np.float32),
+    "text": np.dtype(np.float32),
+    "text_mask": np.dtype(np.uint8),
+    "ref": np.dtype(np.float32),
+    "ref_time": np.dtype(np.float32),
+    "mouth": np.dtype(np.float32),
+    "mouth_valid": np.dtype(np.uint8),
+}
+TENSOR_NDIM = {
+    "video": 4,
+    "audio": 2,
+    "text": 2,
+    "text_mask": 1,
+    "ref": 4,
+    "ref_time": 1,
+    "mouth": 1,
+    "mouth_valid": 1,
+}
+METADATA_KEYS = ("clip_id", "source", "caption", "start_frame")
+
+_ST_DTYPES = {
+    np.dtype(np.float32): "F32",
+    np.dtype(np.uint8): "U8",
+    np.dtype(np.float16): "F16",
+    np.dtype(np.int32): "I32",
+    np.dtype(np.int64): "I64",
+    np.dtype(np.bool_): "BOOL",
+    np.dtype(np.float64): "F64",
+}
+_NP_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+class RecordError(MirageError, ValueError):
+    """A record is unreadable or breaks the format; the message names the key at fault."""
+
+
+def validate(tensors: dict[str, np.ndarray], metadata: dict[str, str], where: str = "record") -> None:
+    """Raise RecordError naming the key if `tensors`/`metadata` break the record format."""
+    missing = sorted(set(TENSOR_DTYPES) - set(tensors))
+    if missing:
+        raise RecordError(f"{where}: missing tensor key(s) {missing}")
+    for k, dt in TENSOR_DTYPES.items():
+        a = tensors[k]
+        if a.dtype != dt or a.ndim != TENSOR_NDIM[k]:
+            raise RecordError(
+                f"{where}: tensor {k!r} is {a.dtype} with shape {a.shape}; "
+                f"expected {dt} with {TENSOR_NDIM[k]} dims"
+            )
+    t, a = tensors["video"].shape[0], tensors["audio"].shape[0]
+    if tensors["mouth"].shape != (a,):
+        raise RecordError(
+            f"{where}: 'mouth' has shape {tensors['mouth'].shape}, expected ({a},) like 'audio'"
+        )
+    if tensors["ref"].shape[1:] != tensors["video"].shape[1:] or tensors["ref"].shape[0] != 1:
+        raise RecordError(
+            f"{where}: 'ref' shape {tensors['ref'].shape} does not match 'video' "
+            f"{tensors['video'].shape} (expected [1, h, w, c])"
+        )
+    if tensors["text_mask"].shape[0] != tensors["text"].shape[0]:
+        raise RecordError(
+            f"{where}: 'text_mask' length {tensors['text_mask'].shape[0]} != text length "
+            f"{tensors['text'].shape[0]}"
+        )
+    if t == 0 or a < t:  # the frame-to-latent map itself is the manifest's (mirage_base/time_map.py)
+        raise RecordError(f"{where}: {a} audio frames for {t} latent video frames; expected at least one per latent")
+    missing_meta = sorted(set(METADATA_KEYS) - set(metadata))
+    if missing_meta:
+        raise RecordError(f"{where}: missing metadata key(s) {missing_meta}")
+
+
+def encode_record(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+    """Validated, byte-reproducible safetensors bytes for one clip."""
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    validate(tensors, metadata, where=f"record {metadata.get('clip_id', '?')}")
+    header: dict[str, Any] = {"__metadata__": {k: str(metadata[k]) for k in sorted(metadata)}}
+    offset, blobs = 0, []
+    for k in sorted(tensors):
+        a = tensors[k]
+        raw = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
+        header[k] = {
+            "dtype": _ST_DTYPES[a.dtype],
+            "shape": list(a.shape),
+            "data_offsets": [offset, offset + len(raw)],
+        }
+        offset += len(raw)
+        blobs.append(raw)
+    head = json.dumps(header, separators=(",", ":"), sort_keys=False).encode()
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head + b"".join(blobs)
+
+
+def decode_record(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Parse safetensors bytes into (tensors, metadata); raises RecordError on any malformation."""
+    try:
+        if len(data) < 8:
+            raise RecordError(f"{len(data)} bytes is shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", data[:8])
+        if n > len(data) - 8:
+            raise RecordError(f"header length {n} exceeds the record's {len(data)} bytes")
+        header = json.loads(data[8 : 8 + n])
+        metadata = header.pop("__metadata__", {}) or {}
+        body = memoryview(data)[8 + n :]
+        tensors = {}
+        for k, info in header.items():
+            dt = _NP_DTYPES[info["dtype"]]
+            start, stop = info["data_offsets"]
+            count = int(np.prod(info["shape"], dtype=np.int64))
+            if stop > len(body) or stop - start != count * dt.itemsize:
+                raise RecordError(
+                    f"tensor {k!r}: data offsets {start}:{stop} do not fit shape {info['shape']} "
+                    f"{dt} in a {len(body)}-byte body"
+                )
+            tensors[k] = (
+                np.frombuffer(body[start:stop], dtype=dt.newbyteorder("<")).astype(dt).reshape(info["shape"])
+            )
+    except RecordError:
+        raise
+    except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as e:
+        raise RecordError(f"not a safetensors record ({type(e).__name__}: {e})") from e
+    validate(tensors, metadata)
+    return tensors, metadata

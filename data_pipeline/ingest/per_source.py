@@ -1,0 +1,291 @@
+"""One source file -> encoded clip records: decode (PyAV), cut, filter, encode, serialize.
+
+This is the per-element work of the Beam pipeline in `prepare`, kept free of Beam so it can be tested
+and reused directly. Frames are streamed in one forward decode; a frame is held only while a clip still
+needs it (its own frames, or a reference frame drawn from elsewhere in the source). Held frames are capped
+by a byte budget: past it, waiting clips get their reference frame by seeking (media.FrameSeeker) and
+reference frames kept for later clips are dropped and fetched again the same way, so memory does not
+grow with the source's duration and the records are the same bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+from data_pipeline import encoders
+from data_pipeline.dataset import records
+from data_pipeline.ingest import clips, filters, geometry, media, sources
+
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestConfig:
+    """Everything that decides the bytes of the records (and so goes into the manifest)."""
+
+    clip_seconds: float = 2.0
+    min_seconds: float | None = None  # None: clip_seconds (tails shorter than a clip are dropped)
+    size: tuple[int, int] | None = None  # (W, H) training size (scale to cover + crop); None: the source's
+    crop: str = "center"  # crop policy (data_pipeline.ingest.geometry) when scaling to `size`
+    video_encoder: str = "s2d"
+    video_params: tuple[tuple[str, Any], ...] = ()
+    audio_encoder: str = "logmel"
+    audio_params: tuple[tuple[str, Any], ...] = ()
+    text_encoder: str = "hash"
+    text_params: tuple[tuple[str, Any], ...] = ()
+    filters: tuple[str, ...] = ()
+    audio_backend: str = "pyav"
+    seed: int = 0
+
+    @property
+    def clip_frames(self) -> int:
+        return int(round(self.clip_seconds * media.FPS))
+
+    @property
+    def min_frames(self) -> int:
+        return int(round((self.clip_seconds if self.min_seconds is None else self.min_seconds) * media.FPS))
+
+    def build_encoders(self) -> tuple[Any, Any, Any]:
+        return (
+            encoders.get_video_encoder(self.video_encoder, **dict(self.video_params)),
+            encoders.get_audio_encoder(self.audio_encoder, **dict(self.audio_params)),
+            encoders.get_text_encoder(self.text_encoder, **dict(self.text_params)),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in ("video_params", "audio_params", "text_params"):
+            d[k] = dict(d[k])
+        d["size"] = None if self.size is None else list(self.size)
+        d["filters"] = list(self.filters)
+        return d
+
+
+def list_sources(pattern_or_dir: str) -> list[str]:
+    """Video files under a directory (recursively) or matching a glob, sorted."""
+    p = epath.Path(pattern_or_dir)
+    if p.is_dir():
+        found, todo = [], [p]
+        while todo:  # recursive walk (epath's rglob refuses on GCS)
+            for q in todo.pop().iterdir():
+                if q.is_dir():
+                    todo.append(q)
+                elif q.suffix.lower() in VIDEO_EXTENSIONS:
+                    found.append(q)
+    elif any(ch in pattern_or_dir for ch in "*?["):
+        root, _, pat = pattern_or_dir.partition("*")
+        base = epath.Path(root) if root.endswith("/") else epath.Path(root).parent
+        rel = pattern_or_dir[len(os.fspath(base)) + 1 :] if root else pattern_or_dir
+        found = list(base.glob(rel))
+    elif p.exists():
+        found = [p]
+    else:
+        found = []
+    files = sorted({os.fspath(q) for q in found})
+    if not files:
+        raise FileNotFoundError(
+            f"--input={pattern_or_dir}: no video files ({', '.join(VIDEO_EXTENSIONS)}) found"
+        )
+    return files
+
+
+def read_sidecar(path: str) -> dict[str, Any]:
+    """The source's sidecar (`<name.ext>.json`, else `<stem>.json`: caption, optional mouth track), or {}."""
+    side = sources.find_sidecar(path)
+    if side is None:
+        return {}
+    try:
+        return json.loads(side.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{side}: sidecar is not valid JSON ({e}); fix or remove it") from e
+
+
+@dataclasses.dataclass
+class ClipRecord:
+    clip_id: str
+    data: bytes
+
+
+DEFAULT_HELD_BYTES = 1 << 30  # decoded frames a source may hold (1 GiB: ~390 frames of 720p RGB)
+
+
+def ingest_source(
+    path: str,
+    cfg: IngestConfig,
+    encs: tuple[Any, Any, Any],
+    root: str = "",
+    audio_16k: np.ndarray | None = None,
+    audio_offset_s: float | None = None,
+    stats: dict[str, int] | None = None,
+    notes: list[str] | None = None,
+    held_bytes: int = DEFAULT_HELD_BYTES,
+    held_peak: list[int] | None = None,
+) -> Iterator[ClipRecord]:
+    """Records for every kept clip of `path`; `stats` counts clips kept and dropped (by reason), `notes`
+    collects what was chosen or assumed about the source (stream picked, rotation, silent audio...).
+
+    `audio_16k`/`audio_offset_s` come from another audio backend (tfio); default: PyAV's resampler.
+    At most max(`held_bytes` worth, clip + 2) decoded frames are held; `held_peak`[0] gets the most held.
+    """
+    venc, aenc, tenc = encs
+    stats = {} if stats is None else stats
+    notes = [] if notes is None else notes
+    info = media.probe(path)
+    notes.extend(info.notes)
+    tf = encoders.frame_multiple(venc)
+    source_key = sources.source_id(path, root)
+    plans = clips.plan_clips(info.num_frames, cfg.clip_frames, cfg.min_frames, tf, source_key, cfg.seed)
+    if not plans:
+        stats["dropped:too_short"] = stats.get("dropped:too_short", 0) + 1
+        notes.append(f"{info.num_frames} frames at 25 fps: shorter than one clip ({cfg.min_frames} frames), no clip")
+        return
+    if audio_16k is None:
+        audio_16k, audio_offset_s = media.decode_audio_16k(path, info.t0)
+    audio = media.align_audio(audio_16k, audio_offset_s or 0.0, info.num_frames)
+    side = read_sidecar(path)
+    caption = str(side.get("caption", ""))
+    track = np.asarray(side.get("mouth", []), np.float32)
+    text, text_mask = tenc.encode(caption)
+    active = list(filters.get_filters(list(cfg.filters)))
+    geo = geometry.plan(
+        (info.width, info.height), info.rotation, cfg.size, cfg.crop,
+        lambda g: next(media.iter_frames(info, g))[1],
+    )
+    out_w, out_h = cfg.size or (info.width, info.height)
+    budget = max(held_bytes // (out_w * out_h * 3), cfg.clip_frames + 2)
+    seeker = media.FrameSeeker(info, geo)
+    # which clips use frame k: as a clip frame (owner) or as a reference frame (refs)
+    owner = {k: i for i, pl in enumerate(plans) for k in range(pl.start, pl.stop)}
+    ref_users: dict[int, list[int]] = {}
+    for i, pl in enumerate(plans):
+        if pl.ref_frame is not None:
+            ref_users.setdefault(pl.ref_frame, []).append(i)
+    held: dict[int, np.ndarray] = {}
+    waiting: dict[int, None] = {}  # clips with all their frames whose reference frame comes later (ordered)
+    done = [False] * len(plans)
+    silent = [0]
+
+    def ref_of(pl: clips.ClipPlan) -> np.ndarray | None:
+        if pl.ref_frame is None:
+            return None
+        if pl.ref_frame in held:
+            return held[pl.ref_frame]
+        stats["ref_seeks"] = stats.get("ref_seeks", 0) + 1
+        return seeker.get(pl.ref_frame)
+
+    def still_needed(k: int) -> bool:
+        return (k in owner and not done[owner[k]]) or any(not done[i] for i in ref_users.get(k, []))
+
+    def finish(i: int) -> Iterator[ClipRecord]:
+        pl = plans[i]
+        done[i] = True
+        rec = _encode_clip(
+            path, source_key, pl, held, ref_of(pl), audio, track, caption, text, text_mask, encs, active, stats,
+            silent if "silence" not in cfg.filters else None,
+        )
+        for kk in [*range(pl.start, pl.stop), pl.ref_frame]:
+            if kk is not None and kk in held and not still_needed(kk):
+                del held[kk]
+        if rec is not None:
+            yield rec
+
+    peak = 0
+    try:
+        for k, frame in media.iter_frames(info, geo):
+            if still_needed(k):
+                held[k] = frame
+            peak = max(peak, len(held))
+            ready = []
+            if k in owner and plans[owner[k]].stop == k + 1:
+                i = owner[k]
+                r = plans[i].ref_frame
+                if r is not None and r > k:
+                    waiting[i] = None
+                else:
+                    ready.append(i)
+            ready += [i for i in ref_users.get(k, []) if waiting.pop(i, 0) is None]
+            for i in ready:
+                yield from finish(i)
+            while len(held) > budget and waiting:  # over budget: the oldest waiting clip seeks its reference
+                i = next(iter(waiting))
+                del waiting[i]
+                yield from finish(i)
+            if len(held) > budget:  # still over: drop kept reference frames, latest use first
+                spare = sorted(
+                    (kk for kk in held if kk not in owner or done[owner[kk]]),
+                    key=lambda kk: -min(plans[i].start for i in ref_users[kk] if not done[i]),
+                )
+                for kk in spare[: len(held) - budget]:
+                    del held[kk]
+        for i in list(waiting):  # reference frames past the last decoded frame (a short decode)
+            yield from finish(i)
+    finally:
+        seeker.close()
+        if held_peak is not None:
+            held_peak[:] = [peak]
+    if silent[0]:
+        notes.append(f"{silent[0]} clip(s) have silent audio (below -45 dBFS); --filters=silence drops them")
+        stats["warned:silent_audio"] = stats.get("warned:silent_audio", 0) + silent[0]
+    if stats.get("ref_seeks"):
+        notes.append(f"{stats['ref_seeks']} reference frame(s) fetched by seeking (held-frame budget {budget})")
+    if not all(done):
+        raise RuntimeError(
+            f"{path}: decoding stopped before frame {max(pl.stop for pl in plans)}; the file may be truncated"
+        )
+
+
+def _encode_clip(
+    path: str,
+    source_key: str,
+    pl: clips.ClipPlan,
+    held: dict[int, np.ndarray],
+    ref_frame: np.ndarray | None,
+    audio: np.ndarray,
+    track: np.ndarray,
+    caption: str,
+    text: np.ndarray,
+    text_mask: np.ndarray,
+    encs: tuple[Any, Any, Any],
+    active: list[tuple[str, filters.Filter]],
+    stats: dict[str, int],
+    silent: list[int] | None = None,
+) -> ClipRecord | None:
+    """`silent`: when given (the silence filter is off), counts clips whose audio it would drop."""
+    venc, aenc, _ = encs
+    frames = np.stack([held[k] for k in range(pl.start, pl.stop)])
+    wave = audio[pl.start * media.HOP : pl.stop * media.HOP]
+    for name, fn in active:
+        if fn(filters.ClipData(frames, wave, path, pl.start)) is not None:
+            stats[f"dropped:filter:{name}"] = stats.get(f"dropped:filter:{name}", 0) + 1
+            return None
+    if silent is not None and filters.silence(filters.ClipData(frames, wave, path, pl.start)) is not None:
+        silent[0] += 1
+    video = venc.encode(frames)
+    tf = frames.shape[0] // video.shape[0]
+    if ref_frame is None:
+        ref = np.zeros((1, *video.shape[1:]), np.float32)
+    else:
+        ref = venc.encode(np.repeat(ref_frame[None], tf, axis=0))[:1]
+    valid = len(track) >= pl.stop
+    mouth = track[pl.start : pl.stop].astype(np.float32) if valid else np.zeros(pl.length, np.float32)
+    tensors = {
+        "video": video,
+        "audio": aenc.encode(wave, num_frames=pl.length),
+        "text": text,
+        "text_mask": text_mask,
+        "ref": ref,
+        "ref_time": np.array([pl.ref_time], np.float32),
+        "mouth": mouth,
+        "mouth_valid": np.array([1 if valid else 0], np.uint8),
+    }
+    clip_id = f"{source_key}@{pl.start:07d}"
+    meta = {"clip_id": clip_id, "source": path, "caption": caption, "start_frame": str(pl.start)}
+    stats["clips"] = stats.get("clips", 0) + 1
+    return ClipRecord(clip_id, records.encode_record(tensors, meta))

@@ -1,0 +1,110 @@
+"""Shared command-line plumbing for every `python -m ...` entry point of the project.
+
+`run(main, prog)` is the one wrapper: absl's `app.run` with `--a-b` accepted as `--a_b`, and a user's
+mistake (any `MirageError`, a typo in a `--config.` override, or an exception type the CLI names) printed
+as ONE line to stderr with the error's exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NoReturn
+
+from absl import flags
+
+from mirage_base.errors import ConfigArgError, MirageError, root_cause
+
+
+def _unknown_override(argv: Sequence[str], exc: BaseException) -> ConfigArgError | None:
+    """The one-line error for ml_collections' "unknown key" failure while parsing `--config.` overrides."""
+    text = str(exc)  # e.g. AttributeError('\'stepz\'\nDid you mean "steps" instead of "stepz"?')
+    m = re.search(r"'([\w-]+)\\?'", text)
+    if m is None:
+        return None
+    key = m.group(1)
+    hint = re.search(r'Did you mean "([^"]+)"', text)
+    for a in argv:
+        name, _, _ = a.partition("=")
+        parts = name.split(".")
+        if name.startswith("--") and len(parts) > 1 and key in parts[1:]:
+            section = ".".join(parts[1:parts.index(key, 1)])
+            where = f"in `{section}`" if section else "at the top level"
+            close = hint.group(1) if hint else None
+            return ConfigArgError(
+                f"{a}: the config has no field `{key}` {where}"
+                + (f"; did you mean `{'.'.join([section, close]).lstrip('.')}`?" if close else ""))
+    return None
+
+
+def dashed_flags_parser(argv: Sequence[str]) -> list[str]:
+    """absl flag parser that maps `--a-b[=v]` to `--a_b[=v]` before `--`; what follows `--` is left alone.
+    A `--config.` override naming an unknown field raises ConfigArgError (one line) instead of
+    ml_collections' chained AttributeError."""
+    out, passthrough = [argv[0]], False
+    for a in argv[1:]:
+        if a == "--":
+            passthrough = True
+        elif not passthrough and a.startswith("--"):
+            name, eq, value = a[2:].partition("=")
+            a = "--" + name.replace("-", "_") + eq + value
+        out.append(a)
+    sys.argv = list(out)  # ml_collections reads its `--config.` overrides from sys.argv at parse time
+    try:
+        rest = flags.FLAGS(out)
+    except (AttributeError, KeyError) as e:
+        err = _unknown_override(out, e)
+        if err is None:
+            raise
+        raise err from None
+    except (flags.Error, ValueError, OSError) as e:  # an unknown flag, a bad value, a missing required flag
+        raise FlagError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    if "config" in flags.FLAGS and flags.FLAGS["config"].present:
+        try:  # ml_collections defers a config file that failed to load to its first use
+            flags.FLAGS.config.keys()
+        except OSError as e:
+            given = next((a for a in out if a.startswith("--config=")), "--config=")
+            path = given.partition("=")[2].partition(":")[0]
+            why = root_cause(e) if os.path.isfile(path) else f"no such file {path!r} (relative to {os.getcwd()})"
+            raise FlagError(f"{given}: {why}") from None
+    return rest
+
+
+class FlagError(MirageError):
+    """A command-line flag that absl or ml_collections cannot parse (unknown, bad value, missing, unreadable
+    config file): the parser's own one-line message, exit 2."""
+
+    exit_code = 2
+
+
+def exit_one_line(prog: str, e: BaseException, code: int, *, label: str = "", hard: bool = False) -> NoReturn:
+    """Print `label or prog: message` to stderr and exit with `code`; `hard` skips interpreter shutdown
+    (os._exit), so library threads still unwinding a failed write cannot print tracebacks after the line."""
+    print(f"{label or prog}: {e}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    if hard:
+        os._exit(code)
+    sys.exit(code)
+
+
+def run(main: Callable[[list[str]], Any], prog: str, *,
+        also: Mapping[type[BaseException], tuple[int, str]] | None = None,
+        hard_exit: tuple[type[BaseException], ...] = ()) -> None:
+    """`absl.app.run(main)` for the CLI `prog` with dashed flags and one-line errors.
+
+    A `MirageError` exits with its `exit_code` after `label or prog: message`. `also` maps exception types to
+    (exit code, label) and wins over the error's own: further types such as FileNotFoundError for a user's path,
+    or a CLI's documented status for a whole family (aot: every MirageError is 1, since 2 means "does not fit").
+    Errors whose type is in `hard_exit` leave through os._exit (see `exit_one_line`).
+    """
+    from absl import app
+
+    extra = dict(also or {})
+    try:
+        app.run(main, flags_parser=dashed_flags_parser)
+    except (MirageError, *extra) as e:
+        code, label = next((v for k, v in extra.items() if isinstance(e, k)),
+                           (getattr(e, "exit_code", 1), getattr(e, "label", "")))
+        exit_one_line(prog, e, code, label=label, hard=isinstance(e, hard_exit))

@@ -15,7 +15,9 @@ Modules, one job each:
 - `resume`: restore the newest committed checkpoint or initialize, with the config-change checks;
 - `preemption`: SIGTERM -> save the newest completed step -> exit 0;
 - `metrics`: console, TensorBoard and JSONL metrics, throughput and MFU;
-- `loop`: the `Trainer` that ties them together;
+- `loop`: the `Trainer` (holds the `RunSetup`): resume, then the loop as a driver that calls the hooks;
+- `hooks`: one module per concern of the loop (profiler window, goodput events, non-finite guard, metrics
+  window, stop agreement, checkpoint policy), each a small object with an injectable clock;
 - `drill`: a preemption drill from outside a run (start it, SIGTERM at a logged step), for the demo and tests;
 - `chaos`: the chaos drill (`python -m mirage_jax.train.chaos`: random kills of a 2-process job);
 - `testing`: the tests' fast config and CLI runner (moving under tests/).

@@ -4,8 +4,10 @@ The loop (`Trainer._loop`) is a driver: dispatch step n, draw batch n+1 (snapsho
 first), fetch step n's metrics to the host, then call each hook's `on_step(info)` in order. `before_step(step)`
 runs before dispatching, `on_end(info)` once after the last step of a run that reached `train.steps`.
 
-Order (`Trainer.hooks_for`): profiler window, non-finite guard, goodput recorder, metrics window, stop
-agreement, checkpoint policy, the user's step callables, preemption stop. Each module holds one hook:
+Order (`Trainer.hooks_for`): profiler window, goodput recorder (so every completed step has its row), non-finite
+guard, metrics window, stop agreement, checkpoint policy, the user's step callables, preemption stop. Hooks
+talk through `StepInfo`: the stop agreement sets `preempted` for the checkpoint policy and the preemption stop,
+the goodput recorder adds `scalars["goodput"]` for the metrics window. Each module holds one hook:
 - `profiler`: `ProfilerWindow` (a jax.profiler trace of `train.profile_steps` steps);
 - `nonfinite`: `NonFiniteGuard` (warns per non-finite step, raises `NonFiniteError` after K in a row);
 - `goodput`: `GoodputRecorder` + `EventLog` (the workdir's goodput.jsonl; `mirage_jax.goodput` reads it);

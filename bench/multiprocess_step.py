@@ -57,16 +57,16 @@ def main(shards: str, modes: tuple[str, ...] = MODES) -> None:
     cfg.data.source = shards
     with tempfile.TemporaryDirectory() as workdir:
         tr = Trainer(cfg, workdir)
-        with jax.set_mesh(tr.mesh):
+        with jax.set_mesh(tr.setup.mesh):
             store = ckpt_lib.CheckpointStore(os.path.join(workdir, f"p{jax.process_index()}"), cfg.checkpoint)
-            state, _, _ = resume.restore_or_init(store, tr.layout, {}, False)
+            state, _, _ = resume.restore_or_init(store, tr.setup.layout, {}, False)
             source = data_lib.make_source(cfg, tr.rows, 0)
-            batch = data_lib.to_global(next(source), tr.batch_shardings, int(cfg.train.global_batch_size))
+            batch = data_lib.to_global(next(source), tr.setup.batch_shardings, int(cfg.train.global_batch_size))
             fns = {}
             for mode in modes:
                 tc = cfg.train.copy_and_resolve_references()
                 tc.grad_sync = mode
-                fns[mode] = tr.make_step(tc)
+                fns[mode] = tr.setup.make_step(tc)
                 state, m = fns[mode](state, batch)  # compile
                 jax.block_until_ready(m)
             best = {mode: float("inf") for mode in modes}

@@ -36,7 +36,10 @@ def test_chaos_drill_two_processes(tmp_path, prepared_shards):
     rep = chaos.run_chaos(tmp_path, iterations=len(SCHEDULE), seed=16, steps=8, save_every=4,
                           shards=Path(prepared_shards), schedule=SCHEDULE)
     print(rep.table())
+    print(rep.goodput)
     assert not rep.failures, "\n\n".join(rep.failures)
+    # every launch (each moment of SCHEDULE is after the trainer started, and the final run) is in the goodput log
+    assert rep.goodput.startswith("goodput ") and f"over {len(SCHEDULE) + 1} run(s)" in rep.goodput, rep.goodput
     assert rep.bitwise_equal is True
     assert rep.orphans == 0
     assert sum(rep.kills.values()) >= 2, rep.log  # the job was really interrupted, not just run to the end

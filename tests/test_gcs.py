@@ -101,6 +101,12 @@ def test_prepare_train_resume_on_gcs_equals_local_disk(gcs_run, cache):
     steps = [r["step"] for r in rows if "loss" in r]
     assert steps[:4] == [1, 2, 3, 4] and steps[-1] == 5  # the rerun appended (repeating 3..4 if resumed at 2)
     assert fs.glob(f"{BUCKET}/run/tensorboard/events.out.tfevents.*")
+    from mirage_jax import goodput  # the goodput log, appended on gs:// by compose across the restart
+
+    events, damaged = goodput.read_events(f"gs://{BUCKET}/run")
+    by_run = [[e["step"] for e in events if e["run"] == run and e["event"] == "step"]
+              for run in dict.fromkeys(e["run"] for e in events)]
+    assert damaged == 0 and by_run[0] == [1, 2, 3, 4] and by_run[1][-1] == 5, by_run  # flushed before save 4
     state = json.loads(fs.cat(f"{BUCKET}/run/checkpoints/2/data/data_state.json"))
     assert state["kind"] == "grain" and state["step"] == 2  # the elastic data position, on gs://
     # the same config on local disk (the shards copied down), uninterrupted

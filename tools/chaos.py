@@ -18,7 +18,8 @@ another workdir. Checked:
     (no step lost beyond the last commit);
   - no process of the job (trainers, Grain workers, multiprocessing's resource tracker) is alive a few
     seconds after the launcher exits.
-Prints a table: iterations, kills by kind and moment, exits, resumes, most steps lost, orphans.
+Prints a table: iterations, kills by kind and moment, exits, resumes, most steps lost, orphans, and the
+job's goodput across all its restarts (`python -m mirage_jax.goodput` of the drill's workdir).
 """
 
 from __future__ import annotations
@@ -211,6 +212,7 @@ class Report:
     failures: list[str] = dataclasses.field(default_factory=list)
     bitwise_equal: bool | None = None
     log: list[str] = dataclasses.field(default_factory=list)
+    goodput: str = ""  # mirage_jax.goodput's summary of the drill's workdir (every restart), once the job finished
 
     def table(self) -> str:
         rows = [("iterations", str(self.iterations))]
@@ -314,6 +316,10 @@ def run_chaos(base: Path, iterations: int, seed: int, steps: int = 24, save_ever
     if rc != 0 or "DONE:" not in final.text:
         rep.failures.append(f"the final run ended with exit {rc}:\n{final.text[-3000:]}")
         return rep
+    from mirage_jax import goodput
+
+    events, damaged = goodput.read_events(workdir)
+    rep.goodput = goodput.format_summary(goodput.summarize(events), damaged)
     ref_dir = base / "reference"
     ref = start(command(ref_dir, shards, steps, save_every), env)
     rc = ref.finish(900)
@@ -346,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         base.mkdir(parents=True, exist_ok=True)
         rep = run_chaos(base, args.iterations, args.seed, args.steps, args.save_every)
     print(rep.table())
+    if rep.goodput:
+        print(rep.goodput)
     for f in rep.failures:
         print(f"FAIL: {f}")
     return 1 if rep.failures else 0

@@ -15,7 +15,9 @@ Modules, one job each:
 - `resume`: restore the newest committed checkpoint or initialize, with the config-change checks;
 - `preemption`: SIGTERM -> save the newest completed step -> exit 0;
 - `metrics`: console, TensorBoard and JSONL metrics, throughput and MFU;
-- `loop`: the `Trainer` that ties them together.
+- `loop`: the `Trainer` (holds the `RunSetup`): resume, then the loop as a driver that calls the hooks;
+- `hooks`: one module per concern of the loop (profiler window, goodput events, non-finite guard, metrics
+  window, stop agreement, checkpoint policy), each a small object with an injectable clock.
 
 Rehearsals run a training job from outside and live elsewhere: the demo's preemption drill is
 `mirage_jax.demo.preempt`, the chaos drill is `python -m tools.chaos` (tools/, never imported by the library).

@@ -10,7 +10,11 @@ non-finite steps, 2 on a config that is invalid or does not fit its data (one li
 
 from __future__ import annotations
 
-from mirage_jax.train import preemption  # first: SIGTERM is handled from here on (imports no JAX)
+import time
+
+STARTED_AT = time.time()  # the goodput log's job_start: before anything else of the CLI is imported
+
+from mirage_jax.train import preemption  # noqa: E402  # first: SIGTERM is handled from here on (imports no JAX)
 
 preemption.install_handler()
 
@@ -63,7 +67,8 @@ def main(argv: list[str], hooks: Sequence[Any] = ()) -> None:
 
     check_storage(_WORKDIR.value, _CONFIG.value.data.get("source"))
     try:
-        trainer = Trainer(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW.value, hooks=hooks)
+        trainer = Trainer(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW.value, hooks=hooks,
+                          started_at=STARTED_AT)
         step = trainer.run()
     except preemption.Preempted as e:
         logging.warning("%s", e)

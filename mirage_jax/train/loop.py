@@ -1,79 +1,106 @@
-"""The training loop: build mesh and state, resume, step, log, checkpoint, stop cleanly.
+"""The training loop as a driver: build state, resume, then per step: dispatch, draw, fetch metrics, call hooks.
 
 Order inside one iteration (so the host prepares batch n+1 while the devices run step n):
 dispatch step n -> draw batch n+1 (snapshotting the iterator state first) -> wait for step n's metrics
--> NaN/Inf accounting, logging -> checkpoint / preemption / end.
+-> the hooks in order (`train.hooks`): profiler window, goodput recorder, non-finite guard, metrics window,
+stop agreement, checkpoint policy, the user's step callables, preemption stop.
 """
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import numpy as np
 from absl import logging
 
-from mirage_base.errors import MirageError
 from mirage_jax.checkpoint_format import config_to_dict
 from mirage_jax.parallel import mesh as mesh_lib
 from mirage_jax.train import checkpoint as ckpt_lib
 from mirage_jax.train import data as data_lib
 from mirage_jax.train import metrics as metrics_lib
 from mirage_jax.train import resume
-from mirage_jax.train.preemption import Preempted, PreemptionWatcher, describe_nothing_trained
+from mirage_jax.train.hooks import SYSTEM_CLOCK, CallbackHook, Clock, Hook, StepInfo
+from mirage_jax.train.hooks.checkpoint import CheckpointPolicy
+from mirage_jax.train.hooks.goodput import EventLog, GoodputRecorder
+from mirage_jax.train.hooks.metrics_window import MetricsWindow
+from mirage_jax.train.hooks.nonfinite import NonFiniteError, NonFiniteGuard
+from mirage_jax.train.hooks.profiler import ProfilerWindow
+from mirage_jax.train.hooks.stop import PreemptionStop, StopAgreement
+from mirage_jax.train.preemption import Preempted, PreemptionWatcher
 from mirage_jax.train.setup import RunSetup
 
-
-class NonFiniteError(MirageError, RuntimeError):
-    """Too many consecutive non-finite steps; the last good checkpoint is kept."""
-
-    exit_code, label = 3, "STOPPED"
-
+__all__ = ["NonFiniteError", "StepHook", "Trainer"]
 
 StepHook = Callable[[int], None]
 
 
-class Trainer(RunSetup):
-    """Everything derived from the config once (`RunSetup`), this process's batch rows; `run()` trains to
-    `train.steps`.
+class Trainer:
+    """The run's `RunSetup` (`self.setup`: typed config, mesh, layout, shardings, the step), this process's batch
+    rows, the workdir; `run()` trains to `train.steps`.
 
     `hooks` (Levanter-style): callables run with the new step number after every step, once its metrics are
     logged and its checkpoint (if due) was started, before a preemption stops the run. Drills use one to kill
-    the process at a chosen step (tests/kill_at_step.py).
+    the process at a chosen step (tests/kill_at_step.py). `clock`: time sources of the loop and its hooks.
+    `started_at`: wall time the job's process started (the CLI passes its first line's; default: now), the
+    goodput log's `job_start`.
     """
 
     def __init__(self, cfg: Any, workdir: str, *, allow_config_change: bool = False,
-                 hooks: Sequence[StepHook] = ()):
-        super().__init__(cfg)
+                 hooks: Sequence[StepHook] = (), clock: Clock = SYSTEM_CLOCK, started_at: float | None = None):
+        self.clock = clock
+        self.started_at = clock.wall() if started_at is None else started_at
+        self.setup = setup = RunSetup(cfg)
+        self.cfg, self.run_cfg = cfg, setup.run_cfg
         self.workdir = workdir
         self.hooks = tuple(hooks)
         self.allow_config_change = allow_config_change or self.run_cfg.checkpoint.allow_config_change
-        self.rows = data_lib.process_rows(self.mesh, self.batch_axes, self.run_cfg.train.global_batch_size)
+        self.rows = data_lib.process_rows(setup.mesh, setup.batch_axes, self.run_cfg.train.global_batch_size)
+        self.total_steps = setup.total_steps
 
     def _log_setup(self) -> None:
-        logging.info("%s; %d parameters; process %d feeds batch rows [%d, %d)", mesh_lib.describe(self.mesh),
-                     self.layout.param_count(), jax.process_index(), self.rows.start, self.rows.stop)
+        s = self.setup
+        logging.info("%s; %d parameters; process %d feeds batch rows [%d, %d)", mesh_lib.describe(s.mesh),
+                     s.layout.param_count(), jax.process_index(), self.rows.start, self.rows.stop)
         if jax.process_count() > 1 and jax.default_backend() == "cpu" and self.run_cfg.train.grad_sync == "xla":
             logging.warning("%d CPU processes with train.grad_sync='xla': XLA:CPU runs every buffer of the gradient "
                             "all-reduces as its own Gloo collective (2.9x the step time of 'flat' for "
                             "configs/tiny.py:demo at 2 x 4); on a pure data-parallel mesh set "
                             "--config.train.grad_sync=flat (docs/runtime.md)", jax.process_count())
-        if self.layout.fallbacks:
+        if s.layout.fallbacks:
             logging.info("%d parameters are not divisible by their mesh axes and use fewer: %s",
-                         len(self.layout.fallbacks), "; ".join(self.layout.fallbacks[:4]))
+                         len(s.layout.fallbacks), "; ".join(s.layout.fallbacks[:4]))
 
     def run(self) -> int:
         """Train until `train.steps`; returns the final step. Raises Preempted after a preemption save."""
-        run = self.run_cfg
+        events = EventLog(self.workdir, enabled=jax.process_index() == 0, clock=self.clock)
+        events.record("job_start", t=self.started_at, process_count=jax.process_count())
+        events.record("init")
+        status, step = "error", None
+        try:
+            step = self._run(events)
+            status = "done"
+            return step
+        except Preempted:
+            status = "preempted"
+            raise
+        except Exception as e:
+            status = type(e).__name__
+            raise
+        finally:
+            events.record("job_end", step=step, status=status)
+            events.close()
+
+    def _run(self, events: EventLog) -> int:
+        run, setup = self.run_cfg, self.setup
         self._log_setup()
         store = ckpt_lib.CheckpointStore(self.workdir, run.checkpoint)
         config = config_to_dict(self.cfg)
-        with jax.set_mesh(self.mesh):
-            state, data_state, restored = resume.restore_or_init(store, self.layout, config, self.allow_config_change)
+        t = self.clock.perf()
+        with jax.set_mesh(setup.mesh):
+            state, data_state, restored = resume.restore_or_init(store, setup.layout, config, self.allow_config_change)
         start = int(jax.device_get(state.step))
+        events.record("restore", step=start, restored=restored is not None, dt=self.clock.perf() - t)
         source = data_lib.make_source(run, self.rows, start)
         if data_state is not None:
             source.set_state(data_state)
@@ -82,11 +109,11 @@ class Trainer(RunSetup):
         if start >= self.total_steps:
             store.close()
             return start
-        step_fn = self.make_step()
+        step_fn = setup.make_step()
         writer = metrics_lib.MetricsWriter(self.workdir, run.metrics)
         watcher = PreemptionWatcher()
         try:
-            return self._loop(state, start, source, step_fn, store, writer, watcher, config)
+            return self._loop(state, start, source, step_fn, store, writer, watcher, config, events)
         finally:
             watcher.close()
             writer.close()
@@ -101,126 +128,82 @@ class Trainer(RunSetup):
         peak = metrics_lib.peak_flops_per_device(self.run_cfg.metrics.peak_flops_per_device)
         return float(flops), float(tokens), peak
 
-    def _loop(self, state: Any, start: int, source: Any, step_fn: Any, store: ckpt_lib.CheckpointStore,
-              writer: metrics_lib.MetricsWriter, watcher: PreemptionWatcher, config: dict[str, Any]) -> int:
-        tc, save_every = self.run_cfg.train, self.run_cfg.checkpoint.save_every
-        gb = tc.global_batch_size
-        flops_per_sample, tokens_per_sample, peak = self._throughput()
+    def hooks_for(self, store: ckpt_lib.CheckpointStore, writer: Any, watcher: Any, config: dict[str, Any],
+                  events: EventLog) -> tuple[StopAgreement, list[Hook]]:
+        """The loop's hooks in calling order (see `train.hooks`), and the stop agreement among them."""
+        tc = self.run_cfg.train
+        flops, tokens, peak = self._throughput()
         n_dev = jax.device_count()
-        k_max = tc.max_nonfinite_steps
-        profile_start, profile_end = tc.profile_start_step, tc.profile_start_step + tc.profile_steps
-        profiling = False
+        agreement = StopAgreement(watcher, store)
 
-        def draw() -> tuple[dict[str, jax.Array], Any, float]:
-            t = time.perf_counter()
-            snapshot = source.get_state()
-            batch = data_lib.to_global(next(source), self.batch_shardings, gb)
-            return batch, snapshot, time.perf_counter() - t
+        def meta(step: int, preempted: bool) -> dict[str, Any]:
+            return {"step": step, "time": self.clock.wall(), "process_count": jax.process_count(),
+                    "device_count": n_dev, "mesh": dict(self.setup.mesh.shape), "jax": jax.__version__,
+                    "preempted": preempted}
 
-        batch, _, data_wait = draw()
+        return agreement, [
+            ProfilerWindow(self.workdir, tc.profile_start_step, tc.profile_steps, enabled=jax.process_index() == 0),
+            GoodputRecorder(events),
+            NonFiniteGuard(tc.max_nonfinite_steps, store, events=events),
+            MetricsWindow(writer, log_every=tc.log_every, global_batch=tc.global_batch_size, n_devices=n_dev,
+                          flops_per_sample=flops, tokens_per_sample=tokens, peak=peak),
+            agreement,
+            CheckpointPolicy(store, config, self.run_cfg.checkpoint.save_every, meta, events=events,
+                             clock=self.clock),
+            *(CallbackHook(h) for h in self.hooks),
+            PreemptionStop(agreement, store, events=events),
+        ]
+
+    def _loop(self, state: Any, start: int, source: Any, step_fn: Any, store: ckpt_lib.CheckpointStore,
+              writer: metrics_lib.MetricsWriter, watcher: PreemptionWatcher, config: dict[str, Any],
+              events: EventLog) -> int:
+        setup, clock, gb = self.setup, self.clock, self.run_cfg.train.global_batch_size
+
+        def draw() -> tuple[dict[str, jax.Array], float]:
+            t = clock.perf()
+            source.get_state()  # the iterator snapshot before the draw, as the loop always took it
+            batch = data_lib.to_global(next(source), setup.batch_shardings, gb)
+            return batch, clock.perf() - t
+
+        batch, data_wait = draw()
+        events.record("data", dt=data_wait)
         data_state = source.get_state()  # position after batch `start`: saved with step start+1
-        # Agree before and after compiling the first step: a SIGTERM during setup, restore or compilation (on
-        # any process) stops there with nothing to save. The barriers let the processes enter collectives
-        # together (Gloo gives up on a peer that arrives > 30 s later, e.g. one compiling much slower).
-        for phase in ("restored", "compiled"):
-            if phase == "compiled":
-                t = time.perf_counter()
-                with jax.set_mesh(self.mesh):
-                    step_fn = step_fn.lower(state, batch).compile()
-                logging.info("compiled the train step in %.1f s", time.perf_counter() - t)
-            watcher.barrier(f"{phase}_{start}")
-            if watcher.agree()[0]:
-                raise Preempted(describe_nothing_trained(start, store.directory))
-        last_time = time.perf_counter()
-        bucket_sum = bucket_n = 0.0
-        window_time = window_wait = 0.0
-        window_steps = 0
-        with jax.set_mesh(self.mesh):
+        agreement, hooks = self.hooks_for(store, writer, watcher, config, events)
+        # Agree before and after compiling the first step (StopAgreement.before_first_step).
+        agreement.before_first_step("restored", start)
+        t = clock.perf()
+        with jax.set_mesh(setup.mesh):
+            step_fn = step_fn.lower(state, batch).compile()
+        compile_s = clock.perf() - t
+        logging.info("compiled the train step in %.1f s", compile_s)
+        events.record("compile", dt=compile_s)
+        events.flush()
+        agreement.before_first_step("compiled", start)
+        last_time = clock.perf()
+        info = None
+        with jax.set_mesh(setup.mesh):
             for step in range(start, self.total_steps):
-                if step == profile_start and jax.process_index() == 0:
-                    jax.profiler.start_trace(os.path.join(self.workdir, "profile"))
-                    profiling = True
+                for hook in hooks:
+                    hook.before_step(step)
+                started_at = clock.wall()
                 state, metrics = step_fn(state, batch)
                 new_step = step + 1
                 if new_step < self.total_steps:
-                    batch, _, wait = draw()
+                    batch, wait = draw()
                     next_data_state = source.get_state()
                 else:
                     wait, next_data_state = 0.0, None
                 m = jax.device_get(metrics)
-                now = time.perf_counter()
-                step_time, last_time = now - last_time, now
-                if profiling and new_step >= profile_end:
-                    jax.profiler.stop_trace()
-                    profiling = False
-                if step == start:  # warm-up: reported once, kept out of the averages
-                    logging.info("first step took %.1f s", step_time)
-                else:
-                    window_time += step_time
-                    window_wait += data_wait
-                    window_steps += 1
+                ended_at, now = clock.wall(), clock.perf()
+                info = StepInfo(step=step, new_step=new_step, total_steps=self.total_steps, metrics=m,
+                                first=step == start, step_time_s=now - last_time, data_wait_s=data_wait,
+                                started_at=started_at, ended_at=ended_at, draw_s=wait, state=state,
+                                data_state=data_state)
+                last_time = now
                 data_wait = wait
-                bucket_sum = bucket_sum + np.asarray(m["loss_per_bucket"])
-                bucket_n = bucket_n + np.asarray(m["bucket_counts"])
-                if not bool(m["finite"]):
-                    logging.warning("step %d: non-finite loss or gradient (loss=%s, grad_norm=%s); update skipped "
-                                    "(%d in a row, %d in total)", new_step, m["loss"], m["grad_norm"],
-                                    int(m["nonfinite_streak"]), int(m["nonfinite_total"]))
-                if int(m["nonfinite_streak"]) >= k_max:
-                    store.wait()
-                    raise NonFiniteError(
-                        f"{k_max} consecutive non-finite steps (train.max_nonfinite_steps={k_max}) ending at step "
-                        f"{new_step}; stopping. The last good checkpoint is kept (steps {store.all_steps()} in "
-                        f"{store.directory}). Lower optim.lr, raise optim.warmup_steps or check the data, then "
-                        "rerun the same command to resume.")
-                if new_step % tc.log_every == 0 or new_step == self.total_steps:
-                    avg = window_time / window_steps if window_steps else step_time
-                    scalars = {
-                        "loss": m["loss"], "grad_norm": m["grad_norm"], "lr": m["lr"],
-                        "step_time_s": avg, "data_wait_s": window_wait / max(window_steps, 1),
-                        "nonfinite_total": m["nonfinite_total"],
-                        "samples_per_s": gb / avg,
-                        "tokens_per_s_per_device": gb * tokens_per_sample / avg / n_dev,
-                        "loss_per_bucket": np.where(bucket_n > 0, bucket_sum / np.maximum(bucket_n, 1), np.nan),
-                    }
-                    if flops_per_sample:
-                        tflops = gb * flops_per_sample / avg / n_dev
-                        scalars["tflops_per_device"] = tflops / 1e12
-                        if peak:
-                            scalars["mfu"] = tflops / peak
-                    writer.write(new_step, scalars)
-                    bucket_sum = bucket_n = 0.0
-                    window_time = window_wait = 0.0
-                    window_steps = 0
-                save_error = store.save_error()  # a background save that failed: reported within one step
-                preempted, failed_elsewhere = watcher.agree(save_error is not None)
-                if save_error is not None:
-                    raise save_error
-                if failed_elsewhere:
-                    raise ckpt_lib.CheckpointSaveError(
-                        f"a checkpoint save under {store.directory} failed on another process (its log names the "
-                        "file and the OS error); fix the storage and rerun the same command")
-                due = new_step % save_every == 0 or new_step == self.total_steps
-                if due and not bool(m["finite"]) and not preempted:
-                    logging.warning("step %d: not checkpointing a step inside a non-finite streak", new_step)
-                    due = False
-                if due or preempted:
-                    meta = {"step": new_step, "time": time.time(), "process_count": jax.process_count(),
-                            "device_count": n_dev, "mesh": dict(self.mesh.shape), "jax": jax.__version__,
-                            "preempted": preempted}
-                    store.save(new_step, state, data_state, config, meta)
-                    logging.info("checkpoint %d started%s", new_step, " (preemption)" if preempted else "")
-                for hook in self.hooks:
-                    hook(new_step)
-                if preempted:
-                    store.wait()
-                    logging.info("stop-flag agreement: %.2f ms per step (%d steps)", 1e3 * watcher.mean_cost_s(),
-                                 watcher.calls - 2)
-                    raise Preempted(f"preempted: checkpoint {new_step} saved in {store.directory}; rerun the same "
-                                    "command to resume")
+                for hook in hooks:
+                    hook.on_step(info)
                 data_state = next_data_state
-            if profiling:
-                jax.profiler.stop_trace()
-            store.wait()
-        logging.info("stop-flag agreement: %.2f ms per step (%d steps)", 1e3 * watcher.mean_cost_s(), watcher.calls - 2)
+            for hook in hooks:
+                hook.on_end(info)
         return self.total_steps

@@ -3,8 +3,9 @@
 `RunSetup(cfg)` validates every section once (`run_config.RunConfig`: a bad field raises ConfigError naming
 it, before any compile) and builds the mesh over this process's devices; `RunSetup(cfg, devices)` over any
 device list, such as a TPU topology's abstract devices (`mirage_jax.aot.plan` compiles the real train step from
-it on a CPU host). `train.loop.Trainer` extends it with the workdir, this process's batch rows and the loop,
-so the AOT report, the benchmarks and training always compile the same step from the same derivations.
+it on a CPU host). `train.loop.Trainer` holds one (`trainer.setup`) with the workdir, this process's batch rows
+and the loop, so the AOT report, the benchmarks and training always compile the same step from the same
+derivations.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ import numpy as np
 from etils import epath
 from safetensors import SafetensorError, safe_open
 
+from data_pipeline.errors import ExitCode, MirageError
 from data_pipeline.storage import is_remote
 
 # diffusers' names for a model's weights: one file, or shards listed by the index
@@ -40,8 +41,10 @@ DTYPES = {
 PathLike = str | os.PathLike[str]
 
 
-class SafetensorsError(ValueError):
-    """A weights file or index is unusable; the message is one line naming the file (and tensor)."""
+class SafetensorsError(MirageError, ValueError):
+    """A weights file or index is unusable; the message is one line naming the file (and tensor) (exit 2)."""
+
+    exit_code = ExitCode.REFUSED
 
 
 def weight_files(folder: PathLike, preferred: Iterable[str] = (SINGLE_NAME,)) -> dict[epath.Path, set[str] | None]:

@@ -23,7 +23,7 @@ from etils import epath
 from tqdm import tqdm
 
 from data_pipeline import media, speech, talking_head
-from data_pipeline.errors import MirageError
+from data_pipeline.errors import ExitCode, InputError, MirageError
 
 SIDECAR_VERSION = "1"
 
@@ -33,9 +33,9 @@ def parse_size(text: str) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError as e:
-        raise ValueError(f"--size={text!r}: expected WxH, e.g. 64x64") from e
+        raise InputError(f"--size={text!r}: expected WxH, e.g. 64x64") from e
     if w < 16 or h < 16 or w % 2 or h % 2:
-        raise ValueError(f"--size={text!r}: width and height must be even and at least 16")
+        raise InputError(f"--size={text!r}: width and height must be even and at least 16")
     return w, h
 
 
@@ -76,7 +76,7 @@ def make_clip(out_dir: str, index: int, seconds: float, seed: int, size: tuple[i
 class StaleClipsError(MirageError, ValueError):
     """--out holds clips of an earlier, larger run that this one would leave behind (exit 2)."""
 
-    exit_code = 2
+    exit_code = ExitCode.REFUSED
 
 
 def _index_below(name: str, clips: int) -> bool:

@@ -28,7 +28,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from data_pipeline.errors import MirageError
+from data_pipeline.errors import ExitCode, MirageError
 from mirage_jax.aot_collectives import collective_summary
 from mirage_jax.aot_flops import compiled_cost, correct_compiled_flops, flop_parts
 from mirage_jax.aot_topology import TopologyError, parse_topology, topology_devices
@@ -287,7 +287,7 @@ def _run() -> None:
                       "(default: the config's model.splash_fused_bwd).")
     flags.mark_flags_as_required(["config", "topology"])
     # every user error (config, topology, mesh, layout, uncompilable) is exit 1: 2 means "does not fit"
-    run(main, "aot", also={MirageError: (1, "error")})
+    run(main, "aot", also={MirageError: (ExitCode.FAILURE, "error")})
 
 
 if __name__ == "__main__":

@@ -18,19 +18,13 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from data_pipeline.errors import MirageError, root_cause
+from data_pipeline.errors import CheckpointError, root_cause
 from mirage_jax.config import ModelConfig
 from mirage_jax.paths import orbax_path
 
 Names = tuple[str, ...]
 CHECKPOINTS = "checkpoints"  # WORKDIR/checkpoints/<step>/
 STATE, CONFIG = "state", "config"  # the step items every reader needs
-
-
-class CheckpointError(MirageError, ValueError):
-    """The checkpoint path is not a committed mirage_jax checkpoint; the message names it."""
-
-    exit_code = 2
 
 
 # ---- step-folder layout ------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from data_pipeline.encoders.time_map import TimeMap
-from data_pipeline.errors import MirageError, did_you_mean
+from data_pipeline.errors import ExitCode, MirageError, did_you_mean
 
 ATTENTION_BACKENDS = ("xla", "dot_product", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention", "save_splash", "save_splash_qkv")
@@ -26,7 +26,7 @@ T = TypeVar("T")
 class ConfigError(MirageError, ValueError):
     """A config field is missing, unknown or out of range; the message names the field (exit 2)."""
 
-    exit_code = 2
+    exit_code = ExitCode.REFUSED
     label = "CONFIG ERROR"
 
 

@@ -339,6 +339,7 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
     from data_pipeline.cli import run
+    from data_pipeline.errors import ExitCode
 
     define_flags()
-    run(main, "generate", also={FileNotFoundError: (2, "")})  # a user's path or input: one line, exit 2
+    run(main, "generate", also={FileNotFoundError: (ExitCode.REFUSED, "")})  # a user's path or input: one line, exit 2

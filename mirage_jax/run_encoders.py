@@ -18,7 +18,7 @@ from data_pipeline import encoders as enc_lib
 from data_pipeline import manifest as mf
 from data_pipeline.batch_keys import STREAMS
 from data_pipeline.encoders.time_map import TimeMap, of_manifest
-from data_pipeline.errors import MirageError
+from data_pipeline.errors import ExitCode, MirageError
 from data_pipeline.shards import dataset_dirs
 from mirage_jax.config import ModelConfig
 
@@ -26,7 +26,7 @@ from mirage_jax.config import ModelConfig
 class GenerateError(MirageError, ValueError):
     """The checkpoint, the encoders and the inputs do not fit together; the message says which and why."""
 
-    exit_code = 2
+    exit_code = ExitCode.REFUSED
 
 
 @dataclasses.dataclass

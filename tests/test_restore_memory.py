@@ -117,6 +117,6 @@ def test_a_target_without_shardings_lands_in_the_saved_layout(saved, monkeypatch
     bare = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), layout.abstract)
     try:
         _, built, _ = _restore_recording(saved, bare, monkeypatch)
-    except ckpt_lib.CheckpointRestoreError as e:  # an Orbax that refuses a target without shardings is fine too
+    except ckpt_lib.CheckpointError as e:  # an Orbax that refuses a target without shardings is fine too
         pytest.skip(f"this Orbax refuses targets without shardings: {str(e)[:200]}")
     assert built and any(dict(s.mesh.shape).get("fsdp") == 8 for s in built)

@@ -58,5 +58,6 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     from data_pipeline.cli import run
+    from data_pipeline.errors import ExitCode
 
-    run(main, "eval", also={FileNotFoundError: (2, "")})  # a user's path or input: one line, exit 2
+    run(main, "eval", also={FileNotFoundError: (ExitCode.REFUSED, "")})  # a user's path or input: one line, exit 2

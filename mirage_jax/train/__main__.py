@@ -78,10 +78,11 @@ def run(hooks: Sequence[Any] = ()) -> None:
     through os._exit so that tensorstore's callbacks of the failed write cannot bury the line under
     "Event loop is closed" tracebacks at shutdown; committed steps are on disk)."""
     from data_pipeline.cli import run as run_cli
+    from data_pipeline.errors import ExitCode
     from mirage_jax.train.checkpoint import CheckpointSaveError
 
     run_cli(functools.partial(main, hooks=hooks), "train",
-            also={FileNotFoundError: (2, "DATA ERROR")},  # e.g. a data.source with no (committed) shards
+            also={FileNotFoundError: (ExitCode.REFUSED, "DATA ERROR")},  # e.g. a data.source with no (committed) shards
             hard_exit=(CheckpointSaveError,))
 
 

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from data_pipeline.errors import MirageError
+from data_pipeline.errors import ExitCode, MirageError
 from mirage_jax.checkpoint_format import config_to_dict
 from mirage_jax.parallel import mesh as mesh_lib
 from mirage_jax.train import checkpoint as ckpt_lib
@@ -30,7 +30,7 @@ from mirage_jax.train.setup import RunSetup
 class NonFiniteError(MirageError, RuntimeError):
     """Too many consecutive non-finite steps; the last good checkpoint is kept."""
 
-    exit_code, label = 3, "STOPPED"
+    exit_code, label = ExitCode.NONFINITE, "STOPPED"
 
 
 StepHook = Callable[[int], None]

@@ -23,7 +23,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from data_pipeline.errors import MirageError
+from data_pipeline.errors import ExitCode, MirageError
 from mirage_jax.checkpoint_format import CHECKPOINTS, config_to_dict, flatten, replace_leaves
 from mirage_jax.config import DiffusionConfig, ModelConfig
 from mirage_jax.interop.mochi import mochi_config_to_model
@@ -36,7 +36,7 @@ REPORT_NAME = "warm_start_report.json"
 class WarmStartError(MirageError, ValueError):
     """The source does not fit the Mirage config, or the output would overwrite a run."""
 
-    exit_code = 2
+    exit_code = ExitCode.REFUSED
 
 
 def derive_config(src: TensorSource) -> ml_collections.ConfigDict:

@@ -205,7 +205,7 @@ class RealStep:
         self.cfg = cfg
         devices = list(devices if devices is not None else jax.devices()[:1])
         self.setup = RunSetup(cfg, devices)
-        self.global_batch = int(cfg.train.global_batch_size)
+        self.global_batch = self.setup.run_cfg.train.global_batch_size
         with jax.set_mesh(self.setup.mesh):
             rows = data_lib.process_rows(self.setup.mesh, self.setup.batch_axes, self.global_batch)
             source = data_lib.SyntheticSource(self.setup.batch_shapes, rows, 1)

@@ -35,6 +35,8 @@ from mirage_jax.aot_topology import TopologyError, parse_topology, topology_devi
 from mirage_jax.chips import GiB
 
 if TYPE_CHECKING:
+    import ml_collections
+
     from mirage_jax.train.setup import RunSetup
 
 DEFAULT_MFU = 0.40  # between maxdiffusion's Wan 2.1 (~30%) and MaxText's LLMs (50-65%): docs/scaling.md
@@ -68,8 +70,8 @@ def _bytes(num: str, unit: str) -> int:
     return int(float(num) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit.upper()])
 
 
-def plan(cfg: Any, topology: str, *, mfu: float = DEFAULT_MFU, min_headroom: float = DEFAULT_MIN_HEADROOM,
-         hlo_path: str | None = None) -> dict[str, Any]:
+def plan(cfg: ml_collections.ConfigDict, topology: str, *, mfu: float = DEFAULT_MFU,
+         min_headroom: float = DEFAULT_MIN_HEADROOM, hlo_path: str | None = None) -> dict[str, Any]:
     """Compile the train step of `cfg` for `topology`; the report as a JSON-ready dict (see module doc)."""
     import jax
 

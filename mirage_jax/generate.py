@@ -277,7 +277,7 @@ def main(argv: Sequence[str]) -> None:
     if not speeches:
         raise GenerateError("give the speech: --audio=FILE (WAV/MP3/MP4...) or --say='text to speak' (repeatable)")
     run = load_run(F.checkpoint, ema=F.ema)
-    encs = load_encoders(run.config, F.data)
+    encs = load_encoders(run.config.data, F.data)
     check_fit(run.model_config, encs)
     n = len(speeches)
     captions = _per_prompt(F.caption or [], n, "caption")

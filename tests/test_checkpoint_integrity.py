@@ -8,15 +8,15 @@ import types
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
+from mirage_jax.run_config import CheckpointConfig
 from mirage_jax.train import checkpoint as ckpt_lib
 from mirage_jax.train import resume
 from mirage_jax.train.state import TrainState
 
-CKPT = ml_collections.ConfigDict(dict(keep_last_n=2, keep_every_k=4, async_save=True, allow_config_change=False))
+CKPT = CheckpointConfig(keep_last_n=2, keep_every_k=4, async_save=True, allow_config_change=False)
 CONFIG = {"model": {"num_layers": 2}, "train": {"steps": 10}}
 
 

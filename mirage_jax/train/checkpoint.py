@@ -31,6 +31,7 @@ from orbax.checkpoint import checkpoint_managers as ocm
 from data_pipeline.errors import CheckpointError, ExitCode, MirageError, root_cause
 from mirage_jax import checkpoint_format
 from mirage_jax.paths import orbax_path
+from mirage_jax.run_config import CheckpointConfig
 from mirage_jax.train.state import TrainState
 
 
@@ -161,7 +162,7 @@ class CheckpointStore:
 
     `array_format` sets how the state's arrays are written (`STATE_FORMAT`; bench/checkpoint.py compares others)."""
 
-    def __init__(self, workdir: str, ckpt_cfg: Any, *, read_only: bool = False,
+    def __init__(self, workdir: str, ckpt_cfg: CheckpointConfig, *, read_only: bool = False,
                  array_format: ArrayFormat = STATE_FORMAT):
         self.directory = orbax_path(workdir) / checkpoint_format.CHECKPOINTS
         self.last_saved: int | None = None

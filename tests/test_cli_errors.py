@@ -181,7 +181,8 @@ def _wav(path) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("tool", ["export", "generate", "eval"])
+@pytest.mark.parametrize("tool", ["export", pytest.param("generate", marks=pytest.mark.slow),
+                                  pytest.param("eval", marks=pytest.mark.slow)])  # the same reader: one by default
 def test_saved_config_missing_a_field_is_one_line_naming_it(tiny_run, tmp_path, tool):
     """Hand-edited: the saved config lost `shapes.latent_frames` (a field without a default). Every reader
     parses it through RunConfig: one line naming the saved file and the field, exit 2 (CheckpointError)."""

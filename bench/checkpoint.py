@@ -118,7 +118,7 @@ def _run(formats: dict[str, Any], rounds: int, video_dim: int, layers: int, dire
     payload = np.random.default_rng(0).standard_normal(nbytes // 4, dtype=np.float32).tobytes()
     target = setup.layout.abstract_with_shardings()
     data_state = {"kind": "synthetic", "step": 0, "global": True}
-    stores = {name: CheckpointStore(os.path.join(work, f"run{i}"), cfg.checkpoint, array_format=fmt)
+    stores = {name: CheckpointStore(os.path.join(work, f"run{i}"), setup.run_cfg.checkpoint, array_format=fmt)
               for i, (name, fmt) in enumerate(formats.items())}
     raw: dict[str, list[float]] = {"raw_write": [], "raw_read": []}
     res = {name: {k: [] for k in ("save_return", "save_commit", "save_fsync", "restore")} for name in formats}

@@ -11,6 +11,7 @@ the load above the core count is marked "not a claim".
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import platform
@@ -205,7 +206,7 @@ class RealStep:
         self.cfg = cfg
         devices = list(devices if devices is not None else jax.devices()[:1])
         self.setup = RunSetup(cfg, devices)
-        self.global_batch = int(cfg.train.global_batch_size)
+        self.global_batch = self.setup.run_cfg.train.global_batch_size
         with jax.set_mesh(self.setup.mesh):
             rows = data_lib.process_rows(self.setup.mesh, self.setup.batch_axes, self.global_batch)
             source = data_lib.SyntheticSource(self.setup.batch_shapes, rows, 1)
@@ -234,7 +235,7 @@ class RealStep:
         """describe.count_flops (forward + backward matmuls) x global batch: the MFU numerator."""
         from mirage_jax.describe import count_flops
 
-        return float(count_flops(self.setup.mcfg, dict(self.cfg.shapes)) * self.global_batch)
+        return float(count_flops(self.setup.mcfg, dataclasses.asdict(self.setup.run_cfg.shapes)) * self.global_batch)
 
     def compiled_flops(self) -> dict[str, float]:
         """XLA cost_analysis FLOPs of the compiled step: raw (a scanned layer body counted once) and
@@ -244,9 +245,9 @@ class RealStep:
         ca = aot_flops.compiled_cost(self.compile())
         raw = float(ca.get("flops", 0.0)) * self.setup.mesh.size  # cost_analysis is per device
         mcfg = self.setup.mcfg
-        parts = aot_flops.flop_parts(mcfg, dict(self.cfg.shapes))
+        parts = aot_flops.flop_parts(mcfg, dataclasses.asdict(self.setup.run_cfg.shapes))
         corrected = aot_flops.correct_compiled_flops(
-            raw, parts, global_batch=self.global_batch, grad_accum=int(self.cfg.train.grad_accum),
+            raw, parts, global_batch=self.global_batch, grad_accum=self.setup.run_cfg.train.grad_accum,
             num_layers=mcfg.num_layers, splash=False, remat=False, padded_tokens=0,
             attn_dim=mcfg.attn_dim)
         return {"raw": raw, "corrected": corrected}

@@ -131,7 +131,7 @@ def loader_vs_step(data: str | None = None, clips: int = 8, batch: int = 8, roun
 
     overrides = {"train.global_batch_size": batch, **(step_overrides or {})}
     step = common.RealStep(common.tiny_config(overrides))
-    frames = int(step.cfg.shapes.audio_frames)
+    frames = step.setup.run_cfg.shapes.audio_frames
     it = iter(make_loader(data, global_batch_size=batch, clip_frames=frames, seed=0, worker_count=0,
                           process_index=0, process_count=1, slow_batch_warn_s=0))
     next(it)

@@ -14,6 +14,7 @@ uses it for the cost of XLA's per-buffer Gloo all-reduces across CPU processes.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import resource
 import sys
@@ -58,15 +59,14 @@ def main(shards: str, modes: tuple[str, ...] = MODES) -> None:
     with tempfile.TemporaryDirectory() as workdir:
         tr = Trainer(cfg, workdir)
         with jax.set_mesh(tr.setup.mesh):
-            store = ckpt_lib.CheckpointStore(os.path.join(workdir, f"p{jax.process_index()}"), cfg.checkpoint)
+            run = tr.setup.run_cfg
+            store = ckpt_lib.CheckpointStore(os.path.join(workdir, f"p{jax.process_index()}"), run.checkpoint)
             state, _, _ = resume.restore_or_init(store, tr.setup.layout, {}, False)
-            source = data_lib.make_source(cfg, tr.rows, 0)
-            batch = data_lib.to_global(next(source), tr.setup.batch_shardings, int(cfg.train.global_batch_size))
+            source = data_lib.make_source(tr.setup.run_cfg, tr.rows, 0)
+            batch = data_lib.to_global(next(source), tr.setup.batch_shardings, tr.setup.run_cfg.train.global_batch_size)
             fns = {}
             for mode in modes:
-                tc = cfg.train.copy_and_resolve_references()
-                tc.grad_sync = mode
-                fns[mode] = tr.setup.make_step(tc)
+                fns[mode] = tr.setup.make_step(dataclasses.replace(tr.setup.run_cfg.train, grad_sync=mode))
                 state, m = fns[mode](state, batch)  # compile
                 jax.block_until_ready(m)
             best = {mode: float("inf") for mode in modes}

@@ -13,6 +13,7 @@ same cores, so the step time shows the cost of the extra collectives, not a spee
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -71,7 +72,8 @@ def measure(sizes: Sequence[int] = (1, 2, 4, 8), rounds: int = 3, overrides: dic
         "rows": rows,
         "setup": {"config": "configs/tiny.py", "overrides": {**MODEL, **(overrides or {})}, "devices": devices,
                   "global_batch": first.global_batch,
-                  "tokens_per_sample": count_tokens(first.setup.mcfg, dict(first.cfg.shapes))["total"],
+                  "tokens_per_sample": count_tokens(first.setup.mcfg,
+                                                    dataclasses.asdict(first.setup.run_cfg.shapes))["total"],
                   "memory": "compiled memory_analysis() per device", "rounds": rounds},
         "times": times,
     }

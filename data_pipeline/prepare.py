@@ -34,7 +34,7 @@ from data_pipeline.dataset import records
 from data_pipeline.ingest import geometry, media, sources
 from data_pipeline.ingest.per_source import DEFAULT_HELD_BYTES, IngestConfig, ingest_source, list_sources
 from data_pipeline.prepare_flags import FLAGS, config_from_flags
-from mirage_base.errors import MirageError
+from mirage_base.errors import ExitCode, InputError, MirageError
 from mirage_base.storage import check_storage
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ _PROGRESS: dict[str, Any] = {}  # in-process runs only: the tqdm bar DoFns updat
 class NoClipsError(MirageError, RuntimeError):
     """Prepare kept no clip from any source; the message says why (stats, first failure) and what to change."""
 
-    exit_code, label = 1, "error"
+    exit_code, label = ExitCode.REFUSED, "error"
 
 
 def fingerprint(files: Sequence[str], cfg: IngestConfig, records_per_shard: int) -> str:
@@ -126,7 +126,7 @@ class WriteShard(beam.DoFn):
         items = sorted(items)
         ids = [i for i, _ in items]
         if len(set(ids)) != len(ids):
-            raise ValueError(
+            raise InputError(
                 f"shard {index}: duplicate clip ids {sorted({i for i in ids if ids.count(i) > 1})[:5]}; "
                 "two sources map to the same relative path"
             )
@@ -184,7 +184,7 @@ def build_manifest(
     shapes = _merge_shapes(p["shapes"] for p in shard_parts)
     video_shape = shapes.get("video", {}).get("shape", [None, None, None, None])
     if shard_parts and None in video_shape[1:]:  # sources.check_sizes / --size rule this out
-        raise ValueError(f"prepare: records of different frame sizes (video {video_shape}); set --size=WxH")
+        raise InputError(f"prepare: records of different frame sizes (video {video_shape}); set --size=WxH")
     f = encoders.spatial_factor(venc)
     h = None if video_shape[1] is None else video_shape[1] * f
     w = None if video_shape[2] is None else video_shape[2] * f
@@ -243,7 +243,7 @@ def run(
     """Run the ingest pipeline; returns the manifest (also written to `output`/manifest.json).
 
     Before any decoding, sources whose clip ids or sidecars collide are set aside (both paths named in
-    `sources.failed`); without `cfg.size` the sources' display sizes must agree (ValueError listing them).
+    `sources.failed`); without `cfg.size` the sources' display sizes must agree (InputError listing them).
     """
     files = list_sources(input_pattern)
     root = sources.input_root(input_pattern, files)
@@ -251,7 +251,7 @@ def run(
     spatial = encoders.spatial_factor(cfg.build_encoders()[0])
     geometry.get_crop(cfg.crop)  # an unknown policy is refused by name before any work
     if cfg.size is not None and (cfg.size[0] % spatial or cfg.size[1] % spatial):
-        raise ValueError(
+        raise InputError(
             f"--size={cfg.size[0]}x{cfg.size[1]}: width and height must be multiples of the video encoder's "
             f"spatial factor {spatial}"
         )
@@ -265,7 +265,7 @@ def run(
 
         ok, why = tfio_backend.available(tfio_python)
         if not ok:
-            raise RuntimeError(f"--audio-backend=tfio: {why}")
+            raise InputError(f"--audio-backend=tfio: {why}")
     if cfg.size is None:  # one record shape: the sources' display sizes must agree
         listed_bad.update(sources.check_sizes([f for f in files if f not in listed_bad], spatial)[1])
     good = [f for f in files if f not in listed_bad]
@@ -364,7 +364,7 @@ def _finish(
 def main(argv: Sequence[str]) -> None:
     logging.basicConfig(level=logging.WARNING)
     check_storage(FLAGS.input, FLAGS.output)  # gs:// preflight: one line, not a traceback
-    m = _run_from_flags(argv)  # NoClipsError, or a user's input or flag: one line, exit 1 (`run` below)
+    m = _run_from_flags(argv)  # a MirageError (NoClipsError, a user's input or flag): one line, exit 2
     print(summary(m, FLAGS.output))
 
 
@@ -402,4 +402,6 @@ if __name__ == "__main__":
     # absl stops at `--`: what follows reaches main() as Beam pipeline flags
     from mirage_base import cli  # not `import run`: this module has its own run() (the pipeline)
 
-    cli.run(_prepare.main, "prepare", also={ValueError: (1, ""), FileNotFoundError: (1, "")})
+    # a user's mistake is a MirageError (or a missing --input: FileNotFoundError): one line, exit 2; anything
+    # else is a bug and keeps its traceback (exit 1)
+    cli.run(_prepare.main, "prepare", also={FileNotFoundError: (ExitCode.REFUSED, "")})

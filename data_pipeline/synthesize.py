@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from data_pipeline.ingest import media
 from data_pipeline.synthetic import speech, talking_head
-from mirage_base.errors import MirageError
+from mirage_base.errors import ExitCode, InputError, MirageError
 
 SIDECAR_VERSION = "1"
 
@@ -34,9 +34,9 @@ def parse_size(text: str) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError as e:
-        raise ValueError(f"--size={text!r}: expected WxH, e.g. 64x64") from e
+        raise InputError(f"--size={text!r}: expected WxH, e.g. 64x64") from e
     if w < 16 or h < 16 or w % 2 or h % 2:
-        raise ValueError(f"--size={text!r}: width and height must be even and at least 16")
+        raise InputError(f"--size={text!r}: width and height must be even and at least 16")
     return w, h
 
 
@@ -77,7 +77,7 @@ def make_clip(out_dir: str, index: int, seconds: float, seed: int, size: tuple[i
 class StaleClipsError(MirageError, ValueError):
     """--out holds clips of an earlier, larger run that this one would leave behind (exit 2)."""
 
-    exit_code = 2
+    exit_code = ExitCode.REFUSED
 
 
 def _index_below(name: str, clips: int) -> bool:

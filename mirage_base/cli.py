@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 from absl import flags
 
-from mirage_base.errors import ConfigArgError, MirageError, root_cause
+from mirage_base.errors import ConfigArgError, ExitCode, MirageError, root_cause
 
 
 def _unknown_override(argv: Sequence[str], exc: BaseException) -> ConfigArgError | None:
@@ -76,7 +76,7 @@ class FlagError(MirageError):
     """A command-line flag that absl or ml_collections cannot parse (unknown, bad value, missing, unreadable
     config file): the parser's own one-line message, exit 2."""
 
-    exit_code = 2
+    exit_code = ExitCode.REFUSED
 
 
 def exit_one_line(prog: str, e: BaseException, code: int, *, label: str = "", hard: bool = False) -> NoReturn:

@@ -1,26 +1,49 @@
-"""The one base of every error a user's input can cause, and the exit status a CLI gives it.
+"""The one base of every error a user's input can cause, and the one table of the exit statuses CLIs give.
 
 Every package raises a subclass (`ConfigError`, `RecordError`, `CheckpointError`, ...); the CLIs run their
 `main` through `mirage_base.cli.run`, which prints such an error as one line (`prog: message`, or the
-class's `label`) and exits with its `exit_code` instead of a traceback. It lives in mirage_base, the package
-below both data_pipeline and mirage_jax (data_pipeline must not import mirage_jax, and mirage_jax imports
-data_pipeline).
+class's `label`) and exits with its `exit_code` instead of a traceback. Every class takes its code from
+`ExitCode`, whose meanings `EXIT_MEANINGS` spells out (README.md's exit-status table is checked against both
+by tests/test_cli_errors.py). Anything that is not a MirageError is a bug: Python prints its traceback and
+exits 1. It lives in mirage_base, the package below both data_pipeline and mirage_jax.
 """
 
 from __future__ import annotations
 
 import difflib
+import enum
 from collections.abc import Iterable
+
+
+class ExitCode(enum.IntEnum):
+    """The exit status of every `python -m ...` CLI of the project (`mirage_jax.aot` adds its own 2 = "does not
+    fit" and reports every MirageError as 1; see its docstring)."""
+
+    OK = 0
+    FAILURE = 1
+    REFUSED = 2
+    NONFINITE = 3
+    SAVE_FAILED = 4
+
+
+EXIT_MEANINGS: dict[ExitCode, str] = {
+    ExitCode.OK: "done, or preempted (SIGTERM): the newest completed step is saved",
+    ExitCode.FAILURE: "a bug or an unexpected failure: Python's traceback is printed",
+    ExitCode.REFUSED: "refused input: a flag, config field, data, storage URL or checkpoint that cannot be used "
+                      "(one line names it and what to do)",
+    ExitCode.NONFINITE: "training stopped after too many consecutive non-finite steps",
+    ExitCode.SAVE_FAILED: "a checkpoint could not be written (the last committed one stays restorable)",
+}
 
 
 class MirageError(Exception):
     """A problem the user can fix (the message names the file, record, flag or config field and what to do).
 
-    `exit_code`: the CLI's exit status for it (2: refused input/config, 1: any other failure; see the CLIs'
-    docstrings). `label`: the line's prefix; empty means the program's name.
+    `exit_code`: the CLI's exit status for it, from `ExitCode` (REFUSED unless the class says otherwise).
+    `label`: the line's prefix; empty means the program's name.
     """
 
-    exit_code: int = 1
+    exit_code: int = ExitCode.REFUSED
     label: str = ""
 
 
@@ -28,8 +51,23 @@ class ConfigArgError(MirageError):
     """A `--config.a.b=v` override names no field, or a config file's `:argument` is wrong (exit 2). Not a
     ValueError: ml_collections re-raises those from a config file with the traceback inside the message."""
 
-    exit_code = 2
+    exit_code = ExitCode.REFUSED
     label = "CONFIG ERROR"
+
+
+class CheckpointError(MirageError, ValueError):
+    """A checkpoint that cannot be used: missing, not committed, damaged (a file or chunk unreadable) or saved
+    with a config this version cannot read. The message names the step folder and what to do (move it away,
+    or name another step). The same class and code for train's resume, export, generate, eval and warm start."""
+
+    exit_code = ExitCode.REFUSED
+    label = "CHECKPOINT ERROR"
+
+
+class InputError(MirageError, ValueError):
+    """A user's input (a path, a source file, a flag's value) that a tool cannot use; the message names it."""
+
+    exit_code = ExitCode.REFUSED
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:

@@ -28,6 +28,8 @@ import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from mirage_base.errors import ExitCode, MirageError
+
 if TYPE_CHECKING:
     from etils import epath
 
@@ -43,8 +45,10 @@ DTYPES = {
 PathLike = str | os.PathLike[str]
 
 
-class SafetensorsError(ValueError):
-    """A weights file or index is unusable; the message is one line naming the file (and tensor)."""
+class SafetensorsError(MirageError, ValueError):
+    """A weights file or index is unusable; the message is one line naming the file (and tensor) (exit 2)."""
+
+    exit_code = ExitCode.REFUSED
 
 
 def _is_url(path: PathLike) -> bool:

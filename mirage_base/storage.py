@@ -16,7 +16,7 @@ import os
 
 import fsspec
 
-from mirage_base.errors import MirageError
+from mirage_base.errors import ExitCode, MirageError
 
 # gcsfs keeps directory listings forever by default (cache_timeout=None): a process that lists a workdir twice
 # (export or eval after training went on, a trainer after another host saved) would not see new steps.
@@ -31,7 +31,7 @@ EMULATOR_VARS = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AU
 class StorageError(MirageError, RuntimeError):
     """A gs:// URL that cannot be used at all; the message is one line naming the URL and the remedy."""
 
-    exit_code = 2
+    exit_code = ExitCode.REFUSED
 
 
 def is_remote(path: str | os.PathLike[str]) -> bool:

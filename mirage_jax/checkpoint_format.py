@@ -18,19 +18,14 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from mirage_base.errors import MirageError, root_cause
-from mirage_jax.config import ModelConfig
+from mirage_base.errors import CheckpointError, root_cause
+from mirage_jax.config import ConfigError, ModelConfig
 from mirage_jax.paths import orbax_path
+from mirage_jax.run_config import RunConfig
 
 Names = tuple[str, ...]
 CHECKPOINTS = "checkpoints"  # WORKDIR/checkpoints/<step>/
 STATE, CONFIG = "state", "config"  # the step items every reader needs
-
-
-class CheckpointError(MirageError, ValueError):
-    """The checkpoint path is not a committed mirage_jax checkpoint; the message names it."""
-
-    exit_code = 2
 
 
 # ---- step-folder layout ------------------------------------------------------------------------------------
@@ -81,17 +76,24 @@ def read_item(step: epath.Path, item: str) -> dict[str, Any]:
                               "or a damaged one") from e
 
 
-def read_config(step: epath.Path) -> dict[str, Any]:
-    """The run's config saved with step folder `step`; CheckpointError when unreadable or without `model`."""
+def read_config(step: epath.Path) -> RunConfig:
+    """The run's config saved with step folder `step`, parsed back into a validated `RunConfig` (an older
+    version's model fields upgraded, sections and fields added since then at their defaults). Raises
+    CheckpointError, one line naming the saved file and the field, when it is unreadable or does not parse."""
     config = read_item(step, CONFIG)
     if not isinstance(config.get("model"), dict):
         raise CheckpointError(f"{step}: its config has no `model` section; not a mirage_jax training run")
-    return config
+    try:
+        return RunConfig.from_config(config)
+    except ConfigError as e:  # `--config.shapes.text_len: missing ...`: the field, as the saved config names it
+        raise CheckpointError(f"{step / CONFIG / 'metadata'}: the run's saved config does not parse: "
+                              f"{str(e).removeprefix('--config.')} (a checkpoint of another mirage_jax version, or "
+                              "a damaged one)") from None
 
 
 def read_model_config(step: epath.Path) -> ModelConfig:
     """The validated `ModelConfig` of the run that wrote step folder `step`."""
-    return ModelConfig.from_config(read_config(step)["model"])
+    return read_config(step).model
 
 
 # ---- tree paths and shapes ---------------------------------------------------------------------------------

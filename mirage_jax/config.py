@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from mirage_base.errors import MirageError, did_you_mean
+from mirage_base.errors import ExitCode, MirageError, did_you_mean
 from mirage_base.time_map import TimeMap
 
 ATTENTION_BACKENDS = ("xla", "dot_product", "cudnn", "splash")
@@ -26,7 +26,7 @@ T = TypeVar("T")
 class ConfigError(MirageError, ValueError):
     """A config field is missing, unknown or out of range; the message names the field (exit 2)."""
 
-    exit_code = 2
+    exit_code = ExitCode.REFUSED
     label = "CONFIG ERROR"
 
 

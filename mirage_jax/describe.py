@@ -9,6 +9,7 @@ recomputation is not counted.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping
@@ -113,8 +114,8 @@ def main(argv: list[str]) -> None:
 
     cfg = flags.FLAGS.config
     mcfg = ModelConfig.from_config(cfg.model)
-    section(ShapesConfig, "shapes", cfg.shapes)  # ConfigError (one line, exit 2) for a bad --config.shapes.*
-    info = describe(mcfg, cfg.shapes.to_dict())
+    shapes = section(ShapesConfig, "shapes", cfg.shapes)  # ConfigError (one line, exit 2) for a bad --config.shapes.*
+    info = describe(mcfg, dataclasses.asdict(shapes))
     if flags.FLAGS.json:
         print(json.dumps(info))
         return
@@ -125,8 +126,8 @@ def main(argv: list[str]) -> None:
     print("tokens per sample: " + ", ".join(f"{k} {v:,}" for k, v in t.items()))
     print(f"train FLOPs per sample: {info['train_flops_per_sample']:.4e}")
     tm = info["time_map"]
-    note = "" if tm["latent_frames_of_audio"] == cfg.shapes.latent_frames else (
-        f" (but shapes.latent_frames={cfg.shapes.latent_frames}: set --config.shapes.latent_frames="
+    note = "" if tm["latent_frames_of_audio"] == shapes.latent_frames else (
+        f" (but shapes.latent_frames={shapes.latent_frames}: set --config.shapes.latent_frames="
         f"{tm['latent_frames_of_audio']})")
     print(f"time map {tm['rule']}: {tm['audio_frames']} frames -> {tm['latent_frames_of_audio']} latent frames{note}")
 

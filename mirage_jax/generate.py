@@ -278,7 +278,7 @@ def main(argv: Sequence[str]) -> None:
     if not speeches:
         raise GenerateError("give the speech: --audio=FILE (WAV/MP3/MP4...) or --say='text to speak' (repeatable)")
     run = load_run(F.checkpoint, ema=F.ema)
-    encs = load_encoders(run.config, F.data)
+    encs = load_encoders(run.config.data, F.data)
     check_fit(run.model_config, encs)
     n = len(speeches)
     captions = _per_prompt(F.caption or [], n, "caption")
@@ -340,6 +340,7 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
     from mirage_base.cli import run
+    from mirage_base.errors import ExitCode
 
     define_flags()
-    run(main, "generate", also={FileNotFoundError: (2, "")})  # a user's path or input: one line, exit 2
+    run(main, "generate", also={FileNotFoundError: (ExitCode.REFUSED, "")})  # a user's path or input: one line, exit 2

@@ -42,7 +42,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from mirage_base.errors import MirageError
+from mirage_base.errors import ExitCode, MirageError
 
 FILE = "goodput.jsonl"
 CATEGORIES = ("initialization", "training_prep", "program_startup", "data_loading", "checkpoint_save",
@@ -52,7 +52,7 @@ CATEGORIES = ("initialization", "training_prep", "program_startup", "data_loadin
 class GoodputError(MirageError):
     """No goodput log to read (missing workdir, no goodput.jsonl, no valid event): exit 2."""
 
-    exit_code = 2
+    exit_code = ExitCode.REFUSED
 
 
 def parse_events(lines: Iterable[str]) -> tuple[list[dict[str, Any]], int]:

@@ -8,7 +8,6 @@ The run's config (saved with every checkpoint) rebuilds the network, so a checkp
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 from etils import epath
@@ -19,6 +18,7 @@ from mirage_jax.checkpoint_format import read_config, resolve_step_dir, restore_
 from mirage_jax.config import DiffusionConfig, ModelConfig
 from mirage_jax.model.build import abstract_model
 from mirage_jax.parallel import rules as rules_lib
+from mirage_jax.run_config import RunConfig
 
 
 @dataclasses.dataclass
@@ -26,18 +26,18 @@ class LoadedRun:
     """A model restored from `step_dir`, with the run's config as saved."""
 
     model: nnx.Module
-    config: dict[str, Any]
+    config: RunConfig  # the run's saved config, parsed (checkpoint_format.read_config)
     step: int
     step_dir: epath.Path
     weights: str  # "params" or "ema"
 
     @property
     def model_config(self) -> ModelConfig:
-        return ModelConfig.from_config(self.config["model"])
+        return self.config.model
 
     @property
     def diffusion_config(self) -> DiffusionConfig:
-        return DiffusionConfig.from_config(self.config["diffusion"])
+        return self.config.diffusion
 
 
 def load_run(checkpoint: str, *, ema: bool = False, mesh: Mesh | None = None) -> LoadedRun:
@@ -47,11 +47,10 @@ def load_run(checkpoint: str, *, ema: bool = False, mesh: Mesh | None = None) ->
     replicated on this process's devices (fine up to models that fit one device).
     """
     step_dir = resolve_step_dir(checkpoint)
-    config = read_config(step_dir)
-    mcfg = ModelConfig.from_config(config["model"])
-    graphdef, abs_params = abstract_model(mcfg)
+    config = read_config(step_dir)  # CheckpointError naming a missing or bad field of the saved config
+    graphdef, abs_params = abstract_model(config.model)
     if mesh is not None:
-        rules = rules_lib.normalize_rules(config["mesh"]["rules"]["params"], "mesh.rules.params", mesh)
+        rules = rules_lib.normalize_rules(config.mesh, "params", mesh)
         specs, _ = rules_lib.param_specs(abs_params, rules, mesh)
         shardings = rules_lib.named(mesh, nnx.to_pure_dict(specs))
     else:

@@ -3,7 +3,10 @@
 `RunConfig.from_config(cfg)` is called by `train.setup.RunSetup` before anything compiles: an unknown field,
 a value of the wrong type or out of range raises `ConfigError` naming the field as the override that fixes it
 (`--config.checkpoint.save_every=0: must be >= 1`), and the training CLI prints that one line and exits 2.
-The loop, step, data, checkpoint and metrics code read these frozen objects, never `int(cfg.x)`.
+A checkpoint's saved config (JSON) is parsed back through the same call (`checkpoint_format.read_config`), so
+every reader of a checkpoint gets the same typed objects, and an old or partial saved config one line naming
+the field. Past the door, every consumer takes its typed section (`TrainConfig`, `DataConfig`, `MeshConfig`,
+...), not the ConfigDict.
 
 `base_config()` builds the runtime sections of every config file from the same dataclasses' defaults
 (configs/tiny.py and configs/mirage_10b.py add `model`, `shapes` and `diffusion`); `parse_arg` parses a
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import ml_collections
 
@@ -42,7 +45,9 @@ ACTIVATION_RULES = (
     ("heads", "tensor"),
     ("mlp", "tensor"),
 )
+RULE_TABLES = ("params", "activations")
 GRAD_SYNCS = ("xla", "flat")
+T = TypeVar("T")
 VERIFY_LEVELS = ("auto", "sha256", "size", "none")
 
 
@@ -160,7 +165,8 @@ class MeshConfig:
     """The `mesh` section. Axes, outermost first: data, fsdp, sequence, tensor. `ici` sizes are per slice (fast
     interconnect), `dcn` sizes across slices (multi-slice TPU; 1 everywhere else); -1 = the rest. `rules` map
     logical axes to mesh axes (`params`, `activations`). The sizes are checked against the devices by
-    `parallel.mesh.build_mesh` and the rules by `parallel.rules.normalize_rules`, each naming the field."""
+    `parallel.mesh.build_mesh` and the rules by `parallel.rules.normalize_rules` (both take this object), each
+    naming the field."""
 
     ici: Mapping[str, int] = dataclasses.field(
         default_factory=lambda: dict(data=1, fsdp=-1, sequence=1, tensor=1))
@@ -174,7 +180,9 @@ class MeshConfig:
             for axis, v in dict(getattr(self, name)).items():
                 _check(isinstance(v, int) and not isinstance(v, bool), f"mesh.{name}.{axis}", "must be an int", v)
         for name in dict(self.rules):
-            _check(name in ("params", "activations"), f"mesh.rules.{name}", "no such table (params, activations)")
+            _check(name in RULE_TABLES, f"mesh.rules.{name}", f"no such table {RULE_TABLES}")
+        for name in RULE_TABLES:
+            _check(name in self.rules, f"mesh.rules.{name}", "missing: a list of (logical axis, mesh axes) rules")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,17 +207,16 @@ SECTIONS: dict[str, type] = {"train": TrainConfig, "optim": OptimConfig, "checkp
                              "metrics": MetricsConfig, "data": DataConfig, "mesh": MeshConfig}
 
 
-def section(cls: type, name: str, values: Any) -> Any:
+def section(cls: type[T], name: str, values: ml_collections.ConfigDict | Mapping[str, Any]) -> T:
     """The validated `cls` of the config section `name` (a ConfigDict or a mapping)."""
     obj = _from_mapping(cls, name, values)
-    obj.validate()
+    obj.validate()  # type: ignore[attr-defined]
     return obj
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """Every section of a training config, typed and validated. Read like the ConfigDict it comes from
-    (`run.train.steps`, `run.shapes.audio_frames`), so the functions taking a config accept either."""
+    """Every section of a training config, typed and validated (`run.train.steps`, `run.shapes.audio_frames`)."""
 
     model: ModelConfig
     diffusion: DiffusionConfig
@@ -222,14 +229,16 @@ class RunConfig:
     mesh: MeshConfig
 
     @classmethod
-    def from_config(cls, cfg: Any) -> RunConfig:
-        """Raises ConfigError naming the first missing section or bad field."""
+    def from_config(cls, cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> RunConfig:
+        """A config file's ConfigDict, or a checkpoint's saved config (JSON: lists for tuples; a model section of
+        an older version is upgraded by `upgrade_model_fields`). Sections other than model, diffusion and shapes
+        default when absent. Raises ConfigError naming the first missing section or bad field."""
         for name in ("model", "diffusion", "shapes"):
             if name not in cfg:
                 raise ConfigError(f"the config has no `{name}` section; start from a model config such as "
                                   "configs/tiny.py or configs/mirage_10b.py")
-        return cls(model=ModelConfig.from_config(cfg.model), diffusion=DiffusionConfig.from_config(cfg.diffusion),
-                   shapes=section(ShapesConfig, "shapes", cfg.shapes),
+        return cls(model=ModelConfig.from_config(cfg["model"]), diffusion=DiffusionConfig.from_config(cfg["diffusion"]),
+                   shapes=section(ShapesConfig, "shapes", cfg["shapes"]),
                    **{name: section(c, name, cfg[name] if name in cfg else {}) for name, c in SECTIONS.items()})
 
 

@@ -1,7 +1,7 @@
 """The frozen encoders a run was trained with, rebuilt from its data manifest, and the check that they fit
 the model (generate and eval both start here).
 
-    encs = load_encoders(run.config)            # or load_encoders(run.config, data="gs://bkt/prepared")
+    encs = load_encoders(run.config.data)       # or load_encoders(run.config.data, data="gs://bkt/prepared")
     check_fit(run.model_config, encs)           # GenerateError listing every mismatch
     frames = decode_video(latents, encs, 75)    # uint8 [75, H, W, 3] through the video encoder's decoder
 """
@@ -18,15 +18,16 @@ from data_pipeline import encoders as enc_lib
 from data_pipeline.dataset import manifest as mf
 from data_pipeline.loader.shards import dataset_dirs
 from mirage_base.batch_keys import STREAMS
-from mirage_base.errors import MirageError
+from mirage_base.errors import ExitCode, MirageError
 from mirage_base.time_map import TimeMap, of_manifest
 from mirage_jax.config import ModelConfig
+from mirage_jax.run_config import DataConfig
 
 
 class GenerateError(MirageError, ValueError):
     """The checkpoint, the encoders and the inputs do not fit together; the message says which and why."""
 
-    exit_code = 2
+    exit_code = ExitCode.REFUSED
 
 
 @dataclasses.dataclass
@@ -80,9 +81,9 @@ def dataset_dir(source: str) -> str:
     return os.fspath(dataset_dirs(os.fspath(source))[0][0])
 
 
-def load_encoders(run_config: dict[str, Any], data: str | None = None) -> Encoders:
-    """Encoders from `data` (a prepared dataset) or from the dataset the run trained on."""
-    source = data or run_config.get("data", {}).get("source", "synthetic")
+def load_encoders(run_data: DataConfig, data: str | None = None) -> Encoders:
+    """Encoders from `data` (a prepared dataset) or from the dataset the run trained on (`run_data.source`)."""
+    source = data or run_data.source
     if source == "synthetic":
         raise GenerateError("the checkpoint was trained on data.source='synthetic' (random arrays): no manifest "
                             "says which encoders its latents belong to. Pass --data=DIR, a data_pipeline.prepare "

@@ -13,7 +13,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax.core import spmd as core_spmd
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -25,6 +24,7 @@ from mirage_jax.diffusion.sampler import euler_sample, model_velocity_fn
 from mirage_jax.inference import LoadedRun
 from mirage_jax.parallel import mesh as mesh_lib
 from mirage_jax.parallel import rules as rules_lib
+from mirage_jax.run_config import MeshConfig
 
 _RUN_FIELDS = {"steps": "sample_steps", "cfg_audio": "cfg_audio", "cfg_text": "cfg_text", "schedule": "cfg_schedule"}
 
@@ -60,8 +60,9 @@ class SamplingSettings:
 
 def generation_mesh(sequence_parallel: int = 1) -> Mesh:
     """All devices: `sequence` = `sequence_parallel`, `data` = the rest (fsdp = tensor = 1)."""
-    cfg = ml_collections.ConfigDict({"ici": dict(data=-1, fsdp=1, sequence=sequence_parallel, tensor=1),
-                                     "dcn": dict(data=1, fsdp=1, sequence=1, tensor=1)})
+    cfg = MeshConfig(ici=dict(data=-1, fsdp=1, sequence=sequence_parallel, tensor=1),
+                     dcn=dict(data=1, fsdp=1, sequence=1, tensor=1))
+    cfg.validate()
     return mesh_lib.build_mesh(cfg)
 
 
@@ -74,10 +75,9 @@ def sample_latents(run: LoadedRun, cond: dict[str, np.ndarray], latent_shape: tu
     The whole sampler is one jitted loop, with a progress bar from its per-step callback. On `mesh` the batch
     is sharded on the mesh's batch axes (and tokens over `sequence`) by the run's activation rules.
     """
-    act_rules: Any = ()
+    act_rules: rules_lib.Rules = ()
     if mesh is not None:
-        act_rules = rules_lib.normalize_rules(run.config["mesh"]["rules"]["activations"],
-                                              "mesh.rules.activations", mesh)
+        act_rules = rules_lib.normalize_rules(run.config.mesh, "activations", mesh)
     batch_axes = dict(act_rules).get("batch") if act_rules else None
 
     def put(x: np.ndarray) -> jax.Array:

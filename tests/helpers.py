@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from mirage_jax.config import ModelConfig
+from mirage_jax.run_config import RunConfig
 
 
 def small_config(**overrides) -> ModelConfig:
@@ -15,6 +16,15 @@ def small_config(**overrides) -> ModelConfig:
                 rope_base_height=8, rope_base_width=8)
     base.update(overrides)
     return ModelConfig(**base)
+
+
+def saved_config(model: dict | None = None) -> RunConfig:
+    """A run's config as a checkpoint reader gets it (`checkpoint_format.read_config`): `model` over ModelConfig's
+    defaults, configs/tiny.py's diffusion and shapes, every other section at its default."""
+    from configs.tiny import diffusion_config, shapes_config
+
+    return RunConfig.from_config({"model": model or {}, "diffusion": diffusion_config().to_dict(),
+                                  "shapes": shapes_config().to_dict()})
 
 
 def random_inputs(cfg: ModelConfig, seed: int = 0, b: int = 2, t: int = 3, h: int = 4, w: int = 6, text_len: int = 7,

@@ -8,16 +8,16 @@ import json
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 import tensorstore as ts
 
 from mirage_jax import checkpoint_format
+from mirage_jax.run_config import CheckpointConfig
 from mirage_jax.train import checkpoint as ckpt_lib
 from mirage_jax.train.state import TrainState
 
-CKPT = ml_collections.ConfigDict(dict(keep_last_n=2, keep_every_k=0, async_save=True, allow_config_change=False))
+CKPT = CheckpointConfig(keep_last_n=2, keep_every_k=0, async_save=True, allow_config_change=False)
 
 
 def random_state(seed: int) -> TrainState:

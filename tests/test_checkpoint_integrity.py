@@ -8,15 +8,15 @@ import types
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
+from mirage_jax.run_config import CheckpointConfig
 from mirage_jax.train import checkpoint as ckpt_lib
 from mirage_jax.train import resume
 from mirage_jax.train.state import TrainState
 
-CKPT = ml_collections.ConfigDict(dict(keep_last_n=2, keep_every_k=4, async_save=True, allow_config_change=False))
+CKPT = CheckpointConfig(keep_last_n=2, keep_every_k=4, async_save=True, allow_config_change=False)
 CONFIG = {"model": {"num_layers": 2}, "train": {"steps": 10}}
 
 
@@ -85,7 +85,7 @@ def test_damaged_committed_checkpoint_raises_naming_the_step_dir(tmp_path):
         if p.name.startswith("ocdbt") or p.name.startswith("manifest") or p.name == "d":
             shutil.rmtree(p) if p.is_dir() else p.unlink()
     store = ckpt_lib.CheckpointStore(str(tmp_path), CKPT)
-    with pytest.raises(ckpt_lib.CheckpointRestoreError, match=r"checkpoints/4\b.*[Mm]ove"):
+    with pytest.raises(ckpt_lib.CheckpointError, match=r"checkpoints/4\b.*[Mm]ove"):
         resume.restore_or_init(store, fake_layout(), CONFIG, False)
 
 

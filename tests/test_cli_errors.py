@@ -1,10 +1,15 @@
-"""A user's wrong path gets one line naming it and exit 2 (prepare: 1, its SystemExit), never a traceback."""
+"""A user's mistake gets one line naming it and the exit status of README's table (`mirage_base.errors.ExitCode`),
+never a traceback; a bug keeps its traceback (exit 1). The table itself is checked against the code."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import wave
 
 import pytest
 
@@ -30,7 +35,7 @@ def test_train_on_a_missing_data_source(tmp_path):
 ])
 def test_missing_paths_are_one_line(tmp_path, args):
     r = _cli(*(a.format(missing=tmp_path / "nowhere", tmp=tmp_path) for a in args))
-    assert r.returncode in (1, 2) and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert str(tmp_path / "nowhere") in r.stderr.strip().splitlines()[-1]
 
 
@@ -62,3 +67,148 @@ def test_bad_flags_and_config_values_are_one_line_exit_2(tmp_path, args, names):
 def test_dashed_config_override_is_accepted(tmp_path):
     r = run_cli(tmp_path / "run", extra=["--config.train.log-every=1"], **{"train.steps": 0})
     assert r.returncode == 0 and "DONE" in r.stdout, r.stdout[-3000:]
+
+
+# ---- the exit-code table ------------------------------------------------------------------------------------
+
+def _error_classes() -> dict[str, type]:
+    """Every MirageError subclass the packages define, by name (each module defining one is imported)."""
+    import ast
+    import importlib
+
+    from mirage_base.errors import MirageError
+
+    for pkg in ("data_pipeline", "mirage_jax"):
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            tree = ast.parse(path.read_text())
+            if any(isinstance(n, ast.ClassDef) and n.name.endswith("Error") for n in tree.body):
+                importlib.import_module(".".join(path.relative_to(ROOT).with_suffix("").parts))
+    out, todo = {}, [MirageError]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            out[sub.__name__] = sub
+            todo.append(sub)
+    return out
+
+
+def _readme_exit_table() -> dict[int, tuple[str, set[str]]]:
+    text = (ROOT / "README.md").read_text().split("### Exit status", 1)[1]
+    rows = {}
+    for line in text.splitlines():
+        m = re.fullmatch(r"\| (\d) \| (.+?) \| (.+?) \|", line.strip())
+        if m:
+            rows[int(m.group(1))] = (m.group(2), set(re.findall(r"`(\w+)`", m.group(3))))
+        elif rows and not line.startswith("|"):
+            break
+    return rows
+
+
+def test_readme_exit_table_is_the_code_table():
+    """README's table lists every code of `ExitCode` with its `EXIT_MEANINGS` text, and under each code exactly
+    the MirageError classes that exit with it (a new class or a changed code fails here until README says so)."""
+    from mirage_base.errors import EXIT_MEANINGS, ExitCode
+
+    table = _readme_exit_table()
+    assert sorted(table) == sorted(int(c) for c in ExitCode)
+    for code in ExitCode:
+        assert table[code][0] == EXIT_MEANINGS[code], code
+    classes = _error_classes()
+    assert {"SafetensorsError", "CheckpointError", "MeshConfigError", "RulesError", "LayoutError"} <= set(classes)
+    for code in ExitCode:
+        if code in (ExitCode.OK, ExitCode.FAILURE):
+            continue  # Preempted (not an error) and "anything that is not a MirageError"
+        assert table[code][1] == {n for n, c in classes.items() if c.exit_code == code}, code
+    assert table[ExitCode.OK][1] == {"Preempted"} and table[ExitCode.FAILURE][1] == {"MirageError"}
+    assert all(isinstance(c.exit_code, ExitCode) for c in classes.values())
+
+
+def test_mesh_that_does_not_fit_is_a_config_error_exit_2(tmp_path):
+    r = _cli("mirage_jax.train", "--config=configs/tiny.py:fast", f"--workdir={tmp_path}/w",
+             "--config.mesh.ici.fsdp=3")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "mesh.ici: sizes" in r.stderr.strip().splitlines()[-1]
+
+
+def test_prepare_user_error_is_one_line_exit_2_and_a_bug_keeps_its_traceback(tmp_path):
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "a.mp4").write_bytes(b"")
+    r = _cli("data_pipeline.prepare", f"--input={tmp_path}/raw", f"--output={tmp_path}/out", "--video-encoder=nope")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "unknown video encoder 'nope'" in r.stderr.strip().splitlines()[-1]
+    bug = ("import runpy, sys\nfrom data_pipeline import prepare\n"
+           "def bug(argv):\n    raise ValueError('a bug, not a user error')\n"
+           "prepare._run_from_flags = bug\n"
+           f"sys.argv = ['prepare', '--input={tmp_path}/raw', '--output={tmp_path}/out']\n"
+           "runpy.run_module('data_pipeline.prepare', run_name='__main__')\n")
+    r = _cli_code(bug)
+    assert r.returncode == 1 and "Traceback" in r.stderr and "ValueError: a bug, not a user error" in r.stderr
+
+
+def _cli_code(code: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+# ---- saved configs: parsed back into RunConfig by every checkpoint reader ---------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A one-step run of configs/tiny.py:fast with its checkpoint at step 1."""
+    work = tmp_path_factory.mktemp("tiny") / "run"
+    r = run_cli(work, devices=1, **{"train.steps": 1, "checkpoint.save_every": 1, "checkpoint.async_save": False})
+    assert r.returncode == 0, r.stdout[-3000:]
+    return work
+
+
+def _edited(tiny_run, tmp_path, edit) -> str:
+    """A copy of the run whose saved config.json (`checkpoints/1/config/metadata`) `edit` changed in place."""
+    dst = tmp_path / "run"
+    shutil.copytree(tiny_run, dst)
+    meta = dst / "checkpoints" / "1" / "config" / "metadata"
+    cfg = json.loads(meta.read_text())
+    edit(cfg)
+    meta.write_text(json.dumps(cfg))
+    return str(dst)
+
+
+def _wav(path) -> str:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(b"\0\0" * 16000)
+    return str(path)
+
+
+@pytest.mark.parametrize("tool", ["export", pytest.param("generate", marks=pytest.mark.slow),
+                                  pytest.param("eval", marks=pytest.mark.slow)])  # the same reader: one by default
+def test_saved_config_missing_a_field_is_one_line_naming_it(tiny_run, tmp_path, tool):
+    """Hand-edited: the saved config lost `shapes.latent_frames` (a field without a default). Every reader
+    parses it through RunConfig: one line naming the saved file and the field, exit 2 (CheckpointError)."""
+    work = _edited(tiny_run, tmp_path, lambda c: c["shapes"].pop("latent_frames"))
+    args = {"export": ["mirage_jax.export", f"--checkpoint={work}", f"--out={tmp_path}/exp"],
+            "generate": ["mirage_jax.generate", f"--checkpoint={work}", f"--out={tmp_path}/x.mp4",
+                         f"--audio={_wav(tmp_path / 's.wav')}", f"--data={tmp_path}"],
+            "eval": ["mirage_jax.eval", f"--checkpoint={work}", f"--data={tmp_path}"]}[tool]
+    r = _cli(*args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("CHECKPOINT ERROR: ") and "shapes.latent_frames: missing" in last, last
+    assert "checkpoints/1/config/metadata" in last, last
+    assert not (tmp_path / "exp").exists() and not (tmp_path / "x.mp4").exists()
+
+
+def test_saved_config_without_mesh_rules_loads_with_the_default_rules(tiny_run, tmp_path):
+    """A config saved before `mesh.rules` existed (a KeyError traceback once): the sections and fields added
+    since take their defaults, so the checkpoint loads onto a mesh with the default parameter rules."""
+    from mirage_jax.checkpoint_format import read_config, resolve_step_dir
+    from mirage_jax.inference import load_run
+    from mirage_jax.run_config import PARAM_RULES
+    from mirage_jax.sampling import generation_mesh
+
+    work = _edited(tiny_run, tmp_path, lambda c: c["mesh"].pop("rules"))
+    saved = read_config(resolve_step_dir(work))
+    assert tuple(map(tuple, saved.mesh.rules["params"])) == PARAM_RULES
+    run = load_run(work, mesh=generation_mesh())
+    assert run.step == 1 and run.config.model == saved.model

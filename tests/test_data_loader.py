@@ -164,6 +164,7 @@ def test_synthetic_source_matches_loader_keys_shapes_dtypes(prepared):
     """The trainer's two sources give the same batch: `data.source='synthetic'` and the Grain loader over the
     shards, for a config that fits the shards' manifest (`data_fit.check` is the independent gate)."""
     from configs.tiny import get_config
+    from mirage_jax.run_config import RunConfig
     from mirage_jax.train import data_fit
     from mirage_jax.train.data import RowRange, SyntheticSource, batch_shapes
     from mirage_jax.train.grain_source import GrainSource
@@ -171,10 +172,11 @@ def test_synthetic_source_matches_loader_keys_shapes_dtypes(prepared):
     cfg = get_config()
     cfg.shapes.latent_frames = cfg.shapes.audio_frames = 25
     cfg.data.source = prepared
-    data_fit.check(cfg)
+    run = RunConfig.from_config(cfg)
+    data_fit.check(run)
     real = next(GrainSource(iter(
         make_loader(prepared, global_batch_size=3, clip_frames=25, process_index=0, process_count=1))))
-    fake_it = SyntheticSource(batch_shapes(cfg), RowRange(0, 3, 3), seed=0)
+    fake_it = SyntheticSource(batch_shapes(run), RowRange(0, 3, 3), seed=0)
     fake = next(fake_it)
     assert {k: (v.shape, v.dtype) for k, v in fake.items()} == {
         k: (v.shape, v.dtype) for k, v in real.items()

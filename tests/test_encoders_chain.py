@@ -18,6 +18,7 @@ from helpers import tiny_encoder_weights
 from mirage_jax import generate as gen
 from mirage_jax.config import ConfigError
 from mirage_jax.inference import load_run
+from mirage_jax.run_config import RunConfig
 from mirage_jax.run_encoders import load_encoders
 from mirage_jax.sampling import SamplingSettings
 from mirage_jax.train import data_fit, loop
@@ -64,7 +65,7 @@ def test_prepare_train_generate_with_the_real_encoders(weights, raw, tmp_path, c
     cfg = fast_config(data__source=data, data__worker_count=0, train__steps=3, train__global_batch_size=8,
                       checkpoint__async_save=False)
     with pytest.raises(ConfigError) as e:
-        data_fit.check(cfg)
+        data_fit.check(RunConfig.from_config(cfg))
     msg = str(e.value)
     fixes = re.findall(r"--config\.(\S+)=(\S+)", msg)
     assert dict(fixes) == {
@@ -76,7 +77,7 @@ def test_prepare_train_generate_with_the_real_encoders(weights, raw, tmp_path, c
     assert loop.Trainer(cfg, work).run() == 3
 
     run = load_run(work)
-    encs = load_encoders(run.config)
+    encs = load_encoders(run.config.data)
     assert isinstance(encs.video, MochiVAE) and encs.video.time_map.rule == rule and encs.clip_frames == frames
     wave = speech.speak("a person speaks.", voice="en-us", rate=160, pitch=50)
     wave = np.resize(wave, 3 * 16000).astype(np.float32)  # 3 s of speech

@@ -62,7 +62,7 @@ def test_prepare_cli_with_mochi_vae_and_wav2vec2(weights, tmp_path):
     too_long = [*(c for c in cmd if not c.startswith(("--output", "--clip-seconds"))), f"--output={tmp_path}/none",
                 "--clip-seconds=3"]  # fmt: skip
     r = subprocess.run(too_long, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]  # NoClipsError: refused input
     assert "error: prepare: no clips from 2 source(s)" in r.stderr and "dropped:too_short" in r.stderr
 
 

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs.tiny import diffusion_config
 from data_pipeline import prepare
 from data_pipeline.ingest.per_source import IngestConfig
 from data_pipeline.synthesize import synthesize
 from data_pipeline.synthetic import speech
-from helpers import small_config
+from helpers import saved_config, small_config
 from mirage_base.batch_keys import LOADER_KEYS
 from mirage_jax.eval.heldout import LOSS_LEVELS, SYNC_KEYS, evaluate, heldout_loss, read_heldout
 from mirage_jax.inference import LoadedRun
+from mirage_jax.run_config import DataConfig
 from mirage_jax.run_encoders import load_encoders
 from mirage_jax.sampling import SamplingSettings
 
@@ -32,8 +32,7 @@ class Echo(nnx.Module):
 
 
 def _run(model: dict | None = None) -> LoadedRun:
-    config = {"model": model or {}, "diffusion": diffusion_config().to_dict()}
-    return LoadedRun(model=Echo(), config=config, step=7, step_dir=None, weights="params")
+    return LoadedRun(model=Echo(), config=saved_config(model), step=7, step_dir=None, weights="params")
 
 
 def _closed_form(batch, seed):
@@ -79,7 +78,7 @@ def _prepared(tmp_path, name, mouth: bool) -> str:
 @pytest.mark.skipif(not speech.espeak_available(), reason="espeak-ng not installed (make sysdeps)")
 def test_footage_without_mouth_tracks_gets_the_loss_and_says_what_was_skipped(tmp_path):
     synced, unsynced = _prepared(tmp_path, "synced", mouth=True), _prepared(tmp_path, "unsynced", mouth=False)
-    encs = load_encoders({"data": {"source": synced}})
+    encs = load_encoders(DataConfig(source=synced))
     model = small_config(latent_channels=192, audio_feature_dim=80, text_embed_dim=64, time_map="uniform:1")
     run = _run(dataclasses.asdict(model))
     settings = SamplingSettings(steps=2)

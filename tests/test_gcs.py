@@ -291,7 +291,7 @@ def test_generate_and_eval_load_a_gcs_checkpoint(gcs_run):
 
     a, b = nnx.to_pure_dict(nnx.state(remote.model, nnx.Param)), nnx.to_pure_dict(nnx.state(local.model, nnx.Param))
     assert jax.tree.all(jax.tree.map(lambda x, y: bool(np.array_equal(np.asarray(x), np.asarray(y))), a, b))
-    encs = load_encoders(remote.config)  # the run's data.source: gs://bkt/data
+    encs = load_encoders(remote.config.data)  # the run's data.source: gs://bkt/data
     assert encs.manifest["num_records"] > 0
 
 

@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs.tiny import diffusion_config
 from data_pipeline import encoders as enc_lib
 from data_pipeline.ingest import media
-from helpers import random_inputs, randomize, small_config
+from helpers import random_inputs, randomize, saved_config, small_config
 from mirage_base.batch_keys import CONDITION_KEYS
 from mirage_base.time_map import TimeMap
 from mirage_jax import generate as gen
@@ -19,16 +18,14 @@ from mirage_jax.config import DiffusionConfig
 from mirage_jax.diffusion import sample
 from mirage_jax.inference import LoadedRun
 from mirage_jax.model import MirageDiT
-from mirage_jax.run_config import base_config
+from mirage_jax.run_config import DataConfig
 from mirage_jax.sampling import SamplingSettings, generation_mesh, sample_latents
 
 
 def _run(cfg):
     model = MirageDiT(cfg, rngs=nnx.Rngs(0))
     randomize(model, seed=3)
-    base = base_config().to_dict()
-    config = {"model": {}, "diffusion": diffusion_config().to_dict(), "mesh": base["mesh"]}
-    return LoadedRun(model=model, config=config, step=0, step_dir=None, weights="params")
+    return LoadedRun(model=model, config=saved_config(), step=0, step_dir=None, weights="params")
 
 
 def _cond(cfg, b):
@@ -102,9 +99,9 @@ def test_prompts_are_padded_and_masked():
 
 def test_refusals_name_the_input(tmp_path):
     with pytest.raises(run_encoders.GenerateError, match="data.source='synthetic'.*--data"):
-        run_encoders.load_encoders({"data": {"source": "synthetic"}})
+        run_encoders.load_encoders(DataConfig(source="synthetic"))
     with pytest.raises(run_encoders.GenerateError, match="--data"):
-        run_encoders.load_encoders({"data": {"source": str(tmp_path)}})  # no manifest.json there
+        run_encoders.load_encoders(DataConfig(source=str(tmp_path)))  # no manifest.json there
     with pytest.raises(gen.GenerateError, match="no such file"):
         gen.read_speech(str(tmp_path / "missing.wav"))
     silent = tmp_path / "silent.mp4"

@@ -9,12 +9,8 @@ import numpy as np
 import pytest
 
 from mirage_jax.checkpoint_format import path_names
-from mirage_jax.config import ModelConfig
-from mirage_jax.parallel import mesh as mesh_lib
-from mirage_jax.parallel import rules as rules_lib
 from mirage_jax.train import checkpoint as ckpt_lib
-from mirage_jax.train import optim
-from mirage_jax.train import state as state_lib
+from mirage_jax.train.setup import RunSetup
 from train_cli import fast_config, load_params, loss_at, run_cli
 
 pytestmark = pytest.mark.multiprocess
@@ -63,14 +59,12 @@ ICIS = [dict(data=2, fsdp=2, sequence=1, tensor=2), dict(data=1, fsdp=4, sequenc
 
 @pytest.mark.parametrize("ici", ICIS)
 def test_restore_into_one_process_and_another_mesh_gives_equal_params(two_process_run, ici):
-    cfg = fast_config()
+    cfg = fast_config(train__steps=20)
     cfg.mesh.ici.update(ici)
-    mesh = mesh_lib.build_mesh(cfg.mesh)
-    prules = rules_lib.normalize_rules(cfg.mesh.rules.params, "p", mesh)
-    layout = state_lib.StateLayout(ModelConfig.from_config(cfg.model), optim.make_optimizer(cfg.optim, 1.0, 20),
-                                   mesh, prules, 0)
-    store = ckpt_lib.CheckpointStore(str(two_process_run), cfg.checkpoint, read_only=True)
-    state, data_state = store.restore(20, layout.abstract_with_shardings())
+    setup = RunSetup(cfg)
+    mesh = setup.mesh
+    store = ckpt_lib.CheckpointStore(str(two_process_run), setup.run_cfg.checkpoint, read_only=True)
+    state, data_state = store.restore(20, setup.layout.abstract_with_shardings())
     assert data_state["step"] == 20 and int(state.step) == 20
     saved = load_params(two_process_run, 20)
     for path, leaf in jax.tree_util.tree_leaves_with_path(state.params):

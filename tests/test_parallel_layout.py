@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import jax
-import ml_collections
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from mirage_jax.parallel import checks
 from mirage_jax.parallel import mesh as mesh_lib
 from mirage_jax.parallel import rules as rules_lib
-from mirage_jax.run_config import ACTIVATION_RULES, PARAM_RULES
+from mirage_jax.run_config import ACTIVATION_RULES, PARAM_RULES, MeshConfig
 from mirage_jax.train import data as data_lib
 
 
 def mesh_cfg(**ici):
     base = dict(data=1, fsdp=-1, sequence=1, tensor=1)
     base.update(ici)
-    return ml_collections.ConfigDict(dict(ici=base, dcn=dict(data=-1, fsdp=1, sequence=1, tensor=1)))
+    cfg = MeshConfig(ici=base, dcn=dict(data=-1, fsdp=1, sequence=1, tensor=1))
+    cfg.validate()
+    return cfg
 
 
 def test_rest_axis_takes_the_remaining_devices():
@@ -57,12 +58,13 @@ def test_batch_not_divisible_by_batch_axes():
 def test_rule_naming_a_missing_mesh_axis_is_refused():
     m = mesh_lib.build_mesh(mesh_cfg())
     with pytest.raises(rules_lib.RulesError, match=r"mesh.rules.params: rule 'embed' -> 'model' names no mesh axis"):
-        rules_lib.normalize_rules((("embed", "model"),), "mesh.rules.params", m)
+        rules_lib.normalize_rules(MeshConfig(rules=dict(params=(("embed", "model"),), activations=())), "params", m)
 
 
 def test_param_spec_resolution_and_fallback():
     sizes = {"data": 1, "fsdp": 2, "sequence": 2, "tensor": 2}
-    rules = rules_lib.normalize_rules(PARAM_RULES, "p")
+    rules = rules_lib.normalize_rules(MeshConfig(), "params")
+    assert rules == PARAM_RULES
     spec, fb = rules_lib.resolve_spec(("layers", "embed", "mlp"), (3, 64, 170), rules, sizes)
     assert spec == P(None, "fsdp", "tensor") and not fb
     spec, fb = rules_lib.resolve_spec(("layers", "embed", "mlp"), (3, 32, 85), rules, sizes)

@@ -10,12 +10,8 @@ import numpy as np
 import pytest
 
 from helpers import make_eval_loss
-from mirage_jax.config import DiffusionConfig, ModelConfig
-from mirage_jax.parallel import mesh as mesh_lib
-from mirage_jax.parallel import rules as rules_lib
 from mirage_jax.train import data as data_lib
-from mirage_jax.train import optim
-from mirage_jax.train import state as state_lib
+from mirage_jax.train.setup import RunSetup
 from train_cli import fast_config
 
 
@@ -25,19 +21,14 @@ def reference() -> tuple[float, dict, object]:
 
 
 def loss_and_grads(ici: dict[str, int], devices) -> tuple[float, dict, object]:
-    cfg = fast_config()
+    cfg = fast_config(train__steps=10, train__seed=0)
     cfg.mesh.ici.update(ici)
-    mesh = mesh_lib.build_mesh(cfg.mesh, devices)
-    prules = rules_lib.normalize_rules(cfg.mesh.rules.params, "p", mesh)
-    arules = rules_lib.normalize_rules(cfg.mesh.rules.activations, "a", mesh)
-    mcfg, dcfg = ModelConfig.from_config(cfg.model), DiffusionConfig.from_config(cfg.diffusion)
-    layout = state_lib.StateLayout(mcfg, optim.make_optimizer(cfg.optim, 1.0, 10), mesh, prules, 0)
+    setup = RunSetup(cfg, devices)
+    mesh, layout = setup.mesh, setup.layout
     state = layout.create()
-    shapes = data_lib.batch_shapes(cfg)
-    bax = dict(arules)["batch"]
-    rows = data_lib.process_rows(mesh, bax, 8)
-    batch = data_lib.to_global(next(data_lib.make_source(cfg, rows, 3)), data_lib.batch_shardings(mesh, bax, shapes), 8)
-    fn = make_eval_loss(layout, dcfg, 0, arules)
+    rows = data_lib.process_rows(mesh, setup.batch_axes, 8)
+    batch = data_lib.to_global(next(data_lib.make_source(setup.run_cfg, rows, 3)), setup.batch_shardings, 8)
+    fn = make_eval_loss(layout, setup.dcfg, 0, setup.act_rules)
     with jax.set_mesh(mesh):
         loss, grads = fn(state.params, batch, np.int32(3))
         hlo = fn.lower(state.params, batch, np.int32(3)).compile().as_text() if ici["sequence"] > 1 else ""

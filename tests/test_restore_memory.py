@@ -13,12 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from mirage_jax.config import ModelConfig
-from mirage_jax.parallel import mesh as mesh_lib
-from mirage_jax.parallel import rules as rules_lib
 from mirage_jax.train import checkpoint as ckpt_lib
-from mirage_jax.train import optim
-from mirage_jax.train import state as state_lib
+from mirage_jax.train.setup import RunSetup
 from train_cli import fast_config
 
 SAVED = dict(data=1, fsdp=8, sequence=1, tensor=1)
@@ -26,12 +22,11 @@ TARGET = dict(data=1, fsdp=2, sequence=1, tensor=4)
 
 
 def _layout(ici):
-    cfg = fast_config()
+    """(the run's checkpoint section, its state layout) on the mesh `ici`."""
+    cfg = fast_config(train__steps=10)
     cfg.mesh.ici.update(ici)
-    mesh = mesh_lib.build_mesh(cfg.mesh)
-    rules = rules_lib.normalize_rules(cfg.mesh.rules.params, "mesh.rules.params", mesh)
-    return cfg, state_lib.StateLayout(ModelConfig.from_config(cfg.model), optim.make_optimizer(cfg.optim, 1.0, 10),
-                                      mesh, rules, 0)
+    setup = RunSetup(cfg)
+    return setup.run_cfg.checkpoint, setup.layout
 
 
 def live_device_bytes() -> int:
@@ -58,8 +53,8 @@ def layout_bytes(abstract) -> int:
 def saved(tmp_path_factory):
     """A checkpoint of the fsdp=8 state at step 1 (its arrays freed afterwards)."""
     workdir = str(tmp_path_factory.mktemp("fsdp8"))
-    cfg, layout = _layout(SAVED)
-    store = ckpt_lib.CheckpointStore(workdir, cfg.checkpoint)
+    ckpt_cfg, layout = _layout(SAVED)
+    store = ckpt_lib.CheckpointStore(workdir, ckpt_cfg)
     rng = np.random.default_rng(0)  # values do not matter here; device_put needs no compilation
     state = jax.tree.map(lambda a: jax.device_put(rng.standard_normal(a.shape).astype(a.dtype), a.sharding),
                          layout.abstract_with_shardings())
@@ -73,8 +68,8 @@ def saved(tmp_path_factory):
 
 def _restore_recording(workdir, target, monkeypatch):
     """Restore step 1 into `target`; returns (restored state, shardings Orbax assembled, peak extra bytes)."""
-    cfg, _ = _layout(TARGET)
-    store = ckpt_lib.CheckpointStore(workdir, cfg.checkpoint, read_only=True)
+    ckpt_cfg, _ = _layout(TARGET)
+    store = ckpt_lib.CheckpointStore(workdir, ckpt_cfg, read_only=True)
     gc.collect()
     base = live_device_bytes()
     built, peak = [], [0]
@@ -117,6 +112,6 @@ def test_a_target_without_shardings_lands_in_the_saved_layout(saved, monkeypatch
     bare = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), layout.abstract)
     try:
         _, built, _ = _restore_recording(saved, bare, monkeypatch)
-    except ckpt_lib.CheckpointRestoreError as e:  # an Orbax that refuses a target without shardings is fine too
+    except ckpt_lib.CheckpointError as e:  # an Orbax that refuses a target without shardings is fine too
         pytest.skip(f"this Orbax refuses targets without shardings: {str(e)[:200]}")
     assert built and any(dict(s.mesh.shape).get("fsdp") == 8 for s in built)

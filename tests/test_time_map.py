@@ -97,15 +97,16 @@ def test_train_config_fits_the_manifest_or_names_the_overrides():
     boundaries); 52 frames (not a whole clip of the map: its 11 latents cover 51) and the whole-clip map do not."""
     from configs.mirage_10b import get_config
     from mirage_base.time_map import TimeMap
+    from mirage_jax.run_config import RunConfig
     from mirage_jax.train import data_fit
 
     manifest = {"clip_frames": 100, "time_map": TimeMap.parse("causal:6/25").to_json(100), "encoders": {},
                 "keys": {"video": {"shape": [20, 160, 90, 12]}, "audio": {"shape": [100, 1024]},
                          "text": {"shape": [256, 4096]}}}  # fmt: skip
     cfg = get_config()
-    assert data_fit.mismatches(cfg, manifest) == []
+    assert data_fit.mismatches(RunConfig.from_config(cfg), manifest) == []
     cfg.shapes.audio_frames, cfg.shapes.latent_frames = 50, 10
-    assert data_fit.mismatches(cfg, manifest) == []
+    assert data_fit.mismatches(RunConfig.from_config(cfg), manifest) == []
     cfg.shapes.audio_frames, cfg.model.time_map = 52, "causal:6"
-    assert sorted(f for f, _, _ in data_fit.mismatches(cfg, manifest)) == [
+    assert sorted(f for f, _, _ in data_fit.mismatches(RunConfig.from_config(cfg), manifest)) == [
         "model.time_map", "shapes.audio_frames", "shapes.latent_frames"]

@@ -10,39 +10,28 @@ import jax
 import numpy as np
 import pytest
 
-from mirage_jax.config import DiffusionConfig, ModelConfig
 from mirage_jax.parallel import checks
-from mirage_jax.parallel import mesh as mesh_lib
-from mirage_jax.parallel import rules as rules_lib
 from mirage_jax.train import data as data_lib
-from mirage_jax.train import optim
-from mirage_jax.train import state as state_lib
-from mirage_jax.train import step as step_lib
+from mirage_jax.train.setup import RunSetup
 from train_cli import fast_config
 
 
 def setup(grad_sync: str, accum: int, ici: dict[str, int] | None = None):
     gb = 8 * accum
-    cfg = fast_config(train__grad_sync=grad_sync, train__grad_accum=accum, train__global_batch_size=gb)
+    cfg = fast_config(train__grad_sync=grad_sync, train__grad_accum=accum, train__global_batch_size=gb,
+                      train__steps=10, train__clip_norm=1.0, train__seed=0)
     cfg.mesh.ici.update(ici or dict(data=-1, fsdp=1, sequence=1, tensor=1))
-    mesh = mesh_lib.build_mesh(cfg.mesh, jax.devices())
-    prules = rules_lib.normalize_rules(cfg.mesh.rules.params, "p", mesh)
-    arules = rules_lib.normalize_rules(cfg.mesh.rules.activations, "a", mesh)
-    mcfg, dcfg = ModelConfig.from_config(cfg.model), DiffusionConfig.from_config(cfg.diffusion)
-    schedule = optim.learning_rate_schedule(cfg.optim, 10)
-    layout = state_lib.StateLayout(mcfg, optim.make_optimizer(cfg.optim, 1.0, 10), mesh, prules, 0)
-    bax = dict(arules)["batch"]
-    shardings = data_lib.batch_shardings(mesh, bax, data_lib.batch_shapes(cfg))
+    s = RunSetup(cfg, jax.devices())
+    mesh, layout, shardings = s.mesh, s.layout, s.batch_shardings
     batches = []
-    source = data_lib.make_source(cfg, data_lib.process_rows(mesh, bax, gb), 3)
+    source = data_lib.make_source(s.run_cfg, data_lib.process_rows(mesh, s.batch_axes, gb), 3)
     for _ in range(2):
         raw = next(source)
         # some padded frames, so that the loss weights differ between devices
         raw["video_mask"] = np.asarray(raw["video_mask"]).copy()
         raw["video_mask"][::3, -1] = 0
         batches.append(data_lib.to_global(raw, shardings, gb))
-    fn = step_lib.make_train_step(layout, dcfg, cfg.train, schedule, arules, shardings)
-    return mesh, layout, fn, batches
+    return mesh, layout, s.make_step(), batches
 
 
 def run(grad_sync: str, accum: int):

@@ -93,11 +93,11 @@ def test_sigterm_saves_exits_zero_and_resumes_at_that_step(tmp_path, cache):
 
 def test_bad_layout_fails_before_compiling_and_is_not_a_preemption(tmp_path, cache):
     result = run_cli(tmp_path, cache_dir=cache, train__steps=2, mesh__ici__tensor=8)
-    assert result.returncode == 1
+    assert result.returncode == 2  # a LayoutError is a config error: README's exit-status table
     assert "model.num_heads=4 is not divisible by the 8 devices" in result.stdout
     assert "PREEMPTED" not in result.stdout and "DONE" not in result.stdout
     result = run_cli(tmp_path, cache_dir=cache, train__steps=2, train__global_batch_size=12)
-    assert result.returncode == 1 and "train.global_batch_size=12" in result.stdout
+    assert result.returncode == 2 and "train.global_batch_size=12" in result.stdout
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ from data_pipeline.encoders.text_hash import HashText
 from data_pipeline.encoders.video_dct import DCT
 from data_pipeline.encoders.video_s2d import SpaceToDepth
 from mirage_base.batch_keys import STREAMS as KINDS  # the encoder kinds are the model's streams
+from mirage_base.errors import InputError
 from mirage_base.time_map import TimeMap
 
 
@@ -69,7 +70,7 @@ def get_encoder(kind: str, name: str, **params: Any) -> Any:
     if kind not in _REGISTRY:
         raise ValueError(f"encoder kind {kind!r} is not one of {KINDS}")
     if name not in _REGISTRY[kind]:
-        raise ValueError(f"unknown {kind} encoder {name!r}; registered: {names(kind)}")
+        raise InputError(f"unknown {kind} encoder {name!r}; registered: {names(kind)}")
     return _REGISTRY[kind][name](**params)
 
 
@@ -115,7 +116,7 @@ def from_spec(kind: str, spec: dict[str, Any]) -> Any:
     """Rebuild an encoder from a manifest entry; refuses a version other than the registered one."""
     enc = get_encoder(kind, spec["name"], **spec.get("params", {}))
     if str(spec.get("version")) != str(enc.version):
-        raise ValueError(
+        raise InputError(
             f"{kind} encoder {spec['name']!r}: the data was built with version {spec.get('version')}, "
             f"this code has version {enc.version}; re-run data_pipeline.prepare or pin the old code"
         )

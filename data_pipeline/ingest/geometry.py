@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from mirage_base.errors import InputError
+
 # (first frame, uint8 [H1, W1, 3] at the scaled display size; target (W, H)) -> crop top-left (x, y)
 CropFn = Callable[[np.ndarray, tuple[int, int]], tuple[int, int]]
 _CROPS: dict[str, CropFn] = {}
@@ -28,7 +30,7 @@ def register_crop(name: str, fn: CropFn) -> None:
 
 def get_crop(name: str) -> CropFn:
     if name not in _CROPS:
-        raise ValueError(f"--crop: unknown crop policy {name!r}; registered: {sorted(_CROPS)}")
+        raise InputError(f"--crop: unknown crop policy {name!r}; registered: {sorted(_CROPS)}")
     return _CROPS[name]
 
 

@@ -33,7 +33,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from mirage_base.errors import MirageError
+from mirage_base.errors import ExitCode, MirageError
 
 ORDER = "elastic-v1"  # the `order` tag of DataPosition.to_json(); older loader states have none
 
@@ -41,7 +41,7 @@ ORDER = "elastic-v1"  # the `order` tag of DataPosition.to_json(); older loader 
 class DataStateError(MirageError, ValueError):
     """A saved data position that this run cannot continue from; the message says why and what to do."""
 
-    exit_code, label = 2, "RESUME REFUSED"
+    exit_code, label = ExitCode.REFUSED, "RESUME REFUSED"
 
 
 def dataset_fingerprint(names: Sequence[str], counts: Sequence[int], digests: Sequence[str]) -> str:

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mirage_jax.config import ModelConfig
 
 # Splash attention's executed matmuls in units of the forward's two (QK^T, PV): the backward runs a dq
 # kernel (QK^T, dO V^T, dS K) and a dkv kernel (QK^T, dO V^T, P^T dO, dS^T Q) = 7 matmuls = 3.5 forwards;
@@ -32,7 +35,7 @@ class FlopParts:
     scanned_layers: int
 
 
-def flop_parts(mcfg: Any, shapes: Mapping[str, int]) -> FlopParts:
+def flop_parts(mcfg: ModelConfig, shapes: Mapping[str, int]) -> FlopParts:
     """Split `describe.forward_flops` into one scanned layer and the rest by differencing over num_layers,
     so the split cannot drift from describe's formula."""
     from mirage_jax.describe import count_tokens, forward_flops

@@ -29,13 +29,15 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from mirage_base.errors import MirageError
+from mirage_base.errors import ExitCode, MirageError
 from mirage_jax.aot.chips import GiB
 from mirage_jax.aot.collectives import collective_summary
 from mirage_jax.aot.flops import compiled_cost, correct_compiled_flops, flop_parts
 from mirage_jax.aot.topology import TopologyError, parse_topology, topology_devices
 
 if TYPE_CHECKING:
+    import ml_collections
+
     from mirage_jax.train.setup import RunSetup
 
 DEFAULT_MFU = 0.40  # between maxdiffusion's Wan 2.1 (~30%) and MaxText's LLMs (50-65%): docs/scaling.md
@@ -69,8 +71,8 @@ def _bytes(num: str, unit: str) -> int:
     return int(float(num) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit.upper()])
 
 
-def plan(cfg: Any, topology: str, *, mfu: float = DEFAULT_MFU, min_headroom: float = DEFAULT_MIN_HEADROOM,
-         hlo_path: str | None = None) -> dict[str, Any]:
+def plan(cfg: ml_collections.ConfigDict, topology: str, *, mfu: float = DEFAULT_MFU,
+         min_headroom: float = DEFAULT_MIN_HEADROOM, hlo_path: str | None = None) -> dict[str, Any]:
     """Compile the train step of `cfg` for `topology`; the report as a JSON-ready dict (see module doc)."""
     import jax
 
@@ -289,6 +291,6 @@ def run_cli() -> None:
                       "(default: the config's model.splash_fused_bwd).")
     flags.mark_flags_as_required(["config", "topology"])
     # every user error (config, topology, mesh, layout, uncompilable) is exit 1: 2 means "does not fit"
-    run(main, "aot", also={MirageError: (1, "error")})
+    run(main, "aot", also={MirageError: (ExitCode.FAILURE, "error")})
 
 

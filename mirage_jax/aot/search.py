@@ -22,7 +22,10 @@ import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import ml_collections
+
 from mirage_jax.aot.layout import apply_layout
+from mirage_jax.run_config import RunConfig
 
 GiB = 1024**3
 
@@ -41,16 +44,17 @@ def pareto(points: Sequence[Mapping[str, Any]]) -> list[int]:
     return sorted(front, key=lambda i: points[i]["memory_per_device_bytes"])
 
 
-def candidates(cfg: Any, devices: int, remat: Sequence[str], sequence: Sequence[int], micro: Sequence[int],
-               accum: Sequence[int], fused_bwd: Sequence[bool] = ()) -> list[dict[str, Any]]:
+def candidates(cfg: ml_collections.ConfigDict, devices: int, remat: Sequence[str], sequence: Sequence[int],
+               micro: Sequence[int], accum: Sequence[int], fused_bwd: Sequence[bool] = ()) -> list[dict[str, Any]]:
     """The sweep's settings: one dict per point, {"remat", "fused_bwd", "sequence", "micro", "accum",
     "global_batch"}; `fused_bwd` empty: the config's `model.splash_fused_bwd`.
 
     Batch devices = devices / (sequence x tensor); a sequence size that does not divide the slice is
     skipped (the mesh could not be built)."""
-    tensor = int(cfg.mesh.ici.tensor)
+    run = RunConfig.from_config(cfg)  # ConfigError naming a bad field
+    tensor = run.mesh.ici.get("tensor", 1)
     out = []
-    fused_bwd = fused_bwd or (bool(cfg.model.get("splash_fused_bwd", False)),)
+    fused_bwd = fused_bwd or (run.model.splash_fused_bwd,)
     for r, f, s, m, a in itertools.product(remat, fused_bwd, sequence, micro, accum):
         if devices % (s * tensor):
             continue
@@ -59,7 +63,7 @@ def candidates(cfg: Any, devices: int, remat: Sequence[str], sequence: Sequence[
     return out
 
 
-def configure(cfg: Any, point: Mapping[str, Any]) -> Any:
+def configure(cfg: ml_collections.ConfigDict, point: Mapping[str, Any]) -> ml_collections.ConfigDict:
     """A copy of `cfg` laid out as the point says (`layout.apply_layout`: remat policy, splash backward,
     sequence axis with fsdp the rest and the state over both, batch); the config's tensor axis is kept."""
     return apply_layout(cfg.copy_and_resolve_references(), sequence=point["sequence"],

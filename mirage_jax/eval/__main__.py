@@ -43,7 +43,7 @@ def main(argv: Sequence[str]) -> None:
     F = flags.FLAGS
     check_storage(F.checkpoint, F.data, F.train_data)
     run = load_run(F.checkpoint, ema=F.ema)
-    encs = load_encoders(run.config, F.train_data)
+    encs = load_encoders(run.config.data, F.train_data)
     settings = SamplingSettings.of_run(run.diffusion_config, steps=F.steps or None, cfg_audio=F.cfg_audio,
                                        cfg_text=F.cfg_text, schedule=F.cfg_schedule)
     report = evaluate(run, encs, F.data, settings, clips=F.clips, seeds=F.seeds, progress=not F.json)
@@ -58,5 +58,6 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     from mirage_base.cli import run
+    from mirage_base.errors import ExitCode
 
-    run(main, "eval", also={FileNotFoundError: (2, "")})  # a user's path or input: one line, exit 2
+    run(main, "eval", also={FileNotFoundError: (ExitCode.REFUSED, "")})  # a user's path or input: one line, exit 2

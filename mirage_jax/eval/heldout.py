@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from mirage_base.batch_keys import BATCH_KEYS, STREAMS
-from mirage_base.errors import MirageError
+from mirage_base.errors import ExitCode, MirageError
 from mirage_jax.diffusion.flow import fixed_draws, flow_matching_loss
 from mirage_jax.eval import lipsync
 from mirage_jax.inference import LoadedRun
@@ -41,7 +41,7 @@ SYNC_KEYS = ("sync_generated", "sync_generated_std", "sync_generated_per_seed", 
 class EvalError(MirageError, ValueError):
     """The held-out data does not fit the checkpoint; the message names what and where."""
 
-    exit_code = 2
+    exit_code = ExitCode.REFUSED
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,7 @@ import numpy as np
 from etils import epath
 from safetensors.numpy import save_file
 
-from mirage_base.errors import MirageError
+from mirage_base.errors import ExitCode, MirageError
 from mirage_base.safetensors_reader import INDEX_NAME
 from mirage_base.storage import is_remote
 from mirage_jax.config import ModelConfig
@@ -34,7 +34,7 @@ DTYPES = {"fp32": np.float32, "bf16": ml_dtypes.bfloat16}
 class ExportError(MirageError, ValueError):
     """The export cannot be written as asked; the message names the path or tensor."""
 
-    exit_code = 2
+    exit_code = ExitCode.REFUSED
 
 
 def torch_config(cfg: ModelConfig) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Build the 4-axis device mesh (data, fsdp, sequence, tensor) from the `mesh` config section.
+"""Build the 4-axis device mesh (data, fsdp, sequence, tensor) from the validated `mesh` section (`MeshConfig`).
 
 Per-slice (ICI) and across-slice (DCN) sizes come from config with -1 meaning "the rest". Axis types
 are `AxisType.Auto`: the rules-based sharding used here breaks under `jax.make_mesh`'s default
@@ -18,6 +18,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 from mirage_base.errors import MirageError
+from mirage_jax.run_config import MeshConfig
 
 AXES = ("data", "fsdp", "sequence", "tensor")
 
@@ -38,12 +39,12 @@ class MeshShape:
         return {a: i * d for a, i, d in zip(AXES, self.ici, self.dcn, strict=True)}
 
 
-def _resolve(section: str, sizes: Mapping[str, Any], total: int, what: str) -> tuple[int, ...]:
+def _resolve(section: str, sizes: Mapping[str, int], total: int, what: str) -> tuple[int, ...]:
     """Replace a single -1 by `total / product(others)`; check the product equals `total`."""
     unknown = sorted(set(sizes) - set(AXES))
     if unknown:
         raise MeshConfigError(f"mesh.{section}: unknown axis {unknown}; axes are {AXES}")
-    vals = [int(sizes.get(a, 1)) for a in AXES]
+    vals = [sizes.get(a, 1) for a in AXES]
     free = [a for a, v in zip(AXES, vals, strict=True) if v == -1]
     if len(free) > 1:
         raise MeshConfigError(f"mesh.{section}: at most one axis may be -1, got {free}")
@@ -69,7 +70,7 @@ def num_slices(devices: Sequence[Any]) -> int:
     return len({getattr(d, "slice_index", 0) for d in devices})
 
 
-def resolve_shape(mesh_cfg: Any, devices: Sequence[Any]) -> MeshShape:
+def resolve_shape(mesh_cfg: MeshConfig, devices: Sequence[Any]) -> MeshShape:
     """Sizes of every axis for these devices, or a MeshConfigError naming the field at fault."""
     slices = num_slices(devices)
     if len(devices) % slices:
@@ -79,7 +80,7 @@ def resolve_shape(mesh_cfg: Any, devices: Sequence[Any]) -> MeshShape:
     return MeshShape(ici=ici, dcn=dcn)
 
 
-def build_mesh(mesh_cfg: Any, devices: Sequence[Any] | None = None) -> Mesh:
+def build_mesh(mesh_cfg: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
     """The training mesh over `devices` (default: all devices of all processes)."""
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_shape(mesh_cfg, devices)

@@ -1,10 +1,11 @@
 """Logical axis names -> mesh axes, for parameters (state shardings) and activations (constraints).
 
 Parameters carry logical names in their `out_sharding` metadata (`nnx.with_partitioning`). A name maps
-through `cfg.mesh.rules.params`; a mesh axis already used by an earlier dimension is skipped, and a
-dimension the mesh axes do not divide falls back to fewer axes (finally replicated) so that every model
-size gets a valid layout; `param_specs` reports every such fallback. Activations resolve through
-`cfg.mesh.rules.activations` inside `flax.core.spmd.logical_axis_rules` (see `sharding.constrain`).
+through the `mesh.rules.params` table of the validated `MeshConfig` (`normalize_rules`); a mesh axis already
+used by an earlier dimension is skipped, and a dimension the mesh axes do not divide falls back to fewer axes
+(finally replicated) so that every model size gets a valid layout; `param_specs` reports every such
+fallback. Activations resolve through `mesh.rules.activations` inside `flax.core.spmd.logical_axis_rules`
+(see `sharding.constrain`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mirage_base.errors import MirageError
+from mirage_jax.run_config import MeshConfig
 
 MeshAxes = str | tuple[str, ...] | None
 Rules = tuple[tuple[str, MeshAxes], ...]
@@ -27,11 +29,18 @@ class RulesError(MirageError, ValueError):
     """A logical axis name has no rule, or a rule names an axis the mesh does not have."""
 
 
-def normalize_rules(rules: Iterable[Sequence[Any]], field: str, mesh: Mesh | None = None) -> Rules:
-    """Rules from config (lists or tuples, as JSON/CLI give them) as a tuple of (name, axes) pairs."""
+def normalize_rules(mesh_cfg: MeshConfig, table: str, mesh: Mesh | None = None) -> Rules:
+    """The rule table `table` ('params' or 'activations') of the validated `mesh` section as (name, axes) pairs;
+    with `mesh`, every mesh axis a rule names must be one of its axes. RulesError names `mesh.rules.TABLE`."""
+    return parse_rules(mesh_cfg.rules[table], f"mesh.rules.{table}", mesh)
+
+
+def parse_rules(rules: Iterable[Sequence[Any]], field: str, mesh: Mesh | None = None) -> Rules:
+    """Rules as a config or a checkpoint's JSON give them (lists or tuples) as a tuple of (name, axes) pairs;
+    `field` names them in a RulesError."""
     out = []
     for item in rules:
-        if len(item) != 2:
+        if not isinstance(item, list | tuple) or len(item) != 2:
             raise RulesError(f"{field}: each rule is (logical_name, mesh_axes), got {item!r}")
         name, axes = item
         if isinstance(axes, list | tuple):

@@ -3,9 +3,11 @@
 The same command runs on one CPU, a GPU box, or every host of a TPU pod (see docs/pods.md). Exit status:
 0 when training finished or was preempted (SIGTERM at any moment: the newest completed step is saved, or,
 before the first step, nothing new was trained; the message says which), 3 when it stopped on too many
-non-finite steps, 2 on a config that is invalid or does not fit its data (one line naming the fields and the
-`--config.` overrides), whose data.source has no shards, or that cannot resume the workdir's checkpoint
-(changed model, data or seed; named), 4 when a checkpoint could not be written, 1 on any other error.
+non-finite steps, 2 on a config that is invalid or does not fit its data or the devices (one line naming the
+fields and the `--config.` overrides), whose data.source has no shards, that cannot resume the workdir's
+checkpoint (changed model, data or seed; named), or whose checkpoint is damaged (CheckpointError naming the step
+folder), 4 when a checkpoint could not be written, 1 on a bug (with its traceback). The same table for every
+tool: `mirage_base.errors.ExitCode`, README's "Exit status".
 """
 
 from __future__ import annotations
@@ -79,14 +81,16 @@ def main(argv: list[str], hooks: Sequence[Any] = ()) -> None:
 
 def run(hooks: Sequence[Any] = ()) -> None:
     """The CLI: `main` through mirage_base.cli.run, which prints a user's mistake as one line with its exit
-    status (ConfigError, ConfigChangeError, DataStateError: 2; NonFiniteError: 3; CheckpointSaveError: 4,
+    status (ConfigError, MeshConfigError, LayoutError, ConfigChangeError, DataStateError, CheckpointError: 2;
+    NonFiniteError: 3; CheckpointSaveError: 4,
     through os._exit so that tensorstore's callbacks of the failed write cannot bury the line under
     "Event loop is closed" tracebacks at shutdown; committed steps are on disk)."""
     from mirage_base.cli import run as run_cli
+    from mirage_base.errors import ExitCode
     from mirage_jax.train.checkpoint import CheckpointSaveError
 
     run_cli(functools.partial(main, hooks=hooks), "train",
-            also={FileNotFoundError: (2, "DATA ERROR")},  # e.g. a data.source with no (committed) shards
+            also={FileNotFoundError: (ExitCode.REFUSED, "DATA ERROR")},  # e.g. a data.source with no (committed) shards
             hard_exit=(CheckpointSaveError,))
 
 

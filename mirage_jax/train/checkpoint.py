@@ -10,7 +10,7 @@
   so checkpoints written with compression (before issue 20) restore unchanged.
 - Restores go through abstract arrays carrying the CURRENT shardings, so a checkpoint written on one mesh
   and process count restores onto any other.
-- A restore that fails raises `CheckpointRestoreError` naming the step directory; it never falls back to
+- A restore that fails raises `CheckpointError` naming the step directory; it never falls back to
   a fresh start on its own.
 """
 
@@ -28,20 +28,17 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from mirage_base.errors import MirageError, root_cause
+from mirage_base.errors import CheckpointError, ExitCode, MirageError, root_cause
 from mirage_jax import checkpoint_format
 from mirage_jax.paths import orbax_path
+from mirage_jax.run_config import CheckpointConfig
 from mirage_jax.train.state import TrainState
-
-
-class CheckpointRestoreError(MirageError, RuntimeError):
-    """A checkpoint exists but could not be restored; the message names the step directory."""
 
 
 class CheckpointSaveError(MirageError, RuntimeError):
     """A (background) checkpoint save failed; the message names the step directory and the OS error."""
 
-    exit_code, label = 4, "CHECKPOINT SAVE FAILED"
+    exit_code, label = ExitCode.SAVE_FAILED, "CHECKPOINT SAVE FAILED"
 
 
 class DataStateHandler(ocp.CheckpointHandler):
@@ -165,7 +162,7 @@ class CheckpointStore:
 
     `array_format` sets how the state's arrays are written (`STATE_FORMAT`; bench/checkpoint.py compares others)."""
 
-    def __init__(self, workdir: str, ckpt_cfg: Any, *, read_only: bool = False,
+    def __init__(self, workdir: str, ckpt_cfg: CheckpointConfig, *, read_only: bool = False,
                  array_format: ArrayFormat = STATE_FORMAT):
         self.directory = orbax_path(workdir) / checkpoint_format.CHECKPOINTS
         self.last_saved: int | None = None
@@ -228,8 +225,8 @@ class CheckpointStore:
         """The `config` or `meta` item of a step, as saved."""
         try:
             return checkpoint_format.read_item(self.step_dir(step), item)
-        except checkpoint_format.CheckpointError as e:
-            raise CheckpointRestoreError(f"{e}. Move {self.step_dir(step)} away to resume from the previous "
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}. Move {self.step_dir(step)} away to resume from the previous "
                                          "checkpoint") from e
 
     def saved_shapes(self, step: int) -> dict[tuple[str, ...], tuple[tuple[int, ...], str]]:
@@ -237,7 +234,7 @@ class CheckpointStore:
         try:
             meta = self.manager.item_metadata(step)["state"]
         except Exception as e:  # noqa: BLE001
-            raise CheckpointRestoreError(f"cannot read the state metadata of {self.step_dir(step)}: {e}. "
+            raise CheckpointError(f"cannot read the state metadata of {self.step_dir(step)}: {e}. "
                                          "Move that directory away to resume from the previous checkpoint") from e
         return checkpoint_format.tree_shapes(meta)
 
@@ -247,7 +244,7 @@ class CheckpointStore:
             out = self.manager.restore(step, args=ocp.args.Composite(
                 state=StateRestore(target.as_dict()), data=DataStateRestore()))
         except Exception as e:  # noqa: BLE001 - re-raised with the step directory
-            raise CheckpointRestoreError(
+            raise CheckpointError(
                 f"restoring {self.step_dir(step)} failed: {root_cause(e)}. The run will NOT start from scratch "
                 f"by itself. {_MOVE_AWAY.format(step_dir=self.step_dir(step))} (steps: {self.all_steps()}), or use "
                 "a new --workdir to start over.") from e
@@ -258,14 +255,14 @@ class CheckpointStore:
         try:
             return self.manager.restore(step, args=ocp.args.Composite(data=DataStateRestore()))["data"]
         except Exception as e:  # noqa: BLE001
-            raise CheckpointRestoreError(f"restoring the data state of {self.step_dir(step)} failed: {e}") from e
+            raise CheckpointError(f"restoring the data state of {self.step_dir(step)} failed: {e}") from e
 
     def restore_partial(self, step: int, target: dict[str, Any]) -> dict[str, Any]:
         """Restore only the leaves of `target` (a sub-tree of the saved state with equal shapes)."""
         try:
             return checkpoint_format.restore_subtree(self.step_dir(step), target)
         except Exception as e:  # noqa: BLE001
-            raise CheckpointRestoreError(f"partial restore of {self.step_dir(step)} failed: {root_cause(e)}. "
+            raise CheckpointError(f"partial restore of {self.step_dir(step)} failed: {root_cause(e)}. "
                                          f"{_MOVE_AWAY.format(step_dir=self.step_dir(step))}") from e
 
     def save_error(self) -> CheckpointSaveError | None:

@@ -22,6 +22,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mirage_jax.run_config import RunConfig
+
 
 class BatchIterator(Protocol):
     """What the loop needs from a data source."""
@@ -70,17 +72,16 @@ def process_rows(mesh: Mesh, batch_axes: Any, global_batch: int) -> RowRange:
     return RowRange(start, stop, global_batch)
 
 
-def batch_shapes(cfg: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """Per-sample shape and dtype of every batch key, from `cfg.shapes` and `cfg.model` (a RunConfig or its
-    ConfigDict)."""
-    s, m = cfg.shapes, cfg.model
-    t, h, w = int(s.latent_frames), int(s.latent_height), int(s.latent_width)
-    a, lt, r = int(s.audio_frames), int(s.text_len), int(s.ref_frames)
-    c = int(m.latent_channels)
+def batch_shapes(run: RunConfig) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Per-sample shape and dtype of every batch key, from `run.shapes` and `run.model`."""
+    s, m = run.shapes, run.model
+    t, h, w = s.latent_frames, s.latent_height, s.latent_width
+    a, lt, r = s.audio_frames, s.text_len, s.ref_frames
+    c = m.latent_channels
     return {
         "video": ((t, h, w, c), np.float32), "video_mask": ((t,), np.bool_),
-        "audio": ((a, int(m.audio_feature_dim)), np.float32), "audio_mask": ((a,), np.bool_),
-        "text": ((lt, int(m.text_embed_dim)), np.float32), "text_mask": ((lt,), np.bool_),
+        "audio": ((a, m.audio_feature_dim), np.float32), "audio_mask": ((a,), np.bool_),
+        "text": ((lt, m.text_embed_dim), np.float32), "text_mask": ((lt,), np.bool_),
         "ref": ((r, h, w, c), np.float32), "ref_time": ((), np.float32), "ref_mask": ((), np.bool_),
     }
 
@@ -119,16 +120,16 @@ class SyntheticSource(Iterator[dict[str, np.ndarray]]):
         self.step = int(state["step"])
 
 
-def make_source(cfg: Any, rows: RowRange, start_step: int) -> BatchIterator:
-    """The iterator `cfg.data.source` names (`cfg`: a RunConfig or its ConfigDict), positioned at `start_step` for
-    the synthetic source (wrapped in a `RowHashLog` when `data.row_hash_log` is set)."""
-    if cfg.data.source == "synthetic":
-        source: BatchIterator = SyntheticSource(batch_shapes(cfg), rows, cfg.train.seed + 1, start_step)
+def make_source(run: RunConfig, rows: RowRange, start_step: int) -> BatchIterator:
+    """The iterator `run.data.source` names, positioned at `start_step` for the synthetic source (wrapped in a
+    `RowHashLog` when `data.row_hash_log` is set)."""
+    if run.data.source == "synthetic":
+        source: BatchIterator = SyntheticSource(batch_shapes(run), rows, run.train.seed + 1, start_step)
     else:
         from mirage_jax.train import grain_source
 
-        source = grain_source.make(cfg, rows)
-    prefix = cfg.data.row_hash_log
+        source = grain_source.make(run.data, run.shapes, rows)
+    prefix = run.data.row_hash_log
     return RowHashLog(source, rows, f"{prefix}.p{jax.process_index()}.jsonl") if prefix else source
 
 

@@ -35,11 +35,8 @@ def manifest_shapes(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def mismatches(cfg: RunConfig | Any, manifest: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(config field, config value, the value the data needs) for every disagreement; `cfg` is a RunConfig or
-    the ConfigDict it is validated from (older model fields such as `frames_per_latent` read as today's)."""
-    if not isinstance(cfg, RunConfig):
-        cfg = RunConfig.from_config(cfg)
+def mismatches(cfg: RunConfig, manifest: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(config field, config value, the value the data needs) for every disagreement."""
     want = manifest_shapes(manifest)
     tm = of_manifest(manifest)
 
@@ -65,14 +62,13 @@ def mismatches(cfg: RunConfig | Any, manifest: dict[str, Any]) -> list[tuple[str
         elif str(have) == str(need):
             continue
         out.append((field, have, need))
-    if cfg.model.max_text_len < int(want["shapes.text_len"]):
+    if cfg.model.max_text_len < want["shapes.text_len"]:
         out.append(("model.max_text_len", cfg.model.max_text_len, want["shapes.text_len"]))
     return out
 
 
-def check(cfg: RunConfig | Any) -> None:
-    """Raise ConfigError (one line: every mismatch, then the overrides) unless `cfg` (a RunConfig or its
-    ConfigDict) fits `cfg.data.source`."""
+def check(cfg: RunConfig) -> None:
+    """Raise ConfigError (one line: every mismatch, then the overrides) unless `cfg` fits `cfg.data.source`."""
     source = cfg.data.source
     if source == "synthetic":
         return

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from mirage_base.batch_keys import BATCH_KEYS
+from mirage_jax.run_config import DataConfig, ShapesConfig
 from mirage_jax.train.data import RowRange
 
 
@@ -35,23 +36,23 @@ class GrainSource:
         self.it.set_state(state.get("state", state) if "order" not in state else state)
 
 
-def make(cfg: Any, rows: RowRange) -> GrainSource:
-    """Build the loader for `cfg.data.source` feeding `rows` of every global batch."""
+def make(data: DataConfig, shapes: ShapesConfig, rows: RowRange) -> GrainSource:
+    """Build the loader for `data.source` feeding `rows` of every global batch, clips of `shapes.audio_frames`."""
     try:
         from data_pipeline.loader.grain_loader import make_loader
     except ImportError as e:
-        raise ImportError(f"data.source={cfg.data.source!r} needs data_pipeline.loader.grain_loader.make_loader ({e}); "
+        raise ImportError(f"data.source={data.source!r} needs data_pipeline.loader.grain_loader.make_loader ({e}); "
                           "use --config.data.source=synthetic or install the data pipeline") from e
     loader = make_loader(
-        cfg.data.source,
+        data.source,
         global_batch_size=rows.global_batch,
-        clip_frames=int(cfg.shapes.audio_frames),  # 25 fps frames per example (one audio frame per video frame)
-        seed=int(cfg.data.shuffle_seed),
-        worker_count=int(cfg.data.worker_count),
-        prefetch=int(cfg.data.prefetch),
+        clip_frames=shapes.audio_frames,  # 25 fps frames per example (one audio frame per video frame)
+        seed=data.shuffle_seed,
+        worker_count=data.worker_count,
+        prefetch=data.prefetch,
         process_index=rows.index,
         process_count=rows.count,
-        allow_dataset_change=cfg.data.allow_dataset_change,
-        verify=cfg.data.verify,
+        allow_dataset_change=data.allow_dataset_change,
+        verify=data.verify,
     )
     return GrainSource(iter(loader))

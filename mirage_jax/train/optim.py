@@ -7,11 +7,13 @@ from typing import Any
 import jax
 import optax
 
+from mirage_jax.run_config import OptimConfig
 
-def learning_rate_schedule(optim_cfg: Any, total_steps: int) -> optax.Schedule:
+
+def learning_rate_schedule(optim_cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to `optim.lr`, then cosine down to `lr * end_lr_ratio` at `decay_steps`."""
-    decay = int(optim_cfg.decay_steps) if int(optim_cfg.decay_steps) > 0 else int(total_steps)
-    warmup = int(optim_cfg.warmup_steps)
+    decay = optim_cfg.decay_steps if optim_cfg.decay_steps > 0 else total_steps
+    warmup = optim_cfg.warmup_steps
     if decay <= warmup:
         return optax.linear_schedule(0.0, optim_cfg.lr, max(warmup, 1))
     return optax.warmup_cosine_decay_schedule(
@@ -28,8 +30,8 @@ def _decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
-def make_optimizer(optim_cfg: Any, clip_norm: float, total_steps: int) -> optax.GradientTransformation:
-    """The optimizer of `cfg.optim` (+ `cfg.train.clip_norm`); its state structure depends only on
+def make_optimizer(optim_cfg: OptimConfig, clip_norm: float, total_steps: int) -> optax.GradientTransformation:
+    """The optimizer of the `optim` section (+ `train.clip_norm`); its state structure depends only on
     whether clipping is on, so lr / schedule changes keep checkpoints compatible."""
     schedule = learning_rate_schedule(optim_cfg, total_steps)
     adamw = optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 from absl import logging
 
-from mirage_base.errors import MirageError
+from mirage_base.errors import ExitCode, MirageError
 from mirage_jax import checkpoint_format as fmt
 from mirage_jax.config import upgrade_model_fields
 from mirage_jax.train import checkpoint as ckpt_lib
@@ -27,7 +27,7 @@ EXECUTION_FIELDS = {"model.compute_dtype", "model.attention_backend", "model.rem
 class ConfigChangeError(MirageError, RuntimeError):
     """The config changed the train state or the model since the checkpoint; names the fields."""
 
-    exit_code, label = 2, "RESUME REFUSED"
+    exit_code, label = ExitCode.REFUSED, "RESUME REFUSED"
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:

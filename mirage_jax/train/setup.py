@@ -14,10 +14,12 @@ import functools
 from collections.abc import Sequence
 from typing import Any
 
+import ml_collections
+
 from mirage_jax.parallel import checks
 from mirage_jax.parallel import mesh as mesh_lib
 from mirage_jax.parallel import rules as rules_lib
-from mirage_jax.run_config import RunConfig, TrainConfig, section
+from mirage_jax.run_config import RunConfig, TrainConfig
 from mirage_jax.train import data as data_lib
 from mirage_jax.train import data_fit, optim
 from mirage_jax.train import step as step_lib
@@ -27,14 +29,14 @@ from mirage_jax.train.state import StateLayout
 class RunSetup:
     """Typed config (`run`), mesh, sharding rules, layout checks, optimizer, state layout, batch shardings."""
 
-    def __init__(self, cfg: Any, devices: Sequence[Any] | None = None):
-        self.cfg = cfg
+    def __init__(self, cfg: ml_collections.ConfigDict, devices: Sequence[Any] | None = None):
+        self.cfg = cfg  # as given: saved with every checkpoint (checkpoint_format.config_to_dict)
         self.run_cfg = run = RunConfig.from_config(cfg)
         self.mcfg, self.dcfg = run.model, run.diffusion
         data_fit.check(run)  # clip shapes and time map vs the dataset's manifest.json, before any compile
-        self.mesh = mesh_lib.build_mesh(cfg.mesh, devices)
-        self.param_rules = rules_lib.normalize_rules(cfg.mesh.rules.params, "mesh.rules.params", self.mesh)
-        self.act_rules = rules_lib.normalize_rules(cfg.mesh.rules.activations, "mesh.rules.activations", self.mesh)
+        self.mesh = mesh_lib.build_mesh(run.mesh, devices)
+        self.param_rules = rules_lib.normalize_rules(run.mesh, "params", self.mesh)
+        self.act_rules = rules_lib.normalize_rules(run.mesh, "activations", self.mesh)
         tc = run.train
         checks.check_layout(self.mesh, self.act_rules, self.mcfg.num_heads, tc.global_batch_size, tc.grad_accum)
         self.total_steps = tc.steps
@@ -45,12 +47,10 @@ class RunSetup:
         self.batch_shapes = data_lib.batch_shapes(run)
         self.batch_shardings = data_lib.batch_shardings(self.mesh, self.batch_axes, self.batch_shapes)
 
-    def make_step(self, train_cfg: Any = None) -> Any:
-        """The run's jitted train step; `train_cfg` (a TrainConfig or a `train` ConfigDict) replaces the config's
-        `train` section (bench.multiprocess_step times both `grad_sync` modes with it)."""
+    def make_step(self, train_cfg: TrainConfig | None = None) -> Any:
+        """The run's jitted train step; `train_cfg` replaces the config's `train` section (bench.multiprocess_step
+        times both `grad_sync` modes with `dataclasses.replace(setup.run_cfg.train, grad_sync=...)`)."""
         tc = self.run_cfg.train if train_cfg is None else train_cfg
-        if not isinstance(tc, TrainConfig):
-            tc = section(TrainConfig, "train", tc)
         return step_lib.make_train_step(self.layout, self.dcfg, tc, self.lr_schedule, self.act_rules,
                                         self.batch_shardings)
 

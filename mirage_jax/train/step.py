@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mirage_jax.config import DiffusionConfig
 from mirage_jax.parallel import checks
+from mirage_jax.run_config import TrainConfig
 from mirage_jax.train.state import StateLayout, TrainState
 
 Batch = dict[str, jax.Array]
@@ -51,14 +52,14 @@ def _split_micro(batch: Batch, accum: int, batch_axes: Any) -> Batch:
 def make_train_step(
     layout: StateLayout,
     dcfg: DiffusionConfig,
-    train_cfg: Any,
+    train_cfg: TrainConfig,
     lr_schedule: optax.Schedule,
     activation_rules: tuple[tuple[str, Any], ...],
     batch_shardings: dict[str, NamedSharding],
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Jitted `(state, batch) -> (state, metrics)` with explicit shardings; `state` is donated."""
     graphdef, tx = layout.graphdef, layout.tx
-    accum, seed, ema_decay = train_cfg.grad_accum, train_cfg.seed, float(train_cfg.ema_decay)
+    accum, seed, ema_decay = train_cfg.grad_accum, train_cfg.seed, train_cfg.ema_decay
     batch_axes = dict(activation_rules).get("batch")
     grad_sync = train_cfg.grad_sync
     if grad_sync == "xla":

@@ -23,7 +23,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from mirage_base.errors import MirageError
+from mirage_base.errors import ExitCode, MirageError
 from mirage_jax.checkpoint_format import CHECKPOINTS, config_to_dict, flatten, replace_leaves
 from mirage_jax.config import DiffusionConfig, ModelConfig
 from mirage_jax.interop.mochi import mochi_config_to_model
@@ -36,7 +36,7 @@ REPORT_NAME = "warm_start_report.json"
 class WarmStartError(MirageError, ValueError):
     """The source does not fit the Mirage config, or the output would overwrite a run."""
 
-    exit_code = 2
+    exit_code = ExitCode.REFUSED
 
 
 def derive_config(src: TensorSource) -> ml_collections.ConfigDict:
@@ -54,11 +54,11 @@ def derive_config(src: TensorSource) -> ml_collections.ConfigDict:
     return cfg
 
 
-def check_dimensions(src: TensorSource, model_section: Any) -> None:
+def check_dimensions(src: TensorSource, model: ModelConfig) -> None:
     """Every model dimension implied by config.json must equal the Mirage config's; lists all that differ."""
     derived = mochi_config_to_model(src.config)
-    diffs = [f"model.{k}: config has {model_section[k]!r}, {src.root / 'config.json'} implies {v!r}"
-             for k, v in derived.items() if model_section[k] != v]
+    diffs = [f"model.{k}: config has {getattr(model, k)!r}, {src.root / 'config.json'} implies {v!r}"
+             for k, v in derived.items() if getattr(model, k) != v]
     if diffs:
         raise WarmStartError("the Mirage config does not match the source model:\n  " + "\n  ".join(diffs)
                              + "\nFix these fields (or omit --config to derive the config from the source).")
@@ -66,28 +66,22 @@ def check_dimensions(src: TensorSource, model_section: Any) -> None:
 
 def warm_start(source: str, cfg: ml_collections.ConfigDict | None, out: str, *, allow_partial: bool = False
                ) -> dict[str, Any]:
-    """Write the step-0 checkpoint into workdir `out`; returns the report (also saved as JSON)."""
-    from mirage_jax.parallel import mesh as mesh_lib
-    from mirage_jax.parallel import rules as rules_lib
+    """Write the step-0 checkpoint into workdir `out`; returns the report (also saved as JSON). The mesh, rules,
+    optimizer and state layout are the training run's own (`train.setup.RunSetup` of `cfg`)."""
     from mirage_jax.train import checkpoint as ckpt_lib
-    from mirage_jax.train import optim
-    from mirage_jax.train.state import StateLayout
+    from mirage_jax.train.setup import RunSetup
 
     src = TensorSource(source)
     if cfg is None:
         cfg = derive_config(src)
-    else:
-        check_dimensions(src, cfg.model)
-    mcfg = ModelConfig.from_config(cfg.model)
+    setup = RunSetup(cfg)  # ConfigError naming a bad field, before anything is read
+    check_dimensions(src, setup.mcfg)
+    mcfg, mesh, layout = setup.mcfg, setup.mesh, setup.layout
     store_dir = epath.Path(out) / CHECKPOINTS
     if store_dir.exists() and any(store_dir.iterdir()):
         raise WarmStartError(f"--out {out}: already holds checkpoints ({store_dir}); warm start writes the "
                              "first checkpoint of a new run: choose an empty workdir")
 
-    mesh = mesh_lib.build_mesh(cfg.mesh)
-    param_rules = rules_lib.normalize_rules(cfg.mesh.rules.params, "mesh.rules.params", mesh)
-    tx = optim.make_optimizer(cfg.optim, float(cfg.train.clip_norm), int(cfg.train.steps))
-    layout = StateLayout(mcfg, tx, mesh, param_rules, int(cfg.train.seed))
     abstract = flatten(layout.abstract.params)
     shapes = {p: tuple(a.shape) for p, a in abstract.items()}
     dtypes = {p: a.dtype for p, a in abstract.items()}
@@ -125,7 +119,7 @@ def warm_start(source: str, cfg: ml_collections.ConfigDict | None, out: str, *, 
         params = replace_leaves(layout.init_params(), mapped)
         state = layout.create_from(finish, params)
 
-    store = ckpt_lib.CheckpointStore(out, cfg.checkpoint)
+    store = ckpt_lib.CheckpointStore(out, setup.run_cfg.checkpoint)
     store.save(0, state, None, config_to_dict(cfg), {"warm_start": report})
     store.wait()
     store.close()

@@ -18,7 +18,7 @@ import ml_dtypes
 import numpy as np
 from etils import epath
 
-from mirage_base.errors import MirageError
+from mirage_base.errors import ExitCode, MirageError
 from mirage_base.safetensors_reader import INDEX_NAME, SafetensorsError, SafetensorsReader, weight_files
 
 # genmo's original single-file checkpoint: fused qkv and swapped scale/shift, not only other names
@@ -28,7 +28,7 @@ GENMO_MARKERS = ("blocks.0.attn.qkv_x.weight", "x_embedder.proj.weight", "t5_y_e
 class SourceError(MirageError, ValueError):
     """The source folder or one of its files is unusable; the message names the file and tensor."""
 
-    exit_code = 2
+    exit_code = ExitCode.REFUSED
 
 
 class TensorSource(SafetensorsReader):

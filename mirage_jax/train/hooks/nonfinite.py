@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from mirage_base.errors import MirageError
+from mirage_base.errors import ExitCode, MirageError
 from mirage_jax.train.hooks import Hook, StepInfo
 
 
 class NonFiniteError(MirageError, RuntimeError):
     """Too many consecutive non-finite steps; the last good checkpoint is kept."""
 
-    exit_code, label = 3, "STOPPED"
+    exit_code, label = ExitCode.NONFINITE, "STOPPED"
 
 
 class NonFiniteGuard(Hook):

@@ -42,11 +42,23 @@ class ShardInfo:
         return dataclasses.asdict(self)
 
 
+_DIGESTS: dict[tuple[str, int, int], str] = {}  # (local path, size, mtime_ns) -> sha256: a start-up check and
+# the loader built after it hash each local shard once
+
+
 def _sha256_file(path: str | epath.Path) -> str:
+    key = None
+    if not is_remote(path):
+        st = os.stat(os.fspath(path))
+        key = (os.path.abspath(os.fspath(path)), st.st_size, st.st_mtime_ns)
+        if key in _DIGESTS:
+            return _DIGESTS[key]
     h = hashlib.sha256()
     with epath.Path(path).open("rb") as f:
         while chunk := f.read(1 << 22):
             h.update(chunk)
+    if key is not None:
+        _DIGESTS[key] = h.hexdigest()
     return h.hexdigest()
 
 

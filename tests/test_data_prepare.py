@@ -143,6 +143,41 @@ def test_truncated_shard_is_refused_naming_it(prepared, tmp_path):
             make_loader(out, global_batch_size=1, verify=verify, process_index=0, process_count=1)
 
 
+def test_damaged_local_shard_stops_training_before_any_state_naming_shard_and_record(prepared, tmp_path):
+    """The train CLI on a local dataset with a damaged shard: one DATA ERROR line naming the shard and its first
+    unreadable record, exit 2, no traceback, nothing written in the workdir (the check runs before the state is
+    built or restored). A truncated shard is named the same way."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = str(tmp_path / "damaged")
+    shutil.copytree(prepared, out)
+    shard = os.path.join(out, "data-00000-of-00002.array_record")
+    data = bytearray(open(shard, "rb").read())
+    mid = len(data) // 2  # inside the second record's chunk, as in the test below
+    data[mid : mid + 64] = bytes(64)
+    open(shard, "wb").write(bytes(data))
+    env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}
+
+    def train():
+        return subprocess.run(
+            [sys.executable, "-m", "mirage_jax.train", "--config=configs/tiny.py:fast",
+             f"--workdir={tmp_path / 'run'}", f"--config.data.source={out}"],
+            cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+    r = train()
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert err[-1].startswith("DATA ERROR: ") and shard in err[-1] and "record 1 of 2 is unreadable" in err[-1], err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    open(shard, "wb").write(bytes(data[: len(data) // 2]))
+    r = train()
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("DATA ERROR: ") and "truncated" in last and "data-00000-of-00002" in last, last
+
+
 def test_corrupted_record_is_skipped_within_budget_then_named(prepared, tmp_path):
     out = str(tmp_path / "corrupt")
     shutil.copytree(prepared, out)

@@ -227,3 +227,54 @@ def test_tfio_audio_backend_matches_pyav(raw, prepared, tmp_path):
             np.testing.assert_array_equal(ta["video"], tb["video"])
             # different resamplers and 16-bit WAV exchange: same features up to small differences
             assert np.corrcoef(ta["audio"].ravel(), tb["audio"].ravel())[0, 1] > 0.99
+
+
+def test_full_disk_is_one_line_and_leaves_no_temporary_files(raw, tmp_path, monkeypatch, caplog):
+    """ENOSPC while a shard is written (simulated: the ArrayRecord writer fails after one record): one line
+    naming the output and the cause, Beam's traceback log suppressed, no temp shard and no manifest left."""
+    import errno
+
+    from data_pipeline.prepare import OutputWriteError
+
+    real = manifest.ArrayRecordWriter
+
+    class FullDisk:
+        def __init__(self, path, options):
+            self.w, self.n = real(path, options), 0
+
+        def write(self, r):
+            if self.n == 1:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.w.write(r)
+            self.n += 1
+
+        def close(self):
+            self.w.close()
+
+    monkeypatch.setattr(manifest, "ArrayRecordWriter", FullDisk)
+    out = tmp_path / "full"
+    with pytest.raises(OSError, match="No space"):  # the writer alone removes its partial temp shard
+        manifest.write_shard([b"a", b"b"], str(tmp_path), "x.array_record")
+    assert [p.name for p in tmp_path.iterdir()] == []
+    with pytest.raises(OutputWriteError) as e:
+        run(raw, str(out), CFG, records_per_shard=2, progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and str(out) in msg and "No space left on device (ENOSPC)" in msg
+    assert e.value.exit_code == 1
+    assert sorted(os.listdir(out)) == [] and not any(r.exc_info for r in caplog.records)
+
+
+def test_prepare_without_clips_writes_no_manifest(raw, prepared, tmp_path):
+    """Every source shorter than one clip: NoClipsError, and no 0-record manifest.json left behind (a fresh
+    output stays empty; an earlier complete output keeps its manifest and shards untouched)."""
+    from data_pipeline.prepare import NoClipsError
+
+    fresh = tmp_path / "fresh"
+    with pytest.raises(NoClipsError, match="no clips from 3 source"):
+        run(raw, str(fresh), IngestConfig(clip_seconds=10.0), records_per_shard=2, progress=False)
+    assert os.listdir(fresh) == []
+    earlier = str(tmp_path / "earlier")
+    shutil.copytree(prepared, earlier)
+    with pytest.raises(NoClipsError):
+        run(raw, earlier, IngestConfig(clip_seconds=10.0), records_per_shard=2, progress=False)
+    assert _files(earlier) == _files(prepared)

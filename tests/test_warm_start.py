@@ -164,6 +164,24 @@ def test_fields_diffusers_fixes_in_code_are_checked(tmp_path):
         warm_start(str(tmp_path / "src"), None, str(tmp_path / "run"))
 
 
+def test_genmo_single_file_layout_is_recognised_by_its_tensor_names(tmp_path):
+    """genmo's original `dit.safetensors` (names as diffusers' scripts/convert_mochi_to_diffusers.py reads them),
+    with no config.json beside it: named as genmo's layout, the folder or the file itself."""
+    from safetensors.numpy import save_file
+
+    z = np.zeros((2, 2), np.float32)
+    names = ("x_embedder.proj.weight", "t5_y_embedder.to_kv.weight", "t5_yproj.weight", "blocks.0.attn.qkv_x.weight",
+             "blocks.0.mod_x.weight", "final_layer.linear.weight")
+    (tmp_path / "genmo").mkdir()
+    save_file({n: z for n in names}, str(tmp_path / "genmo" / "dit.safetensors"))
+    for source in (tmp_path / "genmo", tmp_path / "genmo" / "dit.safetensors"):
+        with pytest.raises(SourceError, match="genmo's original Mochi layout.*convert_mochi_to_diffusers"):
+            warm_start(str(source), None, str(tmp_path / "run"))
+    save_file({"other.weight": z}, str(tmp_path / "genmo" / "dit.safetensors"))  # not genmo: config.json missing
+    with pytest.raises(SourceError, match="config.json: missing"):
+        warm_start(str(tmp_path / "genmo"), None, str(tmp_path / "run"))
+
+
 def test_bad_sources_name_the_file_and_leave_nothing(tmp_path):
     src = tmp_path / "src"
     make_source(src, SMALL[0])

@@ -27,6 +27,12 @@ class GrainSource:
     def get_state(self) -> dict[str, Any]:
         return {"kind": "grain", "global": True, **self.it.get_state()}
 
+    def close(self) -> None:
+        """Stop the loader's worker processes and release their shared memory now (`LoaderIterator.close`)."""
+        close = getattr(self.it, "close", None)
+        if close is not None:
+            close()
+
     def set_state(self, state: Any) -> None:
         if not isinstance(state, dict) or state.get("kind") != "grain":
             raise ValueError(f"data state {str(state)[:80]!r} was not written by the Grain loader; the "

@@ -76,10 +76,15 @@ class Trainer(RunSetup):
         start = int(jax.device_get(state.step))
         source = data_lib.make_source(run, self.rows, start)
         if data_state is not None:
-            source.set_state(data_state)
+            try:
+                source.set_state(data_state)
+            except BaseException:
+                data_lib.close_source(source)
+                raise
         logging.info("%s at step %d of %d", "resumed from checkpoint" if restored is not None else "initialized",
                      start, self.total_steps)
         if start >= self.total_steps:
+            data_lib.close_source(source)
             store.close()
             return start
         step_fn = self.make_step()
@@ -87,7 +92,8 @@ class Trainer(RunSetup):
         watcher = PreemptionWatcher()
         try:
             return self._loop(state, start, source, step_fn, store, writer, watcher, config)
-        finally:
+        finally:  # the source's close stops Grain workers now, not at shutdown (leaked shared-memory warnings)
+            data_lib.close_source(source)
             watcher.close()
             writer.close()
             store.close()

@@ -21,6 +21,6 @@ if __name__ == "__main__":  # Grain's workers are spawned: the main module must 
                   verify="auto"),
         shapes=dict(audio_frames=25)))
     source = grain_source.make(cfg, data_lib.RowRange(0, 2, 2))
-    next(source), next(source)
+    kept = [next(source), next(source)]  # held to the end, as the loop's device arrays may hold their memory
     data_lib.close_source(source)
     print(f"read {n} batches; closed", flush=True)

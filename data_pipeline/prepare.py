@@ -14,6 +14,7 @@ byte-identical shards and manifest; a rerun over a complete output with the same
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -39,12 +40,48 @@ from mirage_base.storage import check_storage
 
 log = logging.getLogger(__name__)
 _PROGRESS: dict[str, Any] = {}  # in-process runs only: the tqdm bar DoFns update
+EMPTY_RESULT = mf.TMP_PREFIX + "no-records.json"  # a run without records: its stats for `run`'s error, no manifest
 
 
 class NoClipsError(MirageError, RuntimeError):
     """Prepare kept no clip from any source; the message says why (stats, first failure) and what to change."""
 
     exit_code, label = ExitCode.REFUSED, "error"
+
+
+class OutputWriteError(MirageError, RuntimeError):
+    """The output could not be written (a full disk or quota, no permission, a read-only file system): one line
+    naming the output and the cause; the run's temporary files are removed (exit 1)."""
+
+    exit_code, label = 1, "error"
+
+
+# OSError numbers that mean "the output storage refused the write", not a bug: reported as one line
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
+
+
+def _write_cause(e: BaseException) -> OSError | None:
+    """The OSError with one of `_WRITE_ERRNOS` in `e`'s chain (Beam re-raises a DoFn's error as a RuntimeError
+    whose context is the original), or None."""
+    seen: set[int] = set()
+    c: BaseException | None = e
+    while c is not None and id(c) not in seen:
+        seen.add(id(c))
+        if isinstance(c, OSError) and c.errno in _WRITE_ERRNOS:
+            return c
+        c = c.__cause__ or c.__context__
+    return None
+
+
+class _QuietWriteErrors(logging.Filter):
+    """Drops Beam's ERROR log (with traceback) of a DoFn failing on a `_WRITE_ERRNOS` error: `run` reports it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return exc is None or _write_cause(exc) is None
+
+
+logging.getLogger("apache_beam.runners.common").addFilter(_QuietWriteErrors())
 
 
 def fingerprint(files: Sequence[str], cfg: IngestConfig, records_per_shard: int) -> str:
@@ -282,65 +319,88 @@ def run(
         beam_runner = runner
         options = PipelineOptions(["--runner", runner, *beam_args])
     result: dict[str, Any] = {}
+    empty = epath.Path(output) / EMPTY_RESULT
+    empty.unlink(missing_ok=True)
     bar = tqdm(total=len(good), desc="prepare", unit="source", disable=not (progress and local))
     _PROGRESS["bar"] = bar if local else None
     try:
-        with beam.Pipeline(runner=beam_runner, options=options) as p:
-            srcs = p | "Sources" >> beam.Create(good) | "Spread" >> beam.Reshuffle()
-            batches = srcs | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=batch_sources)
-            out = batches | "Ingest" >> beam.ParDo(IngestBatch(cfg, root, tfio_python, held_bytes)).with_outputs(
-                "stats", "failed", "notes", main="records"
-            )
-            recs = out.records
-            ids = recs | "Ids" >> beam.Keys() | "AllIds" >> beam.combiners.ToList()
-            ranks = ids | "Ranks" >> beam.Map(lambda xs: {cid: i for i, cid in enumerate(sorted(xs))})
-            num_shards = ids | "NumShards" >> beam.Map(
-                lambda xs: max(1, math.ceil(len(xs) / records_per_shard))
-            )
-            written = (
-                recs
-                | "Assign" >> beam.Map(_assign_shard, beam.pvalue.AsSingleton(ranks), records_per_shard)
-                | "GroupShards" >> beam.GroupByKey()
-                | "Write" >> beam.ParDo(WriteShard(output), beam.pvalue.AsSingleton(num_shards))
-            )
-            listed_stats = p | "ListedStats" >> beam.Create([{"sources": 1, "failed_sources": 1}] * len(listed_failed))
-            stats = (
-                (out.stats, listed_stats)
-                | "AllStats" >> beam.Flatten()
-                | "Stats" >> beam.combiners.ToList()
-                | "SumStats" >> beam.Map(_sum_stats)
-            )
-            listed = p | "ListedFailed" >> beam.Create(listed_failed)
-            failed = (out.failed, listed) | "AllFailed" >> beam.Flatten() | "Failed" >> beam.combiners.ToList()
-            notes = out.notes | "Notes" >> beam.combiners.ToList()
-            (
-                written
-                | "AllShards" >> beam.combiners.ToList()
-                | "Manifest"
-                >> beam.Map(
-                    _finish,
-                    beam.pvalue.AsSingleton(stats),
-                    beam.pvalue.AsSingleton(failed),
-                    cfg,
-                    len(files),
-                    fp,
-                    records_per_shard,
-                    output,
-                    beam.pvalue.AsSingleton(notes),
-                )
-            )
+        _pipeline(beam_runner, options, good, cfg, root, tfio_python, held_bytes, records_per_shard,
+                  batch_sources, output, listed_failed, files, fp)
+    except Exception as e:
+        mf.remove_temporary(output)  # a partial shard of this run: nothing reads it, it only takes space
+        cause = _write_cause(e)
+        if cause is None:
+            raise
+        code = errno.errorcode.get(cause.errno, str(cause.errno))
+        where = f", {cause.filename}" if cause.filename else ""
+        raise OutputWriteError(
+            f"prepare: writing {output} failed: {cause.strerror or cause} ({code}{where}); its temporary files "
+            "were removed and no manifest was written; free space (or fix the permissions, or choose another "
+            "--output) and rerun"
+        ) from None
     finally:
         bar.close()
         _PROGRESS.pop("bar", None)
-    result = mf.read_manifest(output)
-    if result["num_records"] == 0:
+    if empty.exists():  # no records: the run's summary, never a manifest.json a loader or a rerun would trust
+        result = json.loads(empty.read_text())
+        empty.unlink(missing_ok=True)
         failed = result["sources"]["failed"]
         why = f"; first failure: {failed[0]}" if failed else ""
         raise NoClipsError(
             f"prepare: no clips from {len(files)} source(s) (stats {result['stats']}{why}); check "
-            "--clip-seconds/--min-seconds, the filters and the encoders"
+            "--clip-seconds/--min-seconds, the filters and the encoders; nothing was written"
         )
-    return result
+    return mf.read_manifest(output)
+
+
+def _pipeline(beam_runner: Any, options: PipelineOptions, good: list[str], cfg: IngestConfig, root: str,
+              tfio_python: str | None, held_bytes: int, records_per_shard: int, batch_sources: int, output: str,
+              listed_failed: list[str], files: list[str], fp: str) -> None:
+    """The Beam pipeline of `run`: decode + encode `good`, write the shards, then manifest.json (`_finish`)."""
+    with beam.Pipeline(runner=beam_runner, options=options) as p:
+        srcs = p | "Sources" >> beam.Create(good) | "Spread" >> beam.Reshuffle()
+        batches = srcs | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=batch_sources)
+        out = batches | "Ingest" >> beam.ParDo(IngestBatch(cfg, root, tfio_python, held_bytes)).with_outputs(
+            "stats", "failed", "notes", main="records"
+        )
+        recs = out.records
+        ids = recs | "Ids" >> beam.Keys() | "AllIds" >> beam.combiners.ToList()
+        ranks = ids | "Ranks" >> beam.Map(lambda xs: {cid: i for i, cid in enumerate(sorted(xs))})
+        num_shards = ids | "NumShards" >> beam.Map(
+            lambda xs: max(1, math.ceil(len(xs) / records_per_shard))
+        )
+        written = (
+            recs
+            | "Assign" >> beam.Map(_assign_shard, beam.pvalue.AsSingleton(ranks), records_per_shard)
+            | "GroupShards" >> beam.GroupByKey()
+            | "Write" >> beam.ParDo(WriteShard(output), beam.pvalue.AsSingleton(num_shards))
+        )
+        listed_stats = p | "ListedStats" >> beam.Create([{"sources": 1, "failed_sources": 1}] * len(listed_failed))
+        stats = (
+            (out.stats, listed_stats)
+            | "AllStats" >> beam.Flatten()
+            | "Stats" >> beam.combiners.ToList()
+            | "SumStats" >> beam.Map(_sum_stats)
+        )
+        listed = p | "ListedFailed" >> beam.Create(listed_failed)
+        failed = (out.failed, listed) | "AllFailed" >> beam.Flatten() | "Failed" >> beam.combiners.ToList()
+        notes = out.notes | "Notes" >> beam.combiners.ToList()
+        (
+            written
+            | "AllShards" >> beam.combiners.ToList()
+            | "Manifest"
+            >> beam.Map(
+                _finish,
+                beam.pvalue.AsSingleton(stats),
+                beam.pvalue.AsSingleton(failed),
+                cfg,
+                len(files),
+                fp,
+                records_per_shard,
+                output,
+                beam.pvalue.AsSingleton(notes),
+            )
+        )
 
 
 def _finish(
@@ -355,6 +415,9 @@ def _finish(
     notes: Sequence[str] = (),
 ) -> None:
     m = build_manifest(shard_parts, stats, failed, cfg, num_sources, fp, records_per_shard, notes)
+    if m["num_records"] == 0:  # `run` reports it; an earlier output's manifest.json and shards stay as they were
+        mf.atomic_write_bytes(epath.Path(output) / EMPTY_RESULT, json.dumps(m).encode())
+        return
     mf.write_manifest(output, m)
     removed = mf.clean_stale(output, {s["path"] for s in m["shards"]})
     if removed:

@@ -12,9 +12,10 @@ as an mp4 (H.264 at 25 fps) with the input audio muxed in, plus a JSON sidecar (
 
 Several prompts in one call: repeat `--audio` / `--say` (and `--caption` / `--ref`, once for all or once
 per prompt, in the order the prompts appear on the command line); `--out` is then a directory, whose
-000.mp4, 001.mp4, ... follow that order. Prompts run together as one batch (padded frames are masked),
-sharded over all devices on the mesh's batch axis, and over its `sequence` axis with
-`--sequence_parallel=N` for long clips.
+000.mp4, 001.mp4, ... follow that order (an earlier run's numbered outputs beyond them are removed once this
+run's are written, so the folder holds this run's outputs; other files stay). Prompts run together as one
+batch (padded frames are masked), sharded over all devices on the mesh's batch axis, and over its `sequence`
+axis with `--sequence_parallel=N` for long clips.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -240,6 +242,38 @@ def output_paths(out: str, n: int) -> list[epath.Path]:
     return [p / f"{i:03d}.mp4" for i in range(n)]
 
 
+def stale_outputs(out: str, paths: Sequence[epath.Path]) -> list[epath.Path]:
+    """An earlier run's numbered outputs that this run's `paths` do not replace: in a directory `--out`, every
+    `NNN.mp4` and `NNN.json` (three or more digits) beside them; for a pattern with `{i}`, every file the pattern
+    gives for another number (and its .json sidecar). Empty for a single-file `--out`. `main` deletes them once
+    this run's videos are written (`remove_stale_outputs`), so the folder holds exactly this run's outputs; other
+    files in the folder are never touched."""
+    keep = {os.fspath(p) for p in paths} | {os.fspath(p.with_suffix(".json")) for p in paths}
+    if "{i}" in out:
+        head, _, tail = out.partition("{i}")
+        folder = epath.Path(os.path.dirname(head) or ".")
+        name = re.compile(re.escape(os.path.basename(head)) + r"\d+" + re.escape(tail))
+        sidecar = re.compile(re.escape(os.path.basename(head)) + r"\d+" + re.escape(
+            str(epath.Path("x" + tail).with_suffix(".json"))[1:]))
+        match = lambda n: bool(name.fullmatch(n) or sidecar.fullmatch(n))  # noqa: E731
+    elif paths and paths[0].name != epath.Path(out).name:  # a directory of NNN.mp4
+        folder = epath.Path(out)
+        match = lambda n: bool(re.fullmatch(r"\d{3,}\.(mp4|json)", n))  # noqa: E731
+    else:
+        return []
+    if "{i}" in os.path.dirname(out) or not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if match(p.name) and os.fspath(p) not in keep)
+
+
+def remove_stale_outputs(out: str, paths: Sequence[epath.Path]) -> list[epath.Path]:
+    """Delete `stale_outputs(out, paths)` (called after this run's outputs are written); returns what went."""
+    stale = stale_outputs(out, paths)
+    for old in stale:
+        old.unlink(missing_ok=True)
+    return stale
+
+
 def prompt_order(argv: Sequence[str], audio: Sequence[str], said: Sequence[str]) -> list[tuple[str, str]]:
     """("audio" | "say", value) of every prompt in the order of the command line `argv` (absl keeps the values of
     each repeated flag, not their order across flags). When `argv` does not show them all (a --flagfile),
@@ -307,6 +341,10 @@ def main(argv: Sequence[str]) -> None:
                 "mouth": [round(float(v), 6) for v in speech.mouth_track(p.waveform, int(frames.shape[0]))]}
         write_video(path, frames, p.waveform, side)
         print(f"wrote {path} ({frames.shape[0]} frames, {frames.shape[0] / media.FPS:.2f} s)")
+    stale = remove_stale_outputs(F.out, paths)
+    if stale:
+        print(f"removed {len(stale)} numbered output(s) of an earlier run from {F.out}: "
+              f"{', '.join(p.name for p in stale[:6])}{' ...' if len(stale) > 6 else ''}")
 
 
 def define_flags() -> None:

@@ -37,6 +37,7 @@ def write(
     pix_fmt: str = "yuv420p",
     options: dict[str, str] | None = None,
     rotation: int | None = None,
+    display_matrix: list[int] | None = None,
     audio: np.ndarray | None = None,
     audio_rate: int = 16000,
     layout: str = "mono",
@@ -63,6 +64,8 @@ def write(
                 vs.codec_context.time_base = vs.time_base = time_base
             if rotation is not None:
                 vs.set_display_rotation(rotation)
+            if display_matrix is not None:  # FFmpeg's 9 int32 (libavutil/display.h), as the container stores it
+                vs.set_display_matrix(display_matrix)
             if extra_video is not None:
                 vs.disposition = av.stream.Disposition.default if k == default_video else av.stream.Disposition(0)
             vids.append((vs, fr))

@@ -99,3 +99,17 @@ def test_config_change_of_model_is_refused_naming_the_field(tmp_path):
     _, _, step = resume.restore_or_init(store, fake_layout(), {"model": {"num_layers": 2}, "train": {"steps": 99}},
                                         False)
     assert step == 2
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 40, b'{"kind": "synth', b"[1, 2]"])
+def test_damaged_data_state_names_the_file_and_the_cause(tmp_path, content):
+    """An empty, zeroed, cut or wrong-typed data_state.json: one message naming the file and what is wrong
+    (json reports an empty file through a StopIteration context, which alone said 'StopIteration: 0')."""
+    write(tmp_path, [2])
+    path = tmp_path / "checkpoints" / "2" / "data" / ckpt_lib.DataStateHandler.FILE
+    path.write_bytes(content)
+    store = ckpt_lib.CheckpointStore(str(tmp_path), CKPT)
+    with pytest.raises(ckpt_lib.CheckpointError) as e:
+        resume.restore_or_init(store, fake_layout(), CONFIG, False)
+    msg = str(e.value)
+    assert str(path) in msg and "damaged" in msg and "StopIteration" not in msg and "move" in msg, msg

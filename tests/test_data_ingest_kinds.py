@@ -67,6 +67,62 @@ def test_rotation_is_honoured_and_probe_reports_the_display_size(tmp_path, rotat
     assert _pixels(recs[0][0])[0][corner].min() > 240
 
 
+def _ffmpeg_matrix(clockwise_degrees, hflip=False):
+    """libavutil/display.c transcribed: av_display_rotation_set(m, angle) then av_display_matrix_flip(m, hflip, 0)."""
+    r = -np.radians(clockwise_degrees)
+    c, s = np.cos(r), np.sin(r)
+    m = [int(c * 65536), int(-s * 65536), 0, int(s * 65536), int(c * 65536), 0, 0, 0, 1 << 30]
+    flip = (-1 if hflip else 1, 1, 1)
+    return [v * flip[i % 3] for i, v in enumerate(m)]
+
+
+def _as_displayed(img, matrix):
+    """What a player shows for stored `img` [H, W, C] under display `matrix`, from the matrix's definition alone
+    (libavutil/display.h, ISO/IEC 14496-12 8.3.2.3): a stored point (x, y) is shown at (x, y, 1) M, up to the
+    translation that puts the picture at the origin. Each pixel centre is mapped; no rot90 or flips involved."""
+    h, w = img.shape[:2]
+    m = np.asarray(matrix, np.float64).reshape(3, 3)[:2, :2] / 65536.0
+    ys, xs = np.mgrid[0:h, 0:w]
+    pts = np.stack([xs.ravel() + 0.5, ys.ravel() + 0.5], axis=1) @ m
+    pts -= np.floor(pts.min(axis=0) + 1e-6)
+    cols, rows = np.floor(pts[:, 0]).astype(int), np.floor(pts[:, 1]).astype(int)
+    out = np.zeros((rows.max() + 1, cols.max() + 1, img.shape[2]), img.dtype)
+    out[rows, cols] = img.reshape(-1, img.shape[2])
+    return out
+
+
+@pytest.mark.parametrize("name, clockwise, hflip, shown", [
+    ("plain", 0, False, None), ("180", 180, False, "turned 180 degrees counter-clockwise"),
+    ("mirror", 0, True, "mirrored left-right"),
+    ("mirror+90", 90, True, "turned 270 degrees counter-clockwise then mirrored left-right"),
+    ("mirror+270", 270, True, "turned 90 degrees counter-clockwise then mirrored left-right"),
+])
+def test_display_matrix_mirror_and_rotation_shown_as_a_player_shows_them(tmp_path, name, clockwise, hflip, shown):
+    # stored 64x48, asymmetric: a white square top-left, a grey bar along the top to its right, a dark-grey square
+    # bottom-left; a front camera's mirror has a negative determinant (PyAV's frame.rotation reads it as -180)
+    fr = np.zeros((10, 48, 64, 3), np.uint8)
+    fr[:, :8, :8], fr[:, :4, 24:56], fr[:, 36:, :12] = 255, 128, 64
+    matrix = _ffmpeg_matrix(clockwise, hflip)
+    path = mi.write(str(tmp_path / f"{name}.mp4"), fr, display_matrix=matrix)
+    want = _as_displayed(fr[0], matrix)
+    info = media.probe(path)
+    assert (info.height, info.width) == want.shape[:2]
+    _, rgb = next(media.iter_frames(info))
+    assert rgb.shape == want.shape and np.abs(rgb.astype(int) - want).max() < 40, name
+    assert np.abs(rgb.astype(int) - want).mean() < 2, name
+    notes = [n for n in info.notes if n.startswith("display matrix")]
+    assert notes == ([] if shown is None else [f"display matrix: {shown}: stored 64x48, shown {info.width}x"
+                                               f"{info.height}"])
+    if name in ("mirror", "mirror+90"):  # prepared records and the manifest's notes say the same
+        m, recs = _prepare(path, str(tmp_path / "out"))
+        enc = _pixels(recs[0][0])[0].astype(int)  # s2d 8x8 blocks: compare block means
+        hh, ww = want.shape[0] // 8, want.shape[1] // 8
+        blocks = want.reshape(hh, 8, ww, 8, 3).mean(axis=(1, 3))
+        got = enc[: hh * 8, : ww * 8].reshape(hh, 8, ww, 8, 3).mean(axis=(1, 3))
+        assert np.abs(got - blocks).max() < 12
+        assert shown in str(m)
+
+
 # ---- target geometry ----------------------------------------------------------------------------------
 
 

@@ -146,6 +146,41 @@ def test_truncated_shard_is_refused_naming_it(prepared, tmp_path):
             make_loader(out, global_batch_size=1, verify=verify, process_index=0, process_count=1)
 
 
+def test_damaged_local_shard_stops_training_before_any_state_naming_shard_and_record(prepared, tmp_path):
+    """The train CLI on a local dataset with a damaged shard: one DATA ERROR line naming the shard and its first
+    unreadable record, exit 2, no traceback, nothing written in the workdir (the check runs before the state is
+    built or restored). A truncated shard is named the same way."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = str(tmp_path / "damaged")
+    shutil.copytree(prepared, out)
+    shard = os.path.join(out, "data-00000-of-00002.array_record")
+    data = bytearray(open(shard, "rb").read())
+    mid = len(data) // 2  # inside the second record's chunk, as in the test below
+    data[mid : mid + 64] = bytes(64)
+    open(shard, "wb").write(bytes(data))
+    env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}
+
+    def train():
+        return subprocess.run(
+            [sys.executable, "-m", "mirage_jax.train", "--config=configs/tiny.py:fast",
+             f"--workdir={tmp_path / 'run'}", f"--config.data.source={out}"],
+            cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+    r = train()
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert err[-1].startswith("DATA ERROR: ") and shard in err[-1] and "record 1 of 2 is unreadable" in err[-1], err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    open(shard, "wb").write(bytes(data[: len(data) // 2]))
+    r = train()
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("DATA ERROR: ") and "truncated" in last and "data-00000-of-00002" in last, last
+
+
 def test_corrupted_record_is_skipped_within_budget_then_named(prepared, tmp_path):
     out = str(tmp_path / "corrupt")
     shutil.copytree(prepared, out)
@@ -195,3 +230,54 @@ def test_tfio_audio_backend_matches_pyav(raw, prepared, tmp_path):
             np.testing.assert_array_equal(ta["video"], tb["video"])
             # different resamplers and 16-bit WAV exchange: same features up to small differences
             assert np.corrcoef(ta["audio"].ravel(), tb["audio"].ravel())[0, 1] > 0.99
+
+
+def test_full_disk_is_one_line_and_leaves_no_temporary_files(raw, tmp_path, monkeypatch, caplog):
+    """ENOSPC while a shard is written (simulated: the ArrayRecord writer fails after one record): one line
+    naming the output and the cause, Beam's traceback log suppressed, no temp shard and no manifest left."""
+    import errno
+
+    from data_pipeline.prepare import OutputWriteError
+
+    real = manifest.ArrayRecordWriter
+
+    class FullDisk:
+        def __init__(self, path, options):
+            self.w, self.n = real(path, options), 0
+
+        def write(self, r):
+            if self.n == 1:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.w.write(r)
+            self.n += 1
+
+        def close(self):
+            self.w.close()
+
+    monkeypatch.setattr(manifest, "ArrayRecordWriter", FullDisk)
+    out = tmp_path / "full"
+    with pytest.raises(OSError, match="No space"):  # the writer alone removes its partial temp shard
+        manifest.write_shard([b"a", b"b"], str(tmp_path), "x.array_record")
+    assert [p.name for p in tmp_path.iterdir()] == []
+    with pytest.raises(OutputWriteError) as e:
+        run(raw, str(out), CFG, records_per_shard=2, progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and str(out) in msg and "No space left on device (ENOSPC)" in msg
+    assert e.value.exit_code == 1
+    assert sorted(os.listdir(out)) == [] and not any(r.exc_info for r in caplog.records)
+
+
+def test_prepare_without_clips_writes_no_manifest(raw, prepared, tmp_path):
+    """Every source shorter than one clip: NoClipsError, and no 0-record manifest.json left behind (a fresh
+    output stays empty; an earlier complete output keeps its manifest and shards untouched)."""
+    from data_pipeline.prepare import NoClipsError
+
+    fresh = tmp_path / "fresh"
+    with pytest.raises(NoClipsError, match="no clips from 3 source"):
+        run(raw, str(fresh), IngestConfig(clip_seconds=10.0), records_per_shard=2, progress=False)
+    assert os.listdir(fresh) == []
+    earlier = str(tmp_path / "earlier")
+    shutil.copytree(prepared, earlier)
+    with pytest.raises(NoClipsError):
+        run(raw, earlier, IngestConfig(clip_seconds=10.0), records_per_shard=2, progress=False)
+    assert _files(earlier) == _files(prepared)

@@ -123,6 +123,35 @@ def test_refusals_name_the_input(tmp_path):
     assert [p.name for p in gen.output_paths(str(tmp_path / "vids"), 2)] == ["000.mp4", "001.mp4"]
 
 
+def test_an_earlier_runs_numbered_outputs_are_removed_and_nothing_else(tmp_path):
+    """A folder that held 5 prompts' outputs, regenerated with 2: 002..004 (mp4 + json) go, 000/001 (rewritten by
+    this run) and the user's own files stay; the same for a --out pattern with {i}; a single-file --out touches
+    nothing else."""
+    vids = tmp_path / "vids"
+    vids.mkdir()
+    for i in range(5):
+        (vids / f"{i:03d}.mp4").write_bytes(b"old")
+        (vids / f"{i:03d}.json").write_text("{}")
+    (vids / "notes.txt").write_text("mine")
+    (vids / "intro.mp4").write_bytes(b"mine")
+    (vids / "12.mp4").write_bytes(b"mine")  # not the NNN pattern generate writes
+    paths = gen.output_paths(str(vids), 2)
+    removed = gen.remove_stale_outputs(str(vids), paths)
+    assert sorted(p.name for p in removed) == [f"{i:03d}.{e}" for i in (2, 3, 4) for e in ("json", "mp4")]
+    assert sorted(p.name for p in vids.iterdir()) == ["000.json", "000.mp4", "001.json", "001.mp4", "12.mp4",
+                                                      "intro.mp4", "notes.txt"]
+    for i in range(4):
+        (tmp_path / f"take_{i}.mp4").write_bytes(b"old")
+        (tmp_path / f"take_{i}.json").write_text("{}")
+    (tmp_path / "take_x.mp4").write_bytes(b"mine")
+    pattern = str(tmp_path / "take_{i}.mp4")
+    removed = gen.remove_stale_outputs(pattern, gen.output_paths(pattern, 2))
+    assert sorted(p.name for p in removed) == ["take_2.json", "take_2.mp4", "take_3.json", "take_3.mp4"]
+    assert (tmp_path / "take_x.mp4").exists() and (tmp_path / "take_1.json").exists()
+    assert gen.remove_stale_outputs(str(vids / "000.mp4"), gen.output_paths(str(vids / "000.mp4"), 1)) == []
+    assert (vids / "001.mp4").exists()
+
+
 ONE = TimeMap.parse("uniform:1")
 
 

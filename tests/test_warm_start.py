@@ -138,6 +138,51 @@ def test_config_mismatch_lists_every_field(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_fields_diffusers_fixes_in_code_are_checked(tmp_path):
+    """A head count of the text pool, a RoPE base or an MLP ratio changes no tensor shape (or not always) but the
+    function: a config that differs from what diffusers hard-codes is refused by field name, nothing written."""
+    from mirage_jax.warm_start.core import check_dimensions, derive_config
+    from mirage_jax.warm_start.source import TensorSource
+
+    make_source(tmp_path / "src", SMALL[0])
+    src = TensorSource(tmp_path / "src")
+    # the derived config (the parity test's) passes
+    check_dimensions(src, ModelConfig.from_config(derive_config(src).model))
+    # diffusers' own values, read from a built model (independent of Mirage's table)
+    tm = diffusers.MochiTransformer3DModel(**SMALL[0])
+    assert tm.time_embed.pooler.num_attention_heads == 8 and tm.rope.target_area == 192 * 192
+    for field, value in (("pool_heads", 4), ("rope_base_height", 96), ("rope_base_width", 256)):
+        cfg = derive_config(src)
+        cfg.model[field] = value
+        with pytest.raises(WarmStartError, match=f"model.{field}: config has {value}") as e:
+            warm_start(str(tmp_path / "src"), cfg, str(tmp_path / "run"))
+        assert "MochiTransformer3DModel fixes" in str(e.value)
+        assert not (tmp_path / "run" / "checkpoints").exists()
+    # a config.json key diffusers reads but MirageDiT cannot compute (geglu has SwiGLU's shapes)
+    cj = tmp_path / "src" / "transformer" / "config.json"
+    cj.write_text(json.dumps({**json.loads(cj.read_text()), "activation_fn": "geglu"}))
+    with pytest.raises(WarmStartError, match="config.json: activation_fn='geglu' is not supported"):
+        warm_start(str(tmp_path / "src"), None, str(tmp_path / "run"))
+
+
+def test_genmo_single_file_layout_is_recognised_by_its_tensor_names(tmp_path):
+    """genmo's original `dit.safetensors` (names as diffusers' scripts/convert_mochi_to_diffusers.py reads them),
+    with no config.json beside it: named as genmo's layout, the folder or the file itself."""
+    from safetensors.numpy import save_file
+
+    z = np.zeros((2, 2), np.float32)
+    names = ("x_embedder.proj.weight", "t5_y_embedder.to_kv.weight", "t5_yproj.weight", "blocks.0.attn.qkv_x.weight",
+             "blocks.0.mod_x.weight", "final_layer.linear.weight")
+    (tmp_path / "genmo").mkdir()
+    save_file({n: z for n in names}, str(tmp_path / "genmo" / "dit.safetensors"))
+    for source in (tmp_path / "genmo", tmp_path / "genmo" / "dit.safetensors"):
+        with pytest.raises(SourceError, match="genmo's original Mochi layout.*convert_mochi_to_diffusers"):
+            warm_start(str(source), None, str(tmp_path / "run"))
+    save_file({"other.weight": z}, str(tmp_path / "genmo" / "dit.safetensors"))  # not genmo: config.json missing
+    with pytest.raises(SourceError, match="config.json: missing"):
+        warm_start(str(tmp_path / "genmo"), None, str(tmp_path / "run"))
+
+
 def test_bad_sources_name_the_file_and_leave_nothing(tmp_path):
     src = tmp_path / "src"
     make_source(src, SMALL[0])

@@ -42,11 +42,23 @@ class ShardInfo:
         return dataclasses.asdict(self)
 
 
+_DIGESTS: dict[tuple[str, int, int], str] = {}  # (local path, size, mtime_ns) -> sha256: a start-up check and
+# the loader built after it hash each local shard once
+
+
 def _sha256_file(path: str | epath.Path) -> str:
+    key = None
+    if not is_remote(path):
+        st = os.stat(os.fspath(path))
+        key = (os.path.abspath(os.fspath(path)), st.st_size, st.st_mtime_ns)
+        if key in _DIGESTS:
+            return _DIGESTS[key]
     h = hashlib.sha256()
     with epath.Path(path).open("rb") as f:
         while chunk := f.read(1 << 22):
             h.update(chunk)
+    if key is not None:
+        _DIGESTS[key] = h.hexdigest()
     return h.hexdigest()
 
 
@@ -62,21 +74,45 @@ def write_shard(records: list[bytes], out_dir: str, name: str) -> ShardInfo:
     out = epath.Path(out_dir)
     local_dir = out if not is_remote(out) else epath.Path(tempfile.mkdtemp(prefix="mirage-shard-"))
     tmp = local_dir / f"{TMP_PREFIX}{name}.{uuid.uuid4().hex}"
-    writer = ArrayRecordWriter(os.fspath(tmp), WRITER_OPTIONS)
+    remote_tmp = out / f"{TMP_PREFIX}{name}.{uuid.uuid4().hex}"
     try:
-        for r in records:
-            writer.write(r)
+        writer = ArrayRecordWriter(os.fspath(tmp), WRITER_OPTIONS)
+        try:
+            for r in records:
+                writer.write(r)
+        finally:
+            writer.close()
+        info = ShardInfo(name, len(records), tmp.stat().length, _sha256_file(tmp))
+        if local_dir == out:
+            tmp.replace(out / name)
+        else:  # remote: copy to a temporary remote name, then rename
+            tmp.copy(remote_tmp)
+            remote_tmp.replace(out / name)
+    except BaseException:  # a full disk, a lost connection, an interrupt: leave no partial temp file behind
+        for partial in (tmp, remote_tmp) if local_dir != out else (tmp,):
+            try:
+                partial.unlink(missing_ok=True)
+            except OSError:
+                pass
+        raise
     finally:
-        writer.close()
-    info = ShardInfo(name, len(records), tmp.stat().length, _sha256_file(tmp))
-    if local_dir == out:
-        tmp.replace(out / name)
-    else:  # remote: copy to a temporary remote name, then rename
-        remote_tmp = out / f"{TMP_PREFIX}{name}.{uuid.uuid4().hex}"
-        tmp.copy(remote_tmp)
-        remote_tmp.replace(out / name)
-        tmp.unlink()
+        if local_dir != out:
+            epath.Path(local_dir).rmtree(missing_ok=True)
     return info
+
+
+def remove_temporary(out_dir: str | epath.Path) -> list[str]:
+    """Delete the temporary files (`.tmp-*`) a failed or interrupted run left in `out_dir`; returns their names.
+    Committed shards and manifest.json are kept."""
+    removed = []
+    d = epath.Path(out_dir)
+    if not d.exists():
+        return removed
+    for p in d.iterdir():
+        if p.name.startswith(TMP_PREFIX):
+            p.unlink(missing_ok=True)
+            removed.append(p.name)
+    return sorted(removed)
 
 
 def write_manifest(out_dir: str, manifest: dict[str, Any]) -> None:

@@ -66,8 +66,9 @@ class VideoInfo:
     """What a packet scan (plus one decoded frame) tells about a source.
 
     `width` x `height` is the DISPLAY size: the stored size turned by the container's display matrix
-    (`rotation`, degrees counter-clockwise, as PyAV's `VideoFrame.rotation`: a phone's portrait clip
-    stored 64x48 with rotation -90 is 48x64).
+    (`rotation`, degrees counter-clockwise: a phone's portrait clip stored 64x48 with rotation 270 (-90) is
+    48x64). `mirror`: the matrix also mirrors (negative determinant, front cameras): the frame is turned by
+    `rotation`, then flipped left-right (display_transform).
     """
 
     path: str
@@ -78,6 +79,7 @@ class VideoInfo:
     num_frames: int  # frames at 25 fps
     has_audio: bool
     rotation: int = 0  # display rotation, counter-clockwise degrees (a multiple of 90)
+    mirror: bool = False  # after the rotation, flip left-right (a display matrix with a negative determinant)
     pts: np.ndarray | None = None  # sorted pts of the source frames (stream time base), for seeking
     video_index: int = 0  # container stream index of the video stream used
     audio_index: int | None = None  # ... and of the audio stream used (None: no audio)
@@ -111,11 +113,12 @@ def pick_stream(streams: Sequence[Any], kind: str) -> tuple[Any, str | None]:
 
 @dataclasses.dataclass(frozen=True)
 class Header:
-    """A source's video header from its first decoded frame: display size, rotation, pixel format."""
+    """A source's video header from its first decoded frame: display size, rotation, mirror, pixel format."""
 
     width: int
     height: int
     rotation: int
+    mirror: bool
     pix_fmt: str
     interlaced: bool
     hdr: bool
@@ -148,12 +151,12 @@ def _streams(path: str, c: Any) -> tuple[Any, Any, list[str]]:
 def _header(path: str, vs: Any, aus: Any, notes: list[str], frame: Any) -> Header:
     if frame is None:
         raise ValueError(f"{path}: the video stream has no frames")
-    rot = int(round(frame.rotation / 90.0)) * 90 % 360
-    if abs(frame.rotation - round(frame.rotation / 90.0) * 90) > 1:
-        raise ValueError(f"{path}: display rotation {frame.rotation} degrees is not a multiple of 90")
+    rot, mirror = display_transform(path, display_matrix(frame))
     w, h = (frame.height, frame.width) if rot % 180 else (frame.width, frame.height)
-    if rot:
-        notes.append(f"display rotation {frame.rotation:g} degrees: stored {frame.width}x{frame.height}, shown {w}x{h}")
+    if rot or mirror:
+        did = " then ".join(([f"turned {rot} degrees counter-clockwise"] if rot else [])
+                            + (["mirrored left-right"] if mirror else []))
+        notes.append(f"display matrix: {did}: stored {frame.width}x{frame.height}, shown {w}x{h}")
     hdr = int(frame.color_trc) in _HDR_TRC
     if hdr:
         notes.append(
@@ -168,9 +171,48 @@ def _header(path: str, vs: Any, aus: Any, notes: list[str], frame: Any) -> Heade
     if aus is None:
         notes.append("no audio stream: its audio is silence")
     return Header(
-        w, h, rot, frame.format.name, bool(frame.interlaced_frame), hdr, vs.index,
+        w, h, rot, mirror, frame.format.name, bool(frame.interlaced_frame), hdr, vs.index,
         None if aus is None else aus.index, tuple(notes),
     )
+
+
+def display_matrix(frame: Any) -> np.ndarray | None:
+    """The frame's FFmpeg DISPLAYMATRIX side data as int32 [3, 3] (16.16 fixed point, last column 2.30), or
+    None when it has none (the decoder copies the container's matrix, e.g. an mp4 track's, onto each frame)."""
+    try:
+        sd = frame.side_data[av.sidedata.sidedata.Type.DISPLAYMATRIX]
+    except KeyError:
+        return None
+    return np.frombuffer(bytes(sd), np.int32).reshape(3, 3).copy()
+
+
+def display_transform(path: str, matrix: np.ndarray | None) -> tuple[int, bool]:
+    """(rotation, mirror) showing a stored frame as a player does: turn it `rotation` degrees counter-clockwise
+    (0, 90, 180 or 270), then, if `mirror`, flip it left-right. ValueError naming `path` for other angles.
+
+    FFmpeg's display matrix M (libavutil/display.h) maps a stored point (x, y) to (x, y, 1) M, so its 2x2 part
+    is R F: a rotation R then, when det M < 0, the left-right flip F = diag(-1, 1) (av_display_matrix_flip negates
+    column 0). R = M F is av_display_matrix_flip(M, 1, 0), and its counter-clockwise angle is
+    av_display_rotation_get(R) = -atan2(R[0,1], R[0,0]) (each column normalized). This is what ffmpeg's
+    autorotate shows (fftools/ffmpeg_filter.c, theta = -av_display_rotation_get(M) mod 360: for 90,
+    `transpose=cclock_flip` when M[1,0] > 0, else `clock`; for 270, `clock_flip` when M[1,0] < 0, else `cclock`;
+    for 180, `hflip` when M[0,0] < 0, then `vflip` when M[1,1] < 0; for 0, `vflip` when M[1,1] < 0).
+    PyAV's `VideoFrame.rotation` reads only the angle of M itself: a plain mirror reads as -180.
+    """
+    if matrix is None:
+        return 0, False
+    m = np.asarray(matrix, np.float64)[:2, :2] / 65536.0
+    mirror = bool(np.linalg.det(m) < 0)
+    if mirror:
+        m[:, 0] = -m[:, 0]
+    s0, s1 = np.hypot(m[0, 0], m[1, 0]), np.hypot(m[0, 1], m[1, 1])
+    if s0 == 0 or s1 == 0:
+        raise ValueError(f"{path}: its display matrix {np.asarray(matrix).ravel().tolist()} is degenerate")
+    angle = -np.degrees(np.arctan2(m[0, 1] / s1, m[0, 0] / s0))
+    rot = int(round(angle / 90.0)) * 90 % 360
+    if abs((angle - rot + 180) % 360 - 180) > 1:
+        raise ValueError(f"{path}: display rotation {angle:g} degrees is not a multiple of 90")
+    return rot, mirror
 
 
 def probe(path: str) -> VideoInfo:
@@ -206,7 +248,7 @@ def probe(path: str) -> VideoInfo:
                 notes.append(f"timestamps start at {times[0]:.3f} s: the clock starts at the first video frame")
             return VideoInfo(
                 path, hd.width, hd.height, times - times[0], float(times[0]), n, hd.audio_index is not None,
-                hd.rotation, pts, hd.video_index, hd.audio_index, hd.pix_fmt, tuple(notes),
+                hd.rotation, hd.mirror, pts, hd.video_index, hd.audio_index, hd.pix_fmt, tuple(notes),
             )
     except av.error.FFmpegError as e:
         raise ValueError(f"{path}: PyAV cannot read it ({e}); is it a video file?") from e
@@ -222,7 +264,7 @@ FrameFn = Callable[[Any], np.ndarray]
 def frame_converter(info: VideoInfo, geometry: Any = None) -> FrameFn:
     """av.VideoFrame -> uint8 RGB [H, W, 3] at display orientation; `geometry` (data_pipeline.ingest.geometry
     Geometry or None) scales the stored frame then crops the turned one."""
-    k = info.rotation // 90
+    k, mirror = info.rotation // 90, info.mirror
 
     def convert(frame: Any) -> np.ndarray:
         kw: dict[str, Any] = {"format": "rgb24"}
@@ -232,7 +274,11 @@ def frame_converter(info: VideoInfo, geometry: Any = None) -> FrameFn:
             frame = av.VideoFrame.from_ndarray(keep_top_field(frame.to_ndarray(format="rgb24")), format="rgb24")
         rgb = frame.to_ndarray(**kw)
         if k:
-            rgb = np.ascontiguousarray(np.rot90(rgb, k))
+            rgb = np.rot90(rgb, k)
+        if mirror:
+            rgb = rgb[:, ::-1]
+        if k or mirror:
+            rgb = np.ascontiguousarray(rgb)
         if geometry is not None and geometry.crop is not None:
             x, y, w, h = geometry.crop
             rgb = np.ascontiguousarray(rgb[y : y + h, x : x + w])

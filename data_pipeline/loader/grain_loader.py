@@ -97,6 +97,7 @@ class LoaderIterator(grain.DatasetIterator):
 
     def __next__(self) -> dict[str, np.ndarray]:
         if self.max_batches is not None and self.count >= self.max_batches:
+            self.close()  # the last epoch is done: its worker processes and shared memory go now
             raise StopIteration
         if self.watchdog is not None:
             self.watchdog.start()
@@ -108,6 +109,17 @@ class LoaderIterator(grain.DatasetIterator):
         self.count += 1
         self.next_sample += self.dataset.global_batch_size if self.dataset is not None else 0
         return batch
+
+    def close(self) -> None:
+        """Stop the pipeline now: worker processes joined, their shared-memory batches and semaphores released
+        (idempotent). Without it they are released only when the garbage collector reaches the iterator, which
+        for a reference cycle can be interpreter shutdown: Python's resource_tracker then warns of leaked
+        shared_memory / semaphore objects, and Grain's finalizers fail on torn-down modules."""
+        if not self._closed:
+            super().close()
+        # drop the closed pipeline so that it is collected now, not at shutdown (Grain's thread-prefetch
+        # iterator closes again from __del__ and fails once its modules are gone)
+        self._parents = ()
 
     def position(self) -> order_lib.DataPosition:
         """The position of the next batch (the same on every process)."""

@@ -19,9 +19,43 @@ from etils import epath
 
 from data_pipeline.dataset import manifest as mf
 from data_pipeline.loader import order as order_lib
+from mirage_base.errors import MirageError
 from mirage_base.storage import is_remote
 
 log = logging.getLogger(__name__)
+
+
+class ShardError(MirageError, ValueError):
+    """A shard manifest.json lists is missing, damaged or rewritten (exit 2, before any training work); the
+    message names the shard and, when it can be read at all, its first unreadable record."""
+
+    exit_code, label = 2, "DATA ERROR"
+
+
+def first_unreadable_record(path: str, count: int) -> str:
+    """Where a damaged local shard fails: 'it cannot be opened (...)', 'record i of n is unreadable (...)', or
+    'all n records read back (the damage is outside them)'. Reads every record once (local disk only)."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    try:
+        reader = ArrayRecordReader(path, "readahead_buffer_size:0")
+    except Exception as e:  # noqa: BLE001 - the C++ reader raises bare RuntimeError/ValueError/OSError kinds
+        return f"it cannot be opened ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+    try:
+        n = reader.num_records()
+        for i in range(min(n, count)):
+            try:
+                reader.read([i])
+            except Exception as e:  # noqa: BLE001
+                return f"record {i} of {count} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+        if n < count:
+            return f"it holds {n} records, the manifest says {count}: record {n} of {count} is missing"
+        return f"all {count} records read back (the damage is outside them)"
+    finally:
+        try:
+            reader.close()
+        except Exception:  # noqa: BLE001,S110 - a damaged file's reader may fail to close; the reason is known
+            pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +128,9 @@ def resolve_shards(source: str | list[str], verify: str = "auto") -> ShardSet:
                     continue
                 problem = mf.verify_shard(d, sh, verify_level(d, verify))
                 if problem:
-                    raise ValueError(
+                    if not is_remote(full) and os.path.exists(full):
+                        problem += f"; {first_unreadable_record(full, int(sh['num_records']))}"
+                    raise ShardError(
                         f"{problem}. Re-run data_pipeline.prepare on its inputs to rewrite it, or "
                         "remove the dataset; the loader reads only shards matching manifest.json"
                     )

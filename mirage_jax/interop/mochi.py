@@ -240,13 +240,42 @@ def mochi_rows(num_layers: int, *, audio: bool = False) -> list[tuple[str, Path,
     return rows
 
 
+# ModelConfig fields whose value diffusers' `MochiTransformer3DModel` fixes in its code, not in config.json
+# (diffusers/models/transformers/transformer_mochi.py, embeddings.py): field -> (value, where diffusers fixes it).
+# A head count or a RoPE base changes no tensor shape, so the warm start's shape check cannot see them; a Mirage
+# config that differs computes something other than Mochi and is refused by name (warm_start.core).
+# The rest of Mochi's fixed numerics are Mirage constants, not fields, and are the same by construction (tested
+# against diffusers in tests/test_warm_start.py): block norms eps 1e-6 and q/k RMSNorm eps 1e-5 (model/dit.py
+# NORM_EPS, QK_EPS; the `qk_norm` config key is read by no diffusers layer: MochiAttention always builds
+# MochiRMSNorm), the timestep sinusoid `Timesteps(time_embed_dim, flip_sin_to_cos=True, downscale_freq_shift=0)`
+# with max period 10000 (model/embeddings.py), SwiGLU feed-forwards (`activation_fn`, checked below), the masked-
+# mean query of MochiAttentionPool, RMSNormZero's (scale_msa, gate_msa, scale_mlp, gate_mlp) modulation layout,
+# the last block's context_pre_only and the layer-norm AdaLayerNormContinuous output. `rope_theta` and
+# `rope_init` only initialize the learned `pos_frequencies`, which the warm start copies, so they are not checked.
+MOCHI_FIXED_FIELDS: dict[str, tuple[object, str]] = {
+    "pool_heads": (8, "MochiCombinedTimestepCaptionEmbedding(num_attention_heads=8)"),
+    "rope_base_height": (192, "MochiRoPE() with base_height=192"),
+    "rope_base_width": (192, "MochiRoPE() with base_width=192"),
+    "mlp_ratio_video": (4.0, "MochiTransformerBlock's ff_inner_dim = (4 * dim * 2) // 3"),
+    "mlp_ratio_text": (4.0, "MochiTransformerBlock's ff_context_inner_dim = (4 * pooled_projection_dim * 2) // 3"),
+}
+# config.json keys diffusers reads whose other values MirageDiT cannot compute: key -> (allowed values, default)
+MOCHI_REQUIRED_KEYS: dict[str, tuple[tuple[object, ...], object]] = {"activation_fn": (("swiglu",), "swiglu")}
+
+
 def mochi_config_to_model(src: Mapping[str, object]) -> dict[str, object]:
-    """ModelConfig fields implied by a diffusers Mochi `config.json` (the rest keep Mirage defaults)."""
+    """ModelConfig fields implied by a diffusers Mochi `config.json` (the rest keep Mirage defaults; the fields
+    diffusers fixes in code are `MOCHI_FIXED_FIELDS`). ValueError names a config.json key MirageDiT cannot follow.
+    """
     heads, hd = int(src.get("num_attention_heads", 24)), int(src.get("attention_head_dim", 128))
     out_ch = src.get("out_channels")
     in_ch = int(src.get("in_channels", 12))
     if out_ch not in (None, in_ch):
         raise ValueError(f"config.json: out_channels={out_ch} != in_channels={in_ch} is not supported")
+    for key, (allowed, default) in MOCHI_REQUIRED_KEYS.items():
+        if src.get(key, default) not in allowed:
+            raise ValueError(f"config.json: {key}={src.get(key)!r} is not supported (MirageDiT computes "
+                             f"{' or '.join(map(repr, allowed))})")
     return {
         "patch_size": int(src.get("patch_size", 2)),
         "num_heads": heads,

@@ -35,6 +35,10 @@ from mirage_jax.run_config import CheckpointConfig
 from mirage_jax.train.state import TrainState
 
 
+class DataStateDamagedError(CheckpointError):
+    """A checkpoint's `data_state.json` is unreadable or not the JSON a data source wrote; names the file."""
+
+
 class CheckpointSaveError(MirageError, RuntimeError):
     """A (background) checkpoint save failed; the message names the step directory and the OS error."""
 
@@ -61,12 +65,21 @@ class DataStateHandler(ocp.CheckpointHandler):
     def restore(self, directory: epath.Path, args: DataStateRestore | None = None) -> Any:
         del args
         path = directory / self.FILE
-        if path.exists():
-            return json.loads(path.read_text())
-        legacy = sorted(directory.glob("process_*-of-*.json"))
-        if not legacy:
-            raise FileNotFoundError(f"no data state ({self.FILE}) in {directory}")
-        return json.loads(legacy[0].read_text())
+        if not path.exists():
+            legacy = sorted(directory.glob("process_*-of-*.json"))
+            if not legacy:
+                raise FileNotFoundError(f"no data state ({self.FILE}) in {directory}")
+            path = legacy[0]
+        raw = path.read_bytes()
+        try:
+            state = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:  # json's own StopIteration context says nothing
+            raise DataStateDamagedError(f"{path}: damaged, not the JSON the data source wrote ({e}; "
+                                        f"{len(raw)} bytes)") from None
+        if not isinstance(state, dict):
+            raise DataStateDamagedError(f"{path}: damaged, holds {type(state).__name__} {str(state)[:60]!r}, not "
+                                        "the data source's position (a JSON object)")
+        return state
 
     def metadata(self, directory: epath.Path) -> None:
         del directory
@@ -244,8 +257,9 @@ class CheckpointStore:
             out = self.manager.restore(step, args=ocp.args.Composite(
                 state=StateRestore(target.as_dict()), data=DataStateRestore()))
         except Exception as e:  # noqa: BLE001 - re-raised with the step directory
+            why = _find_cause(e, DataStateDamagedError) or root_cause(e)
             raise CheckpointError(
-                f"restoring {self.step_dir(step)} failed: {root_cause(e)}. The run will NOT start from scratch "
+                f"restoring {self.step_dir(step)} failed: {why}. The run will NOT start from scratch "
                 f"by itself. {_MOVE_AWAY.format(step_dir=self.step_dir(step))} (steps: {self.all_steps()}), or use "
                 "a new --workdir to start over.") from e
         return TrainState.from_dict(dict(out["state"])), out["data"]
@@ -255,7 +269,10 @@ class CheckpointStore:
         try:
             return self.manager.restore(step, args=ocp.args.Composite(data=DataStateRestore()))["data"]
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"restoring the data state of {self.step_dir(step)} failed: {e}") from e
+            raise CheckpointError(
+                f"restoring the data state of {self.step_dir(step)} failed: "
+                f"{_find_cause(e, DataStateDamagedError) or root_cause(e)}. "
+                f"{_MOVE_AWAY.format(step_dir=self.step_dir(step))}") from e
 
     def restore_partial(self, step: int, target: dict[str, Any]) -> dict[str, Any]:
         """Restore only the leaves of `target` (a sub-tree of the saved state with equal shapes)."""

@@ -35,6 +35,14 @@ class BatchIterator(Protocol):
     def set_state(self, state: Any) -> None: ...
 
 
+def close_source(source: Any) -> None:
+    """`source.close()` when it has one (a source of an older protocol, e.g. a test's wrapper, may not): Grain's
+    worker processes stop and their shared memory is released now, not at interpreter shutdown."""
+    close = getattr(source, "close", None)
+    if close is not None:
+        close()
+
+
 @dataclasses.dataclass(frozen=True)
 class RowRange:
     """Rows [start, stop) of the global batch that this process feeds; `index`/`count` as loader shards."""
@@ -113,6 +121,9 @@ class SyntheticSource(Iterator[dict[str, np.ndarray]]):
     def get_state(self) -> dict[str, Any]:
         return {"kind": "synthetic", "step": self.step, "global": True}
 
+    def close(self) -> None:
+        """Nothing to release (the protocol's close, for the Grain source's workers)."""
+
     def set_state(self, state: Any) -> None:
         if not isinstance(state, dict) or state.get("kind") != "synthetic":
             raise ValueError(f"data state {state!r} was not written by the synthetic source; the checkpoint "
@@ -158,6 +169,9 @@ class RowHashLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(line) + "\n")
         return batch
+
+    def close(self) -> None:
+        close_source(self.source)
 
     def get_state(self) -> Any:
         return self.source.get_state()

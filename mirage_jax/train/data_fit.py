@@ -67,14 +67,18 @@ def mismatches(cfg: RunConfig, manifest: dict[str, Any]) -> list[tuple[str, Any,
     return out
 
 
-def check(cfg: RunConfig) -> None:
-    """Raise ConfigError (one line: every mismatch, then the overrides) unless `cfg` fits `cfg.data.source`."""
+def check(cfg: RunConfig, verify_shards: bool = False) -> None:
+    """Raise ConfigError (one line: every mismatch, then the overrides) unless `cfg` fits
+    `cfg.data.source`. `verify_shards`: also check every shard against manifest.json at
+    `data.verify` (sha256 on local disk), so a damaged or missing shard is one DATA ERROR line (ShardError,
+    exit 2) naming it and its first unreadable record, before any state is built or restored (the loader
+    built later reuses the digests)."""
     source = cfg.data.source
     if source == "synthetic":
         return
     from data_pipeline.loader.shards import resolve_shards
 
-    manifest = resolve_shards(source, verify="none").manifest
+    manifest = resolve_shards(source, verify=cfg.data.verify if verify_shards else "none").manifest
     bad = mismatches(cfg, manifest)
     if bad:
         what = "; ".join(f"{f}={have} but the data has {need}" for f, have, need in bad)

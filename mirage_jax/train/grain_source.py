@@ -23,10 +23,19 @@ class GrainSource:
 
     def __next__(self) -> dict[str, np.ndarray]:
         batch = next(self.it)
-        return {k: np.asarray(batch[k]) for k in BATCH_KEYS if k in batch}
+        # copies: with worker processes Grain hands out arrays in shared memory, released when they are collected;
+        # the loop's device arrays may alias their host memory (CPU) and live to interpreter shutdown, where
+        # Python's resource_tracker then reports the blocks as leaked
+        return {k: np.array(batch[k], copy=True) for k in BATCH_KEYS if k in batch}
 
     def get_state(self) -> dict[str, Any]:
         return {"kind": "grain", "global": True, **self.it.get_state()}
+
+    def close(self) -> None:
+        """Stop the loader's worker processes and release their shared memory now (`LoaderIterator.close`)."""
+        close = getattr(self.it, "close", None)
+        if close is not None:
+            close()
 
     def set_state(self, state: Any) -> None:
         if not isinstance(state, dict) or state.get("kind") != "grain":

@@ -103,10 +103,15 @@ class Trainer:
         events.record("restore", step=start, restored=restored is not None, dt=self.clock.perf() - t)
         source = data_lib.make_source(run, self.rows, start)
         if data_state is not None:
-            source.set_state(data_state)
+            try:
+                source.set_state(data_state)
+            except BaseException:
+                data_lib.close_source(source)
+                raise
         logging.info("%s at step %d of %d", "resumed from checkpoint" if restored is not None else "initialized",
                      start, self.total_steps)
         if start >= self.total_steps:
+            data_lib.close_source(source)
             store.close()
             return start
         step_fn = setup.make_step()
@@ -114,7 +119,8 @@ class Trainer:
         watcher = PreemptionWatcher()
         try:
             return self._loop(state, start, source, step_fn, store, writer, watcher, config, events)
-        finally:
+        finally:  # the source's close stops Grain workers now, not at shutdown (leaked shared-memory warnings)
+            data_lib.close_source(source)
             watcher.close()
             writer.close()
             store.close()

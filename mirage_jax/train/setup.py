@@ -33,7 +33,9 @@ class RunSetup:
         self.cfg = cfg  # as given: saved with every checkpoint (checkpoint_format.config_to_dict)
         self.run_cfg = run = RunConfig.from_config(cfg)
         self.mcfg, self.dcfg = run.model, run.diffusion
-        data_fit.check(run)  # clip shapes and time map vs the dataset's manifest.json, before any compile
+        # clip shapes and time map vs the dataset's manifest.json, before any compile; a training process
+        # (devices None) also checks the shards themselves, before its state is built or restored
+        data_fit.check(run, verify_shards=devices is None)
         self.mesh = mesh_lib.build_mesh(run.mesh, devices)
         self.param_rules = rules_lib.normalize_rules(run.mesh, "params", self.mesh)
         self.act_rules = rules_lib.normalize_rules(run.mesh, "activations", self.mesh)

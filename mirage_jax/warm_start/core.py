@@ -26,7 +26,7 @@ from etils import epath
 from mirage_base.errors import ExitCode, MirageError
 from mirage_jax.checkpoint_format import CHECKPOINTS, config_to_dict, flatten, replace_leaves
 from mirage_jax.config import DiffusionConfig, ModelConfig
-from mirage_jax.interop.mochi import mochi_config_to_model
+from mirage_jax.interop.mochi import MOCHI_FIXED_FIELDS, mochi_config_to_model
 from mirage_jax.warm_start import mapping
 from mirage_jax.warm_start.source import TensorSource
 
@@ -39,13 +39,22 @@ class WarmStartError(MirageError, ValueError):
     exit_code = ExitCode.REFUSED
 
 
+def source_model_fields(src: TensorSource) -> dict[str, Any]:
+    """The ModelConfig fields the source fixes: from its config.json, and those diffusers fixes in code."""
+    try:
+        fields = mochi_config_to_model(src.config)
+    except ValueError as e:
+        raise WarmStartError(f"{src.root / 'config.json'}: {str(e).removeprefix('config.json: ')}") from None
+    return {**fields, **{k: v for k, (v, _) in MOCHI_FIXED_FIELDS.items()}}
+
+
 def derive_config(src: TensorSource) -> ml_collections.ConfigDict:
     """A full Mirage config from the source's config.json with the default audio-stream settings."""
     from mirage_jax.run_config import base_config, clip_shapes
 
     cfg = base_config()
     model = {f: getattr(ModelConfig(), f) for f in ModelConfig.__dataclass_fields__}
-    model.update(mochi_config_to_model(src.config))
+    model.update(source_model_fields(src))
     cfg.model = ml_collections.ConfigDict(model)
     cfg.shapes = ml_collections.ConfigDict(clip_shapes(4, ModelConfig.time_map, latent_height=160, latent_width=90,
                                                        text_len=256))  # configs/mirage_10b.py's 4 s 720p clips
@@ -55,10 +64,16 @@ def derive_config(src: TensorSource) -> ml_collections.ConfigDict:
 
 
 def check_dimensions(src: TensorSource, model: ModelConfig) -> None:
-    """Every model dimension implied by config.json must equal the Mirage config's; lists all that differ."""
-    derived = mochi_config_to_model(src.config)
-    diffs = [f"model.{k}: config has {getattr(model, k)!r}, {src.root / 'config.json'} implies {v!r}"
-             for k, v in derived.items() if getattr(model, k) != v]
+    """Every model field the source fixes must equal the Mirage config's, shape or not (a head count of the text
+    pool changes no tensor shape but the function computed); lists all that differ (WarmStartError, exit 2)."""
+    derived = source_model_fields(src)
+    diffs = []
+    for k, v in derived.items():
+        have = getattr(model, k)
+        if have != v:
+            why = (f"diffusers' MochiTransformer3DModel fixes {v!r} ({MOCHI_FIXED_FIELDS[k][1]})"
+                   if k in MOCHI_FIXED_FIELDS else f"{src.root / 'config.json'} implies {v!r}")
+            diffs.append(f"model.{k}: config has {have!r}, {why}")
     if diffs:
         raise WarmStartError("the Mirage config does not match the source model:\n  " + "\n  ".join(diffs)
                              + "\nFix these fields (or omit --config to derive the config from the source).")

@@ -38,6 +38,7 @@ class TensorSource(SafetensorsReader):
         self.root = resolve_transformer_dir(root)
         cfg_path = self.root / "config.json"
         if not cfg_path.exists():
+            check_not_genmo(self.root)  # genmo's dit.safetensors comes without a config.json
             raise SourceError(f"{cfg_path}: missing; a diffusers transformer folder has config.json next to "
                               "its safetensors (pass the pipeline folder or its transformer/ folder)")
         try:
@@ -52,9 +53,7 @@ class TensorSource(SafetensorsReader):
         except SafetensorsError as e:
             raise SourceError(str(e)) from e
         if any(m in self.entries for m in GENMO_MARKERS):
-            raise SourceError(f"{self.root}: this is genmo's original Mochi layout (fused qkv, swapped "
-                              "scale/shift), not only other names; convert it with diffusers' "
-                              "scripts/convert_mochi_to_diffusers.py first")
+            raise SourceError(genmo_message(self.root))
 
     def read(self, name: str, index: Sequence[slice] | None = None) -> np.ndarray:
         """tensor[index] as float32 (or its own dtype if not floating), reading only the bytes it needs."""
@@ -62,6 +61,26 @@ class TensorSource(SafetensorsReader):
         if np.issubdtype(arr.dtype, np.floating) or arr.dtype == ml_dtypes.bfloat16:
             return np.asarray(arr, dtype=np.float32)
         return arr
+
+
+def genmo_message(where: epath.Path) -> str:
+    return (f"{where}: this is genmo's original Mochi layout (fused qkv, swapped scale/shift), not only other "
+            "names; convert it with diffusers' scripts/convert_mochi_to_diffusers.py first")
+
+
+def check_not_genmo(root: epath.Path) -> None:
+    """SourceError when `root` (a folder or one .safetensors file) holds genmo's original single-file layout,
+    recognised from its tensor names alone (reads the headers only); otherwise returns."""
+    files = [root] if root.is_file() else list(weight_files(root, ("dit.safetensors",)))
+    for f in files:
+        if not f.name.endswith(".safetensors"):
+            continue
+        try:
+            names = SafetensorsReader([f]).entries
+        except SafetensorsError:
+            continue  # unreadable: the generic message below names what is missing
+        if any(m in names for m in GENMO_MARKERS):
+            raise SourceError(genmo_message(f))
 
 
 def resolve_transformer_dir(root: str | epath.PathLike) -> epath.Path:

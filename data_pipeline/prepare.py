@@ -51,9 +51,9 @@ class NoClipsError(MirageError, RuntimeError):
 
 class OutputWriteError(MirageError, RuntimeError):
     """The output could not be written (a full disk or quota, no permission, a read-only file system): one line
-    naming the output and the cause; the run's temporary files are removed (exit 1)."""
+    naming the output and the cause; the run's temporary files are removed (exit 4)."""
 
-    exit_code, label = 1, "error"
+    exit_code, label = ExitCode.SAVE_FAILED, "error"
 
 
 # OSError numbers that mean "the output storage refused the write", not a bug: reported as one line

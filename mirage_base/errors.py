@@ -32,7 +32,8 @@ EXIT_MEANINGS: dict[ExitCode, str] = {
     ExitCode.REFUSED: "refused input: a flag, config field, data, storage URL or checkpoint that cannot be used "
                       "(one line names it and what to do)",
     ExitCode.NONFINITE: "training stopped after too many consecutive non-finite steps",
-    ExitCode.SAVE_FAILED: "a checkpoint could not be written (the last committed one stays restorable)",
+    ExitCode.SAVE_FAILED: "an output could not be written (a checkpoint, shards): what was committed before stays "
+                          "usable",
 }
 
 

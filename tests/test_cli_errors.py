@@ -78,7 +78,7 @@ def _error_classes() -> dict[str, type]:
 
     from mirage_base.errors import MirageError
 
-    for pkg in ("data_pipeline", "mirage_jax"):
+    for pkg in ("mirage_base", "data_pipeline", "mirage_jax", "tools"):
         for path in sorted((ROOT / pkg).rglob("*.py")):
             tree = ast.parse(path.read_text())
             if any(isinstance(n, ast.ClassDef) and n.name.endswith("Error") for n in tree.body):

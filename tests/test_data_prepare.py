@@ -263,7 +263,7 @@ def test_full_disk_is_one_line_and_leaves_no_temporary_files(raw, tmp_path, monk
         run(raw, str(out), CFG, records_per_shard=2, progress=False)
     msg = str(e.value)
     assert "\n" not in msg and str(out) in msg and "No space left on device (ENOSPC)" in msg
-    assert e.value.exit_code == 1
+    assert e.value.exit_code == 4
     assert sorted(os.listdir(out)) == [] and not any(r.exc_info for r in caplog.records)
 
 

@@ -19,7 +19,7 @@ from etils import epath
 
 from data_pipeline.dataset import manifest as mf
 from data_pipeline.loader import order as order_lib
-from mirage_base.errors import MirageError
+from mirage_base.errors import ExitCode, MirageError
 from mirage_base.storage import is_remote
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ class ShardError(MirageError, ValueError):
     """A shard manifest.json lists is missing, damaged or rewritten (exit 2, before any training work); the
     message names the shard and, when it can be read at all, its first unreadable record."""
 
-    exit_code, label = 2, "DATA ERROR"
+    exit_code, label = ExitCode.REFUSED, "DATA ERROR"
 
 
 def first_unreadable_record(path: str, count: int) -> str:

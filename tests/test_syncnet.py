@@ -283,6 +283,38 @@ def test_shift_moves_the_curve(scored):
     assert not np.allclose(a.curve, b.curve)
 
 
+def test_eval_lse_report_matches_reference_per_pair(nets):
+    """eval's LSE keys (mirage_jax.eval.lse.lse_report, embeddings shared between pairs) equal the reference loop
+    run on each pair: generated video i with its own speech, with clip (i + 1) % 2's speech (the floor), and the
+    real clip with its speech; averaged over clips."""
+    import cv2
+
+    from mirage_jax.eval.lse import face_crops, lse_report
+    from mirage_jax.eval.mfcc import int16_scale
+    from mirage_jax.eval.sync import Scorer
+
+    net, model, _ = nets
+    n = 12
+    real = [face_frames(n, size=112), face_frames(n, size=112)[::-1].copy()]
+    gen = [np.clip(r.astype(int) + 9 * (i + 1), 0, 255).astype(np.uint8) for i, r in enumerate(real)]
+    waves = [speech(n, seed=7), speech(n, delay=2, seed=8)]
+    got = lse_report(Scorer(model, batch=8), [[face_crops(g, True) for g in gen]],
+                     [face_crops(r, True) for r in real], waves)
+
+    def ref(video: np.ndarray, wave: np.ndarray) -> tuple[int, float, float]:
+        images = [cv2.resize(np.ascontiguousarray(f[..., ::-1]), (224, 224)) for f in video]
+        return reference_evaluate(net, images, int16_scale(wave).astype(np.int16))
+
+    own = [ref(gen[i], waves[i]) for i in range(2)]
+    floor = [ref(gen[i], waves[(i + 1) % 2]) for i in range(2)]
+    ceil = [ref(real[i], waves[i]) for i in range(2)]
+    for key, rows, j in (("lse_d_generated", own, 1), ("lse_c_generated", own, 2), ("lse_d_shuffled", floor, 1),
+                         ("lse_c_shuffled", floor, 2), ("lse_d_real", ceil, 1), ("lse_c_real", ceil, 2)):
+        assert got[key] == pytest.approx(np.mean([r[j] for r in rows]), rel=1e-4), key
+    assert got["lse_c_generated_std"] == 0.0  # one seed
+    assert got["lse_offset_real"] == int(np.median([r[0] for r in ceil]))
+
+
 def test_safetensors_weights_load_the_same(nets, tmp_path):
     import jax.numpy as jnp
     from safetensors.numpy import save_file

@@ -105,29 +105,45 @@ class Scorer:
         self._in = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0])) if mesh is not None else None
 
         @jax.jit
-        def embed(state: Any, lips: jax.Array, auds: jax.Array) -> tuple[jax.Array, jax.Array]:
-            m = nnx.merge(graphdef, state)
-            return m.lip(lips), m.audio(auds)
+        def lip(state: Any, lips: jax.Array) -> jax.Array:
+            return nnx.merge(graphdef, state).lip(lips)
 
-        self._embed = embed
+        @jax.jit
+        def audio(state: Any, auds: jax.Array) -> jax.Array:
+            return nnx.merge(graphdef, state).audio(auds)
+
+        self._lip, self._audio = lip, audio
         self._curve = jax.jit(distance_curve, static_argnums=2)
+
+    def _batches(self, windows: int, make: Any, fn: Any) -> np.ndarray:
+        n = self.mesh.devices.size if self.mesh is not None else 1
+        b = min(self.batch, -(-windows // n) * n)  # a short video needs no full batch
+        out = []
+        for i in range(0, windows, b):
+            starts = np.arange(i, min(windows, i + b))
+            x = make(np.concatenate([starts, np.full(b - len(starts), starts[-1])]))
+            if self._in is not None:
+                x = jax.device_put(x, self._in)
+            out.append(np.asarray(fn(self.state, x))[: len(starts)])
+        return np.concatenate(out)
+
+    def embed_lip(self, frames: np.ndarray, windows: int) -> np.ndarray:
+        """Lip embeddings [windows, 1024] of windows 0 .. windows-1 of BGR uint8 frames [T, 224, 224, 3]."""
+        return self._batches(windows, lambda s: lip_windows(frames, s), self._lip)
+
+    def embed_audio(self, feats: np.ndarray, windows: int) -> np.ndarray:
+        """Audio embeddings [windows, 1024] of windows 0 .. windows-1 of MFCC frames [M, 13]."""
+        return self._batches(windows, lambda s: audio_windows(feats, s), self._audio)
 
     def embed(self, frames: np.ndarray, feats: np.ndarray, windows: int) -> tuple[np.ndarray, np.ndarray]:
         """Lip and audio embeddings [windows, 1024] of windows 0 .. windows-1 (frames: BGR uint8
         [T, 224, 224, 3]; feats: MFCC [M, 13])."""
-        n = self.mesh.devices.size if self.mesh is not None else 1
-        b = min(self.batch, -(-windows // n) * n)  # a short video needs no full batch
-        lips, auds = [], []
-        for i in range(0, windows, b):
-            starts = np.arange(i, min(windows, i + b))
-            pad = np.concatenate([starts, np.full(b - len(starts), starts[-1])])
-            x, a = lip_windows(frames, pad), audio_windows(feats, pad)
-            if self._in is not None:
-                x, a = jax.device_put(x, self._in), jax.device_put(a, self._in)
-            lip, aud = self._embed(self.state, x, a)
-            lips.append(np.asarray(lip)[: len(starts)])
-            auds.append(np.asarray(aud)[: len(starts)])
-        return np.concatenate(lips), np.concatenate(auds)
+        return self.embed_lip(frames, windows), self.embed_audio(feats, windows)
+
+    def score_embeddings(self, lip: np.ndarray, aud: np.ndarray, vshift: int = VSHIFT, *, frames: int) -> SyncScore:
+        """Scores from lip and audio embeddings of the same windows [W, 1024] (`frames`: the frames they cover)."""
+        curve = np.asarray(self._curve(jnp.asarray(lip), jnp.asarray(aud), vshift)).mean(axis=0)
+        return summarize(curve, vshift, frames=frames, windows=len(lip))
 
     def score_frames(self, frames: np.ndarray, audio: np.ndarray, vshift: int = VSHIFT,
                      name: str = "video") -> SyncScore:
@@ -144,8 +160,7 @@ class Scorer:
                 f"{name}: too short to score: {len(frames)} frames and {len(audio) / 16000:.2f} s of audio give "
                 f"{max(n, 0)} usable frames; SyncNet needs at least {WINDOW + 1} (0.24 s at 25 fps)")
         lip, aud = self.embed(frames, mfcc(audio), windows)
-        curve = np.asarray(self._curve(jnp.asarray(lip), jnp.asarray(aud), vshift)).mean(axis=0)
-        return summarize(curve, vshift, frames=n, windows=windows)
+        return self.score_embeddings(lip, aud, vshift, frames=n)
 
 
 def summarize(curve: np.ndarray, vshift: int, *, frames: int, windows: int) -> SyncScore:

@@ -239,14 +239,13 @@ def default_mesh() -> Mesh:
 def main(argv: Sequence[str]) -> None:
     from absl import flags
 
+    from data_pipeline.cli import FlagError
     from mirage_jax.eval.syncnet import load_weights
 
     F = flags.FLAGS
     paths = list(argv[1:])
     if not paths:
-        raise SyncInputError("no videos given: python -m mirage_jax.eval.sync --weights=PATH VIDEO [VIDEO ...]")
-    if F.vshift < 1:
-        raise SyncInputError(f"--vshift={F.vshift}: must be at least 1")
+        raise FlagError("no videos given: python -m mirage_jax.eval.sync --weights=PATH VIDEO [VIDEO ...]")
     scorer = Scorer(load_weights(F.weights, "--weights"), batch=F.batch, mesh=default_mesh())
     failed = 0
     for path in paths:
@@ -263,7 +262,7 @@ def _define_flags() -> None:
     flags.DEFINE_string("weights", None, "SyncNet weights: the published syncnet_v2.model (a PyTorch state dict) "
                         "or a safetensors file with its keys.")
     flags.DEFINE_bool("cropped", False, "The videos are already the face crop (no detection).")
-    flags.DEFINE_integer("vshift", VSHIFT, "Largest audio shift tried, in frames (either way).")
+    flags.DEFINE_integer("vshift", VSHIFT, "Largest audio shift tried, in frames (either way).", lower_bound=1)
     flags.DEFINE_bool("json", False, "One JSON object per video and line.")
     flags.DEFINE_integer("batch", BATCH, "Windows per jitted call (rounded up to a multiple of the devices).",
                          lower_bound=1)

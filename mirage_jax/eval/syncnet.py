@@ -192,7 +192,7 @@ def check_state_dict(state: Mapping[str, np.ndarray], path: str, flag: str = "--
 
 
 def _set(param: nnx.Variable, value: np.ndarray) -> None:
-    param.value = jnp.asarray(value, jnp.float32)
+    param.set_value(jnp.asarray(value, jnp.float32))
 
 
 def assign(model: SyncNet, state: Mapping[str, np.ndarray]) -> SyncNet:
@@ -228,4 +228,4 @@ def load_weights(path: str, flag: str = "--weights") -> SyncNet:
     """SyncNet with the weights at `path` (see read_state_dict / check_state_dict for the one-line errors)."""
     state = read_state_dict(path, flag)
     check_state_dict(state, path, flag)
-    return assign(SyncNet(), state)
+    return assign(nnx.eval_shape(SyncNet), state)  # abstract init: every value comes from the file

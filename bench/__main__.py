@@ -1,6 +1,7 @@
 """Run every benchmark and write bench/results.md (machine info, numbers, ratios, interpretations).
 
-    python -m bench [--quick] [--only=train_step,train_step_2x,efficiency,seq_parallel,checkpoint,data] [--out=...]
+    python -m bench [--quick] [--only=train_step,train_step_2x,efficiency,seq_parallel,checkpoint,data,syncnet]
+                    [--out=...]
     make bench
 
 Each benchmark runs in its own child process (`python -m bench --child=NAME`), one after the other: the
@@ -25,7 +26,7 @@ from absl import app, flags
 
 from bench import common
 
-NAMES = ("train_step", "train_step_2x", "efficiency", "seq_parallel", "checkpoint", "data")
+NAMES = ("train_step", "train_step_2x", "efficiency", "seq_parallel", "checkpoint", "data", "syncnet")
 FAST = {"model.num_layers": 2, "shapes.latent_frames": 4, "shapes.audio_frames": 4}
 
 def run_one(name: str, quick: bool) -> dict[str, Any]:
@@ -70,6 +71,12 @@ def run_one(name: str, quick: bool) -> dict[str, Any]:
         if quick:
             return data_loader.loader_vs_step(clips=2, batch=2, rounds=2, batches_per_round=2, step_overrides=FAST)
         return data_loader.loader_vs_step(clips=8, batch=8, rounds=3, batches_per_round=8)
+    if name == "syncnet":
+        from bench import syncnet
+
+        if quick:
+            return syncnet.measure(windows=8, rounds=2, batch=4, threads=threads)
+        return syncnet.measure(windows=100, rounds=5, batch=20, threads=threads)
     raise ValueError(f"unknown benchmark {name!r}; one of {NAMES}")
 
 
@@ -298,9 +305,40 @@ def _section_train_step_2x(r: dict[str, Any]) -> list[str]:
                                         f"(width {s['heads'] * s['head_dim']}), {s['tokens_per_sample']} tokens/sample")
 
 
+def _section_syncnet(r: dict[str, Any], target: float = 1.0) -> list[str]:
+    s, th = r["setup"], r.get("threads", {})
+    rr = r["round_ratio"]
+    out = [
+        "## 6. SyncNet scoring (LSE-C / LSE-D): JAX scorer vs the PyTorch reference",
+        "",
+        f"{s['windows']} windows (5 BGR 224 x 224 frames + 13 x 20 MFCC each) embedded by both towers, batches of "
+        f"{s['batch']}, {s['device'].upper()}, {s['rounds']} alternating rounds; the reference's loop "
+        f"(SyncNetInstance.evaluate) vs `mirage_jax.eval.sync.Scorer.embed`. Compute threads: PyTorch "
+        f"{th.get('torch', '?')}, XLA {th.get('xla', '?')} (requested {th.get('requested', '?')}).",
+        "",
+        common.host_line(r),
+        "",
+        "| | windows/s (median) | round s (min / median / max) |",
+        "|---|---|---|",
+        f"| JAX | {_f(r['jax_windows_per_s'])} | {_mmm(common.spread(r['jax_s']))} |",
+        f"| PyTorch | {_f(r['torch_windows_per_s'])} | {_mmm(common.spread(r['torch_s']))} |",
+        "",
+        "Medians: " + ratio_sentence(r["ratio"], "JAX", "PyTorch", "windows/s") +
+        f" Per round (torch time / jax time): min {_f(rr['min'])}, median {_f(rr['median'])}, max {_f(rr['max'])}.",
+    ]
+    if r.get("host", {}).get("claim"):
+        met = min(r["ratio"], rr["median"]) >= target
+        out.append(f"Target JAX / PyTorch >= {target}: {'met' if met else 'NOT met'} ({_f(r['ratio'])} and "
+                   f"{_f(rr['median'])}).")
+    else:
+        out.append(f"Target JAX / PyTorch >= {target}: no verdict, the run is not a claim.")
+    out.append("")
+    return out
+
+
 SECTIONS = {"train_step": _section_train_step, "train_step_2x": _section_train_step_2x,
             "efficiency": _section_efficiency, "seq_parallel": _section_seq,
-            "checkpoint": _section_ckpt, "data": _section_data}
+            "checkpoint": _section_ckpt, "data": _section_data, "syncnet": _section_syncnet}
 
 
 def interpret(results: dict[str, dict[str, Any]]) -> dict[str, str]:
@@ -330,6 +368,9 @@ def interpret(results: dict[str, dict[str, Any]]) -> dict[str, str]:
     if "ratio" in r:
         out["data"] = (f"The in-process loader supplies {r['ratio']:.1f}x what the tiny train step consumes "
                        f"({'keeps up' if r['ratio'] >= 1 else 'does NOT keep up'}).")
+    r = results.get("syncnet", {})
+    if "ratio" in r:
+        out["syncnet"] = ratio_sentence(r["ratio"], "JAX", "PyTorch", "SyncNet windows/s (median)")
     for name, line in out.items():
         if not results[name].get("host", {}).get("claim"):
             why = results[name].get("host", {}).get("why", "load not recorded")
@@ -377,7 +418,7 @@ def write_report(results: dict[str, dict[str, Any]], machine: dict[str, Any], pa
         if r is None or "error" in r:
             continue
         sec = SECTIONS[name](r)
-        if name not in ("train_step", "train_step_2x", "checkpoint"):  # these print it under their setup
+        if name not in ("train_step", "train_step_2x", "checkpoint", "syncnet"):  # these print it under their setup
             sec[1:1] = ["", common.host_line(r)]
         lines += sec
     lines += ["## GPU", "",

@@ -227,3 +227,18 @@ def test_data_loader_compares_the_legacy_and_elastic_loaders(prepared_shards) ->
     rows = [data_loader.bench_loader(prepared_shards, 2, 2, 0, 1.0, legacy) for legacy in (True, False)]
     assert [r["config"] for r in rows] == ["legacy loader", "grain loader"]
     assert all(r["records_per_s"] > 0 for r in rows)
+
+
+def test_syncnet_bench_runs_and_renders(tmp_path) -> None:
+    """bench.syncnet at its smallest (2 windows, 1 round): both sides timed, windows/s = windows / median round
+    time, ratio = JAX / PyTorch windows/s, and its results.md section rendered from it (never a claim here)."""
+    import bench.__main__ as run_all
+    from bench import syncnet
+
+    r = syncnet.measure(windows=2, rounds=1, batch=2, threads=1)
+    _pos(r["jax_windows_per_s"], r["torch_windows_per_s"], r["ratio"])
+    assert r["jax_windows_per_s"] == pytest.approx(2 / float(np.median(r["jax_s"])))
+    _ratio_of_medians(r["ratio"], r["torch_s"], r["jax_s"])
+    assert r["threads"]["torch"] == 1 and set(r["host"]) >= {"claim", "why", "load_before", "load_after"}
+    text = run_all.write_report({"syncnet": r}, MACHINE, str(tmp_path / "r.md"), quick=True, only=["syncnet"])
+    assert "## 6. SyncNet scoring" in text and "windows/s" in text and "**syncnet**" in text

@@ -95,3 +95,39 @@ def test_footage_without_mouth_tracks_gets_the_loss_and_says_what_was_skipped(tm
     want = _closed_form(held.batch, seed=0)
     for level in LOSS_LEVELS:
         assert part["heldout_loss_per_level"][f"{level:.1f}"] == pytest.approx(want[level], rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not speech.espeak_available(), reason="espeak-ng not installed (make sysdeps)")
+def test_syncnet_scores_join_the_report(tmp_path):
+    """evaluate(syncnet=...) on synthetic clips (face crops) with a random-weight SyncNet: every lse_* key is set
+    and finite, nothing is skipped, and the speech it scored is the source file's at each record's start frame
+    (decoded here with PyAV's own s16 conversion)."""
+    import av
+    import torch
+    from test_syncnet import random_torch_net
+
+    from data_pipeline.dataset.records import decode_record
+    from data_pipeline.loader.shards import ShardSource, resolve_shards
+    from mirage_jax.eval.lse import LSE_KEYS, heldout_waves
+    from mirage_jax.eval.sync import Scorer
+    from mirage_jax.eval.syncnet import load_weights
+
+    synced = _prepared(tmp_path, "synced", mouth=True)
+    encs = load_encoders({"data": {"source": synced}})
+    model = small_config(latent_channels=192, audio_feature_dim=80, text_embed_dim=64, time_map="uniform:1")
+    weights = str(tmp_path / "syncnet.model")
+    torch.save(random_torch_net().state_dict(), weights)
+    report = evaluate(_run(dataclasses.asdict(model)), encs, synced, SamplingSettings(steps=2), clips=2, seeds=2,
+                      progress=False, syncnet=Scorer(load_weights(weights), batch=8), syncnet_cropped=True)
+    assert report["skipped"] is None
+    assert all(np.isfinite(report[k]) for k in LSE_KEYS), {k: report[k] for k in LSE_KEYS}
+    held = read_heldout(synced, 2, encs)
+    waves = heldout_waves(synced, list(held.indices), 25)
+    shards = resolve_shards(synced, "none")
+    meta = decode_record(ShardSource(shards.paths, shards.counts)[held.indices[1]][1])[1]
+    with av.open(meta["source"]) as c:
+        rs = av.AudioResampler(format="s16", layout="mono", rate=16000)
+        pcm = np.concatenate([o.to_ndarray().reshape(-1) for f in c.decode(audio=0) for o in rs.resample(f)])
+    start = int(meta["start_frame"]) * 640
+    np.testing.assert_allclose(np.round(waves[1] * 32768), pcm[start:start + 25 * 640], atol=1)

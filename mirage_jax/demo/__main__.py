@@ -1,6 +1,6 @@
 """The README's main command (`make demo`): the whole A-roll path on a laptop CPU, end to end.
 
-    python -m mirage_jax.demo [--out=demo_out] [--fast]
+    python -m mirage_jax.demo [--out=demo_out] [--fast] [--syncnet-weights=syncnet_v2.model]
 
 1. synthesize  talking-head A-roll (espeak-ng speech, drawn faces) for training and, with another seed, held out
 2. prepare     Beam ingest of both into ArrayRecord shards + manifest.json (`dct` video latents, log-mel audio)
@@ -11,7 +11,8 @@
 4. generate    videos for held-out speech (with that clip's caption and a reference frame) and for a
                `--say` sentence, through the `mirage_jax.generate` CLI
 5. eval        `mirage_jax.eval --json` on the held-out clips: lip-sync of the generated videos against the
-               shuffled-audio floor and the real-clip ceiling, offset, held-out loss
+               shuffled-audio floor and the real-clip ceiling, offset, held-out loss; with `--syncnet-weights`
+               also SyncNet's LSE-C / LSE-D of the same three (docs/eval.md), printed next to the exact metric
 
 Every stage is the project's own command line run as a subprocess (what a user would type), timed. The
 last line printed is the eval JSON. `--fast` shrinks everything for the test suite (a smoke test of the
@@ -45,6 +46,8 @@ flags.DEFINE_integer("steps", None, "Training steps, a complete lr schedule (def
 flags.DEFINE_integer("clips", None, "Training source clips (default: 160; --fast: 4).")
 flags.DEFINE_integer("seed", 0, "Data seed (held-out data uses seed + 1000).")
 flags.DEFINE_integer("eval_seeds", None, "Sampling seeds for the eval spread (default: 3; --fast: 1).")
+flags.DEFINE_string("syncnet_weights", None, "SyncNet weights (syncnet_v2.model, docs/eval.md): eval adds LSE-C / "
+                    "LSE-D of the drawn faces (scored as face crops) next to the exact lip-sync metric.")
 flags.DEFINE_bool("resume_drill", True, "SIGTERM the training halfway and resume it.")
 flags.DEFINE_integer("devices_per_process", 4,
                      "CPU devices per training process: 2 processes x 4 devices is a data-parallel mesh of 8, joined "
@@ -132,6 +135,12 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {list(argv[1:])}")
     F = flags.FLAGS
+    if F.syncnet_weights:  # a wrong file is one line now, not after training
+        from mirage_jax.eval.syncnet import check_state_dict, read_state_dict
+
+        F.syncnet_weights = os.path.abspath(F.syncnet_weights)
+        check_state_dict(read_state_dict(F.syncnet_weights, "--syncnet-weights"), F.syncnet_weights,
+                         "--syncnet-weights")
     fast = F.fast
     out = os.path.abspath(F.out)
     py = sys.executable
@@ -186,7 +195,8 @@ def main(argv: Sequence[str]) -> None:
 
     t = time.perf_counter()
     report_text = run([py, "-m", "mirage_jax.eval", f"--checkpoint={workdir}", f"--data={sh_ho}", "--json",
-                       f"--clips={2 if fast else 16}", f"--seeds={eval_seeds}"] + (["--steps=4"] if fast else []),
+                       f"--clips={2 if fast else 16}", f"--seeds={eval_seeds}"] + (["--steps=4"] if fast else [])
+                      + ([f"--syncnet-weights={F.syncnet_weights}", "--syncnet-cropped"] if F.syncnet_weights else []),
                       "eval", quiet=True, keep=True)
     times["eval"] = time.perf_counter() - t
     report = json.loads(report_text.strip().splitlines()[-1])
@@ -223,6 +233,13 @@ def _summary(report: dict[str, Any], times: dict[str, float], out: str, videos: 
     print(f"    gap closed       {report['gap_closed']:.2f}  (generated - floor) / (ceiling - floor)")
     print(f"    offset           {report['offset_frames']} frames (confidence {report['offset_confidence']:.2f})")
     print(f"    --say video      {report['sync_say']:+.3f}   ({videos}/say.mp4, TTS speech, windows of 1 s)")
+    if report.get("lse_c_generated") is not None:
+        print("  SyncNet LSE-C (higher is better) / LSE-D (lower is better), the drawn faces as face crops:")
+        for name, key, note in (("generated", "generated", ""), ("shuffled audio", "shuffled", "   (floor)")):
+            print(f"    {name:<16} {report[f'lse_c_{key}']:.3f} +- {report[f'lse_c_{key}_std']:.3f} / "
+                  f"{report[f'lse_d_{key}']:.3f} +- {report[f'lse_d_{key}_std']:.3f}{note}")
+        print(f"    real clips       {report['lse_c_real']:.3f} / {report['lse_d_real']:.3f}   (ceiling)")
+        print(f"    offset           {report['lse_offset_generated']} frames (real clips: {report['lse_offset_real']})")
     print(f"  held-out loss      {report['heldout_loss']:.4f}")
     print(f"  videos             {videos}/heldout_speech.mp4, {videos}/say.mp4")
     print(f"  tensorboard        tensorboard --logdir={workdir}   (metrics also in {workdir}/metrics.jsonl)")

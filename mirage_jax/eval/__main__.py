@@ -1,9 +1,13 @@
-"""`python -m mirage_jax.eval --checkpoint=WORKDIR --data=SHARDS_OR_DIR [--json]`: held-out lip-sync and loss.
+"""`python -m mirage_jax.eval --checkpoint=WORKDIR --data=SHARDS_OR_DIR [--syncnet-weights=PATH] [--json]`: held-out
+lip-sync and loss.
 
 Prints the report (mirage_jax/eval/heldout.py) as text, or as one JSON object with `--json` (keys include
 sync_generated, sync_shuffled, sync_real, offset_frames, heldout_loss, each sync with its spread over seeds).
 Sampling steps and guidance default to the run's own `diffusion` section. Held-out footage without mouth tracks
 gets the loss only: the lip-sync keys are null and one line on stderr says why.
+`--syncnet-weights` (the published syncnet_v2.model, docs/eval.md) adds SyncNet's LSE-C / LSE-D of the generated
+videos, of the same videos against shuffled audio (floor) and of the real clips (ceiling): the lse_* keys, null
+without it. The clips' speech is re-read from each record's source file.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ flags.DEFINE_enum("cfg_schedule", None, ["constant", "cosine"],
                   "Guidance over noise levels (default: the run's diffusion.cfg_schedule).")
 flags.DEFINE_bool("ema", False, "Evaluate the EMA parameters.")
 flags.DEFINE_bool("json", False, "Print one JSON object.")
+flags.DEFINE_string("syncnet_weights", None, "SyncNet weights (syncnet_v2.model or safetensors): adds LSE-C / "
+                    "LSE-D (docs/eval.md).")
+flags.DEFINE_bool("syncnet_cropped", False, "The clips are face crops: score them whole (default: detect the face).")
 flags.DEFINE_string("train_data", None, "The run's training data (for its encoders), if not the saved data.source.")
 
 
@@ -41,12 +48,19 @@ def main(argv: Sequence[str]) -> None:
     from mirage_base.storage import check_storage
 
     F = flags.FLAGS
+    scorer = None
+    if F.syncnet_weights is not None:
+        from mirage_jax.eval.sync import Scorer, default_mesh
+        from mirage_jax.eval.syncnet import load_weights
+
+        scorer = Scorer(load_weights(F.syncnet_weights, "--syncnet-weights"), mesh=default_mesh())
     check_storage(F.checkpoint, F.data, F.train_data)
     run = load_run(F.checkpoint, ema=F.ema)
     encs = load_encoders(run.config.data, F.train_data)
     settings = SamplingSettings.of_run(run.diffusion_config, steps=F.steps or None, cfg_audio=F.cfg_audio,
                                        cfg_text=F.cfg_text, schedule=F.cfg_schedule)
-    report = evaluate(run, encs, F.data, settings, clips=F.clips, seeds=F.seeds, progress=not F.json)
+    report = evaluate(run, encs, F.data, settings, clips=F.clips, seeds=F.seeds, progress=not F.json,
+                      syncnet=scorer, syncnet_cropped=F.syncnet_cropped)
     if report["skipped"]:
         print(f"eval: {report['skipped']}", file=sys.stderr)
     if F.json:

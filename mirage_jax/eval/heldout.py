@@ -9,6 +9,9 @@ flow-matching loss at fixed noise levels.
 - `heldout_loss`: `diffusion.flow.flow_matching_loss` at fixed noise levels with fixed noise and no condition
   dropout, so two checkpoints are compared on exactly the same problems.
 
+- `lse_*` (with a SyncNet scorer, `mirage_jax.eval --syncnet-weights`): SyncNet's LSE-C / LSE-D of the same
+  three (generated, shuffled floor, real ceiling; mirage_jax.eval.lse), for any footage with speech.
+
 Lip-sync needs clips with a true mouth track (the `mouth` of synthetic clips' sidecars); held-out footage
 without one (real footage) still gets its loss, with the lip-sync keys null and `skipped` saying why.
 """
@@ -16,6 +19,7 @@ without one (real footage) still gets its loss, with the lip-sync keys null and 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -51,6 +55,7 @@ class HeldOut:
 
     batch: dict[str, np.ndarray]
     lipsync_skipped: str | None = None
+    indices: tuple[int, ...] = ()  # each row's record position in shard order (SyncNet re-reads its speech)
 
 
 def read_heldout(data: str, clips: int, encs: Encoders) -> HeldOut:
@@ -68,20 +73,22 @@ def read_heldout(data: str, clips: int, encs: Encoders) -> HeldOut:
                             "prepare the held-out data with the same encoder flags")
     loader = make_loader(data, global_batch_size=1, shuffle=False, num_epochs=1, random_crop=False, worker_count=0,
                          process_index=0, process_count=1, slow_batch_warn_s=0)
-    synced, first = [], []
-    for ex in loader:
+    synced, first, synced_at, first_at = [], [], [], []
+    for n, ex in enumerate(loader):
         row = {k: np.asarray(v[0]) for k, v in ex.items()}
         if len(first) < clips:
             first.append(row)
+            first_at.append(n)
         if bool(row["mouth_valid"]) and bool(np.all(row["video_mask"])):
             synced.append(row)
+            synced_at.append(n)
         if len(synced) == clips:
             break
     if len(synced) >= MIN_SYNC_CLIPS:
-        return HeldOut(_stack(synced))
+        return HeldOut(_stack(synced), indices=tuple(synced_at))
     if not first:
         raise EvalError(f"{data}: no clips to evaluate")
-    return HeldOut(_stack(first), lipsync_skipped=(
+    return HeldOut(_stack(first), indices=tuple(first_at), lipsync_skipped=(
         f"lip-sync skipped (sync_*, gap_closed, offset_* are null): {data} has {len(synced)} full-length clip(s) "
         f"with a mouth track, lip-sync needs {MIN_SYNC_CLIPS} (footage without `mouth` in its clip sidecars has "
         f"none; data_pipeline.synthesize writes it); held-out loss computed on {len(first)} clip(s)"))
@@ -111,27 +118,35 @@ def _mean_std(x: list[float]) -> tuple[float, float]:
     return float(a.mean()), float(a.std())
 
 
-def lipsync_report(run: LoadedRun, encs: Encoders, batch: dict[str, np.ndarray], settings: SamplingSettings, *,
-                   seeds: int, max_offset: int, progress: bool, kept: list[np.ndarray] | None) -> dict[str, Any]:
-    """The SYNC_KEYS of the report for clips with a mouth track (generated frames appended to `kept`)."""
+def generate_frames(run: LoadedRun, encs: Encoders, batch: dict[str, np.ndarray], settings: SamplingSettings, *,
+                    seeds: int, progress: bool, keep: Callable[[np.ndarray], Any]) -> list[list[Any]]:
+    """`keep(frames)` [seed][clip] of the generated uint8 frames [frames, H, W, 3] (as many frames as the clips'
+    mouth tracks) for the held-out clips' conditions; noise seed settings.seed + 1000 * seed + the clip's index.
+    One seed's frames are held at a time (keep what the reports need, not the frames)."""
     n = batch["video"].shape[0]
     frames_n = batch["mouth"].shape[1]  # 25 fps frames (one mouth value per video frame)
-    truth = [batch["mouth"][i] for i in range(n)]
-    real = [lipsync.sync_frames(decode_video(batch["video"][i], encs, frames_n), truth[i], max_offset)
-            for i in range(n)]
     b = settings.batch_size
-    gen_scores, shuf_scores, offsets, confs = [], [], [], []
+    out = []
     for s in range(seeds):
         lat = np.concatenate([
             sample_latents(run, {k: v[j : j + b] for k, v in batch.items()}, (min(b, n - j), *batch["video"].shape[1:]),
                            settings, seed=settings.seed + 1000 * s + j, progress=progress, desc=f"eval seed {s}")
             for j in range(0, n, b)])
-        tracks = []
-        for i in range(n):
-            frames = decode_video(lat[i], encs, frames_n)
-            tracks.append(lipsync.mouth_opening(frames))
-            if kept is not None:
-                kept.append(frames)
+        out.append([keep(decode_video(lat[i], encs, frames_n)) for i in range(n)])
+    return out
+
+
+def lipsync_report(encs: Encoders, batch: dict[str, np.ndarray], generated: list[list[np.ndarray]], *,
+                   max_offset: int) -> dict[str, Any]:
+    """The SYNC_KEYS of the report for clips with a mouth track, from the generated videos' mouth openings
+    (`lipsync.mouth_opening`) [seed][clip]."""
+    n = batch["video"].shape[0]
+    frames_n = batch["mouth"].shape[1]
+    truth = [batch["mouth"][i] for i in range(n)]
+    real = [lipsync.sync_frames(decode_video(batch["video"][i], encs, frames_n), truth[i], max_offset)
+            for i in range(n)]
+    gen_scores, shuf_scores, offsets, confs = [], [], [], []
+    for s, tracks in enumerate(generated):
         per = [lipsync.sync(tracks[i], truth[i], max_offset) for i in range(n)]
         gen_scores.append(float(np.mean([p.score for p in per])))
         offsets += [p.offset for p in per]
@@ -152,27 +167,77 @@ def lipsync_report(run: LoadedRun, encs: Encoders, batch: dict[str, np.ndarray],
     }
 
 
+def syncnet_report(scorer: Any, data: str, held: HeldOut, encs: Encoders, generated: list[list[Any]], *,
+                   cropped: bool) -> tuple[dict[str, Any], str | None]:
+    """The LSE_KEYS (mirage_jax.eval.lse) of the held-out clips and the generated videos' face crops
+    (`lse.face_crops`, or the SyncInputError a video raised) [seed][clip], or the reason they are null (fewer
+    than MIN_SYNC_CLIPS clips, no readable speech, a video SyncNet cannot score)."""
+    from mirage_jax.eval.lse import face_crops, heldout_waves, lse_report
+    from mirage_jax.eval.sync import SyncInputError
+
+    n = held.batch["video"].shape[0]
+    if n < MIN_SYNC_CLIPS:
+        return {}, f"LSE skipped: {n} held-out clip(s), the shuffled-audio floor needs {MIN_SYNC_CLIPS}"
+    frames_n = held.batch["mouth"].shape[1]
+    waves = heldout_waves(data, list(held.indices), frames_n)
+    if isinstance(waves, str):
+        return {}, waves
+    try:
+        bad = next((e for videos in generated for e in videos if isinstance(e, Exception)), None)
+        if bad is not None:
+            raise bad
+        real = [face_crops(decode_video(held.batch["video"][i], encs, frames_n), cropped) for i in range(n)]
+        return lse_report(scorer, generated, real, waves), None
+    except SyncInputError as e:
+        return {}, f"LSE skipped: {e}" + ("" if cropped else " (pass --syncnet-cropped if the clips are face crops)")
+
+
 def evaluate(run: LoadedRun, encs: Encoders, data: str, settings: SamplingSettings, *, clips: int = 8,
-             seeds: int = 3, max_offset: int = 8, progress: bool = True, keep_frames: bool = False) -> dict[str, Any]:
+             seeds: int = 3, max_offset: int = 8, progress: bool = True, keep_frames: bool = False,
+             syncnet: Any = None, syncnet_cropped: bool = True) -> dict[str, Any]:
     """The held-out report (see module docstring) on the first `clips` held-out clips, lip-sync over `seeds`
     sampling seeds (noise seed settings.seed + 1000 * seed + the clip's index) and offsets up to `max_offset`
     frames; `skipped` is None or the one line saying which metric was not computed and why. `keep_frames`
-    adds the generated frames under `_frames`."""
+    adds the generated frames under `_frames`. `syncnet` (a mirage_jax.eval.sync.Scorer) adds SyncNet's
+    LSE-C / LSE-D (mirage_jax.eval.lse.LSE_KEYS; null without it), on face crops when `syncnet_cropped`, else on
+    detected faces."""
+    from mirage_jax.eval.lse import LSE_KEYS, face_crops
+    from mirage_jax.eval.sync import SyncInputError
+
     check_fit(run.model_config, encs)
     held = read_heldout(data, clips, encs)
-    kept: list[np.ndarray] | None = [] if keep_frames else None
-    out: dict[str, Any] = dict.fromkeys(SYNC_KEYS)
-    if held.lipsync_skipped is None:
-        out.update(lipsync_report(run, encs, held.batch, settings, seeds=seeds, max_offset=max_offset,
-                                  progress=progress, kept=kept))
+    out: dict[str, Any] = dict.fromkeys(SYNC_KEYS + LSE_KEYS)
+    skipped = [held.lipsync_skipped] if held.lipsync_skipped else []
+    mouths = held.lipsync_skipped is None
+
+    def keep(frames: np.ndarray) -> dict[str, Any]:
+        kept = {"mouth": lipsync.mouth_opening(frames) if mouths else None, "frames": frames if keep_frames else None}
+        if syncnet is not None:
+            try:
+                kept["crops"] = face_crops(frames, syncnet_cropped)
+            except SyncInputError as e:
+                kept["crops"] = e
+        return kept
+
+    generated: list[list[dict[str, Any]]] = []
+    if mouths or syncnet is not None:
+        generated = generate_frames(run, encs, held.batch, settings, seeds=seeds, progress=progress, keep=keep)
+    if mouths:
+        out.update(lipsync_report(encs, held.batch, [[v["mouth"] for v in g] for g in generated],
+                                  max_offset=max_offset))
+    if syncnet is not None:
+        lse, why = syncnet_report(syncnet, data, held, encs, [[v["crops"] for v in g] for g in generated],
+                                  cropped=syncnet_cropped)
+        out.update(lse)
+        skipped += [why] if why else []
     losses = heldout_loss(run, held.batch)
     out.update({
         "heldout_loss": float(np.mean(list(losses.values()))),
         "heldout_loss_per_level": {f"{t:.1f}": v for t, v in losses.items()},
         "clips": int(held.batch["video"].shape[0]), "seeds": seeds, "steps": settings.steps,
         "cfg_audio": settings.cfg_audio, "cfg_text": settings.cfg_text, "checkpoint_step": run.step,
-        "weights": run.weights, "skipped": held.lipsync_skipped,
+        "weights": run.weights, "skipped": "; ".join(skipped) or None,
     })
     if keep_frames:
-        out["_frames"] = kept
+        out["_frames"] = [v["frames"] for videos in generated for v in videos]
     return out

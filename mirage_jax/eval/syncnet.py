@@ -65,7 +65,7 @@ _LIP = (
 class SyncNetWeightsError(MirageError):
     """The SyncNet weights file is missing, unreadable, or not the published network's state dict (exit 2)."""
 
-    exit_code = 2
+    exit_code = ExitCode.REFUSED
 
 
 class ConvTower(nnx.Module):

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mirage_base.errors import MirageError, root_cause
+from mirage_base.errors import ExitCode, MirageError, root_cause
 
 PUBLISHED_URL = "http://www.robots.ox.ac.uk/~vgg/software/lipsync/data/syncnet_v2.model"
 WHERE = (f"the published weights are {PUBLISHED_URL} (joonson/syncnet_python download_model.sh); "

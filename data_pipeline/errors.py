@@ -31,6 +31,14 @@ class ConfigArgError(MirageError):
     label = "CONFIG ERROR"
 
 
+class WorkdirInUseError(MirageError):
+    """Another live trainer owns the workdir (mirage_jax/train/ownership.py), or took it over from this one
+    (exit 5: nothing is wrong with the input; retry once the owner has stopped or its lease expired)."""
+
+    exit_code = 5
+    label = "WORKDIR IN USE"
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """`; did you mean `x`?` for the closest of `choices` to `name` (difflib), or '' when none is close."""
     hit = difflib.get_close_matches(name, list(choices), n=1)

@@ -1,8 +1,11 @@
 """`python -m mirage_jax.train --config=configs/X.py --workdir=DIR [--config.a.b=value ...]`.
 
 The same command runs on one CPU, a GPU box, or every host of a TPU pod (see docs/pods.md). Exit status:
-0 when training finished or was preempted (SIGTERM at any moment: the newest completed step is saved, or,
-before the first step, nothing new was trained; the message says which), 3 when it stopped on too many
+0 when training finished or was preempted (SIGTERM or Ctrl-C at any moment: the newest completed step is saved,
+or, before the first step, nothing new was trained; the message says which), 130 on a second Ctrl-C (exits at
+once without saving, naming the last committed checkpoint; also 130 / 143 when a stop after SIGINT / SIGTERM
+did not finish within MIRAGE_STOP_TIMEOUT_S), 5 when another live trainer owns the workdir (one line naming it;
+`--takeover` for a gs:// workdir whose owner crashed; see train/ownership.py), 3 when it stopped on too many
 non-finite steps, 2 on a config that is invalid or does not fit its data (one line naming the fields and the
 `--config.` overrides), whose data.source has no shards, or that cannot resume the workdir's checkpoint
 (changed model, data or seed; named), 4 when a checkpoint could not be written, 1 on any other error.
@@ -31,6 +34,10 @@ _ALLOW = flags.DEFINE_bool("allow_config_change", False,
 _COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
 _NPROC = flags.DEFINE_integer("num_processes", None, "Number of JAX processes (multi-process runs).")
 _PID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+_TAKEOVER = flags.DEFINE_bool("takeover", False,
+                              "Take a gs:// workdir over from the owner its lease names before the lease expires "
+                              "(only when that run is gone; it stops without saving if it is not). A local "
+                              "workdir's lock is released by the kernel when its owner dies.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -59,12 +66,17 @@ def main(argv: list[str], hooks: Sequence[Any] = ()) -> None:
     distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
 
     from data_pipeline.storage import check_storage
+    from mirage_jax.train import ownership
     from mirage_jax.train.loop import Trainer
 
     check_storage(_WORKDIR.value, _CONFIG.value.data.get("source"))
+    # one owner per workdir, taken before anything is written or cleaned there (Orbax removes unfinished step
+    # directories when its manager starts); released when the run ends (a kill releases the local lock; a gs://
+    # lease then expires by itself)
     try:
-        trainer = Trainer(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW.value, hooks=hooks)
-        step = trainer.run()
+        with ownership.take(_WORKDIR.value, takeover=_TAKEOVER.value):
+            trainer = Trainer(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW.value, hooks=hooks)
+            step = trainer.run()
     except preemption.Preempted as e:
         logging.warning("%s", e)
         print(f"PREEMPTED (clean exit): {e}", flush=True)
@@ -74,7 +86,8 @@ def main(argv: list[str], hooks: Sequence[Any] = ()) -> None:
 
 def run(hooks: Sequence[Any] = ()) -> None:
     """The CLI: `main` through data_pipeline.cli.run, which prints a user's mistake as one line with its exit
-    status (ConfigError, ConfigChangeError, DataStateError: 2; NonFiniteError: 3; CheckpointSaveError: 4,
+    status (ConfigError, ConfigChangeError, DataStateError: 2; NonFiniteError: 3; WorkdirInUseError: 5;
+    CheckpointSaveError: 4,
     through os._exit so that tensorstore's callbacks of the failed write cannot bury the line under
     "Event loop is closed" tracebacks at shutdown; committed steps are on disk)."""
     from data_pipeline.cli import run as run_cli

@@ -23,7 +23,7 @@ from mirage_jax.train import checkpoint as ckpt_lib
 from mirage_jax.train import data as data_lib
 from mirage_jax.train import metrics as metrics_lib
 from mirage_jax.train import resume
-from mirage_jax.train.preemption import Preempted, PreemptionWatcher, describe_nothing_trained
+from mirage_jax.train.preemption import Preempted, PreemptionWatcher, describe_nothing_trained, describe_saved
 from mirage_jax.train.setup import RunSetup
 
 
@@ -216,8 +216,7 @@ class Trainer(RunSetup):
                     store.wait()
                     logging.info("stop-flag agreement: %.2f ms per step (%d steps)", 1e3 * watcher.mean_cost_s(),
                                  watcher.calls - 2)
-                    raise Preempted(f"preempted: checkpoint {new_step} saved in {store.directory}; rerun the same "
-                                    "command to resume")
+                    raise Preempted(describe_saved(new_step, store.directory))
                 data_state = next_data_state
             if profiling:
                 jax.profiler.stop_trace()

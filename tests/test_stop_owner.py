@@ -204,3 +204,140 @@ def test_gcs_owner_that_was_taken_over_notices(emulator, monkeypatch):
     assert first.lost() and second.record.run_id in first.lost()
     second.release()
     first.release()
+
+
+# ---- the trainer CLI --------------------------------------------------------------------------------------
+
+STEP_LINE = re.compile(r"step (\d+): loss=")
+CKPT_LINE = re.compile(r"checkpoint (\d+) started")
+SAVED = re.compile(r"PREEMPTED \(clean exit\): SIGINT \(Ctrl-C\): checkpoint (\d+) saved")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.getbasetemp() / "jax_cache_stop")
+
+
+def _train_env(cache: str, devices: int = 1, **extra: str) -> dict[str, str]:
+    return _env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_COMPILATION_CACHE_DIR=cache,
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+                **extra)
+
+
+class Job:
+    """A command started in its own process group (as a terminal starts one), its merged output read by a thread."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str]):
+        import threading
+
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, start_new_session=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")),
+                                        daemon=True)
+        self._reader.start()
+
+    def wait_for(self, pattern: re.Pattern, timeout: float = 600) -> re.Match:
+        deadline, i = time.monotonic() + timeout, 0
+        while time.monotonic() < deadline:
+            while i < len(self.lines):
+                m = pattern.search(self.lines[i])
+                i += 1
+                if m:
+                    return m
+            if self.proc.poll() is not None and not self._reader.is_alive() and i >= len(self.lines):
+                break
+            time.sleep(0.02)
+        self.kill()
+        raise AssertionError(f"{pattern.pattern!r} not seen; output ends:\n{self.text[-4000:]}")
+
+    def ctrl_c(self) -> float:
+        os.killpg(self.proc.pid, signal.SIGINT)  # the launching terminal's Ctrl-C: every process of the group
+        return time.monotonic()
+
+    def finish(self, timeout: float) -> int:
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"still running {timeout:.0f} s later; output ends:\n{self.text[-4000:]}") from None
+        self._reader.join(timeout=10)
+        return rc
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+
+def _committed(workdir) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def _assert_refused(second: Job, first_pid: int) -> None:
+    rc = second.finish(300)
+    refusals = [line for line in second.lines if line.startswith("WORKDIR IN USE: ")]
+    assert rc == 5 and len(refusals) == 1, second.text[-3000:]
+    assert f"pid {first_pid} on host " in refusals[0] and "one trainer per workdir" in refusals[0], refusals
+    assert "Traceback" not in second.text and "initialized at step" not in second.text
+
+
+def test_second_trainer_refused_first_ctrl_c_saves_and_resumes(tmp_path, cache):
+    """A second trainer on the workdir of a running one is refused before touching it; the first goes on, is
+    Ctrl-C'd right after a step's log line, saves that step and exits 0."""
+    workdir = tmp_path / "run"
+    cmd = [PY, *cli_args(workdir, train__steps=500, checkpoint__save_every=1000)]
+    first = Job(cmd, _train_env(cache))
+    first.wait_for(re.compile("first step took"))
+    _assert_refused(Job(cmd, _train_env(cache)), first.proc.pid)
+    at = int(first.wait_for(STEP_LINE).group(1))
+    t = first.ctrl_c()
+    rc = first.finish(120)
+    assert rc == 0 and time.monotonic() - t < 60, first.text[-4000:]
+    saved = int(SAVED.search(first.text).group(1))
+    assert saved >= at and _committed(workdir) == [saved]
+    steps = [r["step"] for r in read_metrics(workdir)]
+    assert steps == sorted(set(steps)), steps  # one lineage: only the owner wrote
+    assert not (workdir / "owner.json").exists()  # released at exit (the 2-process test below also resumes)
+
+
+def test_second_trainer_refused_on_gcs(emulator, tmp_path, cache):
+    workdir = "gs://own/train"
+    cmd = [PY, *cli_args(workdir, train__steps=500, checkpoint__save_every=1000, data__worker_count=0)]
+    env = _train_env(cache, **emulator.env)
+    first = Job(cmd, env)
+    first.wait_for(re.compile("first step took"))
+    _assert_refused(Job(cmd, env), first.proc.pid)
+    first.wait_for(STEP_LINE)
+    first.ctrl_c()
+    assert first.finish(120) == 0, first.text[-4000:]
+    assert SAVED.search(first.text), first.text[-3000:]
+    from mirage_jax.train import ownership
+
+    assert ownership.read_record(workdir) is None  # the lease was released at exit
+
+
+@pytest.mark.multiprocess
+def test_ctrl_c_of_a_two_process_job_right_after_checkpoint_started(tmp_path, cache):
+    """SIGINT to the process group of a 2 x 4 launch/local.py job right after `checkpoint N started` (the moment
+    that hung in Orbax's save barrier): exit 0 within a bound, the stop step saved on both processes, and a
+    rerun resumes from it."""
+    workdir = tmp_path / "mp"
+    overrides = dict(checkpoint__save_every=2, mesh__ici__data=2, mesh__ici__fsdp=-1)
+    launcher = [PY, str(ROOT / "launch" / "local.py"), "--processes=2", "--devices-per-process=4", "--"]
+    job = Job([*launcher, PY, *cli_args(workdir, train__steps=10_000, **overrides)], _train_env(cache, 4))
+    job.wait_for(CKPT_LINE)
+    t = job.ctrl_c()
+    rc = job.finish(200)
+    assert rc == 0 and time.monotonic() - t < 150, job.text[-4000:]
+    assert "[launcher] exit statuses [0, 0]" in job.text and len(SAVED.findall(job.text)) == 2, job.text[-4000:]
+    saved = int(SAVED.search(job.text).group(1))
+    assert _committed(workdir)[-1] == saved
+    rerun = Job([*launcher, PY, *cli_args(workdir, train__steps=saved + 1, **overrides)], _train_env(cache, 4))
+    assert rerun.finish(600) == 0, rerun.text[-4000:]
+    assert f"resumed from checkpoint at step {saved} of {saved + 1}" in rerun.text

@@ -16,7 +16,8 @@ MIRAGE_STOP_TIMEOUT_S = 120 s, plus 30 s) after the FIRST forwarded signal is ki
 ends within that bound whatever its processes are blocked in. The launcher then exits with the worst status
 of its processes. The processes start with SIGTERM and SIGINT blocked (the trainer unblocks them once its
 handler is installed, so a signal during interpreter start-up is held, not fatal) and with
-MIRAGE_LAUNCHER_PID set (the trainer exits when the launcher dies, even by kill -9).
+MIRAGE_LAUNCHER_PID set (the trainer exits when the launcher dies, even by kill -9), each in its own
+process group, so that a terminal's Ctrl-C reaches them once, through the launcher.
 """
 
 from __future__ import annotations
@@ -91,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     pumps = []
     for i in range(args.processes):
         env = child_env(dict(os.environ), i, args.processes, args.devices_per_process, address)
-        p = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        # own process group: a terminal's Ctrl-C reaches the launcher only, which forwards it once (in the
+        # terminal's group each trainer would get the keypress twice, the second read as "Ctrl-C again")
+        p = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, process_group=0)
         procs.append(p)
         t = threading.Thread(target=pump, args=(i, p.stdout, lock), daemon=True)
         t.start()

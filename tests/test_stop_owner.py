@@ -325,8 +325,9 @@ def test_second_trainer_refused_on_gcs(emulator, tmp_path, cache):
 @pytest.mark.multiprocess
 def test_ctrl_c_of_a_two_process_job_right_after_checkpoint_started(tmp_path, cache):
     """SIGINT to the process group of a 2 x 4 launch/local.py job right after `checkpoint N started` (the moment
-    that hung in Orbax's save barrier): exit 0 within a bound, the stop step saved on both processes, and a
-    rerun resumes from it."""
+    that hung in Orbax's save barrier): exit 0 within a bound, the stop step saved on both processes (a rerun
+    resuming from it: with MIRAGE_TEST_RESUME_AFTER_CTRL_C=1; test_chaos.py's default drill resumes after its
+    Ctrl-C and compares the final parameters with an uninterrupted run)."""
     workdir = tmp_path / "mp"
     overrides = dict(checkpoint__save_every=2, mesh__ici__data=2, mesh__ici__fsdp=-1)
     launcher = [PY, str(ROOT / "launch" / "local.py"), "--processes=2", "--devices-per-process=4", "--"]
@@ -334,10 +335,14 @@ def test_ctrl_c_of_a_two_process_job_right_after_checkpoint_started(tmp_path, ca
     job.wait_for(CKPT_LINE)
     t = job.ctrl_c()
     rc = job.finish(200)
-    assert rc == 0 and time.monotonic() - t < 150, job.text[-4000:]
+    took = time.monotonic() - t
+    print(f"Ctrl-C -> exit {rc} in {took:.1f} s")
+    assert rc == 0 and took < 150, job.text[-4000:]
     assert "[launcher] exit statuses [0, 0]" in job.text and len(SAVED.findall(job.text)) == 2, job.text[-4000:]
+    assert "STOPPED WITHOUT SAVING" not in job.text  # one keypress, forwarded once: not a second Ctrl-C
     saved = int(SAVED.search(job.text).group(1))
     assert _committed(workdir)[-1] == saved
-    rerun = Job([*launcher, PY, *cli_args(workdir, train__steps=saved + 1, **overrides)], _train_env(cache, 4))
-    assert rerun.finish(600) == 0, rerun.text[-4000:]
-    assert f"resumed from checkpoint at step {saved} of {saved + 1}" in rerun.text
+    if os.environ.get("MIRAGE_TEST_RESUME_AFTER_CTRL_C"):  # tests/test_chaos.py resumes after a Ctrl-C by default
+        rerun = Job([*launcher, PY, *cli_args(workdir, train__steps=saved + 1, **overrides)], _train_env(cache, 4))
+        assert rerun.finish(600) == 0, rerun.text[-4000:]
+        assert f"resumed from checkpoint at step {saved} of {saved + 1}" in rerun.text

@@ -9,8 +9,8 @@ the launcher started both processes; `restore`: after the mesh/parameter line; `
 "initialized/resumed at step"; `step`: after the first step; `save`: right after "checkpoint N started")
 plus a random delay, then sends
   - SIGTERM to the launcher (a preemption; forwarded to both trainers), or
-  - SIGINT to the job's process group (Ctrl-C in the launching terminal: the launcher and both trainers get
-    it, and the launcher forwards it too: one keypress, delivered twice), or
+  - SIGINT to the launcher's process group (Ctrl-C in the launching terminal; the launcher, whose trainers
+    run in their own group, forwards it), or
   - SIGKILL to both trainers at once (a host crash; nothing gets to react), or
   - SECOND: starts the same command again while the job runs (a re-queued job whose old allocation still
     runs); the second job must be refused (exit 5, `WORKDIR IN USE` naming the first) without touching the
@@ -203,8 +203,8 @@ class Launch:
 
 
 def start(cmd: list[str], env: dict[str, str]) -> Launch:
-    """Start the launcher in its own session (process group), as a terminal starts a command: SIGINT to the
-    group reaches the launcher and its trainers, as Ctrl-C does."""
+    """Start the launcher in its own session (process group), as a terminal starts a command: SIGINT to that
+    group is a Ctrl-C in the launching terminal."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     return Launch(proc)

@@ -6,9 +6,10 @@
   the handler is in place.
 - Ctrl-C is a preemption like SIGTERM (no KeyboardInterrupt: one raised inside a collective, e.g. Orbax's save
   barrier, left the other processes waiting in the matching collective forever). A SECOND Ctrl-C (at least
-  `REPEAT_S` after the first: a terminal's Ctrl-C reaches both launch/local.py, which forwards it, and the
-  trainers of its process group, so one keypress can arrive twice) exits at once with status 130, naming the
-  last committed checkpoint.
+  `REPEAT_S` after the first: a terminal's Ctrl-C reaches every process of its process group, so a trainer
+  started by a forwarding wrapper in that group gets one keypress twice; launch/local.py avoids that by
+  starting the trainers in their own group) exits at once with status 130, naming the last committed
+  checkpoint.
 - Signals are acted on by a thread ("mirage-signals") woken through `signal.set_wakeup_fd`, not by the Python
   handler: Python runs a handler only when the main thread returns to the interpreter, which never happens
   while it waits in a collective whose peer is gone. The thread sets the stop flag, prints the stop line,

@@ -346,3 +346,23 @@ def test_ctrl_c_of_a_two_process_job_right_after_checkpoint_started(tmp_path, ca
         rerun = Job([*launcher, PY, *cli_args(workdir, train__steps=saved + 1, **overrides)], _train_env(cache, 4))
         assert rerun.finish(600) == 0, rerun.text[-4000:]
         assert f"resumed from checkpoint at step {saved} of {saved + 1}" in rerun.text
+
+
+def test_save_error_caused_by_another_owner_says_so(tmp_path):
+    """A failed save while another trainer owns the workdir (e.g. one started with --takeover, whose start removes
+    this run's unfinished step directory) names that trainer instead of blaming the storage."""
+    from mirage_jax.train import checkpoint as ckpt_lib
+    from mirage_jax.train import ownership
+    from train_cli import fast_config
+
+    gone = FileNotFoundError(2, "No such file or directory", str(tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp"))
+    with ownership.take(str(tmp_path)):
+        store = ckpt_lib.CheckpointStore(str(tmp_path), fast_config().checkpoint)
+        mine = str(store._save_error(gone, 4))
+        assert "fix the storage (space, permissions)" in mine and "another trainer" not in mine
+        other = ownership.OwnerRecord("h2", 4321, "2026-12-06T05:00:00Z", "0123456789ab")
+        (tmp_path / ownership.OWNER_FILE).write_text(other.to_json())  # what the taker writes
+        theirs = str(store._save_error(gone, 4))
+        assert "another trainer, pid 4321 on host h2 (started 2026-12-06T05:00:00Z, run 0123456789ab)" in theirs
+        assert "the storage is not at fault" in theirs and "fix the storage" not in theirs
+        assert str(tmp_path / "checkpoints" / "4") in theirs and "no checkpoint was committed yet" in theirs

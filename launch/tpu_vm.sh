@@ -42,14 +42,19 @@ STOP_GRACE_S=${STOP_GRACE_S:-150}
 remote() {
   gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" "${PROJECT_FLAG[@]}" --worker=all --command "$1"
 }
-FORWARDED=0
+# signal the worker's trainer if it still runs (the pid file may outlive it: check the pid is still a trainer)
+signal_trainers() {
+  remote "p=\$(cat /tmp/mirage_train.pid 2>/dev/null) && grep -q mirage_jax.train /proc/\$p/cmdline 2>/dev/null \
+&& kill -$1 \$p || true" || true
+}
+TIMER_PID=
 forward() {
   echo "[tpu_vm.sh] got SIG$1; forwarding it to the trainer on every worker" >&2
-  remote "kill -$1 \$(cat /tmp/mirage_train.pid) 2>/dev/null || true" || true
-  if [[ $FORWARDED == 0 ]]; then
-    FORWARDED=1
+  signal_trainers "$1"
+  if [[ -z $TIMER_PID ]]; then
     ( sleep "$STOP_GRACE_S"; echo "[tpu_vm.sh] trainers still running $STOP_GRACE_S s after SIG$1: SIGKILL" >&2
-      remote "kill -KILL \$(cat /tmp/mirage_train.pid) 2>/dev/null || true" ) &
+      signal_trainers KILL ) &
+    TIMER_PID=$!
   fi
 }
 trap 'forward INT' INT
@@ -57,7 +62,7 @@ trap 'forward TERM' TERM
 
 # started in the background, so it ignores the terminal's SIGINT (bash: async commands of a non-interactive
 # shell do) and keeps streaming the trainers' output while they stop
-remote "set -e; $SETUP_CMD; cd $REPO && (echo \$BASHPID > /tmp/mirage_train.pid; exec $PYTHON -m mirage_jax.train \
+remote "set -eo pipefail; $SETUP_CMD; cd $REPO && (echo \$BASHPID > /tmp/mirage_train.pid; exec $PYTHON -m mirage_jax.train \
 $TRAIN_FLAGS) 2>&1 | tee -a -p /tmp/mirage_train.log" &
 SSH_PID=$!
 status=0
@@ -65,4 +70,5 @@ while true; do
   wait "$SSH_PID" && status=0 || status=$?
   kill -0 "$SSH_PID" 2>/dev/null || break  # `wait` returned because a trap ran: keep waiting
 done
+[[ -n $TIMER_PID ]] && kill "$TIMER_PID" 2>/dev/null
 exit "$status"

@@ -283,11 +283,16 @@ def take(workdir: str, *, takeover: bool = False, timeout_s: float = 600.0) -> O
             except WorkdirInUseError as e:
                 client.key_value_set(_DECISION_KEY, json.dumps({"refused": str(e)}))
                 raise
+            except Exception as e:  # e.g. storage unreachable: the others must not wait for a decision
+                client.key_value_set(_DECISION_KEY, json.dumps({"failed": f"{type(e).__name__}: {e}"}))
+                raise
             client.key_value_set(_DECISION_KEY, json.dumps({"record": owner.record.to_json()}))
         else:
             decision = json.loads(client.blocking_key_value_get(_DECISION_KEY, int(timeout_s * 1000)))
             if "refused" in decision:
                 raise WorkdirInUseError(decision["refused"])
+            if "failed" in decision:
+                raise RuntimeError(f"process 0 could not take the workdir {workdir}: {decision['failed']}")
             owner = Ownership(workdir, OwnerRecord.parse(decision["record"]))  # type: ignore[arg-type]
     _current["owner"] = owner
     return owner

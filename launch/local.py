@@ -9,11 +9,15 @@ each running single-threaded (the N x M devices already oversubscribe the machin
 and MIRAGE_COORDINATOR_ADDRESS / MIRAGE_NUM_PROCESSES / MIRAGE_PROCESS_ID, which `mirage_jax.train`
 reads (the same values can be passed as --coordinator_address / --num_processes / --process_id).
 Output lines are prefixed `[p<i>]`. If one process fails, the others are stopped and the launcher exits
-with the failing status. SIGTERM / SIGINT to the launcher is forwarded to every process (a local
-preemption drill); the launcher then exits with the worst status of its processes. The processes start
-with SIGTERM blocked (the trainer unblocks it once its handler is installed, so a SIGTERM during
-interpreter start-up is held, not fatal) and with MIRAGE_LAUNCHER_PID set (the trainer exits when the
-launcher dies, even by kill -9).
+with the failing status. SIGTERM / SIGINT (Ctrl-C) to the launcher is forwarded to every process (a local
+preemption drill; the trainers save the agreed stop step and exit 0; a second Ctrl-C makes them exit at once
+with 130); a process still running `--stop-grace-s` (default 150 s: the trainer's own stop bound,
+MIRAGE_STOP_TIMEOUT_S = 120 s, plus 30 s) after the FIRST forwarded signal is killed (SIGKILL), so the job
+ends within that bound whatever its processes are blocked in. The launcher then exits with the worst status
+of its processes. The processes start with SIGTERM and SIGINT blocked (the trainer unblocks them once its
+handler is installed, so a signal during interpreter start-up is held, not fatal) and with
+MIRAGE_LAUNCHER_PID set (the trainer exits when the launcher dies, even by kill -9), each in its own
+process group, so that a terminal's Ctrl-C reaches them once, through the launcher.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ import threading
 import time
 
 SINGLE_THREADED = "--xla_cpu_multi_thread_eigen=false"
-GRACE_S = 30.0  # after a failure / forwarded signal, how long the others get before SIGKILL
+GRACE_S = 30.0  # after a process failed, how long the others get before SIGKILL
+STOP_GRACE_S = 150.0  # after a forwarded signal, how long every process gets before SIGKILL
 
 
 def free_port() -> int:
@@ -67,11 +72,13 @@ def pump(i: int, stream, lock: threading.Lock) -> None:
 def main(argv: list[str] | None = None) -> int:
     # held until `forward` is installed; the children inherit the blocked mask through exec (the trainer
     # unblocks it once its own handler is in place)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--processes", type=int, default=2, help="number of processes (N)")
     parser.add_argument("--devices-per-process", type=int, default=4, help="CPU devices per process (M)")
     parser.add_argument("--port", type=int, default=0, help="coordinator port (0: a free one)")
+    parser.add_argument("--stop-grace-s", type=float, default=STOP_GRACE_S,
+                        help="seconds after a forwarded SIGTERM/SIGINT before the processes still running are killed")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ... run in every process")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -85,17 +92,21 @@ def main(argv: list[str] | None = None) -> int:
     pumps = []
     for i in range(args.processes):
         env = child_env(dict(os.environ), i, args.processes, args.devices_per_process, address)
-        p = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        # own process group: a terminal's Ctrl-C reaches the launcher only, which forwards it once (in the
+        # terminal's group each trainer would get the keypress twice, the second read as "Ctrl-C again")
+        p = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, process_group=0)
         procs.append(p)
         t = threading.Thread(target=pump, args=(i, p.stdout, lock), daemon=True)
         t.start()
         pumps.append(t)
 
-    forwarded = {"signal": None}
+    forwarded = {"signal": None, "at": None}
 
     def forward(signum: int, frame) -> None:
         del frame
         forwarded["signal"] = signum
+        if forwarded["at"] is None:
+            forwarded["at"] = time.monotonic()
         with lock:
             print(f"[launcher] got {signal.Signals(signum).name}; forwarding to {len(procs)} processes", flush=True)
         for p in procs:
@@ -104,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
 
+    killed = False
     failed_at = None
     status = 0
     while True:
@@ -122,10 +134,19 @@ def main(argv: list[str] | None = None) -> int:
                     p.terminate()
         if all(c is not None for c in codes):
             break
-        if failed_at is not None and time.monotonic() - failed_at > GRACE_S:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
+        now = time.monotonic()
+        late = ((failed_at is not None and now - failed_at > GRACE_S)
+                or (forwarded["at"] is not None and now - forwarded["at"] > args.stop_grace_s))
+        if late and not killed:
+            killed = True
+            running = [i for i, p in enumerate(procs) if p.poll() is None]
+            with lock:
+                print(f"[launcher] processes {running} still running "
+                      + (f"{args.stop_grace_s:.0f} s after {signal.Signals(forwarded['signal']).name}"
+                         if failed_at is None else f"{GRACE_S:.0f} s after a process failed")
+                      + "; killing them (SIGKILL)", flush=True)
+            for i in running:
+                procs[i].kill()
         time.sleep(0.05)
     for t in pumps:
         t.join(timeout=5)

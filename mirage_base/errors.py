@@ -24,6 +24,7 @@ class ExitCode(enum.IntEnum):
     REFUSED = 2
     NONFINITE = 3
     SAVE_FAILED = 4
+    WORKDIR_IN_USE = 5
 
 
 EXIT_MEANINGS: dict[ExitCode, str] = {
@@ -34,6 +35,8 @@ EXIT_MEANINGS: dict[ExitCode, str] = {
     ExitCode.NONFINITE: "training stopped after too many consecutive non-finite steps",
     ExitCode.SAVE_FAILED: "an output could not be written (a checkpoint, shards): what was committed before stays "
                           "usable",
+    ExitCode.WORKDIR_IN_USE: "another live trainer owns the workdir (or took it over): nothing is wrong with the "
+                             "input; retry once that owner has stopped or its lease expired, or use --takeover",
 }
 
 
@@ -69,6 +72,14 @@ class InputError(MirageError, ValueError):
     """A user's input (a path, a source file, a flag's value) that a tool cannot use; the message names it."""
 
     exit_code = ExitCode.REFUSED
+
+
+class WorkdirInUseError(MirageError):
+    """Another live trainer owns the workdir (mirage_jax/train/ownership.py), or took it over from this one
+    (exit 5: nothing is wrong with the input; retry once the owner has stopped or its lease expired)."""
+
+    exit_code = ExitCode.WORKDIR_IN_USE
+    label = "WORKDIR IN USE"
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:

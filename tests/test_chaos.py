@@ -1,7 +1,7 @@
 """Preemption and crash safety at every moment of a run.
 
 - The chaos drill (tools/chaos.py; `make chaos` runs more iterations): a 2-process x 4-device job
-  on prepared shards with Grain workers, SIGTERM / SIGKILL at seeded moments (setup, restore, compilation,
+  on prepared shards with Grain workers, SIGTERM / SIGINT / SIGKILL at seeded moments (setup, restore, compilation,
   mid-step, mid-save), restarted with the same command; final parameters bitwise equal to an uninterrupted
   run, every SIGTERM -> exit 0 within 60 s, no step lost beyond the last commit, no process left behind.
 - Single-process cases that the drill's random moments may miss: SIGTERM during interpreter start-up and
@@ -26,9 +26,10 @@ from tools import chaos
 from train_cli import ROOT, cli_args, read_metrics, run_cli
 
 # One of each signal at the moments the issue names, ordered so that each lands on a RESUMED run after the
-# first: a preemption mid-step (saves), one while the resumed run compiles (the case JAX's sync point missed),
-# a host crash mid-save. Delays within each moment are drawn from the seed; `make chaos` draws kinds and moments.
-SCHEDULE = [("SIGTERM", "step"), ("SIGTERM", "compile"), ("SIGKILL", "save")]
+# first: a Ctrl-C (SIGINT to the job's process group) mid-step (saves), a SIGTERM while the resumed run compiles
+# (the case JAX's sync point missed), a host crash mid-save. Delays within each moment are drawn from the seed;
+# `make chaos` draws kinds and moments.
+SCHEDULE = [("SIGINT", "step"), ("SIGTERM", "compile"), ("SIGKILL", "save")]
 
 
 @pytest.mark.multiprocess
@@ -43,6 +44,19 @@ def test_chaos_drill_two_processes(tmp_path, prepared_shards):
     assert rep.bitwise_equal is True
     assert rep.orphans == 0
     assert sum(rep.kills.values()) >= 2, rep.log  # the job was really interrupted, not just run to the end
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_chaos_drill_second_trainer_and_ctrl_c_mid_save(tmp_path, prepared_shards):
+    """The drill's other faults: a second job on the same workdir while the first runs (refused, exit 5, the
+    first then preempted), and Ctrl-C right after `checkpoint N started` on the resumed run."""
+    rep = chaos.run_chaos(tmp_path, iterations=2, seed=3, steps=8, save_every=4, shards=Path(prepared_shards),
+                          schedule=[("SECOND", "step"), ("SIGINT", "save")])
+    print(rep.table())
+    assert not rep.failures, "\n\n".join(rep.failures)
+    assert rep.bitwise_equal is True and rep.orphans == 0
+    assert rep.kills[("SECOND", "step")] == 1, rep.log
 
 
 def _env(**extra: str) -> dict[str, str]:

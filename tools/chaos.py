@@ -9,11 +9,17 @@ the launcher started both processes; `restore`: after the mesh/parameter line; `
 "initialized/resumed at step"; `step`: after the first step; `save`: right after "checkpoint N started")
 plus a random delay, then sends
   - SIGTERM to the launcher (a preemption; forwarded to both trainers), or
-  - SIGKILL to both trainers at once (a host crash; nothing gets to react).
+  - SIGINT to the launcher's process group (Ctrl-C in the launching terminal; the launcher, whose trainers
+    run in their own group, forwards it), or
+  - SIGKILL to both trainers at once (a host crash; nothing gets to react), or
+  - SECOND: starts the same command again while the job runs (a re-queued job whose old allocation still
+    runs); the second job must be refused (exit 5, `WORKDIR IN USE` naming the first) without touching the
+    workdir, and the first is then preempted with SIGTERM.
 Then the same command runs until the job finishes, and an uninterrupted run of the same steps runs in
 another workdir. Checked:
   - the final parameters are bitwise equal to the uninterrupted run's;
-  - every SIGTERM ended the job with exit 0 within `GRACE_S`;
+  - every SIGTERM and SIGINT ended the job with exit 0 within `GRACE_S`;
+  - every second job was refused with exit 5 within `GRACE_S` and the first went on to a clean stop;
   - after each SIGKILL the next run resumed from the newest checkpoint committed before the kill or later
     (no step lost beyond the last commit);
   - no process of the job (trainers, Grain workers, multiprocessing's resource tracker) is alive a few
@@ -52,6 +58,27 @@ MOMENTS = {  # moment -> (log line that starts the clock, or None: the launch; m
     "save": (re.compile(r"checkpoint \d+ started"), 0.2),
 }
 RESUMED = re.compile(r"resumed from checkpoint at step (\d+)")
+RESTORED = re.compile(r"(resumed from checkpoint|initialized) at step")
+KINDS = ("SIGTERM", "SIGINT", "SIGKILL", "SECOND")
+
+
+def second_trainer(cmd: list[str], env: dict[str, str], workdir: Path, first: Launch) -> str | None:
+    """Start `cmd` again while `first` runs on the same workdir; None if it was refused as it must be (exit 5,
+    a `WORKDIR IN USE` line naming the first job's process 0, before its trainers opened the checkpoints), else
+    what went wrong."""
+    second = start(cmd, env)
+    rc = second.finish(GRACE_S)
+    if rc is None:
+        second.proc.kill()
+        second.proc.wait()
+        return f"the second job was not refused within {GRACE_S:.0f} s:\n{second.text[-3000:]}"
+    trainers = first.trainers()
+    refusals = [line for line in second.text.splitlines() if "WORKDIR IN USE" in line]
+    if rc != 5 or not refusals or not any(f"pid {pid} " in refusals[0] for pid in trainers):
+        return f"the second job ended with exit {rc} (want 5, naming one of {trainers}):\n{second.text[-3000:]}"
+    if RESTORED.search(second.text):
+        return f"the second job opened the workdir's checkpoints before it was refused:\n{second.text[-3000:]}"
+    return None
 
 
 def prepare_shards(out: Path) -> Path:
@@ -177,7 +204,10 @@ class Launch:
 
 
 def start(cmd: list[str], env: dict[str, str]) -> Launch:
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    """Start the launcher in its own session (process group), as a terminal starts a command: SIGINT to that
+    group is a Ctrl-C in the launching terminal."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     return Launch(proc)
 
 
@@ -216,7 +246,7 @@ class Report:
 
     def table(self) -> str:
         rows = [("iterations", str(self.iterations))]
-        for kind in ("SIGTERM", "SIGKILL"):
+        for kind in KINDS:
             by = {m: n for (k, m), n in sorted(self.kills.items()) if k == kind}
             rows.append((f"{kind} by moment", ", ".join(f"{m} {n}" for m, n in by.items()) or "-"))
         rows.append(("exits", ", ".join(f"{k}: {n}" for k, n in sorted(self.exits.items())) or "-"))
@@ -255,7 +285,7 @@ def run_chaos(base: Path, iterations: int, seed: int, steps: int = 24, save_ever
     pending_min: int | None = None  # after a SIGKILL: the newest step committed before it
     for it in range(iterations):
         rep.iterations += 1
-        kind = rng.choice(["SIGTERM", "SIGKILL"])
+        kind = rng.choice(KINDS)
         moment = rng.choice(sorted(MOMENTS))
         if schedule:
             kind, moment = schedule[it % len(schedule)]
@@ -271,12 +301,19 @@ def run_chaos(base: Path, iterations: int, seed: int, steps: int = 24, save_ever
             launch.watch()
             if launch.proc.poll() is None:
                 committed = committed_steps(workdir)
-                if kind == "SIGTERM":
+                if kind == "SECOND":
+                    second = second_trainer(cmd, env, workdir, launch)
+                    if second:
+                        rep.failures.append(f"iteration {it}: SECOND at {moment}: {second}")
+                t_sent = time.monotonic()
+                if kind in ("SIGTERM", "SECOND"):
                     launch.proc.send_signal(signal.SIGTERM)
+                elif kind == "SIGINT":
+                    os.killpg(launch.proc.pid, signal.SIGINT)
                 else:
                     for pid in launch.trainers():
                         os.kill(pid, signal.SIGKILL)
-                sent, t_sent = True, time.monotonic()
+                sent = True
         rc = launch.finish(GRACE_S if sent else 900)
         if rc is None:
             launch.proc.kill()
@@ -291,8 +328,8 @@ def run_chaos(base: Path, iterations: int, seed: int, steps: int = 24, save_ever
                        "saved" if "PREEMPTED" in launch.text else "finished" if "DONE:" in launch.text else "-")
             note(f"iteration {it}: {kind} at {moment} +{delay:.2f} s -> exit {rc} after {took:.1f} s ({outcome}); "
                  f"committed before: {committed[-1:] or 'none'}, last logged step {last_logged_step(workdir)}")
-            if kind == "SIGTERM" and rc != 0:
-                rep.failures.append(f"iteration {it}: SIGTERM at {moment} ended with exit {rc}:\n"
+            if kind != "SIGKILL" and rc != 0:
+                rep.failures.append(f"iteration {it}: {kind} at {moment} ended with exit {rc}:\n"
                                     + launch.text[-3000:])
             if kind == "SIGKILL":
                 pending_min = committed[-1] if committed else None

@@ -1,11 +1,14 @@
 """`python -m mirage_jax.train --config=configs/X.py --workdir=DIR [--config.a.b=value ...]`.
 
 The same command runs on one CPU, a GPU box, or every host of a TPU pod (see docs/pods.md). Exit status:
-0 when training finished or was preempted (SIGTERM at any moment: the newest completed step is saved, or,
-before the first step, nothing new was trained; the message says which), 3 when it stopped on too many
-non-finite steps, 2 on a config that is invalid or does not fit its data or the devices (one line naming the
-fields and the `--config.` overrides), whose data.source has no shards, that cannot resume the workdir's
-checkpoint (changed model, data or seed; named), or whose checkpoint is damaged (CheckpointError naming the step
+0 when training finished or was preempted (SIGTERM or Ctrl-C at any moment: the newest completed step is saved,
+or, before the first step, nothing new was trained; the message says which), 130 on a second Ctrl-C (exits at
+once without saving, naming the last committed checkpoint; also 130 / 143 when a stop after SIGINT / SIGTERM
+did not finish within MIRAGE_STOP_TIMEOUT_S), 5 when another live trainer owns the workdir (one line naming it;
+`--takeover` for a gs:// workdir whose owner crashed; see train/ownership.py), 3 when it stopped on too many
+non-finite steps, 2 on a config that is invalid or does not fit its data (one line naming the fields and the
+`--config.` overrides), whose data.source has no shards, or that cannot resume the workdir's checkpoint
+(changed model, data or seed; named), or whose checkpoint is damaged (CheckpointError naming the step
 folder), 4 when a checkpoint could not be written, 1 on a bug (with its traceback). The same table for every
 tool: `mirage_base.errors.ExitCode`, README's "Exit status".
 """
@@ -37,6 +40,10 @@ _ALLOW = flags.DEFINE_bool("allow_config_change", False,
 _COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
 _NPROC = flags.DEFINE_integer("num_processes", None, "Number of JAX processes (multi-process runs).")
 _PID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+_TAKEOVER = flags.DEFINE_bool("takeover", False,
+                              "Take a gs:// workdir over from the owner its lease names before the lease expires "
+                              "(only when that run is gone; it stops without saving if it is not). A local "
+                              "workdir's lock is released by the kernel when its owner dies.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -65,13 +72,18 @@ def main(argv: list[str], hooks: Sequence[Any] = ()) -> None:
     distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
 
     from mirage_base.storage import check_storage
+    from mirage_jax.train import ownership
     from mirage_jax.train.loop import Trainer
 
     check_storage(_WORKDIR.value, _CONFIG.value.data.get("source"))
+    # one owner per workdir, taken before anything is written or cleaned there (Orbax removes unfinished step
+    # directories when its manager starts); released when the run ends (a kill releases the local lock; a gs://
+    # lease then expires by itself)
     try:
-        trainer = Trainer(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW.value, hooks=hooks,
-                          started_at=STARTED_AT)
-        step = trainer.run()
+        with ownership.take(_WORKDIR.value, takeover=_TAKEOVER.value):
+            trainer = Trainer(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW.value, hooks=hooks,
+                              started_at=STARTED_AT)
+            step = trainer.run()
     except preemption.Preempted as e:
         logging.warning("%s", e)
         print(f"PREEMPTED (clean exit): {e}", flush=True)
@@ -82,7 +94,8 @@ def main(argv: list[str], hooks: Sequence[Any] = ()) -> None:
 def run(hooks: Sequence[Any] = ()) -> None:
     """The CLI: `main` through mirage_base.cli.run, which prints a user's mistake as one line with its exit
     status (ConfigError, MeshConfigError, LayoutError, ConfigChangeError, DataStateError, CheckpointError: 2;
-    NonFiniteError: 3; CheckpointSaveError: 4,
+    NonFiniteError: 3; WorkdirInUseError: 5;
+    CheckpointSaveError: 4,
     through os._exit so that tensorstore's callbacks of the failed write cannot bury the line under
     "Event loop is closed" tracebacks at shutdown; committed steps are on disk)."""
     from mirage_base.cli import run as run_cli

@@ -32,6 +32,7 @@ from mirage_base.errors import CheckpointError, ExitCode, MirageError, root_caus
 from mirage_jax import checkpoint_format
 from mirage_jax.paths import orbax_path
 from mirage_jax.run_config import CheckpointConfig
+from mirage_jax.train import ownership, preemption
 from mirage_jax.train.state import TrainState
 
 
@@ -202,12 +203,15 @@ class CheckpointStore:
             },
         )
         _quiet_abandoned_write_callbacks()
+        _bounded_barriers()
         # Orbax deletes unfinished step directories of earlier runs in a background thread and waits for it only
         # at the first save; wait now, so that once the store exists the workdir holds committed steps only
         # (a rerun after a kill -9 mid-save must not find the torn step still there, even briefly).
         wait_cleanup = getattr(self.manager, "_maybe_await_cleanup_tmp_directory", None)
         if wait_cleanup is not None:
             wait_cleanup()
+        if not read_only:
+            preemption.note_committed(self.directory, self.latest_step())
 
     def step_dir(self, step: int) -> epath.Path:
         return self.directory / str(step)
@@ -296,6 +300,7 @@ class CheckpointStore:
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - returned as one message
             return self._save_error(e, self.last_saved)
+        preemption.note_committed(self.directory, self.last_saved)
         return None
 
     def _save_error(self, e: BaseException, step: int | None) -> CheckpointSaveError:
@@ -312,8 +317,15 @@ class CheckpointStore:
         steps = self.all_steps()
         last = f"the last committed checkpoint is {max(steps)}" if steps else "no checkpoint was committed yet"
         target = self.step_dir(step) if step is not None else self.directory
-        err = CheckpointSaveError(f"writing checkpoint {target} failed: {what}. {last} (intact, "
-                                  "restorable); fix the storage (space, permissions) and rerun the same command")
+        other = ownership.intruder()
+        if other is not None:  # e.g. a --takeover, whose start removed this run's unfinished step directory
+            err = CheckpointSaveError(f"writing checkpoint {target} failed: {what}, because another trainer, "
+                                      f"{other}, owns this workdir now (the storage is not at fault); {last}. This "
+                                      "run stops; leave the workdir to that run, or stop it and rerun the same "
+                                      "command")
+        else:
+            err = CheckpointSaveError(f"writing checkpoint {target} failed: {what}. {last} (intact, "
+                                      "restorable); fix the storage (space, permissions) and rerun the same command")
         err.__cause__ = e
         return err
 
@@ -337,6 +349,19 @@ class CheckpointStore:
         except Exception as e:  # noqa: BLE001 - a failed save was (or will be) reported by save_error / wait
             first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
             logging.getLogger(__name__).warning("closing the checkpoint manager: %s", first_line)
+
+
+def _bounded_barriers() -> None:
+    """Make Orbax's cross-process barriers (save start, directory creation, commit) wait through the JAX
+    coordination service, with a timeout (`multihost.sync_global_processes`: 300 s, or the async save's
+    `AsyncOptions.timeout_secs` for the commit barrier), instead of its default of a device collective
+    (`multihost_utils.sync_global_devices`), which has no timeout and in which a process cannot even be
+    interrupted: a peer that never arrives (killed, or stopped by a signal elsewhere) would hold it forever.
+    Orbax 0.12 reads the absl flag `experimental_orbax_use_distributed_barrier` at every barrier."""
+    from absl import flags
+
+    if jax.process_count() > 1 and "experimental_orbax_use_distributed_barrier" in flags.FLAGS:
+        flags.FLAGS.experimental_orbax_use_distributed_barrier = True
 
 
 def _quiet_abandoned_write_callbacks() -> None:

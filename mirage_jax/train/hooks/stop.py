@@ -64,7 +64,7 @@ class PreemptionStop(Hook):
         self.events = events
 
     def on_step(self, info: StepInfo) -> None:
-        from mirage_jax.train.preemption import Preempted
+        from mirage_jax.train.preemption import Preempted, describe_saved
 
         if not info.preempted:
             return
@@ -74,8 +74,7 @@ class PreemptionStop(Hook):
         else:
             self.store.wait()
         self.agreement.log_cost()
-        raise Preempted(f"preempted: checkpoint {info.new_step} saved in {self.store.directory}; rerun the same "
-                        "command to resume")
+        raise Preempted(describe_saved(info.new_step, self.store.directory))
 
     def on_end(self, info: StepInfo | None) -> None:
         self.agreement.log_cost()  # last: after the checkpoint policy waited for the final save

@@ -13,7 +13,8 @@ Modules, one job each:
 - `grain_source`: the Grain loader of `data_pipeline` as the loop's data source;
 - `checkpoint`: the Orbax checkpoint store of a workdir (state, data state, config, meta);
 - `resume`: restore the newest committed checkpoint or initialize, with the config-change checks;
-- `preemption`: SIGTERM -> save the newest completed step -> exit 0;
+- `preemption`: SIGTERM or Ctrl-C -> agree on the stop step -> save the newest completed step -> exit 0;
+- `ownership`: one owner per workdir (a file lock locally, a renewed lease on gs://), taken by the CLI;
 - `metrics`: console, TensorBoard and JSONL metrics, throughput and MFU;
 - `loop`: the `Trainer` (holds the `RunSetup`): resume, then the loop as a driver that calls the hooks;
 - `hooks`: one module per concern of the loop (profiler window, goodput events, non-finite guard, metrics

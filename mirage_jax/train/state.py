@@ -1,10 +1,10 @@
 """The train state (step, params, optimizer state, EMA, NaN counters), created already sharded.
 
-`create_sharded_state` never materializes the full model on a host: the model is built under
-`nnx.eval_shape` for shapes and logical axes, the rules give every leaf its NamedSharding, and the real
-initialization runs inside `jax.jit(..., out_shardings=...)` so each device creates only its shard.
-Params are a plain nested dict (`nnx.to_pure_dict` of the model's `nnx.Param` state): the checkpoint
-format does not depend on Flax internals, and `nnx.merge(graphdef, params)` rebuilds the model.
+`StateLayout.create` (and `create_from`, which warm start uses) never materializes the full model on a host:
+the model is built under `nnx.eval_shape` for shapes and logical axes, the rules give every leaf its
+NamedSharding, and the real initialization runs inside `jax.jit(..., out_shardings=...)` so each device
+creates only its shard. Params are a plain nested dict (`nnx.to_pure_dict` of the model's `nnx.Param`
+state): the checkpoint format does not depend on Flax internals, and `nnx.merge(graphdef, params)` rebuilds the model.
 """
 
 from __future__ import annotations

@@ -76,13 +76,14 @@ def main(argv: list[str], hooks: Sequence[Any] = ()) -> None:
     from mirage_jax.train.loop import Trainer
 
     check_storage(_WORKDIR.value, _CONFIG.value.data.get("source"))
+    # the config, mesh and data checks first: a refused config leaves no trace (Trainer() writes nothing). Then
     # one owner per workdir, taken before anything is written or cleaned there (Orbax removes unfinished step
     # directories when its manager starts); released when the run ends (a kill releases the local lock; a gs://
     # lease then expires by itself)
+    trainer = Trainer(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW.value, hooks=hooks,
+                      started_at=STARTED_AT)
     try:
         with ownership.take(_WORKDIR.value, takeover=_TAKEOVER.value):
-            trainer = Trainer(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW.value, hooks=hooks,
-                              started_at=STARTED_AT)
             step = trainer.run()
     except preemption.Preempted as e:
         logging.warning("%s", e)

@@ -7,8 +7,7 @@ import sys
 from data_pipeline.loader.grain_loader import make_loader
 
 if __name__ == "__main__":  # Grain's workers are spawned: the main module must be importable without running this
-    import ml_collections
-
+    from mirage_jax.run_config import DataConfig, ShapesConfig
     from mirage_jax.train import data as data_lib
     from mirage_jax.train import grain_source
 
@@ -16,11 +15,9 @@ if __name__ == "__main__":  # Grain's workers are spawned: the main module must 
                          num_epochs=1, shuffle=False)
     it = iter(loader)
     n = sum(1 for _ in it)
-    cfg = ml_collections.ConfigDict(dict(
-        data=dict(source=sys.argv[1], shuffle_seed=0, worker_count=1, prefetch=2, allow_dataset_change=False,
-                  verify="auto"),
-        shapes=dict(audio_frames=25)))
-    source = grain_source.make(cfg, data_lib.RowRange(0, 2, 2))
+    data = DataConfig(source=sys.argv[1], shuffle_seed=0, worker_count=1, prefetch=2)
+    shapes = ShapesConfig(latent_frames=25, latent_height=8, latent_width=8, audio_frames=25, text_len=8)
+    source = grain_source.make(data, shapes, data_lib.RowRange(0, 2, 2))
     kept = [next(source), next(source)]  # held to the end, as the loop's device arrays may hold their memory
     data_lib.close_source(source)
     print(f"read {n} batches; closed", flush=True)

@@ -24,7 +24,7 @@ import numpy as np
 from etils import epath
 
 from mirage_base.batch_keys import CONDITION_KEYS
-from mirage_jax.diffusion.cache import magnitude_ratios, mag_skip_mask, velocity_norms
+from mirage_jax.diffusion.cache import mag_skip_mask, magnitude_ratios, velocity_norms
 from mirage_jax.diffusion.sampler import model_velocity_fn
 from mirage_jax.inference import LoadedRun
 from mirage_jax.run_encoders import GenerateError

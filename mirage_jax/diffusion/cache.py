@@ -187,7 +187,8 @@ def cached_euler_sample(fn: VelocityFn, noise: jax.Array, plan: CachePlan, *, th
             s_audio = guidance_weight(t, cfg_audio, schedule)
             v = v_none + s_text * (v_text - v_none) + s_audio * (v_full - v_text)
             c = dict(c, v_full=v_full.astype(jnp.float32), d_a_prev=c["d_a"], d_t_prev=c["d_t"],
-                     d_a=(v_full - v_text).astype(jnp.float32), d_t=(v_text - v_none).astype(jnp.float32), gap=i - c["k"], k=i)
+                     d_a=(v_full - v_text).astype(jnp.float32), d_t=(v_text - v_none).astype(jnp.float32),
+                     gap=i - c["k"], k=i)
             return v.astype(jnp.float32), c
 
         def with_cached_guidance(v_full, c):

@@ -152,3 +152,14 @@ def calibrate(run: LoadedRun, cond: dict[str, np.ndarray], latent_shape: tuple[i
                          calibration={"cfg_text": settings.cfg_text, "cfg_audio": settings.cfg_audio,
                                       "schedule": settings.schedule, "seed": settings.seed if seed is None else seed,
                                       "latent_shape": list(latent_shape)})
+
+
+def apply_cache(run: LoadedRun, settings: SamplingSettings, cache: str,
+                schedule: str | None) -> tuple[SamplingSettings, str | None]:
+    """`settings` with `--cache` applied, and the schedule file read for the 'mag' modes (its path; None for the
+    others); a schedule for another checkpoint or step count is refused with one line (`read_schedule`)."""
+    if "mag" not in cache:
+        return dataclasses.replace(settings, cache=cache), None
+    path = schedule or os.fspath(default_path(run))
+    sched = read_schedule(path, run, steps=settings.steps)
+    return dataclasses.replace(settings, cache=cache, skip=sched.skip), os.fspath(path)

@@ -227,3 +227,21 @@ def test_data_loader_compares_the_legacy_and_elastic_loaders(prepared_shards) ->
     rows = [data_loader.bench_loader(prepared_shards, 2, 2, 0, 1.0, legacy) for legacy in (True, False)]
     assert [r["config"] for r in rows] == ["legacy loader", "grain loader"]
     assert all(r["records_per_s"] > 0 for r in rows)
+
+
+@pytest.mark.slow  # ~90 s on a loaded 2-core host: four sampler compiles (each with its conditionals)
+def test_sampling_cache_bench() -> None:
+    """bench.sampling at a minimal size: every mode timed against none, the speed-up is the ratio of medians,
+    'none' is its own reference (infinite PSNR, SSIM 1), and the network-pass counts follow the plans."""
+    from bench import sampling
+
+    r = sampling.measure(steps=6, rounds=1, train_steps=1, threshold=0.5, overrides=MINI)
+    modes = r["modes"]
+    assert set(modes) == {"none", "cfg", "mag", "cfg+mag"}
+    assert modes["none"]["psnr"] == math.inf and modes["none"]["ssim"] == pytest.approx(1.0)
+    for m, x in modes.items():
+        _pos(x["median_s"])
+        _ratio_of_medians(x["speedup"], modes["none"]["seconds"], x["seconds"])
+        assert x["forwards"] <= modes["none"]["forwards"] == 6 * 3, m
+    assert modes["cfg"]["forwards"] < 18
+    assert "\n".join(sampling.report(r)).count("| cfg") == 2

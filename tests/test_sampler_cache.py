@@ -225,3 +225,41 @@ def test_schedule_file_round_trips_and_is_refused_for_another_checkpoint(tmp_pat
         read_schedule(path, run_a, steps=64)
     with pytest.raises(CacheScheduleError, match="no such file"):
         read_schedule(tmp_path / "nope.json", run_a)
+
+
+@pytest.mark.slow  # ~2 min on a loaded 2-core host: three compiles of a real DiT with its conditionals
+def test_calibrated_run_samples_sharded_like_unsharded(tmp_path) -> None:
+    """A real (small, random) MirageDiT: calibrate -> schedule file -> apply_cache -> sample_latents with
+    cfg+mag, on the 8-device mesh equal to one device; the mask has the calibrated steps; 'none' stays the
+    uncached sampler."""
+    from etils import epath
+    from flax import nnx
+
+    from helpers import random_inputs, randomize, saved_config, small_config
+    from mirage_base.batch_keys import CONDITION_KEYS
+    from mirage_jax.cache_schedule import apply_cache, calibrate, default_path
+    from mirage_jax.inference import LoadedRun
+    from mirage_jax.model import MirageDiT
+    from mirage_jax.sampling import SamplingSettings, generation_mesh, sample_latents
+
+    cfg = small_config()
+    model = MirageDiT(cfg, rngs=nnx.Rngs(0))
+    randomize(model, seed=3)
+    run = LoadedRun(model=model, config=saved_config(), step=7,
+                    step_dir=epath.Path(tmp_path / "run" / "checkpoints" / "7"), weights="params")
+    x = random_inputs(cfg, b=2, t=3)
+    cond = {k: np.concatenate([x[k]] * 4) for k in CONDITION_KEYS if k in x}
+    cond["video_mask"] = np.ones((8, 3), bool)
+    shape = (8,) + x["video"].shape[1:]
+    settings = SamplingSettings(steps=6, cfg_audio=2.5, cfg_text=1.5, schedule="cosine", seed=1)
+    sched = calibrate(run, {k: v[:1] for k, v in cond.items()}, (1,) + shape[1:], settings, threshold=0.5,
+                      retention=0.0)
+    sched.write(default_path(run))
+    assert len(sched.skip) == 6 and sched.checkpoint["step"] == 7
+    cached, path = apply_cache(run, settings, "cfg+mag", None)
+    assert path == str(default_path(run)) and cached.skip == sched.skip and cached.cache == "cfg+mag"
+    one = sample_latents(run, cond, shape, cached, progress=False)
+    many = sample_latents(run, cond, shape, cached, mesh=generation_mesh(), progress=False)
+    np.testing.assert_allclose(many, one, atol=2e-5, rtol=1e-5)
+    plain = sample_latents(run, cond, shape, settings, progress=False)
+    assert np.isfinite(one).all() and (sum(sched.skip) == 0 or np.abs(one - plain).max() > 0)

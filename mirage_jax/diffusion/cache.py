@@ -150,6 +150,10 @@ def _compensated(d: jax.Array, d_prev: jax.Array, steps_since: jax.Array, gap: j
     return d + (steps_since / jnp.maximum(gap, 1).astype(jnp.float32)).astype(d.dtype) * trend * (gap > 0)
 
 
+def _bind(fn: VelocityFn, st: Any) -> VelocityFn:
+    return functools.partial(_call_with_state, fn, st) if st is not None else fn
+
+
 def cached_euler_sample(fn: VelocityFn, noise: jax.Array, plan: CachePlan, *, threshold: float = 0.025,
                         cfg_text: float = 1.0, cfg_audio: float = 1.0, schedule: str = "constant",
                         sigmas: jax.Array | None = None, state: Any = None,
@@ -174,9 +178,9 @@ def cached_euler_sample(fn: VelocityFn, noise: jax.Array, plan: CachePlan, *, th
         t, t_next = levels[i], levels[i + 1]
         if on_step is not None:
             jax.debug.callback(lambda k: on_step(int(k)), i)
-        f = functools.partial(_call_with_state, fn, st) if st is not None else fn
 
-        def full(c):
+        def full(c, st):
+            f = _bind(fn, st)
             if not guided:
                 v = f(x, t, True, True).astype(jnp.float32)
                 return v, dict(c, v_full=v)
@@ -201,17 +205,17 @@ def cached_euler_sample(fn: VelocityFn, noise: jax.Array, plan: CachePlan, *, th
             s_audio = guidance_weight(t, cfg_audio, schedule)
             return v_full + (s_audio - 1.0) * d_a + (s_text - 1.0) * d_t
 
-        def reuse(c):
-            v_full = f(x, t, True, True).astype(jnp.float32)
+        def reuse(c, st):
+            v_full = _bind(fn, st)(x, t, True, True).astype(jnp.float32)
             return with_cached_guidance(v_full, c), dict(c, v_full=v_full)
 
-        def compute(c):
-            return jax.lax.cond(run_guidance[i], full, reuse, c) if guided else full(c)
+        def compute(c, st):
+            return jax.lax.cond(run_guidance[i], full, reuse, c, st) if guided else full(c, st)
 
-        def skip(c):  # MagCache: the last computed conditional output, recombined with this step's guidance scales
+        def skip(c, st):  # MagCache: the last computed conditional output, recombined with this step's guidance scales
             return with_cached_guidance(c["v_full"], c), c
 
-        v, c = jax.lax.cond(run_model[i], compute, skip, c)
+        v, c = jax.lax.cond(run_model[i], compute, skip, c, st)
         return x + (t - t_next) * v.astype(x.dtype), st, c
 
     x, _, _ = jax.lax.fori_loop(0, steps, body, (x0, state, cache0))

@@ -1,6 +1,7 @@
 """Run every benchmark and write bench/results.md (machine info, numbers, ratios, interpretations).
 
-    python -m bench [--quick] [--only=train_step,train_step_2x,efficiency,seq_parallel,checkpoint,data] [--out=...]
+    python -m bench [--quick] [--only=train_step,train_step_2x,efficiency,seq_parallel,checkpoint,data,sampling]
+        [--out=...]
     make bench
 
 Each benchmark runs in its own child process (`python -m bench --child=NAME`), one after the other: the
@@ -25,7 +26,7 @@ from absl import app, flags
 
 from bench import common
 
-NAMES = ("train_step", "train_step_2x", "efficiency", "seq_parallel", "checkpoint", "data")
+NAMES = ("train_step", "train_step_2x", "efficiency", "seq_parallel", "checkpoint", "data", "sampling")
 FAST = {"model.num_layers": 2, "shapes.latent_frames": 4, "shapes.audio_frames": 4}
 
 def run_one(name: str, quick: bool) -> dict[str, Any]:
@@ -70,6 +71,12 @@ def run_one(name: str, quick: bool) -> dict[str, Any]:
         if quick:
             return data_loader.loader_vs_step(clips=2, batch=2, rounds=2, batches_per_round=2, step_overrides=FAST)
         return data_loader.loader_vs_step(clips=8, batch=8, rounds=3, batches_per_round=8)
+    if name == "sampling":
+        from bench import sampling
+
+        if quick:
+            return sampling.measure(steps=16, rounds=1, train_steps=2, overrides=FAST)
+        return sampling.measure(steps=64, rounds=3, train_steps=30)
     raise ValueError(f"unknown benchmark {name!r}; one of {NAMES}")
 
 
@@ -298,9 +305,15 @@ def _section_train_step_2x(r: dict[str, Any]) -> list[str]:
                                         f"(width {s['heads'] * s['head_dim']}), {s['tokens_per_sample']} tokens/sample")
 
 
+def _section_sampling(r: dict[str, Any]) -> list[str]:
+    from bench import sampling
+
+    return sampling.report(r)
+
+
 SECTIONS = {"train_step": _section_train_step, "train_step_2x": _section_train_step_2x,
             "efficiency": _section_efficiency, "seq_parallel": _section_seq,
-            "checkpoint": _section_ckpt, "data": _section_data}
+            "checkpoint": _section_ckpt, "data": _section_data, "sampling": _section_sampling}
 
 
 def interpret(results: dict[str, dict[str, Any]]) -> dict[str, str]:
@@ -330,6 +343,13 @@ def interpret(results: dict[str, dict[str, Any]]) -> dict[str, str]:
     if "ratio" in r:
         out["data"] = (f"The in-process loader supplies {r['ratio']:.1f}x what the tiny train step consumes "
                        f"({'keeps up' if r['ratio'] >= 1 else 'does NOT keep up'}).")
+    r = results.get("sampling", {})
+    if r.get("modes"):
+        m = r["modes"]
+        out["sampling"] = ", ".join(f"{k} {x['speedup']:.2f}x ({x['psnr']:.1f} dB)" for k, x in m.items()
+                                    if k != "none")
+        out["sampling"] = (f"At {r['setup']['steps']} guided steps, speed-up over uncached sampling (PSNR against "
+                           f"it): {out['sampling']}.")
     for name, line in out.items():
         if not results[name].get("host", {}).get("claim"):
             why = results[name].get("host", {}).get("why", "load not recorded")
@@ -377,7 +397,7 @@ def write_report(results: dict[str, dict[str, Any]], machine: dict[str, Any], pa
         if r is None or "error" in r:
             continue
         sec = SECTIONS[name](r)
-        if name not in ("train_step", "train_step_2x", "checkpoint"):  # these print it under their setup
+        if name not in ("train_step", "train_step_2x", "checkpoint", "sampling"):  # these print it under their setup
             sec[1:1] = ["", common.host_line(r)]
         lines += sec
     lines += ["## GPU", "",

@@ -2,7 +2,8 @@
 
     python -m bench.sampling [--quick] [--json] [--workdir=RUN --data=HELDOUT] [--steps=64] [--rounds=3]
 
-Without `--workdir`, the bench trains configs/tiny.py:fast for `--train_steps` steps on one synthetic batch (the
+Without `--workdir`, the bench trains configs/tiny.py (batch 2; `--quick`: 2 blocks, 4 latent frames) for
+`--train_steps` steps on one synthetic batch (the
 runtime's real step, `common.RealStep`) and samples that model; quality is then measured on the latents (no
 decoder, no lip-sync). With `--workdir` (e.g. the demo's run) and `--data` (its held-out shards), it samples the
 run's model on held-out conditioning, measures PSNR/SSIM on the decoded video, and the held-out lip-sync gap
@@ -25,6 +26,7 @@ from absl import app, flags
 from bench import common
 
 MODES = ("none", "cfg", "mag", "cfg+mag")
+QUICK = {"model.num_layers": 2, "shapes.latent_frames": 4, "shapes.audio_frames": 4}
 
 
 def psnr(ref: Any, x: Any) -> float:
@@ -61,7 +63,8 @@ def ssim(ref: Any, x: Any) -> float:
 
 
 def _tiny_run(train_steps: int, overrides: dict[str, Any] | None) -> tuple[Any, dict[str, Any], float]:
-    """(LoadedRun, conditioning batch as numpy, final loss) of configs/tiny.py:fast trained `train_steps` steps."""
+    """(LoadedRun, conditioning batch as numpy, final loss) of configs/tiny.py (batch 2, `overrides`) trained
+    `train_steps` steps on one synthetic batch."""
     import tempfile
 
     import jax
@@ -72,8 +75,7 @@ def _tiny_run(train_steps: int, overrides: dict[str, Any] | None) -> tuple[Any, 
     from mirage_base.batch_keys import CONDITION_KEYS
     from mirage_jax.inference import LoadedRun
 
-    cfg = common.tiny_config({"model.num_layers": 2, "shapes.latent_frames": 4, "shapes.audio_frames": 4,
-                              "train.global_batch_size": 2, **(overrides or {})})
+    cfg = common.tiny_config({"train.global_batch_size": 2, **(overrides or {})})
     step = common.RealStep(cfg)
     loss = float("nan")
     for _ in range(train_steps):
@@ -172,7 +174,8 @@ def measure(*, steps: int = 64, rounds: int = 3, train_steps: int = 30, cfg_audi
             modes[m]["gap_closed"] = rep.get("gap_closed")
     return {
         "setup": {"steps": steps, "rounds": rounds, "cfg_audio": cfg_audio, "cfg_text": cfg_text,
-                  "schedule": "cosine", "latent_shape": list(shape), "model": workdir or "configs/tiny.py, 2 blocks",
+                  "schedule": "cosine", "latent_shape": list(shape),
+                  "model": workdir or f"configs/tiny.py, {run.model_config.num_layers} blocks",
                   "train_steps": None if workdir else train_steps, "final_loss": loss, "threshold": threshold,
                   "max_skips": max_skips, "skipped_steps": int(sum(sched.skip)),
                   "quality_on": "decoded video" if workdir else "latents"},
@@ -205,7 +208,7 @@ def main(argv: list[str]) -> None:
     del argv
     F = flags.FLAGS
     if F.quick:
-        r = measure(steps=16, rounds=1, train_steps=2, workdir=F.workdir, data=F.data, clips=2)
+        r = measure(steps=16, rounds=1, train_steps=2, workdir=F.workdir, data=F.data, clips=2, overrides=QUICK)
     else:
         r = measure(steps=F.steps, rounds=F.rounds, train_steps=F.train_steps, workdir=F.workdir, data=F.data,
                     clips=F.clips)

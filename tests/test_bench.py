@@ -230,7 +230,7 @@ def test_data_loader_compares_the_legacy_and_elastic_loaders(prepared_shards) ->
 
 
 @pytest.mark.slow  # ~90 s on a loaded 2-core host: four sampler compiles (each with its conditionals)
-def test_sampling_cache_bench() -> None:
+def test_sampling_cache_bench(tmp_path) -> None:
     """bench.sampling at a minimal size: every mode timed against none, the speed-up is the ratio of medians,
     'none' is its own reference (infinite PSNR, SSIM 1), and the network-pass counts follow the plans."""
     from bench import sampling
@@ -245,3 +245,7 @@ def test_sampling_cache_bench() -> None:
         assert x["forwards"] <= modes["none"]["forwards"] == 6 * 3, m
     assert modes["cfg"]["forwards"] < 18
     assert "\n".join(sampling.report(r)).count("| cfg") == 2
+    from bench import __main__ as run_all
+
+    text = run_all.write_report({"sampling": r}, MACHINE, str(tmp_path / "r.md"), quick=True)
+    assert "## Cached sampling" in text and "speed-up over uncached sampling" in text

@@ -119,6 +119,31 @@ def test_constant_velocity_makes_every_reuse_exact() -> None:
     assert far > 1e-2
 
 
+
+def test_low_band_trend_is_extrapolated_exactly() -> None:
+    """On a uniform grid, an audio guidance difference t * k with k spatially constant (all low band) changes
+    linearly per step: the compensated reuse reproduces the uncached run; holding the cached difference
+    (w_low = 0, plain reuse) does not."""
+    import dataclasses
+
+    from mirage_jax.diffusion.sampler import euler_sample
+
+    c = _consts()
+    k = jnp.full(SHAPE, 0.7)
+
+    def fn(x, t, use_text, use_audio):
+        base = c[(True, False)] if use_text else c[(False, False)]
+        return base + (t * k if use_audio else 0.0) + 0.0 * x
+
+    sigmas = jnp.linspace(1.0, 0.0, STEPS + 1)
+    noise = jax.random.normal(jax.random.key(5), SHAPE)
+    ref = euler_sample(fn, noise, steps=STEPS, sigmas=sigmas, **GUIDE)
+    plan = make_plan("cfg", STEPS)
+    ours = cached_euler_sample(fn, noise, plan, sigmas=sigmas, **GUIDE)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    held = cached_euler_sample(fn, noise, dataclasses.replace(plan, w_low=0.0), sigmas=sigmas, **GUIDE)
+    assert np.abs(np.asarray(held) - np.asarray(ref)).max() > 1e-3
+
 def test_lax_cond_skips_the_network_pass() -> None:
     """The skipped branch is not executed: a host callback inside the velocity counts the passes that ran."""
     calls = []

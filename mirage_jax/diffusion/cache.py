@@ -141,13 +141,14 @@ def low_high_split(d: jax.Array) -> tuple[jax.Array, jax.Array]:
     return lo, d - lo
 
 
-def _compensated(d: jax.Array, d_prev: jax.Array, steps_since: jax.Array, gap: jax.Array, w_low: float,
-                 w_high: float) -> jax.Array:
+def _trend(d: jax.Array, d_prev: jax.Array, gap: jax.Array, w_low: float, w_high: float) -> jax.Array:
+    """Per-step change of a guidance difference between two full steps `gap` apart, band-weighted:
+    (w_low LF(d - d_prev) + w_high HF(d - d_prev)) / gap; zero when gap is 0 (no earlier full step). Computed
+    once per full step, so a reused step costs one multiply-add, not an FFT."""
     if w_low == 0.0 and w_high == 0.0:
-        return d
+        return jnp.zeros_like(d)
     lo, hi = low_high_split(d - d_prev)
-    trend = w_low * lo + w_high * hi
-    return d + (steps_since / jnp.maximum(gap, 1).astype(jnp.float32)).astype(d.dtype) * trend * (gap > 0)
+    return (w_low * lo + w_high * hi) * ((gap > 0) / jnp.maximum(gap, 1).astype(jnp.float32)).astype(d.dtype)
 
 
 def _bind(fn: VelocityFn, st: Any) -> VelocityFn:
@@ -170,8 +171,7 @@ def cached_euler_sample(fn: VelocityFn, noise: jax.Array, plan: CachePlan, *, th
     guided = not (cfg_text == 1.0 and cfg_audio == 1.0)
     x0 = noise.astype(jnp.float32)
     zeros = jnp.zeros_like(x0)
-    cache0 = {"v_full": zeros, "d_a": zeros, "d_t": zeros, "d_a_prev": zeros, "d_t_prev": zeros,
-              "k": jnp.int32(0), "gap": jnp.int32(0)}
+    cache0 = {"v_full": zeros, "d_a": zeros, "d_t": zeros, "tr_a": zeros, "tr_t": zeros, "k": jnp.int32(0)}
 
     def body(i, carry):
         x, st, c = carry
@@ -190,17 +190,19 @@ def cached_euler_sample(fn: VelocityFn, noise: jax.Array, plan: CachePlan, *, th
             s_text = guidance_weight(t, cfg_text, schedule)
             s_audio = guidance_weight(t, cfg_audio, schedule)
             v = v_none + s_text * (v_text - v_none) + s_audio * (v_full - v_text)
-            c = dict(c, v_full=v_full.astype(jnp.float32), d_a_prev=c["d_a"], d_t_prev=c["d_t"],
-                     d_a=(v_full - v_text).astype(jnp.float32), d_t=(v_text - v_none).astype(jnp.float32),
-                     gap=i - c["k"], k=i)
+            d_a, d_t = (v_full - v_text).astype(jnp.float32), (v_text - v_none).astype(jnp.float32)
+            gap = i - c["k"]
+            c = dict(c, v_full=v_full.astype(jnp.float32), d_a=d_a, d_t=d_t, k=i,
+                     tr_a=_trend(d_a, c["d_a"], gap, plan.w_low, plan.w_high),
+                     tr_t=_trend(d_t, c["d_t"], gap, plan.w_low, plan.w_high))
             return v.astype(jnp.float32), c
 
         def with_cached_guidance(v_full, c):
             if not guided:
                 return v_full
-            since = i - c["k"]
-            d_a = _compensated(c["d_a"], c["d_a_prev"], since, c["gap"], plan.w_low, plan.w_high)
-            d_t = _compensated(c["d_t"], c["d_t_prev"], since, c["gap"], plan.w_low, plan.w_high)
+            since = (i - c["k"]).astype(jnp.float32)
+            d_a = c["d_a"] + since * c["tr_a"]
+            d_t = c["d_t"] + since * c["tr_t"]
             s_text = guidance_weight(t, cfg_text, schedule)
             s_audio = guidance_weight(t, cfg_audio, schedule)
             return v_full + (s_audio - 1.0) * d_a + (s_text - 1.0) * d_t

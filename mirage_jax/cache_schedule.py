@@ -162,4 +162,9 @@ def apply_cache(run: LoadedRun, settings: SamplingSettings, cache: str,
         return dataclasses.replace(settings, cache=cache), None
     path = schedule or os.fspath(default_path(run))
     sched = read_schedule(path, run, steps=settings.steps)
+    now = {"cfg_text": settings.cfg_text, "cfg_audio": settings.cfg_audio, "schedule": settings.schedule}
+    then = {k: sched.calibration.get(k) for k in now}
+    if then != now:
+        print(f"note: {path} was calibrated with guidance {then}, this run samples with {now}; the skip mask "
+              "still applies, but recalibrate (--calibrate_cache) for the best one")
     return dataclasses.replace(settings, cache=cache, skip=sched.skip), os.fspath(path)

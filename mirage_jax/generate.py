@@ -402,7 +402,7 @@ def define_flags() -> None:
 
 
 def define_cache_flags() -> None:
-    """--cache, --cache_schedule (generate and eval) and the calibration flags."""
+    """generate's --cache, --cache_schedule (eval defines the same two) and the calibration flags."""
     from absl import flags
 
     flags.DEFINE_enum("cache", "none", ["none", "cfg", "mag", "cfg+mag"],

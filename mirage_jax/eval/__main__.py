@@ -47,10 +47,10 @@ def main(argv: Sequence[str]) -> None:
     F = flags.FLAGS
     check_storage(F.checkpoint, F.data, F.train_data)
     run = load_run(F.checkpoint, ema=F.ema)
-    encs = load_encoders(run.config.data, F.train_data)
     settings = SamplingSettings.of_run(run.diffusion_config, steps=F.steps or None, cfg_audio=F.cfg_audio,
                                        cfg_text=F.cfg_text, schedule=F.cfg_schedule)
     settings, _ = apply_cache(run, settings, F.cache, F.cache_schedule)
+    encs = load_encoders(run.config.data, F.train_data)
     report = evaluate(run, encs, F.data, settings, clips=F.clips, seeds=F.seeds, progress=not F.json)
     if report["skipped"]:
         print(f"eval: {report['skipped']}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """Run every benchmark and write bench/results.md (machine info, numbers, ratios, interpretations).
 
-    python -m bench [--quick] [--only=train_step,train_step_2x,efficiency,seq_parallel,checkpoint,data,syncnet]
-                    [--out=...]
+    python -m bench [--quick] [--only=train_step,train_step_2x,efficiency,seq_parallel,checkpoint,data,syncnet,
+                    sampling] [--out=...]
     make bench
 
 Each benchmark runs in its own child process (`python -m bench --child=NAME`), one after the other: the
@@ -26,7 +26,7 @@ from absl import app, flags
 
 from bench import common
 
-NAMES = ("train_step", "train_step_2x", "efficiency", "seq_parallel", "checkpoint", "data", "syncnet")
+NAMES = ("train_step", "train_step_2x", "efficiency", "seq_parallel", "checkpoint", "data", "syncnet", "sampling")
 FAST = {"model.num_layers": 2, "shapes.latent_frames": 4, "shapes.audio_frames": 4}
 
 def run_one(name: str, quick: bool) -> dict[str, Any]:
@@ -77,6 +77,12 @@ def run_one(name: str, quick: bool) -> dict[str, Any]:
         if quick:
             return syncnet.measure(windows=8, rounds=2, batch=4, threads=threads)
         return syncnet.measure(windows=100, rounds=5, batch=20, threads=threads)
+    if name == "sampling":
+        from bench import sampling
+
+        if quick:
+            return sampling.measure(steps=16, rounds=1, train_steps=2, overrides=FAST)
+        return sampling.measure(steps=64, rounds=3, train_steps=30)
     raise ValueError(f"unknown benchmark {name!r}; one of {NAMES}")
 
 
@@ -336,9 +342,16 @@ def _section_syncnet(r: dict[str, Any], target: float = 1.0) -> list[str]:
     return out
 
 
+def _section_sampling(r: dict[str, Any]) -> list[str]:
+    from bench import sampling
+
+    return sampling.report(r)
+
+
 SECTIONS = {"train_step": _section_train_step, "train_step_2x": _section_train_step_2x,
             "efficiency": _section_efficiency, "seq_parallel": _section_seq,
-            "checkpoint": _section_ckpt, "data": _section_data, "syncnet": _section_syncnet}
+            "checkpoint": _section_ckpt, "data": _section_data, "syncnet": _section_syncnet,
+            "sampling": _section_sampling}
 
 
 def interpret(results: dict[str, dict[str, Any]]) -> dict[str, str]:
@@ -371,6 +384,13 @@ def interpret(results: dict[str, dict[str, Any]]) -> dict[str, str]:
     r = results.get("syncnet", {})
     if "ratio" in r:
         out["syncnet"] = ratio_sentence(r["ratio"], "JAX", "PyTorch", "SyncNet windows/s (median)")
+    r = results.get("sampling", {})
+    if r.get("modes"):
+        m = r["modes"]
+        out["sampling"] = ", ".join(f"{k} {x['speedup']:.2f}x ({x['psnr']:.1f} dB)" for k, x in m.items()
+                                    if k != "none")
+        out["sampling"] = (f"At {r['setup']['steps']} guided steps, speed-up over uncached sampling (PSNR against "
+                           f"it): {out['sampling']}.")
     for name, line in out.items():
         if not results[name].get("host", {}).get("claim"):
             why = results[name].get("host", {}).get("why", "load not recorded")
@@ -418,7 +438,7 @@ def write_report(results: dict[str, dict[str, Any]], machine: dict[str, Any], pa
         if r is None or "error" in r:
             continue
         sec = SECTIONS[name](r)
-        if name not in ("train_step", "train_step_2x", "checkpoint", "syncnet"):  # these print it under their setup
+        if name not in ("train_step", "train_step_2x", "checkpoint", "syncnet", "sampling"):  # under their setup
             sec[1:1] = ["", common.host_line(r)]
         lines += sec
     lines += ["## GPU", "",

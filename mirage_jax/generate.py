@@ -2,6 +2,7 @@
 
     python -m mirage_jax.generate --checkpoint=WORKDIR --out=video.mp4 (--audio=speech.wav | --say="text")
         [--caption=...] [--ref=image.png] [--seconds=S] [--steps=N] [--cfg_audio=A] [--cfg_text=T] [--seed=K]
+        [--cache=none|cfg|mag|cfg+mag] [--calibrate_cache]
 
 Speech comes from any file PyAV reads (WAV, MP3, MP4, ...), or is synthesized with espeak-ng (`--say`,
 the report's TTS integration). It goes through the SAME frozen encoders the run was trained with (named
@@ -218,6 +219,23 @@ __all__ = [
 ]
 
 
+# ----------------------------------------------------------------------------------------------- cache
+def calibrate_cache(run: LoadedRun, encs: Encoders, prompt: Prompt, settings: SamplingSettings,
+                    schedule: str | None, threshold: float, max_skips: int) -> None:
+    """`--calibrate_cache`: one uncached sample of `prompt` (its first window) -> the MagCache schedule file."""
+    from mirage_jax.cache_schedule import calibrate, default_path
+
+    if settings.window > 0:
+        prompt = split_windows(prompt, settings.window, encs.time_map)[0]
+    cond = encode_prompts([prompt], encs, run.model_config, 1)
+    shape = (1, cond["video_mask"].shape[1], *cond["ref"].shape[2:4], run.model_config.latent_channels)
+    sched = calibrate(run, cond, shape, settings, threshold=threshold, max_skips=max_skips)
+    path = schedule or os.fspath(default_path(run))
+    sched.write(path)
+    print(f"wrote {path}: {sum(sched.skip)} of {sched.steps} steps skipped (threshold {threshold}, at most "
+          f"{max_skips} in a row) for checkpoint step {run.step}")
+
+
 # ----------------------------------------------------------------------------------------------- CLI
 def _per_prompt(values: list[str], n: int, name: str) -> list[str | None]:
     if not values:
@@ -301,6 +319,7 @@ def main(argv: Sequence[str]) -> None:
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO
     from mirage_base.storage import check_storage
+    from mirage_jax.cache_schedule import apply_cache
     from mirage_jax.inference import load_run
 
     if len(argv) > 1:
@@ -333,11 +352,16 @@ def main(argv: Sequence[str]) -> None:
         run.diffusion_config, steps=F.steps or None, cfg_audio=F.cfg_audio, cfg_text=F.cfg_text,
         schedule=F.cfg_schedule, seed=F.seed, batch_size=F.batch_size, sequence_parallel=F.sequence_parallel,
         window=encs.clip_frames if F.window else 0)
+    if F.calibrate_cache:
+        calibrate_cache(run, encs, prompts[0], settings, F.cache_schedule, F.cache_threshold, F.cache_max_skips)
+        return
+    settings, schedule_path = apply_cache(run, settings, F.cache, F.cache_schedule)
     videos = generate(run, encs, prompts, settings)
     for p, frames, path in zip(prompts, videos, paths, strict=True):
         side = {"source": p.source, "caption": p.caption, "num_frames": int(frames.shape[0]), "fps": media.FPS,
                 "checkpoint": os.fspath(run.step_dir), "step": run.step, "weights": run.weights,
-                "settings": dataclasses.asdict(settings), "encoders": encs.manifest["encoders"],
+                "settings": dataclasses.asdict(settings), "cache_schedule": schedule_path,
+                "encoders": encs.manifest["encoders"],
                 "mouth": [round(float(v), 6) for v in speech.mouth_track(p.waveform, int(frames.shape[0]))]}
         write_video(path, frames, p.waveform, side)
         print(f"wrote {path} ({frames.shape[0]} frames, {frames.shape[0] / media.FPS:.2f} s)")
@@ -374,6 +398,23 @@ def define_flags() -> None:
                       "(--nowindow: one long clip; use --sequence-parallel for memory).")
     flags.DEFINE_bool("ema", False, "Use the EMA parameters instead of the raw ones.")
     flags.DEFINE_string("data", None, "Prepared dataset whose encoders to use (default: the run's data.source).")
+    define_cache_flags()
+
+
+def define_cache_flags() -> None:
+    """generate's --cache, --cache_schedule (eval defines the same two) and the calibration flags."""
+    from absl import flags
+
+    flags.DEFINE_enum("cache", "none", ["none", "cfg", "mag", "cfg+mag"],
+                      "Sampler caching (docs/export.md, 'Cached sampling'): cfg = guidance branches reused between "
+                      "full steps; mag = calibrated step skipping (needs --calibrate_cache first).")
+    flags.DEFINE_string("cache_schedule", None, "The MagCache schedule file (default: WORKDIR/cache_schedule.json).")
+    flags.DEFINE_bool("calibrate_cache", False, "Sample the first prompt once, uncached, write the MagCache schedule "
+                      "for this checkpoint and these steps/guidance to --cache_schedule, and exit (no video).")
+    flags.DEFINE_float("cache_threshold", 0.06, "MagCache accumulated-error threshold (--calibrate_cache).",
+                       lower_bound=0.0)
+    flags.DEFINE_integer("cache_max_skips", 2, "MagCache's most consecutive skipped steps (--calibrate_cache).",
+                         lower_bound=0)
 
 
 if __name__ == "__main__":

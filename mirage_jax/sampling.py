@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from mirage_base.batch_keys import CONDITION_KEYS
 from mirage_jax.config import DiffusionConfig
+from mirage_jax.diffusion.cache import MODES, cached_euler_sample, make_plan
 from mirage_jax.diffusion.sampler import euler_sample, model_velocity_fn
 from mirage_jax.inference import LoadedRun
 from mirage_jax.parallel import mesh as mesh_lib
@@ -38,6 +39,8 @@ class SamplingSettings:
     of a call starts at seed + its first prompt's index). batch_size: prompts (clips) sampled together.
     sequence_parallel: devices that split each clip's tokens (generate). window: > 0, speech longer than
     this many 25 fps frames is generated in consecutive windows of it (generate).
+    cache: 'none' | 'cfg' | 'mag' | 'cfg+mag' (diffusion/cache.py); skip: the calibrated MagCache skip mask
+    (`cache_schedule.read_schedule(...).skip`), needed by the 'mag' modes.
     """
 
     steps: int = DiffusionConfig.sample_steps
@@ -48,6 +51,15 @@ class SamplingSettings:
     batch_size: int = 8
     sequence_parallel: int = 1
     window: int = 0
+    cache: str = "none"
+    skip: tuple[bool, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.cache not in MODES:
+            raise ValueError(f"cache={self.cache!r}: one of {', '.join(MODES)}")
+        if "mag" in self.cache and len(self.skip) != self.steps:
+            raise ValueError(f"cache={self.cache!r} needs a skip mask of {self.steps} steps (a calibrated "
+                             f"schedule), got {len(self.skip)}")
 
     @classmethod
     def of_run(cls, diffusion: DiffusionConfig, **overrides: Any) -> SamplingSettings:
@@ -95,8 +107,15 @@ def sample_latents(run: LoadedRun, cond: dict[str, np.ndarray], latent_shape: tu
                              else jax.device_put(v, rep), state)
     with tqdm(total=settings.steps, desc=desc, unit="step", disable=not progress, leave=False) as bar:
 
+        plan = make_plan(settings.cache, settings.steps, settings.skip or None)
+
         def run_sampler(x: jax.Array, st: Any) -> jax.Array:
             with core_spmd.logical_axis_rules(act_rules):
+                if plan is not None:
+                    return cached_euler_sample(fn, x, plan, threshold=run.diffusion_config.lq_threshold,
+                                               cfg_text=settings.cfg_text, cfg_audio=settings.cfg_audio,
+                                               schedule=settings.schedule, state=st,
+                                               on_step=(lambda _: bar.update(1)) if progress else None)
                 return euler_sample(fn, x, steps=settings.steps, threshold=run.diffusion_config.lq_threshold,
                                     cfg_text=settings.cfg_text, cfg_audio=settings.cfg_audio,
                                     schedule=settings.schedule, state=st,

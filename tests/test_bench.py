@@ -242,3 +242,25 @@ def test_syncnet_bench_runs_and_renders(tmp_path) -> None:
     assert r["threads"]["torch"] == 1 and set(r["host"]) >= {"claim", "why", "load_before", "load_after"}
     text = run_all.write_report({"syncnet": r}, MACHINE, str(tmp_path / "r.md"), quick=True, only=["syncnet"])
     assert "## 6. SyncNet scoring" in text and "windows/s" in text and "**syncnet**" in text
+
+
+@pytest.mark.slow  # ~90 s on a loaded 2-core host: four sampler compiles (each with its conditionals)
+def test_sampling_cache_bench(tmp_path) -> None:
+    """bench.sampling at a minimal size: every mode timed against none, the speed-up is the ratio of medians,
+    'none' is its own reference (infinite PSNR, SSIM 1), and the network-pass counts follow the plans."""
+    from bench import sampling
+
+    r = sampling.measure(steps=6, rounds=1, train_steps=1, threshold=0.5, overrides=MINI)
+    modes = r["modes"]
+    assert set(modes) == {"none", "cfg", "mag", "cfg+mag"}
+    assert modes["none"]["psnr"] == math.inf and modes["none"]["ssim"] == pytest.approx(1.0)
+    for m, x in modes.items():
+        _pos(x["median_s"])
+        _ratio_of_medians(x["speedup"], modes["none"]["seconds"], x["seconds"])
+        assert x["forwards"] <= modes["none"]["forwards"] == 6 * 3, m
+    assert modes["cfg"]["forwards"] < 18
+    assert "\n".join(sampling.report(r)).count("| cfg") == 2
+    from bench import __main__ as run_all
+
+    text = run_all.write_report({"sampling": r}, MACHINE, str(tmp_path / "r.md"), quick=True)
+    assert "## Cached sampling" in text and "speed-up over uncached sampling" in text

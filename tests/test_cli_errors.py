@@ -212,3 +212,21 @@ def test_saved_config_without_mesh_rules_loads_with_the_default_rules(tiny_run, 
     assert tuple(map(tuple, saved.mesh.rules["params"])) == PARAM_RULES
     run = load_run(work, mesh=generation_mesh())
     assert run.step == 1 and run.config.model == saved.model
+
+
+@pytest.mark.slow  # loads the run in a subprocess
+def test_a_cache_schedule_for_another_checkpoint_is_one_line(tiny_run, tmp_path):
+    """eval --cache=mag with WORKDIR/cache_schedule.json calibrated for another checkpoint: exit 2, one line
+    naming both checkpoints (the file's and this one)."""
+    import json
+
+    work = tmp_path / "run"
+    shutil.copytree(tiny_run, work)
+    sched = {"format": 1, "steps": 16, "threshold": 0.06, "max_skips": 2, "retention": 0.2, "skip": [False] * 16,
+             "ratios": [1.0] * 16, "calibration": {},
+             "checkpoint": {"step": 999, "weights": "params", "params_sha256": "f" * 64}}
+    (work / "cache_schedule.json").write_text(json.dumps(sched))
+    r = _cli("mirage_jax.eval", f"--checkpoint={work}", f"--data={tmp_path}", "--cache=mag", "--steps=16")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert "calibrated for checkpoint step 999" in last and "this one, step 1 (params" in last, last

@@ -33,12 +33,16 @@ flags.DEFINE_bool("json", False, "Print one JSON object.")
 flags.DEFINE_string("syncnet_weights", None, "SyncNet weights (syncnet_v2.model or safetensors): adds LSE-C / "
                     "LSE-D (docs/eval.md).")
 flags.DEFINE_bool("syncnet_cropped", False, "The clips are face crops: score them whole (default: detect the face).")
+flags.DEFINE_enum("cache", "none", ["none", "cfg", "mag", "cfg+mag"],
+                  "Sampler caching, as generate's --cache (the 'mag' modes read --cache_schedule).")
+flags.DEFINE_string("cache_schedule", None, "The MagCache schedule file (default: WORKDIR/cache_schedule.json).")
 flags.DEFINE_string("train_data", None, "The run's training data (for its encoders), if not the saved data.source.")
 
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {list(argv[1:])}")
+    from mirage_jax.cache_schedule import apply_cache
     from mirage_jax.eval.heldout import evaluate
     from mirage_jax.inference import load_run
     from mirage_jax.run_encoders import load_encoders
@@ -56,9 +60,10 @@ def main(argv: Sequence[str]) -> None:
         scorer = Scorer(load_weights(F.syncnet_weights, "--syncnet-weights"), mesh=default_mesh())
     check_storage(F.checkpoint, F.data, F.train_data)
     run = load_run(F.checkpoint, ema=F.ema)
-    encs = load_encoders(run.config.data, F.train_data)
     settings = SamplingSettings.of_run(run.diffusion_config, steps=F.steps or None, cfg_audio=F.cfg_audio,
                                        cfg_text=F.cfg_text, schedule=F.cfg_schedule)
+    settings, _ = apply_cache(run, settings, F.cache, F.cache_schedule)
+    encs = load_encoders(run.config.data, F.train_data)
     report = evaluate(run, encs, F.data, settings, clips=F.clips, seeds=F.seeds, progress=not F.json,
                       syncnet=scorer, syncnet_cropped=F.syncnet_cropped)
     if report["skipped"]:

@@ -235,8 +235,8 @@ def evaluate(run: LoadedRun, encs: Encoders, data: str, settings: SamplingSettin
         "heldout_loss": float(np.mean(list(losses.values()))),
         "heldout_loss_per_level": {f"{t:.1f}": v for t, v in losses.items()},
         "clips": int(held.batch["video"].shape[0]), "seeds": seeds, "steps": settings.steps,
-        "cfg_audio": settings.cfg_audio, "cfg_text": settings.cfg_text, "checkpoint_step": run.step,
-        "weights": run.weights, "skipped": "; ".join(skipped) or None,
+        "cfg_audio": settings.cfg_audio, "cfg_text": settings.cfg_text, "cache": settings.cache,
+        "checkpoint_step": run.step, "weights": run.weights, "skipped": "; ".join(skipped) or None,
     })
     if keep_frames:
         out["_frames"] = [v["frames"] for videos in generated for v in videos]

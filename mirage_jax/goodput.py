@@ -86,7 +86,15 @@ def read_events(workdir: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], 
     if not path.exists():
         raise GoodputError(f"{path}: no goodput log (written by `python -m mirage_jax.train` since issue 27; "
                            "is this a training workdir?)")
-    return parse_events(path.read_text().splitlines())
+    return read_log(path)
+
+
+def read_log(path: Any) -> tuple[list[dict[str, Any]], int]:
+    """`parse_events` of the log file at `path` (an `epath.Path`): bytes that are not UTF-8 (a torn or damaged
+    write) only damage their own line. Raises GoodputError for a directory in the log's place."""
+    if path.is_dir():
+        raise GoodputError(f"{path}: a directory where the goodput log belongs; move it away and rerun")
+    return parse_events(path.read_bytes().decode("utf-8", errors="replace").splitlines())
 
 
 @dataclasses.dataclass

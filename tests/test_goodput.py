@@ -95,3 +95,35 @@ def test_cli_json_and_one_line_errors(tmp_path):
     (tmp_path / "goodput.jsonl").write_text("")
     r = _cli(f"--workdir={tmp_path}")
     assert r.returncode == 2 and "no valid event" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_non_utf8_bytes_damage_only_their_line_and_a_directory_is_one_line(tmp_path):
+    """A torn write can leave bytes that are not UTF-8: the reader (the CLI's and the resuming trainer's) skips
+    that line and counts it; a directory where the log belongs is a GoodputError, not a traceback."""
+    from etils import epath
+
+    from mirage_jax.train.hooks.goodput import EventLog
+
+    good = json.dumps({"t": 1.0, "event": "job_start", "run": "a"}) + "\n"
+    (tmp_path / goodput.FILE).write_bytes(good.encode() + b"\xff\xfe{\"t\": 2" + bytes(range(128, 160)) + b"\n")
+    events, damaged = goodput.read_log(epath.Path(tmp_path) / goodput.FILE)
+    assert [e["event"] for e in events] == ["job_start"] and damaged == 1
+    assert EventLog(str(tmp_path), enabled=True).prior == events  # a resume reads the same file the same way
+    (tmp_path / "d" / goodput.FILE).mkdir(parents=True)
+    with pytest.raises(goodput.GoodputError, match="a directory where the goodput log belongs"):
+        goodput.read_log(epath.Path(tmp_path / "d") / goodput.FILE)
+
+
+def test_setup_events_reach_the_file_before_any_step(tmp_path):
+    """A run killed during restore or compile (before a step row) still leaves its start and setup rows on disk:
+    the file is read while the log is open, as a crash would leave it."""
+    from mirage_jax.train.hooks.goodput import EventLog
+
+    log = EventLog(str(tmp_path), enabled=True, flush_interval_s=3600.0)  # gs://-like: no flush per event
+    log.record("job_start")
+    log.record("init")
+    log.record("restore", step=0, restored=False, dt=0.1)
+    log.record("compile", dt=2.0)
+    rows = [json.loads(line)["event"] for line in (tmp_path / goodput.FILE).read_text().splitlines()]
+    assert rows == ["job_start", "init", "restore", "compile"]
+    log.close()

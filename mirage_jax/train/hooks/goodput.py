@@ -20,6 +20,9 @@ from mirage_jax.train.hooks import SYSTEM_CLOCK, Clock, Hook, StepInfo
 T = TypeVar("T")
 
 
+# written through at once (a handful per run, seconds apart even on gs://, whose objects take ~1 write/s)
+_SETUP_EVENTS = frozenset({"job_start", "restore", "compile", "preempted", "job_end"})
+
 class EventLog:
     """`record(event, **fields)` appends `{"t", "event", "run", **fields}` (t: `clock.wall()` unless given).
 
@@ -45,13 +48,13 @@ class EventLog:
             return
         from etils import epath
 
-        from mirage_jax.goodput import FILE, parse_events
+        from mirage_jax.goodput import FILE, read_log
         from mirage_jax.paths import AppendLog
 
         out = epath.Path(workdir)
         out.mkdir(parents=True, exist_ok=True)
         if (out / FILE).exists():
-            self.prior, _ = parse_events((out / FILE).read_text().splitlines())
+            self.prior, _ = read_log(out / FILE)
         self.log = AppendLog(out / FILE)
 
     def record(self, event: str, *, t: float | None = None, **fields: Any) -> None:
@@ -60,6 +63,10 @@ class EventLog:
             self.head.append(row)
         if self.log is not None:
             self.log.write(json.dumps(row) + "\n")
+            if event in _SETUP_EVENTS:  # a run killed before its first step still leaves its start and setup
+                self.flush()
+            elif event != "step":
+                self.maybe_flush()
 
     def timed(self, event: str, fn: Callable[[], T], **fields: Any) -> T:
         """`fn()`, recording `event` with its duration `dt` (also when it raises)."""

@@ -88,6 +88,31 @@ def test_second_ctrl_c_exits_130_at_once_naming_the_last_checkpoint(tmp_path):
     assert "Traceback" not in out and "KeyboardInterrupt" not in out
 
 
+FINISHING = """
+    import sys, time
+    from mirage_jax.train import preemption
+    preemption.install_handler()
+    print("ready", flush=True)
+    while not preemption.requested():
+        time.sleep(0.05)
+    preemption.mark_finished()  # the stop's checkpoint is committed: the CLI prints PREEMPTED and returns
+    print("stopped", flush=True)
+    time.sleep(2.0)  # a second Ctrl-C lands here, or while the interpreter shuts down
+"""
+
+
+def test_ctrl_c_after_the_stop_finished_keeps_exit_0():
+    """An impatient second Ctrl-C that arrives after the clean stop is done changes nothing (was: exit 130)."""
+    proc = _spawn(FINISHING, MIRAGE_STOP_TIMEOUT_S="0")
+    _read_until(proc, "ready")
+    os.killpg(proc.pid, signal.SIGINT)
+    _read_until(proc, "stopped")
+    time.sleep(1.2)  # past the repeat window: a real second press
+    os.killpg(proc.pid, signal.SIGINT)
+    out = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 0 and "STOPPED WITHOUT SAVING" not in out, out
+
+
 def test_stop_watchdog_ends_a_stop_blocked_in_a_c_call(tmp_path):
     proc = _spawn(BLOCKED.format(directory=str(tmp_path)), MIRAGE_STOP_TIMEOUT_S="2")
     _read_until(proc, "ready")

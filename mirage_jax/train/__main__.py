@@ -86,9 +86,11 @@ def main(argv: list[str], hooks: Sequence[Any] = ()) -> None:
         with ownership.take(_WORKDIR.value, takeover=_TAKEOVER.value):
             step = trainer.run()
     except preemption.Preempted as e:
+        preemption.mark_finished()
         logging.warning("%s", e)
         print(f"PREEMPTED (clean exit): {e}", flush=True)
         return
+    preemption.mark_finished()
     print(f"DONE: trained to step {step}; workdir {_WORKDIR.value}", flush=True)
 
 

@@ -43,6 +43,7 @@ import types
 from typing import Any
 
 _REQUESTED = threading.Event()
+_FINISHED = threading.Event()  # set by mark_finished: signals after that change nothing
 REPEAT_S = 1.0  # a second SIGINT sooner than this after the first is the same keypress delivered twice
 DEFAULT_STOP_TIMEOUT_S = 120.0
 EXIT_FORCED = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal's number, as a shell reports a kill
@@ -112,9 +113,18 @@ def _watchdog(signum: int, limit: float) -> None:
                         "a peer process is gone; MIRAGE_STOP_TIMEOUT_S sets the bound)")
 
 
+def mark_finished() -> None:
+    """The run is over (trained to its end, or stopped with its checkpoint committed): a later Ctrl-C, e.g. the
+    second press of an impatient user, must not turn the clean exit 0 into 130. Call from the main thread."""
+    _FINISHED.set()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # also while the interpreter shuts down
+
+
 def _on_signal(signum: int) -> None:
     """The stop logic for one delivered signal (run in the "mirage-signals" thread)."""
     now = time.monotonic()
+    if _FINISHED.is_set():
+        return
     if not _REQUESTED.is_set():
         _first.update(signal=signum, time=now)
         _REQUESTED.set()

@@ -370,10 +370,12 @@ def test_bad_videos_one_line_each_others_scored(nets, videos, tmp_path):
     from mirage_jax.eval.sync import Scorer, score_videos
 
     _, model, _ = nets
-    good, short, noface, silent = (str(tmp_path / f"{n}.mp4") for n in ("good", "short", "noface", "silent"))
+    good, short, noface, silent, mute_tail = (str(tmp_path / f"{n}.mp4")
+                                              for n in ("good", "short", "noface", "silent", "mute_tail"))
     full = face_frames(12, size=256, full=True)
     write_mp4(good, full, speech(12))
     write_mp4(short, full[:4], speech(4))
+    write_mp4(mute_tail, full, speech(4))  # 12 frames of picture, 0.16 s of audio: as short as its audio
     write_mp4(noface, np.random.default_rng(4).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8), speech(8))
     with av.open(silent, "w") as c:  # video only
         s = c.add_stream("libx264", rate=25)
@@ -388,6 +390,8 @@ def test_bad_videos_one_line_each_others_scored(nets, videos, tmp_path):
     assert "no audio stream" in rows[1]["error"]
     assert "too short" in rows[2]["error"]
     assert "no face detected" in rows[3]["error"] and "--cropped" in rows[3]["error"]
+    (row,), failed = score_videos(Scorer(model, batch=8), [mute_tail], as_json=True)
+    assert failed == 1 and "too short" in json.loads(row)["error"], row  # not scored over padded silence
     text, _ = score_videos(Scorer(model, batch=8), [short], as_json=False)
     assert len(text) == 1 and text[0].startswith(short) and "\n" not in text[0]
 

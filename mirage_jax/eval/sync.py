@@ -7,7 +7,7 @@ gives -d, audio early by d gives +d; 0 is in sync), LSE-D
 (the minimum over shifts of the mean embedding distance; lower is better) and LSE-C (median minus minimum of
 that curve; higher is better). With `--json`, one object per line: video, offset, lse_d, lse_c, frames. A video
 that cannot be scored (no audio, shorter than a window, no face) gets one line saying so (a JSON object with
-`error` under `--json`); the others are still scored; the exit status is 1 if any video failed.
+`error` under `--json`); the others are still scored; the exit status is 2 if any video could not be scored.
 
 The scoring is SyncNetInstance.evaluate of joonson/syncnet_python (`score`), batched and jitted over windows:
 - frames: 25 fps BGR uint8 224 x 224 face crops, values 0..255 (no normalisation); audio: 16 kHz mono at
@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mirage_base.errors import MirageError
+from mirage_base.errors import ExitCode, MirageError
 from mirage_jax.eval import faces
 from mirage_jax.eval.mfcc import int16_scale, mfcc
 from mirage_jax.eval.syncnet import SyncNet
@@ -186,7 +186,10 @@ def read_video(path: str, cropped: bool) -> tuple[np.ndarray, np.ndarray]:
     if not info.has_audio:
         raise SyncInputError(f"{path}: no audio stream; SyncNet scores speech against the face")
     raw, offset = media.decode_audio_16k(path, info.t0)
+    # on the video clock, but only as long as the real audio lasts: align_audio pads to the picture's length,
+    # and silence scored as speech would hide a short audio track (the reference uses min(frames, samples/640))
     audio = int16_scale(media.align_audio(raw, offset, info.num_frames))
+    audio = audio[:max(0, int(round(offset * media.SAMPLE_RATE)) + len(raw))]
     if cropped:
         frames = np.stack([faces.fit(np.ascontiguousarray(rgb[..., ::-1])) for _, rgb in media.iter_frames(info)])
         return frames, audio
@@ -252,8 +255,8 @@ def main(argv: Sequence[str]) -> None:
         lines, bad = score_videos(scorer, [path], cropped=F.cropped, vshift=F.vshift, as_json=F.json)
         failed += bad
         print(lines[0], file=sys.stderr if bad and not F.json else sys.stdout, flush=True)
-    if failed:
-        sys.exit(1)
+    if failed:  # README's table: a video that cannot be scored is a refused input (2), not a bug (1)
+        sys.exit(int(ExitCode.REFUSED))
 
 
 def _define_flags() -> None:

@@ -81,18 +81,19 @@ def dataset_dir(source: str) -> str:
     return os.fspath(dataset_dirs(os.fspath(source))[0][0])
 
 
-def load_encoders(run_data: DataConfig, data: str | None = None) -> Encoders:
-    """Encoders from `data` (a prepared dataset) or from the dataset the run trained on (`run_data.source`)."""
+def load_encoders(run_data: DataConfig, data: str | None = None, *, flag: str = "--data") -> Encoders:
+    """Encoders from `data` (a prepared dataset) or from the dataset the run trained on (`run_data.source`);
+    `flag`: the command's flag that passes `data`, named in the errors (generate: --data, eval: --train-data)."""
     source = data or run_data.source
     if source == "synthetic":
         raise GenerateError("the checkpoint was trained on data.source='synthetic' (random arrays): no manifest "
-                            "says which encoders its latents belong to. Pass --data=DIR, a data_pipeline.prepare "
+                            f"says which encoders its latents belong to. Pass {flag}=DIR, a data_pipeline.prepare "
                             "output whose encoders match the model")
     d = dataset_dir(source)
     try:
         manifest = mf.read_manifest(d)
     except (FileNotFoundError, ValueError) as e:
-        raise GenerateError(f"cannot read the encoders of the run's data ({e}); pass --data=DIR of the prepared "
+        raise GenerateError(f"cannot read the encoders of the run's data ({e}); pass {flag}=DIR of the prepared "
                             "dataset the model was trained on") from e
     try:
         encs = [enc_lib.from_manifest(manifest, k) for k in STREAMS]

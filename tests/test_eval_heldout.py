@@ -114,7 +114,7 @@ def test_syncnet_scores_join_the_report(tmp_path):
     from mirage_jax.eval.syncnet import load_weights
 
     synced = _prepared(tmp_path, "synced", mouth=True)
-    encs = load_encoders({"data": {"source": synced}})
+    encs = load_encoders(DataConfig(source=synced))
     model = small_config(latent_channels=192, audio_feature_dim=80, text_embed_dim=64, time_map="uniform:1")
     weights = str(tmp_path / "syncnet.model")
     torch.save(random_torch_net().state_dict(), weights)

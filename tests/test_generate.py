@@ -102,6 +102,8 @@ def test_refusals_name_the_input(tmp_path):
         run_encoders.load_encoders(DataConfig(source="synthetic"))
     with pytest.raises(run_encoders.GenerateError, match="--data"):
         run_encoders.load_encoders(DataConfig(source=str(tmp_path)))  # no manifest.json there
+    with pytest.raises(run_encoders.GenerateError, match="pass --train-data=DIR"):  # eval names its own flag
+        run_encoders.load_encoders(DataConfig(source=str(tmp_path)), flag="--train-data")
     with pytest.raises(gen.GenerateError, match="no such file"):
         gen.read_speech(str(tmp_path / "missing.wav"))
     silent = tmp_path / "silent.mp4"

@@ -63,7 +63,7 @@ def main(argv: Sequence[str]) -> None:
     settings = SamplingSettings.of_run(run.diffusion_config, steps=F.steps or None, cfg_audio=F.cfg_audio,
                                        cfg_text=F.cfg_text, schedule=F.cfg_schedule)
     settings, _ = apply_cache(run, settings, F.cache, F.cache_schedule)
-    encs = load_encoders(run.config.data, F.train_data)
+    encs = load_encoders(run.config.data, F.train_data, flag="--train-data")
     report = evaluate(run, encs, F.data, settings, clips=F.clips, seeds=F.seeds, progress=not F.json,
                       syncnet=scorer, syncnet_cropped=F.syncnet_cropped)
     if report["skipped"]:

@@ -45,7 +45,8 @@ def _fs():
 
 
 def _py(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    # a 6 s owner lease: a trainer restarted right after a kill -9 waits for the dead one's lease to run out
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "MIRAGE_OWNER_LEASE_S": "6"}
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
 

@@ -10,10 +10,12 @@ and removed when it ends:
   precondition `ifGenerationMatch=0`, so of two starters exactly one wins), renewed every `lease_s() / 4`
   seconds by a background thread (each renewal conditional on the generation it wrote last), and EXPIRES
   `lease_s()` seconds after its last renewal (MIRAGE_OWNER_LEASE_S, default 120 s; measured with GCS's own
-  `updated` time of the object against this host's clock). A starter that finds a live lease is refused; one
-  that finds an expired lease (a crashed owner), or runs with `--takeover`, replaces it conditionally on the
-  generation it read. An owner whose renewal finds another generation has lost the workdir (`lost()`); the
-  loop's stop-flag agreement then stops every process without saving (`PreemptionWatcher.agree`).
+  `updated` time of the object against this host's clock). A starter that finds an unexpired lease watches it
+  until it expires: renewed meanwhile (a live owner renews every lease_s() / 4 s) -> refused; run out (a crashed
+  owner, e.g. a job restarted right after its pods were killed) -> taken, after at most one lease of waiting. An
+  expired lease, or `--takeover`, is replaced at once, conditionally on the generation it read. An owner whose
+  renewal finds another generation has lost the workdir (`lost()`); the loop's stop-flag agreement then stops
+  every process without saving (`PreemptionWatcher.agree`).
 
 In a multi-process job only process 0 takes the workdir; it publishes its decision through the JAX
 coordination service's key-value store, and every process raises the same `WorkdirInUseError` (so all exit
@@ -210,6 +212,22 @@ class GcsOwnership(Ownership):
                 log.warning("removing the owner lease %s failed (%s); it expires by itself", self.workdir, e)
 
 
+def _renewed_before(blob: Any, generation: int, expires: float, who: str) -> bool:
+    """Watch a lease that has not expired: True as soon as its owner renews it (a new generation: a live owner
+    renews every lease_s() / 4 s), False once it ran out unrenewed or was removed (a crashed or finished owner).
+    So a job restarted right after its predecessor was killed waits at most one lease instead of failing."""
+    log.warning("%s is owned by %s, whose lease expires at %s: waiting to see whether it is renewed (a live owner) "
+                "or runs out (a crashed one)", blob.name, who, _utc(expires))
+    while time.time() < expires:
+        time.sleep(min(2.0, max(0.05, expires - time.time())))
+        now = blob.bucket.get_blob(blob.name)
+        if now is None:
+            return False
+        if now.generation != generation:
+            return True
+    return False
+
+
 def _take_gcs(workdir: str, takeover: bool) -> GcsOwnership:
     from google.api_core import exceptions as gexc
 
@@ -232,10 +250,12 @@ def _take_gcs(workdir: str, takeover: bool) -> GcsOwnership:
         expired = time.time() > expires
         who = owner.describe() if owner else f"an unreadable owner record {workdir}/{OWNER_FILE}"
         if not (expired or takeover):
-            raise WorkdirInUseError(
-                f"{workdir} is in use by {who}: one trainer per workdir; its lease was renewed at {_utc(renewed)} "
-                f"and expires at {_utc(expires)} unless renewed again. Stop that run first, or if it crashed wait "
-                f"for the lease to expire ({owner_ttl:.0f} s after its last renewal) or rerun with --takeover")
+            if _renewed_before(blob, current.generation, expires, who):
+                raise WorkdirInUseError(
+                    f"{workdir} is in use by {who}: one trainer per workdir; it renewed its lease while this run "
+                    f"waited (a live owner; its lease lasts {owner_ttl:.0f} s from each renewal). Stop that run "
+                    "first, or use --takeover if you are sure it is gone")
+            continue  # the lease ran out unrenewed (a crashed owner) or was released: look again, take it
         try:
             blob.upload_from_string(record.to_json(), content_type="application/json",
                                     if_generation_match=current.generation)

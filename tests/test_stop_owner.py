@@ -334,7 +334,7 @@ def test_second_trainer_refused_first_ctrl_c_saves_and_resumes(tmp_path, cache):
 def test_second_trainer_refused_on_gcs(emulator, tmp_path, cache):
     workdir = "gs://own/train"
     cmd = [PY, *cli_args(workdir, train__steps=500, checkpoint__save_every=1000, data__worker_count=0)]
-    env = _train_env(cache, **emulator.env)
+    env = _train_env(cache, MIRAGE_OWNER_LEASE_S="8", **emulator.env)  # a live owner is seen within 2 s
     first = Job(cmd, env)
     first.wait_for(re.compile("first step took"))
     _assert_refused(Job(cmd, env), first.proc.pid)

@@ -30,11 +30,14 @@ from etils import epath
 from tqdm import tqdm
 
 from data_pipeline import encoders
+from data_pipeline.curate import plan as curate_plan
+from data_pipeline.curate import report as curate_report
+from data_pipeline.curate import stage as curate_stage
 from data_pipeline.dataset import manifest as mf
 from data_pipeline.dataset import records
 from data_pipeline.ingest import geometry, media, sources
 from data_pipeline.ingest.per_source import DEFAULT_HELD_BYTES, IngestConfig, ingest_source, list_sources
-from data_pipeline.prepare_flags import FLAGS, config_from_flags
+from data_pipeline.prepare_flags import FLAGS, config_from_flags, curate_from_flags
 from mirage_base.errors import ExitCode, InputError, MirageError
 from mirage_base.storage import check_storage
 
@@ -84,14 +87,14 @@ class _QuietWriteErrors(logging.Filter):
 logging.getLogger("apache_beam.runners.common").addFilter(_QuietWriteErrors())
 
 
-def fingerprint(files: Sequence[str], cfg: IngestConfig, records_per_shard: int) -> str:
+def fingerprint(files: Sequence[str], cfg: IngestConfig, records_per_shard: int,
+                curate: curate_plan.CurateConfig | None = None) -> str:
     """Identity of a run: sources (path, size, mtime) + every option that changes the output bytes."""
     h = hashlib.sha256()
-    h.update(
-        json.dumps(
-            {"cfg": cfg.to_json(), "rps": records_per_shard, "format": mf.FORMAT}, sort_keys=True
-        ).encode()
-    )
+    run_opts: dict[str, Any] = {"cfg": cfg.to_json(), "rps": records_per_shard, "format": mf.FORMAT}
+    if curate is not None:
+        run_opts["curate"] = curate.to_json()
+    h.update(json.dumps(run_opts, sort_keys=True).encode())
     for f in files:
         st = epath.Path(f).stat()
         h.update(f"{f}\x00{st.length}\x00{st.mtime}\n".encode())
@@ -107,7 +110,15 @@ class IngestBatch(beam.DoFn):
     def setup(self) -> None:
         self.encs = self.cfg.build_encoders()
 
-    def process(self, paths: list[str]) -> Iterator[Any]:
+    def process(self, items: list[str | curate_plan.SourcePlan]) -> Iterator[Any]:
+        """`items`: source paths, or curation's SourcePlans (their kept clips, face crop and audio shifts)."""
+        plans = {it.path: it for it in items if isinstance(it, curate_plan.SourcePlan)}
+        paths = [it.path if isinstance(it, curate_plan.SourcePlan) else it for it in items]
+        for pl in plans.values():
+            if pl.error is not None:  # a curation stage failed on it: named, kept out
+                yield beam.pvalue.TaggedOutput("failed", pl.error)
+                yield beam.pvalue.TaggedOutput("stats", {"sources": 1, "failed_sources": 1})
+        paths = [p for p in paths if p not in plans or plans[p].error is None]
         audio: dict[str, tuple[np.ndarray, float]] = {}
         if self.cfg.audio_backend == "tfio":
             from data_pipeline.ingest import tfio_backend
@@ -127,8 +138,11 @@ class IngestBatch(beam.DoFn):
             notes: list[str] = []
             try:
                 a, off = audio.get(p, (None, None))
+                pl = plans.get(p)
+                curated: dict[str, Any] = {} if pl is None else {
+                    "plans": pl.kept_plans(), "crop_xy": pl.crop_xy, "shifts": pl.shifts}
                 for rec in ingest_source(
-                    p, self.cfg, self.encs, self.root, a, off, stats, notes, held_bytes=self.held_bytes
+                    p, self.cfg, self.encs, self.root, a, off, stats, notes, held_bytes=self.held_bytes, **curated
                 ):
                     yield rec.clip_id, rec.data
             except (ValueError, RuntimeError, OSError) as e:
@@ -214,8 +228,9 @@ def build_manifest(
     fp: str,
     records_per_shard: int,
     notes: Sequence[str] = (),
+    curation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """manifest.json contents (see docs/data_pipeline.md) from the written shards."""
+    """manifest.json contents (see docs/data_pipeline.md) from the written shards (`curation`: with --curate)."""
     shard_parts = sorted(shard_parts, key=lambda s: s["index"])
     venc, aenc, tenc = cfg.build_encoders()
     shapes = _merge_shapes(p["shapes"] for p in shard_parts)
@@ -225,7 +240,7 @@ def build_manifest(
     f = encoders.spatial_factor(venc)
     h = None if video_shape[1] is None else video_shape[1] * f
     w = None if video_shape[2] is None else video_shape[2] * f
-    return {
+    m = {
         "format": mf.FORMAT,
         "num_records": sum(p["shard"]["num_records"] for p in shard_parts),
         "fps": media.FPS,
@@ -250,6 +265,9 @@ def build_manifest(
         "stats": stats,
         "options": {**cfg.to_json(), "records_per_shard": records_per_shard},
     }
+    if curation is not None:
+        m["curation"] = curation
+    return m
 
 
 def up_to_date(out_dir: str, fp: str) -> bool:
@@ -276,8 +294,10 @@ def run(
     beam_args: Sequence[str] = (),
     progress: bool = True,
     held_bytes: int = DEFAULT_HELD_BYTES,
+    curate: curate_plan.CurateConfig | None = None,
 ) -> dict[str, Any]:
-    """Run the ingest pipeline; returns the manifest (also written to `output`/manifest.json).
+    """Run the ingest pipeline; returns the manifest (also written to `output`/manifest.json). `curate`: the
+    curation stages and thresholds (data_pipeline.curate; None: every clip of every source, as before).
 
     Before any decoding, sources whose clip ids or sidecars collide are set aside (both paths named in
     `sources.failed`); without `cfg.size` the sources' display sizes must agree (InputError listing them).
@@ -286,13 +306,15 @@ def run(
     root = sources.input_root(input_pattern, files)
     listed_bad = sources.find_collisions(files, root)
     spatial = encoders.spatial_factor(cfg.build_encoders()[0])
-    geometry.get_crop(cfg.crop)  # an unknown policy is refused by name before any work
+    _check_curation(cfg, curate)  # --crop=face, --syncnet-weights: refused by flag before any work
+    if cfg.crop != "face":
+        geometry.get_crop(cfg.crop)  # an unknown policy is refused by name before any work
     if cfg.size is not None and (cfg.size[0] % spatial or cfg.size[1] % spatial):
         raise InputError(
             f"--size={cfg.size[0]}x{cfg.size[1]}: width and height must be multiples of the video encoder's "
             f"spatial factor {spatial}"
         )
-    fp = fingerprint(files, cfg, records_per_shard)
+    fp = fingerprint(files, cfg, records_per_shard, curate)
     epath.Path(output).mkdir(parents=True, exist_ok=True)
     if not force and up_to_date(output, fp):
         print(f"{output}: up to date (same inputs and options); nothing to do. Pass --force to rewrite.")
@@ -325,7 +347,7 @@ def run(
     _PROGRESS["bar"] = bar if local else None
     try:
         _pipeline(beam_runner, options, good, cfg, root, tfio_python, held_bytes, records_per_shard,
-                  batch_sources, output, listed_failed, files, fp)
+                  batch_sources, output, listed_failed, files, fp, curate)
     except Exception as e:
         mf.remove_temporary(output)  # a partial shard of this run: nothing reads it, it only takes space
         cause = _write_cause(e)
@@ -353,12 +375,33 @@ def run(
     return mf.read_manifest(output)
 
 
+def _check_curation(cfg: IngestConfig, curate: curate_plan.CurateConfig | None) -> None:
+    """One line naming the flag: --crop=face without its stages or --size; a --syncnet-weights file missing."""
+    if cfg.crop == "face" and (curate is None or "crop" not in curate.stages):
+        raise InputError("--crop=face: the face crop is a curation stage; add --curate (or --curate=faces,crop)")
+    if cfg.crop == "face" and cfg.size is None:
+        raise InputError("--crop=face: needs --size=WxH (the crop's size, e.g. 720x1280)")
+    w = curate.syncnet_weights if curate is not None else None
+    if w and not epath.Path(w).is_file():
+        raise InputError(f"--syncnet-weights={w}: no such file (SyncNet's syncnet_v2.model or a safetensors "
+                         "file with its keys; docs/eval.md says where to get it)")
+
+
 def _pipeline(beam_runner: Any, options: PipelineOptions, good: list[str], cfg: IngestConfig, root: str,
               tfio_python: str | None, held_bytes: int, records_per_shard: int, batch_sources: int, output: str,
-              listed_failed: list[str], files: list[str], fp: str) -> None:
-    """The Beam pipeline of `run`: decode + encode `good`, write the shards, then manifest.json (`_finish`)."""
+              listed_failed: list[str], files: list[str], fp: str,
+              curate: curate_plan.CurateConfig | None = None) -> None:
+    """The Beam pipeline of `run`: (curate,) decode + encode `good`, write the shards, then manifest.json
+    (`_finish`)."""
     with beam.Pipeline(runner=beam_runner, options=options) as p:
         srcs = p | "Sources" >> beam.Create(good) | "Spread" >> beam.Reshuffle()
+        summaries = None
+        if curate is not None:
+            start = curate_stage.StartPlan(root, cfg.clip_frames, cfg.min_frames,
+                                           encoders.frame_multiple(cfg.build_encoders()[0]), cfg.seed, cfg.size)
+            srcs = curate_stage.add_stages(srcs, curate, start, cfg.size is not None and cfg.crop == "face")
+            summaries = (srcs | "Curate:summary" >> beam.Map(curate_report.summary)
+                         | "Curate:summaries" >> beam.combiners.ToList())
         batches = srcs | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=batch_sources)
         out = batches | "Ingest" >> beam.ParDo(IngestBatch(cfg, root, tfio_python, held_bytes)).with_outputs(
             "stats", "failed", "notes", main="records"
@@ -399,6 +442,8 @@ def _pipeline(beam_runner: Any, options: PipelineOptions, good: list[str], cfg: 
                 records_per_shard,
                 output,
                 beam.pvalue.AsSingleton(notes),
+                curate,
+                None if summaries is None else beam.pvalue.AsSingleton(summaries),
             )
         )
 
@@ -413,8 +458,16 @@ def _finish(
     records_per_shard: int,
     output: str,
     notes: Sequence[str] = (),
+    curate: curate_plan.CurateConfig | None = None,
+    summaries: list[dict[str, Any]] | None = None,
 ) -> None:
-    m = build_manifest(shard_parts, stats, failed, cfg, num_sources, fp, records_per_shard, notes)
+    curation = None
+    if curate is not None:  # the contact sheet first: a manifest never names a sheet that is not there
+        sized = cfg.size is not None and cfg.crop == "face"
+        curation = curate_report.curation(summaries or [], curate, sized)
+        mf.atomic_write_bytes(epath.Path(output) / curate_report.SHEET_NAME,
+                              curate_report.contact_sheet(summaries or []))
+    m = build_manifest(shard_parts, stats, failed, cfg, num_sources, fp, records_per_shard, notes, curation)
     if m["num_records"] == 0:  # `run` reports it; an earlier output's manifest.json and shards stay as they were
         mf.atomic_write_bytes(epath.Path(output) / EMPTY_RESULT, json.dumps(m).encode())
         return
@@ -452,6 +505,7 @@ def _run_from_flags(argv: Sequence[str]) -> dict[str, Any]:
         force=FLAGS.force,
         beam_args=list(argv[1:]),
         held_bytes=FLAGS.max_held_mb << 20,
+        curate=curate_from_flags(),
     )
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from absl import app, flags
 
+from data_pipeline.curate.plan import CurateConfig, parse_stages
 from data_pipeline.ingest.per_source import DEFAULT_HELD_BYTES, IngestConfig
 
 FLAGS = flags.FLAGS
@@ -79,6 +80,22 @@ def define_flags() -> None:
     flags.DEFINE_integer("batch_sources", 8, "Sources per Beam work item (and per tfio subprocess).")
     flags.DEFINE_integer("seed", 0, "Seed for reference-frame choice.")
     flags.DEFINE_bool("force", False, "Rewrite even if the output is up to date.")
+    # curation (data_pipeline/curate; docs/data_pipeline.md "Curation")
+    flags.DEFINE_string(
+        "curate", None, "Curate before ingest: a bare --curate (or 'all') runs every stage, else a comma list of "
+        "shots,faces,crop,sync,motion. crop (the face crop, with --size) and sync (with --syncnet-weights) need "
+        "faces. Drops and reasons go to manifest.json's `curation` and curation.png.")
+    flags.DEFINE_string("syncnet_weights", None, "Curation's sync stage: SyncNet weights (syncnet_v2.model or "
+                        "safetensors); without them the stage is off and the manifest says so.")
+    flags.DEFINE_float("cut_threshold", 27.0, "shots: PySceneDetect ContentDetector threshold.")
+    flags.DEFINE_integer("face_every", 5, "faces: detect on every N-th frame.", lower_bound=1)
+    flags.DEFINE_float("min_face", 0.1, "faces: smallest face box height, as a fraction of the frame height.")
+    flags.DEFINE_float("min_visible", 0.5, "faces: the speaker must be seen in this fraction of sampled frames.")
+    flags.DEFINE_integer("crop_smooth", 25, "crop: frames the face crop's centre is averaged over.")
+    flags.DEFINE_integer("max_offset", 6, "sync: largest |SyncNet offset| (frames) shifted; beyond, dropped.")
+    flags.DEFINE_float("min_confidence", 3.0, "sync: smallest SyncNet confidence (LSE-C) kept.")
+    flags.DEFINE_float("max_pan", 0.25, "motion: fastest camera pan kept, frame widths per second.")
+    flags.DEFINE_float("min_change", 0.25, "motion: smallest mean frame change (0-255) kept (near-static below).")
 
 
 def _weights_flag(flag: str, encoder: str) -> str:
@@ -119,6 +136,35 @@ def encoder_params_from_flags() -> tuple[dict[str, Any], dict[str, Any], dict[st
     return video, audio, text
 
 
+def curate_from_flags() -> CurateConfig | None:
+    """The curation stages and thresholds; None without --curate (and without --crop=face, which adds
+    faces,crop). `--curate=` with an empty value counts as a bare --curate (every stage)."""
+    spec = FLAGS.curate
+    if spec is None and FLAGS.crop == "face":
+        spec = "faces,crop"
+    stages = parse_stages(spec)
+    if not stages:
+        return None
+    if FLAGS.crop == "face" and "crop" not in stages:
+        stages = parse_stages(",".join([*stages, "faces", "crop"]))
+    w = FLAGS.syncnet_weights
+    return CurateConfig(
+        stages=stages, cut_threshold=FLAGS.cut_threshold, face_every=FLAGS.face_every, min_face=FLAGS.min_face,
+        min_visible=FLAGS.min_visible, crop_smooth=FLAGS.crop_smooth,
+        syncnet_weights=os.path.abspath(os.path.expanduser(w)) if w else None, max_offset=FLAGS.max_offset,
+        min_confidence=FLAGS.min_confidence, max_pan=FLAGS.max_pan, min_change=FLAGS.min_change,
+    )
+
+
+def _crop_policy() -> str:
+    """--crop, except that curation's crop stage with --size means the face crop unless --crop was given."""
+    if FLAGS.size and FLAGS.curate is not None and not FLAGS["crop"].present:
+        stages = parse_stages(FLAGS.curate)
+        if "crop" in stages:
+            return "face"
+    return FLAGS.crop
+
+
 def config_from_flags() -> IngestConfig:
     from data_pipeline.synthesize import parse_size
 
@@ -127,7 +173,7 @@ def config_from_flags() -> IngestConfig:
         clip_seconds=FLAGS.clip_seconds,
         min_seconds=FLAGS.min_seconds,
         size=parse_size(FLAGS.size) if FLAGS.size else None,
-        crop=FLAGS.crop,
+        crop=_crop_policy(),
         video_encoder=FLAGS.video_encoder,
         video_params=tuple(sorted(video_params.items())),
         audio_encoder=FLAGS.audio_encoder,

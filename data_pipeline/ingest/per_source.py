@@ -127,12 +127,18 @@ def ingest_source(
     notes: list[str] | None = None,
     held_bytes: int = DEFAULT_HELD_BYTES,
     held_peak: list[int] | None = None,
+    plans: list[clips.ClipPlan] | None = None,
+    crop_xy: np.ndarray | None = None,
+    shifts: dict[int, int] | None = None,
 ) -> Iterator[ClipRecord]:
     """Records for every kept clip of `path`; `stats` counts clips kept and dropped (by reason), `notes`
     collects what was chosen or assumed about the source (stream picked, rotation, silent audio...).
 
     `audio_16k`/`audio_offset_s` come from another audio backend (tfio); default: PyAV's resampler.
     At most max(`held_bytes` worth, clip + 2) decoded frames are held; `held_peak`[0] gets the most held.
+    Curation (data_pipeline.curate) passes `plans` (the clips it kept, instead of plain clips.plan_clips),
+    `crop_xy` ([num_frames, 2] top-left of the `cfg.size` window in the cover-scaled frame, per frame: the face
+    crop) and `shifts` ({clip start: frames}: that clip's audio is read this many frames later).
     """
     venc, aenc, tenc = encs
     stats = {} if stats is None else stats
@@ -141,7 +147,10 @@ def ingest_source(
     notes.extend(info.notes)
     tf = encoders.frame_multiple(venc)
     source_key = sources.source_id(path, root)
-    plans = clips.plan_clips(info.num_frames, cfg.clip_frames, cfg.min_frames, tf, source_key, cfg.seed)
+    if plans is None:
+        plans = clips.plan_clips(info.num_frames, cfg.clip_frames, cfg.min_frames, tf, source_key, cfg.seed)
+    elif not plans:
+        return  # curation dropped every clip (it reports why)
     if not plans:
         stats["dropped:too_short"] = stats.get("dropped:too_short", 0) + 1
         notes.append(f"{info.num_frames} frames at 25 fps: shorter than one clip ({cfg.min_frames} frames), no clip")
@@ -155,12 +164,17 @@ def ingest_source(
     text, text_mask = tenc.encode(caption)
     active = list(filters.get_filters(list(cfg.filters)))
     geo = geometry.plan(
-        (info.width, info.height), info.rotation, cfg.size, cfg.crop,
+        (info.width, info.height), info.rotation, cfg.size, "center" if crop_xy is not None else cfg.crop,
         lambda g: next(media.iter_frames(info, g))[1],
     )
     out_w, out_h = cfg.size or (info.width, info.height)
     budget = max(held_bytes // (out_w * out_h * 3), cfg.clip_frames + 2)
-    seeker = media.FrameSeeker(info, geo)
+    frames_of: Any = media.iter_frames(info, geo)
+    seeker: Any = media.FrameSeeker(info, geo)
+    if crop_xy is not None and geo.crop is not None:  # the scaled frame, cropped per frame where curation says
+        geo = geometry.Geometry(geo.scale, None)
+        seeker = _CroppedSeeker(media.FrameSeeker(info, geo), crop_xy, out_w, out_h)
+        frames_of = ((k, _crop_at(f, crop_xy[k], out_w, out_h)) for k, f in media.iter_frames(info, geo))
     # which clips use frame k: as a clip frame (owner) or as a reference frame (refs)
     owner = {k: i for i, pl in enumerate(plans) for k in range(pl.start, pl.stop)}
     ref_users: dict[int, list[int]] = {}
@@ -188,7 +202,7 @@ def ingest_source(
         done[i] = True
         rec = _encode_clip(
             path, source_key, pl, held, ref_of(pl), audio, track, caption, text, text_mask, encs, active, stats,
-            silent if "silence" not in cfg.filters else None,
+            silent if "silence" not in cfg.filters else None, (shifts or {}).get(pl.start, 0),
         )
         for kk in [*range(pl.start, pl.stop), pl.ref_frame]:
             if kk is not None and kk in held and not still_needed(kk):
@@ -198,7 +212,7 @@ def ingest_source(
 
     peak = 0
     try:
-        for k, frame in media.iter_frames(info, geo):
+        for k, frame in frames_of:
             if still_needed(k):
                 held[k] = frame
             peak = max(peak, len(held))
@@ -241,6 +255,24 @@ def ingest_source(
         )
 
 
+def _crop_at(frame: np.ndarray, xy: np.ndarray, w: int, h: int) -> np.ndarray:
+    x, y = int(xy[0]), int(xy[1])
+    return np.ascontiguousarray(frame[y : y + h, x : x + w])
+
+
+class _CroppedSeeker:
+    """media.FrameSeeker on the scaled frame, each frame cropped at its curation window."""
+
+    def __init__(self, seeker: media.FrameSeeker, crop_xy: np.ndarray, w: int, h: int):
+        self.seeker, self.crop_xy, self.w, self.h = seeker, crop_xy, w, h
+
+    def get(self, k: int) -> np.ndarray:
+        return _crop_at(self.seeker.get(k), self.crop_xy[k], self.w, self.h)
+
+    def close(self) -> None:
+        self.seeker.close()
+
+
 def _encode_clip(
     path: str,
     source_key: str,
@@ -256,11 +288,15 @@ def _encode_clip(
     active: list[tuple[str, filters.Filter]],
     stats: dict[str, int],
     silent: list[int] | None = None,
+    audio_shift: int = 0,
 ) -> ClipRecord | None:
-    """`silent`: when given (the silence filter is off), counts clips whose audio it would drop."""
+    """`silent`: when given (the silence filter is off), counts clips whose audio it would drop; `audio_shift`:
+    the clip's audio is read that many frames later (zeros past the source's ends)."""
     venc, aenc, _ = encs
     frames = np.stack([held[k] for k in range(pl.start, pl.stop)])
-    wave = audio[pl.start * media.HOP : pl.stop * media.HOP]
+    a0, a1 = (pl.start + audio_shift) * media.HOP, (pl.stop + audio_shift) * media.HOP
+    pad = max(0, -a0, a1 - len(audio))
+    wave = np.pad(audio, pad)[a0 + pad : a1 + pad] if pad else audio[a0:a1]
     for name, fn in active:
         if fn(filters.ClipData(frames, wave, path, pl.start)) is not None:
             stats[f"dropped:filter:{name}"] = stats.get(f"dropped:filter:{name}", 0) + 1

@@ -1,0 +1,148 @@
+"""What curation did, for people: manifest.json's `curation` and a contact sheet PNG next to the manifest.
+
+`thumbnails` (the last curation step in the pipeline) takes the middle frame of every clip and dropped span of
+a source; `summary` strips a SourcePlan to what the report needs (no crop track, no detections); `curation`
+and `contact_sheet` build the outputs from the summaries of every source, sorted, so the same inputs give
+the same bytes on any runner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from data_pipeline.curate import STAGES
+from data_pipeline.curate.plan import CurateConfig, SourcePlan
+from data_pipeline.ingest import media
+
+THUMB_H = 72
+TILE_W = 128
+LABEL_H = 30
+PER_ROW = 8
+SHEET_NAME = "curation.png"
+
+
+def thumbnails(plan: SourcePlan, cfg: CurateConfig) -> None:
+    """Middle frame of every clip and dropped span, THUMB_H pixels high (seeking: a few frames per source)."""
+    import cv2
+
+    info = media.probe(plan.path)
+    seeker = media.FrameSeeker(info, None)
+    try:
+        for a, b in [(c.start, c.stop) for c in plan.clips] + [(s[0], s[1]) for s in plan.spans]:
+            rgb = seeker.get(min((a + b) // 2, plan.num_frames - 1))
+            h, w = rgb.shape[:2]
+            plan.thumbs[a] = cv2.resize(rgb, (max(1, round(w * THUMB_H / h)), THUMB_H), interpolation=cv2.INTER_AREA)
+    finally:
+        seeker.close()
+
+
+def summary(plan: SourcePlan) -> dict[str, Any]:
+    """The report's view of one source's plan (picklable, small)."""
+    fps = media.FPS
+    items = [{"kind": "clip", "start": c.start, "stop": c.stop, "reason": c.drop, "stage": c.stage,
+              "values": c.values} for c in plan.clips]
+    items += [{"kind": "span", "start": a, "stop": b, "reason": why, "stage": st, "values": {}}
+              for a, b, why, st in plan.spans]
+    return {
+        "source": plan.source_id,
+        "path": plan.path,
+        "cuts_s": [round(k / fps, 3) for k in plan.cuts],
+        "items": sorted(items, key=lambda d: d["start"]),
+        "error": plan.error,
+        "ran": list(plan.ran),
+        "thumbs": dict(plan.thumbs),
+    }
+
+
+def stage_status(cfg: CurateConfig, sized: bool) -> dict[str, str]:
+    """'on' or 'off: why' per stage."""
+    out = {}
+    for s in STAGES:
+        if s not in cfg.stages:
+            out[s] = "off: not selected (--curate)"
+        elif s == "sync" and not cfg.syncnet_weights:
+            out[s] = "off: no --syncnet-weights"
+        elif s == "crop" and not sized:
+            out[s] = "off: no --size (the face crop needs the training size)"
+        else:
+            out[s] = "on"
+    return out
+
+
+def curation(summaries: Sequence[dict[str, Any]], cfg: CurateConfig, sized: bool) -> dict[str, Any]:
+    """manifest.json's `curation`: stages (on/off), thresholds, shots {source: [cut s]}, dropped spans
+    [{source, start_s, end_s, reason, stage}], per-stage counts (clips in, dropped), kept clips, failed."""
+    fps = media.FPS
+    summaries = sorted(summaries, key=lambda s: s["source"])
+    status = stage_status(cfg, sized)
+    order = [st for st in STAGES if status[st] == "on"]
+    counts: dict[str, dict[str, int]] = {st: {"in": 0, "dropped": 0} for st in order}
+    dropped, kept = [], 0
+    for sm in summaries:
+        if sm["error"] is not None:
+            continue
+        for it in sm["items"]:
+            if it["reason"] is not None:
+                dropped.append({"source": sm["source"], "start_s": round(it["start"] / fps, 3),
+                                "end_s": round(it["stop"] / fps, 3), "reason": it["reason"], "stage": it["stage"]})
+            if it["kind"] == "span":  # short shots and shot tails: counted as the shots stage's dropped spans
+                counts["shots"]["dropped_spans"] = counts["shots"].get("dropped_spans", 0) + 1
+                continue
+            kept += it["reason"] is None
+            at = order.index(it["stage"]) if it["stage"] in order else len(order)
+            for st in order[: at + 1]:
+                counts[st]["in"] += 1
+            if it["stage"] in counts:
+                counts[it["stage"]]["dropped"] += 1
+    return {
+        "stages": status,
+        "thresholds": {k: v for k, v in cfg.to_json().items() if k not in ("stages", "syncnet_weights")},
+        "shots": {sm["source"]: sm["cuts_s"] for sm in summaries if sm["error"] is None and "shots" in sm["ran"]},
+        "dropped": sorted(dropped, key=lambda d: (d["source"], d["start_s"])),
+        "counts": counts,
+        "kept_clips": kept,
+        "failed": sorted(sm["error"] for sm in summaries if sm["error"] is not None),
+        "contact_sheet": SHEET_NAME,
+    }
+
+
+def _tile(thumb: np.ndarray | None, title: str, reason: str | None) -> np.ndarray:
+    import cv2
+
+    tile = np.full((THUMB_H + LABEL_H, TILE_W, 3), 255, np.uint8)
+    if thumb is not None:
+        t = thumb[:, : TILE_W - 4]
+        x0 = (TILE_W - t.shape[1]) // 2
+        tile[:THUMB_H, x0:x0 + t.shape[1]] = t
+    colour = (0, 150, 0) if reason is None else (200, 0, 0)
+    cv2.rectangle(tile, (0, 0), (TILE_W - 1, THUMB_H + LABEL_H - 1), colour, 2)
+    for i, line in enumerate([title[-22:], "KEPT" if reason is None else reason[:24]]):
+        cv2.putText(tile, line, (4, THUMB_H + 11 + 12 * i), cv2.FONT_HERSHEY_PLAIN, 0.75, colour if i else (0, 0, 0),
+                    1, cv2.LINE_AA)
+    return tile
+
+
+def contact_sheet(summaries: Sequence[dict[str, Any]]) -> bytes:
+    """PNG bytes: one tile per clip and dropped span (middle frame; `<source>@<start frame>`; KEPT in green or
+    the drop reason in red), sources in order, PER_ROW tiles a row; failed sources get a tile naming the stage."""
+    import cv2
+
+    tiles = []
+    for sm in sorted(summaries, key=lambda s: s["source"]):
+        if sm["error"] is not None:
+            tiles.append(_tile(None, sm["source"], sm["error"].split(": ", 1)[-1]))
+            continue
+        for it in sm["items"]:
+            tiles.append(_tile(sm["thumbs"].get(it["start"]), f"{sm['source']}@{it['start']:07d}", it["reason"]))
+    if not tiles:
+        tiles = [_tile(None, "no sources", "nothing curated")]
+    rows = [tiles[i:i + PER_ROW] for i in range(0, len(tiles), PER_ROW)]
+    blank = np.full_like(tiles[0], 255)
+    sheet = np.concatenate([np.concatenate(r + [blank] * (PER_ROW - len(r)), axis=1) for r in rows], axis=0)
+    ok, png = cv2.imencode(".png", np.ascontiguousarray(sheet[..., ::-1]))
+    if not ok:
+        raise RuntimeError("OpenCV could not encode the contact sheet PNG")
+    return png.tobytes()

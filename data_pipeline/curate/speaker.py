@@ -1,0 +1,77 @@
+"""One tracked speaker per clip: faces detected on every `face_every`-th frame (data_pipeline.ingest.faces:
+OpenCV's bundled frontal-face Haar cascade), linked into tracks by IoU inside each shot (faces.link, the
+reference's track_shot, its 25-frame gap counted in sampled frames; IoU > `track_iou`, 0.3 by default rather
+than the reference's 0.5 per frame, since sampled frames are further apart), then per clip:
+
+- a track is *present* when seen in >= `other_visible` of the clip's sampled frames (a lone false detection
+  is not a second person);
+- no present track: dropped (`no face`); two or more: dropped (`N faces`, a two-shot or split screen);
+- the one track must span the clip (its first and last detection within one sample of the clip's first and
+  last sampled frame; the tracker bridges misses of up to 25 frames) and be seen in >= `min_visible` of the
+  sampled frames (0.5 by default: the Haar cascade misses a frontal face now and then): else dropped (`face
+  visible in i of n sampled frames`: it comes and goes, or enters or leaves the frame);
+- its median box height must be >= `min_face` of the frame height: else dropped (`face too small`).
+
+A kept clip records its face box (median, display pixels) and keeps the detections for the crop and sync
+stages.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from data_pipeline.curate.plan import Clip, CurateConfig, SourcePlan, display_frames
+from data_pipeline.curate.shots import shots_of
+from data_pipeline.ingest import faces
+
+
+def detections(path: str, every: int) -> dict[int, np.ndarray]:
+    """{frame: boxes [K, 4] (x1, y1, x2, y2) at display size} on every `every`-th frame."""
+    return {k: faces.detect(np.ascontiguousarray(rgb[..., ::-1])) for k, rgb in display_frames(path, every)}
+
+
+def tracks(dets: dict[int, np.ndarray], shots: list[tuple[int, int]], every: int,
+           track_iou: float = faces.IOU_THRESHOLD) -> list[np.ndarray]:
+    """Face tracks, never across a cut: each [n, 5] (frame, x1, y1, x2, y2)."""
+    out = []
+    for a, b in shots:
+        ks = sorted(k for k in dets if a <= k < b)
+        for t in faces.link([dets[k] for k in ks], max_gap=max(1, faces.MAX_GAP // every), threshold=track_iou):
+            out.append(np.asarray([[ks[i], *box] for i, box in t], np.float64))
+    return out
+
+
+def judge(clip: Clip, found: list[np.ndarray], every: int, height: int, cfg: CurateConfig) -> str | None:
+    """The reason to drop `clip` given every track `found` (see the module docstring), or None (keep; then
+    `clip.track` and `clip.values['face_box']` are set)."""
+    samples = [k for k in range(clip.start, clip.stop) if k % every == 0]
+    n = len(samples)
+    seen = []
+    for t in found:
+        inside = t[(t[:, 0] >= clip.start) & (t[:, 0] < clip.stop)]
+        if len(inside) and len(inside) >= cfg.other_visible * n:
+            seen.append(inside)
+    if not seen:
+        return "no face"
+    if len(seen) > 1:
+        return f"{len(seen)} faces (one speaker wanted)"
+    t = seen[0]
+    covers = t[0, 0] - samples[0] <= every and samples[-1] - t[-1, 0] <= every
+    if len(t) < cfg.min_visible * n or not covers:
+        return (f"face visible in {len(t)} of {n} sampled frames (frames {int(t[0, 0])}-{int(t[-1, 0])} of "
+                f"{clip.start}-{clip.stop - 1}): it comes and goes")
+    box = np.median(t[:, 1:], axis=0)
+    if box[3] - box[1] < cfg.min_face * height:
+        return f"face too small ({box[3] - box[1]:.0f} px < {cfg.min_face:g} x {height} px frame height)"
+    clip.track = t
+    clip.values["face_box"] = [round(float(v), 1) for v in box]
+    return None
+
+
+def apply(plan: SourcePlan, cfg: CurateConfig) -> None:
+    dets = detections(plan.path, cfg.face_every)
+    found = tracks(dets, shots_of(plan.num_frames, plan.cuts), cfg.face_every, cfg.track_iou)
+    for c in plan.live():
+        why = judge(c, found, cfg.face_every, plan.height, cfg)
+        if why is not None:
+            c.drop, c.stage = why, "faces"

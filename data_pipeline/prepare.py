@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import math
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -467,6 +468,8 @@ def _finish(
         curation = curate_report.curation(summaries or [], curate, sized)
         mf.atomic_write_bytes(epath.Path(output) / curate_report.SHEET_NAME,
                               curate_report.contact_sheet(summaries or []))
+        mf.atomic_write_bytes(epath.Path(output) / curate_report.CLIPS_NAME,
+                              curate_report.clips_jsonl(summaries or []))
     m = build_manifest(shard_parts, stats, failed, cfg, num_sources, fp, records_per_shard, notes, curation)
     if m["num_records"] == 0:  # `run` reports it; an earlier output's manifest.json and shards stay as they were
         mf.atomic_write_bytes(epath.Path(output) / EMPTY_RESULT, json.dumps(m).encode())
@@ -516,6 +519,7 @@ if __name__ == "__main__":
 
     prepare_flags.define_flags()
     flags.adopt_module_key_flags(prepare_flags)  # so --help lists them
+    prepare_flags.bare_curate(sys.argv)  # a bare --curate means every stage (absl wants a value)
     # absl stops at `--`: what follows reaches main() as Beam pipeline flags
     from mirage_base import cli  # not `import run`: this module has its own run() (the pipeline)
 

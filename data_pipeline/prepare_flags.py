@@ -136,6 +136,16 @@ def encoder_params_from_flags() -> tuple[dict[str, Any], dict[str, Any], dict[st
     return video, audio, text
 
 
+def bare_curate(argv: list[str]) -> None:
+    """Rewrite a bare `--curate` (before `--`) in place as `--curate=all`: absl would take the next argument
+    as its value."""
+    for i, a in enumerate(argv):
+        if a == "--":
+            return
+        if a == "--curate":
+            argv[i] = "--curate=all"
+
+
 def curate_from_flags() -> CurateConfig | None:
     """The curation stages and thresholds; None without --curate (and without --crop=face, which adds
     faces,crop). `--curate=` with an empty value counts as a bare --curate (every stage)."""

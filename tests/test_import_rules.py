@@ -23,7 +23,7 @@ LAYERS = [
     ("mirage_base", 0),
     ("data_pipeline.dataset", 10), ("data_pipeline.encoders", 10),
     ("data_pipeline.ingest", 11), ("data_pipeline.loader", 11),
-    ("data_pipeline.synthetic", 12),
+    ("data_pipeline.synthetic", 12), ("data_pipeline.curate", 12),
     ("data_pipeline", 13),  # the package root and its commands: prepare, prepare_flags, synthesize
     ("mirage_jax", 20),  # the package root (its __init__)
     ("mirage_jax.config", 20), ("mirage_jax.run_config", 20), ("mirage_jax.aot.chips", 20),

@@ -1,4 +1,5 @@
-"""What curation did, for people: manifest.json's `curation` and a contact sheet PNG next to the manifest.
+"""What curation did, for people: manifest.json's `curation`, a contact sheet PNG and every clip's measured
+values (curation_clips.jsonl) next to the manifest.
 
 `thumbnails` (the last curation step in the pipeline) takes the middle frame of every clip and dropped span of
 a source; `summary` strips a SourcePlan to what the report needs (no crop track, no detections); `curation`
@@ -18,10 +19,11 @@ from data_pipeline.curate.plan import CurateConfig, SourcePlan
 from data_pipeline.ingest import media
 
 THUMB_H = 72
-TILE_W = 128
-LABEL_H = 30
+TILE_W = 160
+LABEL_H = 42
 PER_ROW = 8
 SHEET_NAME = "curation.png"
+CLIPS_NAME = "curation_clips.jsonl"
 
 
 def thumbnails(plan: SourcePlan, cfg: CurateConfig) -> None:
@@ -74,7 +76,8 @@ def stage_status(cfg: CurateConfig, sized: bool) -> dict[str, str]:
 
 def curation(summaries: Sequence[dict[str, Any]], cfg: CurateConfig, sized: bool) -> dict[str, Any]:
     """manifest.json's `curation`: stages (on/off), thresholds, shots {source: [cut s]}, dropped spans
-    [{source, start_s, end_s, reason, stage}], per-stage counts (clips in, dropped), kept clips, failed."""
+    [{source, start_s, end_s, reason, stage}], per-stage counts (clips in, dropped), kept clips, failed, and
+    the names of the contact sheet and of the per-clip values file (clips_jsonl)."""
     fps = media.FPS
     summaries = sorted(summaries, key=lambda s: s["source"])
     status = stage_status(cfg, sized)
@@ -106,7 +109,26 @@ def curation(summaries: Sequence[dict[str, Any]], cfg: CurateConfig, sized: bool
         "kept_clips": kept,
         "failed": sorted(sm["error"] for sm in summaries if sm["error"] is not None),
         "contact_sheet": SHEET_NAME,
+        "clips": CLIPS_NAME,
     }
+
+
+def clips_jsonl(summaries: Sequence[dict[str, Any]]) -> bytes:
+    """One JSON line per clip and dropped span of every curated source, sorted: `clip` (`<source>@<start
+    frame>`, the record's clip id when kept), `start_s`, `end_s`, `kept`, `reason`, `stage` and the values the
+    stages measured (face_box, crop_xy, sync_offset, sync_conf, pan_wps)."""
+    import json
+
+    lines = []
+    for sm in sorted(summaries, key=lambda s: s["source"]):
+        if sm["error"] is not None:
+            continue
+        for it in sm["items"]:
+            lines.append(json.dumps({
+                "clip": f"{sm['source']}@{it['start']:07d}", "start_s": round(it["start"] / media.FPS, 3),
+                "end_s": round(it["stop"] / media.FPS, 3), "kept": it["reason"] is None, "reason": it["reason"],
+                "stage": it["stage"], **it["values"]}, sort_keys=True))
+    return "".join(line + "\n" for line in lines).encode()
 
 
 def _tile(thumb: np.ndarray | None, title: str, reason: str | None) -> np.ndarray:
@@ -119,7 +141,8 @@ def _tile(thumb: np.ndarray | None, title: str, reason: str | None) -> np.ndarra
         tile[:THUMB_H, x0:x0 + t.shape[1]] = t
     colour = (0, 150, 0) if reason is None else (200, 0, 0)
     cv2.rectangle(tile, (0, 0), (TILE_W - 1, THUMB_H + LABEL_H - 1), colour, 2)
-    for i, line in enumerate([title[-22:], "KEPT" if reason is None else reason[:24]]):
+    why = ["KEPT"] if reason is None else [reason[:25], reason[25:50]]
+    for i, line in enumerate([title[-25:], *why]):
         cv2.putText(tile, line, (4, THUMB_H + 11 + 12 * i), cv2.FONT_HERSHEY_PLAIN, 0.75, colour if i else (0, 0, 0),
                     1, cv2.LINE_AA)
     return tile

@@ -1,0 +1,214 @@
+"""prepare --curate on footage whose truth is known by construction (tests/curation_footage.py: real faces from
+scikit-image's photographs, animated with PyAV): each stage's decision (cut frames, face count, face box,
+crop position, camera pan), the manifest's `curation`, the contact sheet, a failing source kept out by name,
+and the sync stage's wiring (random SyncNet weights: the values mean nothing, the plumbing is what is tested)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import av
+import numpy as np
+import pytest
+
+from data_pipeline import encoders
+from data_pipeline.curate.plan import CurateConfig
+from data_pipeline.curate.report import LABEL_H, PER_ROW, THUMB_H, TILE_W
+from data_pipeline.dataset.records import decode_record
+from data_pipeline.ingest import media
+from data_pipeline.ingest.per_source import IngestConfig
+from data_pipeline.prepare import run
+from mirage_base.errors import InputError
+from tests import curation_footage as cf
+
+SIZE = (96, 128)  # portrait training size: sources 320x180 are scaled to 228x128 and cropped 96 wide
+SCALED_W = 228
+CFG = IngestConfig(clip_seconds=1.0, size=SIZE, crop="face")
+CURATE = CurateConfig(max_pan=0.1)  # the test pan is 0.156 frame widths/s; the speaker's face moves 0.078
+
+
+def _audio_only(path: str) -> str:
+    with av.open(path, "w", format="mp4") as c:
+        s = c.add_stream("aac", rate=16000, layout="mono")
+        fr = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        fr.sample_rate, fr.pts = 16000, 0
+        c.mux(s.encode(fr))
+        c.mux(s.encode())
+    return path
+
+
+@pytest.fixture(scope="module")
+def footage(tmp_path_factory):
+    d = tmp_path_factory.mktemp("curation_raw")
+    paths = cf.build(str(d))
+    paths["novideo"] = _audio_only(str(d / "novideo.mp4"))
+    return str(d), paths
+
+
+@pytest.fixture(scope="module")
+def curated(footage, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("curated"))
+    m = run(footage[0], out, CFG, progress=False, curate=CURATE)
+    return out, m
+
+
+def _records(out: str, m: dict) -> dict[str, dict[str, np.ndarray]]:
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    recs = {}
+    for s in m["shards"]:
+        r = ArrayRecordReader(os.path.join(out, s["path"]))
+        for b in r.read_all():
+            t, meta = decode_record(b)
+            recs[meta["clip_id"]] = t
+        r.close()
+    return recs
+
+
+def _drops(m: dict, source: str) -> list[tuple[float, float, str, str]]:
+    return [(d["start_s"], d["end_s"], d["stage"], d["reason"]) for d in m["curation"]["dropped"]
+            if d["source"] == source]
+
+
+def test_shots_cut_where_the_footage_cuts_and_no_clip_spans_one(curated):
+    out, m = curated
+    cur = m["curation"]
+    assert cur["shots"]["cut.mp4"] == [k / 25 for k in cf.CUTS]
+    assert all(cur["shots"][s] == [] for s in ("speaker.mp4", "twoshot.mp4", "broll.mp4"))
+    ids = sorted(c for c in _records(out, m) if c.startswith("cut.mp4@"))
+    assert ids == ["cut.mp4@0000000", "cut.mp4@0000025", "cut.mp4@0000075", "cut.mp4@0000100"]  # inside shots
+    drops = _drops(m, "cut.mp4")
+    assert [d[:3] for d in drops] == [(2.0, 2.4, "shots"), (2.4, 3.0, "shots")]
+    assert "shorter than the minimum clip" in drops[1][3] and drops[1][3].startswith("shot of 0.60 s")
+
+
+def test_faces_keep_one_speaker_and_drop_the_rest_with_reasons(curated):
+    out, m = curated
+    assert _drops(m, "twoshot.mp4") == [(0.0, 1.0, "faces", "2 faces (one speaker wanted)")]
+    assert _drops(m, "broll.mp4") == [(0.0, 1.0, "faces", "no face"), (1.0, 2.0, "faces", "no face")]
+    (leaves,) = _drops(m, "leaves.mp4")
+    assert leaves[2] == "faces" and "comes and goes" in leaves[3]
+    assert _drops(m, "speaker.mp4") == []
+    lines = [json.loads(x) for x in open(os.path.join(out, "curation_clips.jsonl"))]
+    for ln in lines:
+        if ln["clip"].startswith("speaker.mp4@"):
+            k = int(round(ln["start_s"] * 25)) + 12  # the clip's middle frame
+            x1, y1, x2, y2 = ln["face_box"]
+            assert abs((x1 + x2) / 2 - (cf.speaker_x(k) + cf.FACE_CX)) < 4
+            assert abs((y1 + y2) / 2 - (20 + cf.FACE_CY)) < 4
+            assert abs((x2 - x1) - cf.FACE_SIDE) < 0.25 * cf.FACE_SIDE
+    counts = m["curation"]["counts"]
+    assert counts["faces"]["dropped"] == 4  # twoshot, broll x2, leaves
+    assert m["curation"]["stages"]["sync"] == "off: no --syncnet-weights"
+
+
+def test_face_crop_follows_the_face_smoothly(curated, footage):
+    """Where each record's frame sits in the scaled source frame is found by exact search (the s2d encoder is
+    lossless), and compared with where the face is by construction."""
+    out, m = curated
+    recs = _records(out, m)
+    venc = encoders.from_manifest(m, "video")
+    info = media.probe(footage[1]["speaker"])
+    from data_pipeline.ingest import geometry
+
+    scaled = dict(media.iter_frames(info, geometry.Geometry((SCALED_W, 128), None)))
+    for start in (0, 25, 50):
+        frames = venc.to_uint8(venc.decode(recs[f"speaker.mp4@{start:07d}"]["video"]))
+        xs = []
+        for i, fr in enumerate(frames):
+            full = scaled[start + i].astype(np.int32)
+            err = [np.abs(full[:, x:x + SIZE[0]] - fr).sum() for x in range(SCALED_W - SIZE[0] + 1)]
+            assert min(err) == 0
+            xs.append(int(np.argmin(err)))
+        xs = np.asarray(xs)
+        face = (cf.speaker_x(start + np.arange(25)) + cf.FACE_CX) * SCALED_W / cf.W
+        assert np.abs(xs + SIZE[0] / 2 - face)[5:-5].max() <= 4  # centred on the face (ends: smoothing lag)
+        assert np.abs(np.diff(xs)).max() <= 1  # no jitter: the window glides
+
+
+def test_motion_drops_the_camera_pan_only(curated):
+    out, m = curated
+    (pan,) = _drops(m, "pan.mp4")
+    assert pan[2] == "motion" and pan[3].startswith("camera pan 0.15")  # 2 px/frame x 25 / 320 = 0.156
+    lines = {ln["clip"]: ln for ln in map(json.loads, open(os.path.join(out, "curation_clips.jsonl")))}
+    assert all(lines[f"speaker.mp4@{s:07d}"]["pan_wps"] < 0.02 for s in (0, 25, 50))
+
+
+def test_manifest_curation_and_contact_sheet(curated):
+    import cv2
+
+    out, m = curated
+    cur = m["curation"]
+    assert m["num_records"] == cur["kept_clips"] == 8  # speaker 3, cut 4, mute 1
+    assert cur["thresholds"]["max_pan"] == 0.1 and cur["stages"]["shots"] == "on"
+    assert any(f.startswith(os.path.join(os.path.dirname(f), "novideo.mp4") + ": curate:probe")
+               for f in m["sources"]["failed"])
+    assert m["stats"]["failed_sources"] == 1
+    sheet = cv2.imread(os.path.join(out, cur["contact_sheet"]))
+    tiles = sum(1 for ln in open(os.path.join(out, "curation_clips.jsonl"))) + 1  # + the failed source
+    rows = -(-tiles // PER_ROW)
+    assert sheet.shape == (rows * (THUMB_H + LABEL_H), PER_ROW * TILE_W, 3)
+    red = [(sheet[r * (THUMB_H + LABEL_H) + 1, c * TILE_W + 1] == [0, 0, 200]).all()
+           for r in range(rows) for c in range(PER_ROW)]
+    assert sum(red) == len(cur["dropped"]) + 1  # a red frame per dropped clip or span, and the failed source
+
+
+def test_missing_syncnet_weights_stop_prepare_before_decoding(footage, tmp_path):
+    with pytest.raises(InputError, match=r"^--syncnet-weights=/nope/w.model: no such file"):
+        run(footage[0], str(tmp_path / "o"), CFG, progress=False,
+            curate=CurateConfig(syncnet_weights="/nope/w.model"))
+    assert not (tmp_path / "o").exists()
+    r = subprocess.run([sys.executable, "-m", "data_pipeline.prepare", f"--input={footage[0]}",
+                        f"--output={tmp_path}/o", "--curate", "--syncnet-weights=/nope/w.model"],
+                       capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("prepare: --syncnet-weights=/nope/w.model: no such file")
+    assert len([ln for ln in r.stderr.splitlines() if "Traceback" in ln]) == 0
+
+
+def test_unknown_stage_and_crop_without_curation_are_refused(footage, tmp_path):
+    from data_pipeline.curate.plan import parse_stages
+
+    with pytest.raises(InputError, match="unknown stage"):
+        parse_stages("shots,lips")
+    with pytest.raises(InputError, match="needs 'faces'"):
+        parse_stages("crop")
+    with pytest.raises(InputError, match="--crop=face: the face crop is a curation stage"):
+        run(footage[0], str(tmp_path / "o"), CFG, progress=False)
+
+
+@pytest.mark.slow
+def test_sync_stage_scores_shifts_and_names_a_source_without_audio(footage, tmp_path):
+    """Random SyncNet weights (saved to safetensors) through the real scorer command: offsets and confidences
+    recorded per clip, the audio of each kept clip read -offset frames later, the mute source kept out by name."""
+    from safetensors.numpy import save_file
+
+    from mirage_jax.eval.syncnet import expected_shapes
+
+    rng = np.random.default_rng(0)
+    w = {k: (rng.uniform(0.5, 2.0, s) if k.endswith("running_var") else 0.05 * rng.standard_normal(s))
+         .astype(np.float32) for k, s in expected_shapes().items()}
+    save_file(w, str(tmp_path / "syncnet.safetensors"))
+    out = str(tmp_path / "out")
+    cur = CurateConfig(stages=("faces", "crop", "sync"), syncnet_weights=str(tmp_path / "syncnet.safetensors"),
+                       min_confidence=0.0, max_offset=15)
+    m = run(os.path.join(footage[0], "[ms]*.mp4"), out, CFG, progress=False, curate=cur)
+    assert m["curation"]["stages"]["sync"] == "on"
+    assert [f.split(": ", 1)[1] for f in m["sources"]["failed"]] == [
+        "curate:sync: no audio stream: SyncNet scores speech against the face"]
+    lines = [json.loads(x) for x in open(os.path.join(out, "curation_clips.jsonl"))]
+    assert len(lines) == 3 and all(isinstance(ln["sync_offset"], int) and "sync_conf" in ln for ln in lines)
+    info = media.probe(footage[1]["speaker"])
+    raw, off = media.decode_audio_16k(footage[1]["speaker"], info.t0)
+    audio = media.align_audio(raw, off, info.num_frames)
+    aenc = encoders.from_manifest(m, "audio")
+    recs = _records(out, m)
+    for ln in lines:
+        s = int(round(ln["start_s"] * 25)) - ln["sync_offset"]
+        wave = np.zeros(25 * media.HOP, np.float32)
+        lo, hi = max(0, s), min(info.num_frames, s + 25)
+        wave[(lo - s) * media.HOP:(hi - s) * media.HOP] = audio[lo * media.HOP:hi * media.HOP]
+        np.testing.assert_allclose(recs[ln["clip"]]["audio"], aenc.encode(wave, num_frames=25), atol=1e-5)

@@ -369,9 +369,13 @@ def run(
         empty.unlink(missing_ok=True)
         failed = result["sources"]["failed"]
         why = f"; first failure: {failed[0]}" if failed else ""
+        cur = result.get("curation")
+        if cur is not None:  # the curation report is written all the same: it says why nothing is left
+            why += (f"; curation dropped {len(cur['dropped'])} clip(s) or span(s): see {output}/"
+                    f"{curate_report.SHEET_NAME} and {curate_report.CLIPS_NAME}, or relax --curate's thresholds")
         raise NoClipsError(
             f"prepare: no clips from {len(files)} source(s) (stats {result['stats']}{why}); check "
-            "--clip-seconds/--min-seconds, the filters and the encoders; nothing was written"
+            "--clip-seconds/--min-seconds, the filters and the encoders; no shards or manifest were written"
         )
     return mf.read_manifest(output)
 

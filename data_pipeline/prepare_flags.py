@@ -37,8 +37,9 @@ def define_flags() -> None:
         "Training frame size WxH: each source (display orientation) is scaled to cover it and cropped "
         "(--crop). Default: the sources' own size, which must then be the same for all.",
     )
-    flags.DEFINE_string("crop", "center", "Crop policy with --size: center, or one registered with "
-                        "data_pipeline.ingest.geometry.register_crop (e.g. a face-centred crop).")
+    flags.DEFINE_string("crop", "center", "Crop policy with --size: center; face (curation's crop stage: the "
+                        "window follows the tracked face; the default with --curate and --size); or one "
+                        "registered with data_pipeline.ingest.geometry.register_crop.")
     flags.DEFINE_integer(
         "max_held_mb", DEFAULT_HELD_BYTES >> 20, "Decoded frames one source may hold in memory (MiB); "
         "past it reference frames are fetched by seeking (same output)."

@@ -212,3 +212,13 @@ def test_sync_stage_scores_shifts_and_names_a_source_without_audio(footage, tmp_
         lo, hi = max(0, s), min(info.num_frames, s + 25)
         wave[(lo - s) * media.HOP:(hi - s) * media.HOP] = audio[lo * media.HOP:hi * media.HOP]
         np.testing.assert_allclose(recs[ln["clip"]]["audio"], aenc.encode(wave, num_frames=25), atol=1e-5)
+
+
+def test_curation_that_keeps_nothing_says_where_to_look(footage, tmp_path):
+    from data_pipeline.prepare import NoClipsError
+
+    out = tmp_path / "o"
+    with pytest.raises(NoClipsError, match=r"curation dropped 2 clip\(s\) or span\(s\): see .*curation.png"):
+        run(os.path.join(footage[0], "broll.mp4"), str(out), IngestConfig(clip_seconds=1.0, size=SIZE), progress=False,
+            curate=CurateConfig(stages=("faces",)))
+    assert (out / "curation.png").exists() and not (out / "manifest.json").exists()

@@ -22,18 +22,21 @@ THUMB_H = 72
 TILE_W = 160
 LABEL_H = 42
 PER_ROW = 8
+MAX_PER_SOURCE = 48  # thumbnails per source (the sheet is for looking; curation_clips.jsonl lists every clip)
 SHEET_NAME = "curation.png"
 CLIPS_NAME = "curation_clips.jsonl"
 
 
 def thumbnails(plan: SourcePlan, cfg: CurateConfig) -> None:
-    """Middle frame of every clip and dropped span, THUMB_H pixels high (seeking: a few frames per source)."""
+    """Middle frame of the first MAX_PER_SOURCE clips and dropped spans (in time order), THUMB_H pixels high
+    (seeking: a few frames per source)."""
     import cv2
 
     info = media.probe(plan.path)
     seeker = media.FrameSeeker(info, None)
     try:
-        for a, b in [(c.start, c.stop) for c in plan.clips] + [(s[0], s[1]) for s in plan.spans]:
+        spans = sorted([(c.start, c.stop) for c in plan.clips] + [(s[0], s[1]) for s in plan.spans])
+        for a, b in spans[:MAX_PER_SOURCE]:
             rgb = seeker.get(min((a + b) // 2, plan.num_frames - 1))
             h, w = rgb.shape[:2]
             plan.thumbs[a] = cv2.resize(rgb, (max(1, round(w * THUMB_H / h)), THUMB_H), interpolation=cv2.INTER_AREA)
@@ -150,7 +153,8 @@ def _tile(thumb: np.ndarray | None, title: str, reason: str | None) -> np.ndarra
 
 def contact_sheet(summaries: Sequence[dict[str, Any]]) -> bytes:
     """PNG bytes: one tile per clip and dropped span (middle frame; `<source>@<start frame>`; KEPT in green or
-    the drop reason in red), sources in order, PER_ROW tiles a row; failed sources get a tile naming the stage."""
+    the drop reason in red), sources in order, PER_ROW tiles a row; failed sources get a tile naming the stage;
+    past MAX_PER_SOURCE items a source ends with one tile counting the rest."""
     import cv2
 
     tiles = []
@@ -158,8 +162,12 @@ def contact_sheet(summaries: Sequence[dict[str, Any]]) -> bytes:
         if sm["error"] is not None:
             tiles.append(_tile(None, sm["source"], sm["error"].split(": ", 1)[-1]))
             continue
-        for it in sm["items"]:
+        for it in sm["items"][:MAX_PER_SOURCE]:
             tiles.append(_tile(sm["thumbs"].get(it["start"]), f"{sm['source']}@{it['start']:07d}", it["reason"]))
+        if len(sm["items"]) > MAX_PER_SOURCE:
+            more = sm["items"][MAX_PER_SOURCE:]
+            tiles.append(_tile(None, sm["source"], f"+{len(more)} more ({sum(i['reason'] is None for i in more)} "
+                                                   "kept): curation_clips.jsonl"))
     if not tiles:
         tiles = [_tile(None, "no sources", "nothing curated")]
     rows = [tiles[i:i + PER_ROW] for i in range(0, len(tiles), PER_ROW)]

@@ -1,8 +1,9 @@
 """Quality filters for clips, registered by name (`prepare --filters=silence,static`).
 
 A filter sees a clip's pixels and audio before encoding and returns None to keep it or a short reason to
-drop it; prepare counts drops per filter in the manifest. Real pipelines add face detection, lip-sync
-(SyncNet), text-overlay and logo detectors here; register them with `register_filter`.
+drop it; prepare counts drops per filter in the manifest. Shot cuts, face tracks, lip sync (SyncNet) and camera
+motion are curation stages (data_pipeline.curate, `prepare --curate`); other per-clip detectors (text overlay,
+logos) can be registered here with `register_filter`.
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ def stage_status(cfg: CurateConfig, sized: bool) -> dict[str, str]:
         elif s == "sync" and not cfg.syncnet_weights:
             out[s] = "off: no --syncnet-weights"
         elif s == "crop" and not sized:
-            out[s] = "off: no --size (the face crop needs the training size)"
+            out[s] = "off: needs --size (the crop's size) and --crop=face (the default with --curate and --size)"
         else:
             out[s] = "on"
     return out

@@ -9,7 +9,8 @@ docs/architecture.md), and the child loads JAX and the weights once per source b
 Per clip: offset o (frames; audio delayed by d frames gives o = -d) and confidence c (LSE-C). c <
 `min_confidence` drops the clip; |o| > `max_offset` drops it (too far to trust a shift); otherwise the clip's
 audio is read -o frames later (`plan.shifts`), which puts it in sync. Both are recorded (`sync_offset`,
-`sync_conf`). A source without audio fails this stage (named; kept out).
+`sync_conf`). A source without audio fails this stage (named; kept out). Cost: the child process starts JAX
+and compiles SyncNet once per source (seconds), on top of the embedding work.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ def apply(plan: SourcePlan, cfg: CurateConfig) -> None:
                 crops = face_crops(c, held.pop(c.start))
                 media.write_mp4(f, crops, audio[c.start * media.HOP:c.stop * media.HOP])
                 files.append((c, f))
+        if len(files) != len(live):
+            raise RuntimeError(f"decoding stopped before frame {max(c.stop for c in live)}; the file may be truncated")
         results = score([f for _, f in files], cfg.syncnet_weights or "")
     for (c, _), r in zip(files, results, strict=True):
         if "error" in r:

@@ -495,6 +495,12 @@ def summary(m: dict[str, Any], output: str) -> str:
     """prepare's closing report: records, stats, then every failed source and every note, one per line."""
     lines = [f"{output}: {m['num_records']} records in {len(m['shards'])} shard(s); stats {m['stats']}"]
     src = m.get("sources", {})
+    cur = m.get("curation")
+    if cur is not None:
+        by_stage = {k: v["dropped"] for k, v in cur["counts"].items()}
+        lines.append(f"  curation: {cur['kept_clips']} clips kept, dropped per stage {by_stage}, "
+                     f"{len(cur['dropped'])} drops with reasons in manifest.json; look at "
+                     f"{output}/{cur['contact_sheet']}")
     lines += [f"  FAILED {line}" for line in src.get("failed", [])]
     lines += [f"  note: {line}" for line in src.get("notes", [])]
     return "\n".join(lines)

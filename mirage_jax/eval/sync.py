@@ -18,7 +18,10 @@ The scoring is SyncNetInstance.evaluate of joonson/syncnet_python (`score`), bat
   with vshift zero rows on each side (calc_pdist with torch's pairwise_distance eps);
 - mean over windows -> curve [2 vshift + 1]; offset = vshift - argmin; LSE-D = min; LSE-C = median - min.
 
-Batches of windows can be spread over a device mesh (the batch axis sharded; `Scorer(mesh=...)`).
+Batches of windows can be spread over a device mesh (the batch axis sharded; `Scorer(mesh=...)`). Speed on
+XLA:CPU (docs/eval.md, Benchmark): the network runs as 2D convolutions with BatchNorm folded in
+(mirage_jax.eval.syncnet), compiled with CPU_COMPILER_OPTIONS; each batch size compiles once (`batch_sizes`, the
+last batch padded) and so does the distance curve per power-of-two number of windows.
 The curation filter and `mirage_jax.eval --syncnet-weights` call `Scorer` and `score_frames` from here.
 """
 
@@ -133,7 +136,8 @@ def mean_distance_curve(lip: jax.Array, aud: jax.Array, windows: jax.Array, vshi
 class Scorer:
     """SyncNet embeddings and scores, jitted; `mesh` (optional, 1-D) shards each batch of windows over its
     devices (the batch is rounded up to a multiple of the mesh size; the weights are replicated). One compiled
-    shape per entry of `batch_sizes`; batches are dispatched without waiting for the previous one's result."""
+    shape per entry of `batch_sizes`; batches are dispatched without waiting for the previous one's result;
+    `compiler_options` (`compiler_options(platform)`) are the XLA options every computation is compiled with."""
 
     def __init__(self, model: SyncNet, *, batch: int = BATCH, mesh: Mesh | None = None):
         self.mesh = mesh
@@ -146,7 +150,7 @@ class Scorer:
         self.state = state
         self._in = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0])) if mesh is not None else None
         platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
-        opts = dict(compiler_options(platform))
+        self.compiler_options = opts = dict(compiler_options(platform))
 
         def lip(state: Any, lips: jax.Array) -> jax.Array:
             return nnx.merge(graphdef, state).lip(lips)

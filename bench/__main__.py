@@ -320,7 +320,9 @@ def _section_syncnet(r: dict[str, Any], target: float = 1.0) -> list[str]:
         f"{s['windows']} windows (5 BGR 224 x 224 frames + 13 x 20 MFCC each) embedded by both towers, batches of "
         f"{s['batch']}, {s['device'].upper()}, {s['rounds']} alternating rounds; the reference's loop "
         f"(SyncNetInstance.evaluate) vs `mirage_jax.eval.sync.Scorer.embed`. Compute threads: PyTorch "
-        f"{th.get('torch', '?')}, XLA {th.get('xla', '?')} (requested {th.get('requested', '?')}).",
+        f"{th.get('torch', '?')}, XLA {th.get('xla', '?')} (requested {th.get('requested', '?')}). The JAX scorer's "
+        f"XLA options: {', '.join(f'`{k}={v!r}`' for k, v in (s.get('xla_options') or {}).items()) or 'none'} "
+        "(mirage_jax.eval.sync.CPU_COMPILER_OPTIONS).",
         "",
         common.host_line(r),
         "",

@@ -4,10 +4,12 @@
     python -m bench --only=syncnet
 
 Both sides embed the same windows (5 BGR 224 x 224 frames + 13 x 20 MFCC each) of one random video with the
-same random SyncNet weights, in batches of `batch`: the JAX side through `Scorer.embed` (windows gathered from
-uint8 frames, one jitted call per batch, after a warm-up compile), the PyTorch side as SyncNetInstance.evaluate
-does it (float tensor slices concatenated per batch, `forward_lip` + `forward_aud` under no_grad), on the
-reference network `SyncNetModel.S` written out below. Rounds alternate the two (bench/common.alternate); the
+same random SyncNet weights, in float32, in batches of `batch`: the JAX side through `Scorer.embed` as the CLI
+and eval run it (weights loaded from the same state dict: BatchNorm folded into the convs, the lip tower as 2D
+convolutions; windows gathered from uint8 frames, one jitted call per batch and tower, compiled before timing
+with the scorer's XLA options, recorded in `setup`), the PyTorch side as SyncNetInstance.evaluate does it
+(float tensor slices concatenated per batch, `forward_lip` + `forward_aud` under no_grad, eval-mode BatchNorm),
+on the reference network `SyncNetModel.S` written out below. Rounds alternate the two (bench/common.alternate); the
 same compute threads on both sides (common.set_threads); the load average before and after decides whether
 the ratio is a claim (common.host_state). Prints one JSON object.
 """
@@ -108,7 +110,8 @@ def measure(windows: int = 100, rounds: int = 5, batch: int = 20, threads: int |
     load_after = common.load_average()
     jm, tm = common.median(times["jax"]), common.median(times["torch"])
     return {
-        "setup": {"windows": windows, "rounds": rounds, "batch": batch, "device": jax.default_backend()},
+        "setup": {"windows": windows, "rounds": rounds, "batch": batch, "device": jax.default_backend(),
+                  "xla_options": scorer.compiler_options},
         "jax_s": times["jax"], "torch_s": times["torch"],
         "jax_windows_per_s": windows / jm, "torch_windows_per_s": windows / tm, "ratio": tm / jm,
         "round_ratio": common.spread([t / j for t, j in zip(times["torch"], times["jax"], strict=True)]),

@@ -344,6 +344,11 @@ def test_late_starts_keep_the_video_clock(tmp_path, audio_start, video_start):
     x = media.align_audio(wave, off, info.num_frames)
     onset = np.argmax(np.abs(x) > 0.05) / 16000
     assert abs(onset - (audio_start + 0.6 - video_start / 25)) < 0.005
+    # pad=False: the same samples, only as long as the 1.6 s of audio last on the video clock (AAC pads the
+    # last frame: up to 1024 samples more); late_video's audio ends 8 frames before the picture does
+    y = media.align_audio(wave, off, info.num_frames, pad=False)
+    np.testing.assert_array_equal(y, x[:len(y)])
+    assert 0 <= len(y) / 16000 - min(1.6, audio_start + 1.6 - video_start / 25) <= 1024 / 16000 + 1e-9, len(y)
 
 
 @pytest.mark.slow

@@ -398,7 +398,7 @@ def test_bad_videos_one_line_each_others_scored(nets, videos, tmp_path):
 
 def test_face_crop_follows_the_face():
     """The detector finds the astronaut's face and the crop (the reference's crop_video geometry) centres it."""
-    from mirage_jax.eval import faces
+    from data_pipeline.ingest import faces
 
     full = face_frames(6, size=512, full=True)[..., ::-1]
     dets = [faces.detect(np.ascontiguousarray(f)) for f in full]

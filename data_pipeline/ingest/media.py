@@ -412,14 +412,15 @@ def decode_audio_16k(path: str, t0: float) -> tuple[np.ndarray, float]:
         return audio, (start or 0.0) - t0
 
 
-def align_audio(audio: np.ndarray, offset_s: float, num_frames: int) -> np.ndarray:
-    """Place 16 kHz audio that starts `offset_s` after video frame 0 on the video clock [frames*HOP]."""
+def align_audio(audio: np.ndarray, offset_s: float, num_frames: int, *, pad: bool = True) -> np.ndarray:
+    """Place 16 kHz audio that starts `offset_s` after video frame 0 on the video clock [frames*HOP]. `pad=False`:
+    not padded at the end, so as long as the real audio lasts on that clock (at most frames*HOP samples)."""
     shift = int(round(offset_s * SAMPLE_RATE))
     if shift > 0:
         audio = np.concatenate([np.zeros(shift, np.float32), audio])
     elif shift < 0:
         audio = audio[-shift:]
     n = num_frames * HOP
-    if len(audio) < n:
+    if pad and len(audio) < n:
         audio = np.pad(audio, (0, n - len(audio)))
     return np.ascontiguousarray(audio[:n], dtype=np.float32)

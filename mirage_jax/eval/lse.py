@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from mirage_jax.eval import faces
+from data_pipeline.ingest import faces
 from mirage_jax.eval.mfcc import int16_scale, mfcc
 from mirage_jax.eval.sync import AUDIO_PER_FRAME, WINDOW, Scorer, SyncInputError, SyncScore
 
@@ -23,7 +23,7 @@ LSE_KEYS = ("lse_c_generated", "lse_c_generated_std", "lse_d_generated", "lse_d_
 
 def face_crops(rgb: np.ndarray, cropped: bool) -> tuple[np.ndarray, int, int]:
     """uint8 RGB frames [T, H, W, 3] -> (BGR 224 x 224 crops, first, last frame they cover). `cropped`: the frames
-    are the face (resized); else the longest face track (mirage_jax.eval.faces). SyncInputError without a face."""
+    are the face (resized); else the longest face track (data_pipeline.ingest.faces). SyncInputError without a face."""
     bgr = [np.ascontiguousarray(f[..., ::-1]) for f in np.asarray(rgb)]
     if cropped:
         return np.stack([faces.fit(f) for f in bgr]), 0, len(bgr) - 1

@@ -18,13 +18,17 @@ The scoring is SyncNetInstance.evaluate of joonson/syncnet_python (`score`), bat
   with vshift zero rows on each side (calc_pdist with torch's pairwise_distance eps);
 - mean over windows -> curve [2 vshift + 1]; offset = vshift - argmin; LSE-D = min; LSE-C = median - min.
 
-Batches of windows can be spread over a device mesh (the batch axis sharded; `Scorer(mesh=...)`).
+Batches of windows can be spread over a device mesh (the batch axis sharded; `Scorer(mesh=...)`). Speed on
+XLA:CPU (docs/eval.md, Benchmark): the network runs as 2D convolutions with BatchNorm folded in
+(mirage_jax.eval.syncnet), compiled with CPU_COMPILER_OPTIONS; each batch size compiles once (`batch_sizes`, the
+last batch padded) and so does the distance curve per power-of-two number of windows.
 The curation filter and `mirage_jax.eval --syncnet-weights` call `Scorer` and `score_frames` from here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 from collections.abc import Iterable, Sequence
@@ -36,8 +40,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from data_pipeline.ingest import faces
 from mirage_base.errors import ExitCode, MirageError
-from mirage_jax.eval import faces
 from mirage_jax.eval.mfcc import int16_scale, mfcc
 from mirage_jax.eval.syncnet import SyncNet
 
@@ -90,42 +94,84 @@ def distance_curve(lip: jax.Array, aud: jax.Array, vshift: int) -> jax.Array:
     return jnp.sqrt(jnp.sum(jnp.square(lip[:, None, :] - audp[idx] + 1e-6), axis=-1))
 
 
+# XLA:CPU hands 2D convolutions, dots and elementwise ops to YNNPACK by default (jax 0.10); on SyncNet's towers
+# that ran 3-4x slower than XLA's own (Eigen) kernels, e.g. the first lip conv (7 x 7, stride 2, 15 -> 96
+# channels on 224 x 224). An empty list of YNNPACK fusion kinds turns it off for the scorer's computations only.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+@functools.cache
+def compiler_options(platform: str) -> dict[str, Any]:
+    """`jax.jit` compiler options for the scorer on `platform`: CPU_COMPILER_OPTIONS on "cpu" when this XLA
+    knows them (an XLA without the option compiles with its defaults: slower, same numbers), else none."""
+    if platform != "cpu":
+        return {}
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS).lower(np.float32(0)).compile()
+    except Exception:  # noqa: BLE001 - an XLA that does not know the option: keep its defaults
+        return {}
+    return dict(CPU_COMPILER_OPTIONS)
+
+
+def batch_sizes(batch: int, multiple: int = 1) -> list[int]:
+    """The batch sizes a Scorer compiles for: powers of two times `multiple` below `batch`, and `batch` (a
+    multiple of `multiple`); a video's windows go through the largest that is needed, the short last batch
+    padded, so scoring many videos compiles at most log2(batch) + 1 shapes per tower."""
+    out, b = [], multiple
+    while b < batch:
+        out.append(b)
+        b *= 2
+    return [*out, batch]
+
+
+def mean_distance_curve(lip: jax.Array, aud: jax.Array, windows: jax.Array, vshift: int) -> jax.Array:
+    """The mean over windows 0 .. windows-1 of `distance_curve` [2 vshift + 1], from embeddings [Wp, 1024] of
+    which rows >= `windows` are zero padding (exact: the audio's zero rows stand where the reference pads
+    with zeros, and the padded windows' rows are left out of the mean)."""
+    d = distance_curve(lip, aud, vshift)
+    keep = (jnp.arange(d.shape[0]) < windows)[:, None]
+    return jnp.sum(jnp.where(keep, d, 0.0), axis=0) / windows
+
+
 class Scorer:
     """SyncNet embeddings and scores, jitted; `mesh` (optional, 1-D) shards each batch of windows over its
-    devices (the batch is rounded up to a multiple of the mesh size; the weights are replicated)."""
+    devices (the batch is rounded up to a multiple of the mesh size; the weights are replicated). One compiled
+    shape per entry of `batch_sizes`; batches are dispatched without waiting for the previous one's result;
+    `compiler_options` (`compiler_options(platform)`) are the XLA options every computation is compiled with."""
 
     def __init__(self, model: SyncNet, *, batch: int = BATCH, mesh: Mesh | None = None):
         self.mesh = mesh
-        n = mesh.devices.size if mesh is not None else 1
-        self.batch = -(-batch // n) * n
+        self._n = mesh.devices.size if mesh is not None else 1
+        self.batch = -(-batch // self._n) * self._n
+        self.sizes = batch_sizes(self.batch, self._n)
         graphdef, state = nnx.split(model)
         if mesh is not None:
             state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
         self.state = state
         self._in = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0])) if mesh is not None else None
+        platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+        self.compiler_options = opts = dict(compiler_options(platform))
 
-        @jax.jit
         def lip(state: Any, lips: jax.Array) -> jax.Array:
             return nnx.merge(graphdef, state).lip(lips)
 
-        @jax.jit
         def audio(state: Any, auds: jax.Array) -> jax.Array:
             return nnx.merge(graphdef, state).audio(auds)
 
-        self._lip, self._audio = lip, audio
-        self._curve = jax.jit(distance_curve, static_argnums=2)
+        self._lip = jax.jit(lip, compiler_options=opts)
+        self._audio = jax.jit(audio, compiler_options=opts)
+        self._curve = jax.jit(mean_distance_curve, static_argnums=3, compiler_options=opts)
 
     def _batches(self, windows: int, make: Any, fn: Any) -> np.ndarray:
-        n = self.mesh.devices.size if self.mesh is not None else 1
-        b = min(self.batch, -(-windows // n) * n)  # a short video needs no full batch
+        b = next((s for s in self.sizes if s >= windows), self.batch)
         out = []
         for i in range(0, windows, b):
             starts = np.arange(i, min(windows, i + b))
             x = make(np.concatenate([starts, np.full(b - len(starts), starts[-1])]))
             if self._in is not None:
                 x = jax.device_put(x, self._in)
-            out.append(np.asarray(fn(self.state, x))[: len(starts)])
-        return np.concatenate(out)
+            out.append((fn(self.state, x), len(starts)))  # not waited for: the next batch is built meanwhile
+        return np.concatenate([np.asarray(y)[:k] for y, k in out])
 
     def embed_lip(self, frames: np.ndarray, windows: int) -> np.ndarray:
         """Lip embeddings [windows, 1024] of windows 0 .. windows-1 of BGR uint8 frames [T, 224, 224, 3]."""
@@ -142,8 +188,10 @@ class Scorer:
 
     def score_embeddings(self, lip: np.ndarray, aud: np.ndarray, vshift: int = VSHIFT, *, frames: int) -> SyncScore:
         """Scores from lip and audio embeddings of the same windows [W, 1024] (`frames`: the frames they cover)."""
-        curve = np.asarray(self._curve(jnp.asarray(lip), jnp.asarray(aud), vshift)).mean(axis=0)
-        return summarize(curve, vshift, frames=frames, windows=len(lip))
+        w = len(lip)
+        pad = ((0, (1 << (w - 1).bit_length()) - w), (0, 0))  # rows to a power of two: one compile per size class
+        curve = np.asarray(self._curve(np.pad(lip, pad), np.pad(aud, pad), np.int32(w), vshift))
+        return summarize(curve, vshift, frames=frames, windows=w)
 
     def score_frames(self, frames: np.ndarray, audio: np.ndarray, vshift: int = VSHIFT,
                      name: str = "video") -> SyncScore:
@@ -178,7 +226,7 @@ def summarize(curve: np.ndarray, vshift: int, *, frames: int, windows: int) -> S
 def read_video(path: str, cropped: bool) -> tuple[np.ndarray, np.ndarray]:
     """A video file -> (BGR uint8 face crops [T, 224, 224, 3] at 25 fps, 16 kHz mono audio at int16 scale on the
     same clock). `cropped`: the frames are the face already (resized to 224 if needed); else the longest face
-    track is cropped (mirage_jax.eval.faces) and the audio cut to its frames. SyncInputError when the file has
+    track is cropped (data_pipeline.ingest.faces) and the audio cut to its frames. SyncInputError when the file has
     no audio or no detectable face; ValueError when PyAV cannot read it."""
     from data_pipeline.ingest import media
 
@@ -186,10 +234,9 @@ def read_video(path: str, cropped: bool) -> tuple[np.ndarray, np.ndarray]:
     if not info.has_audio:
         raise SyncInputError(f"{path}: no audio stream; SyncNet scores speech against the face")
     raw, offset = media.decode_audio_16k(path, info.t0)
-    # on the video clock, but only as long as the real audio lasts: align_audio pads to the picture's length,
-    # and silence scored as speech would hide a short audio track (the reference uses min(frames, samples/640))
-    audio = int16_scale(media.align_audio(raw, offset, info.num_frames))
-    audio = audio[:max(0, int(round(offset * media.SAMPLE_RATE)) + len(raw))]
+    # on the video clock, but only as long as the real audio lasts (not padded to the picture's length: silence
+    # scored as speech would hide a short audio track; the reference uses min(frames, samples / 640))
+    audio = int16_scale(media.align_audio(raw, offset, info.num_frames, pad=False))
     if cropped:
         frames = np.stack([faces.fit(np.ascontiguousarray(rgb[..., ::-1])) for _, rgb in media.iter_frames(info)])
         return frames, audio

@@ -9,9 +9,19 @@ video in one 1024-d space, where in-sync pairs are close (L2).
 - lip tower (`netcnnlip` + `netfclip`): 5 frames [N, 5, 224, 224, 3], BGR, uint8 values 0..255 as float, no
   normalisation (the reference's [N, 3, 5, 224, 224] with Conv3d's depth = time) -> [N, 1024].
 
-Layers keep the reference's `nn.Sequential` indices in their names (`netcnnaud.conv0`, `netcnnaud.bn1`, ...)
-so a PyTorch state dict maps onto them one to one. BatchNorm runs in inference mode (running mean/var,
-eps 1e-5, PyTorch's default). Layout: channels last (XLA's CPU/TPU convolutions); kernels transposed on load.
+Layers keep the reference's `nn.Sequential` indices in their names (`netcnnaud.conv0`, `netcnnlip.conv18`,
+`netfcaud.fc0`, ...) so a PyTorch state dict maps onto them one to one. Two exact rewrites of the reference's
+arithmetic, made when the weights are loaded (`assign`), keep XLA:CPU fast:
+
+- inference BatchNorm folded into the layer before it: BN(Wx + b) = (s W) x + (s (b - mean) + beta) with
+  s = gamma / sqrt(var + 1e-5) (PyTorch's eps), per output channel; a model holds only the folded conv / linear
+  weights (the BatchNorm layers are gone);
+- the lip tower as 2D convolutions: its first Conv3d's kernel depth (5) equals the window's 5 frames and it
+  has no temporal padding, so it is a 2D convolution over the frames stacked as 5 x 3 = 15 input channels
+  (channel 3 t + c, kernel [O, I, 5, 7, 7] -> [7, 7, 5 I, O]); every later conv and pool has depth 1.
+
+Layout: channels last (NHWC; XLA's CPU/TPU convolutions); kernels transposed on load. The embeddings equal the
+reference's up to float32 rounding (tests/test_syncnet.py: within 1e-5 of the largest value).
 
 Weights: the published `syncnet_v2.model` is a PyTorch state dict; `load_weights` reads it with
 `torch.load(weights_only=True)` (no other unpickling) or a safetensors file with the same keys. None ship with
@@ -68,8 +78,32 @@ class SyncNetWeightsError(MirageError):
     exit_code = ExitCode.REFUSED
 
 
+def _as_2d(spec: tuple, depth: int) -> tuple:
+    """A tower spec with 3D layers (kernel/stride/padding over depth, height, width) on inputs of `depth` frames
+    as the equivalent 2D spec: a conv whose kernel depth is the whole input depth (no depth padding) takes the
+    frames as depth x in input channels; after it (and for depth-1 layers) depth is 1. ValueError otherwise."""
+    out = []
+    for idx, kind, args in spec:
+        if len(args[0 if kind == "pool" else 2]) == 2:
+            out.append((idx, kind, args))
+            continue
+        if kind == "conv":
+            cin, cout, k, s, p = args
+            if k[0] != depth or p[0] != 0:
+                raise ValueError(f"layer {idx}: kernel depth {k[0]} over {depth} frames is not a 2D convolution")
+            out.append((idx, kind, (cin * depth, cout, k[1:], s[1:], p[1:])))
+            depth = 1
+        else:
+            k, s, p = args
+            if k[0] != 1 or p[0] != 0:
+                raise ValueError(f"layer {idx}: pool over depth is not 2D")
+            out.append((idx, kind, (k[1:], s[1:], p[1:])))
+    return tuple(out)
+
+
 class ConvTower(nnx.Module):
-    """`netcnnaud` / `netcnnlip`: conv -> BatchNorm (inference) -> ReLU blocks with max pools, to [N, 512]."""
+    """`netcnnaud` / `netcnnlip` with BatchNorm folded in: conv (+ folded BN) -> ReLU blocks with max pools, as 2D
+    layers (`spec`: `_as_2d`), to [N, 512]."""
 
     def __init__(self, spec: tuple, *, rngs: nnx.Rngs):
         self.spec = spec
@@ -78,13 +112,11 @@ class ConvTower(nnx.Module):
                 cin, cout, k, s, p = args
                 setattr(self, f"conv{idx}", nnx.Conv(cin, cout, k, strides=s, padding=[(x, x) for x in p],
                                                      use_bias=True, rngs=rngs))
-                setattr(self, f"bn{idx + 1}", nnx.BatchNorm(cout, use_running_average=True, epsilon=1e-5,
-                                                            momentum=0.9, rngs=rngs))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         for idx, kind, args in self.spec:
             if kind == "conv":
-                x = jax.nn.relu(getattr(self, f"bn{idx + 1}")(getattr(self, f"conv{idx}")(x)))
+                x = jax.nn.relu(getattr(self, f"conv{idx}")(x))
             else:
                 k, s, p = args
                 x = nnx.max_pool(x, k, strides=s, padding=[(a, a) for a in p])
@@ -92,15 +124,17 @@ class ConvTower(nnx.Module):
 
 
 class FcHead(nnx.Module):
-    """`netfcaud` / `netfclip`: Linear 512->512, BatchNorm1d (inference), ReLU, Linear 512->1024."""
+    """`netfcaud` / `netfclip`: Linear 512->512 (+ folded BatchNorm1d), ReLU, Linear 512->1024."""
 
     def __init__(self, *, rngs: nnx.Rngs):
         self.fc0 = nnx.Linear(512, 512, rngs=rngs)
-        self.bn1 = nnx.BatchNorm(512, use_running_average=True, epsilon=1e-5, momentum=0.9, rngs=rngs)
         self.fc3 = nnx.Linear(512, EMBED_DIM, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc3(jax.nn.relu(self.bn1(self.fc0(x))))
+        return self.fc3(jax.nn.relu(self.fc0(x)))
+
+
+LIP_FRAMES = 5  # frames per lip window (the first lip conv's kernel depth)
 
 
 class SyncNet(nnx.Module):
@@ -111,14 +145,16 @@ class SyncNet(nnx.Module):
         rngs = rngs or nnx.Rngs(0)
         self.netcnnaud = ConvTower(_AUD, rngs=rngs)
         self.netfcaud = FcHead(rngs=rngs)
-        self.netcnnlip = ConvTower(_LIP, rngs=rngs)
+        self.netcnnlip = ConvTower(_as_2d(_LIP, LIP_FRAMES), rngs=rngs)
         self.netfclip = FcHead(rngs=rngs)
 
     def audio(self, mfcc: jax.Array) -> jax.Array:
         return self.netfcaud(self.netcnnaud(mfcc.astype(jnp.float32)))
 
     def lip(self, frames: jax.Array) -> jax.Array:
-        return self.netfclip(self.netcnnlip(frames.astype(jnp.float32)))
+        n, t, h, w, c = frames.shape  # frames stacked into channels (3 t + c): the first conv's 2D form
+        x = jnp.transpose(frames, (0, 2, 3, 1, 4)).reshape(n, h, w, t * c)
+        return self.netfclip(self.netcnnlip(x.astype(jnp.float32)))
 
 
 def expected_shapes() -> dict[str, tuple[int, ...]]:
@@ -195,33 +231,41 @@ def _set(param: nnx.Variable, value: np.ndarray) -> None:
     param.set_value(jnp.asarray(value, jnp.float32))
 
 
+def _bn_scale_shift(state: Mapping[str, np.ndarray], prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    """Inference BatchNorm `prefix` as y = s x + t: s = weight / sqrt(running_var + 1e-5), t = bias - s
+    running_mean (float64, folded into the layer before it)."""
+    f64 = {k: np.asarray(state[f"{prefix}.{k}"], np.float64) for k in ("weight", "bias", "running_mean",
+                                                                         "running_var")}
+    s = f64["weight"] / np.sqrt(f64["running_var"] + 1e-5)
+    return s, f64["bias"] - s * f64["running_mean"]
+
+
 def assign(model: SyncNet, state: Mapping[str, np.ndarray]) -> SyncNet:
-    """Copy a checked PyTorch state dict into `model` (Conv kernels [O, I, *k] -> [*k, I, O], Linear [O, I] ->
-    [I, O], BatchNorm weight/bias/running_mean/running_var -> scale/bias/mean/var). Returns `model`."""
+    """Copy a checked PyTorch state dict into `model`, each BatchNorm folded into the conv / linear before it
+    (`_bn_scale_shift`, in float64, then float32): Conv kernels [O, I, *k] -> [*k, I, O] (the lip tower's
+    [O, I, kd, kh, kw] -> [kh, kw, kd I, O], see `_as_2d`), Linear [O, I] -> [I, O]. Returns `model`."""
     for tower, spec in (("netcnnaud", _AUD), ("netcnnlip", _LIP)):
         mod = getattr(model, tower)
         for idx, kind, _ in spec:
             if kind != "conv":
                 continue
-            conv, bn = getattr(mod, f"conv{idx}"), getattr(mod, f"bn{idx + 1}")
-            w = state[f"{tower}.{idx}.weight"]
-            _set(conv.kernel, np.transpose(w, (*range(2, w.ndim), 1, 0)))
-            _set(conv.bias, state[f"{tower}.{idx}.bias"])
-            _assign_bn(bn, state, f"{tower}.{idx + 1}")
+            w = np.asarray(state[f"{tower}.{idx}.weight"], np.float64)
+            s, t = _bn_scale_shift(state, f"{tower}.{idx + 1}")
+            k = np.transpose(w * s.reshape(-1, *[1] * (w.ndim - 1)), (*range(2, w.ndim), 1, 0))  # [*k, I, O]
+            if k.ndim == 5:  # [kd, kh, kw, I, O] -> [kh, kw, kd * I, O]: the frames stacked into channels
+                kd, kh, kw, cin, cout = k.shape
+                k = np.transpose(k, (1, 2, 0, 3, 4)).reshape(kh, kw, kd * cin, cout)
+            conv = getattr(mod, f"conv{idx}")
+            _set(conv.kernel, k)
+            _set(conv.bias, s * state[f"{tower}.{idx}.bias"] + t)
     for head in ("netfcaud", "netfclip"):
         mod = getattr(model, head)
-        for i, lin in ((0, mod.fc0), (3, mod.fc3)):
-            _set(lin.kernel, state[f"{head}.{i}.weight"].T)
-            _set(lin.bias, state[f"{head}.{i}.bias"])
-        _assign_bn(mod.bn1, state, f"{head}.1")
+        s, t = _bn_scale_shift(state, f"{head}.1")
+        _set(mod.fc0.kernel, (np.asarray(state[f"{head}.0.weight"], np.float64) * s[:, None]).T)
+        _set(mod.fc0.bias, s * state[f"{head}.0.bias"] + t)
+        _set(mod.fc3.kernel, state[f"{head}.3.weight"].T)
+        _set(mod.fc3.bias, state[f"{head}.3.bias"])
     return model
-
-
-def _assign_bn(bn: nnx.BatchNorm, state: Mapping[str, np.ndarray], prefix: str) -> None:
-    _set(bn.scale, state[f"{prefix}.weight"])
-    _set(bn.bias, state[f"{prefix}.bias"])
-    _set(bn.mean, state[f"{prefix}.running_mean"])
-    _set(bn.var, state[f"{prefix}.running_var"])
 
 
 def load_weights(path: str, flag: str = "--weights") -> SyncNet:

@@ -227,4 +227,6 @@ if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "A trained run to sample (e.g. the demo's) instead of the bench's own.")
     flags.DEFINE_string("data", None, "The run's held-out shards (with --workdir): video quality and lip-sync.")
     flags.DEFINE_integer("clips", 4, "Held-out clips (with --workdir).")
-    app.run(main)
+    from mirage_base.cli import dashed_flags_parser
+
+    app.run(main, flags_parser=dashed_flags_parser)  # --help exits 0, --a-b is --a_b

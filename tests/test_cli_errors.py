@@ -122,6 +122,36 @@ def test_readme_exit_table_is_the_code_table():
     assert all(isinstance(c.exit_code, ExitCode) for c in classes.values())
 
 
+def _commands() -> list[str]:
+    """Every `python -m X` README names, and every bench/ module with a `__main__` block."""
+    names = set(re.findall(r"python -m ([a-z_][\w.]*)", (ROOT / "README.md").read_text()))
+    names |= {f"bench.{p.stem}" for p in (ROOT / "bench").glob("*.py")
+              if p.stem != "__main__" and 'if __name__ == "__main__":' in p.read_text()}
+    return sorted(names)
+
+
+def test_help_exits_0_and_lists_the_flags():
+    """`--help` on every command a user is told about: exit 0 and the flags listed (absl's `  --name: help`
+    lines, or argparse's usage), not absl's exit 1 nor a docstring alone (aot's flags live in aot/plan.py)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cmds = _commands()
+    assert {"mirage_jax.train", "mirage_jax.aot", "bench.cpu_allreduce", "bench.multiprocess_step",
+            "bench.sampling"} <= set(cmds), cmds
+    with ThreadPoolExecutor(4) as pool:
+        results = dict(zip(cmds, pool.map(lambda m: _cli(m, "--help"), cmds), strict=True))
+    absl_line = re.compile(r"^\s+--(\[no\])?\w+: ", re.M)
+    for m, r in results.items():
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (m, r.returncode, r.stderr[-2000:])
+        assert absl_line.search(r.stdout) or (r.stdout.startswith("usage: ") and "-h, --help" in r.stdout), \
+            (m, r.stdout[:2000])
+    assert re.search(r"^\s+--topology: ", results["mirage_jax.aot"].stdout, re.M)
+    assert "SHARDS" in results["bench.multiprocess_step"].stdout
+    assert "--verbosity" not in results["mirage_jax.train"].stdout  # the command's flags, not absl's own
+    full = _cli("mirage_jax.train", "--helpfull")  # every flag, the libraries' too
+    assert full.returncode == 0 and "--verbosity" in full.stdout and "--workdir" in full.stdout
+
+
 def test_mesh_that_does_not_fit_is_a_config_error_exit_2(tmp_path):
     r = _cli("mirage_jax.train", "--config=configs/tiny.py:fast", f"--workdir={tmp_path}/w",
              "--config.mesh.ici.fsdp=3")

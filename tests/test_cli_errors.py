@@ -260,3 +260,35 @@ def test_a_cache_schedule_for_another_checkpoint_is_one_line(tiny_run, tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
     assert "calibrated for checkpoint step 999" in last and "this one, step 1 (params" in last, last
+
+
+def test_calibrate_cache_then_mag_generation_and_another_checkpoints_refusal(tiny_run, prepared_shards, tmp_path):
+    """`generate --calibrate_cache` writes WORKDIR/cache_schedule.json for this checkpoint and step count (no
+    video); `--cache=mag` then samples with its skip mask and names the file in the sidecar; the same file for
+    other weights of the run (`--ema`) is refused: one line naming both, exit 2, no video."""
+    work = tmp_path / "run"
+    shutil.copytree(tiny_run, work)
+    speech = _wav(tmp_path / "s.wav")
+    gen = ["mirage_jax.generate", f"--checkpoint={work}", f"--data={prepared_shards}", f"--audio={speech}",
+           "--steps=8", "--cfg_audio=3", "--cfg_text=1.5"]
+    r = _cli(*gen, f"--out={tmp_path}/cal.mp4", "--calibrate_cache")
+    assert r.returncode == 0, r.stderr[-3000:]
+    path = work / "cache_schedule.json"
+    sched = json.loads(path.read_text())
+    assert sched["steps"] == 8 and len(sched["skip"]) == 8 and sched["checkpoint"]["step"] == 1
+    assert sched["checkpoint"]["weights"] == "params" and not any(sched["skip"][:2])  # retention: never the first
+    assert not (tmp_path / "cal.mp4").exists()
+
+    r = _cli(*gen, f"--out={tmp_path}/mag.mp4", "--cache=mag")
+    assert r.returncode == 0, r.stderr[-3000:]
+    side = json.loads((tmp_path / "mag.json").read_text())
+    assert side["cache_schedule"] == str(path)
+    assert side["settings"]["cache"] == "mag" and side["settings"]["skip"] == sched["skip"]
+    assert (tmp_path / "mag.mp4").stat().st_size > 0
+
+    r = _cli(*gen, f"--out={tmp_path}/ema.mp4", "--cache=mag", "--ema")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert f"--cache_schedule={path} was calibrated for checkpoint step 1 (params" in last, last
+    assert "not for this one, step 1 (ema" in last, last
+    assert not (tmp_path / "ema.mp4").exists()

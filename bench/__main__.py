@@ -80,9 +80,11 @@ def run_one(name: str, quick: bool) -> dict[str, Any]:
     if name == "sampling":
         from bench import sampling
 
-        if quick:
-            return sampling.measure(steps=16, rounds=1, train_steps=2, overrides=FAST)
-        return sampling.measure(steps=64, rounds=3, train_steps=30)
+        if quick:  # a throwaway run (the full one's trained model under bench_sampling_out/ is kept and reused)
+            import tempfile
+
+            return sampling.run_bench(out=tempfile.mkdtemp(prefix="bench_sampling_"), quick=True)
+        return sampling.run_bench(out=os.path.join(common.ROOT, "bench_sampling_out"))
     raise ValueError(f"unknown benchmark {name!r}; one of {NAMES}")
 
 

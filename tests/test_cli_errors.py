@@ -182,15 +182,6 @@ def _cli_code(code: str) -> subprocess.CompletedProcess:
 
 # ---- saved configs: parsed back into RunConfig by every checkpoint reader ---------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A one-step run of configs/tiny.py:fast with its checkpoint at step 1."""
-    work = tmp_path_factory.mktemp("tiny") / "run"
-    r = run_cli(work, devices=1, **{"train.steps": 1, "checkpoint.save_every": 1, "checkpoint.async_save": False})
-    assert r.returncode == 0, r.stdout[-3000:]
-    return work
-
-
 def _edited(tiny_run, tmp_path, edit) -> str:
     """A copy of the run whose saved config.json (`checkpoints/1/config/metadata`) `edit` changed in place."""
     dst = tmp_path / "run"

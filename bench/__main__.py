@@ -389,10 +389,15 @@ def interpret(results: dict[str, dict[str, Any]]) -> dict[str, str]:
     r = results.get("sampling", {})
     if r.get("modes"):
         m = r["modes"]
-        out["sampling"] = ", ".join(f"{k} {x['speedup']:.2f}x ({x['psnr']:.1f} dB)" for k, x in m.items()
+        g0 = m["none"].get("gap_closed")
+
+        def gap(x: dict[str, Any]) -> str:
+            return "" if g0 is None or x.get("gap_closed") is None else f", gap closed {x['gap_closed'] - g0:+.3f}"
+
+        out["sampling"] = ", ".join(f"{k} {x['speedup']:.2f}x ({x['psnr']:.1f} dB{gap(x)})" for k, x in m.items()
                                     if k != "none")
         out["sampling"] = (f"At {r['setup']['steps']} guided steps, speed-up over uncached sampling (PSNR against "
-                           f"it): {out['sampling']}.")
+                           f"it, lip-sync gap closed minus uncached's): {out['sampling']}.")
     for name, line in out.items():
         if not results[name].get("host", {}).get("claim"):
             why = results[name].get("host", {}).get("why", "load not recorded")

@@ -63,7 +63,11 @@ def help_text(full: bool = False) -> str:
             return module.split(".")[0] in PROJECT_PACKAGES
 
         mods = [m for m in flags.FLAGS.flags_by_module_dict() if ours(m)]
-        body = "\n".join(flags.FLAGS.module_help(m) for m in mods) or "(no flags)"
+        def section(module: str) -> str:  # a file run as __main__ is named by its path in the repository
+            text = flags.FLAGS.module_help(module)
+            return text.replace(module, os.path.relpath(module, _ROOT), 1) if os.path.isabs(module) else text
+
+        body = "\n".join(section(m) for m in mods) or "(no flags)"
         body += "\n\nTry --helpfull to get a list of all flags (the libraries' too)."
     return f"{doc}\n\nflags:\n{body}\n" if not body.startswith("flags:") else f"{doc}\n\n{body}\n"
 

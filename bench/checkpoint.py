@@ -280,4 +280,6 @@ if __name__ == "__main__":
     flags.DEFINE_integer("layers", 8, "Blocks.", lower_bound=1)
     flags.DEFINE_string("dir", None, "Directory on the disk to measure (default: the temp dir).")
     flags.DEFINE_bool("compare", False, "Time every candidate ArrayFormat (candidate_formats) side by side.")
-    app.run(main)
+    from mirage_base.cli import dashed_flags_parser
+
+    app.run(main, flags_parser=dashed_flags_parser)  # --help exits 0, --a-b is --a_b

@@ -236,4 +236,6 @@ if __name__ == "__main__":
     flags.DEFINE_list("workers", ["0", "2"], "Worker counts to time (0 = in-process).")
     flags.DEFINE_bool("json", False, "Print JSON instead of a table.")
     flags.DEFINE_bool("gcs", False, "Records/s from a local GCS emulator vs local disk (gcs_vs_local), as JSON.")
-    app.run(main)
+    from mirage_base.cli import dashed_flags_parser
+
+    app.run(main, flags_parser=dashed_flags_parser)  # --help exits 0, --a-b is --a_b

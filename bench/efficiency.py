@@ -80,4 +80,6 @@ if __name__ == "__main__":
     flags.DEFINE_bool("json", False, "Print one JSON object.")
     flags.DEFINE_integer("rounds", 5, "Alternating timing rounds.")
     flags.DEFINE_integer("matmul", 2048, "Matmul size n (n x n fp32).")
-    app.run(main)
+    from mirage_base.cli import dashed_flags_parser
+
+    app.run(main, flags_parser=dashed_flags_parser)  # --help exits 0, --a-b is --a_b

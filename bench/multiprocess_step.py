@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import resource
-import sys
 import tempfile
 import time
 from typing import Any
@@ -84,7 +83,12 @@ def main(shards: str, modes: tuple[str, ...] = MODES) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (2, 3) or not set(sys.argv[2:]) <= set(MODES):
-        raise SystemExit("usage: python -m bench.multiprocess_step SHARDS [xla|flat] "
-                         "(prepared shards of configs/tiny.py:demo; the second argument times one train.grad_sync)")
-    main(sys.argv[1], tuple(sys.argv[2:]) or MODES)
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.multiprocess_step", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("shards", metavar="SHARDS", help="prepared shards of configs/tiny.py:demo")
+    parser.add_argument("modes", metavar="MODE", nargs="?", choices=MODES,
+                        help="time only this train.grad_sync (default: both, alternating)")
+    args = parser.parse_args()
+    main(args.shards, (args.modes,) if args.modes else MODES)

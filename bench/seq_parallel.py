@@ -96,4 +96,6 @@ if __name__ == "__main__":
     flags.DEFINE_bool("json", False, "Print one JSON object.")
     flags.DEFINE_list("sizes", ["1", "2", "4", "8"], "Sequence axis sizes.")
     flags.DEFINE_integer("rounds", 3, "Alternating timing rounds.")
-    app.run(main)
+    from mirage_base.cli import dashed_flags_parser
+
+    app.run(main, flags_parser=dashed_flags_parser)  # --help exits 0, --a-b is --a_b

@@ -342,4 +342,6 @@ if __name__ == "__main__":
     flags.DEFINE_bool("ablation", False, "Also time each JAX change (JAX_VARIANTS) in the same rounds (CPU).")
     flags.DEFINE_bool("gpu", False, "Run both on the GPU in bf16 (cuDNN attention) and report MFU.")
     flags.DEFINE_integer("threads", 0, "Compute threads for each side (0: the CPUs this process may use).")
-    app.run(main)
+    from mirage_base.cli import dashed_flags_parser
+
+    app.run(main, flags_parser=dashed_flags_parser)  # --help exits 0, --a-b is --a_b

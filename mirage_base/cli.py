@@ -2,7 +2,9 @@
 
 `run(main, prog)` is the one wrapper: absl's `app.run` with `--a-b` accepted as `--a_b`, and a user's
 mistake (any `MirageError`, a typo in a `--config.` override, or an exception type the CLI names) printed
-as ONE line to stderr with the error's exit status, never a traceback.
+as ONE line to stderr with the error's exit status, never a traceback. `--help` (`-?`, `--helpshort`) prints the
+command's docstring and the flags the project's modules define (wherever the CLI defines them), `--helpfull`
+every flag, and both exit 0 (absl's own help flags exit 1 and list only the `__main__` module's flags).
 """
 
 from __future__ import annotations
@@ -39,14 +41,49 @@ def _unknown_override(argv: Sequence[str], exc: BaseException) -> ConfigArgError
     return None
 
 
+HELP_ARGS = {"--help": False, "-help": False, "-?": False, "--helpshort": False, "-helpshort": False,
+             "--helpfull": True, "-helpfull": True}
+PROJECT_PACKAGES = ("mirage_base", "mirage_jax", "data_pipeline", "bench", "tools", "launch", "configs")
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def help_text(full: bool = False) -> str:
+    """The `__main__` module's docstring, then its flags: with `full` every defined flag (absl's --helpfull),
+    else those the project's own modules define (`PROJECT_PACKAGES`, or a file of this repository run as
+    `__main__`), grouped by module, so a CLI whose flags live in a library module (aot) lists them too."""
+    main = sys.modules.get("__main__")
+    doc = ((getattr(main, "__doc__", None) or "").strip()
+           or f"USAGE: {os.path.basename(sys.argv[0] if sys.argv else 'prog')} [flags]")
+    if full:
+        body = flags.FLAGS.get_help()
+    else:
+        def ours(module: str) -> bool:
+            if os.path.isabs(module):
+                return os.path.abspath(module).startswith(_ROOT + os.sep)
+            return module.split(".")[0] in PROJECT_PACKAGES
+
+        mods = [m for m in flags.FLAGS.flags_by_module_dict() if ours(m)]
+        def section(module: str) -> str:  # a file run as __main__ is named by its path in the repository
+            text = flags.FLAGS.module_help(module)
+            return text.replace(module, os.path.relpath(module, _ROOT), 1) if os.path.isabs(module) else text
+
+        body = "\n".join(section(m) for m in mods) or "(no flags)"
+        body += "\n\nTry --helpfull to get a list of all flags (the libraries' too)."
+    return f"{doc}\n\nflags:\n{body}\n" if not body.startswith("flags:") else f"{doc}\n\n{body}\n"
+
+
 def dashed_flags_parser(argv: Sequence[str]) -> list[str]:
     """absl flag parser that maps `--a-b[=v]` to `--a_b[=v]` before `--`; what follows `--` is left alone.
     A `--config.` override naming an unknown field raises ConfigArgError (one line) instead of
-    ml_collections' chained AttributeError."""
+    ml_collections' chained AttributeError. `--help` / `--helpfull` before `--` print `help_text` and exit 0."""
     out, passthrough = [argv[0]], False
     for a in argv[1:]:
         if a == "--":
             passthrough = True
+        elif not passthrough and a in HELP_ARGS:
+            sys.stdout.write(help_text(full=HELP_ARGS[a]))
+            sys.stdout.flush()
+            sys.exit(0)
         elif not passthrough and a.startswith("--"):
             name, eq, value = a[2:].partition("=")
             a = "--" + name.replace("-", "_") + eq + value

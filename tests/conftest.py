@@ -36,3 +36,15 @@ def prepared_shards(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("prepared"))
     run(raw, out, IngestConfig(clip_seconds=1.0), records_per_shard=4, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A one-step run of configs/tiny.py:fast (data.source 'synthetic') with its checkpoint at step 1; read-only
+    (a test that edits it copies it first). Its model fits `prepared_shards`' encoders (s2d 64x64, log-mel, hash)."""
+    from train_cli import run_cli
+
+    work = tmp_path_factory.mktemp("tiny") / "run"
+    r = run_cli(work, devices=1, **{"train.steps": 1, "checkpoint.save_every": 1, "checkpoint.async_save": False})
+    assert r.returncode == 0, r.stdout[-3000:]
+    return work

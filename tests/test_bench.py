@@ -244,13 +244,16 @@ def test_syncnet_bench_runs_and_renders(tmp_path) -> None:
     assert "## 6. SyncNet scoring" in text and "windows/s" in text and "**syncnet**" in text
 
 
-@pytest.mark.slow  # ~90 s on a loaded 2-core host: four sampler compiles (each with its conditionals)
-def test_sampling_cache_bench(tmp_path) -> None:
-    """bench.sampling at a minimal size: every mode timed against none, the speed-up is the ratio of medians,
-    'none' is its own reference (infinite PSNR, SSIM 1), and the network-pass counts follow the plans."""
+@pytest.mark.slow  # ~2-3 min on a loaded 2-core host: a calibration, four sampler compiles, four evaluations
+def test_sampling_cache_bench_on_a_trained_run(tiny_run, prepared_shards, tmp_path) -> None:
+    """bench.sampling's --workdir/--data path at a minimal size (the tiny trained run, held-out shards with mouth
+    tracks): every mode timed against none in one alternating run (load recorded), the speed-up is the ratio of
+    medians, 'none' is its own reference (infinite PSNR, SSIM 1), the network-pass counts follow the plans, every
+    mode has the exact metric's gap closed, and LSE-C is n/a without SyncNet weights."""
     from bench import sampling
 
-    r = sampling.measure(steps=6, rounds=1, train_steps=1, threshold=0.5, overrides=MINI)
+    r = sampling.measure(str(tiny_run), prepared_shards, train_data=prepared_shards, steps=6, rounds=1, clips=2,
+                         threshold=0.5)
     modes = r["modes"]
     assert set(modes) == {"none", "cfg", "mag", "cfg+mag"}
     assert modes["none"]["psnr"] == math.inf and modes["none"]["ssim"] == pytest.approx(1.0)
@@ -258,9 +261,24 @@ def test_sampling_cache_bench(tmp_path) -> None:
         _pos(x["median_s"])
         _ratio_of_medians(x["speedup"], modes["none"]["seconds"], x["seconds"])
         assert x["forwards"] <= modes["none"]["forwards"] == 6 * 3, m
-    assert modes["cfg"]["forwards"] < 18
-    assert "\n".join(sampling.report(r)).count("| cfg") == 2
+        assert isinstance(x["gap_closed"], float) and math.isfinite(x["gap_closed"]) and x["lse_c"] is None, m
+    assert modes["cfg"]["forwards"] < 18 and r["setup"]["skipped_steps"] > 0
+    assert modes["mag"]["psnr"] < math.inf  # skipping changes the video: PSNR is measured, not assumed
+    assert set(r["host"]) >= {"claim", "why", "load_before", "load_after"}
+    lines = sampling.report(r)
+    assert "\n".join(lines).count("| cfg") == 2 and all(line.endswith("| n/a |") for line in lines if
+                                                        line.startswith("| cfg") or line.startswith("| mag"))
     from bench import __main__ as run_all
 
     text = run_all.write_report({"sampling": r}, MACHINE, str(tmp_path / "r.md"), quick=True)
     assert "## Cached sampling" in text and "speed-up over uncached sampling" in text
+
+
+def test_sampling_bench_never_replaces_a_folder_it_did_not_make(tmp_path) -> None:
+    """The bench's own run goes under --out; a non-empty --out it did not make is refused before anything runs."""
+    from bench import sampling
+
+    (tmp_path / "mine.txt").write_text("keep")
+    with pytest.raises(SystemExit, match="not made by bench.sampling"):
+        sampling.tiny_run(str(tmp_path), train_steps=1, train_clips=1)
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]

@@ -122,6 +122,36 @@ def test_readme_exit_table_is_the_code_table():
     assert all(isinstance(c.exit_code, ExitCode) for c in classes.values())
 
 
+def _commands() -> list[str]:
+    """Every `python -m X` README names, and every bench/ module with a `__main__` block."""
+    names = set(re.findall(r"python -m ([a-z_][\w.]*)", (ROOT / "README.md").read_text()))
+    names |= {f"bench.{p.stem}" for p in (ROOT / "bench").glob("*.py")
+              if p.stem != "__main__" and 'if __name__ == "__main__":' in p.read_text()}
+    return sorted(names)
+
+
+def test_help_exits_0_and_lists_the_flags():
+    """`--help` on every command a user is told about: exit 0 and the flags listed (absl's `  --name: help`
+    lines, or argparse's usage), not absl's exit 1 nor a docstring alone (aot's flags live in aot/plan.py)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cmds = _commands()
+    assert {"mirage_jax.train", "mirage_jax.aot", "bench.cpu_allreduce", "bench.multiprocess_step",
+            "bench.sampling"} <= set(cmds), cmds
+    with ThreadPoolExecutor(4) as pool:
+        results = dict(zip(cmds, pool.map(lambda m: _cli(m, "--help"), cmds), strict=True))
+    absl_line = re.compile(r"^\s+--(\[no\])?\w+: ", re.M)
+    for m, r in results.items():
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (m, r.returncode, r.stderr[-2000:])
+        assert absl_line.search(r.stdout) or (r.stdout.startswith("usage: ") and "-h, --help" in r.stdout), \
+            (m, r.stdout[:2000])
+    assert re.search(r"^\s+--topology: ", results["mirage_jax.aot"].stdout, re.M)
+    assert "SHARDS" in results["bench.multiprocess_step"].stdout
+    assert "--verbosity" not in results["mirage_jax.train"].stdout  # the command's flags, not absl's own
+    full = _cli("mirage_jax.train", "--helpfull")  # every flag, the libraries' too
+    assert full.returncode == 0 and "--verbosity" in full.stdout and "--workdir" in full.stdout
+
+
 def test_mesh_that_does_not_fit_is_a_config_error_exit_2(tmp_path):
     r = _cli("mirage_jax.train", "--config=configs/tiny.py:fast", f"--workdir={tmp_path}/w",
              "--config.mesh.ici.fsdp=3")
@@ -151,15 +181,6 @@ def _cli_code(code: str) -> subprocess.CompletedProcess:
 
 
 # ---- saved configs: parsed back into RunConfig by every checkpoint reader ---------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A one-step run of configs/tiny.py:fast with its checkpoint at step 1."""
-    work = tmp_path_factory.mktemp("tiny") / "run"
-    r = run_cli(work, devices=1, **{"train.steps": 1, "checkpoint.save_every": 1, "checkpoint.async_save": False})
-    assert r.returncode == 0, r.stdout[-3000:]
-    return work
-
 
 def _edited(tiny_run, tmp_path, edit) -> str:
     """A copy of the run whose saved config.json (`checkpoints/1/config/metadata`) `edit` changed in place."""
@@ -230,3 +251,35 @@ def test_a_cache_schedule_for_another_checkpoint_is_one_line(tiny_run, tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
     assert "calibrated for checkpoint step 999" in last and "this one, step 1 (params" in last, last
+
+
+def test_calibrate_cache_then_mag_generation_and_another_checkpoints_refusal(tiny_run, prepared_shards, tmp_path):
+    """`generate --calibrate_cache` writes WORKDIR/cache_schedule.json for this checkpoint and step count (no
+    video); `--cache=mag` then samples with its skip mask and names the file in the sidecar; the same file for
+    other weights of the run (`--ema`) is refused: one line naming both, exit 2, no video."""
+    work = tmp_path / "run"
+    shutil.copytree(tiny_run, work)
+    speech = _wav(tmp_path / "s.wav")
+    gen = ["mirage_jax.generate", f"--checkpoint={work}", f"--data={prepared_shards}", f"--audio={speech}",
+           "--steps=8", "--cfg_audio=3", "--cfg_text=1.5"]
+    r = _cli(*gen, f"--out={tmp_path}/cal.mp4", "--calibrate_cache")
+    assert r.returncode == 0, r.stderr[-3000:]
+    path = work / "cache_schedule.json"
+    sched = json.loads(path.read_text())
+    assert sched["steps"] == 8 and len(sched["skip"]) == 8 and sched["checkpoint"]["step"] == 1
+    assert sched["checkpoint"]["weights"] == "params" and not any(sched["skip"][:2])  # retention: never the first
+    assert not (tmp_path / "cal.mp4").exists()
+
+    r = _cli(*gen, f"--out={tmp_path}/mag.mp4", "--cache=mag")
+    assert r.returncode == 0, r.stderr[-3000:]
+    side = json.loads((tmp_path / "mag.json").read_text())
+    assert side["cache_schedule"] == str(path)
+    assert side["settings"]["cache"] == "mag" and side["settings"]["skip"] == sched["skip"]
+    assert (tmp_path / "mag.mp4").stat().st_size > 0
+
+    r = _cli(*gen, f"--out={tmp_path}/ema.mp4", "--cache=mag", "--ema")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert f"--cache_schedule={path} was calibrated for checkpoint step 1 (params" in last, last
+    assert "not for this one, step 1 (ema" in last, last
+    assert not (tmp_path / "ema.mp4").exists()

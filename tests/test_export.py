@@ -164,3 +164,60 @@ def test_cli_exports_a_training_checkpoint(tmp_path, monkeypatch):
     bad = subprocess.run([sys.executable, "-m", "mirage_jax.export", f"--checkpoint={tmp_path / 'nowhere'}",
                           f"--out={tmp_path / 'exp2'}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "nowhere" in bad.stderr
+
+
+def test_documented_cached_loop_on_the_export_equals_the_jax_cached_sampler(tmp_path):
+    """docs/export.md's cached sampling loop (`export.cached_sampling.cached_sample`, quoted there verbatim) on the
+    PyTorch export, with a schedule file (read by `cache_masks`), against
+    `diffusion.cache.cached_euler_sample` on the JAX model: 12 steps, cosine guidance over audio and text, mode
+    cfg+mag (full, reused-guidance and skipped steps all occur). Within 1e-4 of the latents' scale (fp32; one
+    forward differs by ~2e-6); the cache's own effect is >100x that, so a wrong branch cannot pass."""
+    import inspect
+    import re
+
+    import jax
+    import jax.numpy as jnp
+
+    from mirage_jax.cache_masks import mag_skip_mask
+    from mirage_jax.cache_schedule import CacheSchedule
+    from mirage_jax.diffusion.cache import cached_euler_sample, make_plan
+    from mirage_jax.diffusion.sampler import model_velocity_fn
+    from mirage_jax.diffusion.schedules import linear_quadratic_schedule
+    from mirage_jax.export.cached_sampling import cache_masks, cached_sample, mirage_velocity
+
+    doc = open(os.path.join(ROOT, "docs", "export.md")).read()
+    blocks = re.findall(r"```python\n(.*?)```", doc, re.S)
+    assert any(inspect.getsource(cached_sample) in b for b in blocks), "docs/export.md must quote cached_sample"
+
+    cfg = small_config(num_layers=2)
+    m = _model(cfg)
+    export_params(_flat(m), cfg, str(tmp_path / "exp"))
+    tm = MirageTransformer.from_pretrained(tmp_path / "exp")
+    inp = random_inputs(cfg, t=3, h=10, w=10)  # low band: |f| <= 2
+    cond = {k: jnp.asarray(v) for k, v in inp.items() if k not in ("video", "timestep")}
+    steps, kw = 12, dict(cfg_text=1.5, cfg_audio=3.0, schedule="cosine")
+    ratios = [1.0] * steps  # a steady trajectory: MagCache skips one in two after the retained 3 steps
+    sched = CacheSchedule(steps=steps, threshold=0.06, max_skips=1, retention=0.2, ratios=tuple(ratios),
+                          skip=mag_skip_mask(ratios, 0.06, 1, 0.2), checkpoint={}, calibration=kw)
+    sched.write(tmp_path / "exp" / "cache_schedule.json")
+    skip, run_guidance = cache_masks("cfg+mag", steps, tmp_path / "exp" / "cache_schedule.json")
+    assert skip == list(sched.skip) and 3 <= sum(skip) and not all(run_guidance)
+    pairs = list(zip(run_guidance, skip, strict=True))
+    assert (True, True) in pairs and (False, False) in pairs  # a skip on a full step, a reused-guidance step
+
+    noise = jax.random.normal(jax.random.key(1), inp["video"].shape, jnp.float32)
+    fn, state = model_velocity_fn(m, cond)
+    want = np.asarray(cached_euler_sample(fn, noise, make_plan("cfg+mag", steps, sched.skip), state=state,
+                                          **kw)).transpose(0, 4, 1, 2, 3)
+    tcond = {"encoder_hidden_states": _t(inp["text"]), "encoder_attention_mask": _t(inp["text_mask"]),
+             "audio_features": _t(inp["audio"]), "audio_attention_mask": _t(inp["audio_mask"]),
+             "reference_latents": _t(inp["ref"].transpose(0, 4, 1, 2, 3)), "reference_time": _t(inp["ref_time"]),
+             "reference_mask": _t(inp["ref_mask"])}
+    velocity = mirage_velocity(tm, tcond)
+    sigmas = linear_quadratic_schedule(steps, 0.025)  # the JAX sampler's default threshold
+    x0 = _t(np.asarray(noise).transpose(0, 4, 1, 2, 3))
+    got = cached_sample(velocity, x0, sigmas, skip, run_guidance, **kw).numpy()
+    plain = cached_sample(velocity, x0, sigmas, *cache_masks("none", steps), **kw).numpy()
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() <= 1e-4 * scale, np.abs(got - want).max() / scale
+    assert np.abs(got - plain).max() > 1e-2 * scale  # the cache changes the output: the comparison can fail

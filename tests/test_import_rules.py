@@ -27,7 +27,7 @@ LAYERS = [
     ("data_pipeline", 13),  # the package root and its commands: prepare, prepare_flags, synthesize
     ("mirage_jax", 20),  # the package root (its __init__)
     ("mirage_jax.config", 20), ("mirage_jax.run_config", 20), ("mirage_jax.aot.chips", 20),
-    ("mirage_jax.paths", 20), ("mirage_jax.checkpoint_format", 20),
+    ("mirage_jax.paths", 20), ("mirage_jax.checkpoint_format", 20), ("mirage_jax.cache_masks", 20),
     ("mirage_jax.model", 21), ("mirage_jax.diffusion", 21), ("mirage_jax.parallel", 21),
     ("mirage_jax.interop", 21), ("mirage_jax.describe", 21), ("mirage_jax.run_encoders", 21),
     ("mirage_jax.train", 22), ("mirage_jax.export", 22), ("mirage_jax.inference", 22),

@@ -18,15 +18,16 @@ conditional output and guidance differences, recombined with step i's guidance s
 the accumulated error sum |1 - prod gamma| stays under a threshold and at most `max_skips` steps in a row, never in
 the first `retention` fraction of steps.
 
-Both schedules are static (a per-step boolean array), so the sampler stays one `fori_loop`: `lax.cond` on the
-step's flag runs only the taken branch (XLA conditionals execute one branch on CPU, GPU and TPU).
+The two masks (`cfg_mask`, `mag_skip_mask`) are plain Python in mirage_jax/cache_masks.py, shared with the PyTorch
+export's loop (mirage_jax/export/cached_sampling.py). Both schedules are static (a per-step boolean array), so
+the sampler stays one `fori_loop`: `lax.cond` on the step's flag runs only the taken branch (XLA conditionals
+execute one branch on CPU, GPU and TPU).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mirage_jax.cache_masks import cfg_mask, mag_skip_mask
 from mirage_jax.diffusion.sampler import (
     VelocityFn,
     _call_with_state,
@@ -41,6 +43,9 @@ from mirage_jax.diffusion.sampler import (
     guided_velocity,
 )
 from mirage_jax.diffusion.schedules import linear_quadratic_schedule
+
+__all__ = ["MODES", "CachePlan", "cached_euler_sample", "cfg_mask", "low_high_split", "mag_skip_mask", "make_plan",
+           "magnitude_ratios", "velocity_norms"]
 
 MODES = ("none", "cfg", "mag", "cfg+mag")
 
@@ -72,42 +77,6 @@ class CachePlan:
     def forwards(self, branches: int) -> int:
         """Network passes of the whole run when a guided step takes `branches` passes (1, 2 or 3)."""
         return sum((branches if g else 1) for m, g in zip(self.run_model, self.run_guidance, strict=True) if m)
-
-
-def cfg_mask(steps: int, warmup: float = 0.2, interval: int = 3) -> tuple[bool, ...]:
-    """Steps that run every guidance branch: all of the first ceil(warmup * steps) (guidance is strongest and the
-    differences move most at high noise), then one in `interval` (FasterCache's schedule)."""
-    if steps < 1 or interval < 1 or not 0.0 <= warmup <= 1.0:
-        raise ValueError(f"cfg_mask: steps {steps} >= 1, interval {interval} >= 1, 0 <= warmup {warmup} <= 1")
-    w = max(1, math.ceil(warmup * steps))
-    return tuple(i < w or (i - w) % interval == interval - 1 for i in range(steps))
-
-
-def mag_skip_mask(ratios: Sequence[float], threshold: float = 0.06, max_skips: int = 2,
-                  retention: float = 0.2) -> tuple[bool, ...]:
-    """MagCache's static schedule from the per-step magnitude ratios of one calibration run: True = skip step i.
-
-    ratios[i] = ||v_i|| / ||v_{i-1}|| (ratios[0] is unused). Walking the steps, the accumulated ratio
-    prod gamma and error sum |1 - prod gamma| grow over consecutive candidate skips; step i is skipped while the
-    error stays <= threshold and fewer than `max_skips` steps were skipped in a row, else it is computed and the
-    accumulators reset. The first ceil(retention * steps) steps (and step 0) are always computed.
-    """
-    if threshold < 0 or max_skips < 0 or not 0.0 <= retention <= 1.0:
-        raise ValueError(f"mag_skip_mask: threshold {threshold} >= 0, max_skips {max_skips} >= 0, "
-                         f"0 <= retention {retention} <= 1")
-    n = len(ratios)
-    keep = max(1, math.ceil(retention * n))
-    skip = [False] * n
-    acc_ratio, acc_err, run = 1.0, 0.0, 0
-    for i in range(keep, n):
-        acc_ratio *= float(ratios[i])
-        acc_err += abs(1.0 - acc_ratio)
-        if acc_err <= threshold and run < max_skips:
-            skip[i] = True
-            run += 1
-        else:
-            acc_ratio, acc_err, run = 1.0, 0.0, 0
-    return tuple(skip)
 
 
 def make_plan(mode: str, steps: int, skip: Sequence[bool] | None = None, *, warmup: float = 0.2,

@@ -1,0 +1,142 @@
+"""Which Beam runner executes prepare's pipeline, and the lifetime of what it needs (a Dask cluster).
+
+- `local` (default): Beam's FnApiRunner in this process.
+- `dask`: Beam's DaskRunner (apache_beam.runners.dask) on a dask.distributed cluster. Without an address, a
+  LocalCluster of `workers` worker processes (one thread each) is started here and stopped when the run ends,
+  fails or is interrupted (Ctrl-C); with `dask_address` (or Beam's `--dask_client_address` after `--`) the run
+  joins that cluster, whose workers must import this repository's `data_pipeline` and read the input and output.
+- any other name (DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, PortableRunner): passed to Beam with
+  the extra Beam flags.
+
+What the DaskRunner of apache-beam 2.77 does not do (read in its source, and checked by tests/test_data_dask.py),
+and how prepare's pipeline stays correct on it:
+- it computes only the last transform applied; a side input's producer is recomputed inside every task that
+  reads it -> prepare has one sink and no side inputs (joins are GroupByKey / CoGroupByKey);
+- a multi-output ParDo hands every tagged output to every consumer -> stages emit one stream of typed elements
+  (ingest.isolation), consumers filter by type;
+- what `finish_bundle` emits is dropped (so BatchElements loses its last batch) -> sources are batched by the
+  launcher, deterministically;
+- `Create` makes partitions of 128 elements, `Reshuffle` is a no-op -> prepare passes
+  `--dask_partition_size=1` (one batch of sources per partition, unless `--dask_npartitions`/
+  `--dask_partition_size` is given after `--`);
+- `setup`/`teardown` run around every bundle -> models are loaded through `ingest.per_worker.load_once`;
+- the Client it creates is never closed -> closed here after the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from mirage_base.errors import InputError
+
+log = logging.getLogger(__name__)
+
+_ADDRESS_ARGS = ("--dask_client_address", "--dask_address")
+_PARTITION_ARGS = ("--dask_npartitions", "--dask_partition_size")
+
+
+@dataclasses.dataclass
+class Engine:
+    """A runner ready to run a pipeline: Beam's `runner` argument, its options, how many work items it runs at
+    once (`parallelism`, for sizing batches; None: unknown) and whether it runs in this process."""
+
+    runner: Any
+    options: PipelineOptions
+    parallelism: int | None
+    in_process: bool
+    description: str
+
+
+def _arg_value(args: Sequence[str], names: Sequence[str]) -> str | None:
+    for i, a in enumerate(args):
+        for n in names:
+            if a.startswith(n + "="):
+                return a.split("=", 1)[1]
+            if a == n and i + 1 < len(args):
+                return args[i + 1]
+    return None
+
+
+def _without(args: Sequence[str], names: Sequence[str]) -> list[str]:
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in names:
+            skip = True
+        elif not any(a.startswith(n + "=") for n in names):
+            out.append(a)
+    return out
+
+
+@contextlib.contextmanager
+def open_engine(
+    runner: str, beam_args: Sequence[str] = (), *, workers: int = 2, dask_address: str | None = None
+) -> Iterator[Engine]:
+    """The Engine for `runner`; for `dask` without an address, a LocalCluster of `workers` processes that lives
+    exactly as long as the `with` block (stopped on error and KeyboardInterrupt too)."""
+    if runner == "local":
+        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+        yield Engine(FnApiRunner(), PipelineOptions(list(beam_args)), 1, True, "local (FnApiRunner, this process)")
+        return
+    if runner != "dask":
+        yield Engine(runner, PipelineOptions(["--runner", runner, *beam_args]), None, False, runner)
+        return
+    from apache_beam.runners.dask.dask_runner import DaskRunner
+
+    address = dask_address or _arg_value(beam_args, _ADDRESS_ARGS)
+    args = _without(beam_args, _ADDRESS_ARGS)
+    if _arg_value(args, _PARTITION_ARGS) is None:
+        args.append("--dask_partition_size=1")
+    if address:
+        threads = _cluster_threads(address)
+        opts = PipelineOptions([*args, f"--dask_client_address={address}"])
+        yield Engine(DaskRunner(), opts, threads, False, f"dask cluster {address} ({threads} worker threads)")
+        return
+    if workers < 1:
+        raise InputError(f"--workers={workers}: a local Dask cluster needs at least 1 worker process")
+    from dask.distributed import LocalCluster
+
+    cluster = LocalCluster(
+        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+        silence_logs=logging.WARNING,
+    )
+    try:
+        opts = PipelineOptions([*args, f"--dask_client_address={cluster.scheduler_address}"])
+        yield Engine(DaskRunner(), opts, workers, False, f"dask LocalCluster ({workers} worker processes)")
+    finally:
+        cluster.close()
+
+
+def _cluster_threads(address: str) -> int:
+    """Worker threads of the Dask cluster at `address` (one line naming the address if it cannot be reached)."""
+    from dask.distributed import Client
+
+    try:
+        with Client(address, timeout=30, set_as_default=False) as c:
+            return max(1, sum(c.nthreads().values()))
+    except OSError as e:
+        raise InputError(f"--dask_address={address}: cannot reach the Dask scheduler ({e})") from None
+
+
+def run(pipeline: Any) -> None:
+    """Runs `pipeline` to completion; on an error or Ctrl-C the run is cancelled where the runner can. A Dask
+    client opened by the DaskRunner is closed either way."""
+    result = pipeline.run()
+    try:
+        result.wait_until_finish()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            result.cancel()
+        raise
+    finally:
+        client = getattr(result, "client", None)
+        if client is not None:
+            client.close()

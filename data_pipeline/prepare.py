@@ -6,10 +6,12 @@ Flow: list sources -> batches of sources -> decode (PyAV; audio optionally via t
 venv) -> 25 fps clips + 16 kHz audio -> quality filters -> frozen encoders -> record bytes -> shards
 (records sorted by clip id, shard i holds ranks [i * R, (i + 1) * R)) -> manifest.json last.
 
-`--runner=local` (default) runs Beam's FnApiRunner in this process (with a progress bar);
-DirectRunner, DataflowRunner, FlinkRunner, SparkRunner... are passed to Beam with any extra Beam flags
-after `--` (see docs/data_pipeline.md for the Dataflow command). The same input and flags give
-byte-identical shards and manifest; a rerun over a complete output with the same inputs does nothing.
+`--runner=local` (default) runs Beam's FnApiRunner in this process (with a progress bar); `--runner=dask`
+runs Beam's DaskRunner over `--workers` local worker processes or the cluster at `--dask-address`
+(data_pipeline.engine); DirectRunner, DataflowRunner, FlinkRunner, SparkRunner... are passed to Beam with any
+extra Beam flags after `--` (see docs/data_pipeline.md for the Dataflow command). The same input and flags give
+byte-identical shards and manifest on every runner; a rerun over a complete output with the same inputs does
+nothing. A source that makes a stage raise is kept out and named with the stage (data_pipeline.ingest.isolation).
 """
 
 from __future__ import annotations

@@ -10,12 +10,17 @@
 
 What the DaskRunner of apache-beam 2.77 does not do (read in its source, and checked by tests/test_data_dask.py),
 and how prepare's pipeline stays correct on it:
+- its ParDo keeps one output list per transform, shared by every bundle that gets the same deserialized
+  arguments (every task of a worker thread pool in the client's process, tasks unpickled together), never
+  cleared: a bundle returns earlier bundles' outputs again (duplicate records) -> `_dask_runner()` below
+  translates ParDo with `_bundle`, which gives each bundle its own DoFn copy and receivers (and also keeps
+  what `finish_bundle` emits);
 - it computes only the last transform applied; a side input's producer is recomputed inside every task that
   reads it -> prepare has one sink and no side inputs (joins are GroupByKey / CoGroupByKey);
 - a multi-output ParDo hands every tagged output to every consumer -> stages emit one stream of typed elements
   (ingest.isolation), consumers filter by type;
-- what `finish_bundle` emits is dropped (so BatchElements loses its last batch) -> sources are batched by the
-  launcher, deterministically;
+- what `finish_bundle` emits is dropped (so BatchElements loses its last batch) -> fixed by `_bundle`, and
+  prepare batches sources in the launcher anyway (deterministic, sized for the workers);
 - `Create` makes partitions of 128 elements, `Reshuffle` is a no-op -> prepare passes
   `--dask_partition_size=1` (one batch of sources per partition, unless `--dask_npartitions`/
   `--dask_partition_size` is given after `--`);
@@ -28,9 +33,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from mirage_base.errors import InputError
@@ -89,8 +96,6 @@ def open_engine(
     if runner != "dask":
         yield Engine(runner, PipelineOptions(["--runner", runner, *beam_args]), None, False, runner)
         return
-    from apache_beam.runners.dask.dask_runner import DaskRunner
-
     address = dask_address or _arg_value(beam_args, _ADDRESS_ARGS)
     args = _without(beam_args, _ADDRESS_ARGS)
     if _arg_value(args, _PARTITION_ARGS) is None:
@@ -98,7 +103,7 @@ def open_engine(
     if address:
         threads = _cluster_threads(address)
         opts = PipelineOptions([*args, f"--dask_client_address={address}"])
-        yield Engine(DaskRunner(), opts, threads, False, f"dask cluster {address} ({threads} worker threads)")
+        yield Engine(_dask_runner(), opts, threads, False, f"dask cluster {address} ({threads} worker threads)")
         return
     if workers < 1:
         raise InputError(f"--workers={workers}: a local Dask cluster needs at least 1 worker process")
@@ -110,9 +115,71 @@ def open_engine(
     )
     try:
         opts = PipelineOptions([*args, f"--dask_client_address={cluster.scheduler_address}"])
-        yield Engine(DaskRunner(), opts, workers, False, f"dask LocalCluster ({workers} worker processes)")
+        yield Engine(_dask_runner(), opts, workers, False, f"dask LocalCluster ({workers} worker processes)")
     finally:
         cluster.close()
+
+
+def _bundle(items: Iterable[Any], fn_bytes: bytes, label: str, window_fn: Any, side_inputs: Any, args: list[Any],
+            kwargs: dict[str, Any]) -> list[Any]:
+    """One Dask partition through a DoFn: a fresh DoFn (unpickled from `fn_bytes`) and fresh receivers per bundle,
+    setup -> start_bundle -> process each -> finish_bundle -> teardown; returns every output (finish_bundle's
+    included). What Beam's `transform_evaluator.apply_dofn_to_bundle` does, without its shared output list."""
+    from apache_beam.internal import pickler
+    from apache_beam.runners.common import DoFnContext, DoFnInvoker, DoFnSignature, _OutputHandler
+    from apache_beam.runners.dask.transform_evaluator import OneReceiver
+
+    receivers = OneReceiver()
+    handler = _OutputHandler(
+        window_fn=window_fn, main_receivers=receivers[None], tagged_receivers=receivers,
+        per_element_output_counter=None, output_batch_converter=None, process_yields_batches=False,
+        process_batch_yields_elements=False,
+    )
+    invoker = DoFnInvoker.create_invoker(
+        DoFnSignature(pickler.loads(fn_bytes)), handler, context=DoFnContext(label, state=None),
+        side_inputs=side_inputs, input_args=args, input_kwargs=kwargs, user_state_context=None,
+        bundle_finalizer_param=beam.DoFn.BundleFinalizerParam(),
+    )
+    invoker.invoke_setup()
+    invoker.invoke_start_bundle()
+    for it in items:
+        invoker.invoke_process(it)
+    invoker.invoke_finish_bundle()
+    invoker.invoke_teardown()
+    return [v.value for v in receivers.values]
+
+
+def _dask_runner() -> Any:
+    """Beam's DaskRunner with ParDo translated by `_bundle` (the translation table is swapped only while the
+    pipeline's Dask graph is built, under a lock)."""
+    from apache_beam.internal import pickler
+    from apache_beam.runners.dask import transform_evaluator as te
+    from apache_beam.runners.dask.dask_runner import DaskRunner
+
+    class ParDo(te.ParDo):
+        def apply(self, input_bag: Any, side_inputs: Any = None) -> Any:
+            transform = self.transform
+            args, kwargs = transform.raw_side_inputs
+            main_input = next(iter(self.applied.main_inputs.values()))
+            window_fn = main_input.windowing.windowfn if hasattr(main_input, "windowing") else None
+            return input_bag.map(te.get_windowed_value, window_fn).map_partitions(
+                _bundle, pickler.dumps(transform.fn), transform.label, window_fn, side_inputs, list(args), kwargs
+            )
+
+    class FixedDaskRunner(DaskRunner):
+        def run_pipeline(self, pipeline: Any, options: Any) -> Any:
+            with _TRANSLATING:
+                old = te.TRANSLATIONS[beam.ParDo]
+                te.TRANSLATIONS[beam.ParDo] = ParDo
+                try:
+                    return super().run_pipeline(pipeline, options)
+                finally:
+                    te.TRANSLATIONS[beam.ParDo] = old
+
+    return FixedDaskRunner()
+
+
+_TRANSLATING = threading.Lock()
 
 
 def _cluster_threads(address: str) -> int:

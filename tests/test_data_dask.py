@@ -54,6 +54,14 @@ def src(tmp_path_factory):
     return str(d)
 
 
+@pytest.fixture(scope="module")
+def local(src, tmp_path_factory):
+    """The local runner's output and manifest, and the folder of pid files its filter left."""
+    d = tmp_path_factory.mktemp("local")
+    m = _run(src, str(d / "out"), str(d / "pids"))
+    return str(d / "out"), m, str(d / "pids")
+
+
 def _children() -> set[int]:
     """This process's child processes, less multiprocessing's resource tracker (one per interpreter, for its life)."""
     return {c.pid for c in psutil.Process().children(recursive=True) if "resource_tracker" not in " ".join(c.cmdline())}
@@ -70,15 +78,15 @@ def _run(src, out, pid_dir, **kw):
     return run(src, out, cfg, records_per_shard=3, progress=False, **kw)
 
 
-def test_dask_workers_write_the_local_runners_bytes_and_failed_sources_are_kept_out(src, tmp_path):
+def test_dask_workers_write_the_local_runners_bytes_and_failed_sources_are_kept_out(src, local, tmp_path):
+    local_out, m, local_pids = local
     before = _children()
-    m = _run(src, str(tmp_path / "local"), str(tmp_path / "pids_local"))
     t0 = time.perf_counter()
     _run(src, str(tmp_path / "dask"), str(tmp_path / "pids_dask"), runner="dask", workers=2)
     took = time.perf_counter() - t0
-    assert _files(str(tmp_path / "dask")) == _files(str(tmp_path / "local"))  # shards and manifest, byte for byte
+    assert _files(str(tmp_path / "dask")) == _files(local_out)  # shards and manifest, byte for byte
     # the work ran in two worker processes, not here; the local runner ran it here
-    assert os.listdir(tmp_path / "pids_local") == [str(os.getpid())]
+    assert os.listdir(local_pids) == [str(os.getpid())]
     workers = set(os.listdir(tmp_path / "pids_dask"))
     assert len(workers) == 2 and str(os.getpid()) not in workers, workers
     assert _children() <= before  # the cluster is gone
@@ -96,6 +104,19 @@ def test_dask_workers_write_the_local_runners_bytes_and_failed_sources_are_kept_
     assert m["stats"]["failed:probe"] == 1 and m["stats"]["failed:filter:explode"] == 1
     assert any(n.startswith(os.path.join(src, "noaudio.mp4") + ": no audio") for n in m["sources"]["notes"])
     print(f"dask run with 2 workers: {took:.1f} s")
+
+
+def test_joining_a_running_cluster_gives_the_same_bytes(src, local, tmp_path):
+    """--dask-address: the run joins a cluster it did not start (here one worker thread of this process: no
+    process start-up) and leaves it running."""
+    from dask.distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        address = cluster.scheduler_address
+        _run(src, str(tmp_path / "joined"), str(tmp_path / "pids"), runner="dask", dask_address=address)
+        with Client(cluster.scheduler_address) as c:
+            assert len(c.nthreads()) == 1  # still up
+    assert _files(str(tmp_path / "joined")) == _files(local[0])
 
 
 def test_ctrl_c_stops_the_dask_cluster_and_leaves_no_output(src, tmp_path):
@@ -119,6 +140,27 @@ def test_ctrl_c_stops_the_dask_cluster_and_leaves_no_output(src, tmp_path):
         time.sleep(0.1)
     assert _children() <= before
     assert manifest.MANIFEST not in os.listdir(out) and not [n for n in os.listdir(out) if n.startswith(".tmp")]
+
+
+def test_dask_runner_bundles_keep_their_own_outputs_and_finish_bundle():
+    """engine's DaskRunner on worker threads of this process: Beam 2.77's ParDo translation shares one output list
+    between bundles there (every element came back once per later bundle) and drops finish_bundle's outputs
+    (BatchElements lost its last batch); every element must arrive exactly once."""
+    from dask.distributed import LocalCluster
+
+    from data_pipeline import engine
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        with engine.open_engine("dask", dask_address=cluster.scheduler_address) as eng:
+            p = beam.Pipeline(runner=eng.runner, options=eng.options)
+            _ = (p | beam.Create(list(range(7))) | beam.Map(lambda x: x * 10)
+                 | beam.BatchElements(min_batch_size=3, max_batch_size=3))
+            result = p.run()
+            try:
+                batches = [b for f in result.futures for b in f.result()]
+            finally:
+                result.client.close()
+    assert sorted(x for b in batches for x in b) == [x * 10 for x in range(7)]
 
 
 class _Halve(beam.DoFn):

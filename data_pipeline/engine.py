@@ -111,7 +111,7 @@ def open_engine(
 
     cluster = LocalCluster(
         n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-        silence_logs=logging.WARNING,
+        silence_logs=logging.WARNING, preload=[__name__],  # dask_setup below runs in each worker
     )
     try:
         opts = PipelineOptions([*args, f"--dask_client_address={cluster.scheduler_address}"])
@@ -180,6 +180,16 @@ def _dask_runner() -> Any:
 
 
 _TRANSLATING = threading.Lock()
+
+
+def dask_setup(worker: Any) -> None:
+    """Dask preload hook, in each worker process of the LocalCluster prepare starts: ignore SIGINT. A Ctrl-C in
+    the terminal reaches the whole process group; prepare (the launcher) stops the cluster in order, instead of
+    every worker printing its own KeyboardInterrupt traceback."""
+    import signal
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _cluster_threads(address: str) -> int:

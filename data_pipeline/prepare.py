@@ -422,6 +422,9 @@ def _pipeline(p: beam.Pipeline, batches: list[list[str]], cfg: IngestConfig, roo
     )
     listed = p | "ListedFailed" >> beam.Create(listed_failed)
     elems = (elems, listed) | "WithListed" >> beam.Flatten()
+    # `elems` is one stream of ClipRecord, SourceReport and isolation.Failure elements. A later per-source stage
+    # maps it: beam.ParDo(isolation.Isolated(Stage(), "name", source_of, accepts=ClipRecord)); what it drops or
+    # fails is kept out below (a Failure removes every record of its source from the shard plan).
     records_kv = elems | "Records" >> beam.FlatMap(_keyed_record)
     places = (
         elems

@@ -164,7 +164,7 @@ def test_dask_runner_bundles_keep_their_own_outputs_and_finish_bundle():
 
 
 class _Halve(beam.DoFn):
-    """A per-source stage: (source, x) -> (source, x / 2), crashing on 0."""
+    """A per-source stage on (source, x) tuples: -> (source, 1 / x / 2), crashing on 0."""
 
     def process(self, element):
         src, x = element
@@ -172,21 +172,22 @@ class _Halve(beam.DoFn):
 
 
 def test_isolated_stage_turns_a_crash_into_a_failure_and_passes_failures_through():
-    """The wrapper the curation stages use: a crash of one source is a Failure element; Failures of earlier stages
-    and other sources' results go on (Beam's local runner)."""
+    """The wrapper the curation stages use: a crash of one source is a Failure element; Failures of earlier stages,
+    elements the stage does not accept and other sources' results go on (Beam's local runner)."""
     earlier = isolation.Failure("c", "probe", "unreadable")
     with beam.Pipeline() as p:
         out = (
             p
-            | beam.Create([("a", 4.0), ("b", 0.0), earlier])
-            | beam.ParDo(isolation.Isolated(_Halve(), "halve", lambda e: e[0]))
+            | beam.Create([("a", 4.0), ("b", 0.0), earlier, "not a tuple"])
+            | beam.ParDo(isolation.Isolated(_Halve(), "halve", lambda e: e[0], accepts=tuple))
         )
         assert_that(out, lambda got: _check_isolated(got, earlier))
 
 
 def _check_isolated(got, earlier):
-    assert sorted(map(tuple, got)) == sorted([("a", 0.125), ("b", "halve", "float division by zero"), tuple(earlier)])
-    assert isolation.Failure("b", "halve", "float division by zero") in got
+    want = [("a", 0.125), isolation.Failure("b", "halve", "float division by zero"), earlier, "not a tuple"]
+    assert sorted(got, key=str) == sorted(want, key=str)
+    assert [type(x) for x in sorted(got, key=str)] == [type(x) for x in sorted(want, key=str)]
 
 
 def test_stage_names_the_innermost_step_and_strips_the_source_from_the_reason():

@@ -89,11 +89,13 @@ def isolate(source: str, stage_name: str, produce: Callable[[], Iterable[Any]]) 
 
 class Isolated(beam.DoFn):
     """Wraps a per-source DoFn: `process` of each element runs under `isolate(source_of(element), stage, ...)`;
-    Failure elements of earlier stages pass through unchanged. setup/start_bundle/finish_bundle/teardown are
-    forwarded (a setup error is not per-source: it fails the run)."""
+    Failure elements of earlier stages, and with `accepts` every element that is not an instance of it (prepare's
+    stream also carries per_source.SourceReport and ClipRecord elements), pass through unchanged.
+    setup/start_bundle/finish_bundle/teardown are forwarded (a setup error is not per-source: it fails the run)."""
 
-    def __init__(self, fn: beam.DoFn, stage_name: str, source_of: Callable[[Any], str]):
-        self.fn, self.stage_name, self.source_of = fn, stage_name, source_of
+    def __init__(self, fn: beam.DoFn, stage_name: str, source_of: Callable[[Any], str],
+                 accepts: type | tuple[type, ...] | None = None):
+        self.fn, self.stage_name, self.source_of, self.accepts = fn, stage_name, source_of, accepts
 
     def setup(self) -> None:
         self.fn.setup()
@@ -102,18 +104,14 @@ class Isolated(beam.DoFn):
         self.fn.start_bundle()
 
     def process(self, element: Any) -> Iterator[Any]:
-        if isinstance(element, Failure):
+        if isinstance(element, Failure) or (self.accepts is not None and not isinstance(element, self.accepts)):
             yield element
             return
         yield from isolate(self.source_of(element), self.stage_name, lambda: self.fn.process(element) or ())
 
     def finish_bundle(self) -> None:
-        self.fn.finish_bundle()  # DaskRunner 2.77 drops what finish_bundle emits: stages must not emit there
+        self.fn.finish_bundle()  # a per-source stage emits from process only
 
     def teardown(self) -> None:
         self.fn.teardown()
 
-
-def failed_sources(elements: Iterable[Any]) -> set[str]:
-    """The sources of the Failure elements among `elements`."""
-    return {e.source for e in elements if isinstance(e, Failure)}

@@ -456,7 +456,7 @@ def _report_entry(e: Any) -> Iterator[tuple[int, Any]]:
         yield 0, e
 
 
-def source_summary(parts: Iterable[Any]) -> tuple[dict[str, int], list[str], list[str]]:
+def source_summary(parts: Sequence[Any]) -> tuple[dict[str, int], list[str], list[str]]:
     """(stats, failed lines, notes) of the SourceReports and Failures in `parts`. A failed source counts as
     {"sources": 1, "failed_sources": 1} whatever it counted before failing, plus "failed:<stage>" per failure."""
     reports = [x for x in parts if isinstance(x, SourceReport)]

@@ -11,7 +11,7 @@
 What the DaskRunner of apache-beam 2.77 does not do (read in its source, and checked by tests/test_data_dask.py),
 and how prepare's pipeline stays correct on it:
 - its ParDo keeps one output list per transform, shared by every bundle that gets the same deserialized
-  arguments (every task of a worker thread pool in the client's process, tasks unpickled together), never
+  arguments (the tasks run by worker threads of one process: seen with an in-process cluster), never
   cleared: a bundle returns earlier bundles' outputs again (duplicate records) -> `_dask_runner()` below
   translates ParDo with `_bundle`, which gives each bundle its own DoFn copy and receivers (and also keeps
   what `finish_bundle` emits);

@@ -84,12 +84,14 @@ def run_one(name: str, quick: bool) -> dict[str, Any]:
         if quick:
             return sampling.measure(steps=16, rounds=1, train_steps=2, overrides=FAST)
         return sampling.measure(steps=64, rounds=3, train_steps=30)
-    if name == "curation":  # plain prepare on Dask; `python -m bench.curation --prepare_args=...` adds stages
+    if name == "curation":  # plain and --curate prepare on Dask, real-face footage (bench/curation.py)
         from bench import curation
 
         if quick:
-            return curation.measure(sources=2, seconds=2.0, size=(64, 64), rounds=1, clip_seconds=1.0)
-        return curation.measure(sources=16, seconds=10.0, size=(128, 128), rounds=3)
+            return curation.measure(sources=2, seconds=2.0, size=(64, 64), rounds=1, clip_seconds=1.0,
+                                    prepare_args=["--curate"], footage="faces")
+        return curation.measure(sources=8, seconds=10.0, size=(128, 128), rounds=3, prepare_args=["--curate"],
+                                footage="faces")
     raise ValueError(f"unknown benchmark {name!r}; one of {NAMES}")
 
 

@@ -1,12 +1,16 @@
 """prepare on the Dask engine: clips/s with 1 and 2 worker processes, and the cost per source second of extra
 prepare stages (curation) against plain prepare.
 
-    python -m bench.curation [--sources=16] [--seconds=10] [--size=128x128] [--workers=1,2] [--rounds=3]
-        [--prepare_args="--curate"] [--input=DIR] [--json]
+    python -m bench.curation [--sources=8] [--seconds=10] [--size=128x128] [--workers=1,2] [--rounds=3]
+        [--prepare_args="--curate"] [--footage=faces|synthetic] [--input=DIR] [--json]
     python -m bench --only=curation
 
-Footage: the synthetic talking heads (`data_pipeline.synthesize`, speech from espeak-ng), else (espeak missing)
-moving noise + a tone (bench.prepare.write_sources), or the sources in `--input`. Each configuration is one
+Footage (`--footage`): `faces` (the default) is real-face A-roll built from scikit-image's photographs
+(tests/curation_footage.talking_heads: one speaker drifting over a texture, a cut half-way in every other
+source, 320x180), which curation keeps, so a curated run does all of its stages and then ingests;
+`synthetic` is the drawn talking heads (`data_pipeline.synthesize`; moving noise + a tone without espeak-ng),
+in which OpenCV's face detector finds no face (`--curate` would drop every clip: use it for plain prepare or
+stages without `faces`); or the sources in `--input`. Each configuration is one
 `python -m data_pipeline.prepare --runner=dask --workers=W --force` child process (Dask cluster start and stop
 included, as a user runs it); `plain` runs it with no extra arguments, `curated` with `--prepare_args` (skipped
 when empty: then the plain runs are the measurement). Configurations alternate within every round
@@ -55,11 +59,17 @@ def _env() -> dict[str, str]:
     return env
 
 
-def write_footage(out: str, sources: int, seconds: float, size: tuple[int, int]) -> str:
-    """`sources` clips of `seconds` under `out`: synthetic talking heads if espeak-ng is installed, else noise."""
+def write_footage(out: str, sources: int, seconds: float, size: tuple[int, int], footage: str = "synthetic") -> str:
+    """`sources` clips of `seconds` under `out`: real-face footage (`faces`, 320x180), or synthetic talking heads
+    at `size` if espeak-ng is installed, else noise."""
     from data_pipeline.synthetic import speech
 
-    if speech.espeak_available():
+    if footage == "faces":
+        from tests import curation_footage
+
+        os.makedirs(out, exist_ok=True)
+        curation_footage.talking_heads(out, sources, seconds)
+    elif speech.espeak_available():
         from data_pipeline.synthesize import synthesize
 
         synthesize(out, clips=sources, seconds=seconds, seed=0, size=size, progress=False)
@@ -108,14 +118,14 @@ def engine_start_stop(workers: int) -> float:
 
 def measure(sources: int = 16, seconds: float = 10.0, size: tuple[int, int] = (128, 128),
             workers: Sequence[int] = (1, 2), rounds: int = 3, prepare_args: Sequence[str] = (),
-            clip_seconds: float = 2.0, input_dir: str | None = None) -> dict[str, Any]:
+            clip_seconds: float = 2.0, input_dir: str | None = None, footage: str = "synthetic") -> dict[str, Any]:
     """The benchmark (see the module docstring); returns the JSON-able result."""
     extra_plain = [f"--clip-seconds={clip_seconds}"] + ([] if input_dir else [f"--size={size[0]}x{size[1]}"])
     kinds = {"plain": extra_plain}
     if prepare_args:
         kinds["curated"] = [*extra_plain, *prepare_args]
     with tempfile.TemporaryDirectory(prefix="bench-curation-") as tmp:
-        src = input_dir or write_footage(os.path.join(tmp, "src"), sources, seconds, size)
+        src = input_dir or write_footage(os.path.join(tmp, "src"), sources, seconds, size, footage)
         total_s = source_seconds(src)
         configs = [(k, w) for w in workers for k in kinds]
         walls: dict[str, list[float]] = {f"{k}-{w}": [] for k, w in configs}
@@ -144,7 +154,7 @@ def measure(sources: int = 16, seconds: float = 10.0, size: tuple[int, int] = (1
     out: dict[str, Any] = {
         "setup": {"sources": sources if not input_dir else None, "source_seconds": total_s, "size": list(size),
                   "clip_seconds": clip_seconds, "workers": list(workers), "rounds": rounds,
-                  "prepare_args": list(prepare_args), "input": input_dir or "synthetic"},
+                  "prepare_args": list(prepare_args), "input": input_dir or footage},
         "rows": rows, "host": host,
     }
     if hi != lo:
@@ -201,7 +211,7 @@ def main(argv: Sequence[str]) -> None:
     F = flags.FLAGS
     r = measure(sources=F.sources, seconds=F.seconds, size=parse_size(F.size), workers=[int(w) for w in F.workers],
                 rounds=F.rounds, prepare_args=shlex.split(F.prepare_args), clip_seconds=F.clip_seconds,
-                input_dir=F.input)
+                input_dir=F.input, footage=F.footage)
     if F.json:
         print(json.dumps(r, indent=1))
         return
@@ -211,15 +221,18 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
     from absl import app, flags
 
-    flags.DEFINE_integer("sources", 16, "Synthetic sources to write (ignored with --input).")
-    flags.DEFINE_float("seconds", 10.0, "Seconds per synthetic source.")
-    flags.DEFINE_string("size", "128x128", "Synthetic frame size WxH (also prepare's --size).")
+    flags.DEFINE_integer("sources", 8, "Sources to write (ignored with --input).")
+    flags.DEFINE_float("seconds", 10.0, "Seconds per source written.")
+    flags.DEFINE_string("size", "128x128", "prepare's --size WxH (with --curate: the face crop's size); also the "
+                        "synthetic footage's frame size.")
+    flags.DEFINE_enum("footage", "faces", ["faces", "synthetic"], "Footage to write (see the module docstring).")
     flags.DEFINE_list("workers", ["1", "2"], "Dask worker process counts to compare.")
     flags.DEFINE_integer("rounds", 3, "Alternating rounds (median reported).")
     flags.DEFINE_float("clip_seconds", 2.0, "prepare --clip-seconds.")
-    flags.DEFINE_string("prepare_args", "", "Extra prepare flags of the curated runs, e.g. \"--curate\" (one "
-                        "shell-quoted string); empty: only plain prepare is timed.")
-    flags.DEFINE_string("input", None, "Time these sources instead of synthetic footage.")
+    flags.DEFINE_string("prepare_args", "--curate", "Extra prepare flags of the curated runs (one shell-quoted "
+                        "string; default every curation stage but sync, which needs --syncnet-weights); empty: only "
+                        "plain prepare is timed.")
+    flags.DEFINE_string("input", None, "Time these sources instead of writing footage.")
     flags.DEFINE_bool("json", False, "Print the JSON result.")
     from mirage_base.cli import dashed_flags_parser
 

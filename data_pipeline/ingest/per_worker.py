@@ -8,7 +8,8 @@ keys, least recently used dropped), so a DoFn's `setup` costs one load per worke
 Only immutable, deterministic objects belong here (frozen encoders, detectors in inference mode), keyed by
 everything that decides their output (e.g. a frozen IngestConfig, or (name, weights path, params)): the cache
 never changes a result, only how often it is built. A worker with several threads shares one object between
-them; the encoders here are safe for that (numpy, or torch modules in inference mode).
+them; the encoders here are safe for that (numpy, or torch modules in inference mode), and curation's face
+detector (ingest.faces.cascade: OpenCV's CascadeClassifier, not safe for concurrent calls) is used under a lock.
 """
 
 from __future__ import annotations

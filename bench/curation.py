@@ -1,7 +1,7 @@
 """prepare on the Dask engine: clips/s with 1 and 2 worker processes, and the cost per source second of extra
 prepare stages (curation) against plain prepare.
 
-    python -m bench.curation [--sources=8] [--seconds=10] [--size=128x128] [--workers=1,2] [--rounds=3]
+    python -m bench.curation [--sources=8] [--seconds=8] [--size=128x128] [--workers=1,2] [--rounds=3]
         [--prepare_args="--curate"] [--footage=faces|synthetic] [--input=DIR] [--json]
     python -m bench --only=curation
 
@@ -222,7 +222,7 @@ if __name__ == "__main__":
     from absl import app, flags
 
     flags.DEFINE_integer("sources", 8, "Sources to write (ignored with --input).")
-    flags.DEFINE_float("seconds", 10.0, "Seconds per source written.")
+    flags.DEFINE_float("seconds", 8.0, "Seconds per source written.")
     flags.DEFINE_string("size", "128x128", "prepare's --size WxH (with --curate: the face crop's size); also the "
                         "synthetic footage's frame size.")
     flags.DEFINE_enum("footage", "faces", ["faces", "synthetic"], "Footage to write (see the module docstring).")

@@ -1,7 +1,7 @@
 """Run every benchmark and write bench/results.md (machine info, numbers, ratios, interpretations).
 
     python -m bench [--quick] [--only=train_step,train_step_2x,efficiency,seq_parallel,checkpoint,data,syncnet,
-                    sampling] [--out=...]
+                    sampling,curation] [--out=...]
     make bench
 
 Each benchmark runs in its own child process (`python -m bench --child=NAME`), one after the other: the
@@ -26,7 +26,8 @@ from absl import app, flags
 
 from bench import common
 
-NAMES = ("train_step", "train_step_2x", "efficiency", "seq_parallel", "checkpoint", "data", "syncnet", "sampling")
+NAMES = ("train_step", "train_step_2x", "efficiency", "seq_parallel", "checkpoint", "data", "syncnet", "sampling",
+         "curation")
 FAST = {"model.num_layers": 2, "shapes.latent_frames": 4, "shapes.audio_frames": 4}
 
 def run_one(name: str, quick: bool) -> dict[str, Any]:
@@ -85,6 +86,14 @@ def run_one(name: str, quick: bool) -> dict[str, Any]:
 
             return sampling.run_bench(out=tempfile.mkdtemp(prefix="bench_sampling_"), quick=True)
         return sampling.run_bench(out=os.path.join(common.ROOT, "bench_sampling_out"))
+    if name == "curation":  # plain and --curate prepare on Dask, real-face footage (bench/curation.py)
+        from bench import curation
+
+        if quick:
+            return curation.measure(sources=2, seconds=2.0, size=(64, 64), rounds=1, clip_seconds=1.0,
+                                    prepare_args=["--curate"], footage="faces")
+        return curation.measure(sources=8, seconds=8.0, size=(128, 128), rounds=3, prepare_args=["--curate"],
+                                footage="faces")
     raise ValueError(f"unknown benchmark {name!r}; one of {NAMES}")
 
 
@@ -352,10 +361,16 @@ def _section_sampling(r: dict[str, Any]) -> list[str]:
     return sampling.report(r)
 
 
+def _section_curation(r: dict[str, Any]) -> list[str]:
+    from bench import curation
+
+    return curation.report(r)
+
+
 SECTIONS = {"train_step": _section_train_step, "train_step_2x": _section_train_step_2x,
             "efficiency": _section_efficiency, "seq_parallel": _section_seq,
             "checkpoint": _section_ckpt, "data": _section_data, "syncnet": _section_syncnet,
-            "sampling": _section_sampling}
+            "sampling": _section_sampling, "curation": _section_curation}
 
 
 def interpret(results: dict[str, dict[str, Any]]) -> dict[str, str]:
@@ -400,6 +415,12 @@ def interpret(results: dict[str, dict[str, Any]]) -> dict[str, str]:
                                     if k != "none")
         out["sampling"] = (f"At {r['setup']['steps']} guided steps, speed-up over uncached sampling (PSNR against "
                            f"it, lip-sync gap closed minus uncached's): {out['sampling']}.")
+    r = results.get("curation", {})
+    if r.get("speedup"):
+        sp = r["speedup"]
+        out["curation"] = (f"prepare on Dask ({sp['stages']} stages): {sp['workers'][1]} worker processes give "
+                           f"{sp['end_to_end']:.2f}x the clips/s of {sp['workers'][0]} end to end, {sp['steady']:.2f}x "
+                           "without the cluster's start and stop.")
     for name, line in out.items():
         if not results[name].get("host", {}).get("claim"):
             why = results[name].get("host", {}).get("why", "load not recorded")
@@ -447,7 +468,7 @@ def write_report(results: dict[str, dict[str, Any]], machine: dict[str, Any], pa
         if r is None or "error" in r:
             continue
         sec = SECTIONS[name](r)
-        if name not in ("train_step", "train_step_2x", "checkpoint", "syncnet", "sampling"):  # under their setup
+        if name not in ("train_step", "train_step_2x", "checkpoint", "syncnet", "sampling", "curation"):  # under setup
             sec[1:1] = ["", common.host_line(r)]
         lines += sec
     lines += ["## GPU", "",

@@ -6,15 +6,19 @@ Flow: list sources -> batches of sources -> decode (PyAV; audio optionally via t
 venv) -> 25 fps clips + 16 kHz audio -> quality filters -> frozen encoders -> record bytes -> shards
 (records sorted by clip id, shard i holds ranks [i * R, (i + 1) * R)) -> manifest.json last.
 
-`--runner=local` (default) runs Beam's FnApiRunner in this process (with a progress bar);
-DirectRunner, DataflowRunner, FlinkRunner, SparkRunner... are passed to Beam with any extra Beam flags
-after `--` (see docs/data_pipeline.md for the Dataflow command). The same input and flags give
-byte-identical shards and manifest; a rerun over a complete output with the same inputs does nothing.
+`--runner=local` (default) runs Beam's FnApiRunner in this process (with a progress bar); `--runner=dask`
+runs Beam's DaskRunner over `--workers` local worker processes or the cluster at `--dask-address`
+(data_pipeline.engine); DirectRunner, DataflowRunner, FlinkRunner, SparkRunner... are passed to Beam with any
+extra Beam flags after `--` (see docs/data_pipeline.md for the Dataflow command). The same input and flags give
+byte-identical shards and manifest on every runner; a rerun over a complete output with the same inputs does
+nothing. A source that makes a stage raise is kept out and named with the stage (data_pipeline.ingest.isolation).
+`--curate` adds the curation stages (data_pipeline.curate) between the batches and the decode.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -26,18 +30,24 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 from absl import flags
-from apache_beam.options.pipeline_options import PipelineOptions
 from etils import epath
 from tqdm import tqdm
 
-from data_pipeline import encoders
+from data_pipeline import encoders, engine
 from data_pipeline.curate import plan as curate_plan
 from data_pipeline.curate import report as curate_report
 from data_pipeline.curate import stage as curate_stage
 from data_pipeline.dataset import manifest as mf
 from data_pipeline.dataset import records
-from data_pipeline.ingest import geometry, media, sources
-from data_pipeline.ingest.per_source import DEFAULT_HELD_BYTES, IngestConfig, ingest_source, list_sources
+from data_pipeline.ingest import filters, geometry, isolation, media, per_worker, sources
+from data_pipeline.ingest.per_source import (
+    DEFAULT_HELD_BYTES,
+    ClipRecord,
+    IngestConfig,
+    SourceReport,
+    ingest_source,
+    list_sources,
+)
 from data_pipeline.prepare_flags import FLAGS, config_from_flags, curate_from_flags
 from mirage_base.errors import ExitCode, InputError, MirageError
 from mirage_base.storage import check_storage
@@ -103,24 +113,35 @@ def fingerprint(files: Sequence[str], cfg: IngestConfig, records_per_shard: int,
 
 
 class IngestBatch(beam.DoFn):
-    """A batch of source paths -> (clip_id, record bytes); per-source stats go to the 'stats' output."""
+    """A batch of sources -> one stream of typed elements: a ClipRecord per kept clip, a SourceReport per
+    source (stats, notes) and an isolation.Failure per source that raised (kept out of the output).
+
+    A batch item is a source path, or with --curate the source's curate.plan.SourcePlan (its kept clips, face
+    crop and audio shifts) or the isolation.Failure of the curation stage that failed on it (passed on)."""
 
     def __init__(self, cfg: IngestConfig, root: str, tfio_python: str | None, held_bytes: int = DEFAULT_HELD_BYTES):
         self.cfg, self.root, self.tfio_python, self.held_bytes = cfg, root, tfio_python, held_bytes
+        # the launcher's registered filters and crop policy travel with the DoFn: a worker process of another
+        # runner (Dask, Dataflow) has only what its own imports registered
+        self.filters = dict(filters.get_filters(list(cfg.filters)))
+        self.crop = None if cfg.crop == "face" else geometry.get_crop(cfg.crop)
 
     def setup(self) -> None:
-        self.encs = self.cfg.build_encoders()
+        for name, fn in self.filters.items():
+            filters.register_filter(name, fn)
+        if self.crop is not None:
+            geometry.register_crop(self.cfg.crop, self.crop)
+        self.encs = per_worker.load_once(("encoders", self.cfg), self.cfg.build_encoders)
 
-    def process(self, items: list[str | curate_plan.SourcePlan]) -> Iterator[Any]:
-        """`items`: source paths, or curation's SourcePlans (their kept clips, face crop and audio shifts)."""
-        plans = {it.path: it for it in items if isinstance(it, curate_plan.SourcePlan)}
-        paths = [it.path if isinstance(it, curate_plan.SourcePlan) else it for it in items]
-        for pl in plans.values():
-            if pl.error is not None:  # a curation stage failed on it: named, kept out
-                yield beam.pvalue.TaggedOutput("failed", pl.error)
-                yield beam.pvalue.TaggedOutput("stats", {"sources": 1, "failed_sources": 1})
-        paths = [p for p in paths if p not in plans or plans[p].error is None]
+    def process(self, batch: list[str | curate_plan.SourcePlan | isolation.Failure]) -> Iterator[Any]:
+        plans = {it.path: it for it in batch if isinstance(it, curate_plan.SourcePlan)}
+        paths = [it if isinstance(it, str) else it.path for it in batch if not isinstance(it, isolation.Failure)]
+        for it in batch:
+            if isinstance(it, isolation.Failure):  # curation kept it out; counted as a failed source
+                yield it
+                self._progress()
         audio: dict[str, tuple[np.ndarray, float]] = {}
+        audio_failed: dict[str, isolation.Failure] = {}
         if self.cfg.audio_backend == "tfio":
             from data_pipeline.ingest import tfio_backend
 
@@ -130,60 +151,97 @@ class IngestBatch(beam.DoFn):
                     info = media.probe(p)
                 except ValueError:  # refused or unreadable: ingest_source below names it
                     continue
-                x, rate, off = media.decode_audio_native(p, info.t0)
-                natives[p] = (x, rate, off)
+                try:
+                    natives[p] = media.decode_audio_native(p, info.t0)
+                except Exception as e:
+                    audio_failed[p] = isolation.failure_of(e, p, "audio")
             outs = tfio_backend.resample_16k([(x, r) for x, r, _ in natives.values()], self.tfio_python)
             audio = {p: (y, natives[p][2]) for p, y in zip(natives, outs, strict=True)}
         for p in paths:
             stats: dict[str, int] = {"sources": 1}
             notes: list[str] = []
-            try:
+            if p in audio_failed:
+                yield audio_failed[p]
+            else:
                 a, off = audio.get(p, (None, None))
                 pl = plans.get(p)
                 curated: dict[str, Any] = {} if pl is None else {
                     "plans": pl.kept_plans(), "crop_xy": pl.crop_xy, "shifts": pl.shifts}
-                for rec in ingest_source(
-                    p, self.cfg, self.encs, self.root, a, off, stats, notes, held_bytes=self.held_bytes, **curated
-                ):
-                    yield rec.clip_id, rec.data
-            except (ValueError, RuntimeError, OSError) as e:
-                log.warning("skipping source %s: %s", p, e)
-                stats = {"sources": 1, "failed_sources": 1}
-                msg = str(e)
-                yield beam.pvalue.TaggedOutput("failed", msg if msg.startswith(p) else f"{p}: {msg}")
-            for n in notes:
-                yield beam.pvalue.TaggedOutput("notes", f"{p}: {n}")
-            yield beam.pvalue.TaggedOutput("stats", stats)
-            bar = _PROGRESS.get("bar")
-            if bar is not None:
-                bar.update(1)
+                produce = functools.partial(
+                    ingest_source, p, self.cfg, self.encs, self.root, a, off, stats, notes, held_bytes=self.held_bytes,
+                    **curated,
+                )
+                yield from isolation.isolate(p, "ingest", produce)
+            yield SourceReport(p, stats, tuple(notes))
+            self._progress()
+
+    @staticmethod
+    def _progress() -> None:
+        bar = _PROGRESS.get("bar")
+        if bar is not None:
+            bar.update(1)
 
 
-def _assign_shard(
-    item: tuple[str, bytes], ranks: dict[str, int], per_shard: int
-) -> tuple[int, tuple[str, bytes]]:
-    return ranks[item[0]] // per_shard, item
+def source_batches(paths: Sequence[str], batch_sources: int, parallelism: int | None) -> list[list[str]]:
+    """`paths` (sorted) cut into consecutive batches of at most `batch_sources`, and small enough that a runner
+    running `parallelism` work items at once gets about 4 per slot. Deterministic (Beam's BatchElements sizes
+    batches by timing, and on the DaskRunner loses its last batch)."""
+    paths = sorted(paths)
+    size = batch_sources
+    if parallelism:
+        size = max(1, min(size, math.ceil(len(paths) / (4 * parallelism))))
+    return [paths[i : i + size] for i in range(0, len(paths), size)]
+
+
+def _keyed_record(e: Any) -> Iterator[tuple[str, bytes]]:
+    if isinstance(e, ClipRecord):
+        yield e.clip_id, e.data
+
+
+def _index_entry(e: Any) -> Iterator[tuple[int, tuple[str, str, str]]]:
+    """Everything the shard plan needs, under one key: ("id", clip id, source) and ("failed", "", source)."""
+    if isinstance(e, ClipRecord):
+        yield 0, ("id", e.clip_id, e.source)
+    elif isinstance(e, isolation.Failure):
+        yield 0, ("failed", "", e.source)
+
+
+def _shard_plan(group: tuple[int, Iterable[tuple[str, str, str]]], per_shard: int) -> Iterator[tuple[str, Any]]:
+    """(clip id, (shard index, shard count)) for every clip of a source that did not fail, by rank of the sorted
+    clip ids: shard i holds ranks [i * per_shard, (i + 1) * per_shard)."""
+    entries = list(group[1])
+    failed = {src for kind, _, src in entries if kind == "failed"}
+    ids = sorted(cid for kind, cid, src in entries if kind == "id" and src not in failed)
+    dup = sorted({a for a, b in zip(ids, ids[1:], strict=False) if a == b})
+    if dup:
+        raise InputError(f"duplicate clip ids {dup[:5]}; two sources map to the same relative path")
+    n = max(1, math.ceil(len(ids) / per_shard))
+    for rank, cid in enumerate(ids):
+        yield cid, (rank // per_shard, n)
+
+
+def _place(item: tuple[str, dict[str, Iterable[Any]]]) -> Iterator[tuple[int, tuple[str, int, bytes]]]:
+    """A clip's record joined with its place: (shard index, (clip id, shard count, bytes)); a record without a
+    place (its source failed in some stage) is dropped."""
+    cid, joined = item
+    places, datas = list(joined["place"]), list(joined["record"])
+    if places and datas:
+        shard, n = places[0]
+        yield shard, (cid, n, datas[0])
 
 
 class WriteShard(beam.DoFn):
-    """(shard index, [(clip_id, bytes)]) -> shard file written atomically; yields its manifest entry."""
+    """(shard index, [(clip_id, shard count, bytes)]) -> shard file written atomically; yields its manifest entry."""
 
     def __init__(self, out_dir: str):
         self.out_dir = out_dir
 
-    def process(
-        self, element: tuple[int, Iterable[tuple[str, bytes]]], num_shards: int
-    ) -> Iterator[dict[str, Any]]:
+    def process(self, element: tuple[int, Iterable[tuple[str, int, bytes]]]) -> Iterator[dict[str, Any]]:
         index, items = element
         items = sorted(items)
-        ids = [i for i, _ in items]
-        if len(set(ids)) != len(ids):
-            raise InputError(
-                f"shard {index}: duplicate clip ids {sorted({i for i in ids if ids.count(i) > 1})[:5]}; "
-                "two sources map to the same relative path"
-            )
-        info = mf.write_shard([b for _, b in items], self.out_dir, mf.shard_name(index, num_shards))
-        shapes = _shape_union([records.decode_record(b)[0] for _, b in items])
+        num_shards = items[0][1]
+        info = mf.write_shard([b for _, _, b in items], self.out_dir, mf.shard_name(index, num_shards))
+        shapes = _shape_union([records.decode_record(b)[0] for _, _, b in items])
         yield {"index": index, "shard": info.to_json(), "shapes": shapes}
 
 
@@ -295,13 +353,18 @@ def run(
     beam_args: Sequence[str] = (),
     progress: bool = True,
     held_bytes: int = DEFAULT_HELD_BYTES,
+    workers: int = 2,
+    dask_address: str | None = None,
     curate: curate_plan.CurateConfig | None = None,
 ) -> dict[str, Any]:
     """Run the ingest pipeline; returns the manifest (also written to `output`/manifest.json). `curate`: the
-    curation stages and thresholds (data_pipeline.curate; None: every clip of every source, as before).
+    curation stages and thresholds (data_pipeline.curate; None: every clip of every source).
 
     Before any decoding, sources whose clip ids or sidecars collide are set aside (both paths named in
     `sources.failed`); without `cfg.size` the sources' display sizes must agree (InputError listing them).
+    `runner`: local, dask (a LocalCluster of `workers` processes, or the cluster at `dask_address`) or a Beam
+    runner name (data_pipeline.engine). A source that makes a stage raise is kept out and listed as
+    "<source>: <stage>: <reason>" in `sources.failed` (data_pipeline.ingest.isolation).
     """
     files = list_sources(input_pattern)
     root = sources.input_root(input_pattern, files)
@@ -309,7 +372,11 @@ def run(
     spatial = encoders.spatial_factor(cfg.build_encoders()[0])
     _check_curation(cfg, curate)  # --crop=face, --syncnet-weights: refused by flag before any work
     if cfg.crop != "face":
-        geometry.get_crop(cfg.crop)  # an unknown policy is refused by name before any work
+        geometry.get_crop(cfg.crop)  # an unknown policy or filter is refused by name before any work
+    try:
+        filters.get_filters(list(cfg.filters))
+    except ValueError as e:
+        raise InputError(str(e)) from None
     if cfg.size is not None and (cfg.size[0] % spatial or cfg.size[1] % spatial):
         raise InputError(
             f"--size={cfg.size[0]}x{cfg.size[1]}: width and height must be multiples of the video encoder's "
@@ -329,26 +396,25 @@ def run(
     if cfg.size is None:  # one record shape: the sources' display sizes must agree
         listed_bad.update(sources.check_sizes([f for f in files if f not in listed_bad], spatial)[1])
     good = [f for f in files if f not in listed_bad]
-    listed_failed = [f"{f}: {why}" for f, why in sorted(listed_bad.items())]
-    for line in listed_failed:
-        log.warning("skipping source %s", line)
-    local = runner == "local"
-    if local:
-        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-
-        beam_runner: Any = FnApiRunner()
-        options = PipelineOptions(list(beam_args))
-    else:
-        beam_runner = runner
-        options = PipelineOptions(["--runner", runner, *beam_args])
-    result: dict[str, Any] = {}
+    for f, why in sorted(listed_bad.items()):
+        log.warning("skipping source %s: %s", f, why)
+    listed = [isolation.Failure(f, "sources", why) for f, why in sorted(listed_bad.items())]
     empty = epath.Path(output) / EMPTY_RESULT
     empty.unlink(missing_ok=True)
-    bar = tqdm(total=len(good), desc="prepare", unit="source", disable=not (progress and local))
-    _PROGRESS["bar"] = bar if local else None
     try:
-        _pipeline(beam_runner, options, good, cfg, root, tfio_python, held_bytes, records_per_shard,
-                  batch_sources, output, listed_failed, files, fp, curate)
+        with engine.open_engine(runner, beam_args, workers=workers, dask_address=dask_address) as eng:
+            log.info("prepare: %d source(s) on %s", len(good), eng.description)
+            batches = source_batches(good, batch_sources, eng.parallelism)
+            bar = tqdm(total=len(good), desc="prepare", unit="source", disable=not (progress and eng.in_process))
+            _PROGRESS["bar"] = bar if eng.in_process else None
+            try:
+                p = beam.Pipeline(runner=eng.runner, options=eng.options)
+                _pipeline(p, batches, cfg, root, tfio_python, held_bytes, records_per_shard, output, listed,
+                          len(files), fp, curate)
+                engine.run(p)
+            finally:
+                bar.close()
+                _PROGRESS.pop("bar", None)
     except Exception as e:
         mf.remove_temporary(output)  # a partial shard of this run: nothing reads it, it only takes space
         cause = _write_cause(e)
@@ -361,9 +427,6 @@ def run(
             "were removed and no manifest was written; free space (or fix the permissions, or choose another "
             "--output) and rerun"
         ) from None
-    finally:
-        bar.close()
-        _PROGRESS.pop("bar", None)
     if empty.exists():  # no records: the run's summary, never a manifest.json a loader or a rerun would trust
         result = json.loads(empty.read_text())
         empty.unlink(missing_ok=True)
@@ -392,88 +455,91 @@ def _check_curation(cfg: IngestConfig, curate: curate_plan.CurateConfig | None) 
                          "file with its keys; docs/eval.md says where to get it)")
 
 
-def _pipeline(beam_runner: Any, options: PipelineOptions, good: list[str], cfg: IngestConfig, root: str,
-              tfio_python: str | None, held_bytes: int, records_per_shard: int, batch_sources: int, output: str,
-              listed_failed: list[str], files: list[str], fp: str,
-              curate: curate_plan.CurateConfig | None = None) -> None:
-    """The Beam pipeline of `run`: (curate,) decode + encode `good`, write the shards, then manifest.json
-    (`_finish`)."""
-    with beam.Pipeline(runner=beam_runner, options=options) as p:
-        srcs = p | "Sources" >> beam.Create(good) | "Spread" >> beam.Reshuffle()
-        summaries = None
-        if curate is not None:
-            start = curate_stage.StartPlan(root, cfg.clip_frames, cfg.min_frames,
-                                           encoders.frame_multiple(cfg.build_encoders()[0]), cfg.seed, cfg.size)
-            srcs = curate_stage.add_stages(srcs, curate, start, cfg.size is not None and cfg.crop == "face")
-            summaries = (srcs | "Curate:summary" >> beam.Map(curate_report.summary)
-                         | "Curate:summaries" >> beam.combiners.ToList())
-        batches = srcs | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=batch_sources)
-        out = batches | "Ingest" >> beam.ParDo(IngestBatch(cfg, root, tfio_python, held_bytes)).with_outputs(
-            "stats", "failed", "notes", main="records"
-        )
-        recs = out.records
-        ids = recs | "Ids" >> beam.Keys() | "AllIds" >> beam.combiners.ToList()
-        ranks = ids | "Ranks" >> beam.Map(lambda xs: {cid: i for i, cid in enumerate(sorted(xs))})
-        num_shards = ids | "NumShards" >> beam.Map(
-            lambda xs: max(1, math.ceil(len(xs) / records_per_shard))
-        )
-        written = (
-            recs
-            | "Assign" >> beam.Map(_assign_shard, beam.pvalue.AsSingleton(ranks), records_per_shard)
-            | "GroupShards" >> beam.GroupByKey()
-            | "Write" >> beam.ParDo(WriteShard(output), beam.pvalue.AsSingleton(num_shards))
-        )
-        listed_stats = p | "ListedStats" >> beam.Create([{"sources": 1, "failed_sources": 1}] * len(listed_failed))
-        stats = (
-            (out.stats, listed_stats)
-            | "AllStats" >> beam.Flatten()
-            | "Stats" >> beam.combiners.ToList()
-            | "SumStats" >> beam.Map(_sum_stats)
-        )
-        listed = p | "ListedFailed" >> beam.Create(listed_failed)
-        failed = (out.failed, listed) | "AllFailed" >> beam.Flatten() | "Failed" >> beam.combiners.ToList()
-        notes = out.notes | "Notes" >> beam.combiners.ToList()
+def _pipeline(p: beam.Pipeline, batches: list[list[str]], cfg: IngestConfig, root: str, tfio_python: str | None,
+              held_bytes: int, records_per_shard: int, output: str, listed_failed: list[isolation.Failure],
+              num_sources: int, fp: str, curate: curate_plan.CurateConfig | None = None) -> None:
+    """The Beam graph of `run`, in the subset every runner here executes (Create, ParDo, GroupByKey,
+    CoGroupByKey, Flatten; no side inputs, no tagged outputs: see data_pipeline.engine): (curate,) decode +
+    encode the batches, drop every record of a failed source, write the shards, then manifest.json (`_finish`),
+    the one sink."""
+    work = p | "Sources" >> beam.Create(batches) | "Spread" >> beam.Reshuffle()
+    streams = []
+    if curate is not None:  # each stage maps a batch: its SourcePlans in, the same plans (or Failures) out
+        start = curate_stage.StartPlan(root, cfg.clip_frames, cfg.min_frames,
+                                       encoders.frame_multiple(cfg.build_encoders()[0]), cfg.seed, cfg.size)
+        work = curate_stage.add_stages(work, curate, start, cfg.size is not None and cfg.crop == "face")
+        streams.append(work | "Curate:summaries" >> beam.FlatMap(curate_report.summaries))
+    elems = work | "Ingest" >> beam.ParDo(IngestBatch(cfg, root, tfio_python, held_bytes))
+    listed = p | "ListedFailed" >> beam.Create(listed_failed)
+    elems = (elems, listed, *streams) | "WithListed" >> beam.Flatten()
+    # `elems` is one stream of ClipRecord, SourceReport, isolation.Failure and (--curate) curate.report.Summary
+    # elements; consumers filter by type. A Failure removes every record of its source from the shard plan.
+    records_kv = elems | "Records" >> beam.FlatMap(_keyed_record)
+    places = (
+        elems
+        | "Index" >> beam.FlatMap(_index_entry)
+        | "GroupIndex" >> beam.GroupByKey()
+        | "PlanShards" >> beam.FlatMap(_shard_plan, records_per_shard)
+    )
+    written = (
+        {"record": records_kv, "place": places}
+        | "Join" >> beam.CoGroupByKey()
+        | "Place" >> beam.FlatMap(_place)
+        | "GroupShards" >> beam.GroupByKey()
+        | "Write" >> beam.ParDo(WriteShard(output))
+    )
+    (
         (
-            written
-            | "AllShards" >> beam.combiners.ToList()
-            | "Manifest"
-            >> beam.Map(
-                _finish,
-                beam.pvalue.AsSingleton(stats),
-                beam.pvalue.AsSingleton(failed),
-                cfg,
-                len(files),
-                fp,
-                records_per_shard,
-                output,
-                beam.pvalue.AsSingleton(notes),
-                curate,
-                None if summaries is None else beam.pvalue.AsSingleton(summaries),
-            )
+            written | "TagShards" >> beam.Map(lambda s: (0, s)),
+            elems | "TagReports" >> beam.FlatMap(_report_entry),
+            p | "Start" >> beam.Create([(0, None)]),  # so the manifest step runs even with nothing to report
         )
+        | "AllParts" >> beam.Flatten()
+        | "GroupParts" >> beam.GroupByKey()
+        | "Manifest" >> beam.Map(_finish, cfg, num_sources, fp, records_per_shard, output, root, curate)
+    )
+
+
+def _report_entry(e: Any) -> Iterator[tuple[int, Any]]:
+    if isinstance(e, (SourceReport, isolation.Failure, curate_report.Summary)):
+        yield 0, e
+
+
+def source_summary(parts: Sequence[Any]) -> tuple[dict[str, int], list[str], list[str]]:
+    """(stats, failed lines, notes) of the SourceReports and Failures in `parts`. A failed source counts as
+    {"sources": 1, "failed_sources": 1} whatever it counted before failing, plus "failed:<stage>" per failure."""
+    reports = [x for x in parts if isinstance(x, SourceReport)]
+    failures = sorted({x for x in parts if isinstance(x, isolation.Failure)})
+    failed = {f.source for f in failures}
+    per_source = [r.stats for r in reports if r.source not in failed]
+    per_source += [{"sources": 1, "failed_sources": 1} for _ in failed]
+    per_source += [{f"failed:{f.stage}": 1} for f in failures]
+    notes = [f"{r.source}: {n}" for r in reports for n in r.notes]
+    return _sum_stats(per_source), [f.line() for f in failures], notes
 
 
 def _finish(
-    shard_parts: list[dict[str, Any]],
-    stats: dict[str, int],
-    failed: list[str],
+    group: tuple[int, Iterable[Any]],
     cfg: IngestConfig,
     num_sources: int,
     fp: str,
     records_per_shard: int,
     output: str,
-    notes: Sequence[str] = (),
+    root: str = "",
     curate: curate_plan.CurateConfig | None = None,
-    summaries: list[dict[str, Any]] | None = None,
 ) -> None:
+    parts = [x for x in group[1] if x is not None]
+    shard_parts = [x for x in parts if isinstance(x, dict)]
+    stats, failed, notes = source_summary(parts)
     curation = None
     if curate is not None:  # the contact sheet first: a manifest never names a sheet that is not there
         sized = cfg.size is not None and cfg.crop == "face"
-        curation = curate_report.curation(summaries or [], curate, sized)
+        sums = [x for x in parts if isinstance(x, curate_report.Summary)]
+        failures = [x for x in parts if isinstance(x, isolation.Failure)]
+        curation = curate_report.curation(sums, failures, root, curate, sized)
         mf.atomic_write_bytes(epath.Path(output) / curate_report.SHEET_NAME,
-                              curate_report.contact_sheet(summaries or []))
-        mf.atomic_write_bytes(epath.Path(output) / curate_report.CLIPS_NAME,
-                              curate_report.clips_jsonl(summaries or []))
+                              curate_report.contact_sheet(sums, failures, root))
+        mf.atomic_write_bytes(epath.Path(output) / curate_report.CLIPS_NAME, curate_report.clips_jsonl(sums, failures))
     m = build_manifest(shard_parts, stats, failed, cfg, num_sources, fp, records_per_shard, notes, curation)
     if m["num_records"] == 0:  # `run` reports it; an earlier output's manifest.json and shards stay as they were
         mf.atomic_write_bytes(epath.Path(output) / EMPTY_RESULT, json.dumps(m).encode())
@@ -518,6 +584,8 @@ def _run_from_flags(argv: Sequence[str]) -> dict[str, Any]:
         force=FLAGS.force,
         beam_args=list(argv[1:]),
         held_bytes=FLAGS.max_held_mb << 20,
+        workers=FLAGS.workers,
+        dask_address=FLAGS.dask_address,
         curate=curate_from_flags(),
     )
 

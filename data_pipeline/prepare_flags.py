@@ -24,9 +24,15 @@ def define_flags() -> None:
     flags.DEFINE_string(
         "runner",
         "local",
-        "'local' (in-process FnApiRunner) or a Beam runner name: DirectRunner, "
-        "DataflowRunner, FlinkRunner, SparkRunner, PortableRunner. Extra Beam flags go after `--`.",
+        "'local' (in-process FnApiRunner), 'dask' (Beam's DaskRunner on a dask.distributed cluster: --workers, "
+        "--dask-address) or a Beam runner name: DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, "
+        "PortableRunner. Extra Beam flags go after `--`.",
     )
+    flags.DEFINE_integer("workers", 2, "--runner=dask: worker processes of the local Dask cluster prepare starts "
+                         "and stops (one thread each).")
+    flags.DEFINE_string("dask_address", None, "--runner=dask: join the running Dask scheduler at tcp://HOST:PORT "
+                        "instead of starting a local cluster (its workers must import data_pipeline and reach "
+                        "--input/--output); Beam's own --dask_client_address after `--` works too.")
     flags.DEFINE_float("clip_seconds", 2.0, "Clip length in seconds (at 25 fps).")
     flags.DEFINE_float(
         "min_seconds", None, "Keep a source's tail if at least this long (default: --clip-seconds)."

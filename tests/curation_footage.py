@@ -84,3 +84,27 @@ def build(folder: str) -> dict[str, str]:
     # a speaker without an audio stream: the sync stage cannot score it (the source is named, kept out)
     out["mute"] = media_inputs.write(os.path.join(folder, "mute.mp4"), np.stack(clips["speaker"][:25]))
     return out
+
+
+def talking_heads(folder: str, sources: int, seconds: float) -> list[str]:
+    """`sources` single-speaker sources of `seconds` each, for timing curation (bench.curation): the astronaut's
+    head drifting 1 px a frame back and forth over a tinted texture, noise for audio; every other source cuts
+    half-way to another background with the speaker elsewhere. Curation keeps their clips (one face, no pan,
+    shots of whole clips), so the curated run also ingests them. Returns the paths."""
+    from data_pipeline.ingest import media
+
+    im = images()
+    bgs = [im[n][:, :W] for n in ("brick", "grass", "gravel")]
+    rng = np.random.default_rng(0)
+    n = round(seconds * media.FPS)
+    paths = []
+    for i in range(sources):
+        frames = []
+        for k in range(n):
+            cut = i % 2 == 1 and k >= n // 2
+            x = 40 + abs((k + 13 * i) % 120 - 60) + (60 if cut else 0)  # a triangle wave, 1 px a frame
+            frames.append(paste(bgs[(i + cut) % 3], im["head"], x, 20))
+        p = os.path.join(folder, f"speaker_{i:03d}.mp4")
+        media.write_mp4(p, np.stack(frames), (0.1 * rng.standard_normal(n * media.HOP)).astype(np.float32))
+        paths.append(p)
+    return paths

@@ -282,3 +282,27 @@ def test_sampling_bench_never_replaces_a_folder_it_did_not_make(tmp_path) -> Non
     with pytest.raises(SystemExit, match="not made by bench.sampling"):
         sampling.tiny_run(str(tmp_path), train_steps=1, train_clips=1)
     assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
+
+
+@pytest.mark.slow  # ~100 s on a loaded 2-core host: four prepare children and two bare cluster starts
+def test_curation_bench_runs_and_renders(tmp_path) -> None:
+    """bench.curation at its smallest (1 round, 1 and 2 Dask workers, an extra filter as the 'curated' stages):
+    every configuration keeps the clips the footage has, clips/s = clips / median wall, the speed-up and the
+    curation cost are ratios of the rows, and the results.md section renders."""
+    from bench import __main__ as run_all
+    from bench import curation
+
+    r = curation.measure(sources=2, seconds=1.2, size=(32, 32), workers=(1, 2), rounds=1, clip_seconds=0.4,
+                         prepare_args=["--filters=black"])
+    rows = {x["config"]: x for x in r["rows"]}
+    assert set(rows) == {"plain-1", "curated-1", "plain-2", "curated-2"}
+    assert {x["clips"] for x in rows.values()} == {6}  # 2 sources x three 0.4 s clips; nothing is black
+    for x in rows.values():
+        _pos(x["wall_s"], x["start_stop_s"])
+        assert x["clips_per_s"] == pytest.approx(x["clips"] / float(np.median(x["wall_s_all"])))
+    two, one = rows["curated-2"]["clips_per_s"], rows["curated-1"]["clips_per_s"]
+    assert r["speedup"]["end_to_end"] == pytest.approx(two / one)
+    assert [c["wall_ratio"] for c in r["curation_cost"]] == pytest.approx(
+        [rows[f"curated-{w}"]["wall_s"] / rows[f"plain-{w}"]["wall_s"] for w in (1, 2)])
+    text = run_all.write_report({"curation": r}, MACHINE, str(tmp_path / "r.md"), quick=True, only=["curation"])
+    assert "## 7. Data preparation on Dask" in text and "**curation**" in text

@@ -1,7 +1,8 @@
 """prepare --curate on footage whose truth is known by construction (tests/curation_footage.py: real faces from
 scikit-image's photographs, animated with PyAV): each stage's decision (cut frames, face count, face box,
 crop position, camera pan), the manifest's `curation`, the contact sheet, a failing source kept out by name,
-and the sync stage's wiring (random SyncNet weights: the values mean nothing, the plumbing is what is tested)."""
+the same bytes on the Dask runner, and the sync stage's wiring (random SyncNet weights: the values mean
+nothing, the plumbing is what is tested)."""
 
 from __future__ import annotations
 
@@ -154,6 +155,21 @@ def test_manifest_curation_and_contact_sheet(curated):
     red = [(sheet[r * (THUMB_H + LABEL_H) + 1, c * TILE_W + 1] == [0, 0, 200]).all()
            for r in range(rows) for c in range(PER_ROW)]
     assert sum(red) == len(cur["dropped"]) + 1  # a red frame per dropped clip or span, and the failed source
+
+
+def test_dask_workers_curate_to_the_local_runners_bytes(footage, curated, tmp_path):
+    """prepare --curate on Beam's DaskRunner with 2 worker processes (data_pipeline.engine): the shards, manifest,
+    contact sheet and per-clip values are the local runner's, byte for byte (the failing novideo.mp4 included)."""
+    import hashlib
+
+    def files(d):
+        return {n: hashlib.sha256(open(os.path.join(d, n), "rb").read()).hexdigest() for n in sorted(os.listdir(d))}
+
+    out = str(tmp_path / "dask")
+    run(footage[0], out, CFG, progress=False, curate=CURATE, runner="dask", workers=2)
+    got, want = files(out), files(curated[0])
+    assert {"manifest.json", "curation.png", "curation_clips.jsonl"} <= set(want)
+    assert got == want
 
 
 def test_missing_syncnet_weights_stop_prepare_before_decoding(footage, tmp_path):

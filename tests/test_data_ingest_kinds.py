@@ -188,7 +188,7 @@ def test_same_stem_sources_all_kept_and_shared_sidecar_refused_before_decoding(t
     assert [meta["clip_id"] for _, meta in recs] == ["other.mp4@0000000"]  # the good source is kept
     failed = "\n".join(m["sources"]["failed"])
     for a, b in (("talk.mov", "talk.mp4"), ("talk.mp4", "talk.mov")):
-        assert f"{src / a}: its sidecar {src / 'talk.json'} is also {src / b}'s" in failed
+        assert f"{src / a}: sources: its sidecar {src / 'talk.json'} is also {src / b}'s" in failed
     assert not any("talk" in p for p in probed)  # set aside before any decoding
     assert "FAILED " + str(src / "talk.mov") in summary(m, "out")
     (src / "talk.mov.json").write_text('{"caption": "the mov"}')  # a sidecar of its own resolves it

@@ -96,8 +96,9 @@ class SourcePlan:
     training crop is taken from (None without --size); `crop_xy` [num_frames, 2] int: the crop's top-left per
     frame in the scaled frame (the crop stage; None: ingest's fixed crop); `shifts` {clip start: audio frames}
     (the sync stage: the clip's audio is read that many frames later); `spans`: dropped spans that are not
-    clips (short shots, shot tails) as (start, stop, reason, stage); `error`: the stage that failed and why
-    (the source is kept out); `ran`: the stages that ran."""
+    clips (short shots, shot tails) as (start, stop, reason, stage); `ran`: the stages that ran; `thumbs`:
+    {item start: the contact sheet's thumbnail}. A stage that fails on the source replaces the plan with an
+    isolation.Failure (curate.stage)."""
 
     path: str
     source_id: str
@@ -115,7 +116,6 @@ class SourcePlan:
     spans: list[tuple[int, int, str, str]] = dataclasses.field(default_factory=list)
     crop_xy: np.ndarray | None = None
     shifts: dict[int, int] = dataclasses.field(default_factory=dict)
-    error: str | None = None
     ran: list[str] = dataclasses.field(default_factory=list)
     thumbs: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
 

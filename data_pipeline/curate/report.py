@@ -2,21 +2,24 @@
 values (curation_clips.jsonl) next to the manifest.
 
 `thumbnails` (the last curation step in the pipeline) takes the middle frame of every clip and dropped span of
-a source; `summary` strips a SourcePlan to what the report needs (no crop track, no detections); `curation`
-and `contact_sheet` build the outputs from the summaries of every source, sorted, so the same inputs give
-the same bytes on any runner.
+a source; `summaries` turns a curated batch's SourcePlans into `Summary` elements (what the report needs: no
+crop track, no detections), which travel in prepare's one element stream to its manifest step (no side input);
+`curation`, `clips_jsonl` and `contact_sheet` build the outputs there from every source's Summary and every
+isolation.Failure of the run (a failed source, in any stage, is a failed tile and is left out of the counts:
+none of its clips is in the output), sorted, so the same inputs give the same bytes on any runner.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from data_pipeline.curate import STAGES
 from data_pipeline.curate.plan import CurateConfig, SourcePlan
-from data_pipeline.ingest import media
+from data_pipeline.ingest import media, sources
+from data_pipeline.ingest.isolation import Failure
 
 THUMB_H = 72
 TILE_W = 160
@@ -44,6 +47,21 @@ def thumbnails(plan: SourcePlan, cfg: CurateConfig) -> None:
         seeker.close()
 
 
+class Summary(NamedTuple):
+    """One curated source's report (`summary`), an element of prepare's stream: its path as listed and the
+    fields."""
+
+    path: str
+    fields: dict[str, Any]
+
+
+def summaries(batch: list[SourcePlan | Failure]) -> Iterator[Summary]:
+    """A Summary per SourcePlan of a curated batch (a Failure reaches the report by itself)."""
+    for item in batch:
+        if isinstance(item, SourcePlan):
+            yield Summary(item.path, summary(item))
+
+
 def summary(plan: SourcePlan) -> dict[str, Any]:
     """The report's view of one source's plan (picklable, small)."""
     fps = media.FPS
@@ -56,7 +74,6 @@ def summary(plan: SourcePlan) -> dict[str, Any]:
         "path": plan.path,
         "cuts_s": [round(k / fps, 3) for k in plan.cuts],
         "items": sorted(items, key=lambda d: d["start"]),
-        "error": plan.error,
         "ran": list(plan.ran),
         "thumbs": dict(plan.thumbs),
     }
@@ -77,19 +94,25 @@ def stage_status(cfg: CurateConfig, sized: bool) -> dict[str, str]:
     return out
 
 
-def curation(summaries: Sequence[dict[str, Any]], cfg: CurateConfig, sized: bool) -> dict[str, Any]:
+def _kept(sums: Sequence[Summary], failures: Sequence[Failure]) -> list[dict[str, Any]]:
+    """The summaries' fields of the sources no stage failed on, by source id."""
+    failed = {f.source for f in failures}
+    return sorted((s.fields for s in sums if s.path not in failed), key=lambda f: f["source"])
+
+
+def curation(sums: Sequence[Summary], failures: Sequence[Failure], root: str, cfg: CurateConfig,
+             sized: bool) -> dict[str, Any]:
     """manifest.json's `curation`: stages (on/off), thresholds, shots {source: [cut s]}, dropped spans
-    [{source, start_s, end_s, reason, stage}], per-stage counts (clips in, dropped), kept clips, failed, and
-    the names of the contact sheet and of the per-clip values file (clips_jsonl)."""
+    [{source, start_s, end_s, reason, stage}], per-stage counts (clips in, dropped), kept clips, failed (every
+    source kept out, as in `sources.failed`), and the names of the contact sheet and of the per-clip values
+    file (clips_jsonl). `root`: the input root the source ids are relative to."""
     fps = media.FPS
-    summaries = sorted(summaries, key=lambda s: s["source"])
+    summaries = _kept(sums, failures)
     status = stage_status(cfg, sized)
     order = [st for st in STAGES if status[st] == "on"]
     counts: dict[str, dict[str, int]] = {st: {"in": 0, "dropped": 0} for st in order}
     dropped, kept = [], 0
     for sm in summaries:
-        if sm["error"] is not None:
-            continue
         for it in sm["items"]:
             if it["reason"] is not None:
                 dropped.append({"source": sm["source"], "start_s": round(it["start"] / fps, 3),
@@ -106,26 +129,24 @@ def curation(summaries: Sequence[dict[str, Any]], cfg: CurateConfig, sized: bool
     return {
         "stages": status,
         "thresholds": {k: v for k, v in cfg.to_json().items() if k not in ("stages", "syncnet_weights")},
-        "shots": {sm["source"]: sm["cuts_s"] for sm in summaries if sm["error"] is None and "shots" in sm["ran"]},
+        "shots": {sm["source"]: sm["cuts_s"] for sm in summaries if "shots" in sm["ran"]},
         "dropped": sorted(dropped, key=lambda d: (d["source"], d["start_s"])),
         "counts": counts,
         "kept_clips": kept,
-        "failed": sorted(sm["error"] for sm in summaries if sm["error"] is not None),
+        "failed": sorted({f.line() for f in failures}),
         "contact_sheet": SHEET_NAME,
         "clips": CLIPS_NAME,
     }
 
 
-def clips_jsonl(summaries: Sequence[dict[str, Any]]) -> bytes:
+def clips_jsonl(sums: Sequence[Summary], failures: Sequence[Failure]) -> bytes:
     """One JSON line per clip and dropped span of every curated source, sorted: `clip` (`<source>@<start
     frame>`, the record's clip id when kept), `start_s`, `end_s`, `kept`, `reason`, `stage` and the values the
     stages measured (face_box, crop_xy, sync_offset, sync_conf, pan_wps)."""
     import json
 
     lines = []
-    for sm in sorted(summaries, key=lambda s: s["source"]):
-        if sm["error"] is not None:
-            continue
+    for sm in _kept(sums, failures):
         for it in sm["items"]:
             lines.append(json.dumps({
                 "clip": f"{sm['source']}@{it['start']:07d}", "start_s": round(it["start"] / media.FPS, 3),
@@ -151,16 +172,21 @@ def _tile(thumb: np.ndarray | None, title: str, reason: str | None) -> np.ndarra
     return tile
 
 
-def contact_sheet(summaries: Sequence[dict[str, Any]]) -> bytes:
+def contact_sheet(sums: Sequence[Summary], failures: Sequence[Failure], root: str) -> bytes:
     """PNG bytes: one tile per clip and dropped span (middle frame; `<source>@<start frame>`; KEPT in green or
     the drop reason in red), sources in order, PER_ROW tiles a row; failed sources get a tile naming the stage;
     past MAX_PER_SOURCE items a source ends with one tile counting the rest."""
     import cv2
 
     tiles = []
-    for sm in sorted(summaries, key=lambda s: s["source"]):
-        if sm["error"] is not None:
-            tiles.append(_tile(None, sm["source"], sm["error"].split(": ", 1)[-1]))
+    first_failure: dict[str, Failure] = {}
+    for f in sorted(failures):
+        first_failure.setdefault(sources.source_id(f.source, root), f)
+    entries = [(sid, None, f) for sid, f in first_failure.items()]
+    entries += [(sm["source"], sm, None) for sm in _kept(sums, failures)]
+    for sid, sm, f in sorted(entries, key=lambda e: e[0]):
+        if f is not None:
+            tiles.append(_tile(None, sid, f"{f.stage}: {f.reason}"))
             continue
         for it in sm["items"][:MAX_PER_SOURCE]:
             tiles.append(_tile(sm["thumbs"].get(it["start"]), f"{sm['source']}@{it['start']:07d}", it["reason"]))

@@ -25,6 +25,11 @@ from data_pipeline.curate.shots import shots_of
 from data_pipeline.ingest import faces
 
 
+def setup() -> None:
+    """Loads the face detector once per worker process (curate.stage.CurateStage.setup)."""
+    faces.cascade()
+
+
 def detections(path: str, every: int) -> dict[int, np.ndarray]:
     """{frame: boxes [K, 4] (x1, y1, x2, y2) at display size} on every `every`-th frame."""
     return {k: faces.detect(np.ascontiguousarray(rgb[..., ::-1])) for k, rgb in display_frames(path, every)}

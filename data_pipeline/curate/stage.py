@@ -1,59 +1,40 @@
-"""The Beam side of curation: `CurateStage`, a DoFn that runs one stage's `apply(plan, cfg)` on each source's
-plan, and `StartPlan`, which probes a source and makes its first plan. A stage that raises on a source (an
-undecodable frame, no audio where it needs some, a failed scorer) marks the plan with
-`<path>: curate:<stage>: <why>`; later stages pass it through untouched and ingest reports it in
-`sources.failed` and keeps the source out, while every other source goes on."""
+"""The Beam side of curation: `StartPlan` (a source path -> its first SourcePlan: probed, cut into plain clips)
+and `CurateStage` (one stage's `apply(plan, cfg)` on a SourcePlan), each wrapped by `add_stages` in
+data_pipeline.ingest.isolation's `Isolated` so that it maps prepare's batches of sources (lists cut before the
+pipeline, `prepare.source_batches`): no side inputs, no tagged outputs, the runner-portable subset of
+data_pipeline.engine. A stage that raises on a source (an undecodable frame, no audio where it needs some, a
+failed scorer) turns that source into `isolation.Failure(path, "curate:<stage>", why)`: later stages pass it
+through, ingest passes it on into prepare's stream, and the manifest lists it in `sources.failed`; every other
+source goes on (the one fault-isolation mechanism of prepare)."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import apache_beam as beam
 
 from data_pipeline.curate.plan import CurateConfig, SourcePlan, start_plan
-
-log = logging.getLogger(__name__)
+from data_pipeline.ingest import isolation
 
 Apply = Callable[[SourcePlan, CurateConfig], None]
 
 
-def run_stage(name: str, fn: Apply, plan: SourcePlan, cfg: CurateConfig) -> SourcePlan:
-    """`fn(plan, cfg)` unless the plan already failed; an exception marks the plan failed, naming the stage."""
-    if plan.error is not None:
-        return plan
-    try:
-        fn(plan, cfg)
-        plan.ran.append(name)
-    except Exception as e:  # noqa: BLE001 - any failure on one source keeps that source out, named, not the run
-        msg = str(e) or type(e).__name__
-        plan.error = f"{plan.path}: curate:{name}: {msg.removeprefix(plan.path + ': ')}"
-        log.warning("curation: %s", plan.error)
-    return plan
-
-
 class StartPlan(beam.DoFn):
-    """path -> SourcePlan (probe + plain clip plan); an unreadable source gets an error plan (`curate:probe`)."""
+    """path -> SourcePlan (probe + plain clip plan); `add_stages` names its failures `curate:probe`."""
 
     def __init__(self, root: str, clip_frames: int, min_frames: int, temporal_factor: int, seed: int,
                  target: tuple[int, int] | None):
         self.args = (root, clip_frames, min_frames, temporal_factor, seed, target)
 
     def process(self, path: str) -> Iterator[SourcePlan]:
-        try:
-            yield start_plan(path, *self.args)
-        except Exception as e:  # noqa: BLE001 - see run_stage
-            from data_pipeline.ingest import sources
-
-            p = SourcePlan(path, sources.source_id(path, self.args[0]))
-            msg = str(e) or type(e).__name__
-            p.error = f"{path}: curate:probe: {msg.removeprefix(path + ': ')}"
-            yield p
+        yield start_plan(path, *self.args)
 
 
 class CurateStage(beam.DoFn):
-    """One curation stage over SourcePlans: `module`.`attr`(plan, cfg), the module imported in `setup` (once per
-    worker, so models load there and nothing unpicklable travels with the pipeline)."""
+    """One curation stage over SourcePlans: `module`.`attr`(plan, cfg) updates the plan in place. The module is
+    imported in `setup`, and its optional `setup()` (loading a model through ingest.per_worker.load_once) runs
+    there: once per worker process, and nothing unpicklable travels with the pipeline."""
 
     def __init__(self, name: str, module: str, cfg: CurateConfig, attr: str = "apply"):
         self.name, self.module, self.cfg, self.attr = name, module, cfg, attr
@@ -61,10 +42,20 @@ class CurateStage(beam.DoFn):
     def setup(self) -> None:
         import importlib
 
-        self.fn: Apply = getattr(importlib.import_module(self.module), self.attr)
+        mod = importlib.import_module(self.module)
+        self.fn: Apply = getattr(mod, self.attr)
+        if hasattr(mod, "setup"):
+            mod.setup()
 
     def process(self, plan: SourcePlan) -> Iterator[SourcePlan]:
-        yield run_stage(self.name, self.fn, plan, self.cfg)
+        self.fn(plan, self.cfg)
+        plan.ran.append(self.name)
+        yield plan
+
+
+def source_of(item: Any) -> str:
+    """The source path of a batch item: a path (before StartPlan) or a SourcePlan."""
+    return item if isinstance(item, str) else item.path
 
 
 MODULES = {"shots": "data_pipeline.curate.shots", "faces": "data_pipeline.curate.speaker",
@@ -72,14 +63,17 @@ MODULES = {"shots": "data_pipeline.curate.shots", "faces": "data_pipeline.curate
            "motion": "data_pipeline.curate.motion"}
 
 
-def add_stages(paths: beam.PCollection, cfg: CurateConfig, start: StartPlan, sized: bool) -> beam.PCollection:
-    """paths -> SourcePlans after every stage `cfg` turns on (in STAGES order), then the contact sheet's
-    thumbnails."""
+def add_stages(batches: beam.PCollection, cfg: CurateConfig, start: StartPlan, sized: bool) -> beam.PCollection:
+    """Batches of source paths -> batches of SourcePlans (or Failures) after every stage `cfg` turns on (in
+    STAGES order), then the contact sheet's thumbnails."""
     from data_pipeline.curate import STAGES
 
-    plans = paths | "Curate:plan" >> beam.ParDo(start)
+    def isolated(fn: beam.DoFn, name: str) -> beam.ParDo:
+        return beam.ParDo(isolation.Isolated(fn, f"curate:{name}", source_of))
+
+    plans = batches | "Curate:plan" >> isolated(start, "probe")
     for name in STAGES:
         if cfg.on(name) and (name != "crop" or sized):
-            plans = plans | f"Curate:{name}" >> beam.ParDo(CurateStage(name, MODULES[name], cfg))
-    return plans | "Curate:thumbnails" >> beam.ParDo(
-        CurateStage("thumbnails", "data_pipeline.curate.report", cfg, "thumbnails"))
+            plans = plans | f"Curate:{name}" >> isolated(CurateStage(name, MODULES[name], cfg), name)
+    return plans | "Curate:thumbnails" >> isolated(
+        CurateStage("thumbnails", "data_pipeline.curate.report", cfg, "thumbnails"), "thumbnails")

@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 
 import numpy as np
+
+from data_pipeline.ingest import per_worker
 
 SIZE = 224
 CROP_SCALE = 0.4
@@ -33,13 +36,21 @@ MAX_GAP = 25  # frames a track may miss detections for (the reference's num_fail
 SMOOTH = 13  # median filter length (frames) of the box size and centre
 PAD_VALUE = 110
 DETECT_SIDE = 480  # frames are detected at this longer side or less (speed; the crop uses the full frame)
+_DETECTING = threading.Lock()
 
 
-@functools.lru_cache(maxsize=1)
-def _cascade():  # noqa: ANN202 - cv2.CascadeClassifier
+def cascade():  # noqa: ANN201 - cv2.CascadeClassifier
+    """OpenCV's bundled frontal-face cascade, loaded once per process (ingest.per_worker: once per worker on
+    every Beam runner); RuntimeError naming the file if OpenCV cannot load it."""
     import cv2
 
     path = cv2.data.haarcascades + "haarcascade_frontalface_default.xml"
+    return per_worker.load_once(("face_cascade", path), functools.partial(_load_cascade, path))
+
+
+def _load_cascade(path: str):  # noqa: ANN202 - cv2.CascadeClassifier
+    import cv2
+
     c = cv2.CascadeClassifier(path)
     if c.empty():
         raise RuntimeError(f"OpenCV could not load its bundled face detector {path}")
@@ -57,7 +68,8 @@ def detect(bgr: np.ndarray) -> np.ndarray:
         gray = cv2.resize(gray, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
     gray = cv2.equalizeHist(gray)
     min_side = max(24, int(0.08 * min(gray.shape)))
-    found = _cascade().detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(min_side, min_side))
+    with _DETECTING:  # one cascade per process; OpenCV's CascadeClassifier is not safe for concurrent calls
+        found = cascade().detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(min_side, min_side))
     if len(found) == 0:
         return np.zeros((0, 4), np.float64)
     b = np.asarray(found, np.float64) / scale

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from etils import epath
@@ -22,6 +22,7 @@ from etils import epath
 from data_pipeline import encoders
 from data_pipeline.dataset import records
 from data_pipeline.ingest import clips, filters, geometry, media, sources
+from data_pipeline.ingest.isolation import StageError, stage
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
 
@@ -109,8 +110,19 @@ def read_sidecar(path: str) -> dict[str, Any]:
 
 @dataclasses.dataclass
 class ClipRecord:
+    """One kept clip: its id (`<source id>@<start frame>`), record bytes and source path (as listed)."""
+
     clip_id: str
     data: bytes
+    source: str = ""
+
+
+class SourceReport(NamedTuple):
+    """What ingesting one source counted (`stats`: clips kept, drops by reason) and noted (what was assumed)."""
+
+    source: str
+    stats: dict[str, int]
+    notes: tuple[str, ...]
 
 
 DEFAULT_HELD_BYTES = 1 << 30  # decoded frames a source may hold (1 GiB: ~390 frames of 720p RGB)
@@ -139,11 +151,14 @@ def ingest_source(
     Curation (data_pipeline.curate) passes `plans` (the clips it kept, instead of plain clips.plan_clips),
     `crop_xy` ([num_frames, 2] top-left of the `cfg.size` window in the cover-scaled frame, per frame: the face
     crop) and `shifts` ({clip start: frames}: that clip's audio is read this many frames later).
+    An error is raised as an `isolation.StageError` naming the step: probe, audio, sidecar, geometry, decode,
+    filter:<name> or encode.
     """
     venc, aenc, tenc = encs
     stats = {} if stats is None else stats
     notes = [] if notes is None else notes
-    info = media.probe(path)
+    with stage("probe"):
+        info = media.probe(path)
     notes.extend(info.notes)
     tf = encoders.frame_multiple(venc)
     source_key = sources.source_id(path, root)
@@ -155,18 +170,22 @@ def ingest_source(
         stats["dropped:too_short"] = stats.get("dropped:too_short", 0) + 1
         notes.append(f"{info.num_frames} frames at 25 fps: shorter than one clip ({cfg.min_frames} frames), no clip")
         return
-    if audio_16k is None:
-        audio_16k, audio_offset_s = media.decode_audio_16k(path, info.t0)
-    audio = media.align_audio(audio_16k, audio_offset_s or 0.0, info.num_frames)
-    side = read_sidecar(path)
-    caption = str(side.get("caption", ""))
-    track = np.asarray(side.get("mouth", []), np.float32)
-    text, text_mask = tenc.encode(caption)
+    with stage("audio"):
+        if audio_16k is None:
+            audio_16k, audio_offset_s = media.decode_audio_16k(path, info.t0)
+        audio = media.align_audio(audio_16k, audio_offset_s or 0.0, info.num_frames)
+    with stage("sidecar"):
+        side = read_sidecar(path)
+        caption = str(side.get("caption", ""))
+        track = np.asarray(side.get("mouth", []), np.float32)
+    with stage("encode"):
+        text, text_mask = tenc.encode(caption)
     active = list(filters.get_filters(list(cfg.filters)))
-    geo = geometry.plan(
-        (info.width, info.height), info.rotation, cfg.size, "center" if crop_xy is not None else cfg.crop,
-        lambda g: next(media.iter_frames(info, g))[1],
-    )
+    with stage("geometry"):
+        geo = geometry.plan(
+            (info.width, info.height), info.rotation, cfg.size, "center" if crop_xy is not None else cfg.crop,
+            lambda g: next(media.iter_frames(info, g))[1],
+        )
     out_w, out_h = cfg.size or (info.width, info.height)
     budget = max(held_bytes // (out_w * out_h * 3), cfg.clip_frames + 2)
     frames_of: Any = media.iter_frames(info, geo)
@@ -200,10 +219,12 @@ def ingest_source(
     def finish(i: int) -> Iterator[ClipRecord]:
         pl = plans[i]
         done[i] = True
-        rec = _encode_clip(
-            path, source_key, pl, held, ref_of(pl), audio, track, caption, text, text_mask, encs, active, stats,
-            silent if "silence" not in cfg.filters else None, (shifts or {}).get(pl.start, 0),
-        )
+        ref = ref_of(pl)  # a seek: part of decoding
+        with stage("encode"):
+            rec = _encode_clip(
+                path, source_key, pl, held, ref, audio, track, caption, text, text_mask, encs, active, stats,
+                silent if "silence" not in cfg.filters else None, (shifts or {}).get(pl.start, 0),
+            )
         for kk in [*range(pl.start, pl.stop), pl.ref_frame]:
             if kk is not None and kk in held and not still_needed(kk):
                 del held[kk]
@@ -211,48 +232,49 @@ def ingest_source(
             yield rec
 
     peak = 0
-    try:
-        for k, frame in frames_of:
-            if still_needed(k):
-                held[k] = frame
-            peak = max(peak, len(held))
-            ready = []
-            if k in owner and plans[owner[k]].stop == k + 1:
-                i = owner[k]
-                r = plans[i].ref_frame
-                if r is not None and r > k:
-                    waiting[i] = None
-                else:
-                    ready.append(i)
-            ready += [i for i in ref_users.get(k, []) if waiting.pop(i, 0) is None]
-            for i in ready:
+    with stage("decode"):  # an error of the filters or encoders keeps its own stage
+        try:
+            for k, frame in frames_of:
+                if still_needed(k):
+                    held[k] = frame
+                peak = max(peak, len(held))
+                ready = []
+                if k in owner and plans[owner[k]].stop == k + 1:
+                    i = owner[k]
+                    r = plans[i].ref_frame
+                    if r is not None and r > k:
+                        waiting[i] = None
+                    else:
+                        ready.append(i)
+                ready += [i for i in ref_users.get(k, []) if waiting.pop(i, 0) is None]
+                for i in ready:
+                    yield from finish(i)
+                while len(held) > budget and waiting:  # over budget: the oldest waiting clip seeks its reference
+                    i = next(iter(waiting))
+                    del waiting[i]
+                    yield from finish(i)
+                if len(held) > budget:  # still over: drop kept reference frames, latest use first
+                    spare = sorted(
+                        (kk for kk in held if kk not in owner or done[owner[kk]]),
+                        key=lambda kk: -min(plans[i].start for i in ref_users[kk] if not done[i]),
+                    )
+                    for kk in spare[: len(held) - budget]:
+                        del held[kk]
+            for i in list(waiting):  # reference frames past the last decoded frame (a short decode)
                 yield from finish(i)
-            while len(held) > budget and waiting:  # over budget: the oldest waiting clip seeks its reference
-                i = next(iter(waiting))
-                del waiting[i]
-                yield from finish(i)
-            if len(held) > budget:  # still over: drop kept reference frames, latest use first
-                spare = sorted(
-                    (kk for kk in held if kk not in owner or done[owner[kk]]),
-                    key=lambda kk: -min(plans[i].start for i in ref_users[kk] if not done[i]),
-                )
-                for kk in spare[: len(held) - budget]:
-                    del held[kk]
-        for i in list(waiting):  # reference frames past the last decoded frame (a short decode)
-            yield from finish(i)
-    finally:
-        seeker.close()
-        if held_peak is not None:
-            held_peak[:] = [peak]
+        finally:
+            seeker.close()
+            if held_peak is not None:
+                held_peak[:] = [peak]
     if silent[0]:
         notes.append(f"{silent[0]} clip(s) have silent audio (below -45 dBFS); --filters=silence drops them")
         stats["warned:silent_audio"] = stats.get("warned:silent_audio", 0) + silent[0]
     if stats.get("ref_seeks"):
         notes.append(f"{stats['ref_seeks']} reference frame(s) fetched by seeking (held-frame budget {budget})")
     if not all(done):
-        raise RuntimeError(
+        raise StageError("decode", RuntimeError(
             f"{path}: decoding stopped before frame {max(pl.stop for pl in plans)}; the file may be truncated"
-        )
+        ))
 
 
 def _crop_at(frame: np.ndarray, xy: np.ndarray, w: int, h: int) -> np.ndarray:
@@ -298,7 +320,9 @@ def _encode_clip(
     pad = max(0, -a0, a1 - len(audio))
     wave = np.pad(audio, pad)[a0 + pad : a1 + pad] if pad else audio[a0:a1]
     for name, fn in active:
-        if fn(filters.ClipData(frames, wave, path, pl.start)) is not None:
+        with stage(f"filter:{name}"):
+            why = fn(filters.ClipData(frames, wave, path, pl.start))
+        if why is not None:
             stats[f"dropped:filter:{name}"] = stats.get(f"dropped:filter:{name}", 0) + 1
             return None
     if silent is not None and filters.silence(filters.ClipData(frames, wave, path, pl.start)) is not None:
@@ -324,4 +348,4 @@ def _encode_clip(
     clip_id = f"{source_key}@{pl.start:07d}"
     meta = {"clip_id": clip_id, "source": path, "caption": caption, "start_frame": str(pl.start)}
     stats["clips"] = stats.get("clips", 0) + 1
-    return ClipRecord(clip_id, records.encode_record(tensors, meta))
+    return ClipRecord(clip_id, records.encode_record(tensors, meta), path)

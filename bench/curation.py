@@ -1,0 +1,239 @@
+"""prepare on the Dask engine: clips/s with 1 and 2 worker processes, and the cost per source second of extra
+prepare stages (curation) against plain prepare.
+
+    python -m bench.curation [--sources=8] [--seconds=8] [--size=128x128] [--workers=1,2] [--rounds=3]
+        [--prepare_args="--curate"] [--footage=faces|synthetic] [--input=DIR] [--json]
+    python -m bench --only=curation
+
+Footage (`--footage`): `faces` (the default) is real-face A-roll built from scikit-image's photographs
+(tests/curation_footage.talking_heads: one speaker drifting over a texture, a cut half-way in every other
+source, 320x180), which curation keeps, so a curated run does all of its stages and then ingests;
+`synthetic` is the drawn talking heads (`data_pipeline.synthesize`; moving noise + a tone without espeak-ng),
+in which OpenCV's face detector finds no face (`--curate` would drop every clip: use it for plain prepare or
+stages without `faces`); or the sources in `--input`. Each configuration is one
+`python -m data_pipeline.prepare --runner=dask --workers=W --force` child process (Dask cluster start and stop
+included, as a user runs it); `plain` runs it with no extra arguments, `curated` with `--prepare_args` (skipped
+when empty: then the plain runs are the measurement). Configurations alternate within every round
+(W=1 plain, W=1 curated, W=2 plain, ...; the order reversed on odd rounds) and the median wall time is kept.
+The cluster start + stop alone (`data_pipeline.engine.open_engine`, workers importing data_pipeline.prepare, no
+pipeline) is timed the same way, so the steady-state rate, clips / (wall - start/stop), is reported next to the
+end-to-end one.
+
+Reported per configuration: clips kept, median wall s, clips/s, wall s per source second; then the speed-up of
+the most workers over 1 worker (end to end and steady state), and per worker count the cost of the extra stages
+(curated wall / plain wall, and extra wall s per source second). The load average before and after decides
+whether it is a claim (bench/common.host_state). Prints one JSON object with --json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from bench import common
+
+_ENGINE_ONLY = """
+import importlib, sys, time
+from apache_beam.runners.dask.dask_runner import DaskOptions
+from dask.distributed import Client
+from data_pipeline import engine
+t0 = time.perf_counter()
+with engine.open_engine("dask", workers=int(sys.argv[1])) as e:
+    with Client(e.options.view_as(DaskOptions).address) as c:  # the workers import what prepare's tasks need
+        c.run(importlib.import_module, "data_pipeline.prepare")
+print(time.perf_counter() - t0)
+"""
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env["PYTHONPATH"] = common.ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def write_footage(out: str, sources: int, seconds: float, size: tuple[int, int], footage: str = "synthetic") -> str:
+    """`sources` clips of `seconds` under `out`: real-face footage (`faces`, 320x180), or synthetic talking heads
+    at `size` if espeak-ng is installed, else noise."""
+    from data_pipeline.synthetic import speech
+
+    if footage == "faces":
+        from tests import curation_footage
+
+        os.makedirs(out, exist_ok=True)
+        curation_footage.talking_heads(out, sources, seconds)
+    elif speech.espeak_available():
+        from data_pipeline.synthesize import synthesize
+
+        synthesize(out, clips=sources, seconds=seconds, seed=0, size=size, progress=False)
+    else:
+        from bench.prepare import write_sources
+
+        write_sources(out, sources, seconds, size)
+    return out
+
+
+def source_seconds(src: str) -> float:
+    """Total duration of the videos under `src` (seconds, from the containers)."""
+    import av
+
+    from data_pipeline.ingest.per_source import list_sources
+
+    total = 0.0
+    for p in list_sources(src):
+        with av.open(p) as c:
+            total += float(c.duration or 0) / 1e6
+    return total
+
+
+def run_prepare(src: str, out: str, workers: int, extra: Sequence[str]) -> tuple[float, int]:
+    """Wall seconds of one `python -m data_pipeline.prepare --runner=dask` child, and the clips it kept."""
+    cmd = [sys.executable, "-m", "data_pipeline.prepare", f"--input={src}", f"--output={out}", "--runner=dask",
+           f"--workers={workers}", "--force", *extra]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, cwd=common.ROOT, env=_env(), capture_output=True, text=True)
+    dt = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise RuntimeError(f"{shlex.join(cmd)} failed ({p.returncode}): {p.stderr[-2000:]}")
+    with open(os.path.join(out, "manifest.json")) as f:
+        return dt, int(json.load(f)["num_records"])
+
+
+def engine_start_stop(workers: int) -> float:
+    """Seconds a child spends starting a LocalCluster of `workers` processes, importing data_pipeline.prepare in
+    each worker, and stopping it (no pipeline)."""
+    p = subprocess.run([sys.executable, "-c", _ENGINE_ONLY, str(workers)], cwd=common.ROOT, env=_env(),
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"cluster start/stop failed: {p.stderr[-2000:]}")
+    return float(p.stdout.strip().splitlines()[-1])
+
+
+def measure(sources: int = 16, seconds: float = 10.0, size: tuple[int, int] = (128, 128),
+            workers: Sequence[int] = (1, 2), rounds: int = 3, prepare_args: Sequence[str] = (),
+            clip_seconds: float = 2.0, input_dir: str | None = None, footage: str = "synthetic") -> dict[str, Any]:
+    """The benchmark (see the module docstring); returns the JSON-able result."""
+    extra_plain = [f"--clip-seconds={clip_seconds}"] + ([] if input_dir else [f"--size={size[0]}x{size[1]}"])
+    kinds = {"plain": extra_plain}
+    if prepare_args:
+        kinds["curated"] = [*extra_plain, *prepare_args]
+    with tempfile.TemporaryDirectory(prefix="bench-curation-") as tmp:
+        src = input_dir or write_footage(os.path.join(tmp, "src"), sources, seconds, size, footage)
+        total_s = source_seconds(src)
+        configs = [(k, w) for w in workers for k in kinds]
+        walls: dict[str, list[float]] = {f"{k}-{w}": [] for k, w in configs}
+        startup: dict[int, list[float]] = {w: [] for w in workers}
+        clips: dict[str, int] = {}
+        load_before = common.load_average()
+        for r in range(rounds):
+            for k, w in configs if r % 2 == 0 else configs[::-1]:
+                dt, n = run_prepare(src, os.path.join(tmp, f"out-{k}-{w}"), w, kinds[k])
+                walls[f"{k}-{w}"].append(dt)
+                clips[f"{k}-{w}"] = n
+            for w in workers if r % 2 == 0 else workers[::-1]:
+                startup[w].append(engine_start_stop(w))
+        host = common.host_state(load_before, common.load_average())
+    rows = []
+    for k, w in configs:
+        name = f"{k}-{w}"
+        wall, start = statistics.median(walls[name]), statistics.median(startup[w])
+        rows.append({"config": name, "stages": k, "workers": w, "clips": clips[name], "wall_s": wall,
+                     "wall_s_all": walls[name], "start_stop_s": start, "clips_per_s": clips[name] / wall,
+                     "steady_clips_per_s": clips[name] / max(wall - start, 1e-9),
+                     "wall_s_per_source_s": wall / total_s})
+    by = {row["config"]: row for row in rows}
+    main_kind = "curated" if prepare_args else "plain"
+    lo, hi = min(workers), max(workers)
+    out: dict[str, Any] = {
+        "setup": {"sources": sources if not input_dir else None, "source_seconds": total_s, "size": list(size),
+                  "clip_seconds": clip_seconds, "workers": list(workers), "rounds": rounds,
+                  "prepare_args": list(prepare_args), "input": input_dir or footage},
+        "rows": rows, "host": host,
+    }
+    if hi != lo:
+        a, b = by[f"{main_kind}-{hi}"], by[f"{main_kind}-{lo}"]
+        out["speedup"] = {"stages": main_kind, "workers": [lo, hi], "end_to_end": a["clips_per_s"] / b["clips_per_s"],
+                          "steady": a["steady_clips_per_s"] / b["steady_clips_per_s"]}
+    if prepare_args:
+        out["curation_cost"] = []
+        for w in workers:
+            cur, plain = by[f"curated-{w}"], by[f"plain-{w}"]
+            out["curation_cost"].append({
+                "workers": w, "wall_ratio": cur["wall_s"] / plain["wall_s"],
+                "extra_s_per_source_s": cur["wall_s_per_source_s"] - plain["wall_s_per_source_s"],
+            })
+    return out
+
+
+def report(r: dict[str, Any]) -> list[str]:
+    """The results.md section for a `measure` result."""
+    s = r["setup"]
+    extra = " ".join(s["prepare_args"]) or "(none: plain prepare only)"
+    out = [
+        "## 7. Data preparation on Dask: clips/s by worker processes, and the cost of curation",
+        "",
+        f"`python -m data_pipeline.prepare --runner=dask --workers=W` as a child process per run (cluster start "
+        f"and stop included), {s['source_seconds']:.0f} s of {s['input']} footage, {s['clip_seconds']} s clips, "
+        f"{s['rounds']} alternating rounds, median wall time; curated runs add: {extra}.",
+        "",
+        common.host_line(r),
+        "",
+        "| config | clips | wall s | cluster start+stop s | clips/s | steady clips/s | wall s per source s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    out += [f"| {x['config']} | {x['clips']} | {x['wall_s']:.2f} | {x['start_stop_s']:.2f} | {x['clips_per_s']:.2f} "
+            f"| {x['steady_clips_per_s']:.2f} | {x['wall_s_per_source_s']:.3f} |" for x in r["rows"]]
+    out.append("")
+    sp = r.get("speedup")
+    if sp:
+        lo, hi = sp["workers"]
+        out.append(f"{hi} workers / {lo} worker ({sp['stages']}): {sp['end_to_end']:.2f}x clips/s end to end, "
+                   f"{sp['steady']:.2f}x without the cluster's start and stop.")
+    for c in r.get("curation_cost", []):
+        out.append(f"Curation with {c['workers']} worker(s): {c['wall_ratio']:.2f}x the wall time of plain prepare, "
+                   f"{c['extra_s_per_source_s']:+.3f} wall s per source second.")
+    out.append("")
+    return out
+
+
+def main(argv: Sequence[str]) -> None:
+    from absl import flags
+
+    from data_pipeline.synthesize import parse_size
+
+    F = flags.FLAGS
+    r = measure(sources=F.sources, seconds=F.seconds, size=parse_size(F.size), workers=[int(w) for w in F.workers],
+                rounds=F.rounds, prepare_args=shlex.split(F.prepare_args), clip_seconds=F.clip_seconds,
+                input_dir=F.input, footage=F.footage)
+    if F.json:
+        print(json.dumps(r, indent=1))
+        return
+    print("\n".join(report(r)))
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_integer("sources", 8, "Sources to write (ignored with --input).")
+    flags.DEFINE_float("seconds", 8.0, "Seconds per source written.")
+    flags.DEFINE_string("size", "128x128", "prepare's --size WxH (with --curate: the face crop's size); also the "
+                        "synthetic footage's frame size.")
+    flags.DEFINE_enum("footage", "faces", ["faces", "synthetic"], "Footage to write (see the module docstring).")
+    flags.DEFINE_list("workers", ["1", "2"], "Dask worker process counts to compare.")
+    flags.DEFINE_integer("rounds", 3, "Alternating rounds (median reported).")
+    flags.DEFINE_float("clip_seconds", 2.0, "prepare --clip-seconds.")
+    flags.DEFINE_string("prepare_args", "--curate", "Extra prepare flags of the curated runs (one shell-quoted "
+                        "string; default every curation stage but sync, which needs --syncnet-weights); empty: only "
+                        "plain prepare is timed.")
+    flags.DEFINE_string("input", None, "Time these sources instead of writing footage.")
+    flags.DEFINE_bool("json", False, "Print the JSON result.")
+    from mirage_base.cli import dashed_flags_parser
+
+    app.run(main, flags_parser=dashed_flags_parser)

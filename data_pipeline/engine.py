@@ -1,0 +1,219 @@
+"""Which Beam runner executes prepare's pipeline, and the lifetime of what it needs (a Dask cluster).
+
+- `local` (default): Beam's FnApiRunner in this process.
+- `dask`: Beam's DaskRunner (apache_beam.runners.dask) on a dask.distributed cluster. Without an address, a
+  LocalCluster of `workers` worker processes (one thread each) is started here and stopped when the run ends,
+  fails or is interrupted (Ctrl-C); with `dask_address` (or Beam's `--dask_client_address` after `--`) the run
+  joins that cluster, whose workers must import this repository's `data_pipeline` and read the input and output.
+- any other name (DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, PortableRunner): passed to Beam with
+  the extra Beam flags.
+
+What the DaskRunner of apache-beam 2.77 does not do (read in its source, and checked by tests/test_data_dask.py),
+and how prepare's pipeline stays correct on it:
+- its ParDo keeps one output list per transform, shared by every bundle that gets the same deserialized
+  arguments (the tasks run by worker threads of one process: seen with an in-process cluster), never
+  cleared: a bundle returns earlier bundles' outputs again (duplicate records) -> `_dask_runner()` below
+  translates ParDo with `_bundle`, which gives each bundle its own DoFn copy and receivers (and also keeps
+  what `finish_bundle` emits);
+- it computes only the last transform applied; a side input's producer is recomputed inside every task that
+  reads it -> prepare has one sink and no side inputs (joins are GroupByKey / CoGroupByKey);
+- a multi-output ParDo hands every tagged output to every consumer -> stages emit one stream of typed elements
+  (ingest.isolation), consumers filter by type;
+- what `finish_bundle` emits is dropped (so BatchElements loses its last batch) -> fixed by `_bundle`, and
+  prepare batches sources in the launcher anyway (deterministic, sized for the workers);
+- `Create` makes partitions of 128 elements, `Reshuffle` is a no-op -> prepare passes
+  `--dask_partition_size=1` (one batch of sources per partition, unless `--dask_npartitions`/
+  `--dask_partition_size` is given after `--`);
+- `setup`/`teardown` run around every bundle -> models are loaded through `ingest.per_worker.load_once`;
+- the Client it creates is never closed -> closed here after the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from mirage_base.errors import InputError
+
+log = logging.getLogger(__name__)
+
+_ADDRESS_ARGS = ("--dask_client_address", "--dask_address")
+_PARTITION_ARGS = ("--dask_npartitions", "--dask_partition_size")
+
+
+@dataclasses.dataclass
+class Engine:
+    """A runner ready to run a pipeline: Beam's `runner` argument, its options, how many work items it runs at
+    once (`parallelism`, for sizing batches; None: unknown) and whether it runs in this process."""
+
+    runner: Any
+    options: PipelineOptions
+    parallelism: int | None
+    in_process: bool
+    description: str
+
+
+def _arg_value(args: Sequence[str], names: Sequence[str]) -> str | None:
+    for i, a in enumerate(args):
+        for n in names:
+            if a.startswith(n + "="):
+                return a.split("=", 1)[1]
+            if a == n and i + 1 < len(args):
+                return args[i + 1]
+    return None
+
+
+def _without(args: Sequence[str], names: Sequence[str]) -> list[str]:
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in names:
+            skip = True
+        elif not any(a.startswith(n + "=") for n in names):
+            out.append(a)
+    return out
+
+
+@contextlib.contextmanager
+def open_engine(
+    runner: str, beam_args: Sequence[str] = (), *, workers: int = 2, dask_address: str | None = None
+) -> Iterator[Engine]:
+    """The Engine for `runner`; for `dask` without an address, a LocalCluster of `workers` processes that lives
+    exactly as long as the `with` block (stopped on error and KeyboardInterrupt too)."""
+    if runner == "local":
+        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+        yield Engine(FnApiRunner(), PipelineOptions(list(beam_args)), 1, True, "local (FnApiRunner, this process)")
+        return
+    if runner != "dask":
+        yield Engine(runner, PipelineOptions(["--runner", runner, *beam_args]), None, False, runner)
+        return
+    address = dask_address or _arg_value(beam_args, _ADDRESS_ARGS)
+    args = _without(beam_args, _ADDRESS_ARGS)
+    if _arg_value(args, _PARTITION_ARGS) is None:
+        args.append("--dask_partition_size=1")
+    if address:
+        threads = _cluster_threads(address)
+        opts = PipelineOptions([*args, f"--dask_client_address={address}"])
+        yield Engine(_dask_runner(), opts, threads, False, f"dask cluster {address} ({threads} worker threads)")
+        return
+    if workers < 1:
+        raise InputError(f"--workers={workers}: a local Dask cluster needs at least 1 worker process")
+    from dask.distributed import LocalCluster
+
+    cluster = LocalCluster(
+        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+        silence_logs=logging.WARNING, preload=[__name__],  # dask_setup below runs in each worker
+    )
+    try:
+        opts = PipelineOptions([*args, f"--dask_client_address={cluster.scheduler_address}"])
+        yield Engine(_dask_runner(), opts, workers, False, f"dask LocalCluster ({workers} worker processes)")
+    finally:
+        cluster.close()
+
+
+def _bundle(items: Iterable[Any], fn_bytes: bytes, label: str, window_fn: Any, side_inputs: Any, args: list[Any],
+            kwargs: dict[str, Any]) -> list[Any]:
+    """One Dask partition through a DoFn: a fresh DoFn (unpickled from `fn_bytes`) and fresh receivers per bundle,
+    setup -> start_bundle -> process each -> finish_bundle -> teardown; returns every output (finish_bundle's
+    included). What Beam's `transform_evaluator.apply_dofn_to_bundle` does, without its shared output list."""
+    from apache_beam.internal import pickler
+    from apache_beam.runners.common import DoFnContext, DoFnInvoker, DoFnSignature, _OutputHandler
+    from apache_beam.runners.dask.transform_evaluator import OneReceiver
+
+    receivers = OneReceiver()
+    handler = _OutputHandler(
+        window_fn=window_fn, main_receivers=receivers[None], tagged_receivers=receivers,
+        per_element_output_counter=None, output_batch_converter=None, process_yields_batches=False,
+        process_batch_yields_elements=False,
+    )
+    invoker = DoFnInvoker.create_invoker(
+        DoFnSignature(pickler.loads(fn_bytes)), handler, context=DoFnContext(label, state=None),
+        side_inputs=side_inputs, input_args=args, input_kwargs=kwargs, user_state_context=None,
+        bundle_finalizer_param=beam.DoFn.BundleFinalizerParam(),
+    )
+    invoker.invoke_setup()
+    invoker.invoke_start_bundle()
+    for it in items:
+        invoker.invoke_process(it)
+    invoker.invoke_finish_bundle()
+    invoker.invoke_teardown()
+    return [v.value for v in receivers.values]
+
+
+def _dask_runner() -> Any:
+    """Beam's DaskRunner with ParDo translated by `_bundle` (the translation table is swapped only while the
+    pipeline's Dask graph is built, under a lock)."""
+    from apache_beam.internal import pickler
+    from apache_beam.runners.dask import transform_evaluator as te
+    from apache_beam.runners.dask.dask_runner import DaskRunner
+
+    class ParDo(te.ParDo):
+        def apply(self, input_bag: Any, side_inputs: Any = None) -> Any:
+            transform = self.transform
+            args, kwargs = transform.raw_side_inputs
+            main_input = next(iter(self.applied.main_inputs.values()))
+            window_fn = main_input.windowing.windowfn if hasattr(main_input, "windowing") else None
+            return input_bag.map(te.get_windowed_value, window_fn).map_partitions(
+                _bundle, pickler.dumps(transform.fn), transform.label, window_fn, side_inputs, list(args), kwargs
+            )
+
+    class FixedDaskRunner(DaskRunner):
+        def run_pipeline(self, pipeline: Any, options: Any) -> Any:
+            with _TRANSLATING:
+                old = te.TRANSLATIONS[beam.ParDo]
+                te.TRANSLATIONS[beam.ParDo] = ParDo
+                try:
+                    return super().run_pipeline(pipeline, options)
+                finally:
+                    te.TRANSLATIONS[beam.ParDo] = old
+
+    return FixedDaskRunner()
+
+
+_TRANSLATING = threading.Lock()
+
+
+def dask_setup(worker: Any) -> None:
+    """Dask preload hook, in each worker process of the LocalCluster prepare starts: ignore SIGINT. A Ctrl-C in
+    the terminal reaches the whole process group; prepare (the launcher) stops the cluster in order, instead of
+    every worker printing its own KeyboardInterrupt traceback."""
+    import signal
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _cluster_threads(address: str) -> int:
+    """Worker threads of the Dask cluster at `address` (one line naming the address if it cannot be reached)."""
+    from dask.distributed import Client
+
+    try:
+        with Client(address, timeout=30, set_as_default=False) as c:
+            return max(1, sum(c.nthreads().values()))
+    except OSError as e:
+        raise InputError(f"--dask_address={address}: cannot reach the Dask scheduler ({e})") from None
+
+
+def run(pipeline: Any) -> None:
+    """Runs `pipeline` to completion; on an error or Ctrl-C the run is cancelled where the runner can. A Dask
+    client opened by the DaskRunner is closed either way."""
+    result = pipeline.run()
+    try:
+        result.wait_until_finish()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            result.cancel()
+        raise
+    finally:
+        client = getattr(result, "client", None)
+        if client is not None:
+            client.close()

@@ -1,0 +1,211 @@
+"""prepare on a real multi-process engine (Beam's DaskRunner over a dask.distributed LocalCluster) writes the same
+bytes as the local runner, really runs in the worker processes, stops them on success and on Ctrl-C, and keeps a
+source that crashes a stage out of the output, by name and stage (data_pipeline.engine, ingest.isolation)."""
+
+import _thread
+import functools
+import hashlib
+import os
+import threading
+import time
+
+import apache_beam as beam
+import media_inputs as mi
+import numpy as np
+import psutil
+import pytest
+from apache_beam.testing.util import assert_that
+from array_record.python.array_record_module import ArrayRecordReader
+
+from data_pipeline.dataset import manifest
+from data_pipeline.dataset.records import decode_record
+from data_pipeline.ingest import filters, isolation, per_worker
+from data_pipeline.ingest.per_source import IngestConfig
+from data_pipeline.prepare import run
+
+N_GOOD = 4  # sources of 20 frames at 16x16: two 0.4 s clips each
+
+
+def _explode(clip: filters.ClipData) -> str | None:
+    """A quality filter that crashes on bad.mp4's second clip (its first clip's record is already emitted)."""
+    if clip.source.endswith("bad.mp4") and clip.start_frame >= 10:
+        raise ValueError(f"boom at frame {clip.start_frame}")
+    return None
+
+
+def _note_pid(folder: str, clip: filters.ClipData) -> str | None:
+    """Keeps every clip; leaves a file named after the process that filtered it."""
+    open(os.path.join(folder, str(os.getpid())), "w").close()
+    return None
+
+
+filters.register_filter("explode", _explode)
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    d = tmp_path_factory.mktemp("src")
+    tone = mi.tone(0.8, 16000)
+    for i in range(N_GOOD):
+        mi.write(str(d / f"good{i}.mp4"), mi.coded_frames(20)[::-1] if i % 2 else mi.coded_frames(20), audio=tone)
+    mi.write(str(d / "bad.mp4"), mi.coded_frames(20), audio=tone)
+    mi.write(str(d / "noaudio.mp4"), mi.coded_frames(20))
+    (d / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video")
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def local(src, tmp_path_factory):
+    """The local runner's output and manifest, and the folder of pid files its filter left."""
+    d = tmp_path_factory.mktemp("local")
+    m = _run(src, str(d / "out"), str(d / "pids"))
+    return str(d / "out"), m, str(d / "pids")
+
+
+def _children() -> set[int]:
+    """This process's child processes, less multiprocessing's resource tracker (one per interpreter, for its life)."""
+    return {c.pid for c in psutil.Process().children(recursive=True) if "resource_tracker" not in " ".join(c.cmdline())}
+
+
+def _files(d):
+    return {n: hashlib.sha256(open(os.path.join(d, n), "rb").read()).hexdigest() for n in sorted(os.listdir(d))}
+
+
+def _run(src, out, pid_dir, **kw):
+    os.makedirs(pid_dir, exist_ok=True)
+    filters.register_filter("pids", functools.partial(_note_pid, pid_dir))
+    cfg = IngestConfig(clip_seconds=0.4, size=(16, 16), filters=("pids", "explode"))  # broken.mp4 fails in a worker
+    return run(src, out, cfg, records_per_shard=3, progress=False, **kw)
+
+
+def test_dask_workers_write_the_local_runners_bytes_and_failed_sources_are_kept_out(src, local, tmp_path):
+    local_out, m, local_pids = local
+    before = _children()
+    t0 = time.perf_counter()
+    _run(src, str(tmp_path / "dask"), str(tmp_path / "pids_dask"), runner="dask", workers=2)
+    took = time.perf_counter() - t0
+    assert _files(str(tmp_path / "dask")) == _files(local_out)  # shards and manifest, byte for byte
+    # the work ran in two worker processes, not here; the local runner ran it here
+    assert os.listdir(local_pids) == [str(os.getpid())]
+    workers = set(os.listdir(tmp_path / "pids_dask"))
+    assert len(workers) == 2 and str(os.getpid()) not in workers, workers
+    assert _children() <= before  # the cluster is gone
+    # per-source fault isolation: named with the stage, kept out (also bad.mp4's clip emitted before the crash)
+    failed = dict(line.split(": ", 1) for line in m["sources"]["failed"])
+    assert set(failed) == {os.path.join(src, "broken.mp4"), os.path.join(src, "bad.mp4")}
+    assert failed[os.path.join(src, "bad.mp4")] == "filter:explode: boom at frame 10"
+    assert failed[os.path.join(src, "broken.mp4")].startswith("probe: PyAV cannot read it")
+    ids = [decode_record(r)[1]["clip_id"] for s in m["shards"]
+           for r in ArrayRecordReader(str(tmp_path / "dask" / s["path"])).read_all()]
+    want = [f"{n}@{s:07d}" for n in [*(f"good{i}.mp4" for i in range(N_GOOD)), "noaudio.mp4"] for s in (0, 10)]
+    assert ids == sorted(want)  # sorted across shards, 3 per shard
+    assert [s["num_records"] for s in m["shards"]] == [3, 3, 3, 1]
+    assert (m["stats"]["sources"], m["stats"]["failed_sources"], m["stats"]["clips"]) == (7, 2, 10)
+    assert m["stats"]["failed:probe"] == 1 and m["stats"]["failed:filter:explode"] == 1
+    assert any(n.startswith(os.path.join(src, "noaudio.mp4") + ": no audio") for n in m["sources"]["notes"])
+    print(f"dask run with 2 workers: {took:.1f} s")
+
+
+def test_joining_a_running_cluster_gives_the_same_bytes(src, local, tmp_path):
+    """--dask-address: the run joins a cluster it did not start (here one worker thread of this process: no
+    process start-up) and leaves it running."""
+    from dask.distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        address = cluster.scheduler_address
+        _run(src, str(tmp_path / "joined"), str(tmp_path / "pids"), runner="dask", dask_address=address)
+        with Client(cluster.scheduler_address) as c:
+            assert len(c.nthreads()) == 1  # still up
+    assert _files(str(tmp_path / "joined")) == _files(local[0])
+
+
+def test_ctrl_c_stops_the_dask_cluster_and_leaves_no_output(src, tmp_path):
+    before = _children()
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+
+    def interrupt_once_a_worker_works():
+        deadline = time.time() + 60
+        while not os.listdir(pid_dir) and time.time() < deadline:
+            time.sleep(0.05)
+        _thread.interrupt_main()  # what Ctrl-C does
+
+    threading.Thread(target=interrupt_once_a_worker_works, daemon=True).start()
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        _run(src, str(out), str(pid_dir), runner="dask", workers=2)
+    assert os.listdir(pid_dir)  # it was interrupted while the workers ran
+    deadline = time.time() + 10  # closing the cluster waits for its processes; allow their exit to be reaped
+    while _children() - before and time.time() < deadline:
+        time.sleep(0.1)
+    assert _children() <= before
+    assert manifest.MANIFEST not in os.listdir(out) and not [n for n in os.listdir(out) if n.startswith(".tmp")]
+
+
+def test_dask_runner_bundles_keep_their_own_outputs_and_finish_bundle():
+    """engine's DaskRunner on worker threads of this process: Beam 2.77's ParDo translation shares one output list
+    between bundles there (every element came back once per later bundle) and drops finish_bundle's outputs
+    (BatchElements lost its last batch); every element must arrive exactly once."""
+    from dask.distributed import LocalCluster
+
+    from data_pipeline import engine
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        with engine.open_engine("dask", dask_address=cluster.scheduler_address) as eng:
+            p = beam.Pipeline(runner=eng.runner, options=eng.options)
+            _ = (p | beam.Create(list(range(7))) | beam.Map(lambda x: x * 10)
+                 | beam.BatchElements(min_batch_size=3, max_batch_size=3))
+            result = p.run()
+            try:
+                batches = [b for f in result.futures for b in f.result()]
+            finally:
+                result.client.close()
+    assert sorted(x for b in batches for x in b) == [x * 10 for x in range(7)]
+
+
+class _Halve(beam.DoFn):
+    """A per-source stage on (source, x) tuples: -> (source, 1 / x / 2), crashing on 0 after a first output."""
+
+    def process(self, element):
+        src, x = element
+        yield src, 0.0  # a partial result, dropped when the source then fails
+        yield src, 1 / x / 2  # 1 / 0 raises ZeroDivisionError for source "b"
+
+
+def test_isolated_stage_turns_a_crash_into_a_failure_and_passes_failures_through():
+    """The wrapper the curation stages use, over batches of sources: a crash of one source replaces its item by a
+    Failure (and nothing it yielded before); Failures of earlier stages and other sources' results stay in place
+    (Beam's local runner)."""
+    earlier = isolation.Failure("c", "curate:probe", "unreadable")
+    with beam.Pipeline() as p:
+        out = (
+            p
+            | beam.Create([[("a", 4.0), ("b", 0.0), earlier], [("d", 1.0)]])
+            | beam.ParDo(isolation.Isolated(_Halve(), "halve", lambda e: e[0]))
+        )
+        assert_that(out, lambda got: _check_isolated(got, earlier))
+
+
+def _check_isolated(got, earlier):
+    want = [[("a", 0.0), ("a", 0.125), isolation.Failure("b", "halve", "float division by zero"), earlier],
+            [("d", 0.0), ("d", 0.5)]]
+    assert sorted(got, key=len, reverse=True) == want
+    assert [type(x) for x in sorted(got, key=len, reverse=True)[0]] == [tuple, tuple, isolation.Failure,
+                                                                         isolation.Failure]
+
+
+def test_stage_names_the_innermost_step_and_strips_the_source_from_the_reason():
+    with pytest.raises(isolation.StageError) as e, isolation.stage("decode"), isolation.stage("encode"):
+        raise RuntimeError("x.mp4: the encoder ran out of memory")
+    f = isolation.failure_of(e.value, "x.mp4", "ingest")
+    assert f == isolation.Failure("x.mp4", "encode", "the encoder ran out of memory")
+    assert f.line() == "x.mp4: encode: the encoder ran out of memory"
+    assert isolation.failure_of(KeyError("k"), "y.mp4", "ingest").line() == "y.mp4: ingest: 'k'"
+
+
+def test_models_load_once_per_process():
+    built = []
+    key = ("test", np.random.default_rng().integers(1 << 62))
+    a = per_worker.load_once(key, lambda: built.append(1) or object())
+    b = per_worker.load_once(key, lambda: built.append(1) or object())
+    assert a is b and built == [1] and key in per_worker.loaded_keys()

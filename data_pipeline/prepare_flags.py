@@ -26,7 +26,8 @@ def define_flags() -> None:
         "'local' (in-process FnApiRunner) or a Beam runner name: DirectRunner, "
         "DataflowRunner, FlinkRunner, SparkRunner, PortableRunner. Extra Beam flags go after `--`.",
     )
-    flags.DEFINE_float("clip_seconds", 2.0, "Clip length in seconds (at 25 fps).")
+    flags.DEFINE_list("clip_seconds", ["2"], "Clip length in seconds (at 25 fps); a list (4,8) makes one shape "
+                      "bucket per length (data_pipeline/buckets.py).")
     flags.DEFINE_float(
         "min_seconds", None, "Keep a source's tail if at least this long (default: --clip-seconds)."
     )
@@ -34,7 +35,8 @@ def define_flags() -> None:
         "size",
         None,
         "Training frame size WxH: each source (display orientation) is scaled to cover it and cropped "
-        "(--crop). Default: the sources' own size, which must then be the same for all.",
+        "(--crop). Default: the sources' own size, which must then be the same for all. A list "
+        "(720x1280,1280x720) makes shape buckets: each source goes to the size of nearest aspect.",
     )
     flags.DEFINE_string("crop", "center", "Crop policy with --size: center, or one registered with "
                         "data_pipeline.ingest.geometry.register_crop (e.g. a face-centred crop).")
@@ -119,14 +121,22 @@ def encoder_params_from_flags() -> tuple[dict[str, Any], dict[str, Any], dict[st
     return video, audio, text
 
 
-def config_from_flags() -> IngestConfig:
-    from data_pipeline.synthesize import parse_size
+def bucket_lists() -> tuple[list[float], list[tuple[int, int]] | None]:
+    """`--clip-seconds` and `--size` as lists (one value each: a single-shape dataset)."""
+    from data_pipeline import buckets
 
+    return buckets.parse_seconds(FLAGS.clip_seconds), buckets.parse_sizes(FLAGS.size)
+
+
+def config_from_flags() -> IngestConfig:
+    """The IngestConfig of the flags; with lists of lengths or sizes, the first of each (`buckets.run` replaces
+    them per bucket)."""
     video_params, audio_params, text_params = encoder_params_from_flags()
+    seconds, sizes = bucket_lists()
     return IngestConfig(
-        clip_seconds=FLAGS.clip_seconds,
+        clip_seconds=seconds[0],
         min_seconds=FLAGS.min_seconds,
-        size=parse_size(FLAGS.size) if FLAGS.size else None,
+        size=sizes[0] if sizes else None,
         crop=FLAGS.crop,
         video_encoder=FLAGS.video_encoder,
         video_params=tuple(sorted(video_params.items())),

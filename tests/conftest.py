@@ -36,3 +36,27 @@ def prepared_shards(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("prepared"))
     run(raw, out, IngestConfig(clip_seconds=1.0), records_per_shard=4, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def bucketed_raw(tmp_path_factory):
+    """4 synthetic 3 s sources: a/ two at 64x64 (aspect 1), b/ two at 96x64 (aspect 1.5). Needs espeak-ng."""
+    from data_pipeline.synthesize import synthesize
+
+    raw = tmp_path_factory.mktemp("bucket_raw")
+    synthesize(str(raw / "a"), clips=2, seconds=3.0, seed=21, size=(64, 64), progress=False)
+    synthesize(str(raw / "b"), clips=2, seconds=3.0, seed=22, size=(96, 64), progress=False)
+    return str(raw)
+
+
+@pytest.fixture(scope="session")
+def bucketed_shards(bucketed_raw, tmp_path_factory):
+    """`bucketed_raw` prepared as 4 shape buckets: clip lengths 1 s and 2 s x sizes 64x64 and 80x48 (b/ is
+    nearest 80x48's aspect: covered to 80x53, centre-cropped). Records: 1s_*: 6 each, 2s_*: 2 each."""
+    from data_pipeline import buckets
+    from data_pipeline.ingest.per_source import IngestConfig
+
+    out = str(tmp_path_factory.mktemp("bucketed"))
+    buckets.run(bucketed_raw, out, IngestConfig(), [1.0, 2.0], [(64, 64), (80, 48)], records_per_shard=4,
+                progress=False)
+    return out

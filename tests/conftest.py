@@ -51,12 +51,13 @@ def bucketed_raw(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def bucketed_shards(bucketed_raw, tmp_path_factory):
-    """`bucketed_raw` prepared as 4 shape buckets: clip lengths 1 s and 2 s x sizes 64x64 and 80x48 (b/ is
-    nearest 80x48's aspect: covered to 80x53, centre-cropped). Records: 1s_*: 6 each, 2s_*: 2 each."""
+    """`bucketed_raw` prepared as 4 shape buckets: clip lengths 0.2 s and 0.4 s (5 and 10 frames: short, so that the
+    train tests compile and step in seconds) x sizes 64x64 and 80x48 (b/ is nearest 80x48's aspect: covered to
+    80x53, centre-cropped). Records: 0.2s_*: 30 each (15 per 3 s source), 0.4s_*: 14 each."""
     from data_pipeline import buckets
     from data_pipeline.ingest.per_source import IngestConfig
 
     out = str(tmp_path_factory.mktemp("bucketed"))
-    buckets.run(bucketed_raw, out, IngestConfig(), [1.0, 2.0], [(64, 64), (80, 48)], records_per_shard=4,
+    buckets.run(bucketed_raw, out, IngestConfig(), [0.2, 0.4], [(64, 64), (80, 48)], records_per_shard=8,
                 progress=False)
     return out

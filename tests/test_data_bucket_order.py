@@ -10,7 +10,7 @@ import pytest
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
 
-SIZES = {"1s_64x64": 4, "1s_80x48": 4, "2s_64x64": 2, "2s_80x48": 2}
+SIZES = {"0.2s_64x64": 4, "0.2s_80x48": 4, "0.4s_64x64": 2, "0.4s_80x48": 2}
 
 
 def _loader(path, pi=0, pc=1, **kw):

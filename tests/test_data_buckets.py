@@ -37,20 +37,20 @@ def test_buckets_manifest_and_each_bucket_equals_a_single_shape_prepare(bucketed
     assert top["format"] == mf.BUCKETS_FORMAT
     got = {b["name"]: (b["num_records"], b["clip_frames"], b["latent_frames"], b["latent_height"],
                        b["latent_width"], b["audio_frames"]) for b in top["buckets"]}
-    # 3 s sources: three 1 s clips or one 2 s clip each (2 sources per size); s2d factor 8, uniform:1 time map
-    assert got == {"1s_64x64": (6, 25, 25, 8, 8, 25), "2s_64x64": (2, 50, 50, 8, 8, 50),
-                   "1s_80x48": (6, 25, 25, 6, 10, 25), "2s_80x48": (2, 50, 50, 6, 10, 50)}
+    # 3 s sources: fifteen 0.2 s clips or seven 0.4 s clips each (2 sources per size); s2d factor 8, uniform:1
+    assert got == {"0.2s_64x64": (30, 5, 5, 8, 8, 5), "0.4s_64x64": (14, 10, 10, 8, 8, 10),
+                   "0.2s_80x48": (30, 5, 5, 6, 10, 5), "0.4s_80x48": (14, 10, 10, 6, 10, 10)}
     assert top["sources"]["by_size"] == {"64x64": 2, "80x48": 2}
     for b in top["buckets"]:
         shards = resolve_shards(os.path.join(bucketed_shards, b["path"]))
         assert shards.num_records == b["num_records"]
         assert shards.manifest["keys"]["video"]["shape"][:3] == [b["latent_frames"], b["latent_height"],
                                                                  b["latent_width"]]
-    # the 1s_80x48 bucket is byte for byte a single-shape prepare of b/ at --size=80x48 --clip-seconds=1
+    # the 0.2s_80x48 bucket is a single-shape prepare of b/ at --size=80x48 --clip-seconds=0.2
     single = str(tmp_path / "single")
-    run(os.path.join(bucketed_raw, "b"), single, IngestConfig(clip_seconds=1.0, size=(80, 48)),
-        records_per_shard=4, progress=False)
-    sub = os.path.join(bucketed_shards, "1s_80x48")
+    run(os.path.join(bucketed_raw, "b"), single, IngestConfig(clip_seconds=0.2, size=(80, 48)),
+        records_per_shard=8, progress=False)
+    sub = os.path.join(bucketed_shards, "0.2s_80x48")
     names = sorted(f for f in os.listdir(single) if f.endswith(".array_record"))
     assert names == sorted(f for f in os.listdir(sub) if f.endswith(".array_record"))
     from data_pipeline.loader.shards import ShardSource
@@ -70,7 +70,7 @@ def test_buckets_manifest_and_each_bucket_equals_a_single_shape_prepare(bucketed
 def test_single_shape_reader_names_a_bucketed_dataset(bucketed_shards):
     from data_pipeline.loader.shards import resolve_shards
 
-    with pytest.raises(ValueError, match="shape buckets .*1s_64x64"):
+    with pytest.raises(ValueError, match="shape buckets .*0.2s_64x64"):
         resolve_shards(bucketed_shards)
 
 

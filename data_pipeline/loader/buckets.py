@@ -74,6 +74,19 @@ def _seed_int(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).digest()[:8], "little") >> 1
 
 
+def fingerprint(buckets: Sequence[Bucket]) -> str:
+    """'sha256:<16 hex>' over the buckets' names and shard fingerprints: another bucket list is another dataset."""
+    return "sha256:" + hashlib.sha256(json.dumps([[b.name, b.shards.fingerprint] for b in buckets]).encode()
+                                      ).hexdigest()[:16]
+
+
+def schedule_for(buckets: Sequence[Bucket], batch_sizes: Sequence[int], seed: int) -> BucketSchedule:
+    """The schedule of `buckets` at global batches `batch_sizes`: weights N_b / B_b (the bucket's share of the
+    steps of one epoch), keyed by the buckets' `fingerprint`."""
+    return BucketSchedule([b.num_records / gb for b, gb in zip(buckets, batch_sizes, strict=True)], seed,
+                          fingerprint(buckets))
+
+
 class BucketSchedule:
     """Global step -> bucket index: chunk c of CHUNK steps draws from numpy's generator seeded with
     (seed, fingerprint, c), so step n's bucket depends on (fingerprint, seed, n) only. Picklable."""
@@ -239,10 +252,8 @@ class BucketLoaderDataset(grain.IterDataset):
         self.buckets, self.names = list(buckets), tuple(b.name for b in buckets)
         self.batch_sizes = tuple(int(x) for x in batch_sizes)
         self.seed, self.shuffle, self.allow_dataset_change = int(seed), bool(shuffle), allow_dataset_change
-        fp = "sha256:" + hashlib.sha256(json.dumps([[b.name, b.shards.fingerprint] for b in buckets]).encode()
-                                        ).hexdigest()[:16]
-        self.schedule = BucketSchedule([b.num_records / gb for b, gb in zip(buckets, self.batch_sizes, strict=True)],
-                                       self.seed, fp)
+        self.schedule = schedule_for(buckets, self.batch_sizes, self.seed)
+        fp = self.schedule.fingerprint
         self.start = BucketPosition(0, self.seed, fp, {n: [0, 0, gb] for n, gb in zip(self.names, self.batch_sizes,
                                                                                         strict=True)}, self.shuffle)
         self._pi, self._pc = process_index, process_count

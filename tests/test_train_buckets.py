@@ -1,0 +1,154 @@
+"""Training on shape buckets (mirage_jax/train/shape_buckets.py): a dataset of 1 s and 2 s clips at two frame sizes
+trains at batch > 1 on 8 CPU devices, every step on its bucket's shape (one compiled step per bucket, compiled
+before the first step), buckets in proportion, and a resumed run continues the bucket sequence bitwise."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from train_cli import fast_config, read_metrics
+
+pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+
+# the fast config's mesh: fsdp over 8 devices, so global batches are multiples of 8. Tokens per sample (patch 2,
+# video + 1 reference frame + audio + 32 text): 0.2s_64x64 (5+1)*16+5+32 = 133, 0.2s_80x48 (5+1)*15+5+32 = 127,
+# 0.4s_64x64 218, 0.4s_80x48 207; a budget of 2400 tokens -> 18, 18, 11, 11 samples, rounded down to multiples of
+# 8: 16, 16, 8, 8
+BATCH = {"0.2s_64x64": 16, "0.2s_80x48": 16, "0.4s_64x64": 8, "0.4s_80x48": 8}
+STEPS = 8
+
+
+def _cfg(data, steps=STEPS, **kw):
+    return fast_config(data__source=data, data__worker_count=0, train__tokens_per_batch=2400, train__steps=steps,
+                       checkpoint__save_every=4, metrics__tensorboard=False, **kw)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+    """A persistent compilation cache for this module's runs (each compiles the same 4 bucket steps)."""
+    import jax
+
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    old = {k: getattr(jax.config, k) for k in keys}
+    jax.config.update(keys[0], str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update(keys[1], 0)
+    jax.config.update(keys[2], -1)
+    yield
+    for k, v in old.items():
+        jax.config.update(k, v)
+
+
+def _train(cfg, workdir, hooks=()):
+    from mirage_jax.train.loop import Trainer
+
+    t = Trainer(cfg, str(workdir), hooks=hooks)
+    t.run()
+    return t
+
+
+def test_plan_batches_and_a_too_small_bucket_is_left_out_naming_it(bucketed_shards):
+    from mirage_jax.config import ConfigError
+    from mirage_jax.train.setup import RunSetup
+
+    plan = RunSetup(_cfg(bucketed_shards)).buckets
+    assert {b.name: b.batch for b in plan.buckets} == BATCH
+    assert "0.2s_64x64: batch 16, 30 records" in plan.describe()
+    small = RunSetup(_cfg(bucketed_shards, data__bucket_batch="0.4s_80x48=16")).buckets
+    assert [b.name for b in small.buckets] == ["0.2s_64x64", "0.4s_64x64", "0.2s_80x48"]
+    assert any("0.4s_80x48: left out: 14 records, fewer than its global batch 16" in n for n in small.notes)
+    with pytest.raises(ConfigError, match="0.4s_80x48=3 is not a multiple of 8"):
+        RunSetup(_cfg(bucketed_shards, data__bucket_batch="0.4s_80x48=3"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(bucketed_shards, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("buckets_run")
+    shapes = []  # the shape of each batch the compiled steps receive
+    from mirage_jax.train import shape_buckets
+
+    real = shape_buckets.BucketSteps.__call__
+
+    def spy(self, state, batch):
+        shapes.append((tuple(batch["video"].shape), tuple(batch["audio"].shape)))
+        return real(self, state, batch)
+
+    shape_buckets.BucketSteps.__call__ = spy
+    try:
+        trainer = _train(_cfg(bucketed_shards, data__row_hash_log=str(workdir / "rows")), workdir)
+    finally:
+        shape_buckets.BucketSteps.__call__ = real
+    return workdir, trainer, shapes
+
+
+def test_every_step_has_its_buckets_shape_and_rows_say_so(bucketed_shards, uninterrupted):
+    workdir, trainer, shapes = uninterrupted
+    top = json.load(open(os.path.join(bucketed_shards, "manifest.json")))
+    entry = {e["name"]: e for e in top["buckets"]}
+    rows = [r for r in read_metrics(workdir) if "bucket" in r]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert len(shapes) == STEPS
+    for r, (video, audio) in zip(rows, shapes, strict=True):
+        e, b = entry[r["bucket"]], BATCH[r["bucket"]]
+        assert r["batch"] == b
+        assert video[:4] == (b, e["latent_frames"], e["latent_height"], e["latent_width"])
+        assert audio[:2] == (b, e["audio_frames"])
+        assert np.isfinite(r["loss"])
+    assert len({r["bucket"] for r in rows}) >= 2
+    assert any(k.startswith("bucket/") and k.endswith("/loss") for k in rows[-1])
+
+
+def test_buckets_in_proportion_over_many_steps(bucketed_shards):
+    """The plan's schedule over 4000 steps: each bucket's share within 4 binomial sigmas of N_b / B_b normalised
+    (records / batch: 30/16, 14/8, 30/16, 14/8 -> 1.875/7.25 = 0.259, 1.75/7.25 = 0.241)."""
+    from mirage_jax.train.setup import RunSetup
+
+    plan = RunSetup(_cfg(bucketed_shards)).buckets
+    n = 4000
+    got = np.bincount([plan.schedule.bucket(s) for s in range(n)], minlength=4) / n
+    want = np.array([e.records / e.batch for e in plan.buckets])
+    want = want / want.sum()
+    np.testing.assert_allclose(want, [1.875 / 7.25, 1.75 / 7.25] * 2)
+    assert np.all(np.abs(got - want) < 4 * np.sqrt(want * (1 - want) / n)), got
+
+
+def test_resume_continues_the_bucket_sequence_bitwise(bucketed_shards, uninterrupted, tmp_path):
+    """Killed after step 4's checkpoint (an exception from a step hook, the in-process stand-in for kill -9; the
+    CLI's kill -9 and 2 x 4 -> 1 x 8 resume are the slow test below): resumed, steps 5..8 give the uninterrupted
+    run's losses and batch rows bitwise."""
+    base, _, _ = uninterrupted
+    workdir = tmp_path / "resumed"
+
+    class Stop(Exception):
+        pass
+
+    def stop_after(step):
+        if step == 5:
+            raise Stop
+
+    with pytest.raises(Stop):
+        _train(_cfg(bucketed_shards, data__row_hash_log=str(workdir / "rows")), workdir, hooks=[stop_after])
+    _train(_cfg(bucketed_shards, data__row_hash_log=str(workdir / "rows2")), workdir)
+    want = {r["step"]: (r["bucket"], r["loss"]) for r in read_metrics(base) if "bucket" in r}
+    got = {r["step"]: (r["bucket"], r["loss"]) for r in read_metrics(workdir) if "bucket" in r and r["step"] > 4}
+    assert got == {s: want[s] for s in range(5, STEPS + 1)}
+    rows = lambda p: [json.loads(x) for x in open(p).read().splitlines()]  # noqa: E731
+    assert rows(workdir / "rows2.p0.jsonl") == [r for r in rows(base / "rows.p0.jsonl") if r["step"] >= 4]
+
+
+def test_changing_the_bucket_list_is_refused_like_a_dataset_change(bucketed_shards, uninterrupted, tmp_path):
+    from data_pipeline.loader.order import DataStateError
+
+    base, _, _ = uninterrupted
+    workdir = tmp_path / "changed"
+    shutil.copytree(base, workdir)
+    for f in workdir.glob("rows*"):
+        f.unlink()
+    cfg = _cfg(bucketed_shards, steps=STEPS + 1, data__bucket_batch="0.4s_80x48=0")
+    with pytest.raises(DataStateError, match="buckets then: .*0.4s_80x48.*allow_dataset_change"):
+        _train(cfg, workdir)

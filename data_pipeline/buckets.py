@@ -25,8 +25,6 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from etils import epath
-
 from data_pipeline import encoders
 from data_pipeline.dataset import manifest as mf
 from data_pipeline.ingest import media, sources
@@ -125,18 +123,7 @@ def is_bucketed(m: dict[str, Any]) -> bool:
     return m.get("format") == FORMAT
 
 
-def read(path: str | epath.Path) -> dict[str, Any] | None:
-    """The bucket manifest of the dataset at `path` (its directory or manifest.json), or None for a single-shape
-    dataset (or no manifest: the single-shape reader names that)."""
-    p = epath.Path(path)
-    p = p / mf.MANIFEST if p.is_dir() else p
-    if p.name != mf.MANIFEST or not p.exists():
-        return None
-    try:
-        m = json.loads(p.read_text())
-    except json.JSONDecodeError:
-        return None
-    return m if is_bucketed(m) else None
+read = mf.read_buckets_manifest  # the top-level manifest of a bucketed dataset, or None
 
 
 def fingerprint(entries: Sequence[dict[str, Any]]) -> str:

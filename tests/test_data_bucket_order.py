@@ -74,3 +74,16 @@ def test_resume_continues_the_same_buckets_and_samples(bucketed_shards):
     bad = {**state, "fingerprint": "sha256:0000"}
     with pytest.raises(DataStateError, match="allow_dataset_change"):
         other.set_state(bad)
+
+
+def test_worker_processes_give_the_same_batches(bucketed_shards):
+    """Grain worker processes (the trainer's default, data.worker_count=-1) read the same batches in order."""
+    ref = _take(iter(_loader(bucketed_shards)), 6)
+    it = iter(_loader(bucketed_shards, worker_count=2))
+    try:
+        got = _take(it, 6)
+    finally:
+        it.close()
+    for a, b in zip(ref, got, strict=True):
+        assert a["bucket"] == b["bucket"]
+        np.testing.assert_array_equal(a["video"], b["video"])

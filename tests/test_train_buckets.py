@@ -21,6 +21,8 @@ pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espea
 # 8: 16, 16, 8, 8
 BATCH = {"0.2s_64x64": 16, "0.2s_80x48": 16, "0.4s_64x64": 8, "0.4s_80x48": 8}
 STEPS = 8
+# the trained runs keep two buckets (two lengths, two sizes; B=0 leaves a bucket out), to compile two steps, not four
+TWO = dict(data__bucket_batch="0.4s_64x64=0,0.2s_80x48=0")
 
 
 def _cfg(data, steps=STEPS, **kw):
@@ -80,7 +82,7 @@ def uninterrupted(bucketed_shards, tmp_path_factory):
 
     shape_buckets.BucketSteps.__call__ = spy
     try:
-        trainer = _train(_cfg(bucketed_shards, data__row_hash_log=str(workdir / "rows")), workdir)
+        trainer = _train(_cfg(bucketed_shards, data__row_hash_log=str(workdir / "rows"), **TWO), workdir)
     finally:
         shape_buckets.BucketSteps.__call__ = real
     return workdir, trainer, shapes
@@ -99,7 +101,7 @@ def test_every_step_has_its_buckets_shape_and_rows_say_so(bucketed_shards, unint
         assert video[:4] == (b, e["latent_frames"], e["latent_height"], e["latent_width"])
         assert audio[:2] == (b, e["audio_frames"])
         assert np.isfinite(r["loss"])
-    assert len({r["bucket"] for r in rows}) >= 2
+    assert {r["bucket"] for r in rows} == {"0.2s_64x64", "0.4s_80x48"}
     assert any(k.startswith("bucket/") and k.endswith("/loss") for k in rows[-1])
 
 
@@ -132,8 +134,8 @@ def test_resume_continues_the_bucket_sequence_bitwise(bucketed_shards, uninterru
             raise Stop
 
     with pytest.raises(Stop):
-        _train(_cfg(bucketed_shards, data__row_hash_log=str(workdir / "rows")), workdir, hooks=[stop_after])
-    _train(_cfg(bucketed_shards, data__row_hash_log=str(workdir / "rows2")), workdir)
+        _train(_cfg(bucketed_shards, data__row_hash_log=str(workdir / "rows"), **TWO), workdir, hooks=[stop_after])
+    _train(_cfg(bucketed_shards, data__row_hash_log=str(workdir / "rows2"), **TWO), workdir)
     want = {r["step"]: (r["bucket"], r["loss"]) for r in read_metrics(base) if "bucket" in r}
     got = {r["step"]: (r["bucket"], r["loss"]) for r in read_metrics(workdir) if "bucket" in r and r["step"] > 4}
     assert got == {s: want[s] for s in range(5, STEPS + 1)}
@@ -149,6 +151,48 @@ def test_changing_the_bucket_list_is_refused_like_a_dataset_change(bucketed_shar
     shutil.copytree(base, workdir)
     for f in workdir.glob("rows*"):
         f.unlink()
-    cfg = _cfg(bucketed_shards, steps=STEPS + 1, data__bucket_batch="0.4s_80x48=0")
+    cfg = _cfg(bucketed_shards, steps=STEPS + 1, data__bucket_batch="0.4s_64x64=0,0.2s_80x48=0,0.4s_80x48=0")
     with pytest.raises(DataStateError, match="buckets then: .*0.4s_80x48.*allow_dataset_change"):
         _train(cfg, workdir)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_kill9_of_2x4_processes_resumed_as_1x8_is_bitwise_the_uninterrupted_run(bucketed_shards, tmp_path):
+    """The CLI: 2 processes x 4 devices killed (SIGKILL) after step 5, resumed as 1 process x 8 devices: every loss
+    and every batch row (sha256, data.row_hash_log) from the resume point on equals an uninterrupted 1 x 8 run's."""
+    from train_cli import run_cli
+
+    common = dict(data__source=bucketed_shards, data__worker_count=0, train__tokens_per_batch=2400,
+                  checkpoint__save_every=4, metrics__tensorboard=False, cache_dir=str(tmp_path / "cache"), **TWO)
+    base = run_cli(tmp_path / "base", train__steps=STEPS, data__row_hash_log=str(tmp_path / "base" / "rows"),
+                   **common)
+    assert base.returncode == 0, base.stdout[-4000:]
+    assert "compiled the train step of bucket 0.2s_64x64" in base.stdout
+    killed = run_cli(tmp_path / "run", processes=2, devices=4, train__steps=STEPS, kill_at_step=5, **common)
+    assert killed.returncode != 0 and "SIGKILL after step 5" in killed.stdout, killed.stdout[-4000:]
+    resumed = run_cli(tmp_path / "run", train__steps=STEPS, data__row_hash_log=str(tmp_path / "run" / "rows"),
+                      **common)
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    want = {r["step"]: (r["bucket"], r["batch"], r["loss"]) for r in read_metrics(tmp_path / "base") if "bucket" in r}
+    got = {r["step"]: (r["bucket"], r["batch"], r["loss"]) for r in read_metrics(tmp_path / "run") if "bucket" in r}
+    assert sorted(got) == list(range(1, STEPS + 1)) and all(got[s] == want[s] for s in got if s > 5), (got, want)
+    rows = lambda p: {(r["step"], r["start"] + i): h for r in map(json.loads, open(p).read().splitlines())  # noqa
+                      for i, h in enumerate(r["sha256"])}
+    a, b = rows(tmp_path / "base" / "rows.p0.jsonl"), rows(tmp_path / "run" / "rows.p0.jsonl")
+    assert b and all(a[k] == h for k, h in b.items())
+
+
+def test_describe_lists_the_buckets_tokens(bucketed_shards):
+    """`describe` on a bucketed data.source: each bucket's tokens per sample, counted by hand in BATCH's comment."""
+    import dataclasses
+
+    from mirage_jax.describe import describe_buckets
+    from mirage_jax.run_config import RunConfig
+
+    run = RunConfig.from_config(_cfg(bucketed_shards))
+    got = describe_buckets(run.model, dataclasses.asdict(run.shapes), bucketed_shards)
+    assert {k: v["tokens"] for k, v in got.items()} == {"0.2s_64x64": 133, "0.2s_80x48": 127, "0.4s_64x64": 218,
+                                                        "0.4s_80x48": 207}
+    assert got["0.4s_64x64"]["train_flops_per_sample"] > got["0.2s_64x64"]["train_flops_per_sample"] > 0
+    assert describe_buckets(run.model, dataclasses.asdict(run.shapes), "synthetic") is None

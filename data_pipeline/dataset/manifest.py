@@ -146,6 +146,20 @@ def read_manifest(path: str | epath.Path) -> dict[str, Any]:
     return m
 
 
+def read_buckets_manifest(path: str | epath.Path) -> dict[str, Any] | None:
+    """The top-level manifest of a dataset of shape buckets at `path` (its directory or manifest.json), or None for
+    a single-shape dataset or no manifest (the single-shape reader names that). data_pipeline/buckets.py writes it."""
+    p = epath.Path(path)
+    p = p / MANIFEST if p.is_dir() else p
+    if p.name != MANIFEST or not p.exists():
+        return None
+    try:
+        m = json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return None
+    return m if m.get("format") == BUCKETS_FORMAT else None
+
+
 def verify_shard(root: str | epath.Path, shard: dict[str, Any], level: str) -> str | None:
     """None if shard matches the manifest at `level` ('none', 'size' or 'sha256'), else what is wrong."""
     p = epath.Path(root) / shard["path"]

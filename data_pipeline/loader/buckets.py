@@ -1,4 +1,4 @@
-"""The elastic order over a dataset of shape buckets (data_pipeline/buckets.py): one shape per global batch.
+"""The elastic order over a dataset of shape buckets (written by data_pipeline/buckets.py): one shape per global batch.
 
     ds = make_bucket_loader("prepared", batch_sizes={"1s_64x64": 8, "2s_64x64": 4}, seed=0)
     it = iter(ds); batch = next(it)       # this process's rows of global batch 0; batch["bucket"] = its index
@@ -31,7 +31,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from data_pipeline import buckets as buckets_lib
+from data_pipeline.dataset import manifest as mf
 from data_pipeline.loader import order as order_lib
 from data_pipeline.loader.examples import DecodeCrop
 from data_pipeline.loader.shards import ShardSet, ShardSource, resolve_shards
@@ -63,7 +63,7 @@ class Bucket:
 def read_buckets(source: str, verify: str = "auto") -> list[Bucket] | None:
     """The buckets of the dataset at `source` (its directory or manifest.json), shards verified at `verify`;
     None for a single-shape dataset."""
-    top = buckets_lib.read(source)
+    top = mf.read_buckets_manifest(source)
     if top is None:
         return None
     d = os.path.dirname(source) if os.path.basename(source) == "manifest.json" else source

@@ -196,3 +196,29 @@ def test_describe_lists_the_buckets_tokens(bucketed_shards):
                                                         "0.4s_80x48": 207}
     assert got["0.4s_64x64"]["train_flops_per_sample"] > got["0.2s_64x64"]["train_flops_per_sample"] > 0
     assert describe_buckets(run.model, dataclasses.asdict(run.shapes), "synthetic") is None
+
+
+def test_bucket_metrics_rates_by_hand():
+    """BucketMetrics on fake steps: the first (compile) step is kept out of the rates; the window's rates are the
+    buckets' own tokens and FLOPs over their own seconds (numbers chosen so the sums are done by hand)."""
+    from types import SimpleNamespace
+
+    from mirage_jax.train.hooks import StepInfo
+    from mirage_jax.train.shape_buckets import BucketMetrics
+
+    a = SimpleNamespace(name="a", batch=2, tokens=10, flops=100.0)
+    b = SimpleNamespace(name="b", batch=1, tokens=30, flops=400.0)
+    seq = [a, a, b, a]
+    hook = BucketMetrics(SimpleNamespace(bucket_of=lambda s: seq[s]), log_every=4, n_devices=2, peak=50.0)
+    infos = [StepInfo(step=s, new_step=s + 1, total_steps=4, metrics={"loss": float(s)}, first=s == 0,
+                      step_time_s=[9.0, 1.0, 2.0, 1.0][s]) for s in range(4)]
+    for info in infos:
+        hook.on_step(info)
+    last = infos[-1].scalars
+    assert [i.scalars["bucket"] for i in infos] == ["a", "a", "b", "a"] and infos[2].scalars["batch"] == 1
+    assert last["bucket/a/loss"] == (0 + 1 + 3) / 3 and last["bucket/b/loss"] == 2.0
+    assert last["bucket/a/tokens_per_s"] == 2 * 10 * 2 / 2.0  # steps 1 and 3: 40 tokens in 2 s
+    assert last["bucket/b/tokens_per_s"] == 30 / 2.0
+    assert last["samples_per_s"] == 5 / 4.0  # 2 + 1 + 2 samples in 4 s
+    assert last["tokens_per_s_per_device"] == 70 / 4.0 / 2
+    assert last["mfu"] == (2 * 100 + 400 + 2 * 100) / 4.0 / 2 / 50.0

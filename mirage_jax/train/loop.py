@@ -153,7 +153,8 @@ class Trainer:
         return agreement, [
             ProfilerWindow(self.workdir, tc.profile_start_step, tc.profile_steps, enabled=jax.process_index() == 0),
             GoodputRecorder(events),
-            *([shape_buckets.BucketMetrics(self.setup.buckets, tc.log_every, n_dev)] if self.setup.buckets else []),
+            *([shape_buckets.BucketMetrics(self.setup.buckets, tc.log_every, n_dev, peak)] if self.setup.buckets
+              else []),
             NonFiniteGuard(tc.max_nonfinite_steps, store, events=events),
             MetricsWindow(writer, log_every=tc.log_every, global_batch=tc.global_batch_size, n_devices=n_dev,
                           flops_per_sample=flops, tokens_per_sample=tokens, peak=peak),

@@ -204,17 +204,18 @@ def compile_steps(setup: Any, step_fn: Any, state: Any, batch: dict[str, jax.Arr
 class BucketMetrics(Hook):
     """Adds `bucket` (name) and `batch` to every step's metrics row, and at log steps each bucket's mean loss and
     tokens/s over the window (`bucket/NAME/loss`, `bucket/NAME/tokens_per_s`), plus the window's true
-    `samples_per_s` and `tokens_per_s_per_device` (the metrics window assumes one batch size)."""
+    `samples_per_s`, `tokens_per_s_per_device`, `tflops_per_device` and `mfu` (against `peak` FLOP/s per device;
+    0: not reported), which the metrics window computes for one shape."""
 
-    def __init__(self, plan: BucketPlan, log_every: int, n_devices: int):
-        self.plan, self.log_every, self.n_dev = plan, log_every, n_devices
+    def __init__(self, plan: BucketPlan, log_every: int, n_devices: int, peak: float = 0.0):
+        self.plan, self.log_every, self.n_dev, self.peak = plan, log_every, n_devices, peak
         self._reset()
 
     def _reset(self) -> None:
         self.loss: dict[str, list[float]] = {}
         self.time: dict[str, float] = {}
         self.tokens: dict[str, float] = {}
-        self.samples = 0.0
+        self.samples = self.flops = 0.0
 
     def on_step(self, info: StepInfo) -> None:
         b = self.plan.bucket_of(info.step)
@@ -224,6 +225,7 @@ class BucketMetrics(Hook):
             self.time[b.name] = self.time.get(b.name, 0.0) + info.step_time_s
             self.tokens[b.name] = self.tokens.get(b.name, 0.0) + b.batch * b.tokens
             self.samples += b.batch
+            self.flops += b.batch * b.flops
         if info.new_step % self.log_every == 0 or info.last:
             for name, losses in self.loss.items():
                 info.scalars[f"bucket/{name}/loss"] = float(np.mean(losses))
@@ -234,4 +236,7 @@ class BucketMetrics(Hook):
             if total > 0:
                 info.scalars["samples_per_s"] = self.samples / total
                 info.scalars["tokens_per_s_per_device"] = sum(self.tokens.values()) / total / self.n_dev
+                info.scalars["tflops_per_device"] = self.flops / total / self.n_dev / 1e12
+                if self.peak:
+                    info.scalars["mfu"] = self.flops / total / self.n_dev / self.peak
             self._reset()

@@ -222,3 +222,14 @@ def test_bucket_metrics_rates_by_hand():
     assert last["samples_per_s"] == 5 / 4.0  # 2 + 1 + 2 samples in 4 s
     assert last["tokens_per_s_per_device"] == 70 / 4.0 / 2
     assert last["mfu"] == (2 * 100 + 400 + 2 * 100) / 4.0 / 2 / 50.0
+
+
+def test_generate_takes_the_longest_clip_of_the_first_size(bucketed_shards):
+    """generate/eval's encoders of a bucketed run: the 0.4 s (10-frame) clip at 64x64, so speech up to the longest
+    trained clip is one window."""
+    from mirage_jax.run_config import DataConfig
+    from mirage_jax.run_encoders import load_encoders
+
+    encs = load_encoders(DataConfig(source=bucketed_shards))
+    assert encs.clip_frames == 10 and encs.frame_size == (64, 64)
+    assert encs.source.endswith("0.4s_64x64")

@@ -121,7 +121,13 @@ class BucketPlan:
         from data_pipeline.loader.buckets import read_buckets
 
         lbs = read_buckets(run.data.source, verify)
-        return None if lbs is None else cls(run, lbs, batch_unit(mesh, batch_axes, run.train.grad_accum))
+        if lbs is None:
+            if run.train.tokens_per_batch or run.data.bucket_batch:
+                logging.warning("train.tokens_per_batch / data.bucket_batch size shape buckets, and data.source=%s "
+                                "has one shape: ignored; train.global_batch_size=%d is the batch",
+                                run.data.source, run.train.global_batch_size)
+            return None
+        return cls(run, lbs, batch_unit(mesh, batch_axes, run.train.grad_accum))
 
     def bucket_of(self, step: int) -> ShapeBucket:
         """The bucket of global batch `step` (every process computes the same)."""

@@ -87,3 +87,36 @@ def test_worker_processes_give_the_same_batches(bucketed_shards):
     for a, b in zip(ref, got, strict=True):
         assert a["bucket"] == b["bucket"]
         np.testing.assert_array_equal(a["video"], b["video"])
+
+
+def test_allow_dataset_change_keeps_each_remaining_buckets_position(bucketed_shards):
+    """A bucket left out since the checkpoint: refused by default; with allow_dataset_change each remaining bucket
+    continues at its saved batch count and sample offset, and its next batch is the one it would have drawn."""
+    from data_pipeline.loader.buckets import make_bucket_loader, read_buckets
+    from data_pipeline.loader.order import DataStateError
+
+    it = iter(_loader(bucketed_shards))
+    _take(it, 7)
+    state = it.get_state()
+    later = {}  # each bucket's next batch in the uninterrupted run
+    while len(later) < 4:
+        b = next(it)
+        later.setdefault(it.dataset.names[int(b["bucket"])], b)
+    kept = [b for b in read_buckets(bucketed_shards) if b.name != "0.4s_80x48"]
+    for allow in (False, True):
+        ds = make_bucket_loader(kept, [SIZES[b.name] for b in kept], seed=3, process_index=0, process_count=1,
+                                allow_dataset_change=allow)
+        other = iter(ds)
+        if not allow:
+            with pytest.raises(DataStateError, match="0.4s_80x48"):
+                other.set_state(state)
+            continue
+        other.set_state(state)
+        assert {k: v[:2] for k, v in other.get_state()["buckets"].items()} == {
+            k: v[:2] for k, v in state["buckets"].items() if k != "0.4s_80x48"}
+        seen = {}
+        while len(seen) < 3:
+            b = next(other)
+            seen.setdefault(ds.names[int(b["bucket"])], b)
+        for name, b in seen.items():
+            np.testing.assert_array_equal(b["video"], later[name]["video"])

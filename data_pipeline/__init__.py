@@ -6,7 +6,8 @@
 
 Subpackages by job: `synthetic` (talking heads, speech), `ingest` (one source -> clip records), `dataset`
 (the on-disk format: records, manifest), `loader` (Grain over the shards), `encoders` (frozen encoders).
-The two commands live at the root (`prepare`, with its flags in `prepare_flags`; `synthesize`). It never
+The two commands live at the root (`prepare`, with its flags in `prepare_flags` and its shape buckets in
+`buckets`; `synthesize`). It never
 imports mirage_jax (data flows one way); the base both share is `mirage_base`. See docs/data_pipeline.md.
 """
 

@@ -356,6 +356,8 @@ def run(
     workers: int = 2,
     dask_address: str | None = None,
     curate: curate_plan.CurateConfig | None = None,
+    files: Sequence[str] | None = None,
+    root: str | None = None,
 ) -> dict[str, Any]:
     """Run the ingest pipeline; returns the manifest (also written to `output`/manifest.json). `curate`: the
     curation stages and thresholds (data_pipeline.curate; None: every clip of every source).
@@ -365,9 +367,11 @@ def run(
     `runner`: local, dask (a LocalCluster of `workers` processes, or the cluster at `dask_address`) or a Beam
     runner name (data_pipeline.engine). A source that makes a stage raise is kept out and listed as
     "<source>: <stage>: <reason>" in `sources.failed` (data_pipeline.ingest.isolation).
+    `files`/`root`: the sources (and the root their ids are relative to) when a caller already chose them
+    among `input_pattern`'s (one shape bucket's, `data_pipeline.buckets`); default: all of them.
     """
-    files = list_sources(input_pattern)
-    root = sources.input_root(input_pattern, files)
+    files = list_sources(input_pattern) if files is None else list(files)
+    root = sources.input_root(input_pattern, files) if root is None else root
     listed_bad = sources.find_collisions(files, root)
     spatial = encoders.spatial_factor(cfg.build_encoders()[0])
     _check_curation(cfg, curate)  # --crop=face, --syncnet-weights: refused by flag before any work
@@ -553,6 +557,14 @@ def _finish(
 def main(argv: Sequence[str]) -> None:
     logging.basicConfig(level=logging.WARNING)
     check_storage(FLAGS.input, FLAGS.output)  # gs:// preflight: one line, not a traceback
+    from data_pipeline import buckets
+    from data_pipeline.prepare_flags import bucket_lists
+
+    seconds, sizes = bucket_lists()
+    if len(seconds) > 1 or (sizes is not None and len(sizes) > 1):  # shape buckets: one sub-dataset each
+        top = buckets.run(FLAGS.input, FLAGS.output, config_from_flags(), seconds, sizes, **_run_kwargs(argv))
+        print(buckets.summary(top, FLAGS.output))
+        return
     m = _run_from_flags(argv)  # a MirageError (NoClipsError, a user's input or flag): one line, exit 2
     print(summary(m, FLAGS.output))
 
@@ -572,11 +584,8 @@ def summary(m: dict[str, Any], output: str) -> str:
     return "\n".join(lines)
 
 
-def _run_from_flags(argv: Sequence[str]) -> dict[str, Any]:
-    return run(
-        FLAGS.input,
-        FLAGS.output,
-        config_from_flags(),
+def _run_kwargs(argv: Sequence[str]) -> dict[str, Any]:
+    return dict(
         runner=FLAGS.runner,
         records_per_shard=FLAGS.records_per_shard,
         batch_sources=FLAGS.batch_sources,
@@ -588,6 +597,10 @@ def _run_from_flags(argv: Sequence[str]) -> dict[str, Any]:
         dask_address=FLAGS.dask_address,
         curate=curate_from_flags(),
     )
+
+
+def _run_from_flags(argv: Sequence[str]) -> dict[str, Any]:
+    return run(FLAGS.input, FLAGS.output, config_from_flags(), **_run_kwargs(argv))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ def define_flags() -> None:
     flags.DEFINE_string("dask_address", None, "--runner=dask: join the running Dask scheduler at tcp://HOST:PORT "
                         "instead of starting a local cluster (its workers must import data_pipeline and reach "
                         "--input/--output); Beam's own --dask_client_address after `--` works too.")
-    flags.DEFINE_float("clip_seconds", 2.0, "Clip length in seconds (at 25 fps).")
+    flags.DEFINE_list("clip_seconds", ["2"], "Clip length in seconds (at 25 fps); a list (4,8) makes one shape "
+                      "bucket per length (data_pipeline/buckets.py).")
     flags.DEFINE_float(
         "min_seconds", None, "Keep a source's tail if at least this long (default: --clip-seconds)."
     )
@@ -41,7 +42,8 @@ def define_flags() -> None:
         "size",
         None,
         "Training frame size WxH: each source (display orientation) is scaled to cover it and cropped "
-        "(--crop). Default: the sources' own size, which must then be the same for all.",
+        "(--crop). Default: the sources' own size, which must then be the same for all. A list "
+        "(720x1280,1280x720) makes shape buckets: each source goes to the size of nearest aspect.",
     )
     flags.DEFINE_string("crop", "center", "Crop policy with --size: center; face (curation's crop stage: the "
                         "window follows the tracked face; the default with --curate and --size); or one "
@@ -182,14 +184,22 @@ def _crop_policy() -> str:
     return FLAGS.crop
 
 
-def config_from_flags() -> IngestConfig:
-    from data_pipeline.synthesize import parse_size
+def bucket_lists() -> tuple[list[float], list[tuple[int, int]] | None]:
+    """`--clip-seconds` and `--size` as lists (one value each: a single-shape dataset)."""
+    from data_pipeline import buckets
 
+    return buckets.parse_seconds(FLAGS.clip_seconds), buckets.parse_sizes(FLAGS.size)
+
+
+def config_from_flags() -> IngestConfig:
+    """The IngestConfig of the flags; with lists of lengths or sizes, the first of each (`buckets.run` replaces
+    them per bucket)."""
     video_params, audio_params, text_params = encoder_params_from_flags()
+    seconds, sizes = bucket_lists()
     return IngestConfig(
-        clip_seconds=FLAGS.clip_seconds,
+        clip_seconds=seconds[0],
         min_seconds=FLAGS.min_seconds,
-        size=parse_size(FLAGS.size) if FLAGS.size else None,
+        size=sizes[0] if sizes else None,
         crop=_crop_policy(),
         video_encoder=FLAGS.video_encoder,
         video_params=tuple(sorted(video_params.items())),

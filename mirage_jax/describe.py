@@ -106,6 +106,25 @@ def describe(cfg: ModelConfig, shapes: Mapping[str, int]) -> dict[str, Any]:
     }
 
 
+def describe_buckets(cfg: ModelConfig, shapes: Mapping[str, int], source: str) -> dict[str, Any] | None:
+    """{bucket name: its latent shape, tokens and train FLOPs per sample} of a data source prepared as shape buckets
+    (data_pipeline/buckets.py: each bucket's clip shapes replace `shapes`' clip fields), None for any other source."""
+    if not source or source == "synthetic":
+        return None
+    from data_pipeline.dataset.manifest import read_buckets_manifest
+
+    top = read_buckets_manifest(source)
+    if top is None:
+        return None
+    out = {}
+    for e in top["buckets"]:
+        sd = {**shapes, **{k: e[k] for k in ("latent_frames", "latent_height", "latent_width", "audio_frames")}}
+        out[e["name"]] = {"latent": [sd["latent_frames"], sd["latent_height"], sd["latent_width"]],
+                          "records": e["num_records"], "tokens": count_tokens(cfg, sd)["total"],
+                          "train_flops_per_sample": count_flops(cfg, sd)}
+    return out
+
+
 def main(argv: list[str]) -> None:
     from absl import flags
 
@@ -116,6 +135,9 @@ def main(argv: list[str]) -> None:
     mcfg = ModelConfig.from_config(cfg.model)
     shapes = section(ShapesConfig, "shapes", cfg.shapes)  # ConfigError (one line, exit 2) for a bad --config.shapes.*
     info = describe(mcfg, dataclasses.asdict(shapes))
+    buckets = describe_buckets(mcfg, dataclasses.asdict(shapes), cfg.get("data", {}).get("source", ""))
+    if buckets is not None:
+        info["buckets"] = buckets
     if flags.FLAGS.json:
         print(json.dumps(info))
         return
@@ -130,6 +152,10 @@ def main(argv: list[str]) -> None:
         f" (but shapes.latent_frames={shapes.latent_frames}: set --config.shapes.latent_frames="
         f"{tm['latent_frames_of_audio']})")
     print(f"time map {tm['rule']}: {tm['audio_frames']} frames -> {tm['latent_frames_of_audio']} latent frames{note}")
+    for name, b in (buckets or {}).items():
+        t, h, w = b["latent"]
+        print(f"shape bucket {name}: latent {t}x{h}x{w}, {b['records']} records, {b['tokens']:,} tokens and "
+              f"{b['train_flops_per_sample']:.4e} train FLOPs per sample")
 
 
 def _run() -> None:

@@ -75,11 +75,14 @@ class TrainConfig:
     log_every: int = 10  # metrics cadence (console, TensorBoard, JSONL)
     profile_start_step: int = -1  # >= 0: trace `profile_steps` steps from there into WORKDIR/profile
     profile_steps: int = 5
+    # shape buckets (a data.source prepared with lists of lengths / sizes): each bucket's global batch is this
+    # many tokens / its tokens per sample, rounded down to what the batch axes divide; 0: global_batch_size
+    tokens_per_batch: int = 0
 
     def validate(self) -> None:
         _at_least(self, "train", 1, "global_batch_size", "grad_accum", "max_nonfinite_steps", "log_every",
                   "profile_steps")
-        _at_least(self, "train", 0, "steps")
+        _at_least(self, "train", 0, "steps", "tokens_per_batch")
         _check(self.grad_sync in GRAD_SYNCS, "train.grad_sync", f"one of {GRAD_SYNCS}", repr(self.grad_sync))
         _check(0.0 <= self.ema_decay <= 1.0, "train.ema_decay", "must be in [0, 1]", self.ema_decay)
         _check(self.profile_start_step >= -1, "train.profile_start_step", "a step >= 0, or -1 (no trace)",
@@ -151,6 +154,9 @@ class DataConfig:
     allow_dataset_change: bool = False
     verify: str = "auto"  # shard check at start: 'sha256' | 'size' | 'none'; auto = sha256 local, size on gs://
     row_hash_log: str = ""  # debug: PREFIX -> PREFIX.p<i>.jsonl, sha256 of every batch row fed (docs/runtime.md)
+    # shape buckets: explicit global batches, 'NAME=B,NAME=B' (e.g. '4s_720x1280=32,8s_720x1280=16'); a bucket
+    # not listed takes train.tokens_per_batch's (or train.global_batch_size); B=0 leaves the bucket out
+    bucket_batch: str = ""
 
     def validate(self) -> None:
         _check(bool(self.source), "data.source", "'synthetic' or a path / glob of prepared shards", "''")

@@ -81,6 +81,14 @@ def dataset_dir(source: str) -> str:
     return os.fspath(dataset_dirs(os.fspath(source))[0][0])
 
 
+def window_bucket(top: dict[str, Any]) -> dict[str, Any]:
+    """The bucket of a shape-bucketed dataset (its top-level manifest `top`, data_pipeline/buckets.py) whose
+    encoders, frame size and clip length generate uses: the longest clip of the first size listed, so speech up
+    to the longest trained clip is one window."""
+    first = top["buckets"][0]["size"]
+    return max((b for b in top["buckets"] if b["size"] == first), key=lambda b: b["clip_frames"])
+
+
 def load_encoders(run_data: DataConfig, data: str | None = None, *, flag: str = "--data") -> Encoders:
     """Encoders from `data` (a prepared dataset) or from the dataset the run trained on (`run_data.source`);
     `flag`: the command's flag that passes `data`, named in the errors (generate: --data, eval: --train-data)."""
@@ -90,6 +98,9 @@ def load_encoders(run_data: DataConfig, data: str | None = None, *, flag: str = 
                             f"says which encoders its latents belong to. Pass {flag}=DIR, a data_pipeline.prepare "
                             "output whose encoders match the model")
     d = dataset_dir(source)
+    top = mf.read_buckets_manifest(d)
+    if top is not None:  # shape buckets: generate's window is the longest clip of the first listed size
+        d = os.path.join(d, window_bucket(top)["path"])
     try:
         manifest = mf.read_manifest(d)
     except (FileNotFoundError, ValueError) as e:

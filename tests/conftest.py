@@ -48,3 +48,28 @@ def tiny_run(tmp_path_factory):
     r = run_cli(work, devices=1, **{"train.steps": 1, "checkpoint.save_every": 1, "checkpoint.async_save": False})
     assert r.returncode == 0, r.stdout[-3000:]
     return work
+
+
+@pytest.fixture(scope="session")
+def bucketed_raw(tmp_path_factory):
+    """4 synthetic 3 s sources: a/ two at 64x64 (aspect 1), b/ two at 96x64 (aspect 1.5). Needs espeak-ng."""
+    from data_pipeline.synthesize import synthesize
+
+    raw = tmp_path_factory.mktemp("bucket_raw")
+    synthesize(str(raw / "a"), clips=2, seconds=3.0, seed=21, size=(64, 64), progress=False)
+    synthesize(str(raw / "b"), clips=2, seconds=3.0, seed=22, size=(96, 64), progress=False)
+    return str(raw)
+
+
+@pytest.fixture(scope="session")
+def bucketed_shards(bucketed_raw, tmp_path_factory):
+    """`bucketed_raw` prepared as 4 shape buckets: clip lengths 0.2 s and 0.4 s (5 and 10 frames: short, so that the
+    train tests compile and step in seconds) x sizes 64x64 and 80x48 (b/ is nearest 80x48's aspect: covered to
+    80x53, centre-cropped). Records: 0.2s_*: 30 each (15 per 3 s source), 0.4s_*: 14 each."""
+    from data_pipeline import buckets
+    from data_pipeline.ingest.per_source import IngestConfig
+
+    out = str(tmp_path_factory.mktemp("bucketed"))
+    buckets.run(bucketed_raw, out, IngestConfig(), [0.2, 0.4], [(64, 64), (80, 48)], records_per_shard=8,
+                progress=False)
+    return out

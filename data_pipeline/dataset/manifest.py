@@ -23,6 +23,7 @@ from mirage_base.storage import is_remote
 
 MANIFEST = "manifest.json"
 FORMAT = "mirage_jax.aroll.v1"
+BUCKETS_FORMAT = "mirage_jax.aroll.buckets.v1"  # shape buckets, each a FORMAT dataset (data_pipeline.buckets)
 WRITER_OPTIONS = "group_size:1"  # one record per chunk: random access for Grain
 TMP_PREFIX = ".tmp-"
 
@@ -136,9 +137,27 @@ def read_manifest(path: str | epath.Path) -> dict[str, Any]:
         m = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{p}: not valid JSON ({e}); run data_pipeline.prepare again") from e
+    if m.get("format") == BUCKETS_FORMAT:
+        names = ", ".join(b["name"] for b in m.get("buckets", []))
+        raise ValueError(f"{p}: a dataset of shape buckets ({names}); this reader takes one shape: point it at one "
+                         "bucket's directory (the dataset's <bucket name>/) or train on the whole (mirage_jax.train)")
     if m.get("format") != FORMAT:
         raise ValueError(f"{p}: format {m.get('format')!r} is not {FORMAT!r}; re-run data_pipeline.prepare")
     return m
+
+
+def read_buckets_manifest(path: str | epath.Path) -> dict[str, Any] | None:
+    """The top-level manifest of a dataset of shape buckets at `path` (its directory or manifest.json), or None for
+    a single-shape dataset or no manifest (the single-shape reader names that). data_pipeline/buckets.py writes it."""
+    p = epath.Path(path)
+    p = p / MANIFEST if p.is_dir() else p
+    if p.name != MANIFEST or not p.exists():
+        return None
+    try:
+        m = json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return None
+    return m if m.get("format") == BUCKETS_FORMAT else None
 
 
 def verify_shard(root: str | epath.Path, shard: dict[str, Any], level: str) -> str | None:

@@ -11,6 +11,8 @@ Modules, one job each:
 - `data`: batch shapes, which rows a process feeds, the synthetic source, per-process rows -> global arrays;
 - `data_fit`: does the config fit the prepared dataset's manifest (checked before compiling);
 - `grain_source`: the Grain loader of `data_pipeline` as the loop's data source;
+- `shape_buckets`: training on a dataset of shape buckets (per-bucket batches, the bucket loader, one compiled
+  step per bucket, the bucket metrics hook);
 - `checkpoint`: the Orbax checkpoint store of a workdir (state, data state, config, meta);
 - `resume`: restore the newest committed checkpoint or initialize, with the config-change checks;
 - `preemption`: SIGTERM or Ctrl-C -> agree on the stop step -> save the newest completed step -> exit 0;

@@ -148,6 +148,8 @@ def row_digest(batch: dict[str, np.ndarray], i: int) -> str:
     """sha256 (hex) of row i of a batch: every key in sorted order, with its dtype, shape and bytes."""
     h = hashlib.sha256()
     for k in sorted(batch):
+        if np.ndim(batch[k]) == 0:  # a per-batch label (the shape bucket's index), not a row
+            continue
         x = np.ascontiguousarray(np.asarray(batch[k])[i])
         h.update(f"{k}:{x.dtype.str}:{x.shape}".encode())
         h.update(x.tobytes())
@@ -164,8 +166,8 @@ class RowHashLog:
     def __next__(self) -> dict[str, np.ndarray]:
         step = int(self.source.get_state()["step"])
         batch = next(self.source)
-        line = {"step": step, "start": self.rows.start,
-                "sha256": [row_digest(batch, i) for i in range(self.rows.size)]}
+        n = len(batch["video"])  # this process's rows (a shape bucket's batch may differ from `rows`)
+        line = {"step": step, "start": self.rows.index * n, "sha256": [row_digest(batch, i) for i in range(n)]}
         with open(self.path, "a") as f:
             f.write(json.dumps(line) + "\n")
         return batch

@@ -4,7 +4,8 @@ The clip shapes (latent T/H/W and channels, audio frames and feature size, text 
 frame-to-latent time map are facts of the data (data_pipeline.prepare writes them to manifest.json); the
 config must agree, or the run stops here with every mismatch and the exact `--config.` overrides that fix
 it, so nobody computes latent counts by hand. Training on a shorter window than the prepared clips is
-allowed when it is a whole clip of the time map (the loader crops on latent boundaries).
+allowed when it is a whole clip of the time map (the loader crops on latent boundaries). A dataset of shape buckets
+(data_pipeline/buckets.py) sets the clip shapes per bucket; the model fields must fit every bucket.
 """
 
 from __future__ import annotations
@@ -76,10 +77,17 @@ def check(cfg: RunConfig, verify_shards: bool = False) -> None:
     source = cfg.data.source
     if source == "synthetic":
         return
+    from data_pipeline.loader.buckets import read_buckets
     from data_pipeline.loader.shards import resolve_shards
 
-    manifest = resolve_shards(source, verify=cfg.data.verify if verify_shards else "none").manifest
-    bad = mismatches(cfg, manifest)
+    level = cfg.data.verify if verify_shards else "none"
+    buckets = read_buckets(source, level)
+    if buckets is None:
+        bad = mismatches(cfg, resolve_shards(source, verify=level).manifest)
+    else:  # shape buckets: the clip shapes are each bucket's own (train.shape_buckets); the model must fit them all
+        bad = []
+        for b in buckets:
+            bad += [m for m in mismatches(cfg, b.shards.manifest) if not m[0].startswith("shapes.") and m not in bad]
     if bad:
         what = "; ".join(f"{f}={have} but the data has {need}" for f, have, need in bad)
         fix = " ".join(f"--config.{f}={need}" for f, _, need in bad)

@@ -18,15 +18,15 @@ from mirage_jax.train.data import RowRange
 class GrainSource:
     """Per-process numpy batches from the Grain loader; its state is the loader's position (JSON)."""
 
-    def __init__(self, iterator: Any):
-        self.it = iterator
+    def __init__(self, iterator: Any, extra_keys: tuple[str, ...] = ()):
+        self.it, self.keys = iterator, (*BATCH_KEYS, *extra_keys)  # extra: the bucket loader's "bucket"
 
     def __next__(self) -> dict[str, np.ndarray]:
         batch = next(self.it)
         # copies: with worker processes Grain hands out arrays in shared memory, released when they are collected;
         # the loop's device arrays may alias their host memory (CPU) and live to interpreter shutdown, where
         # Python's resource_tracker then reports the blocks as leaked
-        return {k: np.array(batch[k], copy=True) for k in BATCH_KEYS if k in batch}
+        return {k: np.array(batch[k], copy=True) for k in self.keys if k in batch}
 
     def get_state(self) -> dict[str, Any]:
         return {"kind": "grain", "global": True, **self.it.get_state()}

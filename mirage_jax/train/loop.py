@@ -19,7 +19,7 @@ from mirage_jax.parallel import mesh as mesh_lib
 from mirage_jax.train import checkpoint as ckpt_lib
 from mirage_jax.train import data as data_lib
 from mirage_jax.train import metrics as metrics_lib
-from mirage_jax.train import resume
+from mirage_jax.train import resume, shape_buckets
 from mirage_jax.train.hooks import SYSTEM_CLOCK, CallbackHook, Clock, Hook, StepInfo
 from mirage_jax.train.hooks.checkpoint import CheckpointPolicy
 from mirage_jax.train.hooks.goodput import EventLog, GoodputRecorder
@@ -67,6 +67,8 @@ class Trainer:
                             "all-reduces as its own Gloo collective (2.9x the step time of 'flat' for "
                             "configs/tiny.py:demo at 2 x 4); on a pure data-parallel mesh set "
                             "--config.train.grad_sync=flat (docs/runtime.md)", jax.process_count())
+        if s.buckets is not None:
+            logging.info("%s", s.buckets.describe())
         if s.layout.fallbacks:
             logging.info("%d parameters are not divisible by their mesh axes and use fewer: %s",
                          len(s.layout.fallbacks), "; ".join(s.layout.fallbacks[:4]))
@@ -101,7 +103,8 @@ class Trainer:
             state, data_state, restored = resume.restore_or_init(store, setup.layout, config, self.allow_config_change)
         start = int(jax.device_get(state.step))
         events.record("restore", step=start, restored=restored is not None, dt=self.clock.perf() - t)
-        source = data_lib.make_source(run, self.rows, start)
+        source = (data_lib.make_source(run, self.rows, start) if setup.buckets is None
+                  else shape_buckets.make_source(run, setup.buckets, setup.mesh, setup.batch_axes))
         if data_state is not None:
             try:
                 source.set_state(data_state)
@@ -150,6 +153,8 @@ class Trainer:
         return agreement, [
             ProfilerWindow(self.workdir, tc.profile_start_step, tc.profile_steps, enabled=jax.process_index() == 0),
             GoodputRecorder(events),
+            *([shape_buckets.BucketMetrics(self.setup.buckets, tc.log_every, n_dev, peak)] if self.setup.buckets
+              else []),
             NonFiniteGuard(tc.max_nonfinite_steps, store, events=events),
             MetricsWindow(writer, log_every=tc.log_every, global_batch=tc.global_batch_size, n_devices=n_dev,
                           flops_per_sample=flops, tokens_per_sample=tokens, peak=peak),
@@ -163,12 +168,12 @@ class Trainer:
     def _loop(self, state: Any, start: int, source: Any, step_fn: Any, store: ckpt_lib.CheckpointStore,
               writer: metrics_lib.MetricsWriter, watcher: PreemptionWatcher, config: dict[str, Any],
               events: EventLog) -> int:
-        setup, clock, gb = self.setup, self.clock, self.run_cfg.train.global_batch_size
+        setup, clock, feed = self.setup, self.clock, shape_buckets.feeder(self.setup)
 
         def draw() -> tuple[dict[str, jax.Array], float]:
             t = clock.perf()
             source.get_state()  # the iterator snapshot before the draw, as the loop always took it
-            batch = data_lib.to_global(next(source), setup.batch_shardings, gb)
+            batch = feed(next(source))
             return batch, clock.perf() - t
 
         batch, data_wait = draw()
@@ -179,7 +184,7 @@ class Trainer:
         agreement.before_first_step("restored", start)
         t = clock.perf()
         with jax.set_mesh(setup.mesh):
-            step_fn = step_fn.lower(state, batch).compile()
+            step_fn = shape_buckets.compile_steps(setup, step_fn, state, batch)  # every shape bucket's, if any
         compile_s = clock.perf() - t
         logging.info("compiled the train step in %.1f s", compile_s)
         events.record("compile", dt=compile_s)

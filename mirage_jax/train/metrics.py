@@ -59,7 +59,8 @@ class MetricsWriter:
     def write(self, step: int, scalars: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        flat = {k: float(v) for k, v in scalars.items() if np.ndim(v) == 0}
+        flat = {k: float(v) for k, v in scalars.items() if np.ndim(v) == 0 and not isinstance(v, str)}
+        labels = {k: v for k, v in scalars.items() if isinstance(v, str)}  # e.g. the shape bucket's name
         for k, v in scalars.items():
             if np.ndim(v) == 1:  # per-bucket vectors -> name/i
                 for i, x in enumerate(np.asarray(v)):
@@ -70,7 +71,7 @@ class MetricsWriter:
                     self.tb.add_scalar(k, v, step)
             self.tb.flush()
         if self.jsonl is not None:
-            self.jsonl.write(json.dumps({"step": step, "time": time.time(), **flat}) + "\n")
+            self.jsonl.write(json.dumps({"step": step, "time": time.time(), **labels, **flat}) + "\n")
             self.jsonl.flush()
         shown = " ".join(f"{k}={flat[k]:.4g}" for k in ("loss", "grad_norm", "lr", "step_time_s", "data_wait_s",
                                                         "tokens_per_s_per_device", "tflops_per_device", "mfu")

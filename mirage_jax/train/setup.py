@@ -21,7 +21,7 @@ from mirage_jax.parallel import mesh as mesh_lib
 from mirage_jax.parallel import rules as rules_lib
 from mirage_jax.run_config import RunConfig, TrainConfig
 from mirage_jax.train import data as data_lib
-from mirage_jax.train import data_fit, optim
+from mirage_jax.train import data_fit, optim, shape_buckets
 from mirage_jax.train import step as step_lib
 from mirage_jax.train.state import StateLayout
 
@@ -48,6 +48,8 @@ class RunSetup:
         self.batch_axes = dict(self.act_rules).get("batch")
         self.batch_shapes = data_lib.batch_shapes(run)
         self.batch_shardings = data_lib.batch_shardings(self.mesh, self.batch_axes, self.batch_shapes)
+        # a dataset of shape buckets: each bucket's batch and shapes (None: one shape, `batch_shapes`)
+        self.buckets = shape_buckets.BucketPlan.of(run, self.mesh, self.batch_axes)
 
     def make_step(self, train_cfg: TrainConfig | None = None) -> Any:
         """The run's jitted train step; `train_cfg` replaces the config's `train` section (bench.multiprocess_step

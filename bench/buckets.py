@@ -104,4 +104,6 @@ if __name__ == "__main__":
     flags.DEFINE_integer("steps", 4, "Train steps per runner per round.")
     flags.DEFINE_integer("layers", 2, "model.num_layers of configs/tiny.py.")
     flags.DEFINE_bool("json", False, "Print one JSON object.")
-    app.run(main)
+    from mirage_base.cli import dashed_flags_parser
+
+    app.run(main, flags_parser=dashed_flags_parser)

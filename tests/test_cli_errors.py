@@ -199,6 +199,19 @@ def test_prepare_with_workers_but_no_dask_runner_is_one_line_before_any_work(tmp
     assert not (tmp_path / "out").exists()
 
 
+def test_prepare_sources_of_different_sizes_without_size_is_one_line(tmp_path):
+    import media_inputs as mi
+
+    (tmp_path / "raw").mkdir()
+    mi.write(str(tmp_path / "raw" / "a.mp4"), mi.coded_frames(5, 32, 16))
+    mi.write(str(tmp_path / "raw" / "b.mp4"), mi.coded_frames(5, 16, 32))
+    r = _cli("data_pipeline.prepare", f"--input={tmp_path}/raw", f"--output={tmp_path}/out")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert "sources have different frame sizes (" in last and "32x16" in last and "16x32" in last, last
+    assert "set --size=WxH" in last and not (tmp_path / "out" / "manifest.json").exists()
+
+
 def _cli_code(code: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,

@@ -17,6 +17,7 @@ from data_pipeline.dataset import manifest
 from data_pipeline.ingest import geometry, media, sources
 from data_pipeline.ingest.per_source import IngestConfig, ingest_source
 from data_pipeline.prepare import run, summary
+from mirage_base.errors import InputError
 
 CFG = IngestConfig(clip_seconds=0.4)  # 10 frames
 
@@ -162,7 +163,7 @@ def test_cover_crop_to_portrait_and_a_registered_crop_policy(tmp_path):
 
 def test_odd_dimensions_refused_by_name_without_size_and_fitted_with_it(tmp_path):
     path = mi.write(str(tmp_path / "odd.mkv"), mi.coded_frames(10, 641, 359), pix_fmt="yuv444p")
-    with pytest.raises(ValueError, match=r"641x359.*spatial factor 8.*--size=WxH"):
+    with pytest.raises(InputError, match=r"641x359.*spatial factor 8.*--size=WxH"):  # one line in the CLI
         _prepare(path, str(tmp_path / "a"))
     m, _ = _prepare(path, str(tmp_path / "b"), IngestConfig(clip_seconds=0.4, size=(64, 32)))
     assert m["keys"]["video"]["shape"] == [10, 4, 8, 192]

@@ -157,7 +157,7 @@ def test_cover_crop_to_portrait_and_a_registered_crop_policy(tmp_path):
     assert m["keys"]["video"]["shape"] == [10, 8, 6, 192]
     px = _pixels(recs[0][0])[0]
     assert px[:, -10:].mean() > 240 and px[:, :8].mean() < 10  # band at 100/128 * 85 = 66 -> column 29 of 48
-    with pytest.raises(ValueError, match="--crop: unknown crop policy 'nope'; registered: .*'center'"):
+    with pytest.raises(ValueError, match="--crop: unknown crop policy 'nope'; registered: .*'center'.*, or face"):
         _prepare(path, str(tmp_path / "nope"), IngestConfig(clip_seconds=0.4, size=(48, 64), crop="nope"))
 
 

@@ -200,7 +200,7 @@ def _cluster_threads(address: str) -> int:
         with Client(address, timeout=30, set_as_default=False) as c:
             return max(1, sum(c.nthreads().values()))
     except OSError as e:
-        raise InputError(f"--dask_address={address}: cannot reach the Dask scheduler ({e})") from None
+        raise InputError(f"--dask-address={address}: cannot reach the Dask scheduler ({e})") from None
 
 
 def run(pipeline: Any) -> None:

@@ -48,7 +48,7 @@ from data_pipeline.ingest.per_source import (
     ingest_source,
     list_sources,
 )
-from data_pipeline.prepare_flags import FLAGS, config_from_flags, curate_from_flags
+from data_pipeline.prepare_flags import FLAGS, check_runner_flags, config_from_flags, curate_from_flags
 from mirage_base.errors import ExitCode, InputError, MirageError
 from mirage_base.storage import check_storage
 
@@ -585,6 +585,7 @@ def summary(m: dict[str, Any], output: str) -> str:
 
 
 def _run_kwargs(argv: Sequence[str]) -> dict[str, Any]:
+    check_runner_flags(FLAGS.runner, FLAGS["workers"].present, FLAGS.dask_address)  # one line, before any work
     return dict(
         runner=FLAGS.runner,
         records_per_shard=FLAGS.records_per_shard,

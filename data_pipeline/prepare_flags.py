@@ -10,6 +10,7 @@ from absl import app, flags
 
 from data_pipeline.curate.plan import CurateConfig, parse_stages
 from data_pipeline.ingest.per_source import DEFAULT_HELD_BYTES, IngestConfig
+from mirage_base.errors import InputError
 
 FLAGS = flags.FLAGS
 
@@ -143,6 +144,20 @@ def encoder_params_from_flags() -> tuple[dict[str, Any], dict[str, Any], dict[st
         weights = _weights_flag("text_weights", "text-encoder=t5")
         text = {"weights": weights, "tokenizer": tok, "max_len": FLAGS.text_len}
     return video, audio, text
+
+
+def check_runner_flags(runner: str, workers_given: bool, dask_address: str | None) -> None:
+    """Refuse, in one line (InputError), a --workers or --dask-address the chosen runner would silently ignore:
+    both belong to --runner=dask, and --workers only to the local cluster prepare starts (a joined cluster at
+    --dask-address runs on its own workers)."""
+    if runner != "dask":
+        for flag, given in (("--workers", workers_given), ("--dask-address", dask_address is not None)):
+            if given:
+                raise InputError(f"{flag}: only --runner=dask uses it (this run is --runner={runner}); "
+                                 f"add --runner=dask or drop {flag}")
+    elif workers_given and dask_address is not None:
+        raise InputError(f"--workers with --dask-address={dask_address}: the joined cluster runs on its own "
+                         "workers (start them with `dask worker --nworkers N`); drop --workers")
 
 
 def bare_curate(argv: list[str]) -> None:

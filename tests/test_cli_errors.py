@@ -13,6 +13,7 @@ import wave
 
 import pytest
 
+from mirage_base.errors import InputError
 from train_cli import ROOT, run_cli
 
 
@@ -172,6 +173,43 @@ def test_prepare_user_error_is_one_line_exit_2_and_a_bug_keeps_its_traceback(tmp
            "runpy.run_module('data_pipeline.prepare', run_name='__main__')\n")
     r = _cli_code(bug)
     assert r.returncode == 1 and "Traceback" in r.stderr and "ValueError: a bug, not a user error" in r.stderr
+
+
+@pytest.mark.parametrize("runner, workers_given, address, flag", [
+    ("local", True, None, "--workers: only --runner=dask uses it"),
+    ("local", False, "tcp://h:8786", "--dask-address: only --runner=dask uses it"),
+    ("DataflowRunner", True, None, "--workers: only --runner=dask uses it (this run is --runner=DataflowRunner)"),
+    ("dask", True, "tcp://h:8786", "--workers with --dask-address=tcp://h:8786"),
+])
+def test_prepare_refuses_dask_flags_its_runner_would_ignore(runner, workers_given, address, flag):
+    from data_pipeline.prepare_flags import check_runner_flags
+
+    with pytest.raises(InputError, match=re.escape(flag)):
+        check_runner_flags(runner, workers_given, address)
+    for ok in [("dask", True, None), ("dask", False, "tcp://h:8786"), ("local", False, None)]:
+        check_runner_flags(*ok)
+
+
+def test_prepare_with_workers_but_no_dask_runner_is_one_line_before_any_work(tmp_path):
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "a.mp4").write_bytes(b"")
+    r = _cli("data_pipeline.prepare", f"--input={tmp_path}/raw", f"--output={tmp_path}/out", "--workers=4")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "--workers: only --runner=dask uses it" in r.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()
+
+
+def test_prepare_sources_of_different_sizes_without_size_is_one_line(tmp_path):
+    import media_inputs as mi
+
+    (tmp_path / "raw").mkdir()
+    mi.write(str(tmp_path / "raw" / "a.mp4"), mi.coded_frames(5, 32, 16))
+    mi.write(str(tmp_path / "raw" / "b.mp4"), mi.coded_frames(5, 16, 32))
+    r = _cli("data_pipeline.prepare", f"--input={tmp_path}/raw", f"--output={tmp_path}/out")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert "sources have different frame sizes (" in last and "32x16" in last and "16x32" in last, last
+    assert "set --size=WxH" in last and not (tmp_path / "out" / "manifest.json").exists()
 
 
 def _cli_code(code: str) -> subprocess.CompletedProcess:

@@ -238,3 +238,26 @@ def test_curation_that_keeps_nothing_says_where_to_look(footage, tmp_path):
         run(os.path.join(footage[0], "broll.mp4"), str(out), IngestConfig(clip_seconds=1.0, size=SIZE), progress=False,
             curate=CurateConfig(stages=("faces",)))
     assert (out / "curation.png").exists() and not (out / "manifest.json").exists()
+
+
+def test_contact_sheet_labels_wrap_on_words_and_fit_the_tile():
+    """Reasons were cut every 25 characters (mid-word, the 25th character past the tile edge in this
+    proportional font); now each line is measured with OpenCV and words are kept whole."""
+    import cv2
+
+    from data_pipeline.curate.report import REASON_LINES, TEXT_W, label_lines
+
+    def width(t: str) -> int:
+        return cv2.getTextSize(t, cv2.FONT_HERSHEY_PLAIN, 0.75, 1)[0][0]
+
+    for reason in ["shot tail of 1.36 s is shorter than the minimum clip (2.00 s)",
+                   "near-static: mean frame difference 0.000 < 0.25", "2 faces (one speaker wanted)"]:
+        lines = label_lines(reason, REASON_LINES)
+        assert " ".join(lines) == reason and all(width(x) <= TEXT_W for x in lines), lines
+    long = "curate:probe: PyAV cannot read it ([Errno 1094995529] Invalid data found when processing input)"
+    lines = label_lines(long, REASON_LINES)
+    assert len(lines) == REASON_LINES and lines[-1].endswith("...") and all(width(x) <= TEXT_W for x in lines)
+    assert long.startswith(" ".join(lines)[:-3].rstrip())
+    path = "a/very/long/folder/name/that/never/breaks/on/a/space/talk.mp4"
+    lines = label_lines(path, 5)
+    assert "".join(lines) == path and len(lines) > 1 and all(width(x) <= TEXT_W for x in lines)

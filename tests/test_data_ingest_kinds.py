@@ -17,6 +17,7 @@ from data_pipeline.dataset import manifest
 from data_pipeline.ingest import geometry, media, sources
 from data_pipeline.ingest.per_source import IngestConfig, ingest_source
 from data_pipeline.prepare import run, summary
+from mirage_base.errors import InputError
 
 CFG = IngestConfig(clip_seconds=0.4)  # 10 frames
 
@@ -156,13 +157,13 @@ def test_cover_crop_to_portrait_and_a_registered_crop_policy(tmp_path):
     assert m["keys"]["video"]["shape"] == [10, 8, 6, 192]
     px = _pixels(recs[0][0])[0]
     assert px[:, -10:].mean() > 240 and px[:, :8].mean() < 10  # band at 100/128 * 85 = 66 -> column 29 of 48
-    with pytest.raises(ValueError, match="--crop: unknown crop policy 'nope'; registered: .*'center'"):
+    with pytest.raises(ValueError, match="--crop: unknown crop policy 'nope'; registered: .*'center'.*, or face"):
         _prepare(path, str(tmp_path / "nope"), IngestConfig(clip_seconds=0.4, size=(48, 64), crop="nope"))
 
 
 def test_odd_dimensions_refused_by_name_without_size_and_fitted_with_it(tmp_path):
     path = mi.write(str(tmp_path / "odd.mkv"), mi.coded_frames(10, 641, 359), pix_fmt="yuv444p")
-    with pytest.raises(ValueError, match=r"641x359.*spatial factor 8.*--size=WxH"):
+    with pytest.raises(InputError, match=r"641x359.*spatial factor 8.*--size=WxH"):  # one line in the CLI
         _prepare(path, str(tmp_path / "a"))
     m, _ = _prepare(path, str(tmp_path / "b"), IngestConfig(clip_seconds=0.4, size=(64, 32)))
     assert m["keys"]["video"]["shape"] == [10, 4, 8, 192]

@@ -85,6 +85,7 @@ def apply(plan: SourcePlan, cfg: CurateConfig) -> None:
         c.values["pan_wps"] = round(pan, 4)
         still = filters.static(filters.ClipData(frames, np.zeros(0, np.float32), plan.path, c.start), cfg.min_change)
         if pan > cfg.max_pan:
-            c.drop, c.stage = f"camera pan {pan:.2f} frame widths/s > {cfg.max_pan:g}", "motion"
+            # 3 significant digits: a pan just over a small --max-pan never reads "0.02 > 0.02"
+            c.drop, c.stage = f"camera pan {pan:.3g} frame widths/s > {cfg.max_pan:g}", "motion"
         elif still is not None:
             c.drop, c.stage = f"near-static: {still}", "motion"

@@ -23,7 +23,9 @@ from data_pipeline.ingest.isolation import Failure
 
 THUMB_H = 72
 TILE_W = 160
-LABEL_H = 42
+LABEL_H = 54  # the title and up to 3 lines of reason, 12 px each
+REASON_LINES = 3
+TEXT_W = TILE_W - 8  # pixels a label line may use (4 px margin, the 2 px border)
 PER_ROW = 8
 MAX_PER_SOURCE = 48  # thumbnails per source (the sheet is for looking; curation_clips.jsonl lists every clip)
 SHEET_NAME = "curation.png"
@@ -165,11 +167,51 @@ def _tile(thumb: np.ndarray | None, title: str, reason: str | None) -> np.ndarra
         tile[:THUMB_H, x0:x0 + t.shape[1]] = t
     colour = (0, 150, 0) if reason is None else (200, 0, 0)
     cv2.rectangle(tile, (0, 0), (TILE_W - 1, THUMB_H + LABEL_H - 1), colour, 2)
-    why = ["KEPT"] if reason is None else [reason[:25], reason[25:50]]
-    for i, line in enumerate([title[-25:], *why]):
-        cv2.putText(tile, line, (4, THUMB_H + 11 + 12 * i), cv2.FONT_HERSHEY_PLAIN, 0.75, colour if i else (0, 0, 0),
-                    1, cv2.LINE_AA)
+    why = ["KEPT"] if reason is None else label_lines(reason, REASON_LINES)
+    for i, line in enumerate([_tail_that_fits(title), *why]):
+        cv2.putText(tile, line, (4, THUMB_H + 11 + 12 * i), *_FONT[:2], colour if i else (0, 0, 0), _FONT[2],
+                    cv2.LINE_AA)
     return tile
+
+
+_FONT = (1, 0.75, 1)  # cv2.FONT_HERSHEY_PLAIN, scale, thickness (a proportional font: lines are measured)
+
+
+def _width(text: str) -> int:
+    import cv2
+
+    return cv2.getTextSize(text, *_FONT)[0][0]
+
+
+def _tail_that_fits(text: str) -> str:
+    """`text`, or "..." + its longest tail that fits TEXT_W (a source's name ends in what tells clips apart)."""
+    if _width(text) <= TEXT_W:
+        return text
+    tail = text
+    while tail and _width("..." + tail) > TEXT_W:
+        tail = tail[1:]
+    return "..." + tail
+
+
+def label_lines(text: str, max_lines: int) -> list[str]:
+    """`text` word-wrapped into at most `max_lines` lines of at most TEXT_W pixels in the sheet's font (a word
+    wider than a line is split); when it does not fit, the last line ends with "..."."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and _width(lines[-1] + " " + word) <= TEXT_W:
+            lines[-1] += " " + word
+            continue
+        while _width(word) > TEXT_W:  # a long word (a path): as many characters a line as fit
+            n = max(1, max(k for k in range(1, len(word) + 1) if _width(word[:k]) <= TEXT_W))
+            lines.append(word[:n])
+            word = word[n:]
+        lines.append(word)
+    if len(lines) > max_lines:
+        last = lines[max_lines - 1]
+        while last and _width(last + "...") > TEXT_W:
+            last = last[:-1]
+        lines = lines[:max_lines - 1] + [last.rstrip() + "..."]
+    return lines
 
 
 def contact_sheet(sums: Sequence[Summary], failures: Sequence[Failure], root: str) -> bytes:

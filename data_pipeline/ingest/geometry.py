@@ -30,7 +30,8 @@ def register_crop(name: str, fn: CropFn) -> None:
 
 def get_crop(name: str) -> CropFn:
     if name not in _CROPS:
-        raise InputError(f"--crop: unknown crop policy {name!r}; registered: {sorted(_CROPS)}")
+        raise InputError(f"--crop: unknown crop policy {name!r}; registered: {sorted(_CROPS)}, or face (curation's "
+                         "crop stage, with --size)")  # face is not a CropFn: prepare routes it to curate.crop
     return _CROPS[name]
 
 

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from etils import epath
 
 from data_pipeline.ingest import media
+from mirage_base.errors import InputError
 from mirage_base.storage import is_remote
 
 
@@ -91,8 +92,8 @@ def check_sizes(
 ) -> tuple[dict[str, tuple[int, int]], dict[str, str]]:
     """Display sizes of `files` (header decode, in threads) and {path: reason} for unreadable ones.
 
-    Raises ValueError listing the sizes found when they differ (prepare needs --size then), or when the
-    one size is not a multiple of the video encoder's spatial factor.
+    Raises InputError (one line in prepare, exit 2) listing the sizes found when they differ (prepare needs
+    --size then), or when the one size is not a multiple of the video encoder's spatial factor.
     """
     def one(f: str) -> tuple[str, tuple[int, int] | None, str | None]:
         try:
@@ -115,13 +116,13 @@ def check_sizes(
     if len(found) > 1:
         by_count = sorted(found.items(), key=lambda x: -len(x[1]))
         listing = "; ".join(f"{w}x{h}: {len(fs)} source(s), e.g. {fs[0]}" for (w, h), fs in by_count)
-        raise ValueError(
+        raise InputError(
             f"sources have different frame sizes ({listing}); every record needs one shape: set "
             "--size=WxH (each source is scaled to cover it and cropped, see --crop)"
         )
     for (w, h), fs in found.items():
         if w % spatial_factor or h % spatial_factor:
-            raise ValueError(
+            raise InputError(
                 f"sources are {w}x{h} (e.g. {fs[0]}), not a multiple of the video encoder's spatial factor "
                 f"{spatial_factor}; set --size=WxH with multiples of {spatial_factor}"
             )

@@ -1,4 +1,4 @@
-"""The runtime sections of a config (train, optim, checkpoint, mesh, data, metrics), typed and validated once.
+"""The runtime sections of a config (train, optim, checkpoint, mesh, data, metrics, lora), typed and validated once.
 
 `RunConfig.from_config(cfg)` is called by `train.setup.RunSetup` before anything compiles: an unknown field,
 a value of the wrong type or out of range raises `ConfigError` naming the field as the override that fixes it

@@ -238,3 +238,26 @@ def test_sharded_lora_equals_one_device(bases):
     for k, g_ref in flat_ref.items():
         scale = float(np.abs(g_ref).max()) + 1e-12
         np.testing.assert_allclose(flat[k], g_ref, atol=1e-5 * scale + 1e-7, rtol=1e-4, err_msg="/".join(k))
+
+
+def test_dropout_masks_the_adapter_input_without_bias():
+    """lora.dropout = p: one key zeroes inputs (the output moves), and the mean over many keys is the output without
+    dropout (inverted dropout keeps the expectation), within 5 standard errors."""
+    from mirage_jax.model.layers import dense
+
+    layer = dense(16, 8, ("embed", "heads"), rngs=nnx.Rngs(0), bias=False)
+    lora = lora_adapter.LoRA(layer.kernel, 4, 2.0, 0.5, jax.random.key(1))
+    lora.lora_b.set_value(jax.random.normal(jax.random.key(2), lora.lora_b.shape))
+    x = jax.random.normal(jax.random.key(3), (3, 16))
+    want = np.asarray(lora(x))  # no key: no dropout
+    graphdef, state = nnx.split(lora)
+
+    def one(k):
+        m = nnx.merge(graphdef, state)
+        m.key = nnx.Variable(k)
+        return m(x)
+
+    outs = np.asarray(jax.jit(jax.vmap(one))(jax.random.split(jax.random.key(4), 4000)))
+    assert np.abs(outs[0] - want).max() > 1e-2
+    stderr = outs.std(axis=0) / np.sqrt(len(outs))
+    assert np.all(np.abs(outs.mean(axis=0) - want) <= 5 * stderr + 1e-6)

@@ -39,6 +39,8 @@ class LoRA(nnx.Module):
     Dropout needs a key per call: the train step sets `key` (an `nnx.Variable`, stacked like A for scanned layers)
     through `set_dropout_keys`; without one (inference, eval, dropout 0) the input is used as is."""
 
+    key: Any = None  # the class default: not part of the module's graph until the step sets one
+
     def __init__(self, kernel: nnx.Param, rank: int, scale: float, dropout: float, key: jax.Array):
         shape, dtype = kernel.shape, kernel.dtype
         axes = tuple(kernel.get_metadata().get("out_sharding") or (None,) * len(shape))
@@ -49,7 +51,6 @@ class LoRA(nnx.Module):
         self.lora_b = nnx.LoRAParam(jnp.zeros((*lead, rank, dout), dtype), out_sharding=(*axes[:-2], None, axes[-1]),
                                     eager_sharding=False)
         self.scale, self.dropout = float(scale), float(dropout)
-        self.key: nnx.Variable | None = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.dropout > 0.0 and self.key is not None:

@@ -261,3 +261,17 @@ def test_dropout_masks_the_adapter_input_without_bias():
     assert np.abs(outs[0] - want).max() > 1e-2
     stderr = outs.std(axis=0) / np.sqrt(len(outs))
     assert np.all(np.abs(outs.mean(axis=0) - want) <= 5 * stderr + 1e-6)
+
+
+def test_config_mistakes_are_one_line_config_errors():
+    from mirage_jax.config import ConfigError
+    from mirage_jax.train.state import StateLayout
+
+    with pytest.raises(ConfigError, match=r"--config.lora.base=''"):
+        RunConfig.from_config(fast_config(lora__rank=4))
+    with pytest.raises(ConfigError, match=r"--config.lora.targets='\(': not a regular expression"):
+        RunConfig.from_config(fast_config(lora__rank=4, lora__base="x", lora__targets="("))
+    run = RunConfig.from_config(fast_config(lora__rank=4, lora__base="x", lora__targets="blocks/video/qq"))
+    with pytest.raises(ConfigError, match=r"--config.lora.targets='blocks/video/qq': matches no dense layer"):
+        StateLayout(run.model, None, None, (), 0, run.lora)
+    assert not RunConfig.from_config(fast_config()).lora.enabled  # absent / rank 0: a full run

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mirage_jax.config import ModelConfig
+from mirage_jax.config import ConfigError, ModelConfig
 from mirage_jax.model import build as model_build
 from mirage_jax.model.layers import Dense, linear
 from mirage_jax.run_config import LoraConfig
@@ -73,12 +73,13 @@ def target_paths(model: nnx.Module, targets: str) -> list[str]:
 
 def attach(model: nnx.Module, *, rank: int, scale: float, targets: str, dropout: float, seed: int) -> list[str]:
     """Give every dense layer matched by `targets` a `LoRA` (in place; call under `nnx.eval_shape` or `jax.jit`
-    as the model was built); returns the matched module paths. Raises ValueError when nothing matches."""
+    as the model was built); returns the matched module paths. Raises ConfigError naming `lora.targets` when
+    nothing matches."""
     layers = dense_layers(model)
     paths = target_paths(model, targets)
     if not paths:
-        raise ValueError(f"lora.targets={targets!r} matches no dense layer (module paths such as "
-                         f"{', '.join(sorted(layers)[:4])}, ...)")
+        raise ConfigError(f"--config.lora.targets={targets!r}: matches no dense layer's module path (such as "
+                          f"{', '.join(sorted(layers)[:4])}, ...; the regex must match a whole path)")
     key = jax.random.key(seed)
     for i, path in enumerate(paths):
         layers[path].lora = LoRA(layers[path].kernel, rank, scale, dropout, jax.random.fold_in(key, i))

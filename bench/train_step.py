@@ -116,6 +116,48 @@ def jax_step(kw: dict, data: dict[str, np.ndarray], gpu: bool = False, variant: 
     return run, (step, state, cfg)
 
 
+def jax_lora_step(kw: dict, data: dict[str, np.ndarray], rank: int) -> Callable[[], Any]:
+    """The same network and loss as `jax_step`'s default, fine-tuned with LoRA adapters of `rank` on the default
+    targets (`lora.adapter`): only the adapters are differentiated and in AdamW, the frozen base is a separate,
+    not donated argument (as `train.step` runs a LoRA run). Dispatches asynchronously like the default."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from mirage_jax.config import ModelConfig
+    from mirage_jax.interop.mochi import mochi_config_to_model
+    from mirage_jax.lora import adapter as lora_adapter
+    from mirage_jax.model import MirageDiT
+    from mirage_jax.run_config import LORA_TARGETS
+
+    cfg = ModelConfig(**mochi_config_to_model(kw), use_audio=False, pool_heads=8, attention_backend="xla")
+    model = MirageDiT(cfg, rngs=nnx.Rngs(0))
+    lora_adapter.attach(model, rank=rank, scale=1.0, targets=LORA_TARGETS, dropout=0.0, seed=1)
+    graphdef, adapters, base = nnx.split(model, lora_adapter.TRAINABLE, lora_adapter.FROZEN)
+    tx = optax.adamw(1e-4)
+    x = jnp.asarray(data["x"].transpose(0, 2, 3, 4, 1))
+    target = jnp.asarray(data["target"].transpose(0, 2, 3, 4, 1))
+    text, mask, t = jnp.asarray(data["text"]), jnp.asarray(data["mask"]), jnp.asarray(data["t"])
+
+    def step(adapters, opt, base):
+        def loss_fn(a):
+            return jnp.mean((nnx.merge(graphdef, a, base)(x, t, text, mask) - target) ** 2)
+
+        loss, grads = jax.value_and_grad(loss_fn)(adapters)
+        updates, opt = tx.update(grads, opt, adapters)
+        return optax.apply_updates(adapters, updates), opt, loss
+
+    step = jax.jit(step, donate_argnums=(0, 1))
+    state = {"a": adapters, "o": tx.init(adapters)}
+
+    def run() -> Any:
+        state["a"], state["o"], loss = step(state["a"], state["o"], base)
+        return loss
+
+    return run
+
+
 def torch_step(kw: dict, data: dict[str, np.ndarray], gpu: bool = False) -> tuple[Callable[[], float], Any]:
     """(one-step runner, the model) for diffusers' MochiTransformer3DModel."""
     import contextlib
@@ -226,8 +268,8 @@ def _jax_profile(jax_run: Callable[[], Any], hlo: str, steps: int = 3) -> dict[s
 
 
 def measure(batch: int = 2, layers: int = 4, heads: int = 4, frames: int = 8, rounds: int = 5, steps: int = 3,
-            *, profile: bool = False, gpu: bool = False, threads: int | None = None, ablation: bool = False
-            ) -> dict[str, Any]:
+            *, profile: bool = False, gpu: bool = False, threads: int | None = None, ablation: bool = False,
+            lora: int = 0) -> dict[str, Any]:
     """Samples/s of both steps, alternated; `ratio` = jax / torch (> 1: the JAX step is faster).
 
     `ablation=True` (CPU only) also times every `JAX_VARIANTS` step in the same alternating rounds, in the
@@ -239,7 +281,9 @@ def measure(batch: int = 2, layers: int = 4, heads: int = 4, frames: int = 8, ro
     actually ran with are in `threads`. The load average before and after the timed rounds is in `host`
     (`common.host_state`: not a claim when it exceeded the core count). Per-round times are in
     `jax_step_s` / `torch_step_s` and summarised (min / median / max) in `jax_step` / `torch_step`; `round_ratio`
-    is the spread of torch time / jax time over the rounds (each round times the two back to back)."""
+    is the spread of torch time / jax time over the rounds (each round times the two back to back).
+    `lora` > 0 (CPU) also times `jax_lora_step` of that rank in the same rounds: `lora` holds its samples/s and
+    its ratio to the full fine-tuning JAX step (> 1: LoRA is faster)."""
     import warnings
 
     threads = int(threads or common.cores())
@@ -254,6 +298,8 @@ def measure(batch: int = 2, layers: int = 4, heads: int = 4, frames: int = 8, ro
         runners[_runner_name(variant)] = run
         if variant == DEFAULT_VARIANT:
             jax_run, jax_parts = run, parts
+    if lora > 0 and not gpu:
+        runners["jax_lora"] = jax_lora_step(kw, data, lora)
     torch_run, _ = torch_step(kw, data, gpu)
     runners["torch"] = torch_run
     for r in runners.values():  # compile / warm up
@@ -281,6 +327,10 @@ def measure(batch: int = 2, layers: int = 4, heads: int = 4, frames: int = 8, ro
                   "device": "gpu" if gpu else "cpu", "rounds": rounds, "steps_per_round": steps},
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
     }
+    if "jax_lora" in times:
+        lora_sps = batch / common.median(times["jax_lora"])
+        res["lora"] = {"rank": lora, "samples_per_s": lora_sps, "step": common.spread(times["jax_lora"]),
+                       "ratio_vs_full": lora_sps / jax_sps}
     if len(variants) > 1:
         res["ablation"] = []
         for variant in variants:
@@ -309,7 +359,7 @@ def main(argv: list[str]) -> None:
     del argv
     F = flags.FLAGS
     res = measure(F.batch, F.layers, F.heads, F.frames, F.rounds, F.steps, profile=F.profile, gpu=F.gpu,
-                  threads=F.threads or None, ablation=F.ablation)
+                  threads=F.threads or None, ablation=F.ablation, lora=F.lora)
     if F.json:
         print(json.dumps(res))
     else:
@@ -324,6 +374,10 @@ def main(argv: list[str]) -> None:
                   f"{row['ratio_vs_torch']:.2f} (attention {row['attention_backend']}, donated "
                   f"{row['donated_state']}, sync every step {row['sync_every_step']}, dense-layer VJP "
                   f"{row['dense_layer_vjp']})")
+        if "lora" in res:
+            lo = res["lora"]
+            print(f"LoRA rank {lo['rank']} (JAX)  {lo['samples_per_s']:.2f} samples/s, LoRA / full fine-tuning "
+                  f"{lo['ratio_vs_full']:.2f}x")
         if "jax_mfu" in res:
             print(f"MFU: JAX {res['jax_mfu']:.1%}, PyTorch {res['torch_mfu']:.1%}")
         if "profile" in res:
@@ -340,6 +394,8 @@ if __name__ == "__main__":
     flags.DEFINE_integer("frames", 8, "Latent frames (16x16 latents, patch 2 -> 64 tokens per frame).", lower_bound=1)
     flags.DEFINE_bool("profile", False, "Also report where each step's time goes.")
     flags.DEFINE_bool("ablation", False, "Also time each JAX change (JAX_VARIANTS) in the same rounds (CPU).")
+    flags.DEFINE_integer("lora", 0, "Also time LoRA fine-tuning of this rank in the same rounds (CPU; 0: off).",
+                         lower_bound=0)
     flags.DEFINE_bool("gpu", False, "Run both on the GPU in bf16 (cuDNN attention) and report MFU.")
     flags.DEFINE_integer("threads", 0, "Compute threads for each side (0: the CPUs this process may use).")
     from mirage_base.cli import dashed_flags_parser

@@ -21,6 +21,9 @@ ROPE_INITS = ("mixed", "axial")
 TIMESTEP_SAMPLERS = ("uniform", "logit_normal", "linear_quadratic")
 
 T = TypeVar("T")
+# ModelConfig fields that change how the computation runs, not what the parameters mean (a resume, or a LoRA base,
+# may differ in them)
+MODEL_EXECUTION_FIELDS = ("compute_dtype", "attention_backend", "remat_policy")
 
 
 class ConfigError(MirageError, ValueError):

@@ -3,6 +3,9 @@
 Only the `params` (or `ema`) subtree of the saved train state is read (Orbax partial restore), straight
 into the target shardings: replicated by default, or laid out by the run's parameter rules on a mesh.
 The run's config (saved with every checkpoint) rebuilds the network, so a checkpoint is all it needs.
+A LoRA run's checkpoint (docs/lora.md) holds adapters only: its base (`lora.base` of its config) is restored the
+same way and the adapters are folded into its kernels (W + alpha / rank * A @ B), so generate and eval load a LoRA
+workdir directly and sample with a plain network at the base's cost.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mirage_jax.checkpoint_format import read_config, resolve_step_dir, restore_subtree
+from mirage_jax.checkpoint_format import read_config, read_item, resolve_step_dir, restore_subtree
 from mirage_jax.config import DiffusionConfig, ModelConfig
+from mirage_jax.lora import adapter as lora_adapter
+from mirage_jax.lora.base import check_base, check_same_network, fingerprint
 from mirage_jax.model.build import abstract_model
 from mirage_jax.parallel import rules as rules_lib
 from mirage_jax.run_config import RunConfig
@@ -57,9 +62,22 @@ def load_run(checkpoint: str, *, ema: bool = False, mesh: Mesh | None = None) ->
         rep = NamedSharding(Mesh(jax.local_devices()[:1], ("d",)), PartitionSpec())
         shardings = jax.tree.map(lambda _: rep, nnx.to_pure_dict(abs_params))
     root = "ema" if ema else "params"
-    target = {root: jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-                                 nnx.to_pure_dict(abs_params), shardings)}
-    out = restore_subtree(step_dir, target)  # CheckpointError naming the root cause
-    model = nnx.merge(graphdef, out[root])
+    abstract = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                            nnx.to_pure_dict(abs_params), shardings)
+    lcfg = config.lora
+    if not lcfg.enabled:
+        params = restore_subtree(step_dir, {root: abstract})[root]  # CheckpointError naming the root cause
+    else:  # the base's params, then this run's adapters (replicated: they are small) folded in
+        base_dir = resolve_step_dir(lcfg.base)
+        check_same_network(read_config(base_dir).model, config.model, str(base_dir))
+        params = restore_subtree(base_dir, {"params": abstract})["params"]
+        check_base(read_item(step_dir, "meta"), fingerprint(params), str(base_dir), str(step_dir))
+        _, abs_adapters, _ = lora_adapter.abstract_model(config.model, 0, lcfg)
+        rep = NamedSharding(next(iter(jax.tree.leaves(shardings))).mesh, PartitionSpec())
+        adapters = restore_subtree(step_dir, {root: jax.tree.map(
+            lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rep), nnx.to_pure_dict(abs_adapters))})[root]
+        params = jax.jit(lambda p, a: lora_adapter.merge_into(p, a, lcfg.scale), out_shardings=shardings)(
+            params, adapters)
+    model = nnx.merge(graphdef, params)
     meta_step = int(step_dir.name) if step_dir.name.isdigit() else -1
     return LoadedRun(model=model, config=config, step=meta_step, step_dir=step_dir, weights=root)

@@ -1,4 +1,4 @@
-"""The runtime sections of a config (train, optim, checkpoint, mesh, data, metrics), typed and validated once.
+"""The runtime sections of a config (train, optim, checkpoint, mesh, data, metrics, lora), typed and validated once.
 
 `RunConfig.from_config(cfg)` is called by `train.setup.RunSetup` before anything compiles: an unknown field,
 a value of the wrong type or out of range raises `ConfigError` naming the field as the override that fixes it
@@ -209,8 +209,50 @@ class ShapesConfig:
                   "ref_frames")
 
 
+# Every stream's attention projections and MLP in the joint blocks (module paths of the nnx tree, the naming
+# table's targets without `/kernel`: mirage_jax/interop/mochi.py).
+LORA_TARGETS = r"(blocks|last_block)/(video|audio|text)/(q|k|v|o|mlp/(up|gate|down))"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """The `lora` section: low-rank adapters trained on a frozen base (docs/lora.md). `rank` 0: off (full training).
+
+    Each dense layer whose module path (`blocks/video/q`, `last_block/text/mlp/up`: the naming table's target path
+    without `/kernel`) fully matches the regex `targets` gets y += (alpha / rank) * dropout(x) @ A @ B with
+    A (in, rank) and B (rank, out) initialized as PEFT does (A Kaiming-uniform, B zero: step 0 is the base)."""
+
+    rank: int = 0
+    alpha: float = 0.0  # the scale is alpha / rank; 0: alpha = rank (scale 1)
+    targets: str = LORA_TARGETS
+    dropout: float = 0.0  # on the adapter's input only (PEFT's lora_dropout)
+    base: str = ""  # the frozen base: a Mirage workdir (its latest step), a step folder or a warm-start output
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank (PEFT's `scaling`)."""
+        return (self.alpha or self.rank) / self.rank if self.rank else 0.0
+
+    def validate(self) -> None:
+        import re
+
+        _at_least(self, "lora", 0, "rank")
+        _check(self.alpha >= 0.0, "lora.alpha", "must be >= 0 (0: alpha = rank)", self.alpha)
+        _check(0.0 <= self.dropout < 1.0, "lora.dropout", "must be in [0, 1)", self.dropout)
+        try:
+            re.compile(self.targets)
+        except re.error as e:
+            raise ConfigError(f"--config.lora.targets={self.targets!r}: not a regular expression ({e})") from None
+        _check(not self.enabled or bool(self.base), "lora.base", "set it to the base run's workdir (or a step "
+               "folder, or a warm-start output) whose parameters the adapters train on (lora.rank > 0)", "''")
+
+
 SECTIONS: dict[str, type] = {"train": TrainConfig, "optim": OptimConfig, "checkpoint": CheckpointConfig,
-                             "metrics": MetricsConfig, "data": DataConfig, "mesh": MeshConfig}
+                             "metrics": MetricsConfig, "data": DataConfig, "mesh": MeshConfig, "lora": LoraConfig}
 
 
 def section(cls: type[T], name: str, values: ml_collections.ConfigDict | Mapping[str, Any]) -> T:
@@ -233,6 +275,7 @@ class RunConfig:
     metrics: MetricsConfig
     data: DataConfig
     mesh: MeshConfig
+    lora: LoraConfig = LoraConfig()
 
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> RunConfig:

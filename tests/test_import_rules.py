@@ -29,7 +29,7 @@ LAYERS = [
     ("mirage_jax.config", 20), ("mirage_jax.run_config", 20), ("mirage_jax.aot.chips", 20),
     ("mirage_jax.paths", 20), ("mirage_jax.checkpoint_format", 20), ("mirage_jax.cache_masks", 20),
     ("mirage_jax.model", 21), ("mirage_jax.diffusion", 21), ("mirage_jax.parallel", 21),
-    ("mirage_jax.interop", 21), ("mirage_jax.describe", 21), ("mirage_jax.run_encoders", 21),
+    ("mirage_jax.interop", 21), ("mirage_jax.describe", 21), ("mirage_jax.run_encoders", 21), ("mirage_jax.lora", 21),
     ("mirage_jax.train", 22), ("mirage_jax.export", 22), ("mirage_jax.inference", 22),
     ("mirage_jax.warm_start", 23), ("mirage_jax.sampling", 23), ("mirage_jax.cache_schedule", 23),
     ("mirage_jax.generate", 24), ("mirage_jax.eval", 24),

@@ -111,6 +111,7 @@ def plan(cfg: ml_collections.ConfigDict, topology: str, *, mfu: float = DEFAULT_
         "analytic_flops": analytic, "peak_flops_per_device": peak, "mfu_assumed": mfu,
         "predicted_step_time_s": analytic / (n * peak * mfu),
         "param_fallbacks": len(setup.layout.fallbacks),
+        "state_bytes": setup.layout.state_bytes(),  # global: trained params, optimizer, EMA, a LoRA run's base
     }
     t0 = time.perf_counter()
     try:
@@ -190,6 +191,8 @@ def format_report(r: Mapping[str, Any]) -> str:
         return "\n".join(lines)
     m = r["memory"]
     lines += [
+        "train state (global): " + ", ".join(f"{k} {g(v).strip()}" for k, v in r.get("state_bytes", {}).items()
+                                             if k != "frozen_base" or v),
         "memory per device:",
         f"  arguments    {g(m['arguments'])}   (train state + batch shard)",
         f"  outputs      {g(m['outputs'])}   ({g(m['aliased']).strip()} aliased with donated arguments)",

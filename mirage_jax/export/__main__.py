@@ -1,7 +1,9 @@
-"""python -m mirage_jax.export --checkpoint=WORKDIR[/STEP] --out=DIR [--ema] [--dtype=bf16|fp32]
+"""python -m mirage_jax.export --checkpoint=WORKDIR[/STEP] --out=DIR [--ema] [--dtype=bf16|fp32] [--lora=merged|adapter]
 
 Writes safetensors shards + diffusion_pytorch_model.safetensors.index.json + config.json that
-`mirage_jax.export.MirageTransformer.from_pretrained(DIR)` loads (see docs/export.md).
+`mirage_jax.export.MirageTransformer.from_pretrained(DIR)` loads (see docs/export.md). For a LoRA run
+(docs/lora.md) the default writes the merged weights (base + alpha / rank * B A) the same way; `--lora=adapter`
+writes a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) for the base's export instead.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ from absl import flags
 
 flags.DEFINE_string("checkpoint", None, "A training workdir (latest committed step) or one step folder.")
 flags.DEFINE_string("out", None, "Output folder (must not exist or be empty, unless --overwrite).")
-flags.DEFINE_bool("ema", False, "Export the EMA parameters instead of the raw ones.")
+flags.DEFINE_bool("ema", False, "Export the EMA parameters instead of the raw ones (a LoRA run: the adapters' EMA).")
 flags.DEFINE_enum("dtype", "fp32", ["fp32", "bf16"], "Tensor dtype of the export.")
 flags.DEFINE_string("max_shard_size", "2GB", "Largest shard (also --max-shard-size).")
 flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out.")
+flags.DEFINE_enum("lora", "merged", ["merged", "adapter"], "A LoRA run: merged weights, or a PEFT adapter folder.")
 flags.mark_flags_as_required(["checkpoint", "out"])
 
 
@@ -25,15 +28,42 @@ def main(argv: list[str]) -> None:
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every leaf it reads at INFO (~850 lines for the tiny model)
     from mirage_base.storage import check_storage
-    from mirage_jax.checkpoint_format import ParamReader, read_model_config, resolve_step_dir
-    from mirage_jax.export.writer import export_params
+    from mirage_jax.checkpoint_format import ParamReader, read_config, read_item, resolve_step_dir
+    from mirage_jax.export.writer import DTYPES, ExportError, export_params
 
     F = flags.FLAGS
     check_storage(F.checkpoint, F.out)
     step_dir = resolve_step_dir(F.checkpoint)  # CheckpointError / ExportError: one line, exit 2 (cli.run)
-    cfg = read_model_config(step_dir)
-    index = export_params(ParamReader(step_dir, ema=F.ema), cfg, F.out, dtype=F.dtype,
-                          max_shard_size=F.max_shard_size, overwrite=F.overwrite)
+    run = read_config(step_dir)
+    cfg, lcfg = run.model, run.lora
+    if not lcfg.enabled:
+        if F.lora == "adapter":
+            raise ExportError(f"--lora=adapter: {step_dir} is not a LoRA run (its lora.rank is 0); drop the flag")
+        index = export_params(ParamReader(step_dir, ema=F.ema), cfg, F.out, dtype=F.dtype,
+                              max_shard_size=F.max_shard_size, overwrite=F.overwrite)
+    else:
+        from mirage_jax.export import lora as lora_export
+        from mirage_jax.lora.base import LoraBaseError
+
+        adapters = ParamReader(step_dir, ema=F.ema).read_all()
+        if F.lora == "adapter":
+            config = lora_export.export_adapter(adapters, cfg, lcfg, F.out, dtype=DTYPES[F.dtype],
+                                                overwrite=F.overwrite, base=lcfg.base)
+            print(json.dumps({"checkpoint": str(step_dir), "out": F.out, "lora": "adapter", "r": config["r"],
+                              "modules": len(config["target_modules"])}))
+            return
+        try:
+            base_dir = resolve_step_dir(lcfg.base)
+        except Exception as e:  # noqa: BLE001 - one line naming the field
+            raise LoraBaseError(f"lora.base={lcfg.base} of {step_dir}: {e}") from None
+        reader = lora_export.MergedReader(ParamReader(base_dir), lora_export.adapters_by_kernel(adapters), lcfg.scale)
+        meta = read_item(step_dir, "meta")
+
+        def check_base() -> None:
+            reader.check(meta, str(base_dir), str(step_dir))
+
+        index = export_params(reader, cfg, F.out, dtype=F.dtype, max_shard_size=F.max_shard_size,
+                              overwrite=F.overwrite, before_commit=check_base)
     print(json.dumps({"checkpoint": str(step_dir), "out": F.out, "tensors": len(index["weight_map"]),
                       "shards": len(set(index["weight_map"].values())), "bytes": index["metadata"]["total_size"]}))
 

@@ -107,8 +107,11 @@ def parse_size(text: str | int) -> int:
 
 
 def export_params(get_leaf: Callable[[Path], Any] | Mapping[Path, Any], cfg: ModelConfig, out_dir: str, *,
-                  dtype: str = "fp32", max_shard_size: str | int = "2GB", overwrite: bool = False) -> dict[str, Any]:
-    """Write the export of parameters given as {path: array} or a path -> array function; returns the index."""
+                  dtype: str = "fp32", max_shard_size: str | int = "2GB", overwrite: bool = False,
+                  before_commit: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Write the export of parameters given as {path: array} or a path -> array function; returns the index.
+    `before_commit` (optional) runs once every tensor is written, before anything is moved into place: an exception
+    from it leaves no export (a LoRA export's base check)."""
     if dtype not in DTYPES:
         raise ExportError(f"--dtype={dtype}: use one of {sorted(DTYPES)}")
     getter = get_leaf.__getitem__ if isinstance(get_leaf, Mapping) else get_leaf
@@ -118,7 +121,8 @@ def export_params(get_leaf: Callable[[Path], Any] | Mapping[Path, Any], cfg: Mod
         if dst.exists() and any(dst.iterdir()) and not overwrite:
             raise ExportError(f"--out {out_dir}: exists and is not empty; choose a new folder or pass --overwrite")
         with tempfile.TemporaryDirectory(prefix="mirage-export-") as local:
-            index = export_params(get_leaf, cfg, os.path.join(local, "out"), dtype=dtype, max_shard_size=limit)
+            index = export_params(get_leaf, cfg, os.path.join(local, "out"), dtype=dtype, max_shard_size=limit,
+                                  before_commit=before_commit)
             upload_dir(os.path.join(local, "out"), out_dir, last=INDEX_NAME)
         return index
     out_dir = os.path.abspath(out_dir)
@@ -161,6 +165,8 @@ def export_params(get_leaf: Callable[[Path], Any] | Mapping[Path, Any], cfg: Mod
                       indent=1)
         with open(os.path.join(tmp, INDEX_NAME), "w") as f:
             json.dump(index, f, indent=1)
+        if before_commit is not None:
+            before_commit()
         _umask_modes(tmp)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)

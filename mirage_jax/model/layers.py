@@ -31,10 +31,10 @@ def dense(
     dtype: jnp.dtype = jnp.float32,
     param_dtype: jnp.dtype = jnp.float32,
     zero: bool = False,
-) -> nnx.Linear:
-    """nnx.Linear whose kernel (and bias) carry logical axis names for the sharding rules."""
+) -> Dense:
+    """`Dense` (an nnx.Linear) whose kernel (and bias) carry logical axis names for the sharding rules."""
     kinit = nnx.initializers.zeros_init() if zero else nnx.initializers.xavier_uniform()
-    return nnx.Linear(
+    return Dense(
         din,
         dout,
         use_bias=bias,
@@ -45,6 +45,20 @@ def dense(
         dot_general=linear_dot_general,
         rngs=rngs,
     )
+
+
+class Dense(nnx.Linear):
+    """nnx.Linear plus an optional low-rank adapter: `y = x @ kernel + bias + lora(x)`.
+
+    `lora` is None (the class default: not part of the module's graph or state) unless `mirage_jax.lora.attach`
+    sets it on a LoRA run; the kernel's parameter path is the same either way (`.../q/kernel`), as with
+    `nnx.LoRALinear`, so a base checkpoint and the naming table apply unchanged."""
+
+    lora: Any = None
+
+    def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
+        y = super().__call__(inputs, out_sharding=out_sharding)
+        return y if self.lora is None else y + self.lora(inputs).astype(y.dtype)
 
 
 DENSE_NAME = "dense_out"  # checkpoint name of every `dense` layer's matmul output (remat policies "dots*")

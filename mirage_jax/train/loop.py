@@ -148,7 +148,7 @@ class Trainer:
         def meta(step: int, preempted: bool) -> dict[str, Any]:
             return {"step": step, "time": self.clock.wall(), "process_count": jax.process_count(),
                     "device_count": n_dev, "mesh": dict(self.setup.mesh.shape), "jax": jax.__version__,
-                    "preempted": preempted}
+                    "preempted": preempted, **self.setup.layout.checkpoint_meta()}
 
         return agreement, [
             ProfilerWindow(self.workdir, tc.profile_start_step, tc.profile_steps, enabled=jax.process_index() == 0),

@@ -22,10 +22,11 @@ def learning_rate_schedule(optim_cfg: OptimConfig, total_steps: int) -> optax.Sc
 
 
 def _decay_mask(params: Any) -> Any:
-    """True for weight matrices (`kernel` leaves); biases, norms and RoPE frequencies are not decayed."""
+    """True for weight matrices (`kernel` leaves, and a LoRA run's `lora_a` / `lora_b`); biases, norms and RoPE
+    frequencies are not decayed."""
     def is_kernel(path: tuple[Any, ...], _: Any) -> bool:
         last = path[-1]
-        return getattr(last, "key", getattr(last, "name", None)) == "kernel"
+        return getattr(last, "key", getattr(last, "name", None)) in ("kernel", "lora_a", "lora_b")
 
     return jax.tree_util.tree_map_with_path(is_kernel, params)
 

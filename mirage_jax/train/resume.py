@@ -16,12 +16,12 @@ from absl import logging
 
 from mirage_base.errors import ExitCode, MirageError
 from mirage_jax import checkpoint_format as fmt
-from mirage_jax.config import upgrade_model_fields
+from mirage_jax.config import MODEL_EXECUTION_FIELDS, upgrade_model_fields
 from mirage_jax.train import checkpoint as ckpt_lib
 from mirage_jax.train.state import StateLayout, TrainState
 
 # model fields that change how the computation runs, not what the parameters mean
-EXECUTION_FIELDS = {"model.compute_dtype", "model.attention_backend", "model.remat_policy"}
+EXECUTION_FIELDS = {f"model.{name}" for name in MODEL_EXECUTION_FIELDS}
 
 
 class ConfigChangeError(MirageError, RuntimeError):
@@ -96,6 +96,8 @@ def restore_or_init(store: ckpt_lib.CheckpointStore, layout: StateLayout, config
     if step is None:
         return layout.create(), None, None
     exact = check_compatible(store, step, layout, config, allow_change)
+    if layout.frozen is not None:  # a LoRA run: the adapters must have been trained on this base
+        layout.frozen.check_resume(store.read_json(step, "meta"), store.step_dir(step))
     target = layout.abstract_with_shardings()
     if exact:
         state, data_state = store.restore(step, target)

@@ -44,7 +44,7 @@ class RunSetup:
         self.total_steps = tc.steps
         self.tx = optim.make_optimizer(run.optim, tc.clip_norm, self.total_steps)
         self.lr_schedule = optim.learning_rate_schedule(run.optim, self.total_steps)
-        self.layout = StateLayout(self.mcfg, self.tx, self.mesh, self.param_rules, tc.seed)
+        self.layout = StateLayout(self.mcfg, self.tx, self.mesh, self.param_rules, tc.seed, run.lora)
         self.batch_axes = dict(self.act_rules).get("batch")
         self.batch_shapes = data_lib.batch_shapes(run)
         self.batch_shardings = data_lib.batch_shardings(self.mesh, self.batch_axes, self.batch_shapes)

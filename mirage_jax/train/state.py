@@ -5,6 +5,11 @@ the model is built under `nnx.eval_shape` for shapes and logical axes, the rules
 NamedSharding, and the real initialization runs inside `jax.jit(..., out_shardings=...)` so each device
 creates only its shard. Params are a plain nested dict (`nnx.to_pure_dict` of the model's `nnx.Param`
 state): the checkpoint format does not depend on Flax internals, and `nnx.merge(graphdef, params)` rebuilds the model.
+
+A LoRA run (`lora.rank` > 0, docs/lora.md): `params` (and so the optimizer state and the EMA) are the adapters
+only (`nnx.LoRAParam`); the frozen base is `StateLayout.frozen` (`lora.base.BaseWeights`), restored from
+`lora.base` into the same parameter rules, passed to the step as a separate, non-donated argument and never
+checkpointed (a checkpoint's meta records its fingerprint instead).
 """
 
 from __future__ import annotations
@@ -21,8 +26,11 @@ from jax.sharding import Mesh, PartitionSpec
 
 from mirage_jax.checkpoint_format import path_names
 from mirage_jax.config import ModelConfig
+from mirage_jax.lora import adapter as lora_adapter
+from mirage_jax.lora.base import META_KEY, BaseWeights
 from mirage_jax.model.build import abstract_model, build_model
 from mirage_jax.parallel import rules as rules_lib
+from mirage_jax.run_config import LoraConfig
 
 
 @flax.struct.dataclass
@@ -67,9 +75,19 @@ class StateLayout:
     """Abstract train state with its shardings for one (model, optimizer, mesh, rules)."""
 
     def __init__(self, mcfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
-                 param_rules: rules_lib.Rules, seed: int):
+                 param_rules: rules_lib.Rules, seed: int, lora: LoraConfig | None = None):
         self.mcfg, self.tx, self.mesh, self.seed = mcfg, tx, mesh, seed
-        self.graphdef, abs_params = abstract_model(mcfg, seed)
+        self.lora = lora if lora is not None and lora.enabled else None
+        self.frozen: BaseWeights | None = None  # a LoRA run's frozen base
+        if self.lora is None:
+            self.graphdef, abs_params = abstract_model(mcfg, seed)
+        else:
+            self.graphdef, abs_params, abs_base = lora_adapter.abstract_model(mcfg, seed, self.lora)
+            base_specs, _ = rules_lib.param_specs(abs_base, param_rules, mesh)
+            self.frozen_shardings = rules_lib.named(mesh, nnx.to_pure_dict(base_specs))
+            self.frozen = BaseWeights(self.lora, mcfg, jax.tree.map(
+                lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), nnx.to_pure_dict(abs_base),
+                self.frozen_shardings))
         specs_state, self.fallbacks = rules_lib.param_specs(abs_params, param_rules, mesh)
         self.param_specs = nnx.to_pure_dict(specs_state)
         abs_pure = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(abs_params))
@@ -96,6 +114,9 @@ class StateLayout:
                           ema=jax.tree.map(jnp.copy, params), nonfinite_streak=zero, nonfinite_total=zero)
 
     def _init_params(self) -> Any:
+        if self.lora is not None:  # the adapters only (the base init is dead code to XLA)
+            model = lora_adapter.build_model(self.mcfg, self.seed, self.lora)
+            return nnx.to_pure_dict(nnx.state(model, lora_adapter.TRAINABLE))
         return nnx.to_pure_dict(nnx.state(build_model(self.mcfg, self.seed), nnx.Param))
 
     def init_params(self) -> Any:
@@ -111,6 +132,17 @@ class StateLayout:
     def create(self) -> TrainState:
         """Initialize the state on the mesh; every device materializes only its own shards."""
         return self.create_from(self._init_params)
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """What every checkpoint's meta adds: a LoRA run's base identity ({"lora_base": {"path", "sha256"}})."""
+        return {} if self.frozen is None else {META_KEY: self.frozen.identity()}
+
+    def state_bytes(self) -> dict[str, int]:
+        """Global bytes of the trained parameters, the optimizer state, the EMA and (a LoRA run) the frozen base."""
+        size = lambda tree: sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
+        a = self.abstract
+        return {"params": size(a.params), "opt_state": size(a.opt_state), "ema": size(a.ema),
+                "frozen_base": size(self.frozen.abstract) if self.frozen is not None else 0}
 
     def param_count(self) -> int:
         return sum(int(x.size) for x in jax.tree.leaves(self.abstract.params))

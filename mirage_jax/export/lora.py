@@ -21,23 +21,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from etils import epath
 from safetensors.numpy import save_file
 
-from mirage_base.storage import is_remote
 from mirage_jax.checkpoint_format import unflatten
 from mirage_jax.config import ModelConfig
-from mirage_jax.export.writer import ExportError, _umask_modes
+from mirage_jax.export.writer import ExportError, write_folder
 from mirage_jax.interop.mochi import SwiGLUHalf, Transpose, mochi_rows
 from mirage_jax.lora import adapter as lora_adapter
 from mirage_jax.lora import base as lora_base
-from mirage_jax.paths import upload_dir
 from mirage_jax.run_config import LoraConfig
 
 Path = tuple[str, ...]
@@ -114,7 +109,7 @@ def peft_tensors(adapters: dict[Path, tuple[np.ndarray, np.ndarray]], cfg: Model
 
 def export_adapter(adapter_leaves: dict[str, np.ndarray], cfg: ModelConfig, lcfg: LoraConfig, out_dir: str, *,
                    dtype: Any = np.float32, overwrite: bool = False, base: str = "") -> dict[str, Any]:
-    """Write the PEFT adapter folder (atomically: a temporary folder renamed into place); returns its config."""
+    """Write the PEFT adapter folder whole or not at all (`writer.write_folder`, gs:// too); returns its config."""
     tensors, ranks = peft_tensors(adapters_by_kernel(adapter_leaves), cfg, lcfg.rank)
     modules = sorted({k.removeprefix(PEFT_PREFIX).rsplit(".lora_", 1)[0] for k in tensors})
     alpha = float(lcfg.alpha or lcfg.rank)
@@ -125,30 +120,12 @@ def export_adapter(adapter_leaves: dict[str, np.ndarray], cfg: ModelConfig, lcfg
         "rank_pattern": {re.escape(m): r for m, r in ranks.items()},
         "alpha_pattern": {re.escape(m): alpha * r / lcfg.rank for m, r in ranks.items()},
     }
-    if is_remote(out_dir):  # written whole on local disk, then uploaded with the config last
-        dst = epath.Path(out_dir)
-        if dst.exists() and any(dst.iterdir()) and not overwrite:
-            raise ExportError(f"--out {out_dir}: exists and is not empty; choose a new folder or pass --overwrite")
-        with tempfile.TemporaryDirectory(prefix="mirage-adapter-") as local:
-            config = export_adapter(adapter_leaves, cfg, lcfg, os.path.join(local, "out"), dtype=dtype, base=base)
-            upload_dir(os.path.join(local, "out"), out_dir, last=ADAPTER_CONFIG)
-        return config
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise ExportError(f"--out {out_dir}: exists and is not empty; choose a new folder or pass --overwrite")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
-    try:
+
+    def fill(tmp: str) -> dict[str, Any]:
         save_file({k: np.ascontiguousarray(v.astype(dtype)) for k, v in tensors.items()},
                   os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
         with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
             json.dump(config, f, indent=1)
-        _umask_modes(tmp)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return config
+        return config
+
+    return write_folder(out_dir, fill, last=ADAPTER_CONFIG, overwrite=overwrite)

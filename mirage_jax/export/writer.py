@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import ml_dtypes
 import numpy as np
@@ -26,6 +26,8 @@ from mirage_base.storage import is_remote
 from mirage_jax.config import ModelConfig
 from mirage_jax.interop.mochi import mochi_rows
 from mirage_jax.paths import upload_dir
+
+T = TypeVar("T")
 
 Path = tuple[str, ...]
 DTYPES = {"fp32": np.float32, "bf16": ml_dtypes.bfloat16}
@@ -116,22 +118,8 @@ def export_params(get_leaf: Callable[[Path], Any] | Mapping[Path, Any], cfg: Mod
         raise ExportError(f"--dtype={dtype}: use one of {sorted(DTYPES)}")
     getter = get_leaf.__getitem__ if isinstance(get_leaf, Mapping) else get_leaf
     limit = parse_size(max_shard_size)
-    if is_remote(out_dir):  # written whole on local disk, then uploaded with the index last
-        dst = epath.Path(out_dir)
-        if dst.exists() and any(dst.iterdir()) and not overwrite:
-            raise ExportError(f"--out {out_dir}: exists and is not empty; choose a new folder or pass --overwrite")
-        with tempfile.TemporaryDirectory(prefix="mirage-export-") as local:
-            index = export_params(get_leaf, cfg, os.path.join(local, "out"), dtype=dtype, max_shard_size=limit,
-                                  before_commit=before_commit)
-            upload_dir(os.path.join(local, "out"), out_dir, last=INDEX_NAME)
-        return index
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise ExportError(f"--out {out_dir}: exists and is not empty; choose a new folder or pass --overwrite")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
-    try:
+
+    def fill(tmp: str) -> dict[str, Any]:
         shards: list[dict[str, np.ndarray]] = [{}]
         sizes = [0]
         written: list[str] = []
@@ -167,11 +155,38 @@ def export_params(get_leaf: Callable[[Path], Any] | Mapping[Path, Any], cfg: Mod
             json.dump(index, f, indent=1)
         if before_commit is not None:
             before_commit()
+        return index
+
+    return write_folder(out_dir, fill, last=INDEX_NAME, overwrite=overwrite)
+
+
+def write_folder(out_dir: str, fill: Callable[[str], T], *, last: str, overwrite: bool = False) -> T:
+    """Write an export folder whole or not at all; returns what `fill` returns. `fill(tmp)` writes every file
+    into an empty temporary folder: locally beside `out_dir`, then renamed into place (an exception from `fill`
+    leaves no folder and any earlier export untouched); for gs:// on local disk, then uploaded with the file
+    `last` (the index or config a reader opens first) uploaded last. ExportError: `out_dir` exists, is not
+    empty, and `overwrite` is off."""
+    if is_remote(out_dir):
+        dst = epath.Path(out_dir)
+        if dst.exists() and any(dst.iterdir()) and not overwrite:
+            raise ExportError(f"--out {out_dir}: exists and is not empty; choose a new folder or pass --overwrite")
+        with tempfile.TemporaryDirectory(prefix="mirage-export-") as local:
+            result = write_folder(os.path.join(local, "out"), fill, last=last)
+            upload_dir(os.path.join(local, "out"), out_dir, last=last)
+        return result
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise ExportError(f"--out {out_dir}: exists and is not empty; choose a new folder or pass --overwrite")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
+    try:
+        result = fill(tmp)
         _umask_modes(tmp)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.rename(tmp, out_dir)
-        return index
+        return result
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

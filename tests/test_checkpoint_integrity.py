@@ -43,7 +43,9 @@ def fake_layout() -> types.SimpleNamespace:
     def create():
         raise AssertionError("must not start from scratch when checkpoints exist")
 
-    return types.SimpleNamespace(abstract=abstract, abstract_with_shardings=lambda: sharded, create=create)
+    # frozen=None: not a LoRA run (StateLayout.frozen)
+    return types.SimpleNamespace(abstract=abstract, abstract_with_shardings=lambda: sharded, create=create,
+                                 frozen=None)
 
 
 def test_keep_latest_n_plus_every_k(tmp_path):

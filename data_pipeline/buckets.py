@@ -22,12 +22,11 @@ import hashlib
 import json
 import math
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from data_pipeline import encoders
 from data_pipeline.dataset import manifest as mf
-from data_pipeline.ingest import media, sources
+from data_pipeline.ingest import sources
 from data_pipeline.ingest.per_source import IngestConfig, list_sources
 from mirage_base.errors import InputError
 from mirage_base.time_map import of_manifest
@@ -81,21 +80,10 @@ def assign_sizes(files: Sequence[str], sizes: Sequence[tuple[int, int]],
                  threads: int = 8) -> tuple[dict[tuple[int, int], list[str]], dict[str, str]]:
     """{size: its sources} by nearest aspect (display size from each source's first frame, in threads), and
     {path: reason} for sources whose header cannot be read."""
-    def one(f: str) -> tuple[str, tuple[int, int] | None, str]:
-        try:
-            h = media.header(f)
-            return f, (h.width, h.height), ""
-        except (ValueError, OSError) as e:
-            return f, None, str(e).removeprefix(f"{f}: ")
-
+    displays, bad = sources.display_sizes(files, threads)
     out: dict[tuple[int, int], list[str]] = {s: [] for s in sizes}
-    bad: dict[str, str] = {}
-    with ThreadPoolExecutor(max(1, min(threads, len(files)))) as ex:
-        for f, display, err in ex.map(one, files):
-            if display is None:
-                bad[f] = err or "unreadable"
-            else:
-                out[nearest_size(display, sizes)].append(f)
+    for f, display in displays.items():
+        out[nearest_size(display, sizes)].append(f)
     return out, bad
 
 

@@ -87,14 +87,9 @@ def sidecar_collisions(files: Sequence[str]) -> dict[str, str]:
     return bad
 
 
-def check_sizes(
-    files: Sequence[str], spatial_factor: int, threads: int = 8
-) -> tuple[dict[str, tuple[int, int]], dict[str, str]]:
-    """Display sizes of `files` (header decode, in threads) and {path: reason} for unreadable ones.
-
-    Raises InputError (one line in prepare, exit 2) listing the sizes found when they differ (prepare needs
-    --size then), or when the one size is not a multiple of the video encoder's spatial factor.
-    """
+def display_sizes(files: Sequence[str], threads: int = 8) -> tuple[dict[str, tuple[int, int]], dict[str, str]]:
+    """({path: display (width, height)}, {path: reason}) of `files`: each header decoded, in up to `threads` threads;
+    a source whose header cannot be read goes to the second dict."""
     def one(f: str) -> tuple[str, tuple[int, int] | None, str | None]:
         try:
             h = media.header(f)
@@ -110,6 +105,18 @@ def check_sizes(
                 bad[f] = err or "unreadable"
             else:
                 sizes[f] = size
+    return sizes, bad
+
+
+def check_sizes(
+    files: Sequence[str], spatial_factor: int, threads: int = 8
+) -> tuple[dict[str, tuple[int, int]], dict[str, str]]:
+    """Display sizes of `files` (header decode, in threads) and {path: reason} for unreadable ones.
+
+    Raises InputError (one line in prepare, exit 2) listing the sizes found when they differ (prepare needs
+    --size then), or when the one size is not a multiple of the video encoder's spatial factor.
+    """
+    sizes, bad = display_sizes(files, threads)
     found: dict[tuple[int, int], list[str]] = {}
     for f, s in sizes.items():
         found.setdefault(s, []).append(f)

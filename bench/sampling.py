@@ -38,6 +38,7 @@ from bench import common
 MODES = ("none", "cfg", "mag", "cfg+mag")
 MARKER = ".bench_sampling"  # --out was made by this bench (it may replace what is under it)
 DEMO_CONFIG = "configs/tiny.py:demo"
+SOURCE_SECONDS = 2.0  # length of each synthetic source the bench trains on (recorded in the result)
 
 
 def psnr(ref: Any, x: Any) -> float:
@@ -101,7 +102,7 @@ def tiny_run(out: str, *, train_steps: int = 300, train_clips: int = 24, heldout
         json.dump({"unfinished": True}, f)
     ingest = IngestConfig(clip_seconds=1.0, video_encoder="dct")
     for name, clips, s in (("train", train_clips, seed), ("heldout", max(1, -(-heldout_clips // 2)), seed + 1000)):
-        synthesize(f"{out}/raw/{name}", clips=clips, seconds=2.0, seed=s, progress=False)
+        synthesize(f"{out}/raw/{name}", clips=clips, seconds=SOURCE_SECONDS, seed=s, progress=False)
         prepare.run(f"{out}/raw/{name}", f"{out}/shards/{name}", ingest, progress=False)
     env = {**os.environ, "PYTHONPATH": common.ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR", f"{out}/jax_cache")}
@@ -227,7 +228,8 @@ def run_bench(*, out: str, quick: bool = False, workdir: str | None = None, data
     if not workdir:
         workdir, data = tiny_run(out, train_steps=train_steps, train_clips=train_clips,
                                  heldout_clips=kw.get("clips", 4), seed=seed)
-        trained = {"config": DEMO_CONFIG, "train_steps": train_steps, "train_clips": train_clips, "seed": seed}
+        trained = {"config": DEMO_CONFIG, "train_steps": train_steps, "train_clips": train_clips, "seed": seed,
+                   "source_seconds": SOURCE_SECONDS}
     return measure(workdir, data, train_data=train_data, trained=trained, **kw)
 
 
@@ -239,8 +241,13 @@ def report(r: dict[str, Any]) -> list[str]:
     """Markdown lines for bench/results.md."""
     s = r["setup"]
     t = s.get("trained")
-    what = (f"`{t['config']}` trained {t['train_steps']} steps by the bench on {t['train_clips']} synthetic 2 s "
-            "sources" if t else f"`{s['model']}`") + f" (step {s['checkpoint_step']})"
+    if t:
+        length = f"{t['source_seconds']:g} s " if "source_seconds" in t else ""
+        what = (f"`{t['config']}` trained {t['train_steps']} steps by the bench on {t['train_clips']} synthetic "
+                f"{length}sources")
+    else:
+        what = f"`{s['model']}`"
+    what += f" (step {s['checkpoint_step']})"
     none_gap = r["modes"]["none"].get("gap_closed")
     out = ["## Cached sampling (issue 33)", "",
            f"{what}, {s['clips']} held-out clips ({s['data']}), latents {s['latent_shape']}, {s['steps']} Euler "

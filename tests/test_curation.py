@@ -157,6 +157,30 @@ def test_manifest_curation_and_contact_sheet(curated):
     assert sum(red) == len(cur["dropped"]) + 1  # a red frame per dropped clip or span, and the failed source
 
 
+def test_curation_decodes_each_source_once(footage, tmp_path, monkeypatch):
+    """The shots, faces and motion stages share one decode of the source (curate.decode): in a whole
+    `prepare --curate` run (local runner, in this process) the frames media.iter_frames yields for the source
+    are curation's one pass + ingest's one pass. Before the shared pass each of the three stages decoded it
+    itself (4 passes)."""
+    yielded: dict[str, int] = {}
+    passes: list[str] = []
+    real = media.iter_frames
+
+    def counting(info, geometry=None):
+        passes.append(info.path)
+        for k, rgb in real(info, geometry):
+            yielded[info.path] = yielded.get(info.path, 0) + 1
+            yield k, rgb
+
+    monkeypatch.setattr(media, "iter_frames", counting)
+    src = footage[1]["speaker"]
+    m = run(src, str(tmp_path / "o"), CFG, progress=False, curate=CURATE)
+    assert m["num_records"] == 3
+    n = media.probe(src).num_frames
+    assert yielded == {src: 2 * n}, (yielded, n)
+    assert passes == [src, src]  # curation's pass, ingest's pass
+
+
 def test_dask_workers_curate_to_the_local_runners_bytes(footage, curated, tmp_path):
     """prepare --curate on Beam's DaskRunner with 2 worker processes (data_pipeline.engine): the shards, manifest,
     contact sheet and per-clip values are the local runner's, byte for byte (the failing novideo.mp4 included)."""

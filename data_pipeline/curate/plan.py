@@ -118,6 +118,7 @@ class SourcePlan:
     shifts: dict[int, int] = dataclasses.field(default_factory=dict)
     ran: list[str] = dataclasses.field(default_factory=list)
     thumbs: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
+    measured: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def live(self) -> Iterator[Clip]:
         """The clips no stage has dropped."""

@@ -5,39 +5,55 @@ drawn from the same shot), and a shot shorter than the minimum clip, or a shot's
 ContentDetector scores each frame by the mean change of hue, saturation and luminance (0-255) from the frame
 before, on frames downscaled to at most ANALYSIS_WIDTH wide (its own default downscale does the same for
 speed); a score >= `CurateConfig.cut_threshold` starts a shot (its `min_scene_len` = 1 frame here: the
-minimum clip rule is ours). Frames are BGR, as PySceneDetect reads them from OpenCV.
+minimum clip rule is ours). Frames are BGR, as PySceneDetect reads them from OpenCV. The frames come from
+curate.decode's one pass over the source (`CutFinder`), shared with the faces and motion stages.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import numpy as np
 
-from data_pipeline.curate.plan import Clip, CurateConfig, SourcePlan, display_frames
+from data_pipeline.curate.plan import Clip, CurateConfig, SourcePlan
 from data_pipeline.ingest import clips, media
 
 ANALYSIS_WIDTH = 256
 
 
-def detect_cuts(frames: Iterable[tuple[int, np.ndarray]], threshold: float = 27.0) -> list[int]:
-    """Frame indices where a new shot starts (0 excluded), from (index, uint8 RGB [H, W, 3]) in order."""
+def analysis_size(rgb: np.ndarray) -> np.ndarray:
+    """`rgb` [H, W, 3] downscaled (area) to at most ANALYSIS_WIDTH wide, aspect kept (the shots and motion
+    stages' frames)."""
     import cv2
-    from scenedetect.common import FrameTimecode
-    from scenedetect.detectors import ContentDetector
 
-    det = ContentDetector(threshold=threshold, min_scene_len=1)
-    cuts: list[int] = []
-    last = 0
-    for k, rgb in frames:
-        h, w = rgb.shape[:2]
-        if w > ANALYSIS_WIDTH:
-            rgb = cv2.resize(rgb, (ANALYSIS_WIDTH, max(2, round(h * ANALYSIS_WIDTH / w))), interpolation=cv2.INTER_AREA)
-        bgr = np.ascontiguousarray(rgb[..., ::-1])
-        cuts += [tc.frame_num for tc in det.process_frame(FrameTimecode(k, fps=float(media.FPS)), bgr)]
-        last = k
-    cuts += [tc.frame_num for tc in det.post_process(FrameTimecode(last, fps=float(media.FPS)))]
-    return sorted({c for c in cuts if 0 < c <= last})
+    h, w = rgb.shape[:2]
+    if w > ANALYSIS_WIDTH:
+        rgb = cv2.resize(rgb, (ANALYSIS_WIDTH, max(2, round(h * ANALYSIS_WIDTH / w))), interpolation=cv2.INTER_AREA)
+    return rgb
+
+
+class CutFinder:
+    """PySceneDetect's ContentDetector fed one frame at a time (`push(k, small)`: small = analysis_size(rgb),
+    in order); `cuts()` once after the last frame: where a new shot starts (0 excluded)."""
+
+    def __init__(self, threshold: float = 27.0):
+        from scenedetect.detectors import ContentDetector
+
+        self.det = ContentDetector(threshold=threshold, min_scene_len=1)
+        self.found: list[int] = []
+        self.last = 0
+
+    def push(self, k: int, small: np.ndarray) -> None:
+        from scenedetect.common import FrameTimecode
+
+        bgr = np.ascontiguousarray(small[..., ::-1])
+        self.found += [tc.frame_num for tc in self.det.process_frame(FrameTimecode(k, fps=float(media.FPS)), bgr)]
+        self.last = k
+
+    def cuts(self) -> list[int]:
+        from scenedetect.common import FrameTimecode
+
+        found = self.found + [tc.frame_num for tc in self.det.post_process(FrameTimecode(self.last,
+                                                                                       fps=float(media.FPS)))]
+        return sorted({c for c in found if 0 < c <= self.last})
 
 
 def shots_of(num_frames: int, cuts: list[int]) -> list[tuple[int, int]]:
@@ -65,6 +81,7 @@ def plan_in_shots(plan: SourcePlan, clip_frames: int, min_frames: int, temporal_
 
 
 def apply(plan: SourcePlan, cfg: CurateConfig) -> None:
-    """Find the cuts of `plan.path` and re-plan its clips inside the shots (clip settings from its first plan)."""
-    plan.cuts = detect_cuts(display_frames(plan.path), cfg.cut_threshold)
+    """Re-plan `plan.clips` inside the shots of the cuts curate.decode measured (clip settings from its first
+    plan)."""
+    plan.cuts = plan.measured.pop("shots")
     plan_in_shots(plan, plan.clip_frames, plan.min_frames, plan.temporal_factor, plan.seed)

@@ -1,7 +1,8 @@
-"""One tracked speaker per clip: faces detected on every `face_every`-th frame (data_pipeline.ingest.faces:
-OpenCV's bundled frontal-face Haar cascade), linked into tracks by IoU inside each shot (faces.link, the
-reference's track_shot, its 25-frame gap counted in sampled frames; IoU > `track_iou`, 0.3 by default rather
-than the reference's 0.5 per frame, since sampled frames are further apart), then per clip:
+"""One tracked speaker per clip: faces detected on every `face_every`-th frame of curate.decode's one pass over
+the source (data_pipeline.ingest.faces: OpenCV's bundled frontal-face Haar cascade), linked into tracks by IoU
+inside each shot (faces.link, the reference's track_shot, its 25-frame gap counted in sampled frames; IoU >
+`track_iou`, 0.3 by default rather than the reference's 0.5 per frame, since sampled frames are further apart),
+then per clip:
 
 - a track is *present* when seen in >= `other_visible` of the clip's sampled frames (a lone false detection
   is not a second person);
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from data_pipeline.curate.plan import Clip, CurateConfig, SourcePlan, display_frames
+from data_pipeline.curate.plan import Clip, CurateConfig, SourcePlan
 from data_pipeline.curate.shots import shots_of
 from data_pipeline.ingest import faces
 
@@ -30,9 +31,17 @@ def setup() -> None:
     faces.cascade()
 
 
-def detections(path: str, every: int) -> dict[int, np.ndarray]:
-    """{frame: boxes [K, 4] (x1, y1, x2, y2) at display size} on every `every`-th frame."""
-    return {k: faces.detect(np.ascontiguousarray(rgb[..., ::-1])) for k, rgb in display_frames(path, every)}
+class FaceFinder:
+    """Face detections on every `every`-th frame of curate.decode's one pass (`push(k, rgb)`, display size);
+    `detections` {frame: boxes [K, 4] (x1, y1, x2, y2) at display size}."""
+
+    def __init__(self, every: int):
+        self.every = every
+        self.detections: dict[int, np.ndarray] = {}
+
+    def push(self, k: int, rgb: np.ndarray) -> None:
+        if k % self.every == 0:
+            self.detections[k] = faces.detect(np.ascontiguousarray(rgb[..., ::-1]))
 
 
 def tracks(dets: dict[int, np.ndarray], shots: list[tuple[int, int]], every: int,
@@ -74,7 +83,7 @@ def judge(clip: Clip, found: list[np.ndarray], every: int, height: int, cfg: Cur
 
 
 def apply(plan: SourcePlan, cfg: CurateConfig) -> None:
-    dets = detections(plan.path, cfg.face_every)
+    dets = plan.measured.pop("faces")
     found = tracks(dets, shots_of(plan.num_frames, plan.cuts), cfg.face_every, cfg.track_iou)
     for c in plan.live():
         why = judge(c, found, cfg.face_every, plan.height, cfg)

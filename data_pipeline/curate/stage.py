@@ -49,7 +49,8 @@ class CurateStage(beam.DoFn):
 
     def process(self, plan: SourcePlan) -> Iterator[SourcePlan]:
         self.fn(plan, self.cfg)
-        plan.ran.append(self.name)
+        if self.name != "decode":  # a pass, not a stage of the report
+            plan.ran.append(self.name)
         yield plan
 
 
@@ -64,14 +65,19 @@ MODULES = {"shots": "data_pipeline.curate.shots", "faces": "data_pipeline.curate
 
 
 def add_stages(batches: beam.PCollection, cfg: CurateConfig, start: StartPlan, sized: bool) -> beam.PCollection:
-    """Batches of source paths -> batches of SourcePlans (or Failures) after every stage `cfg` turns on (in
-    STAGES order), then the contact sheet's thumbnails."""
+    """Batches of source paths -> batches of SourcePlans (or Failures): probed, decoded once (curate.decode,
+    when a stage that reads frames is on), every stage `cfg` turns on (in STAGES order), then the contact sheet's
+    thumbnails."""
     from data_pipeline.curate import STAGES
 
     def isolated(fn: beam.DoFn, name: str) -> beam.ParDo:
         return beam.ParDo(isolation.Isolated(fn, f"curate:{name}", source_of))
 
+    from data_pipeline.curate import decode
+
     plans = batches | "Curate:plan" >> isolated(start, "probe")
+    if decode.needed(cfg):  # one decode per source, shared by shots, faces and motion
+        plans = plans | "Curate:decode" >> isolated(CurateStage("decode", "data_pipeline.curate.decode", cfg), "decode")
     for name in STAGES:
         if cfg.on(name) and (name != "crop" or sized):
             plans = plans | f"Curate:{name}" >> isolated(CurateStage(name, MODULES[name], cfg), name)

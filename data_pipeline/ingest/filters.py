@@ -54,7 +54,11 @@ def static(clip: ClipData, min_mean_abs_diff: float = 0.25) -> str | None:
     """Drop frozen video: mean absolute frame-to-frame difference below the threshold (0-255 scale)."""
     if len(clip.frames) < 2:
         return None
-    diff = float(np.mean(np.abs(np.diff(clip.frames.astype(np.int16), axis=0))))
+    return static_verdict(float(np.mean(np.abs(np.diff(clip.frames.astype(np.int16), axis=0)))), min_mean_abs_diff)
+
+
+def static_verdict(diff: float, min_mean_abs_diff: float = 0.25) -> str | None:
+    """`static`'s reason for a measured mean absolute frame difference `diff` (0-255), or None."""
     return f"mean frame difference {diff:.3f} < {min_mean_abs_diff}" if diff < min_mean_abs_diff else None
 
 

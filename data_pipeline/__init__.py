@@ -13,7 +13,19 @@ imports mirage_jax (data flows one way); the base both share is `mirage_base`. S
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+
+class _NoBigQueryNotice(logging.Filter):
+    """Drops Beam's import-time warning that its BigQuery client libraries (apitools) are missing: the pipeline
+    reads no BigQuery, and the line, once per process (the driver and every Dask worker), only misleads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("apitools not found, and bigquery client libraries")
+
+
+logging.getLogger().addFilter(_NoBigQueryNotice())  # before any submodule imports apache_beam
 
 
 def make_loader(*args: Any, **kwargs: Any) -> Any:

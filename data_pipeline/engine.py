@@ -33,7 +33,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import multiprocessing
+import os
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -109,15 +112,50 @@ def open_engine(
         raise InputError(f"--workers={workers}: a local Dask cluster needs at least 1 worker process")
     from dask.distributed import LocalCluster
 
-    cluster = LocalCluster(
-        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-        silence_logs=logging.WARNING, preload=[__name__],  # dask_setup below runs in each worker
-    )
+    # the worker processes read their log levels from the environment when they import distributed
+    os.environ.setdefault(_WORKER_LOG_ENV, "warning")
+    cluster = None
     try:
+        with _sigint_ignored():  # its processes start with SIGINT ignored: the Ctrl-C is the launcher's
+            spawned = len(multiprocessing.active_children())
+            cluster = LocalCluster(
+                n_workers=0, threads_per_worker=1, processes=True, dashboard_address=None,
+                silence_logs=logging.WARNING, preload=[__name__],  # dask_setup below runs in each worker
+            )
+            cluster.scale(workers)
+            deadline = time.monotonic() + SPAWN_WAIT_S  # until the worker processes exist (not until they run)
+            while len(multiprocessing.active_children()) < spawned + workers and time.monotonic() < deadline:
+                time.sleep(0.01)
+        while True:  # their start-up (seconds of imports); in short waits, so a Ctrl-C stops the run at once
+            try:
+                cluster.wait_for_workers(workers, timeout=0.5)
+                break
+            except TimeoutError:
+                continue
         opts = PipelineOptions([*args, f"--dask_client_address={cluster.scheduler_address}"])
         yield Engine(_dask_runner(), opts, workers, False, f"dask LocalCluster ({workers} worker processes)")
     finally:
-        cluster.close()
+        if cluster is not None:
+            cluster.close()
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored in this process while the block runs, so the processes created meanwhile (a Dask cluster's
+    workers) inherit an ignored SIGINT from birth and never print a KeyboardInterrupt traceback of their own,
+    even while they import (a blocked signal would not do: a spawned child's mask is reset). A Ctrl-C pressed
+    in that moment (until the processes exist, not until they have started) is ignored too. Off the main
+    thread, where Python cannot set handlers, nothing is changed."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def _bundle(items: Iterable[Any], fn_bytes: bytes, label: str, window_fn: Any, side_inputs: Any, args: list[Any],
@@ -183,24 +221,51 @@ _TRANSLATING = threading.Lock()
 
 
 def dask_setup(worker: Any) -> None:
-    """Dask preload hook, in each worker process of the LocalCluster prepare starts: ignore SIGINT. A Ctrl-C in
-    the terminal reaches the whole process group; prepare (the launcher) stops the cluster in order, instead of
-    every worker printing its own KeyboardInterrupt traceback."""
+    """Dask preload hook, in each worker process of the LocalCluster prepare starts: ignore SIGINT (and do not
+    log each cancelled task). A Ctrl-C in the terminal reaches the whole process group; prepare (the launcher)
+    stops the cluster in order, instead of every worker printing its own KeyboardInterrupt traceback."""
     import signal
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # the tasks a Ctrl-C (or a failure) cancels are each logged as a warning here: the driver reports the stop
+    logging.getLogger("distributed.worker.state_machine").setLevel(logging.ERROR)
+
+
+SPAWN_WAIT_S = 60  # at most this long with SIGINT ignored while a LocalCluster's processes are created
+CONNECT_TIMEOUT_S = 5  # a scheduler that is up answers in milliseconds; Dask's own default waits 30 s
+_WORKER_LOG_ENV = "DASK_LOGGING__DISTRIBUTED"
+QUIET = ("apache_beam", "distributed", "dask", "tornado", "bokeh")  # their INFO lines are not the user's news
+
+
+def quiet_logs() -> None:
+    """Beam's and Dask's loggers (QUIET) to WARNING in this process and in the worker processes of a
+    LocalCluster started after this (`DASK_LOGGING__DISTRIBUTED`, unless the user set it): prepare's own INFO
+    lines stay. For CLIs; a library caller keeps its own logging configuration."""
+    for name in QUIET:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault(_WORKER_LOG_ENV, "warning")
 
 
 def _cluster_threads(address: str) -> int:
-    """Worker threads of the Dask cluster at `address` (one line naming the address if it cannot be reached)."""
+    """Worker threads of the Dask cluster at `address`; InputError naming `--dask-address` when no scheduler
+    answers within CONNECT_TIMEOUT_S (a wrong host or port, or a cluster that is not up)."""
+    import socket
+    import urllib.parse
+
     from dask.distributed import Client
 
+    url = urllib.parse.urlsplit(address if "://" in address else f"tcp://{address}")
     try:
-        with Client(address, timeout=30, set_as_default=False) as c:
+        if url.scheme == "tcp" and url.hostname and url.port:  # nothing listening: refused at once, not retried
+            socket.create_connection((url.hostname, url.port), timeout=CONNECT_TIMEOUT_S).close()
+        with Client(address, timeout=CONNECT_TIMEOUT_S, set_as_default=False) as c:
             return max(1, sum(c.nthreads().values()))
-    except OSError as e:
-        raise InputError(f"--dask-address={address}: cannot reach the Dask scheduler ({e})") from None
+    except (OSError, ValueError) as e:  # TimeoutError is an OSError; a malformed address is a ValueError
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(f"--dask-address={address}: no Dask scheduler reached ({why}; waited at most "
+                         f"{CONNECT_TIMEOUT_S} s); start one (`dask scheduler`) or fix the address "
+                         "(tcp://HOST:PORT)") from None
 
 
 def run(pipeline: Any) -> None:

@@ -49,7 +49,7 @@ from data_pipeline.ingest.per_source import (
     list_sources,
 )
 from data_pipeline.prepare_flags import FLAGS, check_runner_flags, config_from_flags, curate_from_flags
-from mirage_base.errors import ExitCode, InputError, MirageError
+from mirage_base.errors import ExitCode, InputError, Interrupted, MirageError
 from mirage_base.storage import check_storage
 
 log = logging.getLogger(__name__)
@@ -419,6 +419,9 @@ def run(
             finally:
                 bar.close()
                 _PROGRESS.pop("bar", None)
+    except KeyboardInterrupt:  # Ctrl-C: the engine has stopped (its cluster too); main() says it in one line
+        mf.remove_temporary(output)
+        raise
     except Exception as e:
         mf.remove_temporary(output)  # a partial shard of this run: nothing reads it, it only takes space
         cause = _write_cause(e)
@@ -556,6 +559,17 @@ def _finish(
 
 def main(argv: Sequence[str]) -> None:
     logging.basicConfig(level=logging.WARNING)
+    engine.quiet_logs()  # Beam's and Dask's INFO lines: a user reads prepare's own
+    try:
+        _main(argv)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted (Ctrl-C): the run (and any Dask cluster it started) stopped and its temporary files "
+            f"were removed; no new manifest.json was written to {FLAGS.output}; rerun the same command"
+        ) from None
+
+
+def _main(argv: Sequence[str]) -> None:
     check_storage(FLAGS.input, FLAGS.output)  # gs:// preflight: one line, not a traceback
     from data_pipeline import buckets
     from data_pipeline.prepare_flags import bucket_lists
@@ -617,4 +631,6 @@ if __name__ == "__main__":
 
     # a user's mistake is a MirageError (or a missing --input: FileNotFoundError): one line, exit 2; anything
     # else is a bug and keeps its traceback (exit 1)
-    cli.run(_prepare.main, "prepare", also={FileNotFoundError: (ExitCode.REFUSED, "")})
+    # Ctrl-C is one line too (Interrupted, exit 130), leaving through os._exit: the stopped cluster's threads
+    # cannot print after it
+    cli.run(_prepare.main, "prepare", also={FileNotFoundError: (ExitCode.REFUSED, "")}, hard_exit=(Interrupted,))

@@ -25,6 +25,7 @@ class ExitCode(enum.IntEnum):
     NONFINITE = 3
     SAVE_FAILED = 4
     WORKDIR_IN_USE = 5
+    INTERRUPTED = 130  # 128 + SIGINT's number, as a shell reports a process Ctrl-C stopped
 
 
 EXIT_MEANINGS: dict[ExitCode, str] = {
@@ -37,6 +38,8 @@ EXIT_MEANINGS: dict[ExitCode, str] = {
                           "usable",
     ExitCode.WORKDIR_IN_USE: "another live trainer owns the workdir (or took it over): nothing is wrong with the "
                              "input; retry once that owner has stopped or its lease expired, or use --takeover",
+    ExitCode.INTERRUPTED: "stopped by Ctrl-C (SIGINT) before it finished: nothing half-written is left (no "
+                          "manifest names a partial output); rerun the same command",
 }
 
 
@@ -72,6 +75,14 @@ class InputError(MirageError, ValueError):
     """A user's input (a path, a source file, a flag's value) that a tool cannot use; the message names it."""
 
     exit_code = ExitCode.REFUSED
+
+
+class Interrupted(MirageError):
+    """Ctrl-C (SIGINT) stopped a tool that has no save-and-exit of its own (prepare; train treats SIGINT as a
+    preemption instead): what it started is stopped and its temporary files removed; the message says what is
+    left (exit 130)."""
+
+    exit_code = ExitCode.INTERRUPTED
 
 
 class WorkdirInUseError(MirageError):

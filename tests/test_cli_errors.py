@@ -96,7 +96,7 @@ def _readme_exit_table() -> dict[int, tuple[str, set[str]]]:
     text = (ROOT / "README.md").read_text().split("### Exit status", 1)[1]
     rows = {}
     for line in text.splitlines():
-        m = re.fullmatch(r"\| (\d) \| (.+?) \| (.+?) \|", line.strip())
+        m = re.fullmatch(r"\| (\d+) \| (.+?) \| (.+?) \|", line.strip())
         if m:
             rows[int(m.group(1))] = (m.group(2), set(re.findall(r"`(\w+)`", m.group(3))))
         elif rows and not line.startswith("|"):

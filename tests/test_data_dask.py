@@ -6,6 +6,11 @@ import _thread
 import functools
 import hashlib
 import os
+import re
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -140,6 +145,64 @@ def test_ctrl_c_stops_the_dask_cluster_and_leaves_no_output(src, tmp_path):
         time.sleep(0.1)
     assert _children() <= before
     assert manifest.MANIFEST not in os.listdir(out) and not [n for n in os.listdir(out) if n.startswith(".tmp")]
+
+
+def _prepare_cli(src: str, out: str, *extra: str, **kw) -> subprocess.Popen:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root}
+    return subprocess.Popen([sys.executable, "-m", "data_pipeline.prepare", f"--input={src}", f"--output={out}",
+                             "--clip-seconds=0.4", "--size=16x16", "--runner=dask", *extra], env=env, text=True,
+                            stdout=subprocess.PIPE, **kw)
+
+
+def test_ctrl_c_on_the_cli_is_one_line_exit_130_and_quiet(src, tmp_path):
+    """A terminal's Ctrl-C (SIGINT to the whole process group: prepare and its 2 Dask worker processes) while the
+    pipeline runs: one line naming what happened, exit 130 (mirage_base.errors.ExitCode.INTERRUPTED), no
+    traceback from any process, no manifest or temporary file, no process left; and before it, none of Beam's
+    or Dask's INFO lines (prepare's own line says where it runs)."""
+    out, err_path = tmp_path / "out", tmp_path / "stderr"
+    with open(err_path, "w") as err:
+        p = _prepare_cli(src, str(out), "--workers=2", stderr=err, start_new_session=True)  # its own group
+    deadline = time.time() + 120
+    while "source(s) on dask LocalCluster" not in err_path.read_text() and time.time() < deadline:
+        assert p.poll() is None, err_path.read_text()
+        time.sleep(0.05)
+    time.sleep(0.5)  # the pipeline is running on the workers
+    os.killpg(p.pid, signal.SIGINT)  # what the terminal does
+    rc = p.wait(timeout=60)
+    err = err_path.read_text()
+    assert rc == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("prepare: interrupted (Ctrl-C): the run (and any Dask cluster it started) stopped")
+    assert [x for x in lines if re.match(r"(I\d{4} |INFO:)", x) and "prepare.py" not in x] == [], err
+    assert manifest.MANIFEST not in os.listdir(out) and not [n for n in os.listdir(out) if n.startswith(".tmp")]
+    time.sleep(1)
+    left = [q for q in psutil.process_iter(["status"]) if q.info["status"] != psutil.STATUS_ZOMBIE
+            and _session(q.pid) == p.pid]
+    assert left == []
+
+
+def _session(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
+
+
+def test_unreachable_dask_address_fails_at_once_naming_the_flag(src, tmp_path):
+    """Nothing listening at --dask-address: one line naming the flag, exit 2, at once (not Dask's 30 s wait)."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.time()
+    p = _prepare_cli(src, str(tmp_path / "o"), f"--dask-address=tcp://127.0.0.1:{port}", stderr=subprocess.PIPE)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 2, err
+    assert err.strip().splitlines()[-1].startswith(f"prepare: --dask-address=tcp://127.0.0.1:{port}: no Dask "
+                                                   "scheduler reached ([Errno 111] Connection refused")
+    assert "Traceback" not in err
+    assert time.time() - t0 < 60  # the interpreter's imports; the refusal itself is immediate
 
 
 def test_dask_runner_bundles_keep_their_own_outputs_and_finish_bundle():

@@ -108,3 +108,24 @@ def talking_heads(folder: str, sources: int, seconds: float) -> list[str]:
         media.write_mp4(p, np.stack(frames), (0.1 * rng.standard_normal(n * media.HOP)).astype(np.float32))
         paths.append(p)
     return paths
+
+
+def astronaut_whole(path: str, frames: int = 25) -> str:
+    """The whole astronaut.png (one person: her face, her suit with its patches, the flag) at 390 x 390, drifting
+    right half a pixel a frame in a 430 x 390 frame. At this scale OpenCV's Haar cascade also finds a "face" on
+    her suit in most frames (a false second face, measured: faces.detect_scored), so the one-speaker truth of
+    this clip tests that curation does not take it for a second person."""
+    import cv2
+    from skimage import data
+
+    from data_pipeline.ingest import media
+
+    im = cv2.resize(data.astronaut(), (390, 390), interpolation=cv2.INTER_AREA)
+    out = []
+    for k in range(frames):
+        f = np.full((390, 430, 3), 90, np.uint8)
+        f[:, 4 + k // 2:4 + k // 2 + 390] = im
+        out.append(f)
+    rng = np.random.default_rng(1)
+    media.write_mp4(path, np.stack(out), (0.1 * rng.standard_normal(frames * media.HOP)).astype(np.float32))
+    return path

@@ -106,6 +106,39 @@ def test_faces_keep_one_speaker_and_drop_the_rest_with_reasons(curated):
     assert m["curation"]["stages"]["sync"] == "off: no --syncnet-weights"
 
 
+def test_a_false_face_on_the_speaker_is_not_a_second_person(footage, tmp_path):
+    """Truth by construction: astronaut.png whole is one person (kept), the two-shot is two (dropped). The Haar
+    cascade also fires on her suit at this scale, in most sampled frames: counted as a face (other_support=0,
+    the rule before) it drops her clip as "2 faces"; by its support (faces.detect_scored) it is not a person."""
+    import shutil
+
+    d = tmp_path / "src"
+    d.mkdir()
+    cf.astronaut_whole(str(d / "astronaut.mp4"))
+    shutil.copy(footage[1]["twoshot"], d / "twoshot.mp4")
+    cfg = IngestConfig(clip_seconds=1.0, size=SIZE)
+
+    def drops(other_support: float) -> tuple[dict, list]:
+        out = tmp_path / f"o{other_support}"
+        m = run(str(d), str(out), cfg, progress=False,
+                curate=CurateConfig(stages=("faces",), other_support=other_support))
+        lines = {ln["clip"]: ln for ln in map(json.loads, open(out / "curation_clips.jsonl"))}
+        return lines, [(x["source"], x["reason"]) for x in m["curation"]["dropped"]]
+
+    lines, dropped = drops(CurateConfig().other_support)
+    assert dropped == [("twoshot.mp4", "2 faces (one speaker wanted)")]
+    assert lines["astronaut.mp4@0000000"]["weak_faces"] == 1  # the suit's "face" was there, and set aside
+    x1, y1, x2, y2 = lines["astronaut.mp4@0000000"]["face_box"]
+    assert 150 < (x1 + x2) / 2 < 200 and 60 < (y1 + y2) / 2 < 110  # her face (390/512 of x 224, y 113), not the suit
+    from data_pipeline.prepare import NoClipsError
+
+    with pytest.raises(NoClipsError, match="curation dropped 2 clip"):  # both clips, so no dataset: the report
+        drops(0.0)
+    before = [json.loads(x) for x in open(tmp_path / "o0.0" / "curation_clips.jsonl")]
+    assert [(x["clip"], x["reason"]) for x in before] == [("astronaut.mp4@0000000", "2 faces (one speaker wanted)"),
+                                                          ("twoshot.mp4@0000000", "2 faces (one speaker wanted)")]
+
+
 def test_face_crop_follows_the_face_smoothly(curated, footage):
     """Where each record's frame sits in the scaled source frame is found by exact search (the s2d encoder is
     lossless), and compared with where the face is by construction."""
@@ -285,3 +318,4 @@ def test_contact_sheet_labels_wrap_on_words_and_fit_the_tile():
     path = "a/very/long/folder/name/that/never/breaks/on/a/space/talk.mp4"
     lines = label_lines(path, 5)
     assert "".join(lines) == path and len(lines) > 1 and all(width(x) <= TEXT_W for x in lines)
+

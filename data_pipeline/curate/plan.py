@@ -21,7 +21,8 @@ class CurateConfig:
     shots: `cut_threshold` is PySceneDetect ContentDetector's (mean HSV change, 0-255; its default 27);
     faces: detection on every `face_every`-th frame, linked at IoU > `track_iou`; the speaker's track must be
     seen in >= `min_visible` of the clip's sampled frames and span it, its median box height >= `min_face` of
-    the frame height; other tracks count when seen in >= `other_visible` of them (one false detection does not);
+    the frame height; other tracks count when seen in >= `other_visible` of them (one false detection does not)
+    and supported by the cascade at least `other_support` as strongly as the speaker's (speaker.judge);
     crop: crop centre median-filtered (faces.SMOOTH frames) then averaged over `crop_smooth` frames;
     sync: |offset| <= `max_offset` frames is shifted, confidence (LSE-C) < `min_confidence` dropped;
     motion: camera pan faster than `max_pan` frame widths per second, or mean frame change < `min_change`
@@ -34,6 +35,7 @@ class CurateConfig:
     track_iou: float = 0.3
     min_visible: float = 0.5
     other_visible: float = 0.3
+    other_support: float = 0.4
     min_face: float = 0.1
     crop_smooth: int = 25
     syncnet_weights: str | None = None

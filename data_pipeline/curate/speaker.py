@@ -6,7 +6,11 @@ then per clip:
 
 - a track is *present* when seen in >= `other_visible` of the clip's sampled frames (a lone false detection
   is not a second person);
-- no present track: dropped (`no face`); two or more: dropped (`N faces`, a two-shot or split screen);
+- no present track: dropped (`no face`); two or more: dropped (`N faces`, a two-shot or split screen), where
+  a track other than the speaker's (the one seen most) counts only if its median support (faces.detect_scored:
+  the cascade's neighbour count per scale step) is >= `other_support` (0.4) of the speaker's: the cascade's
+  false faces (the astronaut's suit at some scales) are supported 5-10x less than any real face measured, a
+  real face half the speaker's size about as much (its count is recorded as `weak_faces`);
 - the one track must span the clip (its first and last detection within one sample of the clip's first and
   last sampled frame; the tracker bridges misses of up to 25 frames) and be seen in >= `min_visible` of the
   sampled frames (0.5 by default: the Haar cascade misses a frontal face now and then): else dropped (`face
@@ -33,7 +37,8 @@ def setup() -> None:
 
 class FaceFinder:
     """Face detections on every `every`-th frame of curate.decode's one pass (`push(k, rgb)`, display size);
-    `detections` {frame: boxes [K, 4] (x1, y1, x2, y2) at display size}."""
+    `detections` {frame: [K, 5] boxes (x1, y1, x2, y2) at display size and their support
+    (faces.detect_scored)}."""
 
     def __init__(self, every: int):
         self.every = every
@@ -41,12 +46,14 @@ class FaceFinder:
 
     def push(self, k: int, rgb: np.ndarray) -> None:
         if k % self.every == 0:
-            self.detections[k] = faces.detect(np.ascontiguousarray(rgb[..., ::-1]))
+            boxes, support = faces.detect_scored(np.ascontiguousarray(rgb[..., ::-1]))
+            self.detections[k] = np.concatenate([boxes, support[:, None]], axis=1)
 
 
 def tracks(dets: dict[int, np.ndarray], shots: list[tuple[int, int]], every: int,
            track_iou: float = faces.IOU_THRESHOLD) -> list[np.ndarray]:
-    """Face tracks, never across a cut: each [n, 5] (frame, x1, y1, x2, y2)."""
+    """Face tracks, never across a cut: each [n, 6] (frame, x1, y1, x2, y2, support) from FaceFinder's
+    detections."""
     out = []
     for a, b in shots:
         ks = sorted(k for k in dets if a <= k < b)
@@ -67,14 +74,23 @@ def judge(clip: Clip, found: list[np.ndarray], every: int, height: int, cfg: Cur
             seen.append(inside)
     if not seen:
         return "no face"
+    # the speaker: the track seen most often (then the best supported); another present track is a second
+    # person only if the cascade supports it at least `other_support` as strongly (its false faces on clothes
+    # or texture are supported 5-10x less than a real face of any size: faces.detect_scored)
+    seen.sort(key=lambda t: (-len(t), -float(np.median(t[:, 5]))))
+    main = float(np.median(seen[0][:, 5]))
+    weak = [t for t in seen[1:] if float(np.median(t[:, 5])) < cfg.other_support * main]
+    seen = [t for t in seen if not any(t is w for w in weak)]
     if len(seen) > 1:
         return f"{len(seen)} faces (one speaker wanted)"
-    t = seen[0]
+    t = seen[0][:, :5]
+    if weak:
+        clip.values["weak_faces"] = len(weak)
     covers = t[0, 0] - samples[0] <= every and samples[-1] - t[-1, 0] <= every
     if len(t) < cfg.min_visible * n or not covers:
         return (f"face visible in {len(t)} of {n} sampled frames (frames {int(t[0, 0])}-{int(t[-1, 0])} of "
                 f"{clip.start}-{clip.stop - 1}): it comes and goes")
-    box = np.median(t[:, 1:], axis=0)
+    box = np.median(t[:, 1:5], axis=0)
     if box[3] - box[1] < cfg.min_face * height:
         return f"face too small ({box[3] - box[1]:.0f} px < {cfg.min_face:g} x {height} px frame height)"
     clip.track = t

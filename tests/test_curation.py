@@ -319,3 +319,94 @@ def test_contact_sheet_labels_wrap_on_words_and_fit_the_tile():
     lines = label_lines(path, 5)
     assert "".join(lines) == path and len(lines) > 1 and all(width(x) <= TEXT_W for x in lines)
 
+
+# curation x shape buckets: two clip lengths x a portrait and a landscape size
+BUCKET_SECONDS, PORTRAIT, LANDSCAPE = (0.4, 0.8), (48, 64), (64, 48)
+
+
+def _portrait_speaker(path: str, frames: int = 100) -> str:
+    """A portrait (180 x 320) speaker: the astronaut's head moving down 1 px a frame from y = 40 over rotated brick."""
+    im = cf.images()
+    wall = np.ascontiguousarray(np.rot90(im["brick"])[:320])
+    rng = np.random.default_rng(2)
+    media.write_mp4(path, np.stack([cf.paste(wall, im["head"], 18, 40 + k // 2) for k in range(frames)]),
+                    (0.1 * rng.standard_normal(frames * media.HOP)).astype(np.float32))
+    return path
+
+
+@pytest.fixture(scope="module")
+def curated_buckets(footage, tmp_path_factory):
+    """`prepare --curate --clip-seconds=0.4,0.8 --size=48x64,64x48` (buckets.run with what the CLI passes) over
+    the speaker, the cut, the two-shot (landscape) and a portrait speaker."""
+    import shutil
+
+    from data_pipeline import buckets
+
+    d = tmp_path_factory.mktemp("bucket_raw")
+    for n in ("speaker", "cut", "twoshot"):
+        shutil.copy(footage[1][n], d / f"{n}.mp4")
+    _portrait_speaker(str(d / "portrait.mp4"))
+    out = str(tmp_path_factory.mktemp("curated_buckets"))
+    top = buckets.run(str(d), out, IngestConfig(crop="face"), BUCKET_SECONDS, [PORTRAIT, LANDSCAPE],
+                      progress=False, curate=CURATE)
+    return out, top
+
+
+def test_curation_in_every_shape_bucket_respects_cuts_and_crops_on_the_face(curated_buckets):
+    """Each bucket is curated: no clip spans footage's cuts, the two-shot is dropped, the records are exactly the
+    kept clips, and the face crop sits on the face by construction (landscape: the speaker's x; portrait: y)."""
+    from data_pipeline.ingest import geometry
+
+    out, top = curated_buckets
+    names = {f"{s:g}s_{w}x{h}" for s in BUCKET_SECONDS for w, h in (PORTRAIT, LANDSCAPE)}
+    assert {b["name"] for b in top["buckets"]} == names
+    for b in top["buckets"]:
+        sub = os.path.join(out, b["path"])
+        m = json.load(open(os.path.join(sub, "manifest.json")))
+        frames = round(b["seconds"] * 25)
+        assert m["curation"]["stages"]["crop"] == "on" and b["clip_frames"] == frames
+        lines = [json.loads(x) for x in open(os.path.join(sub, "curation_clips.jsonl"))]
+        kept = sorted(ln["clip"] for ln in lines if ln["kept"])
+        assert sorted(_records(sub, m)) == kept and kept
+        landscape = tuple(b["size"]) == LANDSCAPE
+        assert {ln["clip"].split("@")[0] for ln in lines if ln["kept"]} == (
+            {"speaker.mp4", "cut.mp4"} if landscape else {"portrait.mp4"})
+        for k0 in (int(c.split("@")[1]) for c in kept if c.startswith("cut.mp4@")):
+            assert not any(k0 < cut < k0 + frames for cut in cf.CUTS), (b["name"], k0)
+        assert any(int(c.split("@")[1]) >= cf.CUTS[1] for c in kept if c.startswith("cut.mp4@")) == landscape
+        if landscape:
+            assert {d["reason"] for d in m["curation"]["dropped"] if d["source"] == "twoshot.mp4"
+                    and d["stage"] != "shots"} == {"2 faces (one speaker wanted)"}  # (its 25 frames' tail: shots)
+        src_size = (cf.W, cf.H) if landscape else (180, 320)
+        sw, sh = geometry.cover_size(src_size, tuple(b["size"]))
+        moved = set()
+        for ln in lines:
+            if not ln["kept"] or ln["clip"].split("@")[0] not in ("speaker.mp4", "portrait.mp4"):
+                continue
+            k = int(ln["clip"].split("@")[1]) + frames // 2  # the clip's middle frame
+            if landscape:  # the window's x follows the face's centre, clamped to the frame
+                face, span, lim = (cf.speaker_x(k) + cf.FACE_CX) * sw / cf.W, b["size"][0], sw - b["size"][0]
+                got = ln["crop_xy"][0]
+            else:
+                face, span, lim = (40 + k // 2 + cf.FACE_CY) * sh / 320, b["size"][1], sh - b["size"][1]
+                got = ln["crop_xy"][1]
+            assert abs(got - min(max(face - span / 2, 0), lim)) <= 2, (b["name"], ln)
+            moved.add(got)
+        assert max(moved) - min(moved) >= 4, (b["name"], moved)  # the window moved with the face
+
+
+@pytest.mark.slow
+def test_training_reads_a_curated_bucketed_dataset(curated_buckets, tmp_path):
+    """The tiny model trains 2 steps on the curated buckets of both sizes (one compiled step each)."""
+    from mirage_jax.train.loop import Trainer
+    from train_cli import fast_config, read_metrics
+
+    out, top = curated_buckets
+    batch = {b["name"]: (8 if b["seconds"] == 0.4 and b["num_records"] >= 8 else 0) for b in top["buckets"]}
+    assert sum(1 for v in batch.values() if v) == 2, top["buckets"]  # 0.4 s at both sizes
+    cfg = fast_config(data__source=out, data__worker_count=0, train__steps=2, checkpoint__save_every=2,
+                      metrics__tensorboard=False, data__bucket_batch=",".join(f"{k}={v}" for k, v in batch.items()))
+    Trainer(cfg, str(tmp_path / "w")).run()
+    rows = [r for r in read_metrics(str(tmp_path / "w")) if "loss" in r]
+    assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
+    assert {r["bucket"] for r in rows} <= {k for k, v in batch.items() if v}

@@ -259,13 +259,39 @@ def _cluster_threads(address: str) -> int:
     try:
         if url.scheme == "tcp" and url.hostname and url.port:  # nothing listening: refused at once, not retried
             socket.create_connection((url.hostname, url.port), timeout=CONNECT_TIMEOUT_S).close()
-        with Client(address, timeout=CONNECT_TIMEOUT_S, set_as_default=False) as c:
-            return max(1, sum(c.nthreads().values()))
+        return _within(CONNECT_TIMEOUT_S + 2, lambda: _count_threads(Client, address))
     except (OSError, ValueError) as e:  # TimeoutError is an OSError; a malformed address is a ValueError
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise InputError(f"--dask-address={address}: no Dask scheduler reached ({why}; waited at most "
                          f"{CONNECT_TIMEOUT_S} s); start one (`dask scheduler`) or fix the address "
                          "(tcp://HOST:PORT)") from None
+
+
+def _count_threads(client_cls: Any, address: str) -> int:
+    with client_cls(address, timeout=CONNECT_TIMEOUT_S, set_as_default=False) as c:
+        return max(1, sum(c.nthreads().values()))
+
+
+def _within(seconds: float, fn: Any) -> Any:
+    """`fn()`'s result, or TimeoutError if it has not returned within `seconds` (it is left to finish in a daemon
+    thread): dask.distributed's Client waits for a scheduler's handshake without a limit, so a port that accepts
+    connections but never speaks Dask would hang prepare."""
+    box: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed to the caller
+            box["error"] = e
+
+    t = threading.Thread(target=call, daemon=True, name="dask-address-check")
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        raise TimeoutError(f"no answer in Dask's protocol within {seconds:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def run(pipeline: Any) -> None:

@@ -191,7 +191,8 @@ def _session(pid: int) -> int | None:
 
 
 def test_unreachable_dask_address_fails_at_once_naming_the_flag(src, tmp_path):
-    """Nothing listening at --dask-address: one line naming the flag, exit 2, at once (not Dask's 30 s wait)."""
+    """Nothing listening at --dask-address: one line naming the flag, exit 2, at once (not Dask's 30 s wait);
+    something listening that never answers: the same error within engine.CONNECT_TIMEOUT_S + 2 s."""
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -203,6 +204,17 @@ def test_unreachable_dask_address_fails_at_once_naming_the_flag(src, tmp_path):
                                                    "scheduler reached ([Errno 111] Connection refused")
     assert "Traceback" not in err
     assert time.time() - t0 < 60  # the interpreter's imports; the refusal itself is immediate
+    from data_pipeline import engine
+    from mirage_base.errors import InputError
+
+    with socket.socket() as mute:  # accepts connections, never speaks: Dask's Client alone would wait forever
+        mute.bind(("127.0.0.1", 0))
+        mute.listen()
+        address = f"tcp://127.0.0.1:{mute.getsockname()[1]}"
+        t0 = time.time()
+        with pytest.raises(InputError, match=f"^--dask-address={address}: no Dask scheduler reached"):
+            _run(src, str(tmp_path / "o2"), str(tmp_path / "pids"), runner="dask", dask_address=address)
+        assert time.time() - t0 < engine.CONNECT_TIMEOUT_S + 10
 
 
 def test_dask_runner_bundles_keep_their_own_outputs_and_finish_bundle():

@@ -106,8 +106,13 @@ def plan(cfg: ml_collections.ConfigDict, topology: str, *, mfu: float = DEFAULT_
         r = _plan_one(setup, topology, topo, devices, bk.batch, bk.shapes, hlo_path and f"{hlo_path}.{bk.name}",
                       batch_shapes=batch_shapes(setup.run_cfg, bk), **kw)
         reports.append({"bucket": bk.name, **r})
-    worst = min(reports, key=lambda r: (r["fits"], r["compiled"], r.get("headroom_fraction") or -1.0))
-    return {**worst, "buckets": reports}
+    return {**worst_bucket(reports), "buckets": reports}
+
+
+def worst_bucket(reports: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The bucket report that decides the fit: the first that does not compile, else the first that does not fit,
+    else the least headroom."""
+    return min(reports, key=lambda r: (bool(r["compiled"]), bool(r["fits"]), r.get("headroom_fraction") or -1.0))
 
 
 def _plan_one(setup: RunSetup, topology: str, topo: Any, devices: Sequence[Any], gb: int, shapes_cfg: Any,

@@ -17,6 +17,10 @@ The argument is `key=value,...` (mirage_jax.run_config.parse_arg): `seconds` (cl
                                                                148,056 tokens) on v5p-512: fsdp 64 x sequence 4,
                                                                global batch 64
     --config=configs/mirage_10b.py:8s                          the older spelling of `seconds=8`
+    --config=configs/mirage_10b.py:seconds=4,8                 the report's mix: shape buckets 4s_720x1280 and
+                                                               8s_720x1280 (`data.buckets`; `shapes` is the first
+                                                               listed) on v5p-256 with full remat: token budget
+                                                               64 x 4 s = 32 x 8 s clips (docs/scaling.md)
 
 Every layout: no accumulation; weights, gradients and optimizer state sharded over fsdp AND sequence (all
 chips); Ulysses inside attention. v5p256 and v6e256 keep splash's residuals (`remat_policy=save_splash`) and

@@ -12,6 +12,11 @@ predicted at a stated MFU. An out-of-memory layout fails at compile time on the 
 "does not fit" report (exit status 2) instead of minutes of pod time. docs/scaling.md has the measured
 layouts for the report's 10B model.
 
+Shape buckets: a config listing `data.buckets` (configs/mirage_10b.py:seconds=4,8) is compiled once per bucket at
+the global batch training gives it (`train.shape_buckets.make_bucket`); the report's top level is the worst
+bucket's (`bucket` names it, so `fits` and the exit status are the worst bucket's) and `buckets` lists every
+bucket's report. A config without buckets gives the report as before.
+
 Modules of the `mirage_jax.aot` package: `chips` (HBM and bf16 peak per chip), `topology` (slice names ->
 libtpu's abstract devices), `flops` (XLA's FLOP count corrected for scanned loops and splash attention: why it
 needs a correction is there), this module (compile, memory and FLOPs report, CLI; `python -m mirage_jax.aot`

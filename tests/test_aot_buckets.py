@@ -101,3 +101,26 @@ def test_a_bucket_batch_of_zero_leaves_it_out_and_unknown_names_are_refused():
     cfg.data.buckets = "short=2x8"
     with pytest.raises(ConfigError, match="--config.data.buckets='short=2x8': expected NAME=TxHxW"):
         RunConfig.from_config(cfg)
+
+
+@pytest.mark.slow
+def test_cli_compiles_each_bucket_for_a_tpu_topology():
+    """With libtpu: `python -m mirage_jax.aot --json` of the tiny config with two buckets for v5e:2x2 (4 chips):
+    one JSON object, the worst bucket's report on top with both buckets' under `buckets`, exit 0 (fits)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("libtpu", reason="libtpu not installed: pip install -r requirements-tpu.txt")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-m", "mirage_jax.aot", "--config=configs/tiny.py:fast", "--topology=v5e:2x2", "--json",
+         "--config.data.buckets=short=2x8x8,long=4x8x8", "--config.train.tokens_per_batch=656"],
+        cwd=root, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": root})
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    by = {b["bucket"]: b for b in r["buckets"]}
+    assert {n: b["global_batch_size"] for n, b in by.items()} == {"short": 8, "long": 4}  # 656 / 82, 656 / 116 -> 4
+    assert all(b["device_kind"] == "TPU v5 lite" and b["compiled"] and b["fits"] for b in by.values())
+    assert r["bucket"] == min(by.values(), key=lambda b: b["headroom_fraction"])["bucket"] and r["fits"]

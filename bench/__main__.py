@@ -1,7 +1,7 @@
 """Run every benchmark and write bench/results.md (machine info, numbers, ratios, interpretations).
 
     python -m bench [--quick] [--only=train_step,train_step_2x,efficiency,seq_parallel,checkpoint,data,syncnet,
-                    sampling,curation] [--out=...]
+                    sampling,curation,buckets] [--out=...]
     make bench
 
 Each benchmark runs in its own child process (`python -m bench --child=NAME`), one after the other: the
@@ -27,7 +27,7 @@ from absl import app, flags
 from bench import common
 
 NAMES = ("train_step", "train_step_2x", "efficiency", "seq_parallel", "checkpoint", "data", "syncnet", "sampling",
-         "curation")
+         "curation", "buckets")
 FAST = {"model.num_layers": 2, "shapes.latent_frames": 4, "shapes.audio_frames": 4}
 
 def run_one(name: str, quick: bool) -> dict[str, Any]:
@@ -94,6 +94,12 @@ def run_one(name: str, quick: bool) -> dict[str, Any]:
                                     prepare_args=["--curate"], footage="faces")
         return curation.measure(sources=8, seconds=8.0, size=(128, 128), rounds=3, prepare_args=["--curate"],
                                 footage="faces")
+    if name == "buckets":  # two compiled shape buckets alternating vs a fixed shape (bench/buckets.py)
+        from bench import buckets
+
+        if quick:
+            return buckets.measure(rounds=1, steps=2, layers=1)
+        return buckets.measure(rounds=5, steps=4, layers=2)
     raise ValueError(f"unknown benchmark {name!r}; one of {NAMES}")
 
 
@@ -367,10 +373,16 @@ def _section_curation(r: dict[str, Any]) -> list[str]:
     return curation.report(r)
 
 
+def _section_buckets(r: dict[str, Any]) -> list[str]:
+    from bench import buckets
+
+    return buckets.report(r)
+
+
 SECTIONS = {"train_step": _section_train_step, "train_step_2x": _section_train_step_2x,
             "efficiency": _section_efficiency, "seq_parallel": _section_seq,
             "checkpoint": _section_ckpt, "data": _section_data, "syncnet": _section_syncnet,
-            "sampling": _section_sampling, "curation": _section_curation}
+            "sampling": _section_sampling, "curation": _section_curation, "buckets": _section_buckets}
 
 
 def interpret(results: dict[str, dict[str, Any]]) -> dict[str, str]:
@@ -421,6 +433,11 @@ def interpret(results: dict[str, dict[str, Any]]) -> dict[str, str]:
         out["curation"] = (f"prepare on Dask ({sp['stages']} stages): {sp['workers'][1]} worker processes give "
                            f"{sp['end_to_end']:.2f}x the clips/s of {sp['workers'][0]} end to end, {sp['steady']:.2f}x "
                            "without the cluster's start and stop.")
+    r = results.get("buckets", {})
+    if "ratio_buckets_over_grouped" in r:
+        out["buckets"] = (f"Two compiled shape buckets alternating every step run at "
+                          f"{r['ratio_buckets_over_grouped']:.2f}x the tokens/s of the same steps grouped by shape "
+                          f"(target >= 0.95), {r['ratio_buckets_over_fixed']:.2f}x a fixed-shape run's.")
     for name, line in out.items():
         if not results[name].get("host", {}).get("claim"):
             why = results[name].get("host", {}).get("why", "load not recorded")
@@ -468,7 +485,8 @@ def write_report(results: dict[str, dict[str, Any]], machine: dict[str, Any], pa
         if r is None or "error" in r:
             continue
         sec = SECTIONS[name](r)
-        if name not in ("train_step", "train_step_2x", "checkpoint", "syncnet", "sampling", "curation"):  # under setup
+        if name not in ("train_step", "train_step_2x", "checkpoint", "syncnet", "sampling", "curation",
+                        "buckets"):  # under setup
             sec[1:1] = ["", common.host_line(r)]
         lines += sec
     lines += ["## GPU", "",

@@ -82,6 +82,24 @@ def measure(rounds: int = 5, steps: int = 4, layers: int = 2) -> dict[str, Any]:
     }
 
 
+def report(r: dict[str, Any]) -> list[str]:
+    """The results.md section of a `measure` result (`python -m bench --only=buckets`)."""
+    t = r["tokens_per_s"]
+    out = ["## 9. Shape buckets: two compiled shapes alternating vs a fixed shape (issue 31)", "",
+           f"`python -m bench.buckets --rounds={r['rounds']} --steps={r['steps']} --layers={r['layers']}`: "
+           "configs/tiny.py on one device, each bucket's step compiled ahead of time; a round times the fixed shape, "
+           "the two buckets alternating every step and the same steps grouped by shape (median of the rounds).", "",
+           common.host_line(r), "",
+           "| bucket | latent frames | batch | tokens per batch | compile s |", "|---|---|---|---|---|"]
+    out += [f"| {n} | {b['latent_frames']} | {b['batch']} | {b['tokens_per_batch']} | {b['compile_s']:.1f} |"
+            for n, b in r["buckets"].items()]
+    out += ["", f"tokens/s: fixed shape {t['fixed']:.0f}, grouped {t['grouped']:.0f}, alternating {t['buckets']:.0f}; "
+            f"alternating / grouped {r['ratio_buckets_over_grouped']:.3f} (the cost of switching compiled shapes; "
+            f"target >= 0.95), alternating / fixed {r['ratio_buckets_over_fixed']:.3f} (adds the longer clips' "
+            "attention per token).", ""]
+    return out
+
+
 def main(argv: list[str]) -> None:
     del argv
     r = measure(FLAGS.rounds, FLAGS.steps, FLAGS.layers)

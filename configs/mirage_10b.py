@@ -17,6 +17,10 @@ The argument is `key=value,...` (mirage_jax.run_config.parse_arg): `seconds` (cl
                                                                148,056 tokens) on v5p-512: fsdp 64 x sequence 4,
                                                                global batch 64
     --config=configs/mirage_10b.py:8s                          the older spelling of `seconds=8`
+    --config=configs/mirage_10b.py:seconds=4,8                 the report's mix: shape buckets 4s_720x1280 and
+                                                               8s_720x1280 (`data.buckets`; `shapes` is the first
+                                                               listed) on v5p-256 with full remat: token budget
+                                                               64 x 4 s = 32 x 8 s clips (docs/scaling.md)
 
 Every layout: no accumulation; weights, gradients and optimizer state sharded over fsdp AND sequence (all
 chips); Ulysses inside attention. v5p256 and v6e256 keep splash's residuals (`remat_policy=save_splash`) and
@@ -46,6 +50,7 @@ TIME_MAP = "causal:6/25"  # Mochi's VAE on independent 25-frame chunks: 100 fram
 # table of the 10B layouts; `mirage_jax.aot.layout.apply_layout` sets one on the config (as the search does)
 LAYOUTS = {"v5p256": (4, 32, "save_splash", True), "v6e256": (8, 32, "save_splash", True),
            "v5p512": (4, 64, "full", False)}
+SIZE = "720x1280"  # the clips' frame size, W x H (8 x the latent 90 x 160): the bucket names of prepare
 MEASURED_SECONDS = 4  # the clip length save_splash + the fused backward were compiled for (v5p256, v6e256)
 
 
@@ -68,18 +73,55 @@ def diffusion_config() -> ml_collections.ConfigDict:
     ))
 
 
+def _seconds(arg: str | None) -> tuple[str, list[int]]:
+    """`seconds=4,8,layout=v5p256` -> ('layout=v5p256', [4, 8]): the clip lengths (default [4]) and the rest of
+    the argument for parse_arg (which would read the list's later numbers as keys)."""
+    arg = "seconds=8" if arg == "8s" else (arg or "")
+    rest, seconds, in_list = [], [], False
+    for item in filter(None, arg.split(",")):
+        key, eq, value = item.partition("=")
+        if key.strip() == "seconds" and eq:
+            seconds, in_list = [value.strip()], True
+        elif in_list and not eq and item.strip().lstrip("+-").isdigit():
+            seconds.append(item.strip())  # the list's next number
+        else:
+            rest.append(item)
+            in_list = False
+    try:
+        values = [int(x) for x in seconds] or [4]
+    except ValueError:
+        raise ConfigArgError(f"configs/mirage_10b.py:{arg}: `seconds` takes whole seconds, e.g. seconds=4,8") from None
+    if any(v < 1 for v in values) or len(set(values)) != len(values):
+        raise ConfigArgError(f"configs/mirage_10b.py:{arg}: seconds={','.join(seconds)}: distinct clips of at least "
+                             "1 s each")
+    return ",".join(rest), values
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = parse_arg("seconds=8" if arg == "8s" else arg, "configs/mirage_10b.py", seconds=4, layout="v5p256")
-    if a.seconds < 1:
-        raise ConfigArgError(f"configs/mirage_10b.py:{arg}: seconds={a.seconds}: a clip of at least 1 s")
+    rest, seconds = _seconds(arg)
+    a = parse_arg(rest, "configs/mirage_10b.py", layout="v5p256", seconds=0)  # seconds: taken out above
     if a.layout not in LAYOUTS:
         raise ConfigArgError(f"configs/mirage_10b.py:{arg}: unknown layout {a.layout!r}; one of {sorted(LAYOUTS)}")
     cfg = base_config()
     cfg.model = model_config()
-    cfg.shapes = ml_collections.ConfigDict(clip_shapes(a.seconds, TIME_MAP, latent_height=160, latent_width=90,
-                                                       text_len=256))
+    shapes = {s: clip_shapes(s, TIME_MAP, latent_height=160, latent_width=90, text_len=256) for s in seconds}
+    cfg.shapes = ml_collections.ConfigDict(shapes[seconds[0]])
     cfg.diffusion = diffusion_config()
     sequence, global_batch, remat, fused_bwd = LAYOUTS[a.layout]
-    if a.seconds > MEASURED_SECONDS and fused_bwd:  # compiled at 4 s; the fused dq buffer grows with tokens^2
+    if max(seconds) > MEASURED_SECONDS and fused_bwd:  # compiled at 4 s; the fused dq buffer grows with tokens^2
         remat, fused_bwd = "full", False
-    return apply_layout(cfg, sequence=sequence, global_batch=global_batch, remat=remat, fused_bwd=fused_bwd)
+    cfg = apply_layout(cfg, sequence=sequence, global_batch=global_batch, remat=remat, fused_bwd=fused_bwd)
+    if len(seconds) > 1:  # shape buckets: the clips of every length, as prepare --clip-seconds=4,8 writes them
+        cfg.data.buckets = ",".join(f"{s}s_{SIZE}={v['latent_frames']}x160x90" for s, v in shapes.items())
+        # the layout's batch of the longest clips, counted at the shortest clip's tokens per second: each bucket's
+        # batch is then the layout's x (longest / its seconds), rounded down to what the batch axes divide
+        # (shape_buckets.make_bucket); 4,8 on v5p256: 64 x 4 s and 32 x 8 s, ~37k tokens per device each
+        cfg.train.tokens_per_batch = global_batch * max(seconds) * _tokens(cfg, shapes[min(seconds)]) // min(seconds)
+    return cfg
+
+
+def _tokens(cfg: ml_collections.ConfigDict, shapes: dict[str, int]) -> int:
+    from mirage_jax.config import ModelConfig
+    from mirage_jax.describe import count_tokens
+
+    return int(count_tokens(ModelConfig.from_config(cfg.model), shapes)["total"])

@@ -106,22 +106,31 @@ def describe(cfg: ModelConfig, shapes: Mapping[str, int]) -> dict[str, Any]:
     }
 
 
-def describe_buckets(cfg: ModelConfig, shapes: Mapping[str, int], source: str) -> dict[str, Any] | None:
-    """{bucket name: its latent shape, tokens and train FLOPs per sample} of a data source prepared as shape buckets
-    (data_pipeline/buckets.py: each bucket's clip shapes replace `shapes`' clip fields), None for any other source."""
-    if not source or source == "synthetic":
-        return None
-    from data_pipeline.dataset.manifest import read_buckets_manifest
+def describe_buckets(cfg: ModelConfig, shapes: Mapping[str, int], source: str,
+                     listed: str = "") -> dict[str, Any] | None:
+    """{bucket name: its latent shape, tokens and train FLOPs per sample (and records)} of a data source prepared as
+    shape buckets (data_pipeline/buckets.py: each bucket's clip shapes replace `shapes`' clip fields), else of the
+    buckets the config lists (`listed`: data.buckets, audio frames from the time map); None when neither has any."""
+    entries = None
+    if source and source != "synthetic":
+        from data_pipeline.dataset.manifest import read_buckets_manifest
 
-    top = read_buckets_manifest(source)
-    if top is None:
+        top = read_buckets_manifest(source)
+        entries = top and top["buckets"]
+    if entries is None and listed:
+        from mirage_jax.run_config import parse_buckets
+
+        entries = [{"name": name, "latent_frames": t, "latent_height": h, "latent_width": w,
+                    "audio_frames": cfg.frame_map.frames_for_latents(t)} for name, (t, h, w) in parse_buckets(listed)]
+    if not entries:
         return None
     out = {}
-    for e in top["buckets"]:
+    for e in entries:
         sd = {**shapes, **{k: e[k] for k in ("latent_frames", "latent_height", "latent_width", "audio_frames")}}
         out[e["name"]] = {"latent": [sd["latent_frames"], sd["latent_height"], sd["latent_width"]],
-                          "records": e["num_records"], "tokens": count_tokens(cfg, sd)["total"],
-                          "train_flops_per_sample": count_flops(cfg, sd)}
+                          "tokens": count_tokens(cfg, sd)["total"], "train_flops_per_sample": count_flops(cfg, sd)}
+        if "num_records" in e:
+            out[e["name"]]["records"] = e["num_records"]
     return out
 
 
@@ -135,7 +144,8 @@ def main(argv: list[str]) -> None:
     mcfg = ModelConfig.from_config(cfg.model)
     shapes = section(ShapesConfig, "shapes", cfg.shapes)  # ConfigError (one line, exit 2) for a bad --config.shapes.*
     info = describe(mcfg, dataclasses.asdict(shapes))
-    buckets = describe_buckets(mcfg, dataclasses.asdict(shapes), cfg.get("data", {}).get("source", ""))
+    data = cfg.get("data", {})
+    buckets = describe_buckets(mcfg, dataclasses.asdict(shapes), data.get("source", ""), data.get("buckets", ""))
     if buckets is not None:
         info["buckets"] = buckets
     if flags.FLAGS.json:
@@ -154,7 +164,8 @@ def main(argv: list[str]) -> None:
     print(f"time map {tm['rule']}: {tm['audio_frames']} frames -> {tm['latent_frames_of_audio']} latent frames{note}")
     for name, b in (buckets or {}).items():
         t, h, w = b["latent"]
-        print(f"shape bucket {name}: latent {t}x{h}x{w}, {b['records']} records, {b['tokens']:,} tokens and "
+        records = f", {b['records']} records" if "records" in b else ""
+        print(f"shape bucket {name}: latent {t}x{h}x{w}{records}, {b['tokens']:,} tokens and "
               f"{b['train_flops_per_sample']:.4e} train FLOPs per sample")
 
 

@@ -142,6 +142,23 @@ class MetricsConfig:
                "device kind up)", self.peak_flops_per_device)
 
 
+def parse_buckets(text: str) -> list[tuple[str, tuple[int, int, int]]]:
+    """`data.buckets` 'NAME=TxHxW,NAME=TxHxW' -> [(NAME, (latent frames, height, width))], in order; ConfigError
+    naming the field for anything else (a repeated name, a size < 1)."""
+    out: list[tuple[str, tuple[int, int, int]]] = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, _, dims = item.partition("=")
+        parts = dims.lower().split("x")
+        if not name.strip() or len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+            raise ConfigError(f"--config.data.buckets={text!r}: expected NAME=TxHxW,... (latent frames x height x "
+                              f"width, e.g. 4s_720x1280=20x160x90,8s_720x1280=40x160x90); got {item!r}")
+        if name.strip() in {n for n, _ in out}:
+            raise ConfigError(f"--config.data.buckets={text!r}: bucket {name.strip()!r} is listed twice")
+        t, h, w = (int(p) for p in parts)
+        out.append((name.strip(), (t, h, w)))
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """The `data` section: the training data and how the loader reads it."""
@@ -157,9 +174,15 @@ class DataConfig:
     # shape buckets: explicit global batches, 'NAME=B,NAME=B' (e.g. '4s_720x1280=32,8s_720x1280=16'); a bucket
     # not listed takes train.tokens_per_batch's (or train.global_batch_size); B=0 leaves the bucket out
     bucket_batch: str = ""
+    # the shape buckets the config is planned for (`mirage_jax.aot` compiles each, `describe` counts each):
+    # 'NAME=TxHxW,...' latent frames x height x width per bucket (audio frames from model.time_map), e.g.
+    # '4s_720x1280=20x160x90,8s_720x1280=40x160x90'; '' = the `shapes` section alone. Training takes its buckets
+    # from data.source's manifest (data_pipeline/buckets.py), batches as aot does (train/shape_buckets.py)
+    buckets: str = ""
 
     def validate(self) -> None:
         _check(bool(self.source), "data.source", "'synthetic' or a path / glob of prepared shards", "''")
+        parse_buckets(self.buckets)
         _check(self.worker_count >= -1, "data.worker_count", "worker processes >= 0, or -1 (automatic)",
                self.worker_count)
         _at_least(self, "data", 1, "prefetch")

@@ -306,3 +306,22 @@ def test_curation_bench_runs_and_renders(tmp_path) -> None:
         [rows[f"curated-{w}"]["wall_s"] / rows[f"plain-{w}"]["wall_s"] for w in (1, 2)])
     text = run_all.write_report({"curation": r}, MACHINE, str(tmp_path / "r.md"), quick=True, only=["curation"])
     assert "## 7. Data preparation on Dask" in text and "**curation**" in text
+
+
+@pytest.mark.slow  # two tiny train-step compiles and 3 x 2 steps: ~1 min on a loaded 2-core host
+def test_buckets_bench_runs_and_renders(tmp_path) -> None:
+    """bench.buckets at its smallest (`python -m bench --quick --only=buckets`'s size): tokens/s = tokens of the
+    runner's steps / its median time, the ratios are of those rates, and results.md section 9 renders."""
+    from bench import __main__ as run_all
+    from bench import buckets
+
+    r = buckets.measure(rounds=1, steps=2, layers=1)
+    b = r["buckets"]
+    assert (b["1s"]["batch"], b["2s"]["batch"]) == (8, 4)
+    tokens = {"fixed": 2 * b["1s"]["tokens_per_batch"],
+              "buckets": b["1s"]["tokens_per_batch"] + b["2s"]["tokens_per_batch"]}  # 2 steps: 1s, 2s alternating
+    for k, n in tokens.items():
+        assert r["tokens_per_s"][k] == pytest.approx(n / r["seconds"][k]["median"])
+    assert r["ratio_buckets_over_fixed"] == pytest.approx(r["tokens_per_s"]["buckets"] / r["tokens_per_s"]["fixed"])
+    text = run_all.write_report({"buckets": r}, MACHINE, str(tmp_path / "r.md"), quick=True, only=["buckets"])
+    assert "## 9. Shape buckets" in text and "**buckets**" in text

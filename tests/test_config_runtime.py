@@ -104,3 +104,23 @@ def test_bad_config_file_argument_is_one_line():
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert r.stderr.strip().splitlines()[-1] == (
         "CONFIG ERROR: configs/mirage_10b.py:layout=v7: unknown layout 'v7'; one of ['v5p256', 'v5p512', 'v6e256']")
+
+
+def test_mirage_10b_seconds_list_is_the_reports_mix():
+    """`seconds=4,8`: both buckets listed (prepare's names), full remat (8 s is above the fused layouts' 4 s), and
+    the token budget gives the v5p-256 layout's 32 x 8 s and 64 x 4 s: the fsdp axis (32 of the 128 chips)
+    divides both, and each device holds ~37k tokens in either bucket."""
+    from configs.mirage_10b import get_config
+    from mirage_jax.train.shape_buckets import config_buckets
+
+    cfg = get_config("seconds=4,8,layout=v5p256")
+    run = RunConfig.from_config(cfg)
+    assert cfg.data.buckets == "4s_720x1280=20x160x90,8s_720x1280=40x160x90"
+    assert (run.model.remat_policy, run.model.splash_fused_bwd, run.shapes.latent_frames) == ("full", False, 20)
+    got = {b.name: (b.batch, b.tokens, b.shapes.audio_frames) for b in config_buckets(run, 32)}
+    assert got == {"4s_720x1280": (64, 75_956, 100), "8s_720x1280": (32, 148_056, 200)}
+    per_device = [b * t / 128 for b, t, _ in got.values()]
+    assert max(per_device) / min(per_device) < 1.03
+    assert get_config("seconds=4").data.buckets == "" and get_config().to_dict() == get_config("seconds=4").to_dict()
+    with pytest.raises(ConfigArgError, match="distinct clips"):
+        get_config("seconds=4,4")

@@ -70,3 +70,23 @@ def test_flops_match_a_jax_cost_analysis_of_the_forward():
     analytic = describe(cfg, shapes)["forward_flops_per_sample"]
     assert count_tokens(cfg, shapes)["total"] == 4 * 16 + 16 + 4 + 8
     np.testing.assert_allclose(cost["flops"], analytic, rtol=0.1)
+
+
+def test_config_buckets_count_as_the_single_length_configs():
+    """configs/mirage_10b.py:seconds=4,8 lists two buckets (data.buckets); describe counts each as the config of
+    that length alone (`seconds=4`, `seconds=8`: shapes from clip_shapes, not from the bucket list)."""
+    import dataclasses
+
+    from configs.mirage_10b import get_config
+    from mirage_jax.describe import count_flops, count_tokens, describe_buckets
+    from mirage_jax.run_config import RunConfig
+
+    mix = RunConfig.from_config(get_config("seconds=4,8"))
+    got = describe_buckets(mix.model, dataclasses.asdict(mix.shapes), "synthetic", mix.data.buckets)
+    assert list(got) == ["4s_720x1280", "8s_720x1280"]
+    for name, seconds in (("4s_720x1280", 4), ("8s_720x1280", 8)):
+        one = get_config(f"seconds={seconds}").shapes.to_dict()
+        assert got[name]["tokens"] == count_tokens(mix.model, one)["total"]
+        assert got[name]["train_flops_per_sample"] == count_flops(mix.model, one)
+        assert got[name]["latent"] == [one["latent_frames"], 160, 90] and "records" not in got[name]
+    assert describe_buckets(mix.model, dataclasses.asdict(mix.shapes), "synthetic") is None

@@ -183,6 +183,28 @@ def test_kill9_of_2x4_processes_resumed_as_1x8_is_bitwise_the_uninterrupted_run(
     assert b and all(a[k] == h for k, h in b.items())
 
 
+def test_heldout_loss_per_bucket_is_each_buckets_own_eval(bucketed_shards, uninterrupted):
+    """`mirage_jax.eval`'s held-out loss on the bucketed dataset: one entry per bucket (all four, the two not trained
+    too: the model takes any shape), each equal to the loss of eval pointed at that bucket's folder alone."""
+    from mirage_jax.eval.heldout import bucket_losses, heldout_loss, read_heldout
+    from mirage_jax.inference import load_run
+    from mirage_jax.run_encoders import load_encoders
+
+    workdir, _, _ = uninterrupted
+    run = load_run(str(workdir))
+    encs = load_encoders(run.config.data)
+    got = bucket_losses(run, encs, bucketed_shards, clips=2)
+    top = json.load(open(os.path.join(bucketed_shards, "manifest.json")))
+    assert list(got) == [e["name"] for e in top["buckets"]]
+    for name in ("0.2s_64x64", "0.4s_80x48"):  # one of each length and size
+        held = read_heldout(os.path.join(bucketed_shards, name), 2, encs)
+        want = heldout_loss(run, held.batch)
+        assert got[name]["per_level"] == {f"{t:.1f}": v for t, v in want.items()}
+        assert got[name]["clips"] == 2 and got[name]["loss"] == pytest.approx(np.mean(list(want.values())))
+    assert len({round(b["loss"], 6) for b in got.values()}) == 4  # four shapes, four problems
+    assert bucket_losses(run, encs, os.path.join(bucketed_shards, "0.2s_64x64"), clips=2) is None
+
+
 def test_describe_lists_the_buckets_tokens(bucketed_shards):
     """`describe` on a bucketed data.source: each bucket's tokens per sample, counted by hand in BATCH's comment."""
     import dataclasses

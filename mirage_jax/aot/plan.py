@@ -12,6 +12,11 @@ predicted at a stated MFU. An out-of-memory layout fails at compile time on the 
 "does not fit" report (exit status 2) instead of minutes of pod time. docs/scaling.md has the measured
 layouts for the report's 10B model.
 
+Shape buckets: a config listing `data.buckets` (configs/mirage_10b.py:seconds=4,8) is compiled once per bucket at
+the global batch training gives it (`train.shape_buckets.make_bucket`); the report's top level is the worst
+bucket's (`bucket` names it, so `fits` and the exit status are the worst bucket's) and `buckets` lists every
+bucket's report. A config without buckets gives the report as before.
+
 Modules of the `mirage_jax.aot` package: `chips` (HBM and bf16 peak per chip), `topology` (slice names ->
 libtpu's abstract devices), `flops` (XLA's FLOP count corrected for scanned loops and splash attention: why it
 needs a correction is there), this module (compile, memory and FLOPs report, CLI; `python -m mirage_jax.aot`
@@ -26,7 +31,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from mirage_base.errors import ExitCode, MirageError
@@ -51,12 +56,15 @@ class UncompilableError(MirageError, RuntimeError):
 # -- compile ----------------------------------------------------------------------------------------
 
 
-def abstract_batch(setup: RunSetup, global_batch: int) -> dict[str, Any]:
-    """ShapeDtypeStructs of one global batch with the runtime's batch shardings."""
+def abstract_batch(setup: RunSetup, global_batch: int,
+                   shapes: Mapping[str, tuple[tuple[int, ...], Any]] | None = None) -> dict[str, Any]:
+    """ShapeDtypeStructs of one global batch with the runtime's batch shardings (of `shapes`, `data.batch_shapes`
+    of one bucket, when given; else the run's)."""
     import jax
 
+    shapes = setup.batch_shapes if shapes is None else shapes
     return {k: jax.ShapeDtypeStruct((global_batch, *shape), dtype, sharding=setup.batch_shardings[k])
-            for k, (shape, dtype) in setup.batch_shapes.items()}
+            for k, (shape, dtype) in shapes.items()}
 
 
 # The TPU compiler's out-of-memory messages, as libtpu 0.0.42.1 words them:
@@ -72,31 +80,64 @@ def _bytes(num: str, unit: str) -> int:
 
 
 def plan(cfg: ml_collections.ConfigDict, topology: str, *, mfu: float = DEFAULT_MFU,
-         min_headroom: float = DEFAULT_MIN_HEADROOM, hlo_path: str | None = None) -> dict[str, Any]:
-    """Compile the train step of `cfg` for `topology`; the report as a JSON-ready dict (see module doc)."""
-    import jax
+         min_headroom: float = DEFAULT_MIN_HEADROOM, hlo_path: str | None = None,
+         devices: Sequence[Any] | None = None) -> dict[str, Any]:
+    """Compile the train step of `cfg` for `topology`; the report as a JSON-ready dict (see module doc).
 
-    from mirage_jax.describe import count_params, count_tokens
-    from mirage_jax.model.attention import splash_block
-    from mirage_jax.model.dit import recomputes_attention
+    A config that lists shape buckets (`data.buckets`) is compiled once per bucket, at the bucket's global batch
+    (`train.shape_buckets.config_buckets`, the rule training uses): the report is then the worst bucket's (the
+    first that does not compile, else the least headroom) with `bucket` naming it and `buckets` holding every
+    bucket's own report, so `fits` is the worst bucket's. `devices` (tests): compile over these devices instead
+    of libtpu's for the topology, whose chip still gives the HBM and peak."""
     from mirage_jax.train.setup import RunSetup
+    from mirage_jax.train.shape_buckets import batch_unit, config_buckets
 
     if not 0.0 < mfu <= 1.0:
         raise ValueError(f"--mfu={mfu}: a fraction in (0, 1]")
     if not 0.0 <= min_headroom < 1.0:
         raise ValueError(f"--min_headroom={min_headroom}: a fraction in [0, 1)")
     topo = parse_topology(topology)
-    devices = topology_devices(topo)
+    devices = topology_devices(topo) if devices is None else list(devices)
+    setup = RunSetup(cfg, devices)  # the runtime's own derivations, over the topology's devices
+    tc = setup.run_cfg.train
+    buckets = config_buckets(setup.run_cfg, batch_unit(setup.mesh, setup.batch_axes, tc.grad_accum))
+    kw = dict(mfu=mfu, min_headroom=min_headroom)
+    if not buckets:
+        return _plan_one(setup, topology, topo, devices, tc.global_batch_size, setup.run_cfg.shapes, hlo_path, **kw)
+    from mirage_jax.train.shape_buckets import batch_shapes
+
+    reports = []
+    for bk in buckets:
+        r = _plan_one(setup, topology, topo, devices, bk.batch, bk.shapes, hlo_path and f"{hlo_path}.{bk.name}",
+                      batch_shapes=batch_shapes(setup.run_cfg, bk), **kw)
+        reports.append({"bucket": bk.name, **r})
+    return {**worst_bucket(reports), "buckets": reports}
+
+
+def worst_bucket(reports: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The bucket report that decides the fit: the first that does not compile, else the first that does not fit,
+    else the least headroom."""
+    return min(reports, key=lambda r: (bool(r["compiled"]), bool(r["fits"]), r.get("headroom_fraction") or -1.0))
+
+
+def _plan_one(setup: RunSetup, topology: str, topo: Any, devices: Sequence[Any], gb: int, shapes_cfg: Any,
+              hlo_path: str | None, *, mfu: float, min_headroom: float,
+              batch_shapes: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The report of one compile of `setup`'s train step at global batch `gb` of per-sample `shapes_cfg`."""
+    import jax
+
+    from mirage_jax.describe import count_params, count_tokens
+    from mirage_jax.model.attention import splash_block
+    from mirage_jax.model.dit import recomputes_attention
+
     n = len(devices)
     per_chip = n // topo.chips
     hbm = topo.chip.hbm_bytes // per_chip
     # Headroom is measured against the smaller of the nominal HBM and what the compiler allows (v6e: 31.25 GiB).
     usable = min(topo.chip.hbm_bytes, topo.chip.usable_hbm_bytes or topo.chip.hbm_bytes) // per_chip
     peak = topo.chip.peak_bf16_flops / per_chip
-    setup = RunSetup(cfg, devices)  # the runtime's own derivations, over the topology's devices
-    mcfg, tc = setup.mcfg, setup.run_cfg.train
-    gb, accum = tc.global_batch_size, tc.grad_accum
-    shapes = dataclasses.asdict(setup.run_cfg.shapes)
+    mcfg, accum = setup.mcfg, setup.run_cfg.train.grad_accum
+    shapes = dataclasses.asdict(shapes_cfg)
     tokens = count_tokens(mcfg, shapes)
     parts = flop_parts(mcfg, shapes)
     analytic = 3 * parts.total * gb
@@ -116,7 +157,8 @@ def plan(cfg: ml_collections.ConfigDict, topology: str, *, mfu: float = DEFAULT_
     t0 = time.perf_counter()
     try:
         with jax.set_mesh(setup.mesh):
-            lowered = setup.step_fn.lower(setup.layout.abstract_with_shardings(), abstract_batch(setup, gb))
+            lowered = setup.step_fn.lower(setup.layout.abstract_with_shardings(),
+                                          abstract_batch(setup, gb, batch_shapes))
             compiled = lowered.compile()
     except NotImplementedError as e:
         if "Mosaic" not in str(e):
@@ -172,7 +214,25 @@ def plan(cfg: ml_collections.ConfigDict, topology: str, *, mfu: float = DEFAULT_
 
 
 def format_report(r: Mapping[str, Any]) -> str:
-    """The human-readable table of `plan`'s report."""
+    """The human-readable table of `plan`'s report: of each bucket, then one line per bucket and the fit (the worst
+    bucket's), when the config lists shape buckets."""
+    if "buckets" not in r:
+        return _format_one(r)
+    parts = [f"== bucket {b['bucket']}: global batch {b['global_batch_size']}, {b['tokens_per_sample']:,} tokens/sample"
+             f"\n{_format_one(b)}" for b in r["buckets"]]
+    rows = [f"  {b['bucket']}: batch {b['global_batch_size']}, {b['global_batch_size'] * b['tokens_per_sample']:,} "
+            "tokens, " + (f"{b['memory_per_device_bytes'] / GiB:.2f} GiB per device (headroom "
+                          f"{100 * b['headroom_fraction']:.1f}%), MFU ceiling {b['mfu_ceiling']:.2f}, step "
+                          f"{b['predicted_step_time_s']:.2f} s at {100 * b['mfu_assumed']:.0f}% MFU"
+                          if b["compiled"] else "does not compile (out of memory)")
+            for b in r["buckets"]]
+    verdict = "FITS" if r["fits"] else "DOES NOT FIT"
+    return "\n\n".join(parts) + f"\n\n{len(rows)} shape buckets:\n" + "\n".join(rows) + (
+        f"\nfit (the worst bucket, {r['bucket']}): {verdict}")
+
+
+def _format_one(r: Mapping[str, Any]) -> str:
+    """The table of one compile's report."""
     g = lambda b: f"{b / GiB:8.2f} GiB" if b is not None else "       n/a"  # noqa: E731
     mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items())
     lines = [

@@ -13,7 +13,9 @@ and splash's backward kernel (`model.splash_fused_bwd`, the config's unless `--s
 fsdp takes the rest of the slice (`mesh.ici.fsdp=-1`). The MFU ceiling is analytic / executed FLOPs
 (`aot.flops.correct_compiled_flops`); memory is the compiled per-device total. A point that does not compile
 (out of memory, a layout the mesh checks refuse) is listed with its reason and is never on the front.
-Each 10B compile takes minutes and several GB of host RAM: the sweep is sequential.
+Each 10B compile takes minutes and several GB of host RAM: the sweep is sequential. A config with shape buckets
+(`data.buckets`) is compiled per bucket at every point; the point's row is its worst bucket's (`aot.plan`), and
+the buckets' batches follow `train.tokens_per_batch` (or `data.bucket_batch`) when set, not the point's batch.
 """
 
 from __future__ import annotations

@@ -7,7 +7,10 @@ flow-matching loss at fixed noise levels.
 - `sync_real` (the ceiling): the real held-out clips (decoded from their latents) against their speech.
 - `offset_frames`: median audio-video offset of the generated videos (0 is in sync), with its confidence.
 - `heldout_loss`: `diffusion.flow.flow_matching_loss` at fixed noise levels with fixed noise and no condition
-  dropout, so two checkpoints are compared on exactly the same problems.
+  dropout, so two checkpoints are compared on exactly the same problems. On a dataset of shape buckets
+  (data_pipeline/buckets.py): `heldout_loss_per_bucket` {name: loss, per level, clips} on each bucket's first
+  clips, `heldout_loss` their mean with every clip weighing the same; lip-sync on the bucket generate's window
+  is (the longest clip of the first size).
 
 - `lse_*` (with a SyncNet scorer, `mirage_jax.eval --syncnet-weights`): SyncNet's LSE-C / LSE-D of the same
   three (generated, shuffled floor, real ceiling; mirage_jax.eval.lse), for any footage with speech.
@@ -66,7 +69,9 @@ def read_heldout(data: str, clips: int, encs: Encoders) -> HeldOut:
 
     held_manifest = mf.read_manifest(dataset_dir(data))
     for kind in STREAMS:
-        want, got = encs.manifest["encoders"][kind], held_manifest["encoders"][kind]
+        # the encoder itself; its feature_shape follows the frame size (buckets of other sizes, same encoder)
+        want, got = ({k: v for k, v in m["encoders"][kind].items() if k != "feature_shape"}
+                     for m in (encs.manifest, held_manifest))
         if want != got:
             raise EvalError(f"{data}: its {kind} encoder {got['name']} v{got['version']} {got['params']} is not the "
                             f"one the model was trained with ({want['name']} v{want['version']} {want['params']}); "
@@ -111,6 +116,28 @@ def heldout_loss(run: LoadedRun, batch: dict[str, np.ndarray], seed: int = 0) ->
         return flow_matching_loss(nnx.merge(graphdef, state), x, None, cfg, fixed_draws(t, noise))[0]
 
     return {t: float(loss_at(jnp.float32(t), state)) for t in LOSS_LEVELS}
+
+
+def bucket_losses(run: LoadedRun, encs: Encoders, data: str, clips: int) -> dict[str, dict[str, Any]] | None:
+    """The held-out loss of each bucket of a shape-bucketed dataset (data_pipeline/buckets.py), None for a
+    single-shape one: {bucket name: {"loss" (mean over LOSS_LEVELS), "per_level", "clips"}}, each on the bucket's
+    own first `clips` clips (`read_heldout` of its folder, so the same as pointing eval at that folder)."""
+    import os
+
+    from data_pipeline.dataset import manifest as mf
+
+    d = dataset_dir(data)
+    top = mf.read_buckets_manifest(d)
+    if top is None:
+        return None
+    out = {}
+    for e in top["buckets"]:
+        held = read_heldout(os.path.join(d, e["path"]), clips, encs)
+        losses = heldout_loss(run, held.batch)
+        out[e["name"]] = {"loss": float(np.mean(list(losses.values()))),
+                          "per_level": {f"{t:.1f}": v for t, v in losses.items()},
+                          "clips": int(held.batch["video"].shape[0])}
+    return out
 
 
 def _mean_std(x: list[float]) -> tuple[float, float]:
@@ -205,6 +232,15 @@ def evaluate(run: LoadedRun, encs: Encoders, data: str, settings: SamplingSettin
     from mirage_jax.eval.sync import SyncInputError
 
     check_fit(run.model_config, encs)
+    per_bucket = bucket_losses(run, encs, data, clips)
+    if per_bucket is not None:  # shape buckets: lip-sync on the clips generate's window is (the longest length)
+        import os
+
+        from data_pipeline.dataset import manifest as mf
+        from mirage_jax.run_encoders import window_bucket
+
+        d = dataset_dir(data)
+        data = os.path.join(d, window_bucket(mf.read_buckets_manifest(d))["path"])
     held = read_heldout(data, clips, encs)
     out: dict[str, Any] = dict.fromkeys(SYNC_KEYS + LSE_KEYS)
     skipped = [held.lipsync_skipped] if held.lipsync_skipped else []
@@ -230,7 +266,13 @@ def evaluate(run: LoadedRun, encs: Encoders, data: str, settings: SamplingSettin
                                   cropped=syncnet_cropped)
         out.update(lse)
         skipped += [why] if why else []
-    losses = heldout_loss(run, held.batch)
+    if per_bucket is None:
+        losses = heldout_loss(run, held.batch)
+    else:  # every bucket's clips, each clip weighing the same
+        n = sum(b["clips"] for b in per_bucket.values())
+        losses = {t: sum(b["per_level"][f"{t:.1f}"] * b["clips"] for b in per_bucket.values()) / n
+                  for t in LOSS_LEVELS}
+        out["heldout_loss_per_bucket"] = per_bucket
     out.update({
         "heldout_loss": float(np.mean(list(losses.values()))),
         "heldout_loss_per_level": {f"{t:.1f}": v for t, v in losses.items()},

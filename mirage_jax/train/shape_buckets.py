@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 
 from mirage_jax.config import ConfigError
 from mirage_jax.parallel.checks import axes_size
-from mirage_jax.run_config import RunConfig
+from mirage_jax.run_config import RunConfig, parse_buckets
 from mirage_jax.train import data as data_lib
 from mirage_jax.train.hooks import Hook, StepInfo
 
@@ -67,44 +67,68 @@ def batch_unit(mesh: Mesh, batch_axes: Any, grad_accum: int) -> int:
     return math.lcm(axes_size(mesh, batch_axes) * grad_accum, jax.process_count())
 
 
+def make_bucket(run: RunConfig, name: str, latent: tuple[int, int, int], audio_frames: int, unit: int,
+                explicit: Mapping[str, int], records: int = 0) -> ShapeBucket:
+    """One bucket of `run` with latent (T, H, W) and `audio_frames` replacing `run.shapes`' clip fields, and its
+    global batch: `explicit[name]` (data.bucket_batch; a multiple of `unit` or ConfigError), else
+    train.tokens_per_batch // its tokens per sample rounded down to a multiple of `unit` (at least `unit`), else
+    train.global_batch_size. Batch 0 (explicit) means "leave it out". The one rule train and aot share."""
+    from mirage_jax.describe import count_flops, count_tokens
+
+    shapes = dataclasses.replace(run.shapes, latent_frames=latent[0], latent_height=latent[1], latent_width=latent[2],
+                                 audio_frames=audio_frames)
+    sd = dataclasses.asdict(shapes)
+    tokens = int(count_tokens(run.model, sd)["total"])
+    tpb = run.train.tokens_per_batch
+    if name in explicit:
+        batch = explicit[name]
+        if batch % unit:
+            raise ConfigError(f"--config.data.bucket_batch: {name}={batch} is not a multiple of {unit} "
+                              "(the devices of the batch axes x train.grad_accum, and the process count)")
+    elif tpb:
+        batch = max(unit, tpb // tokens // unit * unit)
+    else:
+        batch = run.train.global_batch_size
+    return ShapeBucket(name, batch, records, shapes, tokens, int(count_flops(run.model, sd)))
+
+
+def config_buckets(run: RunConfig, unit: int) -> list[ShapeBucket]:
+    """The buckets a config is planned for (`data.buckets`, batches by `make_bucket`), those of batch 0 left out;
+    [] when it lists none. What `mirage_jax.aot` compiles and `describe` counts."""
+    explicit = parse_bucket_batch(run.data.bucket_batch)
+    listed = parse_buckets(run.data.buckets)
+    unknown = sorted(set(explicit) - {n for n, _ in listed})
+    if listed and unknown:
+        raise ConfigError(f"--config.data.bucket_batch names {unknown}, not buckets of data.buckets="
+                          f"{run.data.buckets!r}")
+    tm = run.model.frame_map
+    out = [make_bucket(run, name, lat, tm.frames_for_latents(lat[0]), unit, explicit) for name, lat in listed]
+    return [b for b in out if b.batch > 0]
+
+
 class BucketPlan:
     """The kept buckets (`buckets`, with the loader's `loader_buckets` in the same order), the dropped ones' notes."""
 
     def __init__(self, run: RunConfig, loader_buckets: list[Any], unit: int):
-        from mirage_jax.describe import count_flops, count_tokens
-
         explicit = parse_bucket_batch(run.data.bucket_batch)
         unknown = sorted(set(explicit) - {b.name for b in loader_buckets})
         if unknown:
             raise ConfigError(f"--config.data.bucket_batch names {unknown}, not buckets of data.source="
                               f"{run.data.source} (its buckets: {', '.join(b.name for b in loader_buckets)})")
         self.unit, self.buckets, self.loader_buckets, self.notes = unit, [], [], []
-        tpb = run.train.tokens_per_batch
         for lb in loader_buckets:
             e = lb.entry
-            shapes = dataclasses.replace(run.shapes, latent_frames=e["latent_frames"], latent_height=e["latent_height"],
-                                         latent_width=e["latent_width"], audio_frames=e["audio_frames"])
-            sd = dataclasses.asdict(shapes)
-            tokens = int(count_tokens(run.model, sd)["total"])
-            if lb.name in explicit:
-                batch = explicit[lb.name]
-                if batch % unit:
-                    raise ConfigError(f"--config.data.bucket_batch: {lb.name}={batch} is not a multiple of {unit} "
-                                      "(the devices of the batch axes x train.grad_accum, and the process count)")
-            elif tpb:
-                batch = max(unit, tpb // tokens // unit * unit)
-            else:
-                batch = run.train.global_batch_size
-            if batch == 0:
+            b = make_bucket(run, lb.name, (e["latent_frames"], e["latent_height"], e["latent_width"]),
+                            e["audio_frames"], unit, explicit, lb.num_records)
+            if b.batch == 0:
                 self.notes.append(f"bucket {lb.name}: left out (data.bucket_batch {lb.name}=0)")
                 continue
-            if lb.num_records < batch:
+            if lb.num_records < b.batch:
                 self.notes.append(f"bucket {lb.name}: left out: {lb.num_records} records, fewer than its global batch "
-                                  f"{batch} (lower it with --config.data.bucket_batch={lb.name}=B, B a multiple of "
+                                  f"{b.batch} (lower it with --config.data.bucket_batch={lb.name}=B, B a multiple of "
                                   f"{unit}, or prepare more footage of this shape)")
                 continue
-            self.buckets.append(ShapeBucket(lb.name, batch, lb.num_records, shapes, tokens,
-                                            int(count_flops(run.model, sd))))
+            self.buckets.append(b)
             self.loader_buckets.append(lb)
         if not self.buckets:
             raise ConfigError(f"data.source={run.data.source}: no shape bucket can be trained: "

@@ -303,10 +303,19 @@ def test_lora_on_shape_buckets_resumes_bitwise(bases, bucketed_shards, tmp_path)
         if step == 5:
             raise Stop
 
-    Trainer(cfg(tmp_path / "base", "rows"), str(tmp_path / "base")).run()
-    with pytest.raises(Stop):
-        Trainer(cfg(tmp_path / "run", "rows"), str(tmp_path / "run"), hooks=[stop_after]).run()
-    Trainer(cfg(tmp_path / "run", "rows2"), str(tmp_path / "run")).run()
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    old = {k: getattr(jax.config, k) for k in keys}
+    for k, v in zip(keys, (str(tmp_path / "jax_cache"), 0, -1), strict=True):
+        jax.config.update(k, v)  # the three runs compile the same two bucket steps: compile them once
+    try:
+        Trainer(cfg(tmp_path / "base", "rows"), str(tmp_path / "base")).run()
+        with pytest.raises(Stop):
+            Trainer(cfg(tmp_path / "run", "rows"), str(tmp_path / "run"), hooks=[stop_after]).run()
+        Trainer(cfg(tmp_path / "run", "rows2"), str(tmp_path / "run")).run()
+    finally:
+        for k, v in old.items():
+            jax.config.update(k, v)
     want = {r["step"]: (r["bucket"], r["loss"]) for r in read_metrics(tmp_path / "base") if "bucket" in r}
     got = {r["step"]: (r["bucket"], r["loss"]) for r in read_metrics(tmp_path / "run") if "bucket" in r}
     assert {b for b, _ in want.values()} == {"0.2s_64x64", "0.4s_80x48"}

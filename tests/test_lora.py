@@ -7,7 +7,9 @@ through peft's own LoRA layers; the sharded step is compared with one device.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -22,7 +24,7 @@ from mirage_jax.checkpoint_format import ParamReader, config_to_dict, flatten, r
 from mirage_jax.lora import adapter as lora_adapter
 from mirage_jax.model.build import abstract_model
 from mirage_jax.run_config import LoraConfig, RunConfig
-from train_cli import ROOT, fast_config
+from train_cli import ROOT, fast_config, load_params, read_metrics
 
 RANK, ALPHA = 4, 8.0
 
@@ -278,3 +280,49 @@ def test_config_mistakes_are_one_line_config_errors():
     with pytest.raises(ConfigError, match=r"--config.lora.targets='blocks/video/qq': matches no dense layer"):
         StateLayout(run.model, None, None, (), 0, run.lora)
     assert not RunConfig.from_config(fast_config()).lora.enabled  # absent / rank 0: a full run
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed (make sysdeps)")
+def test_lora_on_shape_buckets_resumes_bitwise(bases, bucketed_shards, tmp_path):
+    """LoRA x shape buckets: a LoRA run on two buckets (two lengths, two sizes: tests/test_train_buckets.py's TWO),
+    stopped after step 5 (a step hook raises: the in-process stand-in for kill -9) and resumed from step 4's
+    checkpoint, gives the uninterrupted run's bucket, loss and batch rows for steps 5..6 bitwise, and the same
+    adapters at step 6; every step ran on its bucket's shape (both buckets seen)."""
+    from mirage_jax.train.loop import Trainer
+
+    def cfg(workdir, rows):
+        return _lora_cfg(bases / "base", data__source=bucketed_shards, data__worker_count=0,
+                         train__tokens_per_batch=2400, train__steps=6, checkpoint__save_every=4,
+                         checkpoint__async_save=False, metrics__tensorboard=False,
+                         data__bucket_batch="0.4s_64x64=0,0.2s_80x48=0", data__row_hash_log=str(workdir / rows))
+
+    class Stop(Exception):
+        pass
+
+    def stop_after(step):
+        if step == 5:
+            raise Stop
+
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    old = {k: getattr(jax.config, k) for k in keys}
+    for k, v in zip(keys, (str(tmp_path / "jax_cache"), 0, -1), strict=True):
+        jax.config.update(k, v)  # the three runs compile the same two bucket steps: compile them once
+    try:
+        Trainer(cfg(tmp_path / "base", "rows"), str(tmp_path / "base")).run()
+        with pytest.raises(Stop):
+            Trainer(cfg(tmp_path / "run", "rows"), str(tmp_path / "run"), hooks=[stop_after]).run()
+        Trainer(cfg(tmp_path / "run", "rows2"), str(tmp_path / "run")).run()
+    finally:
+        for k, v in old.items():
+            jax.config.update(k, v)
+    want = {r["step"]: (r["bucket"], r["loss"]) for r in read_metrics(tmp_path / "base") if "bucket" in r}
+    got = {r["step"]: (r["bucket"], r["loss"]) for r in read_metrics(tmp_path / "run") if "bucket" in r}
+    assert {b for b, _ in want.values()} == {"0.2s_64x64", "0.4s_80x48"}
+    assert {s: got[s] for s in (5, 6)} == {s: want[s] for s in (5, 6)}
+    rows = lambda p: [json.loads(x) for x in open(p).read().splitlines()]  # noqa: E731
+    assert rows(tmp_path / "run" / "rows2.p0.jsonl") == [r for r in rows(tmp_path / "base" / "rows.p0.jsonl")
+                                                         if r["step"] >= 4]
+    a, b = load_params(tmp_path / "base", 6), load_params(tmp_path / "run", 6)
+    assert a.keys() == b.keys() and all(k.endswith(("/lora/lora_a", "/lora/lora_b")) for k in a)
+    assert all(np.array_equal(a[k], b[k]) for k in a)

@@ -110,10 +110,17 @@ def mouth_track(audio: np.ndarray, num_frames: int) -> np.ndarray:
     return smooth.astype(np.float32)
 
 
-def utterance(rng: np.random.Generator, seconds: float) -> tuple[np.ndarray, str, dict]:
-    """`seconds` of speech (sentences with short pauses, cut or padded to length) and its transcript."""
+def sample_voice(rng: np.random.Generator) -> tuple[str, int, int]:
+    """One speaker's voice: (espeak-ng voice+variant, rate in words per minute, pitch 0..99)."""
     voice = f"{rng.choice(VOICES)}+{rng.choice(VARIANTS)}"
-    rate, pitch = int(rng.integers(120, 200)), int(rng.integers(20, 80))
+    return voice, int(rng.integers(120, 200)), int(rng.integers(20, 80))
+
+
+def utterance(rng: np.random.Generator, seconds: float,
+              voice: tuple[str, int, int] | None = None) -> tuple[np.ndarray, str, dict]:
+    """`seconds` of speech (sentences with short pauses, cut or padded to length) and its transcript, in `voice`
+    (`sample_voice`'s triple; None: a voice drawn from `rng`)."""
+    voice, rate, pitch = sample_voice(rng) if voice is None else voice
     n = int(round(seconds * SAMPLE_RATE))
     parts = [np.zeros(int(rng.uniform(0.05, 0.4) * SAMPLE_RATE), np.float32)]
     words, total = [], len(parts[0])

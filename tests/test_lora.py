@@ -282,6 +282,7 @@ def test_config_mistakes_are_one_line_config_errors():
     assert not RunConfig.from_config(fast_config()).lora.enabled  # absent / rank 0: a full run
 
 
+@pytest.mark.slow  # three short runs (~50 s idle): `make test-slow`
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed (make sysdeps)")
 def test_lora_on_shape_buckets_resumes_bitwise(bases, bucketed_shards, tmp_path):
     """LoRA x shape buckets: a LoRA run on two buckets (two lengths, two sizes: tests/test_train_buckets.py's TWO),

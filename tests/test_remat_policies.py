@@ -102,3 +102,10 @@ def test_offload_policies_move_residuals_to_host(block, policy: str, per_stream:
     if policy == "offload_mlp":
         assert got == sorted(f"f32<host>[2,{xs[n].shape[1]},{hidden[n]}]" for n in xs for _ in range(2))
     assert host("save_splash_dense") == []
+
+
+def test_config_accepts_every_policy() -> None:
+    """`model.remat_policy`'s allowed values (config.py, which cannot import the model) are the REMAT table's."""
+    from mirage_jax.config import REMAT_POLICIES
+
+    assert set(REMAT_POLICIES) == {"none", *REMAT}

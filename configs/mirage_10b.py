@@ -14,8 +14,9 @@ The argument is `key=value,...` (mirage_jax.run_config.parse_arg): `seconds` (cl
                                                                fsdp 32 x sequence 8, global batch 32,
                                                                remat save_splash + fused splash backward
     --config=configs/mirage_10b.py:seconds=8,layout=v5p512     8 s clips (40 latent frames, 200 audio frames,
-                                                               148,056 tokens) on v5p-512: fsdp 64 x sequence 4,
-                                                               global batch 64
+                                                               148,056 tokens) on v5p-512: fsdp 32 x sequence 8,
+                                                               global batch 32, remat save_splash_down + fused
+                                                               splash backward (69.0 GiB, ceiling 0.848)
     --config=configs/mirage_10b.py:8s                          the older spelling of `seconds=8`
     --config=configs/mirage_10b.py:seconds=4,8                 the report's mix: shape buckets 4s_720x1280 and
                                                                8s_720x1280 (`data.buckets`; `shapes` is the first
@@ -26,10 +27,12 @@ Every layout: no accumulation; weights, gradients and optimizer state sharded ov
 chips); Ulysses inside attention. v5p256 and v6e256 keep splash's residuals (`remat_policy=save_splash`) and
 run its fused backward kernel (`splash_fused_bwd`): MFU ceilings 0.83 (52% of HBM free) and 0.83 (22% free;
 v6e needs sequence 8, one sample per 8 chips, to fit), against 0.56 under full remat (docs/scaling.md).
-v5p512 (8 s) is the full-remat layout: the fused kernel's dq buffer grows with the square of the sequence.
-Those two settings were compiled for 4 s clips only: with `seconds` above 4 every layout uses full remat and
-the split backward (as `v5p512`), so `:seconds=8` alone gives v5p-256 with full remat, never an uncompiled
-fused layout. For example:
+v5p512 (8 s) keeps splash's residuals and the MLP's down projection output (`save_splash_down`) with the fused
+backward at sequence 8 (one sample per 8 chips: the fused kernel's dq buffer grows with the square of the
+sequence, 30.8 GiB per device here): ceiling 0.848 at 73% of HBM, against 0.56 under full remat. v5p256 and
+v6e256 were compiled for 4 s clips only: with `seconds` above a layout's `MEASURED_SECONDS` it uses full remat
+and the split backward, so `:seconds=8` alone gives v5p-256 with full remat, never an uncompiled fused layout.
+For example:
 
     python -m mirage_jax.aot --config=configs/mirage_10b.py:layout=v6e256 --topology=v6e-256
     python -m mirage_jax.train --config=configs/mirage_10b.py --workdir=gs://...
@@ -49,9 +52,11 @@ TIME_MAP = "causal:6/25"  # Mochi's VAE on independent 25-frame chunks: 100 fram
 # compiled (python -m mirage_jax.aot) to fit with > 10% HBM headroom; numbers in docs/scaling.md. The one
 # table of the 10B layouts; `mirage_jax.aot.layout.apply_layout` sets one on the config (as the search does)
 LAYOUTS = {"v5p256": (4, 32, "save_splash", True), "v6e256": (8, 32, "save_splash", True),
-           "v5p512": (4, 64, "full", False)}
+           "v5p512": (8, 32, "save_splash_down", True)}
 SIZE = "720x1280"  # the clips' frame size, W x H (8 x the latent 90 x 160): the bucket names of prepare
-MEASURED_SECONDS = 4  # the clip length save_splash + the fused backward were compiled for (v5p256, v6e256)
+# the clip length each layout's fused backward was compiled for (its dq buffer grows with tokens^2): longer clips
+# fall back to full remat and the split backward
+MEASURED_SECONDS = {"v5p256": 4, "v6e256": 4, "v5p512": 8}
 
 
 def model_config() -> ml_collections.ConfigDict:
@@ -108,7 +113,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.shapes = ml_collections.ConfigDict(shapes[seconds[0]])
     cfg.diffusion = diffusion_config()
     sequence, global_batch, remat, fused_bwd = LAYOUTS[a.layout]
-    if max(seconds) > MEASURED_SECONDS and fused_bwd:  # compiled at 4 s; the fused dq buffer grows with tokens^2
+    if max(seconds) > MEASURED_SECONDS[a.layout] and fused_bwd:  # not compiled at this length: full remat
         remat, fused_bwd = "full", False
     cfg = apply_layout(cfg, sequence=sequence, global_batch=global_batch, remat=remat, fused_bwd=fused_bwd)
     if len(seconds) > 1:  # shape buckets: the clips of every length, as prepare --clip-seconds=4,8 writes them

@@ -15,7 +15,9 @@ from mirage_base.errors import ExitCode, MirageError, did_you_mean
 from mirage_base.time_map import TimeMap
 
 ATTENTION_BACKENDS = ("xla", "dot_product", "cudnn", "splash")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention", "save_splash", "save_splash_qkv")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention", "save_splash", "save_splash_qkv",
+                  "save_splash_down", "save_splash_mlp", "save_splash_mlp_o", "save_splash_dense", "offload_mlp",
+                  "offload_dense")  # model/dit.py REMAT
 DTYPES = ("float32", "bfloat16")
 ROPE_INITS = ("mixed", "axial")
 TIMESTEP_SAMPLERS = ("uniform", "logit_normal", "linear_quadratic")

@@ -70,7 +70,7 @@ def test_search_point_lays_out_like_the_shipped_layout() -> None:
     from configs.mirage_10b import LAYOUTS, get_config
     from mirage_jax.run_config import PARAM_RULES
 
-    base = get_config("layout=v5p512")  # another layout: sequence 4, batch 64, full remat
+    base = get_config("layout=v5p512")  # another layout (save_splash_down)
     base.mesh.rules.params = PARAM_RULES  # the default rules: `embed` on fsdp alone
     want = get_config("layout=v6e256")
     sequence, batch, remat, fused = LAYOUTS["v6e256"]

@@ -5,6 +5,10 @@ print the Pareto front of memory per device against the MFU ceiling.
         [--search_remat=full,save_splash,save_splash_qkv] [--search_sequence=2,4] \
         [--search_micro=1] [--search_accum=1,2] [--search_fused_bwd=false,true]
 
+`--search_remat` takes any `model.remat_policy` (model/dit.py REMAT), the host-offload ones included
+(`offload_mlp`, `offload_dense`: a policy decides both what is kept and where, so offload is not an axis of its
+own); e.g. `--search_remat=save_splash,save_splash_down,save_splash_mlp,offload_dense --search_fused_bwd=true`.
+
 The idea is MaxText's estimator: rather than guess a remat policy and a layout, compile the candidates
 (`aot.plan`, nothing is allocated) and keep the ones no other candidate beats on both axes. Each point is
 `aot.plan`'s report of the config with `model.remat_policy`, `mesh.ici.sequence` and a global batch of

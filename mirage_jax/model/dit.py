@@ -26,6 +26,9 @@ from mirage_jax.model.embeddings import AttentionPool, TimestepEmbedder
 from mirage_jax.model.layers import (
     DENSE_NAME,
     DTYPE,
+    MLP_DOWN,
+    MLP_GATE,
+    MLP_UP,
     SwiGLU,
     dense,
     layer_norm,
@@ -38,6 +41,8 @@ NORM_EPS = 1e-6  # block and final norms (diffusers MochiTransformerBlock eps)
 QK_EPS = 1e-5  # query/key RMSNorm (diffusers MochiAttention eps)
 
 QKV_NAME = "attention_qkv"  # checkpoint name of the joint q, k, v (after RoPE), as attention receives them
+QKV_PROJ = "qkv_proj"  # each stream's q, k, v projection outputs (B, S, attn_dim), before the Q/K norms and RoPE
+OUT_PROJ = "out_proj"  # each stream's attention output projection's output (B, S, dim), before its gated norm
 
 
 def _and_dense(policy: Any) -> Any:
@@ -47,23 +52,47 @@ def _and_dense(policy: Any) -> Any:
         policy, jax.checkpoint_policies.save_only_these_names(DENSE_NAME))
 
 
+_save = jax.checkpoint_policies.save_only_these_names
+
+
+def _offload(device: tuple[str, ...], host: tuple[str, ...]) -> Any:
+    """Keep the `device` names in HBM and move the `host` names' values to pinned host memory between the
+    forward and the backward pass (jax's save_and_offload_only_these_names); everything else is recomputed."""
+    return jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=list(device), names_which_can_be_offloaded=list(host), offload_src="device",
+        offload_dst="pinned_host")
+
+
+# One line per policy. The save_splash* / offload_* ones keep splash's residuals (its forward is not rerun);
+# their other names say which projection outputs are kept, so the backward reruns only the rest of the block
+# (docs/scaling.md, "Saving more of each block"). With a backend other than splash, SPLASH_RESIDUALS names nothing.
 REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": _and_dense(jax.checkpoint_policies.checkpoint_dots),
     "dots_no_batch": _and_dense(jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
-    "save_attention": jax.checkpoint_policies.save_only_these_names("attention_out"),
+    "save_attention": _save("attention_out"),
     # The splash kernel's own residuals (output + logsumexp, named in model/attention.py): its forward is not
     # rerun in the backward. Other backends have no such name: there this is full remat.
-    "save_splash": jax.checkpoint_policies.save_only_these_names(SPLASH_RESIDUALS),
+    "save_splash": _save(SPLASH_RESIDUALS),
     # ... and the q, k, v it consumed: the backward reruns neither the kernel nor the QKV projections/RoPE.
-    "save_splash_qkv": jax.checkpoint_policies.save_only_these_names(SPLASH_RESIDUALS, QKV_NAME),
+    "save_splash_qkv": _save(SPLASH_RESIDUALS, QKV_NAME),
+    "save_splash_down": _save(SPLASH_RESIDUALS, MLP_DOWN),  # + the MLP's down projection output
+    "save_splash_mlp": _save(SPLASH_RESIDUALS, MLP_UP, MLP_GATE, MLP_DOWN),  # + all three MLP matmul outputs
+    "save_splash_mlp_o": _save(SPLASH_RESIDUALS, MLP_UP, MLP_GATE, MLP_DOWN, OUT_PROJ),  # + the output projection
+    "save_splash_dense": _save(SPLASH_RESIDUALS, DENSE_NAME),  # every dense output: no matmul of a block is rerun
+    # as save_splash_dense, the MLP's up/gate outputs (the widest) in host memory instead of HBM
+    "offload_mlp": _offload((SPLASH_RESIDUALS, QKV_PROJ, OUT_PROJ, MLP_DOWN), (MLP_UP, MLP_GATE)),
+    # as save_splash_dense, every projection output in host memory; splash's residuals stay in HBM
+    "offload_dense": _offload((SPLASH_RESIDUALS,), (DENSE_NAME,)),
 }
+# the policies under which splash's forward kernel is not rerun (its named residuals are kept)
+SAVES_SPLASH = frozenset(p for p in REMAT if p.startswith(("save_splash", "offload_")))
 
 
 def recomputes_attention(policy: str) -> bool:
     """Whether the backward pass reruns the splash forward kernel under `model.remat_policy=policy` (the
     FLOP correction of `aot.flops.correct_compiled_flops` adds one more forward of the kernel when it does)."""
-    return policy not in ("none", "save_splash", "save_splash_qkv")
+    return policy != "none" and policy not in SAVES_SPLASH
 
 
 class StreamLayer(nnx.Module):
@@ -93,9 +122,10 @@ class StreamLayer(nnx.Module):
         h = modulated_rms_norm(x, 1.0 + mods[0][:, None, :], NORM_EPS)
         b, s, _ = h.shape
         split = lambda y: y.reshape(b, s, self.heads, self.head_dim)  # noqa: E731
-        q = modulated_rms_norm(split(self.q(h)), self.q_norm[...], QK_EPS)
-        k = modulated_rms_norm(split(self.k(h)), self.k_norm[...], QK_EPS)
-        v = split(self.v(h))
+        proj = lambda layer: split(jax.ad_checkpoint.checkpoint_name(layer(h), QKV_PROJ))  # noqa: E731
+        q = modulated_rms_norm(proj(self.q), self.q_norm[...], QK_EPS)
+        k = modulated_rms_norm(proj(self.k), self.k_norm[...], QK_EPS)
+        v = proj(self.v)
         return (q, k, v), tuple(mods)
 
     def finish(self, x: jax.Array, attn_out: jax.Array, mods: tuple[jax.Array, ...]) -> jax.Array:
@@ -104,7 +134,7 @@ class StreamLayer(nnx.Module):
             return x
         _, gate_msa, scale_mlp, gate_mlp = mods
         b, s = attn_out.shape[:2]
-        y = self.o(attn_out.reshape(b, s, -1))
+        y = jax.ad_checkpoint.checkpoint_name(self.o(attn_out.reshape(b, s, -1)), OUT_PROJ)
         x = x + modulated_rms_norm(y, jnp.tanh(gate_msa)[:, None, :], NORM_EPS)
         h = modulated_rms_norm(x, 1.0 + scale_mlp[:, None, :], NORM_EPS)
         return x + modulated_rms_norm(self.mlp(h), jnp.tanh(gate_mlp)[:, None, :], NORM_EPS)

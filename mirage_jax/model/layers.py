@@ -62,6 +62,9 @@ class Dense(nnx.Linear):
 
 
 DENSE_NAME = "dense_out"  # checkpoint name of every `dense` layer's matmul output (remat policies "dots*")
+# Checkpoint names of single projections' outputs (on top of DENSE_NAME), so a remat policy can keep some and
+# recompute the rest (model/dit.py REMAT). Every stream uses the same names.
+MLP_UP, MLP_GATE, MLP_DOWN = "mlp_up", "mlp_gate", "mlp_down"  # SwiGLU's (B, S, hidden) x2 and (B, S, dim)
 
 
 def linear_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: tuple, precision: Any = None,
@@ -194,6 +197,7 @@ class SwiGLU(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         from mirage_jax.parallel.sharding import constrain
 
-        h = swiglu(self.up(x), self.gate(x))
+        name = jax.ad_checkpoint.checkpoint_name
+        h = swiglu(name(self.up(x), MLP_UP), name(self.gate(x), MLP_GATE))
         h = constrain(h, ("batch", "seq", "mlp"))
-        return self.down(h)
+        return name(self.down(h), MLP_DOWN)

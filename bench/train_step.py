@@ -135,6 +135,9 @@ def jax_lora_step(kw: dict, data: dict[str, np.ndarray], rank: int) -> Callable[
     model = MirageDiT(cfg, rngs=nnx.Rngs(0))
     lora_adapter.attach(model, rank=rank, scale=1.0, targets=LORA_TARGETS, dropout=0.0, seed=1)
     graphdef, adapters, base = nnx.split(model, lora_adapter.TRAINABLE, lora_adapter.FROZEN)
+    # plain dicts, as train.step passes them (nnx.State's Variables made outside the jit trace cannot enter
+    # nnx.scan inside jax.grad: "Cannot extract graph node from different trace level")
+    adapters, base = nnx.to_pure_dict(adapters), nnx.to_pure_dict(base)
     tx = optax.adamw(1e-4)
     x = jnp.asarray(data["x"].transpose(0, 2, 3, 4, 1))
     target = jnp.asarray(data["target"].transpose(0, 2, 3, 4, 1))
@@ -142,7 +145,7 @@ def jax_lora_step(kw: dict, data: dict[str, np.ndarray], rank: int) -> Callable[
 
     def step(adapters, opt, base):
         def loss_fn(a):
-            return jnp.mean((nnx.merge(graphdef, a, base)(x, t, text, mask) - target) ** 2)
+            return jnp.mean((nnx.merge(graphdef, lora_adapter.combine(base, a))(x, t, text, mask) - target) ** 2)
 
         loss, grads = jax.value_and_grad(loss_fn)(adapters)
         updates, opt = tx.update(grads, opt, adapters)

@@ -184,6 +184,10 @@ def _section_train_step(r: dict[str, Any], target: float = 1.2,
     else:
         out.append(f"Target JAX / PyTorch >= {target}: no verdict, the run is not a claim.")
     out.append("")
+    if "lora" in r:
+        from bench.train_step import lora_report
+
+        out += lora_report(r)
     if r.get("ablation"):
         out += ["What each JAX change buys, timed in the same alternating rounds (`--ablation`; each row adds "
                 "one change to the row above; the last row is the JAX step above):", "",
@@ -435,9 +439,12 @@ def interpret(results: dict[str, dict[str, Any]]) -> dict[str, str]:
                            "without the cluster's start and stop.")
     r = results.get("buckets", {})
     if "ratio_buckets_over_grouped" in r:
-        out["buckets"] = (f"Two compiled shape buckets alternating every step run at "
-                          f"{r['ratio_buckets_over_grouped']:.2f}x the tokens/s of the same steps grouped by shape "
-                          f"(target >= 0.95), {r['ratio_buckets_over_fixed']:.2f}x a fixed-shape run's.")
+        from bench.buckets import TARGET
+
+        g = r["ratio_buckets_over_grouped"]
+        out["buckets"] = (f"Two compiled shape buckets alternating every step run at {g:.2f}x the tokens/s of the "
+                          f"same steps grouped by shape (target >= {TARGET}: {'met' if g >= TARGET else 'not met'}), "
+                          f"{r['ratio_buckets_over_fixed']:.2f}x a fixed-shape run's.")
     for name, line in out.items():
         if not results[name].get("host", {}).get("claim"):
             why = results[name].get("host", {}).get("why", "load not recorded")

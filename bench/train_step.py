@@ -358,6 +358,18 @@ def measure(batch: int = 2, layers: int = 4, heads: int = 4, frames: int = 8, ro
     return res
 
 
+def lora_report(r: dict[str, Any]) -> list[str]:
+    """Markdown lines for a `measure(lora=RANK)` result's LoRA timing (`python -m bench.train_step --lora=RANK`):
+    the full JAX step, the LoRA step and PyTorch's full step from the same alternating rounds, and LoRA / full."""
+    lo = r["lora"]
+    return ["| step | samples/s | median step s |", "|---|---|---|",
+            f"| JAX full fine-tuning | {r['jax_samples_per_s']:.2f} | {r['jax_step']['median']:.4f} |",
+            f"| JAX LoRA rank {lo['rank']} | {lo['samples_per_s']:.2f} | {lo['step']['median']:.4f} |",
+            f"| PyTorch full fine-tuning | {r['torch_samples_per_s']:.2f} | {r['torch_step']['median']:.4f} |", "",
+            f"LoRA / full fine-tuning (samples/s): {lo['ratio_vs_full']:.2f}x; JAX / PyTorch in the same rounds: "
+            f"{r['ratio']:.2f}.", ""]
+
+
 def main(argv: list[str]) -> None:
     del argv
     F = flags.FLAGS

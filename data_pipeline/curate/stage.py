@@ -68,12 +68,10 @@ def add_stages(batches: beam.PCollection, cfg: CurateConfig, start: StartPlan, s
     """Batches of source paths -> batches of SourcePlans (or Failures): probed, decoded once (curate.decode,
     when a stage that reads frames is on), every stage `cfg` turns on (in STAGES order), then the contact sheet's
     thumbnails."""
-    from data_pipeline.curate import STAGES
+    from data_pipeline.curate import STAGES, decode
 
     def isolated(fn: beam.DoFn, name: str) -> beam.ParDo:
         return beam.ParDo(isolation.Isolated(fn, f"curate:{name}", source_of))
-
-    from data_pipeline.curate import decode
 
     plans = batches | "Curate:plan" >> isolated(start, "probe")
     if decode.needed(cfg):  # one decode per source, shared by shots, faces and motion

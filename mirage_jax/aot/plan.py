@@ -90,7 +90,7 @@ def plan(cfg: ml_collections.ConfigDict, topology: str, *, mfu: float = DEFAULT_
     bucket's own report, so `fits` is the worst bucket's. `devices` (tests): compile over these devices instead
     of libtpu's for the topology, whose chip still gives the HBM and peak."""
     from mirage_jax.train.setup import RunSetup
-    from mirage_jax.train.shape_buckets import batch_unit, config_buckets
+    from mirage_jax.train.shape_buckets import batch_shapes, batch_unit, config_buckets
 
     if not 0.0 < mfu <= 1.0:
         raise ValueError(f"--mfu={mfu}: a fraction in (0, 1]")
@@ -104,8 +104,6 @@ def plan(cfg: ml_collections.ConfigDict, topology: str, *, mfu: float = DEFAULT_
     kw = dict(mfu=mfu, min_headroom=min_headroom)
     if not buckets:
         return _plan_one(setup, topology, topo, devices, tc.global_batch_size, setup.run_cfg.shapes, hlo_path, **kw)
-    from mirage_jax.train.shape_buckets import batch_shapes
-
     reports = []
     for bk in buckets:
         r = _plan_one(setup, topology, topo, devices, bk.batch, bk.shapes, hlo_path and f"{hlo_path}.{bk.name}",

@@ -24,6 +24,10 @@ and how prepare's pipeline stays correct on it:
 - `Create` makes partitions of 128 elements, `Reshuffle` is a no-op -> prepare passes
   `--dask_partition_size=1` (one batch of sources per partition, unless `--dask_npartitions`/
   `--dask_partition_size` is given after `--`);
+- its GroupByKey is `Bag.groupby`, a task shuffle of n**2 pieces for n input partitions, and every Flatten adds
+  its inputs' partitions: a run of 8 sources made ~1,500 tasks of a few records, dispatched one by one by the
+  scheduler, so 2 workers took as long as 1 -> `_dask_runner()` concatenates a GroupByKey's input into at most
+  one partition per worker first (at most workers**2 pieces per shuffle);
 - `setup`/`teardown` run around every bundle -> models are loaded through `ingest.per_worker.load_once`;
 - the Client it creates is never closed -> closed here after the run.
 """
@@ -106,7 +110,7 @@ def open_engine(
     if address:
         threads = _cluster_threads(address)
         opts = PipelineOptions([*args, f"--dask_client_address={address}"])
-        yield Engine(_dask_runner(), opts, threads, False, f"dask cluster {address} ({threads} worker threads)")
+        yield Engine(_dask_runner(threads), opts, threads, False, f"dask cluster {address} ({threads} worker threads)")
         return
     if workers < 1:
         raise InputError(f"--workers={workers}: a local Dask cluster needs at least 1 worker process")
@@ -133,7 +137,7 @@ def open_engine(
             except TimeoutError:
                 continue
         opts = PipelineOptions([*args, f"--dask_client_address={cluster.scheduler_address}"])
-        yield Engine(_dask_runner(), opts, workers, False, f"dask LocalCluster ({workers} worker processes)")
+        yield Engine(_dask_runner(workers), opts, workers, False, f"dask LocalCluster ({workers} worker processes)")
     finally:
         if cluster is not None:
             cluster.close()
@@ -187,12 +191,22 @@ def _bundle(items: Iterable[Any], fn_bytes: bytes, label: str, window_fn: Any, s
     return [v.value for v in receivers.values]
 
 
-def _dask_runner() -> Any:
-    """Beam's DaskRunner with ParDo translated by `_bundle` (the translation table is swapped only while the
-    pipeline's Dask graph is built, under a lock)."""
+def _dask_runner(shuffle_partitions: int) -> Any:
+    """Beam's DaskRunner with ParDo translated by `_bundle` and GroupByKey by a shuffle of `shuffle_partitions`
+    partitions (the translation table is swapped only while the pipeline's Dask graph is built, under a lock).
+
+    Why the GroupByKey: Beam's translation is `Bag.groupby`, whose task-based shuffle (the one a distributed
+    client gets) splits each of its n input partitions n ways and keeps n partitions: n**2 tasks. Every Flatten
+    (`dask.bag.concat`) adds its inputs' partitions, so prepare's last shuffles had 18-28 partitions and one run
+    of 8 sources made 1,816 tasks, 1,513 of them `shuffle-split`s of a few records each; the scheduler
+    dispatching them one by one held the run at the same wall time for 1 and 2 workers. The input is first
+    concatenated into at most `shuffle_partitions` partitions (`Bag.repartition`: adjacent partitions joined
+    in order, no shuffle), so a shuffle makes at most `shuffle_partitions**2` splits and its output keeps
+    one partition per worker."""
     from apache_beam.internal import pickler
     from apache_beam.runners.dask import transform_evaluator as te
     from apache_beam.runners.dask.dask_runner import DaskRunner
+    from apache_beam.runners.dask.overrides import _GroupByKeyOnly
 
     class ParDo(te.ParDo):
         def apply(self, input_bag: Any, side_inputs: Any = None) -> Any:
@@ -204,15 +218,22 @@ def _dask_runner() -> Any:
                 _bundle, pickler.dumps(transform.fn), transform.label, window_fn, side_inputs, list(args), kwargs
             )
 
+    class GroupByKey(te.GroupByKey):
+        def apply(self, input_bag: Any, side_inputs: Any = None) -> Any:
+            if input_bag.npartitions > shuffle_partitions:
+                input_bag = input_bag.repartition(npartitions=shuffle_partitions)
+            return super().apply(input_bag, side_inputs)
+
     class FixedDaskRunner(DaskRunner):
         def run_pipeline(self, pipeline: Any, options: Any) -> Any:
+            ours = {beam.ParDo: ParDo, _GroupByKeyOnly: GroupByKey}
             with _TRANSLATING:
-                old = te.TRANSLATIONS[beam.ParDo]
-                te.TRANSLATIONS[beam.ParDo] = ParDo
+                old = {k: te.TRANSLATIONS[k] for k in ours}
+                te.TRANSLATIONS.update(ours)
                 try:
                     return super().run_pipeline(pipeline, options)
                 finally:
-                    te.TRANSLATIONS[beam.ParDo] = old
+                    te.TRANSLATIONS.update(old)
 
     return FixedDaskRunner()
 

@@ -111,17 +111,22 @@ def test_dask_workers_write_the_local_runners_bytes_and_failed_sources_are_kept_
     print(f"dask run with 2 workers: {took:.1f} s")
 
 
-def test_joining_a_running_cluster_gives_the_same_bytes(src, local, tmp_path):
-    """--dask-address: the run joins a cluster it did not start (here one worker thread of this process: no
-    process start-up) and leaves it running."""
-    from dask.distributed import Client, LocalCluster
+def test_joining_a_running_cluster_gives_the_same_bytes_with_shuffles_sized_to_its_workers(src, local, tmp_path):
+    """--dask-address: the run joins a cluster it did not start (here two worker threads of this process: no
+    process start-up) and leaves it running. Its four GroupByKeys (index, join, shards, manifest) each shuffle
+    at most workers**2 pieces: Beam's own translation splits every input partition n ways (n**2 tasks, n the
+    partitions of a Flatten, which adds its inputs'), which made ~1,500 scheduler tasks of a few records."""
+    from dask.distributed import Client, LocalCluster, get_task_stream
 
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
         address = cluster.scheduler_address
-        _run(src, str(tmp_path / "joined"), str(tmp_path / "pids"), runner="dask", dask_address=address)
-        with Client(cluster.scheduler_address) as c:
-            assert len(c.nthreads()) == 1  # still up
+        with Client(address) as c, get_task_stream(c) as stream:
+            _run(src, str(tmp_path / "joined"), str(tmp_path / "pids"), runner="dask", dask_address=address)
+        with Client(address) as c:
+            assert len(c.nthreads()) == 2  # still up
     assert _files(str(tmp_path / "joined")) == _files(local[0])
+    splits = [t for t in stream.data if "shuffle-split" in str(t["key"])]
+    assert 0 < len(splits) <= 4 * 2**2, len(splits)
 
 
 def test_ctrl_c_stops_the_dask_cluster_and_leaves_no_output(src, tmp_path):

@@ -76,6 +76,10 @@ def topology_devices(topo: Topology) -> list[Any]:
         extra = {"chip_config_name": topo.chip.chip_config} if topo.chip.chip_config else {}
         desc = topologies.get_topology_desc(platform="tpu", topology_name=topo.name, **extra)
     except Exception as e:  # noqa: BLE001 - libtpu raises several types; all mean "cannot describe"
+        if "lockfile" in str(e):  # libtpu is held by another process of this host (a job, or another compile)
+            raise TopologyError(f"--topology={topo.requested}: another process on this host holds libtpu "
+                                "(/tmp/libtpu_lockfile); wait for it to end, or, on a host that runs no TPU job "
+                                "(compiling only), set ALLOW_MULTIPLE_LIBTPU_LOAD=1") from e
         raise TopologyError(f"--topology={topo.requested}: libtpu could not describe {topo.name!r} ({e}); "
                             "install the pinned libtpu with `pip install -r requirements-tpu.txt`") from e
     devices = list(desc.devices)

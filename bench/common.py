@@ -65,16 +65,72 @@ def cores() -> int:
     return os.cpu_count() or 1
 
 
-def host_state(load_before: float | None, load_after: float | None, ncores: int | None = None) -> dict[str, Any]:
+class ForeignCpu:
+    """CPU used on this host by processes other than this one and its children, over a `with` block.
+
+    foreign = (busy CPU time of the whole host, /proc/stat: user + nice + system + irq + softirq + steal) -
+    (this process's CPU time and its reaped children's, `os.times()`), in seconds; `cores` = foreign / wall
+    seconds of the block. A child still running at either edge of the block is counted as foreign (an
+    overestimate: time the block out so that its children end inside it). None where /proc/stat is missing."""
+
+    def __enter__(self) -> ForeignCpu:
+        self.seconds: float | None = None
+        self.cores: float | None = None
+        self._t0, self._busy0, self._ours0 = time.perf_counter(), _host_busy_s(), _own_cpu_s()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall, busy = time.perf_counter() - self._t0, _host_busy_s()
+        if busy is not None and self._busy0 is not None:
+            self.seconds = max(0.0, (busy - self._busy0) - (_own_cpu_s() - self._ours0))
+            self.cores = self.seconds / wall if wall > 0 else None
+
+
+def _host_busy_s() -> float | None:
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+FOREIGN_CORES_MAX = 0.1  # other processes' CPU, in cores, that a timing may share the host with and be a claim
+
+
+def host_state(load_before: float | None, load_after: float | None, ncores: int | None = None,
+               foreign_cores: float | None = None) -> dict[str, Any]:
     """Whether a timing taken between two load-average readings is a claim about this host.
 
     It is not a claim when either reading is above the core count: then runnable tasks outnumbered the cores
     and the compared sides competed with other processes (unequally: OpenMP waits for its slowest thread).
     Linux counts tasks waiting on disk I/O in the load average too, so an I/O benchmark (checkpoints) can push
     it over by itself; the sentence says so rather than blaming other processes.
-    Returns {"load_before", "load_after", "cores", "claim" (bool), "why" (one sentence)}."""
+    A benchmark that itself fills every core (a run of N worker processes on N cores) passes `foreign_cores`,
+    the CPU that other processes used while it ran (`ForeignCpu`): then the load before it must be at most the
+    core count and `foreign_cores` at most FOREIGN_CORES_MAX; the load after (this run's own processes) is
+    recorded but does not decide.
+    Returns {"load_before", "load_after", "cores", "claim" (bool), "why" (one sentence)} (+ "foreign_cores")."""
     n = ncores if ncores is not None else cores()
     loads = [x for x in (load_before, load_after) if x is not None]
+    if foreign_cores is not None:
+        if load_before is None or load_before > n:
+            claim, why = False, f"the load average before the run was {load_before} on {n} cores"
+        elif foreign_cores > FOREIGN_CORES_MAX:
+            claim, why = False, (f"other processes used {foreign_cores:.2f} cores while it ran (at most "
+                                 f"{FOREIGN_CORES_MAX} for a claim)")
+        else:
+            claim, why = True, (f"the load average before was {load_before:.1f} on {n} cores and other processes "
+                                f"used {foreign_cores:.2f} cores while it ran (the load after counts the run's own "
+                                "workers)")
+        return {"load_before": load_before, "load_after": load_after, "cores": n, "claim": claim, "why": why,
+                "foreign_cores": foreign_cores}
     if not loads:
         claim, why = False, "the load average could not be read, so whether the host was idle is unknown"
     elif max(loads) > n:

@@ -5,6 +5,8 @@ from a unit test."""
 from __future__ import annotations
 
 import math
+import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -218,6 +220,29 @@ def test_host_state() -> None:
     assert common.host_state(1.0, 2.0, ncores=2)["claim"]
     assert not common.host_state(1.0, 2.1, ncores=2)["claim"]
     assert not common.host_state(None, None, ncores=2)["claim"]
+    # a run that fills the cores itself: the load before and the other processes' CPU decide, not the load after
+    assert common.host_state(1.0, 2.4, ncores=2, foreign_cores=0.05)["claim"]
+    assert not common.host_state(1.0, 2.4, ncores=2, foreign_cores=0.3)["claim"]
+    assert not common.host_state(2.5, 2.4, ncores=2, foreign_cores=0.0)["claim"]
+
+
+def test_foreign_cpu_counts_a_process_that_is_not_a_reaped_child() -> None:
+    """A busy process that runs through the block and is reaped after it is someone else's CPU to the block
+    (as an unrelated process would be): at least most of its second of CPU is counted as foreign."""
+    import subprocess
+
+    from bench import common
+
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
+    try:
+        time.sleep(0.5)  # its interpreter is up and spinning
+        with common.ForeignCpu() as f:
+            time.sleep(1.0)
+    finally:
+        busy.wait()
+    if f.seconds is None:
+        pytest.skip("no /proc/stat on this OS")
+    assert f.seconds >= 0.6 and f.cores >= 0.6, (f.seconds, f.cores)
 
 
 def test_data_loader_compares_the_legacy_and_elastic_loaders(prepared_shards) -> None:

@@ -116,13 +116,9 @@ def jax_step(kw: dict, data: dict[str, np.ndarray], gpu: bool = False, variant: 
     return run, (step, state, cfg)
 
 
-def jax_lora_step(kw: dict, data: dict[str, np.ndarray], rank: int) -> Callable[[], Any]:
-    """The same network and loss as `jax_step`'s default, fine-tuned with LoRA adapters of `rank` on the default
-    targets (`lora.adapter`): only the adapters are differentiated and in AdamW, the frozen base is a separate,
-    not donated argument (as `train.step` runs a LoRA run). Dispatches asynchronously like the default."""
-    import jax
-    import jax.numpy as jnp
-    import optax
+def lora_model(kw: dict, rank: int, scan_layers: bool = True) -> Any:
+    """`jax_step`'s network (MirageDiT without audio, the xla attention) with LoRA adapters of `rank` on the default
+    targets (`lora.adapter`, A seeded 1, B = 0). `scan_layers=False` runs the same stacked blocks in a Python loop."""
     from flax import nnx
 
     from mirage_jax.config import ModelConfig
@@ -131,9 +127,28 @@ def jax_lora_step(kw: dict, data: dict[str, np.ndarray], rank: int) -> Callable[
     from mirage_jax.model import MirageDiT
     from mirage_jax.run_config import LORA_TARGETS
 
-    cfg = ModelConfig(**mochi_config_to_model(kw), use_audio=False, pool_heads=8, attention_backend="xla")
+    cfg = ModelConfig(**mochi_config_to_model(kw), use_audio=False, pool_heads=8, attention_backend="xla",
+                      scan_layers=scan_layers)
     model = MirageDiT(cfg, rngs=nnx.Rngs(0))
     lora_adapter.attach(model, rank=rank, scale=1.0, targets=LORA_TARGETS, dropout=0.0, seed=1)
+    return model
+
+
+def jax_lora_step(kw: dict, data: dict[str, np.ndarray], rank: int, model: Any = None
+                  ) -> tuple[Callable[[], Any], dict[str, Any]]:
+    """(one-step runner, its state) for the same network and loss as `jax_step`'s default, fine-tuned with LoRA
+    adapters of `rank` (`lora_model`, or `model`: such a network with other weights): only the adapters are
+    differentiated and in AdamW, the frozen base is a separate, not donated argument (as `train.step` runs a LoRA
+    run). Dispatches asynchronously like the default. The state holds the adapters (`a`, after the steps run so
+    far), AdamW's state (`o`) and the base (`base`), as plain nested dicts of arrays."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from mirage_jax.lora import adapter as lora_adapter
+
+    model = lora_model(kw, rank) if model is None else model
     graphdef, adapters, base = nnx.split(model, lora_adapter.TRAINABLE, lora_adapter.FROZEN)
     # plain dicts, as train.step passes them (nnx.State's Variables made outside the jit trace cannot enter
     # nnx.scan inside jax.grad: "Cannot extract graph node from different trace level")
@@ -152,13 +167,13 @@ def jax_lora_step(kw: dict, data: dict[str, np.ndarray], rank: int) -> Callable[
         return optax.apply_updates(adapters, updates), opt, loss
 
     step = jax.jit(step, donate_argnums=(0, 1))
-    state = {"a": adapters, "o": tx.init(adapters)}
+    state = {"a": adapters, "o": tx.init(adapters), "base": base}
 
     def run() -> Any:
-        state["a"], state["o"], loss = step(state["a"], state["o"], base)
+        state["a"], state["o"], loss = step(state["a"], state["o"], state["base"])
         return loss
 
-    return run
+    return run, state
 
 
 def torch_step(kw: dict, data: dict[str, np.ndarray], gpu: bool = False) -> tuple[Callable[[], float], Any]:
@@ -302,7 +317,7 @@ def measure(batch: int = 2, layers: int = 4, heads: int = 4, frames: int = 8, ro
         if variant == DEFAULT_VARIANT:
             jax_run, jax_parts = run, parts
     if lora > 0 and not gpu:
-        runners["jax_lora"] = jax_lora_step(kw, data, lora)
+        runners["jax_lora"] = jax_lora_step(kw, data, lora)[0]
     torch_run, _ = torch_step(kw, data, gpu)
     runners["torch"] = torch_run
     for r in runners.values():  # compile / warm up

@@ -95,9 +95,12 @@ def test_a_bucket_batch_of_zero_leaves_it_out_and_unknown_names_are_refused():
     cfg.data.buckets = "short=2x8x8,long=4x8x8"
     cfg.data.bucket_batch = "long=0,short=6"
     assert [(b.name, b.batch) for b in config_buckets(RunConfig.from_config(cfg), 2)] == [("short", 6)]
-    cfg.data.bucket_batch = "medium=4"
-    with pytest.raises(ConfigError, match=r"data.bucket_batch names \['medium'\]"):
+    cfg.data.bucket_batch = "medium=4,short=2"
+    with pytest.raises(ConfigError) as e:
         config_buckets(RunConfig.from_config(cfg), 2)
+    assert str(e.value) == ("--config.data.bucket_batch names ['medium'], not buckets of data.buckets="
+                            "'short=2x8x8,long=4x8x8' (its buckets: short, long): give each NAME=B one of those "
+                            "names, or drop it")
     cfg.data.buckets = "short=2x8"
     with pytest.raises(ConfigError, match="--config.data.buckets='short=2x8': expected NAME=TxHxW"):
         RunConfig.from_config(cfg)

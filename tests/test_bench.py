@@ -352,17 +352,46 @@ def test_buckets_bench_runs_and_renders(tmp_path) -> None:
     assert "## 9. Shape buckets" in text and "**buckets**" in text
 
 
-def test_lora_step_runs_on_scanned_blocks() -> None:
-    """`bench.train_step --lora` on a scanned, several-layer network compiles and steps (the frozen base must enter
+def test_lora_step_trains_the_scanned_blocks_adapters_as_the_unscanned_network() -> None:
+    """`bench.train_step --lora`'s step on a network whose 2 leading blocks are scanned (the frozen base must enter
     `nnx.scan` inside `jax.grad` as plain arrays, as train.step passes it; an `nnx.State` base failed with "Cannot
-    extract graph node from different trace level"). The loss stays put: the bench's fresh network is adaLN-Zero
-    (every block's gates start at 0), so adapters inside the blocks get no gradient at step 0; the bench times the
-    step, it does not train."""
-    import numpy as np
+    extract graph node from different trace level"). The adaLN modulations are random (the fresh network's are
+    zero, which leaves the blocks' outputs, hence their adapters' gradients, at 0), so after 2 steps every layer of
+    every scanned adapter has moved: B (zero-init, no weight decay to move it) by its gradient at step 0, A (whose
+    gradient is 0 while B is) by step 1's. The base comes back bitwise, and the losses and adapters are those of
+    the same step on the same weights with the blocks run in a Python loop (`scan_layers=False`): a path with no
+    `nnx.scan`, so a scan that dropped, froze or mixed up a layer's adapters would differ by ~lr, not ~1e-7."""
+    import jax
+    from flax import nnx
 
     from bench import train_step
+    from mirage_jax.lora import adapter as lora_adapter
+    from mirage_jax.model.layers import Dense
 
-    kw = dict(train_step.MOCHI, num_layers=2, num_attention_heads=2, pooled_projection_dim=64)
-    run = train_step.jax_lora_step(kw, train_step._inputs(1, 1), rank=4)
-    losses = [float(run()) for _ in range(2)]
-    assert np.all(np.isfinite(losses))
+    kw = dict(train_step.MOCHI, num_layers=3, num_attention_heads=2, pooled_projection_dim=64)
+    data, lr = train_step._inputs(1, 1), 1e-4  # lr: the bench's AdamW
+    runs = {}
+    for scan in (True, False):
+        model = train_step.lora_model(kw, rank=4, scan_layers=scan)
+        rng = np.random.default_rng(0)
+        for path, m in nnx.iter_modules(model):  # the same order, shapes and values for both networks
+            if isinstance(m, Dense) and path[-1] == "mod":
+                m.kernel.value = (0.3 * rng.standard_normal(m.kernel.shape)).astype(np.float32)
+                m.bias.value = (0.3 * rng.standard_normal(m.bias.shape)).astype(np.float32)
+        run, state = train_step.jax_lora_step(kw, data, 4, model)
+        start = jax.tree.map(np.array, (state["a"], state["base"]))
+        losses = [float(run()) for _ in range(2)]
+        runs[scan] = (losses, *jax.tree.map(np.asarray, (state["a"], state["base"])), *start)
+    losses, adapters, base, a0, base0 = runs[True]
+    assert np.all(np.isfinite(losses)) and losses[1] < losses[0]
+    pairs, pairs0 = lora_adapter.adapter_modules(adapters), lora_adapter.adapter_modules(a0)
+    scanned = [p for p in pairs if p[0] == "blocks"]
+    assert len(scanned) == 2 * 7  # video and text streams x (q k v o up gate down), each stacked over 2 layers
+    for p in scanned:
+        for x, x0 in zip(pairs[p], pairs0[p], strict=True):  # A, B
+            per_layer = np.abs(x - x0).reshape(2, -1).max(-1)  # weight decay alone moves A by < lr * 1e-4
+            assert np.all(per_layer > 0.1 * lr), ("/".join(p), per_layer)
+    jax.tree.map(np.testing.assert_array_equal, base, base0)
+    loop_losses, loop_adapters = runs[False][:2]
+    np.testing.assert_allclose(losses, loop_losses, rtol=1e-6)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=0.01 * lr), adapters, loop_adapters)

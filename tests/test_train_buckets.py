@@ -66,6 +66,11 @@ def test_plan_batches_and_a_too_small_bucket_is_left_out_naming_it(bucketed_shar
     assert any("0.4s_80x48: left out: 14 records, fewer than its global batch 16" in n for n in small.notes)
     with pytest.raises(ConfigError, match="0.4s_80x48=3 is not a multiple of 8"):
         RunSetup(_cfg(bucketed_shards, data__bucket_batch="0.4s_80x48=3"))
+    with pytest.raises(ConfigError) as e:  # the message config_buckets gives for data.buckets (test_aot_buckets)
+        RunSetup(_cfg(bucketed_shards, data__bucket_batch="0.4s_80x48=16,4s_64x64=8,0.2s=8"))
+    assert str(e.value) == (f"--config.data.bucket_batch names ['0.2s', '4s_64x64'], not buckets of data.source="
+                            f"{bucketed_shards} (its buckets: 0.2s_64x64, 0.4s_64x64, 0.2s_80x48, 0.4s_80x48): give "
+                            "each NAME=B one of those names, or drop it")
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ MEASURED = ("shots", "faces", "motion")  # the stages that read this pass's fram
 
 
 def setup() -> None:
-    """Loads the face detector once per worker process (curate.stage.CurateStage.setup)."""
+    """Loads the face detector once per worker process (curate.stage.DecodePass.setup)."""
     speaker.setup()
 
 

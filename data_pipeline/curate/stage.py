@@ -1,5 +1,6 @@
-"""The Beam side of curation: `StartPlan` (a source path -> its first SourcePlan: probed, cut into plain clips)
-and `CurateStage` (one stage's `apply(plan, cfg)` on a SourcePlan), each wrapped by `add_stages` in
+"""The Beam side of curation: `StartPlan` (a source path -> its first SourcePlan: probed, cut into plain clips),
+`DecodePass` (curate.decode: the one decode per source that shots, faces and motion share) and `CurateStage`
+(one stage's `apply(plan, cfg)` on a SourcePlan), each wrapped by `add_stages` in
 data_pipeline.ingest.isolation's `Isolated` so that it maps prepare's batches of sources (lists cut before the
 pipeline, `prepare.source_batches`): no side inputs, no tagged outputs, the runner-portable subset of
 data_pipeline.engine. A stage that raises on a source (an undecodable frame, no audio where it needs some, a
@@ -31,10 +32,31 @@ class StartPlan(beam.DoFn):
         yield start_plan(path, *self.args)
 
 
+class DecodePass(beam.DoFn):
+    """curate.decode on each SourcePlan: the source decoded once, what shots, faces and motion measure on its
+    frames left in `plan.measured`. A pass, not a stage of the report (`plan.ran` is untouched); `add_stages`
+    names its failures `curate:decode`. The module is imported, and its face detector loaded, in `setup` (once
+    per worker process, as CurateStage does)."""
+
+    def __init__(self, cfg: CurateConfig):
+        self.cfg = cfg
+
+    def setup(self) -> None:
+        from data_pipeline.curate import decode
+
+        decode.setup()
+        self.fn: Apply = decode.apply
+
+    def process(self, plan: SourcePlan) -> Iterator[SourcePlan]:
+        self.fn(plan, self.cfg)
+        yield plan
+
+
 class CurateStage(beam.DoFn):
-    """One curation stage over SourcePlans: `module`.`attr`(plan, cfg) updates the plan in place. The module is
-    imported in `setup`, and its optional `setup()` (loading a model through ingest.per_worker.load_once) runs
-    there: once per worker process, and nothing unpicklable travels with the pipeline."""
+    """One curation stage over SourcePlans: `module`.`attr`(plan, cfg) updates the plan in place and the stage's
+    `name` joins `plan.ran` (the stages the report lists). The module is imported in `setup`, and its optional
+    `setup()` (loading a model through ingest.per_worker.load_once) runs there: once per worker process, and
+    nothing unpicklable travels with the pipeline."""
 
     def __init__(self, name: str, module: str, cfg: CurateConfig, attr: str = "apply"):
         self.name, self.module, self.cfg, self.attr = name, module, cfg, attr
@@ -49,8 +71,7 @@ class CurateStage(beam.DoFn):
 
     def process(self, plan: SourcePlan) -> Iterator[SourcePlan]:
         self.fn(plan, self.cfg)
-        if self.name != "decode":  # a pass, not a stage of the report
-            plan.ran.append(self.name)
+        plan.ran.append(self.name)
         yield plan
 
 
@@ -66,8 +87,8 @@ MODULES = {"shots": "data_pipeline.curate.shots", "faces": "data_pipeline.curate
 
 def add_stages(batches: beam.PCollection, cfg: CurateConfig, start: StartPlan, sized: bool) -> beam.PCollection:
     """Batches of source paths -> batches of SourcePlans (or Failures): probed, decoded once (curate.decode,
-    when a stage that reads frames is on), every stage `cfg` turns on (in STAGES order), then the contact sheet's
-    thumbnails."""
+    when a stage that reads frames is on: `DecodePass`), every stage `cfg` turns on (in STAGES order), then the
+    contact sheet's thumbnails."""
     from data_pipeline.curate import STAGES, decode
 
     def isolated(fn: beam.DoFn, name: str) -> beam.ParDo:
@@ -75,7 +96,7 @@ def add_stages(batches: beam.PCollection, cfg: CurateConfig, start: StartPlan, s
 
     plans = batches | "Curate:plan" >> isolated(start, "probe")
     if decode.needed(cfg):  # one decode per source, shared by shots, faces and motion
-        plans = plans | "Curate:decode" >> isolated(CurateStage("decode", "data_pipeline.curate.decode", cfg), "decode")
+        plans = plans | "Curate:decode" >> isolated(DecodePass(cfg), "decode")
     for name in STAGES:
         if cfg.on(name) and (name != "crop" or sized):
             plans = plans | f"Curate:{name}" >> isolated(CurateStage(name, MODULES[name], cfg), name)

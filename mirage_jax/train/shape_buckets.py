@@ -61,6 +61,16 @@ def parse_bucket_batch(text: str) -> dict[str, int]:
     return out
 
 
+def check_bucket_names(explicit: Mapping[str, int], known: list[str], of: str) -> None:
+    """ConfigError unless every name of `explicit` (parsed data.bucket_batch) is one of `known`, the buckets of `of`
+    ('data.buckets=...' for a config's plan, 'data.source=...' for a dataset's): one line naming the flag, the
+    unknown names, the known ones and what to do. The one check config_buckets and BucketPlan share."""
+    unknown = sorted(set(explicit) - set(known))
+    if unknown:
+        raise ConfigError(f"--config.data.bucket_batch names {unknown}, not buckets of {of} (its buckets: "
+                          f"{', '.join(known)}): give each NAME=B one of those names, or drop it")
+
+
 def batch_unit(mesh: Mesh, batch_axes: Any, grad_accum: int) -> int:
     """What every bucket's global batch must be a multiple of: the batch axes' devices x micro-batches, and the
     process count (each process feeds whole rows)."""
@@ -97,10 +107,8 @@ def config_buckets(run: RunConfig, unit: int) -> list[ShapeBucket]:
     [] when it lists none. What `mirage_jax.aot` compiles and `describe` counts."""
     explicit = parse_bucket_batch(run.data.bucket_batch)
     listed = parse_buckets(run.data.buckets)
-    unknown = sorted(set(explicit) - {n for n, _ in listed})
-    if listed and unknown:
-        raise ConfigError(f"--config.data.bucket_batch names {unknown}, not buckets of data.buckets="
-                          f"{run.data.buckets!r}")
+    if listed:
+        check_bucket_names(explicit, [n for n, _ in listed], f"data.buckets={run.data.buckets!r}")
     tm = run.model.frame_map
     out = [make_bucket(run, name, lat, tm.frames_for_latents(lat[0]), unit, explicit) for name, lat in listed]
     return [b for b in out if b.batch > 0]
@@ -111,10 +119,7 @@ class BucketPlan:
 
     def __init__(self, run: RunConfig, loader_buckets: list[Any], unit: int):
         explicit = parse_bucket_batch(run.data.bucket_batch)
-        unknown = sorted(set(explicit) - {b.name for b in loader_buckets})
-        if unknown:
-            raise ConfigError(f"--config.data.bucket_batch names {unknown}, not buckets of data.source="
-                              f"{run.data.source} (its buckets: {', '.join(b.name for b in loader_buckets)})")
+        check_bucket_names(explicit, [b.name for b in loader_buckets], f"data.source={run.data.source}")
         self.unit, self.buckets, self.loader_buckets, self.notes = unit, [], [], []
         for lb in loader_buckets:
             e = lb.entry

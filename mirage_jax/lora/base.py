@@ -123,7 +123,12 @@ class BaseWeights:
         """The base parameters (restored once; LoraBaseError / CheckpointError in one line)."""
         if self._value is None:
             step = self.step_dir()
-            check_same_network(fmt.read_model_config(step), self.model, str(step))
+            saved = fmt.read_config(step)
+            if saved.lora.enabled:  # its checkpoints hold adapters only: a partial restore would miss the base
+                raise LoraBaseError(
+                    f"lora.base={self.lcfg.base}: {step} is a LoRA run (its checkpoints hold adapters only, trained "
+                    f"on base {saved.lora.base}); set lora.base to a full run's workdir, such as that base")
+            check_same_network(saved.model, self.model, str(step))
             self._value = fmt.restore_subtree(step, {"params": self.abstract})["params"]
             self._identity = {"path": str(step), "sha256": fingerprint(self._value)}
         return self._value

@@ -176,6 +176,38 @@ def test_a_lora_run_as_the_base_is_refused_in_one_line_before_compiling(bases, t
         restore_subtree(resolve_step_dir(str(bases / "adapters")), {"params": target})
 
 
+def test_generate_and_export_read_the_base_step_the_adapters_were_trained_on(bases, tmp_path):
+    """lora.base names a workdir that has trained on since (its newest step now holds other weights): load_run
+    (generate, eval) reads the step the checkpoint's meta records, and gives the model it gave before the base moved
+    on (it used to refuse: the newest step's fingerprint is not the adapters' base); with that step gone, the
+    fingerprint check still refuses, naming both."""
+    from mirage_jax.inference import load_run
+    from mirage_jax.lora.base import LoraBaseError
+
+    base, adapters = tmp_path / "base", tmp_path / "adapters"
+    shutil.copytree(bases / "base", base)
+    shutil.copytree(bases / "adapters", adapters)
+    step = resolve_step_dir(str(adapters))
+    for item, edit in (("config", lambda c: c["lora"].update(base=str(base))),
+                       ("meta", lambda m: m["lora_base"].update(path=str(base / "checkpoints" / "0")))):
+        f = step / item / "metadata"
+        d = json.loads(f.read_text())
+        edit(d)
+        f.write_text(json.dumps(d))
+
+    def params(run):
+        return {k: np.asarray(v) for k, v in flatten(nnx.to_pure_dict(nnx.state(run.model, nnx.Param))).items()}
+
+    want = params(load_run(str(bases / "adapters")))  # the untouched run: its base never moved
+    shutil.copytree(bases / "base2" / "checkpoints" / "0", base / "checkpoints" / "1")  # the base "trained on"
+    got = params(load_run(str(adapters)))
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+    shutil.rmtree(base / "checkpoints" / "0")
+    with pytest.raises(LoraBaseError, match=r"its adapters were trained on base .*base/checkpoints/0.* lora.base is "
+                                            r".*base/checkpoints/1"):
+        load_run(str(adapters))
+
+
 def test_merged_export_peft_adapter_and_load_run_equal_the_jax_lora_forward(bases, tmp_path):
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")

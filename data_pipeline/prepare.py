@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import math
+import signal
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -633,4 +634,10 @@ if __name__ == "__main__":
     # else is a bug and keeps its traceback (exit 1)
     # Ctrl-C is one line too (Interrupted, exit 130), leaving through os._exit: the stopped cluster's threads
     # cannot print after it
-    cli.run(_prepare.main, "prepare", also={FileNotFoundError: (ExitCode.REFUSED, "")}, hard_exit=(Interrupted,))
+    def main_then_done(argv: Sequence[str]) -> None:
+        _prepare.main(argv)
+        # the output is complete (manifest.json written last): a Ctrl-C from here on (the interpreter's exit, Dask's
+        # atexit cluster shutdown) has nothing left to stop, and would print a KeyboardInterrupt traceback there
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    cli.run(main_then_done, "prepare", also={FileNotFoundError: (ExitCode.REFUSED, "")}, hard_exit=(Interrupted,))

@@ -158,6 +158,25 @@ def check_runner_flags(runner: str, workers_given: bool, dask_address: str | Non
     elif workers_given and dask_address is not None:
         raise InputError(f"--workers with --dask-address={dask_address}: the joined cluster runs on its own "
                          "workers (start them with `dask worker --nworkers N`); drop --workers")
+    if runner == "dask" and dask_address is not None:
+        check_dask_address(dask_address)
+
+
+def check_dask_address(address: str) -> None:
+    """InputError naming --dask-address unless dask.distributed can parse `address` (a known scheme, default tcp,
+    and HOST:PORT for the socket schemes): a malformed one is refused here, before a Client is made (a Client
+    that fails to parse its address leaves an 'Exception ignored in Client.__del__' traceback and a 10 s wait)."""
+    from distributed.comm import registry
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:
+        scheme, loc = parse_address(address)
+        registry.get_backend(scheme)  # ValueError naming the known schemes
+        if scheme in ("tcp", "tls", "ws", "wss"):
+            parse_host_port(loc)  # ValueError: missing port number
+    except ValueError as e:
+        raise InputError(f"--dask-address={address}: not a Dask scheduler address ({e}); give the address "
+                         "`dask scheduler` prints, tcp://HOST:PORT") from None
 
 
 def bare_curate(argv: list[str]) -> None:

@@ -162,16 +162,25 @@ def describe_tree_diff(saved: dict[Names, Any], current: dict[Names, Any], limit
 def restore_subtree(step: epath.Path, target: dict[str, Any]) -> dict[str, Any]:
     """Orbax partial restore of step folder `step`'s train state: only the leaves of `target`, a sub-tree of
     the saved state as nested dicts of `jax.ShapeDtypeStruct`s carrying the shardings to restore into.
-    Raises CheckpointError naming the step, the subtree and the root cause (e.g. a damaged chunk)."""
+    Raises CheckpointError naming the step, the subtree and the root cause (e.g. a damaged chunk), or the leaves
+    the checkpoint does not hold (Orbax's partial restore hands those back unrestored, as the abstract leaf)."""
+    import jax
     import orbax.checkpoint as ocp
 
     try:
-        return ocp.PyTreeCheckpointer().restore(step / STATE, args=ocp.args.PyTreeRestore(
+        out = ocp.PyTreeCheckpointer().restore(step / STATE, args=ocp.args.PyTreeRestore(
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
     except Exception as e:  # noqa: BLE001 - re-raised as one line
         raise CheckpointError(
             f"restoring `{'`, `'.join(target)}` from {step / STATE} failed: {root_cause(e)}. If this checkpoint is "
             f"damaged, move {step} away (or name another step) to use the previous one") from e
+    missing = ["/".join(names) for names, leaf in flatten(out).items() if isinstance(leaf, jax.ShapeDtypeStruct)]
+    if missing:
+        raise CheckpointError(
+            f"{step / STATE} holds no {', '.join(missing[:3])}" + (f" (and {len(missing) - 3} more)" if
+                                                                   len(missing) > 3 else "")
+            + ": it is not the train state this run's config expects (another model, or a LoRA run's adapters)")
+    return out
 
 
 # ---- parameters as numpy, on one host ----------------------------------------------------------------------

@@ -138,11 +138,11 @@ def main(argv: list[str]) -> None:
     from absl import flags
 
     del argv
-    from mirage_jax.run_config import ShapesConfig, section
+    from mirage_jax.run_config import RunConfig
 
     cfg = flags.FLAGS.config
-    mcfg = ModelConfig.from_config(cfg.model)
-    shapes = section(ShapesConfig, "shapes", cfg.shapes)  # ConfigError (one line, exit 2) for a bad --config.shapes.*
+    run = RunConfig.from_config(cfg)  # ConfigError (one line, exit 2) for a bad field, e.g. --config.shapes.*
+    mcfg, shapes = run.model, run.shapes
     info = describe(mcfg, dataclasses.asdict(shapes))
     data = cfg.get("data", {})
     buckets = describe_buckets(mcfg, dataclasses.asdict(shapes), data.get("source", ""), data.get("buckets", ""))

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mirage_jax.checkpoint_format import read_config, read_item, resolve_step_dir, restore_subtree
 from mirage_jax.config import DiffusionConfig, ModelConfig
 from mirage_jax.lora import adapter as lora_adapter
-from mirage_jax.lora.base import check_base, check_same_network, fingerprint
+from mirage_jax.lora.base import check_base, check_same_network, fingerprint, trained_base_dir
 from mirage_jax.model.build import abstract_model
 from mirage_jax.parallel import rules as rules_lib
 from mirage_jax.run_config import RunConfig
@@ -68,10 +68,11 @@ def load_run(checkpoint: str, *, ema: bool = False, mesh: Mesh | None = None) ->
     if not lcfg.enabled:
         params = restore_subtree(step_dir, {root: abstract})[root]  # CheckpointError naming the root cause
     else:  # the base's params, then this run's adapters (replicated: they are small) folded in
-        base_dir = resolve_step_dir(lcfg.base)
+        meta = read_item(step_dir, "meta")
+        base_dir = trained_base_dir(lcfg.base, meta)  # the step trained on, if the base workdir has moved on
         check_same_network(read_config(base_dir).model, config.model, str(base_dir))
         params = restore_subtree(base_dir, {"params": abstract})["params"]
-        check_base(read_item(step_dir, "meta"), fingerprint(params), str(base_dir), str(step_dir))
+        check_base(meta, fingerprint(params), str(base_dir), str(step_dir))
         _, abs_adapters, _ = lora_adapter.abstract_model(config.model, 0, lcfg)
         rep = NamedSharding(next(iter(jax.tree.leaves(shardings))).mesh, PartitionSpec())
         adapters = restore_subtree(step_dir, {root: jax.tree.map(

@@ -300,6 +300,18 @@ class RunConfig:
     mesh: MeshConfig
     lora: LoraConfig = LoraConfig()
 
+    def __post_init__(self) -> None:
+        """Across sections: every latent frame (the `shapes` section's and each `data.buckets` entry's) must cut into
+        whole model.patch_size x patch_size patches (the patch embedding's stride); ConfigError naming the field."""
+        p = self.model.patch_size
+        sized = [("shapes.latent_height/latent_width", self.shapes.latent_height, self.shapes.latent_width)]
+        sized += [(f"data.buckets={self.data.buckets!r}: bucket {name!r}", h, w)
+                  for name, (_, h, w) in parse_buckets(self.data.buckets)]
+        for field, h, w in sized:
+            if h % p or w % p:
+                raise ConfigError(f"--config.{field}: latent {h}x{w} (height x width) is not a multiple of "
+                                  f"model.patch_size={p}; give latent sizes that are")
+
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> RunConfig:
         """A config file's ConfigDict, or a checkpoint's saved config (JSON: lists for tuples; a model section of

@@ -36,6 +36,32 @@ def test_cloud_names_resolve_to_topologies():
         aot_topology.parse_topology("v9-8")
 
 
+def test_libtpu_held_by_another_process_is_named_not_an_install_hint(monkeypatch):
+    """libtpu loaded by another process on the host (another aot, a test process) fails `get_topology_desc` with its
+    lockfile error (verbatim below, libtpu 0.0.42.1, seen on this shared host): one line saying so and what to do,
+    not `pip install` (the old hint, wrong for this cause); any other failure keeps the install hint."""
+    from jax.experimental import topologies
+
+    held = ('ABORTED: Internal error when accessing libtpu multi-process lockfile. Run "$ sudo rm '
+            '/tmp/libtpu_lockfile".')
+
+    def fail(msg):
+        def get_topology_desc(**kw):
+            raise RuntimeError(msg)
+        return get_topology_desc
+
+    topo = aot_topology.parse_topology("v5p-8")
+    monkeypatch.setattr(topologies, "get_topology_desc", fail(held))
+    with pytest.raises(aot_topology.TopologyError) as e:
+        aot_topology.topology_devices(topo)
+    msg = str(e.value)
+    assert "another process" in msg and "ALLOW_MULTIPLE_LIBTPU_LOAD=1" in msg and "pip install" not in msg
+    assert "\n" not in msg
+    monkeypatch.setattr(topologies, "get_topology_desc", fail("UNIMPLEMENTED: no TPU backend"))
+    with pytest.raises(aot_topology.TopologyError, match="pip install -r requirements-tpu.txt"):
+        aot_topology.topology_devices(topo)
+
+
 @pytest.fixture(scope="module")
 def tiny_report():
     pytest.importorskip("libtpu", reason="libtpu not installed: pip install -r requirements-tpu.txt")

@@ -180,6 +180,8 @@ def test_prepare_user_error_is_one_line_exit_2_and_a_bug_keeps_its_traceback(tmp
     ("local", False, "tcp://h:8786", "--dask-address: only --runner=dask uses it"),
     ("DataflowRunner", True, None, "--workers: only --runner=dask uses it (this run is --runner=DataflowRunner)"),
     ("dask", True, "tcp://h:8786", "--workers with --dask-address=tcp://h:8786"),
+    ("dask", False, "garbage", "--dask-address=garbage: not a Dask scheduler address (missing port number"),
+    ("dask", False, "http://h:22", "--dask-address=http://h:22: not a Dask scheduler address (unknown address scheme"),
 ])
 def test_prepare_refuses_dask_flags_its_runner_would_ignore(runner, workers_given, address, flag):
     from data_pipeline.prepare_flags import check_runner_flags
@@ -188,6 +190,32 @@ def test_prepare_refuses_dask_flags_its_runner_would_ignore(runner, workers_give
         check_runner_flags(runner, workers_given, address)
     for ok in [("dask", True, None), ("dask", False, "tcp://h:8786"), ("local", False, None)]:
         check_runner_flags(*ok)
+
+
+def test_prepare_ignores_a_ctrl_c_once_its_output_is_complete(tmp_path):
+    """A Ctrl-C that lands after prepare's run has finished (its manifest written; the interpreter exiting, Dask's
+    atexit cluster shutdown running) printed 'Exception ignored in atexit callback ... KeyboardInterrupt' after the
+    summary line: the CLI ignores SIGINT once main has returned. Here the run is a stub that succeeds and the
+    Ctrl-C comes from an atexit hook; without the fix the same code prints the KeyboardInterrupt."""
+    code = ("import atexit, os, runpy, signal, sys, time\nfrom data_pipeline import prepare\n"
+            "prepare.main = lambda argv: print('done')\n"
+            "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.5)))\n"
+            f"sys.argv = ['prepare', '--input={tmp_path}', '--output={tmp_path}/out']\n"
+            "runpy.run_module('data_pipeline.prepare', run_name='__main__')\n")
+    r = _cli_code(code)
+    assert r.returncode == 0 and r.stdout.strip() == "done", (r.returncode, r.stdout, r.stderr[-3000:])
+    assert "KeyboardInterrupt" not in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+
+
+def test_prepare_with_a_malformed_dask_address_is_one_line_without_dasks_traceback(tmp_path):
+    """A --dask-address Dask cannot parse used to reach dask.distributed's Client, whose __del__ then printed an
+    'Exception ignored' traceback (and waited 10 s) after prepare's line: now refused before any Client exists."""
+    (tmp_path / "raw").mkdir()
+    r = _cli("data_pipeline.prepare", f"--input={tmp_path}/raw", f"--output={tmp_path}/out", "--runner=dask",
+             "--dask-address=http://127.0.0.1:22")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr[-3000:]
+    assert "--dask-address=http://127.0.0.1:22: not a Dask scheduler address" in r.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()
 
 
 def test_prepare_with_workers_but_no_dask_runner_is_one_line_before_any_work(tmp_path):

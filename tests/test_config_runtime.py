@@ -124,3 +124,33 @@ def test_mirage_10b_seconds_list_is_the_reports_mix():
     assert get_config("seconds=4").data.buckets == "" and get_config().to_dict() == get_config("seconds=4").to_dict()
     with pytest.raises(ConfigArgError, match="distinct clips"):
         get_config("seconds=4,4")
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"data__buckets": "a=4x8x8,b=4x7x8"}, "--config.data.buckets='a=4x8x8,b=4x7x8': bucket 'b': latent 7x8"),
+    ({"shapes__latent_width": 5}, "--config.shapes.latent_height/latent_width: latent 8x5"),
+])
+def test_latent_sizes_the_patch_embedding_cannot_cut_are_named(overrides, needle):
+    """A latent height or width that is not a multiple of model.patch_size (the model itself refuses it, with a
+    traceback from inside the trace: describe and aot reached it) is one ConfigError line naming the field, and
+    describe (which used to count floor(7 / 2) patches silently) exits 2 with that line."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from mirage_jax.model import MirageDiT
+
+    run = RunConfig.from_config(fast_config())
+    p = run.model.patch_size
+    assert 7 % p and 5 % p
+    model = nnx.eval_shape(lambda: MirageDiT(run.model, rngs=nnx.Rngs(0)))
+    for h, w in ((7, 8), (8, 5)):
+        with pytest.raises(ValueError, match="divisible by model.patch_size"):  # the model's own rule, independent
+            model.patchify(jnp.zeros((1, 2, h, w, run.model.latent_channels), jnp.float32))
+    model.patchify(jnp.zeros((1, 2, 8, 8, run.model.latent_channels), jnp.float32))  # and 8 x 8 is cut
+    with pytest.raises(ConfigError) as e:
+        RunConfig.from_config(fast_config(**overrides))
+    assert needle in str(e.value) and "\n" not in str(e.value)
+    flag = ",".join(f"--config.{k.replace('__', '.')}={v}" for k, v in overrides.items())
+    out = subprocess.run([sys.executable, "-m", "mirage_jax.describe", "--config=configs/tiny.py:fast", flag],
+                         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 2 and needle in out.stderr + out.stdout, out.stderr[-2000:]

@@ -157,6 +157,57 @@ def test_training_changes_only_the_adapters_and_resume_refuses_another_base(base
         Trainer(_lora_cfg(bases / "base2", train__steps=3, lora__dropout=0.1), str(work)).run()
 
 
+def test_a_lora_run_as_the_base_is_refused_in_one_line_before_compiling(bases, tmp_path):
+    """lora.base naming a LoRA run (its checkpoints hold adapters only) is refused naming that run's own base, before
+    the step compiles (it used to compile, then fail in the first step on the base leaves Orbax's partial restore
+    handed back unrestored); restore_subtree itself names leaves a checkpoint does not hold."""
+    from mirage_base.errors import CheckpointError
+    from mirage_jax.checkpoint_format import restore_subtree
+    from mirage_jax.lora.base import LoraBaseError
+    from mirage_jax.train.loop import Trainer
+
+    with pytest.raises(LoraBaseError, match=r"lora.base=.*adapters: .* is a LoRA run .*trained on base .*/base\)"):
+        Trainer(_lora_cfg(bases / "adapters", train__steps=1), str(tmp_path / "run")).run()
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    _, abs_params = abstract_model(RunConfig.from_config(fast_config()).model)
+    target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=dev), nnx.to_pure_dict(abs_params))
+    with pytest.raises(CheckpointError, match=r"holds no .* \(and \d+ more\): it is not the train state"):
+        restore_subtree(resolve_step_dir(str(bases / "adapters")), {"params": target})
+
+
+def test_generate_and_export_read_the_base_step_the_adapters_were_trained_on(bases, tmp_path):
+    """lora.base names a workdir that has trained on since (its newest step now holds other weights): load_run
+    (generate, eval) reads the step the checkpoint's meta records, and gives the model it gave before the base moved
+    on (it used to refuse: the newest step's fingerprint is not the adapters' base); with that step gone, the
+    fingerprint check still refuses, naming both."""
+    from mirage_jax.inference import load_run
+    from mirage_jax.lora.base import LoraBaseError
+
+    base, adapters = tmp_path / "base", tmp_path / "adapters"
+    shutil.copytree(bases / "base", base)
+    shutil.copytree(bases / "adapters", adapters)
+    step = resolve_step_dir(str(adapters))
+    for item, edit in (("config", lambda c: c["lora"].update(base=str(base))),
+                       ("meta", lambda m: m["lora_base"].update(path=str(base / "checkpoints" / "0")))):
+        f = step / item / "metadata"
+        d = json.loads(f.read_text())
+        edit(d)
+        f.write_text(json.dumps(d))
+
+    def params(run):
+        return {k: np.asarray(v) for k, v in flatten(nnx.to_pure_dict(nnx.state(run.model, nnx.Param))).items()}
+
+    want = params(load_run(str(bases / "adapters")))  # the untouched run: its base never moved
+    shutil.copytree(bases / "base2" / "checkpoints" / "0", base / "checkpoints" / "1")  # the base "trained on"
+    got = params(load_run(str(adapters)))
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+    shutil.rmtree(base / "checkpoints" / "0")
+    with pytest.raises(LoraBaseError, match=r"its adapters were trained on base .*base/checkpoints/0.* lora.base is "
+                                            r".*base/checkpoints/1"):
+        load_run(str(adapters))
+
+
 def test_merged_export_peft_adapter_and_load_run_equal_the_jax_lora_forward(bases, tmp_path):
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")

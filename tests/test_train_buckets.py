@@ -260,3 +260,25 @@ def test_generate_takes_the_longest_clip_of_the_first_size(bucketed_shards):
     encs = load_encoders(DataConfig(source=bucketed_shards))
     assert encs.clip_frames == 10 and encs.frame_size == (64, 64)
     assert encs.source.endswith("0.4s_64x64")
+
+
+def test_a_bucket_the_patch_cannot_cut_is_one_line_before_compiling(bucketed_shards, tmp_path):
+    """A bucket whose latent height or width model.patch_size does not divide (here 0.2s_80x48's manifest says 7
+    latent rows, as `prepare --size=80x56` writes): data_fit names the bucket and the way out before anything is
+    built (it used to surface only once the buckets before it had compiled); leaving it out (batch 0) passes."""
+    from mirage_jax.config import ConfigError
+    from mirage_jax.run_config import RunConfig
+    from mirage_jax.train import data_fit
+
+    data = tmp_path / "odd"
+    shutil.copytree(bucketed_shards, data)
+    f = data / "0.2s_80x48" / "manifest.json"
+    m = json.loads(f.read_text())
+    assert m["keys"]["video"]["shape"][1:3] == [6, 10]  # (frames, height, width, channels): 48 / 8, 80 / 8
+    m["keys"]["video"]["shape"][1] = 7
+    f.write_text(json.dumps(m))
+    with pytest.raises(ConfigError, match=r"bucket 0.2s_80x48 has latent 7x10 .*model.patch_size=2; .*"
+                                          r"--config.data.bucket_batch=0.2s_80x48=0"):
+        data_fit.check(RunConfig.from_config(_cfg(str(data))))
+    data_fit.check(RunConfig.from_config(_cfg(str(data), data__bucket_batch="0.2s_80x48=0")))
+    data_fit.check(RunConfig.from_config(_cfg(str(bucketed_shards))))

@@ -68,6 +68,9 @@ def parse_topology(text: str) -> Topology:
     return Topology(text, f"{gen}:{table[chips]}", chip, chips)
 
 
+LIBTPU_LOCKFILE = "/tmp/libtpu_lockfile"  # libtpu's one-process-per-host lock (ALLOW_MULTIPLE_LIBTPU_LOAD=1 skips it)
+
+
 def topology_devices(topo: Topology) -> list[Any]:
     """The slice's abstract devices from libtpu; raises with an install hint when libtpu is missing."""
     from jax.experimental import topologies
@@ -76,10 +79,11 @@ def topology_devices(topo: Topology) -> list[Any]:
         extra = {"chip_config_name": topo.chip.chip_config} if topo.chip.chip_config else {}
         desc = topologies.get_topology_desc(platform="tpu", topology_name=topo.name, **extra)
     except Exception as e:  # noqa: BLE001 - libtpu raises several types; all mean "cannot describe"
-        if "lockfile" in str(e):  # libtpu is held by another process of this host (a job, or another compile)
-            raise TopologyError(f"--topology={topo.requested}: another process on this host holds libtpu "
-                                "(/tmp/libtpu_lockfile); wait for it to end, or, on a host that runs no TPU job "
-                                "(compiling only), set ALLOW_MULTIPLE_LIBTPU_LOAD=1") from e
+        if "lockfile" in str(e):  # another process has libtpu loaded (an aot compile, a test): not an install issue
+            raise TopologyError(
+                f"--topology={topo.requested}: libtpu is loaded by another process on this host (it holds "
+                f"{LIBTPU_LOCKFILE}: `lsof {LIBTPU_LOCKFILE}` names it); rerun once it has ended, or set "
+                "ALLOW_MULTIPLE_LIBTPU_LOAD=1 on a host that runs no TPU job (aot only compiles)") from e
         raise TopologyError(f"--topology={topo.requested}: libtpu could not describe {topo.name!r} ({e}); "
                             "install the pinned libtpu with `pip install -r requirements-tpu.txt`") from e
     devices = list(desc.devices)

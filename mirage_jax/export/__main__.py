@@ -43,7 +43,7 @@ def main(argv: list[str]) -> None:
                               max_shard_size=F.max_shard_size, overwrite=F.overwrite)
     else:
         from mirage_jax.export import lora as lora_export
-        from mirage_jax.lora.base import LoraBaseError
+        from mirage_jax.lora.base import trained_base_dir
 
         adapters = ParamReader(step_dir, ema=F.ema).read_all()
         if F.lora == "adapter":
@@ -52,12 +52,9 @@ def main(argv: list[str]) -> None:
             print(json.dumps({"checkpoint": str(step_dir), "out": F.out, "lora": "adapter", "r": config["r"],
                               "modules": len(config["target_modules"])}))
             return
-        try:
-            base_dir = resolve_step_dir(lcfg.base)
-        except Exception as e:  # noqa: BLE001 - one line naming the field
-            raise LoraBaseError(f"lora.base={lcfg.base} of {step_dir}: {e}") from None
-        reader = lora_export.MergedReader(ParamReader(base_dir), lora_export.adapters_by_kernel(adapters), lcfg.scale)
         meta = read_item(step_dir, "meta")
+        base_dir = trained_base_dir(lcfg.base, meta)  # the step trained on, if the base workdir has moved on
+        reader = lora_export.MergedReader(ParamReader(base_dir), lora_export.adapters_by_kernel(adapters), lcfg.scale)
 
         def check_base() -> None:
             reader.check(meta, str(base_dir), str(step_dir))

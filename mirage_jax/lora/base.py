@@ -102,6 +102,23 @@ def check_base(meta: dict[str, Any], sha256: str, base: str, step_dir: str) -> N
             "on, or use a new --workdir")
 
 
+def trained_base_dir(base: str, meta: dict[str, Any]) -> Any:
+    """The step folder a LoRA checkpoint's adapters were trained on, for reading (generate, eval, export): the one
+    its `meta` records when that still holds a committed checkpoint (`lora.base` may name a workdir whose newest
+    step has moved on since: a base trained further), else `lora.base` resolved now. The caller still checks the
+    fingerprint (`check_base`). LoraBaseError naming lora.base when neither resolves."""
+    saved = meta.get(META_KEY)
+    if isinstance(saved, dict) and saved.get("path"):
+        try:
+            return fmt.resolve_step_dir(str(saved["path"]))
+        except MirageError:
+            pass  # moved or deleted (keep_last_n): the configured base, checked by its fingerprint
+    try:
+        return fmt.resolve_step_dir(base)
+    except MirageError as e:
+        raise LoraBaseError(f"lora.base={base}: {str(e).removeprefix('--checkpoint ')}") from None
+
+
 class BaseWeights:
     """The frozen base parameters of a LoRA run, restored on first use into `abstract`'s shardings.
 
@@ -123,7 +140,12 @@ class BaseWeights:
         """The base parameters (restored once; LoraBaseError / CheckpointError in one line)."""
         if self._value is None:
             step = self.step_dir()
-            check_same_network(fmt.read_model_config(step), self.model, str(step))
+            saved = fmt.read_config(step)
+            if saved.lora.enabled:  # its checkpoints hold adapters only: a partial restore would miss the base
+                raise LoraBaseError(
+                    f"lora.base={self.lcfg.base}: {step} is a LoRA run (its checkpoints hold adapters only, trained "
+                    f"on base {saved.lora.base}); set lora.base to a full run's workdir, such as that base")
+            check_same_network(saved.model, self.model, str(step))
             self._value = fmt.restore_subtree(step, {"params": self.abstract})["params"]
             self._identity = {"path": str(step), "sha256": fingerprint(self._value)}
         return self._value

@@ -85,9 +85,19 @@ def check(cfg: RunConfig, verify_shards: bool = False) -> None:
     if buckets is None:
         bad = mismatches(cfg, resolve_shards(source, verify=level).manifest)
     else:  # shape buckets: the clip shapes are each bucket's own (train.shape_buckets); the model must fit them all
+        from mirage_jax.train.shape_buckets import parse_bucket_batch
+
         bad = []
+        p, left_out = cfg.model.patch_size, {n for n, v in parse_bucket_batch(cfg.data.bucket_batch).items() if v == 0}
         for b in buckets:
             bad += [m for m in mismatches(cfg, b.shards.manifest) if not m[0].startswith("shapes.") and m not in bad]
+            got = manifest_shapes(b.shards.manifest)
+            h, w = got["shapes.latent_height"], got["shapes.latent_width"]
+            if (h % p or w % p) and b.name not in left_out:  # else caught once the buckets before it compiled
+                raise ConfigError(
+                    f"data.source={source}: bucket {b.name} has latent {h}x{w} (height x width), not a multiple of "
+                    f"model.patch_size={p}; prepare it at a --size whose latent height and width are (or leave it out: "
+                    f"--config.data.bucket_batch={b.name}=0)")
     if bad:
         what = "; ".join(f"{f}={have} but the data has {need}" for f, have, need in bad)
         fix = " ".join(f"--config.{f}={need}" for f, _, need in bad)

@@ -93,6 +93,8 @@ def restore_or_init(store: ckpt_lib.CheckpointStore, layout: StateLayout, config
     """(state, data-iterator state or None, restored step or None). Never starts fresh when a committed
     checkpoint exists but fails to restore."""
     step = store.latest_step()
+    if layout.frozen is not None:  # a LoRA run: restore (and check) its base now, not after compiling the step
+        layout.frozen.value()
     if step is None:
         return layout.create(), None, None
     exact = check_compatible(store, step, layout, config, allow_change)

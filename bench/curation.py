@@ -159,7 +159,8 @@ def measure(sources: int = 16, seconds: float = 10.0, size: tuple[int, int] = (1
     out: dict[str, Any] = {
         "setup": {"sources": sources if not input_dir else None, "source_seconds": total_s, "size": list(size),
                   "clip_seconds": clip_seconds, "workers": list(workers), "rounds": rounds,
-                  "prepare_args": list(prepare_args), "input": input_dir or footage},
+                  "prepare_args": list(prepare_args), "input": input_dir or footage,
+                  "worker_threads": os.environ.get("MIRAGE_WORKER_THREADS") or "cores // workers"},
         "rows": rows, "host": host,
     }
     if hi != lo:
@@ -186,7 +187,8 @@ def report(r: dict[str, Any]) -> list[str]:
         "",
         f"`python -m data_pipeline.prepare --runner=dask --workers=W` as a child process per run (cluster start "
         f"and stop included), {s['source_seconds']:.0f} s of {s['input']} footage, {s['clip_seconds']} s clips, "
-        f"{s['rounds']} alternating rounds, median wall time; curated runs add: {extra}.",
+        f"{s['rounds']} alternating rounds, median wall time; curated runs add: {extra}; OpenCV / FFmpeg threads "
+        f"per worker (MIRAGE_WORKER_THREADS): {s.get('worker_threads', 'not recorded')}.",
         "",
         common.host_line(r),
         "",

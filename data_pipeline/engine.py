@@ -125,6 +125,7 @@ def open_engine(
             cluster = LocalCluster(
                 n_workers=0, threads_per_worker=1, processes=True, dashboard_address=None,
                 silence_logs=logging.WARNING, preload=[__name__],  # dask_setup below runs in each worker
+                env={THREADS_ENV: os.environ.get(THREADS_ENV) or str(max(1, _cores() // workers))},
             )
             cluster.scale(workers)
             deadline = time.monotonic() + SPAWN_WAIT_S  # until the worker processes exist (not until they run)
@@ -242,15 +243,29 @@ _TRANSLATING = threading.Lock()
 
 
 def dask_setup(worker: Any) -> None:
-    """Dask preload hook, in each worker process of the LocalCluster prepare starts: ignore SIGINT (and do not
-    log each cancelled task). A Ctrl-C in the terminal reaches the whole process group; prepare (the launcher)
-    stops the cluster in order, instead of every worker printing its own KeyboardInterrupt traceback."""
+    """Dask preload hook, in each worker process of the LocalCluster prepare starts (and of a joined cluster
+    whose workers were started with `--preload data_pipeline.engine`): ignore SIGINT (and do not log each
+    cancelled task), and cap OpenCV's and FFmpeg's threads at the worker's share of the host
+    (ingest.per_worker.set_thread_budget): THREADS_ENV (a LocalCluster's: cores // workers unless the user set
+    it), else the worker's task threads. A Ctrl-C in the terminal reaches the whole process group; prepare (the
+    launcher) stops the cluster in order, instead of every worker printing its own KeyboardInterrupt traceback."""
     import signal
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     # the tasks a Ctrl-C (or a failure) cancels are each logged as a warning here: the driver reports the stop
     logging.getLogger("distributed.worker.state_machine").setLevel(logging.ERROR)
+    from data_pipeline.ingest import per_worker
+
+    # OpenCV / FFmpeg threads: the worker's share of its host (THREADS_ENV), else its task threads
+    per_worker.set_thread_budget(int(os.environ.get(THREADS_ENV) or worker.state.nthreads))
+
+
+THREADS_ENV = "MIRAGE_WORKER_THREADS"  # OpenCV/FFmpeg threads per worker process; default cores // workers
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 SPAWN_WAIT_S = 60  # at most this long with SIGINT ignored while a LocalCluster's processes are created

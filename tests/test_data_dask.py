@@ -39,8 +39,12 @@ def _explode(clip: filters.ClipData) -> str | None:
 
 
 def _note_pid(folder: str, clip: filters.ClipData) -> str | None:
-    """Keeps every clip; leaves a file named after the process that filtered it."""
-    open(os.path.join(folder, str(os.getpid())), "w").close()
+    """Keeps every clip; leaves a file named after the process that filtered it, holding the threads OpenCV
+    runs there."""
+    import cv2
+
+    with open(os.path.join(folder, str(os.getpid())), "w") as f:
+        f.write(str(cv2.getNumThreads()))
     return None
 
 
@@ -94,6 +98,9 @@ def test_dask_workers_write_the_local_runners_bytes_and_failed_sources_are_kept_
     assert os.listdir(local_pids) == [str(os.getpid())]
     workers = set(os.listdir(tmp_path / "pids_dask"))
     assert len(workers) == 2 and str(os.getpid()) not in workers, workers
+    # each worker's OpenCV runs its share of the host's cores (FFmpeg's decoder gets the same), not every core
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert {open(tmp_path / "pids_dask" / w).read() for w in workers} == {str(share)}
     assert _children() <= before  # the cluster is gone
     # per-source fault isolation: named with the stage, kept out (also bad.mp4's clip emitted before the crash)
     failed = dict(line.split(": ", 1) for line in m["sources"]["failed"])

@@ -19,6 +19,7 @@ import av
 import numpy as np
 from etils import epath
 
+from data_pipeline.ingest import per_worker
 from mirage_base.storage import is_remote
 
 FPS = 25
@@ -313,6 +314,8 @@ def iter_frames(info: VideoInfo, geometry: Any = None) -> Iterator[tuple[int, np
     with _open(info.path) as c:
         vs = _video_stream(c, info)
         vs.thread_type = "AUTO"
+        if per_worker.thread_budget():  # a worker process's share of the host (per_worker.set_thread_budget)
+            vs.codec_context.thread_count = per_worker.thread_budget()
         for frame in c.decode(vs):
             if k >= info.num_frames:
                 break

@@ -1,4 +1,5 @@
-"""Models loaded once per worker process, whatever the runner calls `DoFn.setup` for.
+"""Models loaded once per worker process, whatever the runner calls `DoFn.setup` for; and the process's thread
+budget for the libraries that size their own thread pools.
 
 Beam's local runner calls `setup` once per DoFn instance; Beam's DaskRunner (2.77) deserializes the DoFn and
 calls `setup`/`teardown` around every bundle (one Dask partition), so a model built in `setup` would be rebuilt
@@ -10,6 +11,15 @@ everything that decides their output (e.g. a frozen IngestConfig, or (name, weig
 never changes a result, only how often it is built. A worker with several threads shares one object between
 them; the encoders here are safe for that (numpy, or torch modules in inference mode), and curation's face
 detector (ingest.faces.cascade: OpenCV's CascadeClassifier, not safe for concurrent calls) is used under a lock.
+
+Thread budget (`set_thread_budget`): OpenCV (Haar detection, colour conversion) and FFmpeg's decoder (through
+PyAV) each start a thread per core unless told otherwise. In one process (the local runner) that is what we
+want; in a Dask worker process with one task thread it is not: on a host running N such workers each would
+run N library threads, and one worker alone already filled the host's cores, so a second worker process added
+nothing (measured: 1 worker kept 1.34 of 2 cores busy; 2 workers were 1.12x of 1). Dask's own Nanny sets
+OMP_NUM_THREADS / MKL_NUM_THREADS / OPENBLAS_NUM_THREADS to 1 for the same reason (`distributed.nanny.pre-spawn-
+environ`); the worker preload (data_pipeline.engine.dask_setup) gives these two libraries the worker's thread
+count the same way.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 MAX_MODELS = 4
+_thread_budget: int | None = None  # None: each library's default (one thread per core)
 
 _models: OrderedDict[Hashable, Any] = OrderedDict()
 _lock = threading.Lock()
@@ -45,3 +56,20 @@ def loaded_keys() -> list[Hashable]:
     """The keys held in this process, least recently used first (for tests and diagnostics)."""
     with _lock:
         return list(_models)
+
+
+def set_thread_budget(threads: int) -> None:
+    """Caps the threads OpenCV and PyAV's FFmpeg decoders use in this process at `threads` (>= 1): a worker
+    process's share of the host (a Dask worker's nthreads). Decoding and detection results do not depend on it."""
+    global _thread_budget
+    _thread_budget = max(1, int(threads))
+    try:
+        import cv2
+    except ImportError:  # OpenCV is only needed by curation
+        return
+    cv2.setNumThreads(_thread_budget)
+
+
+def thread_budget() -> int | None:
+    """The cap set by `set_thread_budget`, or None (libraries choose: one thread per core)."""
+    return _thread_budget

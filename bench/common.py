@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from mirage_base.host import cores
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -56,13 +58,6 @@ def load_average() -> float | None:
     """The 1-minute load average (runnable + uninterruptible tasks, exponentially averaged; `os.getloadavg`);
     None where the OS has none."""
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-
-
-def cores() -> int:
-    """CPUs this process may run on (its affinity mask where the OS has one, else `os.cpu_count()`)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 class ForeignCpu:

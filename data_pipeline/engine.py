@@ -48,6 +48,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from mirage_base.errors import InputError
+from mirage_base.host import cores
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def open_engine(
             cluster = LocalCluster(
                 n_workers=0, threads_per_worker=1, processes=True, dashboard_address=None,
                 silence_logs=logging.WARNING, preload=[__name__],  # dask_setup below runs in each worker
-                env={THREADS_ENV: os.environ.get(THREADS_ENV) or str(max(1, _cores() // workers))},
+                env={THREADS_ENV: os.environ.get(THREADS_ENV) or str(max(1, cores() // workers))},
             )
             cluster.scale(workers)
             deadline = time.monotonic() + SPAWN_WAIT_S  # until the worker processes exist (not until they run)
@@ -262,10 +263,6 @@ def dask_setup(worker: Any) -> None:
 
 
 THREADS_ENV = "MIRAGE_WORKER_THREADS"  # OpenCV/FFmpeg threads per worker process; default cores // workers
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 SPAWN_WAIT_S = 60  # at most this long with SIGINT ignored while a LocalCluster's processes are created

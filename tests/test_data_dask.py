@@ -27,6 +27,7 @@ from data_pipeline.dataset.records import decode_record
 from data_pipeline.ingest import filters, isolation, per_worker
 from data_pipeline.ingest.per_source import IngestConfig
 from data_pipeline.prepare import run
+from mirage_base.host import cores
 
 N_GOOD = 4  # sources of 20 frames at 16x16: two 0.4 s clips each
 
@@ -99,7 +100,7 @@ def test_dask_workers_write_the_local_runners_bytes_and_failed_sources_are_kept_
     workers = set(os.listdir(tmp_path / "pids_dask"))
     assert len(workers) == 2 and str(os.getpid()) not in workers, workers
     # each worker's OpenCV runs its share of the host's cores (FFmpeg's decoder gets the same), not every core
-    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    share = max(1, cores() // 2)
     assert {open(tmp_path / "pids_dask" / w).read() for w in workers} == {str(share)}
     assert _children() <= before  # the cluster is gone
     # per-source fault isolation: named with the stage, kept out (also bad.mp4's clip emitted before the crash)

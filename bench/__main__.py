@@ -433,10 +433,13 @@ def interpret(results: dict[str, dict[str, Any]]) -> dict[str, str]:
                            f"it, lip-sync gap closed minus uncached's): {out['sampling']}.")
     r = results.get("curation", {})
     if r.get("speedup"):
+        from bench.curation import TARGET as CURATION_TARGET
+
         sp = r["speedup"]
+        met = "met" if sp["end_to_end"] >= CURATION_TARGET else "not met"
         out["curation"] = (f"prepare on Dask ({sp['stages']} stages): {sp['workers'][1]} worker processes give "
-                           f"{sp['end_to_end']:.2f}x the clips/s of {sp['workers'][0]} end to end, {sp['steady']:.2f}x "
-                           "without the cluster's start and stop.")
+                           f"{sp['end_to_end']:.2f}x the clips/s of {sp['workers'][0]} end to end (target >= "
+                           f"{CURATION_TARGET}: {met}), {sp['steady']:.2f}x without the cluster's start and stop.")
     r = results.get("buckets", {})
     if "ratio_buckets_over_grouped" in r:
         from bench.buckets import TARGET

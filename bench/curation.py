@@ -41,6 +41,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from bench import common
+from data_pipeline import engine
 
 TARGET = 1.6  # issue 30: 2 workers / 1 worker, curated clips/s end to end
 
@@ -57,7 +58,8 @@ print(time.perf_counter() - t0)
 """
 
 
-def _env() -> dict[str, str]:
+def child_env() -> dict[str, str]:
+    """This environment for a benchmark's child process: CPU JAX, this repository importable."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env["PYTHONPATH"] = common.ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return env
@@ -102,7 +104,7 @@ def run_prepare(src: str, out: str, workers: int, extra: Sequence[str]) -> tuple
     cmd = [sys.executable, "-m", "data_pipeline.prepare", f"--input={src}", f"--output={out}", "--runner=dask",
            f"--workers={workers}", "--force", *extra]
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, cwd=common.ROOT, env=_env(), capture_output=True, text=True)
+    p = subprocess.run(cmd, cwd=common.ROOT, env=child_env(), capture_output=True, text=True)
     dt = time.perf_counter() - t0
     if p.returncode != 0:
         raise RuntimeError(f"{shlex.join(cmd)} failed ({p.returncode}): {p.stderr[-2000:]}")
@@ -113,7 +115,7 @@ def run_prepare(src: str, out: str, workers: int, extra: Sequence[str]) -> tuple
 def engine_start_stop(workers: int) -> float:
     """Seconds a child spends starting a LocalCluster of `workers` processes, importing data_pipeline.prepare in
     each worker, and stopping it (no pipeline)."""
-    p = subprocess.run([sys.executable, "-c", _ENGINE_ONLY, str(workers)], cwd=common.ROOT, env=_env(),
+    p = subprocess.run([sys.executable, "-c", _ENGINE_ONLY, str(workers)], cwd=common.ROOT, env=child_env(),
                        capture_output=True, text=True)
     if p.returncode != 0:
         raise RuntimeError(f"cluster start/stop failed: {p.stderr[-2000:]}")
@@ -160,7 +162,7 @@ def measure(sources: int = 16, seconds: float = 10.0, size: tuple[int, int] = (1
         "setup": {"sources": sources if not input_dir else None, "source_seconds": total_s, "size": list(size),
                   "clip_seconds": clip_seconds, "workers": list(workers), "rounds": rounds,
                   "prepare_args": list(prepare_args), "input": input_dir or footage,
-                  "worker_threads": os.environ.get("MIRAGE_WORKER_THREADS") or "cores // workers"},
+                  "worker_threads": os.environ.get(engine.THREADS_ENV) or "cores // workers"},
         "rows": rows, "host": host,
     }
     if hi != lo:

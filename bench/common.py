@@ -64,21 +64,23 @@ class ForeignCpu:
     """CPU used on this host by processes other than this one and its children, over a `with` block.
 
     foreign = (busy CPU time of the whole host, /proc/stat: user + nice + system + irq + softirq + steal) -
-    (this process's CPU time and its reaped children's, `os.times()`), in seconds; `cores` = foreign / wall
-    seconds of the block. A child still running at either edge of the block is counted as foreign (an
-    overestimate: time the block out so that its children end inside it). None where /proc/stat is missing."""
+    (this process tree's: its own, its reaped children's and its live descendants'), in seconds; `cores` =
+    foreign / wall seconds of the block; `host_cores` = the whole host's busy time / wall (everyone's, this
+    process tree's included). A descendant that ends inside the block unreaped by this tree (a daemon's orphan)
+    counts as foreign: an overestimate, never an underestimate. None where /proc/stat is missing."""
 
     def __enter__(self) -> ForeignCpu:
         self.seconds: float | None = None
         self.cores: float | None = None
+        self.host_cores: float | None = None
         self._t0, self._busy0, self._ours0 = time.perf_counter(), _host_busy_s(), _own_cpu_s()
         return self
 
     def __exit__(self, *exc: object) -> None:
         wall, busy = time.perf_counter() - self._t0, _host_busy_s()
-        if busy is not None and self._busy0 is not None:
+        if busy is not None and self._busy0 is not None and wall > 0:
             self.seconds = max(0.0, (busy - self._busy0) - (_own_cpu_s() - self._ours0))
-            self.cores = self.seconds / wall if wall > 0 else None
+            self.cores, self.host_cores = self.seconds / wall, (busy - self._busy0) / wall
 
 
 def _host_busy_s() -> float | None:
@@ -92,8 +94,19 @@ def _host_busy_s() -> float | None:
 
 
 def _own_cpu_s() -> float:
+    """CPU seconds of this process, its reaped children (`os.times`) and its live descendants (psutil, with what
+    they reaped): the CPU of this process tree, whichever of its processes are still running."""
+    import psutil
+
     t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
+    total = t.user + t.system + t.children_user + t.children_system
+    for child in psutil.Process().children(recursive=True):
+        try:
+            c = child.cpu_times()
+        except psutil.Error:  # ended between the listing and the reading: counted once reaped
+            continue
+        total += c.user + c.system + c.children_user + c.children_system
+    return total
 
 
 FOREIGN_CORES_MAX = 0.1  # other processes' CPU, in cores, that a timing may share the host with and be a claim

@@ -5,6 +5,7 @@ from a unit test."""
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from typing import Any
@@ -226,23 +227,32 @@ def test_host_state() -> None:
     assert not common.host_state(2.5, 2.4, ncores=2, foreign_cores=0.0)["claim"]
 
 
-def test_foreign_cpu_counts_a_process_that_is_not_a_reaped_child() -> None:
-    """A busy process that runs through the block and is reaped after it is someone else's CPU to the block
-    (as an unrelated process would be): at least most of its second of CPU is counted as foreign."""
+def test_foreign_cpu_counts_other_processes_and_not_this_process_tree() -> None:
+    """A busy process outside this process tree (an orphan, as an unrelated process is) through the block is
+    foreign CPU: at least most of its second is counted. A busy child of this process (as a bench's Dask
+    workers are) is not: the foreign cores stay below the host's busy cores less the child's."""
     import subprocess
 
     from bench import common
 
-    busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
+    spin = "import time\nt = time.time()\nwhile time.time() - t < 2.5: pass"
+    if not os.path.exists("/proc/stat"):
+        pytest.skip("no /proc/stat on this OS")
+    # started by a shell that exits at once: the spinner is re-parented away from this process tree
+    subprocess.run(["sh", "-c", f'"{sys.executable}" -c "$0" >/dev/null 2>&1 &', spin], check=True)
+    time.sleep(0.5)  # its interpreter is up and spinning
+    with common.ForeignCpu() as other:
+        time.sleep(1.0)
+    assert other.seconds >= 0.6 and other.cores >= 0.6, (other.seconds, other.cores)
+    time.sleep(1.2)  # the orphan has ended
+    child = subprocess.Popen([sys.executable, "-c", spin])
     try:
-        time.sleep(0.5)  # its interpreter is up and spinning
-        with common.ForeignCpu() as f:
+        time.sleep(0.5)
+        with common.ForeignCpu() as own:
             time.sleep(1.0)
     finally:
-        busy.wait()
-    if f.seconds is None:
-        pytest.skip("no /proc/stat on this OS")
-    assert f.seconds >= 0.6 and f.cores >= 0.6, (f.seconds, f.cores)
+        child.wait()
+    assert own.cores <= own.host_cores - 0.5, (own.cores, own.host_cores)  # the child spun ~1 core of it
 
 
 def test_data_loader_compares_the_legacy_and_elastic_loaders(prepared_shards) -> None:

@@ -405,3 +405,15 @@ def test_lora_step_trains_the_scanned_blocks_adapters_as_the_unscanned_network()
     loop_losses, loop_adapters = runs[False][:2]
     np.testing.assert_allclose(losses, loop_losses, rtol=1e-6)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=0.01 * lr), adapters, loop_adapters)
+
+
+def test_dask_task_breakdown_by_hand() -> None:
+    """bench.dask_tasks.breakdown on spans drawn by hand over a 10 s run: worker a computes 1-4 s and 5-6 s,
+    worker b 2-7 s -> 0 busy: 0-1 and 7-10 = 4 s; 1 busy: 1-2, 4-5, 6-7 = 3 s; 2 busy: 2-4, 5-6 = 3 s."""
+    from bench.dask_tasks import breakdown
+
+    spans = [(1.0, 4.0, "a", ("x-1", 0)), (5.0, 6.0, "a", ("x-1", 1)), (2.0, 7.0, "b", "y-2")]
+    r = breakdown(spans, 10.0)
+    assert r["seconds_with_k_busy"] == {"0": 4.0, "1": 3.0, "2": 3.0}
+    assert r["before_first_s"] == 1.0 and r["after_last_s"] == 3.0 and r["tasks"] == 3
+    assert r["busy_s_per_worker"] == [4.0, 5.0] and r["task_kinds"] == {"x": 2, "y": 1}

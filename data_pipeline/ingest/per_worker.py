@@ -15,11 +15,11 @@ detector (ingest.faces.cascade: OpenCV's CascadeClassifier, not safe for concurr
 Thread budget (`set_thread_budget`): OpenCV (Haar detection, colour conversion) and FFmpeg's decoder (through
 PyAV) each start a thread per core unless told otherwise. In one process (the local runner) that is what we
 want; in a Dask worker process with one task thread it is not: on a host running N such workers each would
-run N library threads, and one worker alone already filled the host's cores, so a second worker process added
-nothing (measured: 1 worker kept 1.34 of 2 cores busy; 2 workers were 1.12x of 1). Dask's own Nanny sets
-OMP_NUM_THREADS / MKL_NUM_THREADS / OPENBLAS_NUM_THREADS to 1 for the same reason (`distributed.nanny.pre-spawn-
-environ`); the worker preload (data_pipeline.engine.dask_setup) gives these two libraries the worker's thread
-count the same way.
+run N library threads, and one worker alone already kept most of the host busy, so a second worker process
+added little (`python -m bench.dask_tasks --workers=1`: 1 worker kept 1.32 of 2 cores busy; bench.curation:
+2 workers were 1.12x of 1). Dask's own Nanny sets OMP_NUM_THREADS / MKL_NUM_THREADS / OPENBLAS_NUM_THREADS to 1
+for the same reason (`distributed.nanny.pre-spawn-environ`); the worker preload (data_pipeline.engine.dask_setup)
+gives these two libraries the worker's share the same way.
 """
 
 from __future__ import annotations

@@ -126,7 +126,7 @@ def open_engine(
             cluster = LocalCluster(
                 n_workers=0, threads_per_worker=1, processes=True, dashboard_address=None,
                 silence_logs=logging.WARNING, preload=[__name__],  # dask_setup below runs in each worker
-                env={THREADS_ENV: os.environ.get(THREADS_ENV) or str(max(1, cores() // workers))},
+                env={THREADS_ENV: os.environ.get(THREADS_ENV) or str(max(1, cores() // workers)), _OWN_ENV: "1"},
             )
             cluster.scale(workers)
             deadline = time.monotonic() + SPAWN_WAIT_S  # until the worker processes exist (not until they run)
@@ -256,6 +256,8 @@ def dask_setup(worker: Any) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     # the tasks a Ctrl-C (or a failure) cancels are each logged as a warning here: the driver reports the stop
     logging.getLogger("distributed.worker.state_machine").setLevel(logging.ERROR)
+    if os.environ.get(_OWN_ENV):  # a LocalCluster prepare started: the scheduler leaves only when prepare stops
+        logging.getLogger("distributed.worker").addFilter(SCHEDULER_GONE)
     from data_pipeline.ingest import per_worker
 
     # OpenCV / FFmpeg threads: the worker's share of its host (THREADS_ENV), else its task threads
@@ -263,6 +265,24 @@ def dask_setup(worker: Any) -> None:
 
 
 THREADS_ENV = "MIRAGE_WORKER_THREADS"  # OpenCV/FFmpeg threads per worker process; default cores // workers
+_OWN_ENV = "MIRAGE_OWN_DASK_CLUSTER"  # set in the worker processes of a LocalCluster that prepare starts
+
+
+class _SchedulerGone(logging.Filter):
+    """Drops a worker's "Failed to communicate with scheduler during heartbeat" record (ERROR, with a traceback)
+    when the cause is the scheduler's connection being gone (an OSError: CommClosedError, refused). When a
+    LocalCluster stops (at the end of a run or on Ctrl-C), its scheduler retires the workers and closes their
+    connections while a worker's periodic heartbeat may be in flight; the worker logs that traceback, and is
+    closed a moment later by its Nanny (dask/distributed#7105; seen in a Ctrl-C on prepare). Installed only in
+    the workers of prepare's own cluster, whose scheduler lives in the launcher: a joined cluster's workers keep
+    the record for its operator."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        gone = record.exc_info is not None and isinstance(record.exc_info[1], OSError)
+        return not (gone and record.getMessage().startswith("Failed to communicate with scheduler during heartbeat"))
+
+
+SCHEDULER_GONE = _SchedulerGone()
 
 
 SPAWN_WAIT_S = 60  # at most this long with SIGINT ignored while a LocalCluster's processes are created

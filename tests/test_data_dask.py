@@ -297,3 +297,48 @@ def test_models_load_once_per_process():
     a = per_worker.load_once(key, lambda: built.append(1) or object())
     b = per_worker.load_once(key, lambda: built.append(1) or object())
     assert a is b and built == [1] and key in per_worker.loaded_keys()
+
+
+def test_a_heartbeat_to_a_stopped_scheduler_is_not_a_traceback_in_prepares_own_workers(caplog):
+    """The race behind a traceback in a Ctrl-C on prepare (CI, 2026-12-06): a LocalCluster's scheduler closes while
+    a worker's heartbeat is in flight, and dask.distributed's Worker.heartbeat logs "Failed to communicate with
+    scheduler during heartbeat" at ERROR with its traceback. On a real in-process Scheduler and Worker: with the
+    scheduler stopped, a heartbeat logs that record (checked first, so the test fails if distributed changes it);
+    with the filter prepare's workers install (engine.SCHEDULER_GONE), it does not; other ERROR records pass."""
+    import asyncio
+    import logging
+
+    import dask
+    from distributed import Scheduler, Worker
+
+    from data_pipeline import engine
+
+    worker_log = logging.getLogger("distributed.worker")
+
+    def heartbeat_errors() -> list[logging.LogRecord]:
+        caplog.clear()
+
+        async def lost_scheduler() -> None:
+            with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+                s = await Scheduler(dashboard_address=":0", port=0)
+                w = await Worker(s.address, nthreads=1)
+                s.stop()  # the scheduler stops listening and drops its connections without a word to the worker
+                for comm in list(s._comms):
+                    comm.abort()
+                await w.heartbeat()
+                await w.close()
+                await s.close()
+
+        with caplog.at_level(logging.ERROR, logger="distributed.worker"):
+            asyncio.run(lost_scheduler())
+        return [r for r in caplog.records if "during heartbeat" in r.getMessage()]
+
+    assert heartbeat_errors(), "distributed no longer logs a lost heartbeat this way: revisit engine.SCHEDULER_GONE"
+    worker_log.addFilter(engine.SCHEDULER_GONE)
+    try:
+        assert heartbeat_errors() == []
+        with caplog.at_level(logging.ERROR, logger="distributed.worker"):
+            worker_log.error("another failure")
+        assert [r.getMessage() for r in caplog.records] == ["another failure"]
+    finally:
+        worker_log.removeFilter(engine.SCHEDULER_GONE)

@@ -21,16 +21,19 @@ end-to-end one.
 
 Reported per configuration: clips kept, median wall s, clips/s, wall s per source second; then the speed-up of
 the most workers over 1 worker (end to end and steady state), and per worker count the cost of the extra stages
-(curated wall / plain wall, and extra wall s per source second). Whether it is a claim (bench/common.host_state):
-the load average before the runs at most the core count, and the CPU other processes used while they ran
-(common.ForeignCpu) at most 0.1 cores; the load after is recorded, not used (2 workers on 2 cores put it at 2 by
-themselves). Prints one JSON object with --json.
+(curated wall / plain wall, and extra wall s per source second). The CPU seconds of each run (the child and its
+Dask processes, RUSAGE_CHILDREN) over its wall time give the cores it kept busy; from the 1-worker run's, the most
+the host's cores allow N workers to gain (`scaling_bound`: cores / busy cores). Whether it is a claim
+(bench/common.host_state): the load average before the runs at most the core count, and the CPU other processes
+used while they ran (common.ForeignCpu) at most 0.1 cores; the load after is recorded, not used (2 workers on 2
+cores put it at 2 by themselves). Prints one JSON object with --json.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import shlex
 import statistics
 import subprocess
@@ -99,17 +102,33 @@ def source_seconds(src: str) -> float:
     return total
 
 
-def run_prepare(src: str, out: str, workers: int, extra: Sequence[str]) -> tuple[float, int]:
-    """Wall seconds of one `python -m data_pipeline.prepare --runner=dask` child, and the clips it kept."""
+def run_prepare(src: str, out: str, workers: int, extra: Sequence[str]) -> tuple[float, int, float]:
+    """Wall seconds of one `python -m data_pipeline.prepare --runner=dask` child, the clips it kept, and the CPU
+    seconds (user + system) that the child and every process it waited for (its Dask scheduler thread, Nanny and
+    worker processes) used: the kernel's RUSAGE_CHILDREN, which adds a reaped process's descendants' time to it."""
     cmd = [sys.executable, "-m", "data_pipeline.prepare", f"--input={src}", f"--output={out}", "--runner=dask",
            f"--workers={workers}", "--force", *extra]
+    cpu0 = _children_cpu_s()
     t0 = time.perf_counter()
     p = subprocess.run(cmd, cwd=common.ROOT, env=child_env(), capture_output=True, text=True)
     dt = time.perf_counter() - t0
+    cpu = _children_cpu_s() - cpu0
     if p.returncode != 0:
         raise RuntimeError(f"{shlex.join(cmd)} failed ({p.returncode}): {p.stderr[-2000:]}")
     with open(os.path.join(out, "manifest.json")) as f:
-        return dt, int(json.load(f)["num_records"])
+        return dt, int(json.load(f)["num_records"]), cpu
+
+
+def _children_cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def scaling_bound(cores: int, busy_cores_one: float) -> float:
+    """The most `cores` can speed up a run that keeps `busy_cores_one` cores busy on average with one worker, if
+    more workers do the same CPU work (Amdahl's bound with the whole run parallel): cores / busy_cores_one. The
+    one-worker run's own library threads (OpenCV, FFmpeg) already use part of the other cores."""
+    return cores / max(busy_cores_one, 1e-9)
 
 
 def engine_start_stop(workers: int) -> float:
@@ -135,14 +154,16 @@ def measure(sources: int = 16, seconds: float = 10.0, size: tuple[int, int] = (1
         total_s = source_seconds(src)
         configs = [(k, w) for w in workers for k in kinds]
         walls: dict[str, list[float]] = {f"{k}-{w}": [] for k, w in configs}
+        cpus: dict[str, list[float]] = {f"{k}-{w}": [] for k, w in configs}
         startup: dict[int, list[float]] = {w: [] for w in workers}
         clips: dict[str, int] = {}
         load_before = common.load_average()
         with common.ForeignCpu() as foreign:  # N workers fill N cores: the load after counts them
             for r in range(rounds):
                 for k, w in configs if r % 2 == 0 else configs[::-1]:
-                    dt, n = run_prepare(src, os.path.join(tmp, f"out-{k}-{w}"), w, kinds[k])
+                    dt, n, cpu = run_prepare(src, os.path.join(tmp, f"out-{k}-{w}"), w, kinds[k])
                     walls[f"{k}-{w}"].append(dt)
+                    cpus[f"{k}-{w}"].append(cpu)
                     clips[f"{k}-{w}"] = n
                 for w in workers if r % 2 == 0 else workers[::-1]:
                     startup[w].append(engine_start_stop(w))
@@ -151,8 +172,10 @@ def measure(sources: int = 16, seconds: float = 10.0, size: tuple[int, int] = (1
     for k, w in configs:
         name = f"{k}-{w}"
         wall, start = statistics.median(walls[name]), statistics.median(startup[w])
+        busy = statistics.median(c / t for c, t in zip(cpus[name], walls[name], strict=True))
         rows.append({"config": name, "stages": k, "workers": w, "clips": clips[name], "wall_s": wall,
-                     "wall_s_all": walls[name], "start_stop_s": start, "clips_per_s": clips[name] / wall,
+                     "wall_s_all": walls[name], "cpu_s": statistics.median(cpus[name]), "busy_cores": busy,
+                     "start_stop_s": start, "clips_per_s": clips[name] / wall,
                      "steady_clips_per_s": clips[name] / max(wall - start, 1e-9),
                      "wall_s_per_source_s": wall / total_s})
     by = {row["config"]: row for row in rows}
@@ -168,7 +191,9 @@ def measure(sources: int = 16, seconds: float = 10.0, size: tuple[int, int] = (1
     if hi != lo:
         a, b = by[f"{main_kind}-{hi}"], by[f"{main_kind}-{lo}"]
         out["speedup"] = {"stages": main_kind, "workers": [lo, hi], "end_to_end": a["clips_per_s"] / b["clips_per_s"],
-                          "steady": a["steady_clips_per_s"] / b["steady_clips_per_s"]}
+                          "steady": a["steady_clips_per_s"] / b["steady_clips_per_s"],
+                          "cpu_ratio": a["cpu_s"] / b["cpu_s"],
+                          "bound": scaling_bound(host["cores"], b["busy_cores"]) if lo == 1 else None}
     if prepare_args:
         out["curation_cost"] = []
         for w in workers:
@@ -194,11 +219,13 @@ def report(r: dict[str, Any]) -> list[str]:
         "",
         common.host_line(r),
         "",
-        "| config | clips | wall s | cluster start+stop s | clips/s | steady clips/s | wall s per source s |",
-        "|---|---|---|---|---|---|---|",
+        "| config | clips | wall s | cluster start+stop s | clips/s | steady clips/s | wall s per source s | CPU s "
+        "| cores busy |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     out += [f"| {x['config']} | {x['clips']} | {x['wall_s']:.2f} | {x['start_stop_s']:.2f} | {x['clips_per_s']:.2f} "
-            f"| {x['steady_clips_per_s']:.2f} | {x['wall_s_per_source_s']:.3f} |" for x in r["rows"]]
+            f"| {x['steady_clips_per_s']:.2f} | {x['wall_s_per_source_s']:.3f} | {_opt(x.get('cpu_s'))} "
+            f"| {_opt(x.get('busy_cores'))} |" for x in r["rows"]]
     out.append("")
     sp = r.get("speedup")
     if sp:
@@ -206,11 +233,21 @@ def report(r: dict[str, Any]) -> list[str]:
         met = "met" if sp["end_to_end"] >= TARGET else "not met"
         out.append(f"{hi} workers / {lo} worker ({sp['stages']}): {sp['end_to_end']:.2f}x clips/s end to end "
                    f"(target >= {TARGET}: {met}), {sp['steady']:.2f}x without the cluster's start and stop.")
+        if sp.get("bound"):
+            one = next(x for x in r["rows"] if x["config"] == f"{sp['stages']}-{lo}")
+            out.append(f"Bound on this host: {lo} worker keeps {one['busy_cores']:.2f} of {r['host']['cores']} cores "
+                       f"busy (CPU s / wall s of the run, its workers included), so {hi} workers can be at most "
+                       f"{sp['bound']:.2f}x faster doing the same CPU work (cores / busy cores); they used "
+                       f"{sp['cpu_ratio']:.2f}x its CPU seconds.")
     for c in r.get("curation_cost", []):
         out.append(f"Curation with {c['workers']} worker(s): {c['wall_ratio']:.2f}x the wall time of plain prepare, "
                    f"{c['extra_s_per_source_s']:+.3f} wall s per source second.")
     out.append("")
     return out
+
+
+def _opt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
 
 
 def main(argv: Sequence[str]) -> None:

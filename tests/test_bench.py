@@ -319,6 +319,35 @@ def test_sampling_bench_never_replaces_a_folder_it_did_not_make(tmp_path) -> Non
     assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
 
 
+_BURN_IN_A_GRANDCHILD = """
+import multiprocessing as mp, time
+def burn():
+    t = time.process_time()
+    while time.process_time() - t < 0.4:
+        pass
+if __name__ == "__main__":
+    p = mp.get_context("spawn").Process(target=burn)  # as Dask's Nanny starts its worker
+    p.start(); p.join()
+"""
+
+
+def test_a_runs_cpu_seconds_include_the_processes_its_child_started(tmp_path) -> None:
+    """bench.curation's CPU seconds of a prepare run (its busy cores, and the host bound from them) rely on the
+    kernel adding a reaped grandchild's CPU time to the child's, then to ours (getrusage RUSAGE_CHILDREN): a child
+    that only waits while its own child burns 0.4 s of CPU is charged those 0.4 s (the closed form), not ~0."""
+    import subprocess
+    import sys
+
+    from bench import curation
+
+    script = tmp_path / "burn.py"  # a file: a spawned process imports its parent's main module
+    script.write_text(_BURN_IN_A_GRANDCHILD)
+    before = curation._children_cpu_s()
+    subprocess.run([sys.executable, str(script)], check=True)
+    assert curation._children_cpu_s() - before >= 0.4
+    assert curation.scaling_bound(2, 1.32) == pytest.approx(2 / 1.32)
+
+
 @pytest.mark.slow  # ~100 s on a loaded 2-core host: four prepare children and two bare cluster starts
 def test_curation_bench_runs_and_renders(tmp_path) -> None:
     """bench.curation at its smallest (1 round, 1 and 2 Dask workers, an extra filter as the 'curated' stages):
@@ -339,8 +368,11 @@ def test_curation_bench_runs_and_renders(tmp_path) -> None:
     assert r["speedup"]["end_to_end"] == pytest.approx(two / one)
     assert [c["wall_ratio"] for c in r["curation_cost"]] == pytest.approx(
         [rows[f"curated-{w}"]["wall_s"] / rows[f"plain-{w}"]["wall_s"] for w in (1, 2)])
+    for x in rows.values():  # the child and its Dask processes: busy, and not more than the host's cores
+        assert 0 < x["busy_cores"] <= r["host"]["cores"] * 1.05
+    assert r["speedup"]["bound"] == pytest.approx(r["host"]["cores"] / rows["curated-1"]["busy_cores"])
     text = run_all.write_report({"curation": r}, MACHINE, str(tmp_path / "r.md"), quick=True, only=["curation"])
-    assert "## 7. Data preparation on Dask" in text and "**curation**" in text
+    assert "## 7. Data preparation on Dask" in text and "**curation**" in text and "Bound on this host" in text
 
 
 @pytest.mark.slow  # two tiny train-step compiles and 3 x 2 steps: ~1 min on a loaded 2-core host

@@ -22,6 +22,7 @@ import pytest
 from apache_beam.testing.util import assert_that
 from array_record.python.array_record_module import ArrayRecordReader
 
+from data_pipeline import engine
 from data_pipeline.dataset import manifest
 from data_pipeline.dataset.records import decode_record
 from data_pipeline.ingest import filters, isolation, per_worker
@@ -135,6 +136,51 @@ def test_joining_a_running_cluster_gives_the_same_bytes_with_shuffles_sized_to_i
     assert _files(str(tmp_path / "joined")) == _files(local[0])
     splits = [t for t in stream.data if "shuffle-split" in str(t["key"])]
     assert 0 < len(splits) <= 4 * 2**2, len(splits)
+
+
+def test_a_cluster_started_with_the_dask_cli_and_the_documented_preload_runs_prepare(src, local, tmp_path):
+    """The cluster of docs/data_pipeline.md, started with dask's own command line as a team would (`dask scheduler`;
+    two `dask worker --nthreads 1 --preload data_pipeline.engine`, each a Nanny and its worker process), joined
+    with --dask-address: the local runner's bytes, the filters ran in those two worker processes (their pids, as
+    the cluster reports them), each worker's OpenCV capped at its 1 task thread by the preload (uncapped it runs
+    one per core), and the cluster still up afterwards."""
+    from dask.distributed import Client
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.path.join(root, "tests")])}
+    env.pop(engine.THREADS_ENV, None)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    dask_cli = [sys.executable, "-m", "dask"]
+    procs = [subprocess.Popen([*dask_cli, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--dashboard-address", ":0"], env=env, stderr=subprocess.DEVNULL)]
+    try:
+        worker = [*dask_cli, "worker", address, "--nthreads", "1", "--preload", "data_pipeline.engine"]
+        procs += [subprocess.Popen([*worker, "--dashboard-address", ":0"], env=env, stderr=subprocess.DEVNULL)
+                  for _ in range(2)]
+        deadline = time.time() + 120
+        while True:
+            try:
+                with Client(address, timeout=5) as c:
+                    c.wait_for_workers(2, timeout=max(1, deadline - time.time()))
+                    pids = set(map(str, c.run(os.getpid).values()))
+                break
+            except OSError:
+                assert time.time() < deadline, "the dask CLI cluster did not come up"
+                time.sleep(0.5)
+        _run(src, str(tmp_path / "cli"), str(tmp_path / "pids"), runner="dask", dask_address=address)
+        assert _files(str(tmp_path / "cli")) == _files(local[0])
+        assert set(os.listdir(tmp_path / "pids")) == pids  # both workers filtered clips; nothing ran here
+        assert {open(tmp_path / "pids" / w).read() for w in pids} == {"1"}
+        with Client(address, timeout=5) as c:
+            assert len(c.nthreads()) == 2  # left running
+    finally:
+        for p in procs[::-1]:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
 
 
 def test_ctrl_c_stops_the_dask_cluster_and_leaves_no_output(src, tmp_path):

@@ -109,6 +109,41 @@ def _own_cpu_s() -> float:
     return total
 
 
+def _spin(n: int, barrier: Any = None, out: Any = None) -> float:
+    if barrier is not None:
+        barrier.wait()  # every process starts its loop at once
+    t, x = time.perf_counter(), 0
+    for i in range(n):
+        x += i * i
+    dt = time.perf_counter() - t
+    if out is not None:
+        out.put(dt)
+    return dt
+
+
+def parallel_capacity(procs: int = 2, rounds: int = 3, n: int = 3_000_000) -> float:
+    """The throughput of `procs` processes computing at once, in units of one process alone: procs x t(one alone)
+    / t(each, all at once), median over `rounds` rounds (alone and together alternate). The work is a Python loop
+    (no memory traffic, no library threads), so this is the host's own ceiling for N-process scaling: ~procs on
+    procs independent cores; ~1.1-1.3 for 2 vCPUs that are SMT siblings of one physical core, which a VM cannot
+    see (its lscpu says one thread per core); less than procs also when other processes take CPU meanwhile."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")  # a copy of this process: no import of its main module
+    ratios = []
+    for _ in range(rounds):
+        alone = _spin(n)
+        barrier, out = ctx.Barrier(procs), ctx.Queue()
+        ps = [ctx.Process(target=_spin, args=(n, barrier, out)) for _ in range(procs)]
+        for p in ps:
+            p.start()
+        together = [out.get(timeout=600) for _ in ps]
+        for p in ps:
+            p.join()
+        ratios.append(procs * alone / statistics.median(together))
+    return statistics.median(ratios)
+
+
 FOREIGN_CORES_MAX = 0.1  # other processes' CPU, in cores, that a timing may share the host with and be a claim
 
 

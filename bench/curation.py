@@ -23,7 +23,8 @@ Reported per configuration: clips kept, median wall s, clips/s, wall s per sourc
 the most workers over 1 worker (end to end and steady state), and per worker count the cost of the extra stages
 (curated wall / plain wall, and extra wall s per source second). The CPU seconds of each run (the child and its
 Dask processes, RUSAGE_CHILDREN) over its wall time give the cores it kept busy; from the 1-worker run's, the most
-the host's cores allow N workers to gain (`scaling_bound`: cores / busy cores). Whether it is a claim
+the host's cores allow N workers to gain (`scaling_bound`: cores / busy cores); and how much N processes of pure
+computation gain on this host (`common.parallel_capacity`: its own ceiling). Whether it is a claim
 (bench/common.host_state): the load average before the runs at most the core count, and the CPU other processes
 used while they ran (common.ForeignCpu) at most 0.1 cores; the load after is recorded, not used (2 workers on 2
 cores put it at 2 by themselves). Prints one JSON object with --json.
@@ -159,6 +160,7 @@ def measure(sources: int = 16, seconds: float = 10.0, size: tuple[int, int] = (1
         clips: dict[str, int] = {}
         load_before = common.load_average()
         with common.ForeignCpu() as foreign:  # N workers fill N cores: the load after counts them
+            capacity = common.parallel_capacity(max(workers)) if len(workers) > 1 else None
             for r in range(rounds):
                 for k, w in configs if r % 2 == 0 else configs[::-1]:
                     dt, n, cpu = run_prepare(src, os.path.join(tmp, f"out-{k}-{w}"), w, kinds[k])
@@ -186,7 +188,7 @@ def measure(sources: int = 16, seconds: float = 10.0, size: tuple[int, int] = (1
                   "clip_seconds": clip_seconds, "workers": list(workers), "rounds": rounds,
                   "prepare_args": list(prepare_args), "input": input_dir or footage,
                   "worker_threads": os.environ.get(engine.THREADS_ENV) or "cores // workers"},
-        "rows": rows, "host": host,
+        "rows": rows, "host": host, "parallel_capacity": capacity,
     }
     if hi != lo:
         a, b = by[f"{main_kind}-{hi}"], by[f"{main_kind}-{lo}"]
@@ -239,6 +241,10 @@ def report(r: dict[str, Any]) -> list[str]:
                        f"busy (CPU s / wall s of the run, its workers included), so {hi} workers can be at most "
                        f"{sp['bound']:.2f}x faster doing the same CPU work (cores / busy cores); they used "
                        f"{sp['cpu_ratio']:.2f}x its CPU seconds.")
+        if r.get("parallel_capacity"):
+            out.append(f"This host runs {hi} processes of pure computation at {r['parallel_capacity']:.2f}x the "
+                       f"throughput of one (`bench.common.parallel_capacity`): the most {hi} workers can give on it, "
+                       f"whatever prepare does.")
     for c in r.get("curation_cost", []):
         out.append(f"Curation with {c['workers']} worker(s): {c['wall_ratio']:.2f}x the wall time of plain prepare, "
                    f"{c['extra_s_per_source_s']:+.3f} wall s per source second.")

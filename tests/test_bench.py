@@ -348,6 +348,22 @@ def test_a_runs_cpu_seconds_include_the_processes_its_child_started(tmp_path) ->
     assert curation.scaling_bound(2, 1.32) == pytest.approx(2 / 1.32)
 
 
+def test_parallel_capacity_sees_a_single_core_when_the_processes_share_one() -> None:
+    """bench.common.parallel_capacity against what the kernel is told: with this process (and so the processes
+    it forks) pinned to one CPU, 2 processes computing at once reach about the throughput of one (closed form: 1),
+    not 2; unpinned on a host of 2+ idle cores it would be ~2 (not asserted: the test host is shared)."""
+    from bench import common
+
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no CPU affinity on this OS")
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(before)})
+    try:
+        assert common.parallel_capacity(2, rounds=1, n=1_000_000) < 1.3
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 @pytest.mark.slow  # ~100 s on a loaded 2-core host: four prepare children and two bare cluster starts
 def test_curation_bench_runs_and_renders(tmp_path) -> None:
     """bench.curation at its smallest (1 round, 1 and 2 Dask workers, an extra filter as the 'curated' stages):

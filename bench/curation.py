@@ -259,7 +259,7 @@ def _opt(x: float | None) -> str:
 def main(argv: Sequence[str]) -> None:
     from absl import flags
 
-    from data_pipeline.synthesize import parse_size
+    from data_pipeline.buckets import parse_size
 
     F = flags.FLAGS
     r = measure(sources=F.sources, seconds=F.seconds, size=parse_size(F.size), workers=[int(w) for w in F.workers],

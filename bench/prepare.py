@@ -116,7 +116,7 @@ def run_ingest(tree: str, path: str, held_bytes: int) -> tuple[float, int]:
 
 
 def main(argv: Sequence[str]) -> None:
-    from data_pipeline.synthesize import parse_size
+    from data_pipeline.buckets import parse_size
 
     results: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-prepare-") as tmp:

@@ -58,12 +58,21 @@ def parse_seconds(values: Sequence[str] | str) -> list[float]:
     return out
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """'WxH' -> (W, H); both even and >= 16."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError as e:
+        raise InputError(f"--size={text!r}: expected WxH, e.g. 64x64") from e
+    if w < 16 or h < 16 or w % 2 or h % 2:
+        raise InputError(f"--size={text!r}: width and height must be even and at least 16")
+    return w, h
+
+
 def parse_sizes(text: str | None) -> list[tuple[int, int]] | None:
-    """'64x96,96x64' -> [(64, 96), (96, 64)] (each as `synthesize.parse_size`), None for no --size."""
+    """'64x96,96x64' -> [(64, 96), (96, 64)] (each as `parse_size`), None for no --size."""
     if not text:
         return None
-    from data_pipeline.synthesize import parse_size
-
     out = [parse_size(t.strip()) for t in text.split(",") if t.strip()]
     if len(set(out)) != len(out):
         raise InputError(f"--size={text}: a size is listed twice")

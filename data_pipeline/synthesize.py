@@ -24,23 +24,13 @@ from absl import app, flags
 from etils import epath
 from tqdm import tqdm
 
+from data_pipeline.buckets import parse_size
 from data_pipeline.ingest import media
 from data_pipeline.synthetic import speech, talking_head
-from mirage_base.errors import ExitCode, InputError, MirageError
+from mirage_base.errors import ExitCode, MirageError
 
 SIDECAR_VERSION = "1"
 SPEAKER_STREAM = 0x5BEA4E  # the seed stream of `--speaker`: np.random.default_rng([SPEAKER_STREAM, speaker])
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'WxH' -> (W, H); both even and >= 16."""
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError as e:
-        raise InputError(f"--size={text!r}: expected WxH, e.g. 64x64") from e
-    if w < 16 or h < 16 or w % 2 or h % 2:
-        raise InputError(f"--size={text!r}: width and height must be even and at least 16")
-    return w, h
 
 
 def speaker_identity(speaker: int) -> tuple[talking_head.Identity, tuple[str, int, int]]:

@@ -122,3 +122,11 @@ def test_torch_serving_model_loads_no_jax_scipy_or_fsspec() -> None:
     mods = _loaded("import mirage_jax.export.torch_model")
     assert "mirage_jax.export.torch_model" in mods and "torch" in mods
     assert not {m for m in mods if m.split(".")[0] in ("jax", "jaxlib", "flax", "scipy", "fsspec", "gcsfs")}
+
+
+def test_prepare_reading_its_size_flags_loads_no_synthesizer() -> None:
+    """prepare's --size parsing once imported data_pipeline.synthesize (and through it scipy.signal): 1.1 s of every
+    prepare run's start-up spent on the footage synthesizer, serial before any work reaches a Dask worker."""
+    mods = _loaded("from data_pipeline import prepare, buckets; buckets.parse_sizes('64x96,96x64')")
+    assert "data_pipeline.prepare" in mods
+    assert not {m for m in mods if m.startswith(("data_pipeline.synthe", "scipy.signal"))}

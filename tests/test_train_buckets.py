@@ -243,10 +243,11 @@ def test_describe_lists_the_buckets_tokens(bucketed_shards):
     """`describe` on a bucketed data.source: each bucket's tokens per sample, counted by hand in BATCH's comment."""
     import dataclasses
 
-    from mirage_jax.describe import describe_buckets
+    from mirage_jax.describe import describe_buckets, source_problem
     from mirage_jax.run_config import RunConfig
 
     run = RunConfig.from_config(_cfg(bucketed_shards))
+    assert source_problem(bucketed_shards) is None  # no "used the config's shapes" line for a real dataset
     got = describe_buckets(run.model, dataclasses.asdict(run.shapes), bucketed_shards)
     assert {k: v["tokens"] for k, v in got.items()} == {"0.2s_64x64": 133, "0.2s_80x48": 127, "0.4s_64x64": 218,
                                                         "0.4s_80x48": 207}

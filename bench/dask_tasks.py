@@ -59,23 +59,36 @@ def measure(workers: int = 2, sources: int = 8, seconds: float = 8.0, prepare_ar
     return {"setup": {"workers": workers, "sources": sources, "source_seconds": sources * seconds,
                       "prepare_args": list(prepare_args), "worker_threads": os.environ.get(engine.THREADS_ENV)
                       or "cores // workers"},
-            "cluster_start_s": start_s, "wall_s": wall, **breakdown(spans, wall),
+            "cluster_start_s": start_s, "wall_s": wall, **breakdown(spans, wall, workers),
             "host_busy_cores": cpu.host_cores, "host": host}
 
 
-def breakdown(spans: Sequence[tuple[float, float, str, Any]], wall: float) -> dict[str, Any]:
-    """From task spans (start s, stop s, worker, key) over a run of `wall` s: seconds before the first task and
-    after the last, seconds with k workers computing at once (k = 0 counts the gaps inside the run too), busy
-    seconds per worker and task counts by key prefix."""
-    events = sorted([(a, 1) for a, _, _, _ in spans] + [(b, -1) for _, b, _, _ in spans])
-    at_once: dict[int, float] = collections.defaultdict(float)
+def breakdown(spans: Sequence[tuple[float, float, str, Any]], wall: float, workers: int) -> dict[str, Any]:
+    """From task spans (start s, stop s, worker, key) over a run of `wall` s on `workers` workers: seconds before
+    the first task and after the last, seconds with k = 0..workers workers computing at once (k = 0 counts the
+    gaps inside the run too; every k in 0..workers is listed, zero ones included), busy seconds per worker (its
+    merged spans) and task counts by key prefix.
+
+    k counts workers, not tasks: each worker's spans are merged first (the compute spans the stream records for
+    one single-threaded worker's consecutive tasks can overlap by a few ms, which counted as one more worker
+    computing: '2: 0.00 s' on one worker), so k cannot exceed the number of workers computing."""
+    merged: list[tuple[float, float, str]] = []  # each worker's computing intervals, disjoint
+    for w in sorted({w for _, _, w, _ in spans}):
+        for a, b in sorted((a, b) for a, b, v, _ in spans if v == w):
+            if merged and merged[-1][2] == w and a <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], b), w)
+            else:
+                merged.append((a, b, w))
+    events = sorted([(a, 1) for a, _, _ in merged] + [(b, -1) for _, b, _ in merged])
+    at_once: dict[int, float] = dict.fromkeys(range(workers + 1), 0.0)
     level, last = 0, 0.0
     for t, d in events:
-        at_once[level] += max(0.0, t - last)
+        if t > last:
+            at_once[level] = at_once.get(level, 0.0) + t - last
         level, last = level + d, max(last, t)
     at_once[0] += max(0.0, wall - last)
     per_worker: dict[str, float] = collections.defaultdict(float)
-    for a, b, w, _ in spans:
+    for a, b, w in merged:
         per_worker[w] += b - a
     kinds = collections.Counter((k[0] if isinstance(k, tuple) else str(k)).rsplit("-", 1)[0] for *_, k in spans)
     return {"tasks": len(spans), "before_first_s": min((a for a, *_ in spans), default=wall),

@@ -147,21 +147,42 @@ def open_engine(
 
 @contextlib.contextmanager
 def _sigint_ignored() -> Iterator[None]:
-    """SIGINT ignored in this process while the block runs, so the processes created meanwhile (a Dask cluster's
-    workers) inherit an ignored SIGINT from birth and never print a KeyboardInterrupt traceback of their own,
-    even while they import (a blocked signal would not do: a spawned child's mask is reset). A Ctrl-C pressed
-    in that moment (until the processes exist, not until they have started) is ignored too. Off the main
-    thread, where Python cannot set handlers, nothing is changed."""
+    """SIGINT held while the block runs: the processes created meanwhile (a Dask cluster's workers) never see a
+    Ctrl-C of their own, and one pressed in that moment stops this process right after the block instead of
+    being lost.
+
+    How: the calling (main) thread blocks SIGINT (`pthread_sigmask`), so the threads started in the block (Dask's
+    IO loop, which starts the worker processes from threads of its own) and the processes they start inherit
+    the blocked mask: a child keeps it through multiprocessing's 'spawn' (fork and exec reset handlers, not the
+    mask), so a Ctrl-C to the process group stays pending in a worker, undelivered, while it imports (no
+    KeyboardInterrupt traceback), until the worker preload (`dask_setup`) sets SIG_IGN, which discards it.
+    multiprocessing's resource tracker is started first: starting it unblocks SIGINT in the thread that does,
+    which would then start a worker with SIGINT deliverable. Ignoring SIGINT instead (SIG_IGN, which children
+    inherit too) lost a Ctrl-C pressed in the block: the kernel discards an ignored signal. Meanwhile SIGINT's
+    handler here only records it (a thread older than the block, SIGINT unblocked, may take the signal).
+    On the way out the previous handler is restored first, then the mask: a SIGINT held pending is delivered
+    then, to that handler (KeyboardInterrupt by default), and a recorded one is raised again
+    (`signal.raise_signal`). A process started in the block by a thread older than the block is not covered
+    (LocalCluster starts a new IO loop thread). Off the main thread, where Python cannot set handlers,
+    nothing is changed."""
     import signal
+    from multiprocessing import resource_tracker
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the caller's, restored as it was
+    resource_tracker.ensure_running()  # its start leaves SIGINT unblocked in this thread: done before blocking
+    pressed: list[int] = []
+    before = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, before)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a SIGINT held pending reaches `before` here
+        if pressed:
+            signal.raise_signal(signal.SIGINT)
 
 
 def _bundle(items: Iterable[Any], fn_bytes: bytes, label: str, window_fn: Any, side_inputs: Any, args: list[Any],

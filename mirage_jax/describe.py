@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -134,6 +135,24 @@ def describe_buckets(cfg: ModelConfig, shapes: Mapping[str, int], source: str,
     return out
 
 
+def source_problem(source: str) -> str | None:
+    """Why `source` (data.source) names no prepared dataset, as the loader words it (`shards.dataset_dirs`: no
+    such path or no file matches; `manifest.read_manifest`: no or a broken manifest.json), or None: it does, or
+    it is '' / 'synthetic'."""
+    if not source or source == "synthetic":
+        return None
+    from data_pipeline.dataset.manifest import read_buckets_manifest, read_manifest
+    from data_pipeline.loader.shards import dataset_dirs
+
+    try:
+        for d in dataset_dirs(source)[0]:
+            if read_buckets_manifest(d) is None:
+                read_manifest(d)
+    except (FileNotFoundError, ValueError) as e:
+        return str(e)
+    return None
+
+
 def main(argv: list[str]) -> None:
     from absl import flags
 
@@ -145,7 +164,13 @@ def main(argv: list[str]) -> None:
     mcfg, shapes = run.model, run.shapes
     info = describe(mcfg, dataclasses.asdict(shapes))
     data = cfg.get("data", {})
-    buckets = describe_buckets(mcfg, dataclasses.asdict(shapes), data.get("source", ""), data.get("buckets", ""))
+    problem = source_problem(data.get("source", ""))
+    if problem:  # the counts need only the config: answer from it, and say so in one line (stderr: --json parses)
+        also = " and data.buckets" if data.get("buckets", "") else ""
+        print(f"describe: --config.data.source: {problem}; counted the config's shapes{also} instead",
+              file=sys.stderr, flush=True)
+    buckets = describe_buckets(mcfg, dataclasses.asdict(shapes), "" if problem else data.get("source", ""),
+                               data.get("buckets", ""))
     if buckets is not None:
         info["buckets"] = buckets
     if flags.FLAGS.json:

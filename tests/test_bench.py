@@ -461,7 +461,27 @@ def test_dask_task_breakdown_by_hand() -> None:
     from bench.dask_tasks import breakdown
 
     spans = [(1.0, 4.0, "a", ("x-1", 0)), (5.0, 6.0, "a", ("x-1", 1)), (2.0, 7.0, "b", "y-2")]
-    r = breakdown(spans, 10.0)
+    r = breakdown(spans, 10.0, workers=2)
     assert r["seconds_with_k_busy"] == {"0": 4.0, "1": 3.0, "2": 3.0}
     assert r["before_first_s"] == 1.0 and r["after_last_s"] == 3.0 and r["tasks"] == 3
     assert r["busy_s_per_worker"] == [4.0, 5.0] and r["task_kinds"] == {"x": 2, "y": 1}
+
+
+def test_dask_task_breakdown_levels_within_workers() -> None:
+    """The levels are 0..workers, zero ones included, never above. One worker whose consecutive tasks' recorded
+    spans overlap (1-3 s and 2.5-4 s over 5 s, as a real run's stream stamps them by ms) is computing 1-4 s:
+    0 busy 2 s, 1 busy 3 s, busy 3 s (the old sweep counted 0.5 s at '2' on one worker, and the report printed
+    '2: 0.00 s'). Two workers of which one never computes: '2: 0.00 s' is listed, a '3' never is."""
+    from bench.dask_tasks import breakdown, report
+
+    r = breakdown([(1.0, 3.0, "a", "x-1"), (2.5, 4.0, "a", "x-2")], 5.0, workers=1)
+    assert r["seconds_with_k_busy"] == {"0": 2.0, "1": 3.0} and r["busy_s_per_worker"] == [3.0]
+    r = breakdown([(1.0, 3.0, "a", "x-1"), (3.0, 4.0, "a", "x-2")], 5.0, workers=2)
+    assert r["seconds_with_k_busy"] == {"0": 2.0, "1": 3.0, "2": 0.0}
+    r = breakdown([], 5.0, workers=1)
+    assert r["seconds_with_k_busy"] == {"0": 5.0, "1": 0.0}
+    r = breakdown([(1.0, 3.0, "a", "x-1"), (2.999, 4.0, "a", "x-2"), (2.0, 3.5, "b", "y-1")], 5.0, workers=2)
+    r.update(setup={"workers": 2, "sources": 1, "source_seconds": 1.0, "prepare_args": [], "worker_threads": "1"},
+             cluster_start_s=1.0, wall_s=5.0, host_busy_cores=None, host=None)
+    line = next(x for x in report(r) if "seconds with k workers computing" in x)
+    assert "(0: 2.00 s, 1: 1.50 s, 2: 1.50 s)" in line and "3:" not in line, line

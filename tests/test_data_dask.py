@@ -242,6 +242,47 @@ def test_ctrl_c_on_the_cli_is_one_line_exit_130_and_quiet(src, tmp_path):
     assert left == []
 
 
+_WINDOW = """
+import multiprocessing, os, signal, threading, time
+from data_pipeline.engine import _sigint_ignored
+
+ctx, procs = multiprocessing.get_context("spawn"), []  # Dask's Nanny processes: spawn, from an IO loop thread
+try:
+    with _sigint_ignored():
+        t = threading.Thread(target=lambda: procs.append(ctx.Process(target=time.sleep, args=(1.5,))))
+        t.start()
+        t.join()
+        procs[0].start()
+        os.kill(procs[0].pid, signal.SIGINT)  # the child, while it starts
+        os.kill(os.getpid(), signal.SIGINT)  # the Ctrl-C in the window
+        time.sleep(0.3)
+        print("block ran to its end", flush=True)
+    time.sleep(0.5)
+    print("not interrupted", flush=True)
+except KeyboardInterrupt:
+    print("KeyboardInterrupt after the block", flush=True)
+time.sleep(0.3)
+os.kill(procs[0].pid, signal.SIGINT)  # the child, started (sleeping)
+procs[0].join()
+print("child exit", procs[0].exitcode, flush=True)
+"""
+
+
+def test_a_ctrl_c_while_the_workers_are_created_stops_the_run_after_and_not_the_workers():
+    """engine._sigint_ignored, in a fresh interpreter (no resource tracker yet, as in prepare): a SIGINT to this
+    process inside the block, where LocalCluster creates its worker processes, is raised as KeyboardInterrupt
+    right after the block (the block still runs to its end; it used to be lost: SIGINT was SIG_IGN there); a
+    process spawned in the block from a thread started in it (as Dask's Nanny does) ignores SIGINT both while it
+    starts and once running: exit 0 after its sleep, no traceback. A handler that only recorded the signal
+    would leave that child killed by it (exit -2)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _WINDOW], env={**os.environ, "PYTHONPATH": root}, cwd=root,
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.splitlines() == ["block ran to its end", "KeyboardInterrupt after the block", "child exit 0"], (
+        out.stdout, out.stderr[-3000:])
+    assert "Traceback" not in out.stderr, out.stderr
+
+
 def _session(pid: int) -> int | None:
     try:
         return os.getsid(pid)

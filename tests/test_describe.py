@@ -90,3 +90,35 @@ def test_config_buckets_count_as_the_single_length_configs():
         assert got[name]["train_flops_per_sample"] == count_flops(mix.model, one)
         assert got[name]["latent"] == [one["latent_frames"], 160, 90] and "records" not in got[name]
     assert describe_buckets(mix.model, dataclasses.asdict(mix.shapes), "synthetic") is None
+
+
+def test_a_missing_data_source_is_one_line_and_the_configs_counts(tmp_path):
+    """describe with a data.source that does not exist answers from the config (its counts need no data), as it
+    does for 'synthetic', and says so in ONE stderr line naming the field (it used to fall back silently);
+    exit 0, and --json's stdout still parses."""
+    import dataclasses
+
+    from mirage_jax.run_config import RunConfig
+
+    missing = tmp_path / "prepared"  # never written
+    out = subprocess.run([sys.executable, "-m", "mirage_jax.describe", "--config=configs/tiny.py", "--json",
+                          f"--config.data.source={missing}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines() == [
+        f"describe: --config.data.source: {missing}: matches no files; point at a data_pipeline.prepare output "
+        "directory; counted the config's shapes instead"]
+    run = RunConfig.from_config(tiny.get_config())
+    got = json.loads(out.stdout)
+    assert got["tokens"] == count_tokens(run.model, dataclasses.asdict(run.shapes)) and "buckets" not in got
+
+
+def test_source_problem_names_what_the_loader_would(prepared_shards, tmp_path):
+    """`describe.source_problem`: None for a prepared dataset (its directory, a glob of its shards), 'synthetic'
+    and ''; the loader's own reason for a path that matches nothing and a directory with no manifest.json."""
+    from mirage_jax.describe import source_problem
+
+    for ok in (prepared_shards, f"{prepared_shards}/*.array_record", "synthetic", ""):
+        assert source_problem(ok) is None, ok
+    assert source_problem(str(tmp_path / "nope")) == (
+        f"{tmp_path / 'nope'}: matches no files; point at a data_pipeline.prepare output directory")
+    assert "no manifest.json" in source_problem(str(tmp_path))

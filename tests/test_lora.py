@@ -176,14 +176,9 @@ def test_a_lora_run_as_the_base_is_refused_in_one_line_before_compiling(bases, t
         restore_subtree(resolve_step_dir(str(bases / "adapters")), {"params": target})
 
 
-def test_generate_and_export_read_the_base_step_the_adapters_were_trained_on(bases, tmp_path):
-    """lora.base names a workdir that has trained on since (its newest step now holds other weights): load_run
-    (generate, eval) reads the step the checkpoint's meta records, and gives the model it gave before the base moved
-    on (it used to refuse: the newest step's fingerprint is not the adapters' base); with that step gone, the
-    fingerprint check still refuses, naming both."""
-    from mirage_jax.inference import load_run
-    from mirage_jax.lora.base import LoraBaseError
-
+def _base_moved_on(bases, tmp_path, after: bool = True):
+    """(base workdir, LoRA workdir) copies in `tmp_path`: adapters trained on the base's step 0 (config and meta
+    name the copy); with `after`, the base then "trained on": its step 1 holds other weights (base2's)."""
     base, adapters = tmp_path / "base", tmp_path / "adapters"
     shutil.copytree(bases / "base", base)
     shutil.copytree(bases / "adapters", adapters)
@@ -194,6 +189,50 @@ def test_generate_and_export_read_the_base_step_the_adapters_were_trained_on(bas
         d = json.loads(f.read_text())
         edit(d)
         f.write_text(json.dumps(d))
+    if after:
+        shutil.copytree(bases / "base2" / "checkpoints" / "0", base / "checkpoints" / "1")
+    return base, adapters
+
+
+def test_adapter_export_names_the_base_step_the_adapters_were_trained_on(bases, tmp_path):
+    """`--lora=adapter` of a LoRA run whose base workdir trained on since: adapter_config.json's
+    base_model_name_or_path is the step the adapters were trained on (step 0), not lora.base (the workdir, whose
+    newest step is now 1). With step 0 gone, lora.base's newest step is named only if it holds the trained base
+    (its fingerprint): refused naming both while it is base2's weights, named once it is step 0's copy."""
+    base, adapters = _base_moved_on(bases, tmp_path)
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-m", "mirage_jax.export", f"--checkpoint={adapters}", "--lora=adapter",
+                          f"--out={tmp_path / 'adapter'}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base / "checkpoints" / "0")
+    assert json.loads(out.stdout.splitlines()[-1])["base"] == str(base / "checkpoints" / "0")
+
+    from mirage_jax.checkpoint_format import read_item
+    from mirage_jax.export.lora import adapter_base
+    from mirage_jax.lora.base import LoraBaseError
+
+    step = resolve_step_dir(str(adapters))
+    run, meta = RunConfig.from_config(_lora_cfg(base)), read_item(step, "meta")
+    shutil.rmtree(base / "checkpoints" / "0")
+    with pytest.raises(LoraBaseError, match=r"its adapters were trained on base .*base/checkpoints/0.* lora.base is "
+                                            r".*base/checkpoints/1"):
+        adapter_base(run.lora, meta, str(step))
+    shutil.rmtree(base / "checkpoints" / "1")
+    shutil.copytree(bases / "base" / "checkpoints" / "0", base / "checkpoints" / "1")  # the trained base, moved
+    assert adapter_base(run.lora, meta, str(step)) == str(base / "checkpoints" / "1")
+
+
+def test_generate_and_export_read_the_base_step_the_adapters_were_trained_on(bases, tmp_path):
+    """lora.base names a workdir that has trained on since (its newest step now holds other weights): load_run
+    (generate, eval) reads the step the checkpoint's meta records, and gives the model it gave before the base moved
+    on (it used to refuse: the newest step's fingerprint is not the adapters' base); with that step gone, the
+    fingerprint check still refuses, naming both."""
+    from mirage_jax.inference import load_run
+    from mirage_jax.lora.base import LoraBaseError
+
+    base, adapters = _base_moved_on(bases, tmp_path, after=False)
 
     def params(run):
         return {k: np.asarray(v) for k, v in flatten(nnx.to_pure_dict(nnx.state(run.model, nnx.Param))).items()}

@@ -5,6 +5,7 @@ before the first step), buckets in proportion, and a resumed run continues the b
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 
@@ -86,11 +87,37 @@ def uninterrupted(bucketed_shards, tmp_path_factory):
         return real(self, state, batch)
 
     shape_buckets.BucketSteps.__call__ = spy
+    logs, absl_log = _Records(), logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.addHandler(logs)
+    absl_log.setLevel(logging.INFO)
     try:
         trainer = _train(_cfg(bucketed_shards, data__row_hash_log=str(workdir / "rows"), **TWO), workdir)
     finally:
         shape_buckets.BucketSteps.__call__ = real
+        absl_log.removeHandler(logs)
+        absl_log.setLevel(level)
+    trainer.log_lines = logs.lines
     return workdir, trainer, shapes
+
+
+class _Records(logging.Handler):
+    """The messages logged while attached (a module fixture cannot use caplog)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def test_the_start_line_names_the_rows_each_bucket_feeds(uninterrupted):
+    """One process over the 8 devices feeds every row of each bucket's own batch (16 and 8, BATCH), not of
+    train.global_batch_size (8: the line said 'feeds batch rows [0, 8)' for the batch-16 bucket too)."""
+    line = next(x for x in uninterrupted[1].log_lines if " parameters; process 0 feeds " in x)
+    assert line.endswith("process 0 feeds rows [0, 16) of bucket 0.2s_64x64's batch 16, rows [0, 8) of "
+                         "0.4s_80x48's batch 8"), line
 
 
 def test_every_step_has_its_buckets_shape_and_rows_say_so(bucketed_shards, uninterrupted):
@@ -176,6 +203,8 @@ def test_kill9_of_2x4_processes_resumed_as_1x8_is_bitwise_the_uninterrupted_run(
     assert "compiled the train step of bucket 0.2s_64x64" in base.stdout
     killed = run_cli(tmp_path / "run", processes=2, devices=4, train__steps=STEPS, kill_at_step=5, **common)
     assert killed.returncode != 0 and "SIGKILL after step 5" in killed.stdout, killed.stdout[-4000:]
+    assert ("[p1] " in killed.stdout and "process 1 feeds rows [8, 16) of bucket 0.2s_64x64's batch 16, rows [4, 8) "
+            "of 0.4s_80x48's batch 8" in killed.stdout), killed.stdout[-4000:]
     resumed = run_cli(tmp_path / "run", train__steps=STEPS, data__row_hash_log=str(tmp_path / "run" / "rows"),
                       **common)
     assert resumed.returncode == 0, resumed.stdout[-4000:]
@@ -214,10 +243,11 @@ def test_describe_lists_the_buckets_tokens(bucketed_shards):
     """`describe` on a bucketed data.source: each bucket's tokens per sample, counted by hand in BATCH's comment."""
     import dataclasses
 
-    from mirage_jax.describe import describe_buckets
+    from mirage_jax.describe import describe_buckets, source_problem
     from mirage_jax.run_config import RunConfig
 
     run = RunConfig.from_config(_cfg(bucketed_shards))
+    assert source_problem(bucketed_shards) is None  # no "used the config's shapes" line for a real dataset
     got = describe_buckets(run.model, dataclasses.asdict(run.shapes), bucketed_shards)
     assert {k: v["tokens"] for k, v in got.items()} == {"0.2s_64x64": 133, "0.2s_80x48": 127, "0.4s_64x64": 218,
                                                         "0.4s_80x48": 207}

@@ -46,13 +46,14 @@ def main(argv: list[str]) -> None:
         from mirage_jax.lora.base import trained_base_dir
 
         adapters = ParamReader(step_dir, ema=F.ema).read_all()
-        if F.lora == "adapter":
-            config = lora_export.export_adapter(adapters, cfg, lcfg, F.out, dtype=DTYPES[F.dtype],
-                                                overwrite=F.overwrite, base=lcfg.base)
-            print(json.dumps({"checkpoint": str(step_dir), "out": F.out, "lora": "adapter", "r": config["r"],
-                              "modules": len(config["target_modules"])}))
-            return
         meta = read_item(step_dir, "meta")
+        if F.lora == "adapter":
+            base = lora_export.adapter_base(lcfg, meta, str(step_dir))  # the step trained on, not lora.base's newest
+            config = lora_export.export_adapter(adapters, cfg, lcfg, F.out, dtype=DTYPES[F.dtype],
+                                                overwrite=F.overwrite, base=base)
+            print(json.dumps({"checkpoint": str(step_dir), "out": F.out, "lora": "adapter", "r": config["r"],
+                              "modules": len(config["target_modules"]), "base": base}))
+            return
         base_dir = trained_base_dir(lcfg.base, meta)  # the step trained on, if the base workdir has moved on
         reader = lora_export.MergedReader(ParamReader(base_dir), lora_export.adapters_by_kernel(adapters), lcfg.scale)
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
-from mirage_jax.checkpoint_format import unflatten
+from mirage_jax.checkpoint_format import ParamReader, flatten, unflatten
 from mirage_jax.config import ModelConfig
 from mirage_jax.export.writer import ExportError, write_folder
 from mirage_jax.interop.mochi import SwiGLUHalf, Transpose, mochi_rows
@@ -66,6 +66,22 @@ class MergedReader:
     def check(self, meta: dict[str, Any], base_dir: str, step_dir: str) -> None:
         """Raise LoraBaseError unless the base read is the one the checkpoint `meta`'s `lora_base` records."""
         lora_base.check_base(meta, lora_base.combine_digests(self.digests), base_dir, step_dir)
+
+
+def adapter_base(lcfg: LoraConfig, meta: dict[str, Any], step_dir: str) -> str:
+    """The base step folder a `--lora=adapter` export names (`base_model_name_or_path`): the step the adapters were
+    trained on, as the merged export reads it (`lora.base.trained_base_dir`: the one the checkpoint `meta`
+    records, not `lora.base`'s newest step). When that step is gone, `lora.base` resolved now, named only once its
+    fingerprint is the trained base's (read leaf by leaf as the merged export does; LoraBaseError naming both
+    bases otherwise): the recorded step costs no base read."""
+    base_dir = lora_base.trained_base_dir(lcfg.base, meta)
+    if lora_base.recorded_base_dir(meta) is None:
+        base = ParamReader(base_dir)
+        reader = MergedReader(base, {}, lcfg.scale)
+        for path in flatten(base.meta):
+            reader(path)
+        reader.check(meta, str(base_dir), step_dir)
+    return str(base_dir)
 
 
 def peft_tensors(adapters: dict[Path, tuple[np.ndarray, np.ndarray]], cfg: ModelConfig, rank: int

@@ -102,18 +102,27 @@ def check_base(meta: dict[str, Any], sha256: str, base: str, step_dir: str) -> N
             "on, or use a new --workdir")
 
 
-def trained_base_dir(base: str, meta: dict[str, Any]) -> Any:
-    """The step folder a LoRA checkpoint's adapters were trained on, for reading (generate, eval, export): the one
-    its `meta` records when that still holds a committed checkpoint (`lora.base` may name a workdir whose newest
-    step has moved on since: a base trained further), else `lora.base` resolved now. The caller still checks the
-    fingerprint (`check_base`). LoraBaseError naming lora.base when neither resolves."""
+def recorded_base_dir(meta: dict[str, Any]) -> Any | None:
+    """The step folder a LoRA checkpoint's `meta` records as its adapters' base, when it still holds a committed
+    checkpoint; None when it records none or that step is gone (moved, or deleted by keep_last_n)."""
     saved = meta.get(META_KEY)
     if isinstance(saved, dict) and saved.get("path"):
         try:
             return fmt.resolve_step_dir(str(saved["path"]))
         except MirageError:
-            pass  # moved or deleted (keep_last_n): the configured base, checked by its fingerprint
-    try:
+            pass
+    return None
+
+
+def trained_base_dir(base: str, meta: dict[str, Any]) -> Any:
+    """The step folder a LoRA checkpoint's adapters were trained on, for reading (generate, eval, export): the one
+    its `meta` records when that still holds a committed checkpoint (`recorded_base_dir`; `lora.base` may name a
+    workdir whose newest step has moved on since: a base trained further), else `lora.base` resolved now. The
+    caller still checks the fingerprint (`check_base`). LoraBaseError naming lora.base when neither resolves."""
+    recorded = recorded_base_dir(meta)
+    if recorded is not None:
+        return recorded
+    try:  # moved or deleted: the configured base, which the caller checks by its fingerprint
         return fmt.resolve_step_dir(base)
     except MirageError as e:
         raise LoraBaseError(f"lora.base={base}: {str(e).removeprefix('--checkpoint ')}") from None

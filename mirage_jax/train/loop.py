@@ -60,8 +60,10 @@ class Trainer:
 
     def _log_setup(self) -> None:
         s = self.setup
-        logging.info("%s; %d parameters; process %d feeds batch rows [%d, %d)", mesh_lib.describe(s.mesh),
-                     s.layout.param_count(), jax.process_index(), self.rows.start, self.rows.stop)
+        feeds = (f"batch rows [{self.rows.start}, {self.rows.stop})" if s.buckets is None
+                 else s.buckets.describe_rows(s.mesh, s.batch_axes))
+        logging.info("%s; %d parameters; process %d feeds %s", mesh_lib.describe(s.mesh), s.layout.param_count(),
+                     jax.process_index(), feeds)
         if jax.process_count() > 1 and jax.default_backend() == "cpu" and self.run_cfg.train.grad_sync == "xla":
             logging.warning("%d CPU processes with train.grad_sync='xla': XLA:CPU runs every buffer of the gradient "
                             "all-reduces as its own Gloo collective (2.9x the step time of 'flat' for "

@@ -158,6 +158,16 @@ class BucketPlan:
             return None
         return cls(run, lbs, batch_unit(mesh, batch_axes, run.train.grad_accum))
 
+    def process_rows(self, mesh: Mesh, batch_axes: Any) -> list[data_lib.RowRange]:
+        """This process's rows of each kept bucket's global batch, in `buckets` order (the rows it feeds)."""
+        return [data_lib.process_rows(mesh, batch_axes, b.batch) for b in self.buckets]
+
+    def describe_rows(self, mesh: Mesh, batch_axes: Any) -> str:
+        """'rows [0, 16) of bucket A's batch 16, [0, 8) of B's 8': what this process feeds per bucket."""
+        return ", ".join(f"rows [{r.start}, {r.stop}) of {'bucket ' if i == 0 else ''}{b.name}'s batch {b.batch}"
+                         for i, (b, r) in enumerate(zip(self.buckets, self.process_rows(mesh, batch_axes),
+                                                        strict=True)))
+
     def bucket_of(self, step: int) -> ShapeBucket:
         """The bucket of global batch `step` (every process computes the same)."""
         return self.buckets[self.schedule.bucket(step)]
@@ -184,7 +194,7 @@ def make_source(run: RunConfig, plan: BucketPlan, mesh: Mesh, batch_axes: Any) -
     from data_pipeline.loader.buckets import make_bucket_loader
     from mirage_jax.train.grain_source import GrainSource
 
-    rows = [data_lib.process_rows(mesh, batch_axes, b.batch) for b in plan.buckets]
+    rows = plan.process_rows(mesh, batch_axes)
     index, count = rows[0].index, rows[0].count
     loader = make_bucket_loader(plan.loader_buckets, [b.batch for b in plan.buckets], seed=run.data.shuffle_seed,
                                 process_index=index, process_count=count, worker_count=_workers(run.data.worker_count),

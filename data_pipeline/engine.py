@@ -121,7 +121,7 @@ def open_engine(
     os.environ.setdefault(_WORKER_LOG_ENV, "warning")
     cluster = None
     try:
-        with _sigint_ignored():  # its processes start with SIGINT ignored: the Ctrl-C is the launcher's
+        with _sigint_held():  # its processes start with SIGINT blocked: the Ctrl-C is the launcher's
             spawned = len(multiprocessing.active_children())
             cluster = LocalCluster(
                 n_workers=0, threads_per_worker=1, processes=True, dashboard_address=None,
@@ -146,7 +146,7 @@ def open_engine(
 
 
 @contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
+def _sigint_held() -> Iterator[None]:
     """SIGINT held while the block runs: the processes created meanwhile (a Dask cluster's workers) never see a
     Ctrl-C of their own, and one pressed in that moment stops this process right after the block instead of
     being lost.
@@ -306,7 +306,7 @@ class _SchedulerGone(logging.Filter):
 SCHEDULER_GONE = _SchedulerGone()
 
 
-SPAWN_WAIT_S = 60  # at most this long with SIGINT ignored while a LocalCluster's processes are created
+SPAWN_WAIT_S = 60  # at most this long with SIGINT held while a LocalCluster's processes are created
 CONNECT_TIMEOUT_S = 5  # a scheduler that is up answers in milliseconds; Dask's own default waits 30 s
 _WORKER_LOG_ENV = "DASK_LOGGING__DISTRIBUTED"
 QUIET = ("apache_beam", "distributed", "dask", "tornado", "bokeh")  # their INFO lines are not the user's news

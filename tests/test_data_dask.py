@@ -244,11 +244,11 @@ def test_ctrl_c_on_the_cli_is_one_line_exit_130_and_quiet(src, tmp_path):
 
 _WINDOW = """
 import multiprocessing, os, signal, threading, time
-from data_pipeline.engine import _sigint_ignored
+from data_pipeline.engine import _sigint_held
 
 ctx, procs = multiprocessing.get_context("spawn"), []  # Dask's Nanny processes: spawn, from an IO loop thread
 try:
-    with _sigint_ignored():
+    with _sigint_held():
         t = threading.Thread(target=lambda: procs.append(ctx.Process(target=time.sleep, args=(1.5,))))
         t.start()
         t.join()
@@ -269,7 +269,7 @@ print("child exit", procs[0].exitcode, flush=True)
 
 
 def test_a_ctrl_c_while_the_workers_are_created_stops_the_run_after_and_not_the_workers():
-    """engine._sigint_ignored, in a fresh interpreter (no resource tracker yet, as in prepare): a SIGINT to this
+    """engine._sigint_held, in a fresh interpreter (no resource tracker yet, as in prepare): a SIGINT to this
     process inside the block, where LocalCluster creates its worker processes, is raised as KeyboardInterrupt
     right after the block (the block still runs to its end; it used to be lost: SIGINT was SIG_IGN there); a
     process spawned in the block from a thread started in it (as Dask's Nanny does) ignores SIGINT both while it

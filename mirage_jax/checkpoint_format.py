@@ -201,6 +201,9 @@ class ParamReader:
         self.root = "ema" if ema else "params"
         meta = ocp.StandardCheckpointer().metadata(self.path)
         tree = getattr(getattr(meta, "item_metadata", meta), "tree", getattr(meta, "item_metadata", meta))
+        if tree is None:  # Orbax returns empty metadata for a folder that holds no checkpoint (or no folder)
+            raise CheckpointError(f"{self.path}: no saved train state here (a step folder holds state/ once its "
+                                  f"save has committed); list the run's checkpoints/ for its steps")
         if self.root not in tree:
             raise CheckpointError(f"{self.path}: the train state has no `{self.root}` subtree")
         self.meta = tree[self.root]

@@ -133,7 +133,7 @@ def test_refuses_non_empty_out_and_leaves_nothing_on_failure(tmp_path, monkeypat
 
 def test_cli_exports_a_training_checkpoint(tmp_path, monkeypatch):
     """train (fast tiny) -> export CLI -> MirageTransformer equals the JAX model restored from the checkpoint."""
-    from mirage_jax.checkpoint_format import ParamReader, read_model_config, resolve_step_dir
+    from mirage_jax.checkpoint_format import CheckpointError, ParamReader, read_model_config, resolve_step_dir
     from train_cli import run_cli
 
     run = run_cli(tmp_path / "run", devices=8, **{"train.steps": 2, "checkpoint.save_every": 2})
@@ -152,6 +152,8 @@ def test_cli_exports_a_training_checkpoint(tmp_path, monkeypatch):
         assert p.stat().st_mode & 0o777 == (0o777 if p.is_dir() else 0o666) & ~mask, p
     cfg = read_model_config(step_dir)
     reader = ParamReader(step_dir, ema=True)
+    with pytest.raises(CheckpointError, match="no saved train state"):  # was a TypeError from Orbax's None
+        ParamReader(step_dir.parent / "99")
     m = MirageDiT(cfg, rngs=nnx.Rngs(0))
     assign_params(m, {p: reader(p) for p in _flat(m)})
     tm = MirageTransformer.from_pretrained(tmp_path / "exp")

@@ -183,14 +183,20 @@ class IngestBatch(beam.DoFn):
             bar.update(1)
 
 
+BATCHES_PER_SLOT = 8  # at least this many batches per work slot, down to one source per batch
+
+
 def source_batches(paths: Sequence[str], batch_sources: int, parallelism: int | None) -> list[list[str]]:
     """`paths` (sorted) cut into consecutive batches of at most `batch_sources`, and small enough that a runner
-    running `parallelism` work items at once gets about 4 per slot. Deterministic (Beam's BatchElements sizes
-    batches by timing, and on the DaskRunner loses its last batch)."""
+    running `parallelism` work items at once gets about BATCHES_PER_SLOT per slot: when the last batches run, a
+    slot idles about half a batch on average, ~1 / (2 x batches per slot) of the run (4 per slot left a 2-worker
+    Dask run of 16 sources with one worker idle for seconds at its end: bench.curation, docs/data_pipeline.md).
+    Deterministic (Beam's BatchElements sizes batches by timing, and on the DaskRunner loses its last batch);
+    the output's bytes do not depend on the cut."""
     paths = sorted(paths)
     size = batch_sources
     if parallelism:
-        size = max(1, min(size, math.ceil(len(paths) / (4 * parallelism))))
+        size = max(1, min(size, math.ceil(len(paths) / (BATCHES_PER_SLOT * parallelism))))
     return [paths[i : i + size] for i in range(0, len(paths), size)]
 
 

@@ -92,8 +92,8 @@ def run_one(name: str, quick: bool) -> dict[str, Any]:
         if quick:
             return curation.measure(sources=2, seconds=2.0, size=(64, 64), rounds=1, clip_seconds=1.0,
                                     prepare_args=["--curate"], footage="faces")
-        return curation.measure(sources=8, seconds=8.0, size=(128, 128), rounds=3, prepare_args=["--curate"],
-                                footage="faces")
+        return curation.measure(sources=curation.SOURCES, seconds=8.0, size=(128, 128), rounds=3,
+                                prepare_args=["--curate"], footage="faces", worker_threads=curation.WORKER_THREADS)
     if name == "buckets":  # two compiled shape buckets alternating vs a fixed shape (bench/buckets.py)
         from bench import buckets
 

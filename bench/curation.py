@@ -1,8 +1,8 @@
 """prepare on the Dask engine: clips/s with 1 and 2 worker processes, and the cost per source second of extra
 prepare stages (curation) against plain prepare.
 
-    python -m bench.curation [--sources=8] [--seconds=8] [--size=128x128] [--workers=1,2] [--rounds=3]
-        [--prepare_args="--curate"] [--footage=faces|synthetic] [--input=DIR] [--json]
+    python -m bench.curation [--sources=16] [--seconds=8] [--size=128x128] [--workers=1,2] [--rounds=3]
+        [--worker_threads=1] [--prepare_args="--curate"] [--footage=faces|synthetic] [--input=DIR] [--json]
     python -m bench --only=curation
 
 Footage (`--footage`): `faces` (the default) is real-face A-roll built from scikit-image's photographs
@@ -48,6 +48,7 @@ from bench import common
 from data_pipeline import engine
 
 TARGET = 1.6  # issue 30: 2 workers / 1 worker, curated clips/s end to end
+SOURCES, WORKER_THREADS = 16, 1  # the measured default: process scaling over 16 sources (bench/results.md 7d)
 
 _ENGINE_ONLY = """
 import importlib, sys, time
@@ -144,8 +145,25 @@ def engine_start_stop(workers: int) -> float:
 
 def measure(sources: int = 16, seconds: float = 10.0, size: tuple[int, int] = (128, 128),
             workers: Sequence[int] = (1, 2), rounds: int = 3, prepare_args: Sequence[str] = (),
-            clip_seconds: float = 2.0, input_dir: str | None = None, footage: str = "synthetic") -> dict[str, Any]:
-    """The benchmark (see the module docstring); returns the JSON-able result."""
+            clip_seconds: float = 2.0, input_dir: str | None = None, footage: str = "synthetic",
+            worker_threads: int | None = None) -> dict[str, Any]:
+    """The benchmark (see the module docstring); returns the JSON-able result. `worker_threads`: OpenCV / FFmpeg
+    threads per Dask worker (engine.THREADS_ENV) for every worker count, e.g. 1 to time process scaling alone;
+    None: prepare's default budget (cores // workers), or what THREADS_ENV already says."""
+    saved = os.environ.get(engine.THREADS_ENV)
+    if worker_threads is not None:
+        os.environ[engine.THREADS_ENV] = str(worker_threads)
+    try:
+        return _measure(sources, seconds, size, workers, rounds, prepare_args, clip_seconds, input_dir, footage)
+    finally:
+        if saved is None:
+            os.environ.pop(engine.THREADS_ENV, None)
+        else:
+            os.environ[engine.THREADS_ENV] = saved
+
+
+def _measure(sources: int, seconds: float, size: tuple[int, int], workers: Sequence[int], rounds: int,
+             prepare_args: Sequence[str], clip_seconds: float, input_dir: str | None, footage: str) -> dict[str, Any]:
     extra_plain = [f"--clip-seconds={clip_seconds}"] + ([] if input_dir else [f"--size={size[0]}x{size[1]}"])
     kinds = {"plain": extra_plain}
     if prepare_args:
@@ -264,7 +282,7 @@ def main(argv: Sequence[str]) -> None:
     F = flags.FLAGS
     r = measure(sources=F.sources, seconds=F.seconds, size=parse_size(F.size), workers=[int(w) for w in F.workers],
                 rounds=F.rounds, prepare_args=shlex.split(F.prepare_args), clip_seconds=F.clip_seconds,
-                input_dir=F.input, footage=F.footage)
+                input_dir=F.input, footage=F.footage, worker_threads=F.worker_threads or None)
     if F.json:
         print(json.dumps(r, indent=1))
         return
@@ -274,12 +292,15 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
     from absl import app, flags
 
-    flags.DEFINE_integer("sources", 8, "Sources to write (ignored with --input).")
+    flags.DEFINE_integer("sources", SOURCES, "Sources to write (ignored with --input).")
     flags.DEFINE_float("seconds", 8.0, "Seconds per source written.")
     flags.DEFINE_string("size", "128x128", "prepare's --size WxH (with --curate: the face crop's size); also the "
                         "synthetic footage's frame size.")
     flags.DEFINE_enum("footage", "faces", ["faces", "synthetic"], "Footage to write (see the module docstring).")
     flags.DEFINE_list("workers", ["1", "2"], "Dask worker process counts to compare.")
+    flags.DEFINE_integer("worker_threads", WORKER_THREADS, "OpenCV / FFmpeg threads per Dask worker whatever the "
+                         "worker count (1: process scaling alone, the target's measure); 0: prepare's default budget, "
+                         "cores // workers (a lone worker's libraries then use every core).")
     flags.DEFINE_integer("rounds", 3, "Alternating rounds (median reported).")
     flags.DEFINE_float("clip_seconds", 2.0, "prepare --clip-seconds.")
     flags.DEFINE_string("prepare_args", "--curate", "Extra prepare flags of the curated runs (one shell-quoted "

@@ -371,9 +371,12 @@ def test_curation_bench_runs_and_renders(tmp_path) -> None:
     curation cost are ratios of the rows, and the results.md section renders."""
     from bench import __main__ as run_all
     from bench import curation
+    from data_pipeline import engine
 
+    before = os.environ.get(engine.THREADS_ENV)
     r = curation.measure(sources=2, seconds=1.2, size=(32, 32), workers=(1, 2), rounds=1, clip_seconds=0.4,
-                         prepare_args=["--filters=black"])
+                         prepare_args=["--filters=black"], worker_threads=1)
+    assert r["setup"]["worker_threads"] == "1" and os.environ.get(engine.THREADS_ENV) == before
     rows = {x["config"]: x for x in r["rows"]}
     assert set(rows) == {"plain-1", "curated-1", "plain-2", "curated-2"}
     assert {x["clips"] for x in rows.values()} == {6}  # 2 sources x three 0.4 s clips; nothing is black

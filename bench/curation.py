@@ -63,10 +63,13 @@ print(time.perf_counter() - t0)
 """
 
 
-def child_env() -> dict[str, str]:
-    """This environment for a benchmark's child process: CPU JAX, this repository importable."""
+def child_env(worker_threads: int | None = None) -> dict[str, str]:
+    """This environment for a benchmark's child process: CPU JAX, this repository importable; with
+    `worker_threads`, each Dask worker's OpenCV / FFmpeg threads (engine.THREADS_ENV)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env["PYTHONPATH"] = common.ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    if worker_threads is not None:
+        env[engine.THREADS_ENV] = str(worker_threads)
     return env
 
 
@@ -104,7 +107,8 @@ def source_seconds(src: str) -> float:
     return total
 
 
-def run_prepare(src: str, out: str, workers: int, extra: Sequence[str]) -> tuple[float, int, float]:
+def run_prepare(src: str, out: str, workers: int, extra: Sequence[str],
+                worker_threads: int | None = None) -> tuple[float, int, float]:
     """Wall seconds of one `python -m data_pipeline.prepare --runner=dask` child, the clips it kept, and the CPU
     seconds (user + system) that the child and every process it waited for (its Dask scheduler thread, Nanny and
     worker processes) used: the kernel's RUSAGE_CHILDREN, which adds a reaped process's descendants' time to it."""
@@ -112,7 +116,7 @@ def run_prepare(src: str, out: str, workers: int, extra: Sequence[str]) -> tuple
            f"--workers={workers}", "--force", *extra]
     cpu0 = _children_cpu_s()
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, cwd=common.ROOT, env=child_env(), capture_output=True, text=True)
+    p = subprocess.run(cmd, cwd=common.ROOT, env=child_env(worker_threads), capture_output=True, text=True)
     dt = time.perf_counter() - t0
     cpu = _children_cpu_s() - cpu0
     if p.returncode != 0:
@@ -133,11 +137,11 @@ def scaling_bound(cores: int, busy_cores_one: float) -> float:
     return cores / max(busy_cores_one, 1e-9)
 
 
-def engine_start_stop(workers: int) -> float:
+def engine_start_stop(workers: int, worker_threads: int | None = None) -> float:
     """Seconds a child spends starting a LocalCluster of `workers` processes, importing data_pipeline.prepare in
     each worker, and stopping it (no pipeline)."""
-    p = subprocess.run([sys.executable, "-c", _ENGINE_ONLY, str(workers)], cwd=common.ROOT, env=child_env(),
-                       capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-c", _ENGINE_ONLY, str(workers)], cwd=common.ROOT,
+                       env=child_env(worker_threads), capture_output=True, text=True)
     if p.returncode != 0:
         raise RuntimeError(f"cluster start/stop failed: {p.stderr[-2000:]}")
     return float(p.stdout.strip().splitlines()[-1])
@@ -150,20 +154,6 @@ def measure(sources: int = 16, seconds: float = 10.0, size: tuple[int, int] = (1
     """The benchmark (see the module docstring); returns the JSON-able result. `worker_threads`: OpenCV / FFmpeg
     threads per Dask worker (engine.THREADS_ENV) for every worker count, e.g. 1 to time process scaling alone;
     None: prepare's default budget (cores // workers), or what THREADS_ENV already says."""
-    saved = os.environ.get(engine.THREADS_ENV)
-    if worker_threads is not None:
-        os.environ[engine.THREADS_ENV] = str(worker_threads)
-    try:
-        return _measure(sources, seconds, size, workers, rounds, prepare_args, clip_seconds, input_dir, footage)
-    finally:
-        if saved is None:
-            os.environ.pop(engine.THREADS_ENV, None)
-        else:
-            os.environ[engine.THREADS_ENV] = saved
-
-
-def _measure(sources: int, seconds: float, size: tuple[int, int], workers: Sequence[int], rounds: int,
-             prepare_args: Sequence[str], clip_seconds: float, input_dir: str | None, footage: str) -> dict[str, Any]:
     extra_plain = [f"--clip-seconds={clip_seconds}"] + ([] if input_dir else [f"--size={size[0]}x{size[1]}"])
     kinds = {"plain": extra_plain}
     if prepare_args:
@@ -181,12 +171,12 @@ def _measure(sources: int, seconds: float, size: tuple[int, int], workers: Seque
             capacity = common.parallel_capacity(max(workers)) if len(workers) > 1 else None
             for r in range(rounds):
                 for k, w in configs if r % 2 == 0 else configs[::-1]:
-                    dt, n, cpu = run_prepare(src, os.path.join(tmp, f"out-{k}-{w}"), w, kinds[k])
+                    dt, n, cpu = run_prepare(src, os.path.join(tmp, f"out-{k}-{w}"), w, kinds[k], worker_threads)
                     walls[f"{k}-{w}"].append(dt)
                     cpus[f"{k}-{w}"].append(cpu)
                     clips[f"{k}-{w}"] = n
                 for w in workers if r % 2 == 0 else workers[::-1]:
-                    startup[w].append(engine_start_stop(w))
+                    startup[w].append(engine_start_stop(w, worker_threads))
         host = common.host_state(load_before, common.load_average(), foreign_cores=foreign.cores)
     rows = []
     for k, w in configs:
@@ -205,7 +195,7 @@ def _measure(sources: int, seconds: float, size: tuple[int, int], workers: Seque
         "setup": {"sources": sources if not input_dir else None, "source_seconds": total_s, "size": list(size),
                   "clip_seconds": clip_seconds, "workers": list(workers), "rounds": rounds,
                   "prepare_args": list(prepare_args), "input": input_dir or footage,
-                  "worker_threads": os.environ.get(engine.THREADS_ENV) or "cores // workers"},
+                  "worker_threads": child_env(worker_threads).get(engine.THREADS_ENV) or "cores // workers"},
         "rows": rows, "host": host, "parallel_capacity": capacity,
     }
     if hi != lo:
@@ -261,8 +251,8 @@ def report(r: dict[str, Any]) -> list[str]:
                        f"{sp['cpu_ratio']:.2f}x its CPU seconds.")
         if r.get("parallel_capacity"):
             out.append(f"This host runs {hi} processes of pure computation at {r['parallel_capacity']:.2f}x the "
-                       f"throughput of one (`bench.common.parallel_capacity`): the most {hi} workers can give on it, "
-                       f"whatever prepare does.")
+                       f"throughput of one (`bench.common.parallel_capacity`, measured in this run): this host's "
+                       f"own ceiling for {hi} processes.")
     for c in r.get("curation_cost", []):
         out.append(f"Curation with {c['workers']} worker(s): {c['wall_ratio']:.2f}x the wall time of plain prepare, "
                    f"{c['extra_s_per_source_s']:+.3f} wall s per source second.")

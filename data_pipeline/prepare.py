@@ -189,8 +189,9 @@ BATCHES_PER_SLOT = 8  # at least this many batches per work slot, down to one so
 def source_batches(paths: Sequence[str], batch_sources: int, parallelism: int | None) -> list[list[str]]:
     """`paths` (sorted) cut into consecutive batches of at most `batch_sources`, and small enough that a runner
     running `parallelism` work items at once gets about BATCHES_PER_SLOT per slot: when the last batches run, a
-    slot idles about half a batch on average, ~1 / (2 x batches per slot) of the run (4 per slot left a 2-worker
-    Dask run of 16 sources with one worker idle for seconds at its end: bench.curation, docs/data_pipeline.md).
+    slot idles about half a batch on average, ~1 / (2 x batches per slot) of the run (at 4 per slot, 16 sources on
+    2 Dask workers were cut into 2-source batches; the measured 2/1-worker ratio moved within its run-to-run
+    spread: bench/results.md 7d).
     Deterministic (Beam's BatchElements sizes batches by timing, and on the DaskRunner loses its last batch);
     the output's bytes do not depend on the cut."""
     paths = sorted(paths)

@@ -24,10 +24,11 @@ the most workers over 1 worker (end to end and steady state), and per worker cou
 (curated wall / plain wall, and extra wall s per source second). The CPU seconds of each run (the child and its
 Dask processes, RUSAGE_CHILDREN) over its wall time give the cores it kept busy; from the 1-worker run's, the most
 the host's cores allow N workers to gain (`scaling_bound`: cores / busy cores); and how much N processes of pure
-computation gain on this host (`common.parallel_capacity`: its own ceiling). Whether it is a claim
-(bench/common.host_state): the load average before the runs at most the core count, and the CPU other processes
-used while they ran (common.ForeignCpu) at most 0.1 cores; the load after is recorded, not used (2 workers on 2
-cores put it at 2 by themselves). Prints one JSON object with --json.
+computation gain on this host (`common.parallel_capacity`: its own ceiling, measured at the start of every
+round, since a VM's neighbours move it from run to run; median reported) and the speed-up's share of it.
+Whether it is a claim (bench/common.host_state): the load average before the runs at most the core count, and
+the CPU other processes used while they ran (common.ForeignCpu) at most 0.1 cores; the load after is recorded,
+not used (2 workers on 2 cores put it at 2 by themselves). Prints one JSON object with --json.
 """
 
 from __future__ import annotations
@@ -167,9 +168,11 @@ def measure(sources: int = 16, seconds: float = 10.0, size: tuple[int, int] = (1
         startup: dict[int, list[float]] = {w: [] for w in workers}
         clips: dict[str, int] = {}
         load_before = common.load_average()
+        capacities: list[float] = []  # the host's own N-process ceiling, once a round: a VM's neighbours move it
         with common.ForeignCpu() as foreign:  # N workers fill N cores: the load after counts them
-            capacity = common.parallel_capacity(max(workers)) if len(workers) > 1 else None
             for r in range(rounds):
+                if len(workers) > 1:
+                    capacities.append(common.parallel_capacity(max(workers)))
                 for k, w in configs if r % 2 == 0 else configs[::-1]:
                     dt, n, cpu = run_prepare(src, os.path.join(tmp, f"out-{k}-{w}"), w, kinds[k], worker_threads)
                     walls[f"{k}-{w}"].append(dt)
@@ -177,6 +180,7 @@ def measure(sources: int = 16, seconds: float = 10.0, size: tuple[int, int] = (1
                     clips[f"{k}-{w}"] = n
                 for w in workers if r % 2 == 0 else workers[::-1]:
                     startup[w].append(engine_start_stop(w, worker_threads))
+        capacity = statistics.median(capacities) if capacities else None
         host = common.host_state(load_before, common.load_average(), foreign_cores=foreign.cores)
     rows = []
     for k, w in configs:
@@ -196,14 +200,15 @@ def measure(sources: int = 16, seconds: float = 10.0, size: tuple[int, int] = (1
                   "clip_seconds": clip_seconds, "workers": list(workers), "rounds": rounds,
                   "prepare_args": list(prepare_args), "input": input_dir or footage,
                   "worker_threads": child_env(worker_threads).get(engine.THREADS_ENV) or "cores // workers"},
-        "rows": rows, "host": host, "parallel_capacity": capacity,
+        "rows": rows, "host": host, "parallel_capacity": capacity, "parallel_capacity_all": capacities,
     }
     if hi != lo:
         a, b = by[f"{main_kind}-{hi}"], by[f"{main_kind}-{lo}"]
         out["speedup"] = {"stages": main_kind, "workers": [lo, hi], "end_to_end": a["clips_per_s"] / b["clips_per_s"],
                           "steady": a["steady_clips_per_s"] / b["steady_clips_per_s"],
                           "cpu_ratio": a["cpu_s"] / b["cpu_s"],
-                          "bound": scaling_bound(host["cores"], b["busy_cores"]) if lo == 1 else None}
+                          "bound": scaling_bound(host["cores"], b["busy_cores"]) if lo == 1 else None,
+                          "of_capacity": a["clips_per_s"] / b["clips_per_s"] / capacity if capacity else None}
     if prepare_args:
         out["curation_cost"] = []
         for w in workers:
@@ -250,9 +255,11 @@ def report(r: dict[str, Any]) -> list[str]:
                        f"{sp['bound']:.2f}x faster doing the same CPU work (cores / busy cores); they used "
                        f"{sp['cpu_ratio']:.2f}x its CPU seconds.")
         if r.get("parallel_capacity"):
+            each = ", ".join(f"{c:.2f}" for c in r.get("parallel_capacity_all", []))
             out.append(f"This host runs {hi} processes of pure computation at {r['parallel_capacity']:.2f}x the "
-                       f"throughput of one (`bench.common.parallel_capacity`, measured in this run): this host's "
-                       f"own ceiling for {hi} processes.")
+                       f"throughput of one (`bench.common.parallel_capacity`, median of one measurement per round: "
+                       f"{each}): this host's own ceiling for {hi} processes; {hi} workers reached "
+                       f"{sp['of_capacity']:.0%} of it end to end.")
     for c in r.get("curation_cost", []):
         out.append(f"Curation with {c['workers']} worker(s): {c['wall_ratio']:.2f}x the wall time of plain prepare, "
                    f"{c['extra_s_per_source_s']:+.3f} wall s per source second.")

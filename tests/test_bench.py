@@ -391,7 +391,10 @@ def test_curation_bench_runs_and_renders(tmp_path) -> None:
         assert 0 < x["busy_cores"] <= r["host"]["cores"] * 1.05
     assert r["speedup"]["bound"] == pytest.approx(r["host"]["cores"] / rows["curated-1"]["busy_cores"])
     text = run_all.write_report({"curation": r}, MACHINE, str(tmp_path / "r.md"), quick=True, only=["curation"])
+    assert len(r["parallel_capacity_all"]) == 1 and r["parallel_capacity"] == r["parallel_capacity_all"][0] > 0
+    assert r["speedup"]["of_capacity"] == pytest.approx(r["speedup"]["end_to_end"] / r["parallel_capacity"])
     assert "## 7. Data preparation on Dask" in text and "**curation**" in text and "Bound on this host" in text
+    assert f"workers reached {r['speedup']['of_capacity']:.0%} of it end to end" in text
 
 
 @pytest.mark.slow  # two tiny train-step compiles and 3 x 2 steps: ~1 min on a loaded 2-core host

@@ -450,7 +450,7 @@ def run(
         cur = result.get("curation")
         if cur is not None:  # the curation report is written all the same: it says why nothing is left
             why += (f"; curation dropped {len(cur['dropped'])} clip(s) or span(s): see {output}/"
-                    f"{curate_report.SHEET_NAME} and {curate_report.CLIPS_NAME}, or relax --curate's thresholds")
+                    f"{cur['contact_sheet']} and {cur['clips']}, or relax --curate's thresholds")
         raise NoClipsError(
             f"prepare: no clips from {len(files)} source(s) (stats {result['stats']}{why}); check "
             "--clip-seconds/--min-seconds, the filters and the encoders; no shards or manifest were written"
@@ -546,20 +546,26 @@ def _finish(
     parts = [x for x in group[1] if x is not None]
     shard_parts = [x for x in parts if isinstance(x, dict)]
     stats, failed, notes = source_summary(parts)
-    curation = None
-    if curate is not None:  # the contact sheet first: a manifest never names a sheet that is not there
+    curation, report = None, {}
+    if curate is not None:
         sized = cfg.size is not None and cfg.crop == "face"
         sums = [x for x in parts if isinstance(x, curate_report.Summary)]
         failures = [x for x in parts if isinstance(x, isolation.Failure)]
         curation = curate_report.curation(sums, failures, root, curate, sized)
-        mf.atomic_write_bytes(epath.Path(output) / curate_report.SHEET_NAME,
-                              curate_report.contact_sheet(sums, failures, root))
-        mf.atomic_write_bytes(epath.Path(output) / curate_report.CLIPS_NAME, curate_report.clips_jsonl(sums, failures))
+        report = {"contact_sheet": curate_report.contact_sheet(sums, failures, root),
+                  "clips": curate_report.clips_jsonl(sums, failures)}
     m = build_manifest(shard_parts, stats, failed, cfg, num_sources, fp, records_per_shard, notes, curation)
-    if m["num_records"] == 0:  # `run` reports it; an earlier output's manifest.json and shards stay as they were
+    if curation is not None:  # the report first: a manifest never names a file that is not there
+        names = curate_report.report_names(m["num_records"] > 0)  # never over an earlier complete output's
+        for key, name in zip(("contact_sheet", "clips"), names, strict=True):
+            mf.atomic_write_bytes(epath.Path(output) / name, report[key])
+            curation[key] = name
+    if m["num_records"] == 0:  # `run` reports it; an earlier output's manifest.json, shards and report stay
         mf.atomic_write_bytes(epath.Path(output) / EMPTY_RESULT, json.dumps(m).encode())
         return
     mf.write_manifest(output, m)
+    for name in curate_report.stale_names(curate is not None):  # reports the new manifest does not describe
+        (epath.Path(output) / name).unlink(missing_ok=True)
     removed = mf.clean_stale(output, {s["path"] for s in m["shards"]})
     if removed:
         log.info("removed stale files from %s: %s", output, removed)

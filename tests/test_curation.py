@@ -287,14 +287,28 @@ def test_sync_stage_scores_shifts_and_names_a_source_without_audio(footage, tmp_
         np.testing.assert_allclose(recs[ln["clip"]]["audio"], aenc.encode(wave, num_frames=25), atol=1e-5)
 
 
-def test_curation_that_keeps_nothing_says_where_to_look(footage, tmp_path):
+def test_curation_that_keeps_nothing_says_where_to_look_and_keeps_an_earlier_output(footage, tmp_path):
+    """A curated run that keeps no clip writes its report under the no-clips names and leaves an earlier complete
+    output (manifest, shards, report) byte for byte as it was; a later plain run into the same directory removes
+    every curation report its manifest does not describe."""
+    from data_pipeline.curate.report import NO_CLIPS_NAMES
     from data_pipeline.prepare import NoClipsError
 
     out = tmp_path / "o"
-    with pytest.raises(NoClipsError, match=r"curation dropped 2 clip\(s\) or span\(s\): see .*curation.png"):
-        run(os.path.join(footage[0], "broll.mp4"), str(out), IngestConfig(clip_seconds=1.0, size=SIZE), progress=False,
-            curate=CurateConfig(stages=("faces",)))
-    assert (out / "curation.png").exists() and not (out / "manifest.json").exists()
+    speaker = footage[1]["speaker"]
+    assert run(speaker, str(out), CFG, progress=False, curate=CURATE)["num_records"] == 3
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"manifest.json", "curation.png", "curation_clips.jsonl"} <= set(before)
+    with pytest.raises(NoClipsError, match=r"curation dropped 2 clip\(s\) or span\(s\): see .*curation-no-clips.png"):
+        run(os.path.join(footage[0], "broll.mp4"), str(out), IngestConfig(clip_seconds=1.0, size=SIZE),
+            progress=False, curate=CurateConfig(stages=("faces",)))
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(after) == set(before) | set(NO_CLIPS_NAMES.values())
+    assert {n: after[n] for n in before} == before  # the earlier output, report included, is untouched
+    assert b"no face" in after[NO_CLIPS_NAMES["curation_clips.jsonl"]]
+    m = run(speaker, str(out), IngestConfig(clip_seconds=1.0, size=SIZE), progress=False)
+    assert "curation" not in m
+    assert not {"curation.png", "curation_clips.jsonl", *NO_CLIPS_NAMES.values()} & set(os.listdir(out))
 
 
 def test_contact_sheet_labels_wrap_on_words_and_fit_the_tile():

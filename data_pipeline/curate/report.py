@@ -30,6 +30,23 @@ PER_ROW = 8
 MAX_PER_SOURCE = 48  # thumbnails per source (the sheet is for looking; curation_clips.jsonl lists every clip)
 SHEET_NAME = "curation.png"
 CLIPS_NAME = "curation_clips.jsonl"
+# a run that keeps no clip writes no manifest: its report goes under these names, so that an earlier complete
+# output's manifest.json, shards and report stay as they were (and a rerun that finds them up to date names them)
+NO_CLIPS_NAMES = {SHEET_NAME: "curation-no-clips.png", CLIPS_NAME: "curation_clips-no-clips.jsonl"}
+
+
+def report_names(complete: bool) -> tuple[str, str]:
+    """(contact sheet, clip list) file names of a run's curation report: the canonical names for a run that
+    writes a manifest (`complete`), NO_CLIPS_NAMES for one that keeps no clip."""
+    names = (SHEET_NAME, CLIPS_NAME)
+    return names if complete else tuple(NO_CLIPS_NAMES[n] for n in names)  # type: ignore[return-value]
+
+
+def stale_names(curated: bool) -> list[str]:
+    """Report files a complete run must remove from its output directory: the no-clips report of an earlier
+    failed run, and without curation (`curated` False) an earlier curated run's report, which the new
+    manifest.json does not describe."""
+    return [*NO_CLIPS_NAMES.values(), *(() if curated else (SHEET_NAME, CLIPS_NAME))]
 
 
 def thumbnails(plan: SourcePlan, cfg: CurateConfig) -> None:

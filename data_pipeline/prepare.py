@@ -25,7 +25,7 @@ import logging
 import math
 import signal
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -75,25 +75,38 @@ class OutputWriteError(MirageError, RuntimeError):
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
 
 
-def _write_cause(e: BaseException) -> OSError | None:
-    """The OSError with one of `_WRITE_ERRNOS` in `e`'s chain (Beam re-raises a DoFn's error as a RuntimeError
-    whose context is the original), or None."""
+def _in_chain(e: BaseException, match: Callable[[BaseException], bool]) -> BaseException | None:
+    """The first exception in `e`'s cause/context chain (`e` included) that `match`es, or None. Beam re-raises
+    a DoFn's error as a RuntimeError whose context is the original (a KeyboardInterrupt too: "KeyboardInterrupt
+    [while running 'Ingest']")."""
     seen: set[int] = set()
     c: BaseException | None = e
     while c is not None and id(c) not in seen:
         seen.add(id(c))
-        if isinstance(c, OSError) and c.errno in _WRITE_ERRNOS:
+        if match(c):
             return c
         c = c.__cause__ or c.__context__
     return None
 
 
+def _write_cause(e: BaseException) -> OSError | None:
+    """The OSError with one of `_WRITE_ERRNOS` in `e`'s chain, or None."""
+    c = _in_chain(e, lambda c: isinstance(c, OSError) and c.errno in _WRITE_ERRNOS)
+    return c if isinstance(c, OSError) else None
+
+
+def _interrupted(e: BaseException) -> bool:
+    """Whether a Ctrl-C (KeyboardInterrupt) is in `e`'s chain."""
+    return _in_chain(e, lambda c: isinstance(c, KeyboardInterrupt)) is not None
+
+
 class _QuietWriteErrors(logging.Filter):
-    """Drops Beam's ERROR log (with traceback) of a DoFn failing on a `_WRITE_ERRNOS` error: `run` reports it."""
+    """Drops Beam's ERROR log (with traceback) of a DoFn failing on a `_WRITE_ERRNOS` error or stopped by a Ctrl-C:
+    `run` reports both in one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return exc is None or _write_cause(exc) is None
+        return exc is None or (_write_cause(exc) is None and not _interrupted(exc))
 
 
 logging.getLogger("apache_beam.runners.common").addFilter(_QuietWriteErrors())
@@ -432,6 +445,8 @@ def run(
         raise
     except Exception as e:
         mf.remove_temporary(output)  # a partial shard of this run: nothing reads it, it only takes space
+        if _interrupted(e):  # a Ctrl-C inside a DoFn, which the local runner re-raises as a RuntimeError
+            raise KeyboardInterrupt from None
         cause = _write_cause(e)
         if cause is None:
             raise

@@ -206,6 +206,22 @@ def test_ctrl_c_stops_the_dask_cluster_and_leaves_no_output(src, tmp_path):
     assert manifest.MANIFEST not in os.listdir(out) and not [n for n in os.listdir(out) if n.startswith(".tmp")]
 
 
+def _ctrl_c(*_args, **_kw):
+    raise KeyboardInterrupt  # what Python raises in the main thread, where the local runner runs the DoFns
+
+
+def test_ctrl_c_inside_a_dofn_on_the_local_runner_is_an_interrupt(src, tmp_path, caplog):
+    """The local runner (FnApiRunner, in this process) re-raises a KeyboardInterrupt from a DoFn as
+    RuntimeError("KeyboardInterrupt [while running 'Ingest']") and logs it with a traceback; prepare turns it back
+    into a KeyboardInterrupt (the CLI's one line, exit 130), logs no traceback and leaves no temporary file."""
+    filters.register_filter("ctrl_c", _ctrl_c)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run(src, str(out), IngestConfig(clip_seconds=0.4, size=(16, 16), filters=("ctrl_c",)), progress=False)
+    assert [r for r in caplog.records if r.levelno >= 40 and r.exc_info] == []
+    assert manifest.MANIFEST not in os.listdir(out) and not [n for n in os.listdir(out) if n.startswith(".tmp")]
+
+
 def _prepare_cli(src: str, out: str, *extra: str, **kw) -> subprocess.Popen:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root}

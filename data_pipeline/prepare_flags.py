@@ -160,6 +160,22 @@ def check_runner_flags(runner: str, workers_given: bool, dask_address: str | Non
                          "workers (start them with `dask worker --nworkers N`); drop --workers")
     if runner == "dask" and dask_address is not None:
         check_dask_address(dask_address)
+    if runner not in ("local", "dask"):
+        check_beam_runner(runner)
+
+
+def check_beam_runner(name: str) -> None:
+    """InputError naming --runner unless Beam knows a runner by `name` (apache_beam.runners.create_runner: a
+    short name such as DirectRunner, DataflowRunner, FlinkRunner, or a PipelineRunner subclass's dotted path);
+    Beam's own ValueError surfaced only when the pipeline ran, as a traceback."""
+    from apache_beam.runners.runner import create_runner
+
+    try:
+        create_runner(name)
+    except ValueError:
+        raise InputError(f"--runner={name}: no such runner; use local, dask, or a Beam runner's name as Beam spells "
+                         "it (DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, PortableRunner) or the dotted "
+                         "path of a PipelineRunner subclass") from None
 
 
 def check_dask_address(address: str) -> None:

@@ -182,13 +182,16 @@ def test_prepare_user_error_is_one_line_exit_2_and_a_bug_keeps_its_traceback(tmp
     ("dask", True, "tcp://h:8786", "--workers with --dask-address=tcp://h:8786"),
     ("dask", False, "garbage", "--dask-address=garbage: not a Dask scheduler address (missing port number"),
     ("dask", False, "http://h:22", "--dask-address=http://h:22: not a Dask scheduler address (unknown address scheme"),
+    ("Dask", False, None, "--runner=Dask: no such runner; use local, dask, or a Beam runner's name"),
 ])
 def test_prepare_refuses_dask_flags_its_runner_would_ignore(runner, workers_given, address, flag):
     from data_pipeline.prepare_flags import check_runner_flags
 
     with pytest.raises(InputError, match=re.escape(flag)):
         check_runner_flags(runner, workers_given, address)
-    for ok in [("dask", True, None), ("dask", False, "tcp://h:8786"), ("local", False, None)]:
+    for ok in [("dask", True, None), ("dask", False, "tcp://h:8786"), ("local", False, None),
+               ("DirectRunner", False, None), ("apache_beam.runners.direct.direct_runner.BundleBasedDirectRunner",
+                                               False, None)]:
         check_runner_flags(*ok)
 
 

@@ -72,7 +72,9 @@ class OutputWriteError(MirageError, RuntimeError):
 
 
 # OSError numbers that mean "the output storage refused the write", not a bug: reported as one line
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
+# (EISDIR / ENOTDIR: a directory where prepare writes a file, e.g. OUT/manifest.json/, or a file where it needs one)
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG, errno.EISDIR,
+                 errno.ENOTDIR}
 
 
 def _in_chain(e: BaseException, match: Callable[[BaseException], bool]) -> BaseException | None:
@@ -91,7 +93,8 @@ def _in_chain(e: BaseException, match: Callable[[BaseException], bool]) -> BaseE
 
 def _write_cause(e: BaseException) -> OSError | None:
     """The OSError with one of `_WRITE_ERRNOS` in `e`'s chain, or None."""
-    c = _in_chain(e, lambda c: isinstance(c, OSError) and c.errno in _WRITE_ERRNOS)
+    c = _in_chain(e, lambda c: isinstance(c, OSError) and (
+        c.errno in _WRITE_ERRNOS or isinstance(c, (IsADirectoryError, NotADirectoryError))))  # etils': no errno
     return c if isinstance(c, OSError) else None
 
 
@@ -354,7 +357,7 @@ def up_to_date(out_dir: str, fp: str) -> bool:
     """True if out_dir holds a complete output of exactly this run (manifest fingerprint + shard sizes)."""
     try:
         m = mf.read_manifest(out_dir)
-    except (FileNotFoundError, ValueError):
+    except (OSError, ValueError):  # none, unreadable (a directory named manifest.json), or not ours: run it
         return False
     if m.get("sources", {}).get("fingerprint") != fp:
         return False
@@ -408,7 +411,11 @@ def run(
             f"spatial factor {spatial}"
         )
     fp = fingerprint(files, cfg, records_per_shard, curate)
-    epath.Path(output).mkdir(parents=True, exist_ok=True)
+    try:
+        epath.Path(output).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputWriteError(f"prepare: --output={output}: cannot create it ({e.strerror or e}); choose another "
+                               "--output (or fix its parent's permissions)") from None
     if not force and up_to_date(output, fp):
         print(f"{output}: up to date (same inputs and options); nothing to do. Pass --force to rewrite.")
         return mf.read_manifest(output)
@@ -450,7 +457,7 @@ def run(
         cause = _write_cause(e)
         if cause is None:
             raise
-        code = errno.errorcode.get(cause.errno, str(cause.errno))
+        code = errno.errorcode.get(cause.errno, type(cause).__name__)
         where = f", {cause.filename}" if cause.filename else ""
         raise OutputWriteError(
             f"prepare: writing {output} failed: {cause.strerror or cause} ({code}{where}); its temporary files "

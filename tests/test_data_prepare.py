@@ -267,6 +267,24 @@ def test_full_disk_is_one_line_and_leaves_no_temporary_files(raw, tmp_path, monk
     assert sorted(os.listdir(out)) == [] and not any(r.exc_info for r in caplog.records)
 
 
+def test_an_output_that_cannot_be_a_directory_or_hold_the_manifest_is_one_line(raw, tmp_path, caplog):
+    """--output under a regular file (ENOTDIR at mkdir) and an output whose manifest.json is a directory (a
+    rename onto it fails in the Manifest step): OutputWriteError naming the output (exit 4), no traceback
+    logged, no temporary file; they were a NotADirectoryError / IsADirectoryError traceback and exit 1."""
+    from data_pipeline.prepare import OutputWriteError
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputWriteError, match=r"^prepare: --output=.*afile/out: cannot create it \(Not a directory"):
+        run(raw, str(tmp_path / "afile" / "out"), CFG, records_per_shard=2, progress=False)
+    out = tmp_path / "o"
+    (out / "manifest.json").mkdir(parents=True)
+    with pytest.raises(OutputWriteError) as e:
+        run(raw, str(out), CFG, records_per_shard=2, progress=False)
+    assert "\n" not in str(e.value) and f"writing {out} failed" in str(e.value) and "manifest.json" in str(e.value)
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp")] and (out / "manifest.json").is_dir()
+    assert not any(r.exc_info for r in caplog.records)
+
+
 def test_prepare_without_clips_writes_no_manifest(raw, prepared, tmp_path):
     """Every source shorter than one clip: NoClipsError, and no 0-record manifest.json left behind (a fresh
     output stays empty; an earlier complete output keeps its manifest and shards untouched)."""

@@ -87,7 +87,7 @@ def define_flags() -> None:
         "Python of the tensorflow-io venv (default $MIRAGE_TFIO_PYTHON or .venv-tfio/bin/python).",
     )
     flags.DEFINE_integer("records_per_shard", 64, "Records per ArrayRecord shard.")
-    flags.DEFINE_integer("batch_sources", 8, "Sources per Beam work item (and per tfio subprocess).")
+    flags.DEFINE_integer("batch_sources", 8, "Sources per Beam work item (and per tfio subprocess).", lower_bound=1)
     flags.DEFINE_integer("seed", 0, "Seed for reference-frame choice.")
     flags.DEFINE_bool("force", False, "Rewrite even if the output is up to date.")
     # curation (data_pipeline/curate; docs/data_pipeline.md "Curation")
@@ -97,15 +97,21 @@ def define_flags() -> None:
         "faces. Drops and reasons go to manifest.json's `curation` and curation.png.")
     flags.DEFINE_string("syncnet_weights", None, "Curation's sync stage: SyncNet weights (syncnet_v2.model or "
                         "safetensors); without them the stage is off and the manifest says so.")
-    flags.DEFINE_float("cut_threshold", 27.0, "shots: PySceneDetect ContentDetector threshold.")
+    flags.DEFINE_float("cut_threshold", 27.0, "shots: PySceneDetect ContentDetector threshold (mean HSV change, "
+                       "0-255).", lower_bound=0.0, upper_bound=255.0)
     flags.DEFINE_integer("face_every", 5, "faces: detect on every N-th frame.", lower_bound=1)
-    flags.DEFINE_float("min_face", 0.1, "faces: smallest face box height, as a fraction of the frame height.")
-    flags.DEFINE_float("min_visible", 0.5, "faces: the speaker must be seen in this fraction of sampled frames.")
-    flags.DEFINE_integer("crop_smooth", 25, "crop: frames the face crop's centre is averaged over.")
-    flags.DEFINE_integer("max_offset", 6, "sync: largest |SyncNet offset| (frames) shifted; beyond, dropped.")
+    flags.DEFINE_float("min_face", 0.1, "faces: smallest face box height, as a fraction of the frame height.",
+                       lower_bound=0.0, upper_bound=1.0)
+    flags.DEFINE_float("min_visible", 0.5, "faces: the speaker must be seen in this fraction of sampled frames.",
+                       lower_bound=0.0, upper_bound=1.0)
+    flags.DEFINE_integer("crop_smooth", 25, "crop: frames the face crop's centre is averaged over.", lower_bound=1)
+    flags.DEFINE_integer("max_offset", 6, "sync: largest |SyncNet offset| (frames) shifted; beyond, dropped.",
+                         lower_bound=0)
     flags.DEFINE_float("min_confidence", 3.0, "sync: smallest SyncNet confidence (LSE-C) kept.")
-    flags.DEFINE_float("max_pan", 0.25, "motion: fastest camera pan kept, frame widths per second.")
-    flags.DEFINE_float("min_change", 0.25, "motion: smallest mean frame change (0-255) kept (near-static below).")
+    flags.DEFINE_float("max_pan", 0.25, "motion: fastest camera pan kept, frame widths per second.",
+                       lower_bound=0.0)
+    flags.DEFINE_float("min_change", 0.25, "motion: smallest mean frame change (0-255) kept (near-static below).",
+                       lower_bound=0.0, upper_bound=255.0)
 
 
 def _weights_flag(flag: str, encoder: str) -> str:

@@ -230,6 +230,18 @@ def test_prepare_with_workers_but_no_dask_runner_is_one_line_before_any_work(tmp
     assert not (tmp_path / "out").exists()
 
 
+def test_prepare_refuses_an_impossible_curation_threshold_before_any_work(tmp_path):
+    """--min-visible=2 (a fraction) used to run every stage and end in 'no clips' after all the decoding: the
+    threshold flags carry their ranges (as --face-every does), so absl refuses it in one line, exit 2."""
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "a.mp4").write_bytes(b"")
+    r = _cli("data_pipeline.prepare", f"--input={tmp_path}/raw", f"--output={tmp_path}/out", "--curate",
+             "--min-visible=2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].endswith("--min_visible=2: 2.0 is not a number in the range [0.0, 1.0]")
+    assert not (tmp_path / "out").exists()
+
+
 def test_prepare_sources_of_different_sizes_without_size_is_one_line(tmp_path):
     import media_inputs as mi
 

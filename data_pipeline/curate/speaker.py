@@ -87,9 +87,13 @@ def judge(clip: Clip, found: list[np.ndarray], every: int, height: int, cfg: Cur
     if weak:
         clip.values["weak_faces"] = len(weak)
     covers = t[0, 0] - samples[0] <= every and samples[-1] - t[-1, 0] <= every
-    if len(t) < cfg.min_visible * n or not covers:
-        return (f"face visible in {len(t)} of {n} sampled frames (frames {int(t[0, 0])}-{int(t[-1, 0])} of "
-                f"{clip.start}-{clip.stop - 1}): it comes and goes")
+    if not covers:  # the reason says which rule: a user tunes --min-visible only for the second
+        return (f"face seen only in frames {int(t[0, 0])}-{int(t[-1, 0])} of the clip's {clip.start}-"
+                f"{clip.stop - 1} ({len(t)} of {n} sampled frames): it comes and goes (enters, leaves, or is "
+                "missed at an end)")
+    if len(t) < cfg.min_visible * n:
+        return (f"face visible in {len(t)} of {n} sampled frames (< --min-visible {cfg.min_visible:g}): it comes "
+                "and goes")
     box = np.median(t[:, 1:5], axis=0)
     if box[3] - box[1] < cfg.min_face * height:
         return f"face too small ({box[3] - box[1]:.0f} px < {cfg.min_face:g} x {height} px frame height)"

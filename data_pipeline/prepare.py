@@ -490,6 +490,10 @@ def _check_curation(cfg: IngestConfig, curate: curate_plan.CurateConfig | None) 
     if w and not epath.Path(w).is_file():
         raise InputError(f"--syncnet-weights={w}: no such file (SyncNet's syncnet_v2.model or a safetensors "
                          "file with its keys; docs/eval.md says where to get it)")
+    if w and curate is not None and curate.on("sync"):  # a file that is not SyncNet's: refused before decoding
+        from data_pipeline.curate import sync
+
+        sync.check_weights(w)
 
 
 def _pipeline(p: beam.Pipeline, batches: list[list[str]], cfg: IngestConfig, root: str, tfio_python: str | None,

@@ -218,6 +218,10 @@ def curate_from_flags() -> CurateConfig | None:
     if spec is None and FLAGS.crop == "face":
         spec = "faces,crop"
     stages = parse_stages(spec)
+    if FLAGS.syncnet_weights and "sync" not in stages:
+        raise InputError(f"--syncnet-weights={FLAGS.syncnet_weights}: only curation's sync stage uses it (this run "
+                         f"has {'no --curate' if not stages else 'stages ' + ','.join(stages)}); add --curate or "
+                         "drop the flag")
     if not stages:
         return None
     if FLAGS.crop == "face" and "crop" not in stages:

@@ -240,6 +240,10 @@ def test_prepare_refuses_an_impossible_curation_threshold_before_any_work(tmp_pa
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert r.stderr.strip().splitlines()[-1].endswith("--min_visible=2: 2.0 is not a number in the range [0.0, 1.0]")
     assert not (tmp_path / "out").exists()
+    r = _cli("data_pipeline.prepare", f"--input={tmp_path}/raw", f"--output={tmp_path}/out",
+             f"--syncnet-weights={tmp_path}/w.model")  # no --curate: it used to be ignored, exit 0
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "w.model: only curation's sync stage uses it (this run has no --curate)" in r.stderr.splitlines()[-1]
 
 
 def test_prepare_sources_of_different_sizes_without_size_is_one_line(tmp_path):

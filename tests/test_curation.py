@@ -240,6 +240,14 @@ def test_missing_syncnet_weights_stop_prepare_before_decoding(footage, tmp_path)
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("prepare: --syncnet-weights=/nope/w.model: no such file")
     assert len([ln for ln in r.stderr.splitlines() if "Traceback" in ln]) == 0
+    # a file that is not SyncNet's state dict: refused by the scorer's own reader (`mirage_jax.eval.sync
+    # --check_weights`, a child process) before any decoding; it used to run every stage and fail each source
+    # at sync. tests/test_syncnet.py covers the reader's messages
+    notes = tmp_path / "notes.model"
+    notes.write_text("not weights")
+    with pytest.raises(InputError, match=r"^--syncnet-weights=.*notes.model: not a PyTorch state dict"):
+        run(footage[0], str(tmp_path / "o"), CFG, progress=False, curate=CurateConfig(syncnet_weights=str(notes)))
+    assert not (tmp_path / "o").exists()
 
 
 def test_unknown_stage_and_crop_without_curation_are_refused(footage, tmp_path):

@@ -25,6 +25,7 @@ import numpy as np
 
 from data_pipeline.curate.plan import Clip, CurateConfig, SourcePlan, display_frames
 from data_pipeline.ingest import faces, media
+from mirage_base.errors import InputError
 
 TIMEOUT_S = 1800
 
@@ -38,15 +39,30 @@ def face_crops(clip: Clip, frames: list[np.ndarray]) -> np.ndarray:
     return np.stack([faces.crop(f, s[i], x[i], y[i]) for i, f in enumerate(frames)])
 
 
-def score(files: list[str], weights: str) -> list[dict]:
-    """mirage_jax.eval.sync's JSON line per file (offset, lse_c, ... or error), run as a child process."""
+def _scorer(weights: str, *args: str) -> tuple[subprocess.CompletedProcess, str]:
+    """`python -m mirage_jax.eval.sync --weights=weights *args` as a child process (data_pipeline never imports
+    mirage_jax); returns it and the last line of its stderr."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "mirage_jax.eval.sync", f"--weights={weights}", "--cropped", "--json", *files]
+    cmd = [sys.executable, "-m", "mirage_jax.eval.sync", f"--weights={weights}", *args]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=TIMEOUT_S)
+    return out, (out.stderr.strip().splitlines() or ["no output"])[-1]
+
+
+def check_weights(weights: str) -> None:
+    """InputError naming --syncnet-weights unless the scorer loads `weights` as SyncNet's state dict (its
+    `--check_weights`: the reader and key/shape check of mirage_jax.eval.syncnet, nothing scored)."""
+    out, tail = _scorer(weights, "--check_weights")
+    if out.returncode != 0:
+        why = tail.split(f"--weights={weights}", 1)[-1].lstrip(": ")
+        raise InputError(f"--syncnet-weights={weights}: {why}")
+
+
+def score(files: list[str], weights: str) -> list[dict]:
+    """mirage_jax.eval.sync's JSON line per file (offset, lse_c, ... or error), run as a child process."""
+    out, tail = _scorer(weights, "--cropped", "--json", *files)
     lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     if len(lines) != len(files):
-        tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"the SyncNet scorer (python -m mirage_jax.eval.sync) failed: {tail}")
     return lines
 

@@ -294,9 +294,13 @@ def main(argv: Sequence[str]) -> None:
 
     F = flags.FLAGS
     paths = list(argv[1:])
+    net = load_weights(F.weights, "--weights")  # a file that is not SyncNet's: one line before anything else
+    if F.check_weights:
+        print(f"--weights={F.weights}: SyncNet's state dict", flush=True)
+        return
     if not paths:
         raise FlagError("no videos given: python -m mirage_jax.eval.sync --weights=PATH VIDEO [VIDEO ...]")
-    scorer = Scorer(load_weights(F.weights, "--weights"), batch=F.batch, mesh=default_mesh())
+    scorer = Scorer(net, batch=F.batch, mesh=default_mesh())
     failed = 0
     for path in paths:
         lines, bad = score_videos(scorer, [path], cropped=F.cropped, vshift=F.vshift, as_json=F.json)
@@ -312,6 +316,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("weights", None, "SyncNet weights: the published syncnet_v2.model (a PyTorch state dict) "
                         "or a safetensors file with its keys.")
     flags.DEFINE_bool("cropped", False, "The videos are already the face crop (no detection).")
+    flags.DEFINE_bool("check_weights", False, "Only load and check --weights (exit 2 with one line when they are "
+                      "not SyncNet's state dict); score nothing.")
     flags.DEFINE_integer("vshift", VSHIFT, "Largest audio shift tried, in frames (either way).", lower_bound=1)
     flags.DEFINE_bool("json", False, "One JSON object per video and line.")
     flags.DEFINE_integer("batch", BATCH, "Windows per jitted call (rounded up to a multiple of the devices).",

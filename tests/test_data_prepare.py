@@ -299,3 +299,18 @@ def test_prepare_without_clips_writes_no_manifest(raw, prepared, tmp_path):
     with pytest.raises(NoClipsError):
         run(raw, earlier, IngestConfig(clip_seconds=10.0), records_per_shard=2, progress=False)
     assert _files(earlier) == _files(prepared)
+
+
+def test_listing_skips_hidden_files_and_enters_a_symlinked_loop_once(tmp_path):
+    """What os.walk(followlinks=False) and `find -L` agree on, built on disk: a directory with a hidden
+    resource fork (`._a.mp4`), a subdirectory, and a symlink back to the root (`sub/loop -> ..`), which made the
+    walk descend until ELOOP (a traceback)."""
+    from data_pipeline.ingest.per_source import list_sources
+
+    (tmp_path / "a.mp4").write_bytes(b"")
+    (tmp_path / "._a.mp4").write_bytes(b"")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.MOV").write_bytes(b"")
+    (tmp_path / "sub" / "loop").symlink_to("..")
+    want = sorted(os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs if not f.startswith("."))
+    assert list_sources(str(tmp_path)) == want == [str(tmp_path / "a.mp4"), str(tmp_path / "sub" / "b.MOV")]

@@ -23,6 +23,7 @@ from data_pipeline import encoders
 from data_pipeline.dataset import records
 from data_pipeline.ingest import clips, filters, geometry, media, sources
 from data_pipeline.ingest.isolation import StageError, stage
+from mirage_base import storage
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
 
@@ -70,12 +71,21 @@ class IngestConfig:
 
 
 def list_sources(pattern_or_dir: str) -> list[str]:
-    """Video files under a directory (recursively) or matching a glob, sorted."""
+    """Video files under a directory (recursively) or matching a glob, sorted. The walk skips hidden entries
+    (names starting with '.', e.g. macOS's `._clip.mp4` resource forks) and enters each directory once (a
+    symlink back to an ancestor, `sub/loop -> ..`, is not followed again: it raised ELOOP)."""
     p = epath.Path(pattern_or_dir)
     if p.is_dir():
-        found, todo = [], [p]
+        found, todo, entered = [], [p], set()
         while todo:  # recursive walk (epath's rglob refuses on GCS)
-            for q in todo.pop().iterdir():
+            d = todo.pop()
+            key = os.fspath(d) if storage.is_remote(d) else os.path.realpath(d)
+            if key in entered:
+                continue
+            entered.add(key)
+            for q in d.iterdir():
+                if q.name.startswith("."):
+                    continue
                 if q.is_dir():
                     todo.append(q)
                 elif q.suffix.lower() in VIDEO_EXTENSIONS:

@@ -330,14 +330,15 @@ def _cluster_threads(address: str) -> int:
     from dask.distributed import Client
 
     url = urllib.parse.urlsplit(address if "://" in address else f"tcp://{address}")
+    limit = CONNECT_TIMEOUT_S + 2  # the Client's own connect timeout, and its handshake's
     try:
         if url.scheme == "tcp" and url.hostname and url.port:  # nothing listening: refused at once, not retried
             socket.create_connection((url.hostname, url.port), timeout=CONNECT_TIMEOUT_S).close()
-        return _within(CONNECT_TIMEOUT_S + 2, lambda: _count_threads(Client, address))
+        return _within(limit, lambda: _count_threads(Client, address))
     except (OSError, ValueError) as e:  # TimeoutError is an OSError; a malformed address is a ValueError
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise InputError(f"--dask-address={address}: no Dask scheduler reached ({why}; waited at most "
-                         f"{CONNECT_TIMEOUT_S} s); start one (`dask scheduler`) or fix the address "
+                         f"{limit:g} s); start one (`dask scheduler`) or fix the address "
                          "(tcp://HOST:PORT)") from None
 
 

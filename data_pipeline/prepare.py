@@ -25,7 +25,7 @@ import logging
 import math
 import signal
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -50,7 +50,7 @@ from data_pipeline.ingest.per_source import (
     list_sources,
 )
 from data_pipeline.prepare_flags import FLAGS, check_runner_flags, config_from_flags, curate_from_flags
-from mirage_base.errors import ExitCode, InputError, Interrupted, MirageError
+from mirage_base.errors import ExitCode, InputError, Interrupted, MirageError, in_chain
 from mirage_base.storage import check_storage
 
 log = logging.getLogger(__name__)
@@ -72,35 +72,23 @@ class OutputWriteError(MirageError, RuntimeError):
 
 
 # OSError numbers that mean "the output storage refused the write", not a bug: reported as one line
-# (EISDIR / ENOTDIR: a directory where prepare writes a file, e.g. OUT/manifest.json/, or a file where it needs one)
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG, errno.EISDIR,
-                 errno.ENOTDIR}
-
-
-def _in_chain(e: BaseException, match: Callable[[BaseException], bool]) -> BaseException | None:
-    """The first exception in `e`'s cause/context chain (`e` included) that `match`es, or None. Beam re-raises
-    a DoFn's error as a RuntimeError whose context is the original (a KeyboardInterrupt too: "KeyboardInterrupt
-    [while running 'Ingest']")."""
-    seen: set[int] = set()
-    c: BaseException | None = e
-    while c is not None and id(c) not in seen:
-        seen.add(id(c))
-        if match(c):
-            return c
-        c = c.__cause__ or c.__context__
-    return None
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
 
 
 def _write_cause(e: BaseException) -> OSError | None:
-    """The OSError with one of `_WRITE_ERRNOS` in `e`'s chain, or None."""
-    c = _in_chain(e, lambda c: isinstance(c, OSError) and (
-        c.errno in _WRITE_ERRNOS or isinstance(c, (IsADirectoryError, NotADirectoryError))))  # etils': no errno
+    """The OSError in `e`'s chain (Beam re-raises a DoFn's error as a RuntimeError whose context is the original)
+    that is the output storage's refusal: one of `_WRITE_ERRNOS`, or a directory where prepare writes a file
+    (OUT/manifest.json/) or a file where it needs a directory (IsADirectoryError / NotADirectoryError: etils
+    raises them without an errno), else None."""
+    c = in_chain(e, lambda c: isinstance(c, (IsADirectoryError, NotADirectoryError))
+                 or (isinstance(c, OSError) and c.errno in _WRITE_ERRNOS))
     return c if isinstance(c, OSError) else None
 
 
 def _interrupted(e: BaseException) -> bool:
-    """Whether a Ctrl-C (KeyboardInterrupt) is in `e`'s chain."""
-    return _in_chain(e, lambda c: isinstance(c, KeyboardInterrupt)) is not None
+    """Whether a Ctrl-C is in `e`'s chain (the local runner re-raises it from a DoFn as RuntimeError
+    "KeyboardInterrupt [while running 'Ingest']")."""
+    return in_chain(e, lambda c: isinstance(c, KeyboardInterrupt)) is not None
 
 
 class _QuietWriteErrors(logging.Filter):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 
 class ExitCode(enum.IntEnum):
@@ -97,6 +97,19 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """`; did you mean `x`?` for the closest of `choices` to `name` (difflib), or '' when none is close."""
     hit = difflib.get_close_matches(name, list(choices), n=1)
     return f"; did you mean `{hit[0]}`?" if hit else ""
+
+
+def in_chain(e: BaseException | None, match: Callable[[BaseException], bool]) -> BaseException | None:
+    """The first exception of `e`'s chain (`e`, then `__cause__`, else `__context__`) that `match`es, or None:
+    the error a library re-raised under its own (Beam's RuntimeError "... [while running 'Ingest']" around a
+    DoFn's OSError or KeyboardInterrupt, Orbax's around tensorstore's)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if match(e):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def root_cause(e: BaseException) -> str:

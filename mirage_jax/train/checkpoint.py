@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from mirage_base.errors import CheckpointError, ExitCode, MirageError, root_cause
+from mirage_base.errors import CheckpointError, ExitCode, MirageError, in_chain, root_cause
 from mirage_jax import checkpoint_format
 from mirage_jax.paths import orbax_path
 from mirage_jax.run_config import CheckpointConfig
@@ -396,11 +396,5 @@ _TS_WRITE_ERROR = re.compile(r'Failed writing: "(?P<path>[^"]+)": (?P<err>[^\[]+
 
 def _find_cause(e: BaseException | None, kind: type[Exception]) -> Any:
     """The first exception of type `kind` in `e`'s chain of causes and contexts, or None."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, kind):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
+    return in_chain(e, lambda c: isinstance(c, kind))
 

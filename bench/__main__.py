@@ -440,9 +440,10 @@ def interpret(results: dict[str, dict[str, Any]]) -> dict[str, str]:
         out["curation"] = (f"prepare on Dask ({sp['stages']} stages): {sp['workers'][1]} worker processes give "
                            f"{sp['end_to_end']:.2f}x the clips/s of {sp['workers'][0]} end to end (target >= "
                            f"{CURATION_TARGET}: {met}), {sp['steady']:.2f}x without the cluster's start and stop"
-                           + (f"; the host's own ceiling for {sp['workers'][1]} processes in the same run "
-                              f"{r['parallel_capacity']:.2f}x, of which that is {sp['of_capacity']:.0%}"
-                              if sp.get("of_capacity") else "") + ".")
+                           + (f"; {sp['workers'][1]} processes of pure computation reached "
+                              f"{r['parallel_capacity']:.2f}x of one on this host in the same run, and the "
+                              f"speed-up is {sp['end_to_end'] / r['parallel_capacity']:.0%} of that"
+                              if r.get("parallel_capacity") else "") + ".")
     r = results.get("buckets", {})
     if "ratio_buckets_over_grouped" in r:
         from bench.buckets import TARGET

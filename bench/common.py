@@ -124,11 +124,12 @@ def _spin(n: int, barrier: Any = None, out: Any = None) -> float:
 def parallel_capacity(procs: int = 2, rounds: int = 3, n: int = 3_000_000) -> float:
     """The throughput of `procs` processes computing at once, in units of one process alone: procs x t(one alone)
     / (the last one's end - the first one's start, all at once), median over `rounds` rounds (alone and together
-    alternate). The work is a Python loop (no memory traffic, no library threads), so this is the host's own
-    ceiling for N-process scaling: ~procs on procs independent cores; ~1.1-1.3 for 2 vCPUs that are SMT
-    siblings of one physical core, which a VM cannot see (its lscpu says one thread per core); less than procs
-    also when other processes take CPU meanwhile. Processes are spawned, not forked (the caller may hold JAX's
-    threads)."""
+    alternate). The work is a Python loop (no memory traffic, no library threads, no I/O), so this is the host's
+    own reference for N-process scaling of CPU-bound work: ~procs on procs independent cores; ~1.1-1.3 for 2
+    vCPUs that are SMT siblings of one physical core, which a VM cannot see (its lscpu says one thread per core);
+    less than procs also when other processes take CPU meanwhile. Work that waits on I/O can scale past it
+    (prepare on Dask reached 103% of it: bench/results.md 7e). Processes are spawned, not forked (the caller
+    may hold JAX's threads)."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")

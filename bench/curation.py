@@ -24,8 +24,9 @@ the most workers over 1 worker (end to end and steady state), and per worker cou
 (curated wall / plain wall, and extra wall s per source second). The CPU seconds of each run (the child and its
 Dask processes, RUSAGE_CHILDREN) over its wall time give the cores it kept busy; from the 1-worker run's, the most
 the host's cores allow N workers to gain (`scaling_bound`: cores / busy cores); and how much N processes of pure
-computation gain on this host (`common.parallel_capacity`: its own ceiling, measured at the start of every
-round, since a VM's neighbours move it from run to run; median reported) and the speed-up's share of it.
+computation gain on this host (`common.parallel_capacity`: a reference for N-process scaling, measured at the
+start of every round, since a VM's neighbours move it from run to run; median reported) and the speed-up's
+share of it (above 100% where prepare's processes wait on I/O, which pure computation never does).
 Whether it is a claim (bench/common.host_state): the load average before the runs at most the core count, and
 the CPU other processes used while they ran (common.ForeignCpu) at most 0.1 cores; the load after is recorded,
 not used (2 workers on 2 cores put it at 2 by themselves). Prints one JSON object with --json.
@@ -204,11 +205,12 @@ def measure(sources: int = 16, seconds: float = 10.0, size: tuple[int, int] = (1
     }
     if hi != lo:
         a, b = by[f"{main_kind}-{hi}"], by[f"{main_kind}-{lo}"]
-        out["speedup"] = {"stages": main_kind, "workers": [lo, hi], "end_to_end": a["clips_per_s"] / b["clips_per_s"],
+        end_to_end = a["clips_per_s"] / b["clips_per_s"]
+        out["speedup"] = {"stages": main_kind, "workers": [lo, hi], "end_to_end": end_to_end,
                           "steady": a["steady_clips_per_s"] / b["steady_clips_per_s"],
                           "cpu_ratio": a["cpu_s"] / b["cpu_s"],
                           "bound": scaling_bound(host["cores"], b["busy_cores"]) if lo == 1 else None,
-                          "of_capacity": a["clips_per_s"] / b["clips_per_s"] / capacity if capacity else None}
+                          "of_capacity": end_to_end / capacity if capacity else None}
     if prepare_args:
         out["curation_cost"] = []
         for w in workers:
@@ -255,11 +257,12 @@ def report(r: dict[str, Any]) -> list[str]:
                        f"{sp['bound']:.2f}x faster doing the same CPU work (cores / busy cores); they used "
                        f"{sp['cpu_ratio']:.2f}x its CPU seconds.")
         if r.get("parallel_capacity"):
-            each = ", ".join(f"{c:.2f}" for c in r.get("parallel_capacity_all", []))
+            each = r.get("parallel_capacity_all")
+            when = (f"median of one measurement per round: {', '.join(f'{c:.2f}' for c in each)}" if each
+                    else "measured once, before the runs")
             out.append(f"This host runs {hi} processes of pure computation at {r['parallel_capacity']:.2f}x the "
-                       f"throughput of one (`bench.common.parallel_capacity`, median of one measurement per round: "
-                       f"{each}): this host's own ceiling for {hi} processes; {hi} workers reached "
-                       f"{sp['of_capacity']:.0%} of it end to end.")
+                       f"throughput of one (`bench.common.parallel_capacity`, {when}); {hi} workers reached "
+                       f"{sp['end_to_end'] / r['parallel_capacity']:.0%} of it end to end.")
     for c in r.get("curation_cost", []):
         out.append(f"Curation with {c['workers']} worker(s): {c['wall_ratio']:.2f}x the wall time of plain prepare, "
                    f"{c['extra_s_per_source_s']:+.3f} wall s per source second.")

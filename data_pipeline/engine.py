@@ -185,6 +185,29 @@ def _sigint_held() -> Iterator[None]:
             signal.raise_signal(signal.SIGINT)
 
 
+@contextlib.contextmanager
+def _sigint_recorded() -> Iterator[list[int]]:
+    """Within the block, a SIGINT raises KeyboardInterrupt as by default and is also appended to the yielded list,
+    so a caller polling it sees a Ctrl-C whose exception was swallowed; the previous handler is restored after.
+    Off the main thread, where Python cannot set handlers, the list stays empty."""
+    import signal
+
+    pressed: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield pressed
+        return
+
+    def record(signum: int, frame: Any) -> None:
+        pressed.append(signum)
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGINT, record)
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def _bundle(items: Iterable[Any], fn_bytes: bytes, label: str, window_fn: Any, side_inputs: Any, args: list[Any],
             kwargs: dict[str, Any]) -> list[Any]:
     """One Dask partition through a DoFn: a fresh DoFn (unpickled from `fn_bytes`) and fresh receivers per bundle,
@@ -369,12 +392,33 @@ def _within(seconds: float, fn: Any) -> Any:
     return box["value"]
 
 
+WAIT_SLICE_S = 0.5  # how often the wait for a Dask run looks for a Ctrl-C that Python could not raise
+
+
 def run(pipeline: Any) -> None:
     """Runs `pipeline` to completion; on an error or Ctrl-C the run is cancelled where the runner can. A Dask
-    client opened by the DaskRunner is closed either way."""
+    client opened by the DaskRunner is closed either way.
+
+    A Dask run is waited for in WAIT_SLICE_S slices with SIGINT recorded (`_sigint_recorded`): a Ctrl-C's
+    KeyboardInterrupt raised inside a garbage-collector callback (distributed's GCDiagnosis runs one in this
+    process) is printed as "Exception ignored" and lost, and the run went on to exit 0; the next slice raises
+    it again."""
     result = pipeline.run()
     try:
-        result.wait_until_finish()
+        futures = getattr(result, "futures", None)
+        if futures is not None:
+            from dask.distributed import wait
+
+            with _sigint_recorded() as pressed:
+                while True:
+                    if pressed:
+                        raise KeyboardInterrupt
+                    try:
+                        wait(futures, timeout=WAIT_SLICE_S)
+                        break
+                    except TimeoutError:
+                        continue
+        result.wait_until_finish()  # the results, and a worker's error raised here
     except BaseException:
         with contextlib.suppress(Exception):
             result.cancel()

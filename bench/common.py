@@ -121,6 +121,18 @@ def _spin(n: int, barrier: Any = None, out: Any = None) -> float:
     return end - t
 
 
+def _together(ctx: Any, procs: int, n: int) -> float:
+    """Seconds from the first of `procs` spawned processes starting its loop to the last one ending it."""
+    barrier, out = ctx.Barrier(procs), ctx.Queue()
+    ps = [ctx.Process(target=_spin, args=(n, barrier, out)) for _ in range(procs)]
+    for p in ps:
+        p.start()
+    spans = [out.get(timeout=600) for _ in ps]
+    for p in ps:
+        p.join()
+    return max(e for _, e in spans) - min(t for t, _ in spans)
+
+
 def parallel_capacity(procs: int = 2, rounds: int = 3, n: int = 3_000_000) -> float:
     """The throughput of `procs` processes computing at once, in units of one process alone: procs x t(one alone)
     / (the last one's end - the first one's start, all at once), median over `rounds` rounds (alone and together
@@ -128,22 +140,16 @@ def parallel_capacity(procs: int = 2, rounds: int = 3, n: int = 3_000_000) -> fl
     own reference for N-process scaling of CPU-bound work: ~procs on procs independent cores; ~1.1-1.3 for 2
     vCPUs that are SMT siblings of one physical core, which a VM cannot see (its lscpu says one thread per core);
     less than procs also when other processes take CPU meanwhile. Work that waits on I/O can scale past it
-    (prepare on Dask reached 103% of it: bench/results.md 7e). Processes are spawned, not forked (the caller
-    may hold JAX's threads)."""
+    (prepare on Dask reached 103% of it: bench/results.md 7e). Every side runs in fresh spawned processes, the
+    one alone too: the caller may hold threads (JAX's, Dask's) that would take the GIL from a loop run in it and
+    make 'alone' look slow (a CI run measured 1.67x with every process pinned to one CPU that way)."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     ratios = []
     for _ in range(rounds):
-        alone = _spin(n)
-        barrier, out = ctx.Barrier(procs), ctx.Queue()
-        ps = [ctx.Process(target=_spin, args=(n, barrier, out)) for _ in range(procs)]
-        for p in ps:
-            p.start()
-        spans = [out.get(timeout=600) for _ in ps]
-        for p in ps:
-            p.join()
-        ratios.append(procs * alone / (max(e for _, e in spans) - min(t for t, _ in spans)))
+        alone = _together(ctx, 1, n)
+        ratios.append(procs * alone / _together(ctx, procs, n))
     return statistics.median(ratios)
 
 

@@ -243,16 +243,18 @@ def _place(item: tuple[str, dict[str, Iterable[Any]]]) -> Iterator[tuple[int, tu
 
 
 class WriteShard(beam.DoFn):
-    """(shard index, [(clip_id, shard count, bytes)]) -> shard file written atomically; yields its manifest entry."""
+    """(shard index, [(clip_id, shard count, bytes)]) -> shard file written atomically (named by the run's
+    fingerprint: manifest.shard_name); yields its manifest entry."""
 
-    def __init__(self, out_dir: str):
-        self.out_dir = out_dir
+    def __init__(self, out_dir: str, fingerprint: str):
+        self.out_dir, self.fingerprint = out_dir, fingerprint
 
     def process(self, element: tuple[int, Iterable[tuple[str, int, bytes]]]) -> Iterator[dict[str, Any]]:
         index, items = element
         items = sorted(items)
         num_shards = items[0][1]
-        info = mf.write_shard([b for _, _, b in items], self.out_dir, mf.shard_name(index, num_shards))
+        name = mf.shard_name(index, num_shards, self.fingerprint)
+        info = mf.write_shard([b for _, _, b in items], self.out_dir, name)
         shapes = _shape_union([records.decode_record(b)[0] for _, _, b in items])
         yield {"index": index, "shard": info.to_json(), "shapes": shapes}
 
@@ -436,10 +438,10 @@ def run(
                 bar.close()
                 _PROGRESS.pop("bar", None)
     except KeyboardInterrupt:  # Ctrl-C: the engine has stopped (its cluster too); main() says it in one line
-        mf.remove_temporary(output)
+        _remove_partial(output, fp)
         raise
     except Exception as e:
-        mf.remove_temporary(output)  # a partial shard of this run: nothing reads it, it only takes space
+        _remove_partial(output, fp)
         if _interrupted(e):  # a Ctrl-C inside a DoFn, which the local runner re-raises as a RuntimeError
             raise KeyboardInterrupt from None
         cause = _write_cause(e)
@@ -466,6 +468,16 @@ def run(
             "--clip-seconds/--min-seconds, the filters and the encoders; no shards or manifest were written"
         )
     return mf.read_manifest(output)
+
+
+def _remove_partial(output: str, fp: str) -> None:
+    """After a failed or interrupted run: its temporary files and the shards it committed but no manifest lists
+    (nothing reads them, they only take space); an earlier output in `output` is left whole."""
+    try:
+        mf.remove_temporary(output)
+        mf.remove_run_shards(output, fp)
+    except OSError as e:  # the run's own failure is what the user must see
+        log.warning("prepare: could not remove this run's partial files from %s: %s", output, e)
 
 
 def _check_curation(cfg: IngestConfig, curate: curate_plan.CurateConfig | None) -> None:
@@ -515,7 +527,7 @@ def _pipeline(p: beam.Pipeline, batches: list[list[str]], cfg: IngestConfig, roo
         | "Join" >> beam.CoGroupByKey()
         | "Place" >> beam.FlatMap(_place)
         | "GroupShards" >> beam.GroupByKey()
-        | "Write" >> beam.ParDo(WriteShard(output))
+        | "Write" >> beam.ParDo(WriteShard(output, fp))
     )
     (
         (

@@ -47,6 +47,11 @@ def _files(d):
     }
 
 
+def _shard(d, i=0):
+    """The path of the i-th shard manifest.json lists (names carry the run's fingerprint: manifest.shard_name)."""
+    return os.path.join(d, manifest.read_manifest(d)["shards"][i]["path"])
+
+
 def _reference(mp4, start, length, ref_frame):
     """What the records must hold, computed straight from PyAV and the encoders (no data_pipeline.ingest.media)."""
     with av.open(mp4) as c:
@@ -115,10 +120,7 @@ def test_crash_leftovers_are_never_read_and_are_cleaned(raw, prepared, tmp_path)
     out = str(tmp_path / "crashed")
     shutil.copytree(prepared, out)
     open(os.path.join(out, ".tmp-data-00000-of-00002.array_record.dead"), "wb").write(b"half a shard")
-    shutil.copy(
-        os.path.join(out, "data-00001-of-00002.array_record"),
-        os.path.join(out, "data-00009-of-00010.array_record"),
-    )
+    shutil.copy(_shard(out, 1), os.path.join(out, "data-00009-of-00010.array_record"))
     ds = make_loader(
         os.path.join(out, "*.array_record"),
         global_batch_size=1,
@@ -138,11 +140,11 @@ def test_crash_leftovers_are_never_read_and_are_cleaned(raw, prepared, tmp_path)
 def test_truncated_shard_is_refused_naming_it(prepared, tmp_path):
     out = str(tmp_path / "trunc")
     shutil.copytree(prepared, out)
-    shard = os.path.join(out, "data-00000-of-00002.array_record")
+    shard = _shard(out)
     data = open(shard, "rb").read()
     open(shard, "wb").write(data[: len(data) // 2])
     for verify in ("size", "sha256"):
-        with pytest.raises(ValueError, match="data-00000-of-00002.array_record.*truncated"):
+        with pytest.raises(ValueError, match=r"data-00000-of-00002-[0-9a-f]{8}\.array_record.*truncated"):
             make_loader(out, global_batch_size=1, verify=verify, process_index=0, process_count=1)
 
 
@@ -156,7 +158,7 @@ def test_damaged_local_shard_stops_training_before_any_state_naming_shard_and_re
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = str(tmp_path / "damaged")
     shutil.copytree(prepared, out)
-    shard = os.path.join(out, "data-00000-of-00002.array_record")
+    shard = _shard(out)
     data = bytearray(open(shard, "rb").read())
     mid = len(data) // 2  # inside the second record's chunk, as in the test below
     data[mid : mid + 64] = bytes(64)
@@ -178,13 +180,13 @@ def test_damaged_local_shard_stops_training_before_any_state_naming_shard_and_re
     r = train()
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("DATA ERROR: ") and "truncated" in last and "data-00000-of-00002" in last, last
+    assert last.startswith("DATA ERROR: ") and "truncated" in last and shard in last, last
 
 
 def test_corrupted_record_is_skipped_within_budget_then_named(prepared, tmp_path):
     out = str(tmp_path / "corrupt")
     shutil.copytree(prepared, out)
-    shard = os.path.join(out, "data-00000-of-00002.array_record")
+    shard = _shard(out)
     data = bytearray(open(shard, "rb").read())
     mid = len(data) // 2  # inside the second record's compressed chunk; same size, different bytes
     data[mid : mid + 64] = bytes(64)
@@ -211,7 +213,7 @@ def test_corrupted_record_is_skipped_within_budget_then_named(prepared, tmp_path
         process_index=0,
         process_count=1,
     )
-    with pytest.raises(CorruptRecordError, match=r"data-00000-of-00002.array_record record 1\b"):
+    with pytest.raises(CorruptRecordError, match=r"data-00000-of-00002-[0-9a-f]{8}\.array_record record 1\b"):
         list(iter(strict))
 
 
@@ -221,10 +223,10 @@ def test_tfio_audio_backend_matches_pyav(raw, prepared, tmp_path):
         pytest.skip(f"tensorflow-io backend not available: {why}")
     out = str(tmp_path / "tfio")
     run(raw, out, IngestConfig(clip_seconds=2.0, audio_backend="tfio"), records_per_shard=2, progress=False)
-    for name in ("data-00000-of-00002.array_record", "data-00001-of-00002.array_record"):
+    for i in range(2):
         from array_record.python.array_record_module import ArrayRecordReader
 
-        a, b = ArrayRecordReader(os.path.join(prepared, name)), ArrayRecordReader(os.path.join(out, name))
+        a, b = ArrayRecordReader(_shard(prepared, i)), ArrayRecordReader(_shard(out, i))
         for ra, rb in zip(a.read_all(), b.read_all(), strict=True):
             ta, tb = decode_record(ra)[0], decode_record(rb)[0]
             np.testing.assert_array_equal(ta["video"], tb["video"])
@@ -265,6 +267,35 @@ def test_full_disk_is_one_line_and_leaves_no_temporary_files(raw, tmp_path, monk
     assert "\n" not in msg and str(out) in msg and "No space left on device (ENOSPC)" in msg
     assert e.value.exit_code == 4
     assert sorted(os.listdir(out)) == [] and not any(r.exc_info for r in caplog.records)
+
+
+def test_a_failed_run_leaves_an_earlier_output_whole(raw, prepared, tmp_path, monkeypatch):
+    """An earlier complete output, then a run with other options into the same directory that fails on its
+    second shard (simulated ENOSPC): every file of the earlier output keeps its bytes (it verifies and loads),
+    and the failed run leaves nothing behind. It used to rename its first shard over the earlier output's
+    data-00000-of-00002 (same name, other bytes) before failing, so the old manifest listed a shard it no longer
+    described."""
+    import errno
+
+    from data_pipeline.prepare import OutputWriteError
+
+    earlier = str(tmp_path / "earlier")
+    shutil.copytree(prepared, earlier)
+    real, opened = manifest.ArrayRecordWriter, []
+
+    def second_fails(path, options):
+        opened.append(path)
+        if len(opened) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(path, options)
+
+    monkeypatch.setattr(manifest, "ArrayRecordWriter", second_fails)
+    with pytest.raises(OutputWriteError, match="No space left"):  # 1 s clips: 9 records, 2 shards (5 + 4)
+        run(raw, earlier, IngestConfig(clip_seconds=1.0), records_per_shard=5, progress=False)
+    assert len(opened) == 2
+    assert _files(earlier) == _files(prepared)
+    m = manifest.read_manifest(earlier)
+    assert all(manifest.verify_shard(earlier, s, "sha256") is None for s in m["shards"])
 
 
 def test_an_output_that_cannot_be_a_directory_or_hold_the_manifest_is_one_line(raw, tmp_path, caplog):

@@ -28,8 +28,16 @@ WRITER_OPTIONS = "group_size:1"  # one record per chunk: random access for Grain
 TMP_PREFIX = ".tmp-"
 
 
-def shard_name(index: int, count: int) -> str:
-    return f"data-{index:05d}-of-{count:05d}.array_record"
+RUN_ID_CHARS = 8  # hex digits of the run's fingerprint in its shard names
+
+
+def shard_name(index: int, count: int, fingerprint: str) -> str:
+    """`data-<index>-of-<count>-<run>.array_record`; <run> is the first RUN_ID_CHARS of the run's fingerprint
+    (data_pipeline.prepare.fingerprint: inputs + options), so a run never writes over the shards of an earlier
+    output with other inputs or options: that output stays whole until the new manifest.json replaces it (the
+    commit), and a run that fails leaves it as it was. The same inputs and options give the same names and bytes
+    (a --force rerun, another runner)."""
+    return f"data-{index:05d}-of-{count:05d}-{fingerprint[:RUN_ID_CHARS]}.array_record"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +121,24 @@ def remove_temporary(out_dir: str | epath.Path) -> list[str]:
         if p.name.startswith(TMP_PREFIX):
             p.unlink(missing_ok=True)
             removed.append(p.name)
+    return sorted(removed)
+
+
+def remove_run_shards(out_dir: str | epath.Path, fingerprint: str) -> list[str]:
+    """Delete the shards a failed run of `fingerprint` committed (shard_name) that out_dir's manifest.json does not
+    list (an earlier output of the same run keeps its own); returns their names. Other runs' shards are kept."""
+    d = epath.Path(out_dir)
+    try:
+        keep = {s["path"] for s in read_manifest(d)["shards"]}
+    except (OSError, ValueError, KeyError, TypeError):  # none or unreadable: nothing of this run is listed
+        keep = set()
+    tail = f"-{fingerprint[:RUN_ID_CHARS]}.array_record"
+    removed = []
+    if d.exists():
+        for p in d.iterdir():
+            if p.name.startswith("data-") and p.name.endswith(tail) and p.name not in keep:
+                p.unlink(missing_ok=True)
+                removed.append(p.name)
     return sorted(removed)
 
 

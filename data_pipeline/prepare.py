@@ -25,6 +25,7 @@ import logging
 import math
 import signal
 import sys
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -409,6 +410,7 @@ def run(
     if not force and up_to_date(output, fp):
         print(f"{output}: up to date (same inputs and options); nothing to do. Pass --force to rewrite.")
         return mf.read_manifest(output)
+    _check_writable(output)
     if cfg.audio_backend == "tfio":
         from data_pipeline.ingest import tfio_backend
 
@@ -470,6 +472,18 @@ def run(
     return mf.read_manifest(output)
 
 
+def _check_writable(output: str) -> None:
+    """OutputWriteError (exit 4) unless a file can be created and deleted in `output`: before any decoding, not
+    after all of it (`--output=/proc` was a traceback once the shards were written)."""
+    probe = epath.Path(output) / f"{mf.TMP_PREFIX}probe-{uuid.uuid4().hex}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise OutputWriteError(f"prepare: --output={output}: cannot write in it ({e.strerror or e}); choose another "
+                               "--output (or fix its permissions)") from None
+
+
 def _remove_partial(output: str, fp: str) -> None:
     """After a failed or interrupted run: its temporary files and the shards it committed but no manifest lists
     (nothing reads them, they only take space); an earlier output in `output` is left whole."""
@@ -488,7 +502,8 @@ def _check_curation(cfg: IngestConfig, curate: curate_plan.CurateConfig | None) 
         raise InputError("--crop=face: needs --size=WxH (the crop's size, e.g. 720x1280)")
     w = curate.syncnet_weights if curate is not None else None
     if w and not epath.Path(w).is_file():
-        raise InputError(f"--syncnet-weights={w}: no such file (SyncNet's syncnet_v2.model or a safetensors "
+        what = "a directory, not a file" if epath.Path(w).is_dir() else "no such file"
+        raise InputError(f"--syncnet-weights={w}: {what} (SyncNet's syncnet_v2.model or a safetensors "
                          "file with its keys; docs/eval.md says where to get it)")
     if w and curate is not None and curate.on("sync"):  # a file that is not SyncNet's: refused before decoding
         from data_pipeline.curate import sync

@@ -3,6 +3,7 @@ weight folders made absolute so the manifest can rebuild the encoders from any d
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -112,6 +113,13 @@ def define_flags() -> None:
                        lower_bound=0.0)
     flags.DEFINE_float("min_change", 0.25, "motion: smallest mean frame change (0-255) kept (near-static below).",
                        lower_bound=0.0, upper_bound=255.0)
+    for name in ("min_seconds", "cut_threshold", "min_face", "min_visible", "min_confidence", "max_pan",
+                 "min_change"):  # absl's bounds let nan (and, unbounded, inf) through: the manifest got NaN
+        flags.register_validator(name, _finite, message="must be a finite number")
+
+
+def _finite(value: float | None) -> bool:
+    return value is None or math.isfinite(value)
 
 
 def _weights_flag(flag: str, encoder: str) -> str:
@@ -178,7 +186,7 @@ def check_beam_runner(name: str) -> None:
 
     try:
         create_runner(name)
-    except ValueError:
+    except (ValueError, ImportError, AttributeError, TypeError):  # unknown name, module, class, or not a runner
         raise InputError(f"--runner={name}: no such runner; use local, dask, or a Beam runner's name as Beam spells "
                          "it (DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, PortableRunner) or the dotted "
                          "path of a PipelineRunner subclass") from None

@@ -183,6 +183,9 @@ def test_prepare_user_error_is_one_line_exit_2_and_a_bug_keeps_its_traceback(tmp
     ("dask", False, "garbage", "--dask-address=garbage: not a Dask scheduler address (missing port number"),
     ("dask", False, "http://h:22", "--dask-address=http://h:22: not a Dask scheduler address (unknown address scheme"),
     ("Dask", False, None, "--runner=Dask: no such runner; use local, dask, or a Beam runner's name"),
+    # a dotted path Beam imports: no such module (ModuleNotFoundError) or not a runner (TypeError) were tracebacks
+    ("foo.bar.Baz", False, None, "--runner=foo.bar.Baz: no such runner"),
+    ("os.path.join", False, None, "--runner=os.path.join: no such runner"),
 ])
 def test_prepare_refuses_dask_flags_its_runner_would_ignore(runner, workers_given, address, flag):
     from data_pipeline.prepare_flags import check_runner_flags
@@ -240,6 +243,10 @@ def test_prepare_refuses_an_impossible_curation_threshold_before_any_work(tmp_pa
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert r.stderr.strip().splitlines()[-1].endswith("--min_visible=2: 2.0 is not a number in the range [0.0, 1.0]")
     assert not (tmp_path / "out").exists()
+    r = _cli("data_pipeline.prepare", f"--input={tmp_path}/raw", f"--output={tmp_path}/out", "--curate",
+             "--min-confidence=nan")  # no bounds of its own, and nan passes absl's: the manifest got NaN
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].endswith("--min_confidence=nan: must be a finite number")
     r = _cli("data_pipeline.prepare", f"--input={tmp_path}/raw", f"--output={tmp_path}/out",
              f"--syncnet-weights={tmp_path}/w.model")  # no --curate: it used to be ignored, exit 0
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]

@@ -106,6 +106,26 @@ def test_faces_keep_one_speaker_and_drop_the_rest_with_reasons(curated):
     assert m["curation"]["stages"]["sync"] == "off: no --syncnet-weights"
 
 
+def test_a_face_gone_longer_than_the_tracker_bridges_comes_and_goes_not_no_face():
+    """A 50-frame clip whose one face is seen in frames 0-9 and 40-49 (gone for 30 > the 25 frames faces.link
+    bridges: two tracks, each in 2 of 10 sampled frames, neither 'present'). It was dropped as `no face` even with
+    --min-visible=0; it is one face that comes and goes (4 of 10 sampled frames). A lone false detection in
+    face-free b-roll stays `no face`."""
+    from data_pipeline.curate import speaker
+    from data_pipeline.curate.plan import Clip
+
+    box = np.array([[40.0, 20.0, 100.0, 80.0, 12.0]])
+    dets = {k: box if k < 10 or k >= 40 else np.zeros((0, 5)) for k in range(0, 50, 5)}
+    found = speaker.tracks(dets, [(0, 50)], every=5)
+    assert len(found) == 2
+    for cfg in (CurateConfig(), CurateConfig(min_visible=0.0)):
+        why = speaker.judge(Clip(0, 50, None), found, 5, 180, cfg)
+        assert why == "face visible in 4 of 10 sampled frames, in 2 pieces more than 25 frames apart: it comes and goes"
+    stray = {k: box if k == 20 else np.zeros((0, 5)) for k in range(0, 50, 5)}
+    stray_tracks = speaker.tracks(stray, [(0, 50)], every=5)
+    assert speaker.judge(Clip(0, 50, None), stray_tracks, 5, 180, CurateConfig()) == "no face"
+
+
 def test_a_false_face_on_the_speaker_is_not_a_second_person(footage, tmp_path):
     """Truth by construction: astronaut.png whole is one person (kept), the two-shot is two (dropped). The Haar
     cascade also fires on her suit at this scale, in most sampled frames: counted as a face (other_support=0,
@@ -234,6 +254,8 @@ def test_missing_syncnet_weights_stop_prepare_before_decoding(footage, tmp_path)
         run(footage[0], str(tmp_path / "o"), CFG, progress=False,
             curate=CurateConfig(syncnet_weights="/nope/w.model"))
     assert not (tmp_path / "o").exists()
+    with pytest.raises(InputError, match=r"^--syncnet-weights=.*: a directory, not a file"):  # was 'no such file'
+        run(footage[0], str(tmp_path / "o"), CFG, progress=False, curate=CurateConfig(syncnet_weights=str(tmp_path)))
     r = subprocess.run([sys.executable, "-m", "data_pipeline.prepare", f"--input={footage[0]}",
                         f"--output={tmp_path}/o", "--curate", "--syncnet-weights=/nope/w.model"],
                        capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120)

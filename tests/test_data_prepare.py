@@ -299,7 +299,8 @@ def test_a_failed_run_leaves_an_earlier_output_whole(raw, prepared, tmp_path, mo
 
 
 def test_an_output_that_cannot_be_a_directory_or_hold_the_manifest_is_one_line(raw, tmp_path, caplog):
-    """--output under a regular file (ENOTDIR at mkdir) and an output whose manifest.json is a directory (a
+    """--output under a regular file (ENOTDIR at mkdir), /proc (it exists, but a file cannot be created in it:
+    a traceback after all the work) and an output whose manifest.json is a directory (a
     rename onto it fails in the Manifest step): OutputWriteError naming the output (exit 4), no traceback
     logged, no temporary file; they were a NotADirectoryError / IsADirectoryError traceback and exit 1."""
     from data_pipeline.prepare import OutputWriteError
@@ -307,6 +308,9 @@ def test_an_output_that_cannot_be_a_directory_or_hold_the_manifest_is_one_line(r
     (tmp_path / "afile").write_text("x")
     with pytest.raises(OutputWriteError, match=r"^prepare: --output=.*afile/out: cannot create it \(Not a directory"):
         run(raw, str(tmp_path / "afile" / "out"), CFG, records_per_shard=2, progress=False)
+    if os.path.isdir("/proc/self"):  # a directory that exists but takes no files: refused before any decoding
+        with pytest.raises(OutputWriteError, match=r"^prepare: --output=/proc: cannot write in it \("):
+            run(raw, "/proc", CFG, records_per_shard=2, progress=False)
     out = tmp_path / "o"
     (out / "manifest.json").mkdir(parents=True)
     with pytest.raises(OutputWriteError) as e:
@@ -335,7 +339,8 @@ def test_prepare_without_clips_writes_no_manifest(raw, prepared, tmp_path):
 def test_listing_skips_hidden_files_and_enters_a_symlinked_loop_once(tmp_path):
     """What os.walk(followlinks=False) and `find -L` agree on, built on disk: a directory with a hidden
     resource fork (`._a.mp4`), a subdirectory, and a symlink back to the root (`sub/loop -> ..`), which made the
-    walk descend until ELOOP (a traceback)."""
+    walk descend until ELOOP (a traceback); a symlink to a listed file (it was prepared twice). The same tree
+    through a `**` glob."""
     from data_pipeline.ingest.per_source import list_sources
 
     (tmp_path / "a.mp4").write_bytes(b"")
@@ -343,5 +348,13 @@ def test_listing_skips_hidden_files_and_enters_a_symlinked_loop_once(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.MOV").write_bytes(b"")
     (tmp_path / "sub" / "loop").symlink_to("..")
-    want = sorted(os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs if not f.startswith("."))
+    (tmp_path / "sub" / "same.mp4").symlink_to("../a.mp4")  # the same footage again: listed once
+    want = sorted(os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs
+                  if not f.startswith(".") and f != "same.mp4")
     assert list_sources(str(tmp_path)) == want == [str(tmp_path / "a.mp4"), str(tmp_path / "sub" / "b.MOV")]
+    # a glob's `**` (epath refused it with NotImplementedError): any depth, hidden entries skipped as above
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / ".cache" / "c.mp4").write_bytes(b"")
+    deep = [f for f in want if f.endswith(".MOV")]
+    assert list_sources(str(tmp_path / "**" / "*.MOV")) == deep
+    assert list_sources(str(tmp_path / "**")) == want

@@ -6,7 +6,9 @@ then per clip:
 
 - a track is *present* when seen in >= `other_visible` of the clip's sampled frames (a lone false detection
   is not a second person);
-- no present track: dropped (`no face`); two or more: dropped (`N faces`, a two-shot or split screen), where
+- no present track: dropped (`no face`), or, when the clip's detections together are seen in >= `other_visible`
+  of its sampled frames, as a face that comes and goes (`face visible in i of n sampled frames, in k pieces`:
+  gone for longer than the tracker bridges); two or more: dropped (`N faces`, a two-shot or split screen), where
   a track other than the speaker's (the one seen most) counts only if its median support (faces.detect_scored:
   the cascade's neighbour count per scale step) is >= `other_support` (0.4) of the speaker's: the cascade's
   false faces (the astronaut's suit at some scales) are supported 5-10x less than any real face measured, a
@@ -73,6 +75,11 @@ def judge(clip: Clip, found: list[np.ndarray], every: int, height: int, cfg: Cur
         if len(inside) and len(inside) >= cfg.other_visible * n:
             seen.append(inside)
     if not seen:
+        pieces = [int(((t[:, 0] >= clip.start) & (t[:, 0] < clip.stop)).sum()) for t in found]
+        pieces = [i for i in pieces if i]
+        if sum(pieces) and sum(pieces) >= cfg.other_visible * n:  # one face, in pieces the tracker cannot bridge
+            return (f"face visible in {sum(pieces)} of {n} sampled frames, in {len(pieces)} pieces more than "
+                    f"{faces.MAX_GAP} frames apart: it comes and goes")
         return "no face"
     # the speaker: the track seen most often (then the best supported); another present track is a second
     # person only if the cascade supports it at least `other_support` as strongly (its false faces on clothes

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -24,6 +25,8 @@ from data_pipeline.dataset import records
 from data_pipeline.ingest import clips, filters, geometry, media, sources
 from data_pipeline.ingest.isolation import StageError, stage
 from mirage_base import storage
+
+log = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
 
@@ -70,10 +73,48 @@ class IngestConfig:
         return d
 
 
+def _glob(pattern: str) -> list[str]:
+    """The files matching `pattern` (local or gs://) by fsspec's glob: `*`, `?` and `[...]` within one path
+    component, `**` any number of directories (epath refuses `**`; gcsfs lists the prefix in one paginated call).
+    Matches with a hidden component below the pattern's fixed prefix (`.cache/`, `._clip.mp4`) are skipped, as in
+    the directory walk; symlinked directories are not followed (give the directory itself to follow them)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(pattern)
+    first_wildcard = min(i for i in (path.find(ch) for ch in "*?[") if i >= 0)
+    fixed = path[:first_wildcard].rpartition("/")[0]  # the directory every match is under
+    out = []
+    for p, info in fs.glob(path, detail=True).items():
+        if info.get("type") != "file" or any(c.startswith(".") for c in p[len(fixed):].split("/")):
+            continue
+        if storage.is_remote(pattern):
+            out.append(fs.unstrip_protocol(p))
+        else:  # as the user wrote it: a relative pattern gives relative paths
+            out.append(p if os.path.isabs(pattern) else os.path.relpath(p))
+    return out
+
+
+def _distinct(files: list[str]) -> list[str]:
+    """`files` less the local ones that are the same file as an earlier one (a symlink to it, or a path through a
+    symlinked directory): each would be prepared again under another clip id, twice the same footage."""
+    seen: dict[str, str] = {}
+    out = []
+    for f in files:
+        key = f if storage.is_remote(f) else os.path.realpath(f)
+        if key in seen:
+            log.warning("skipping source %s: the same file as %s (a symlink)", f, seen[key])
+            continue
+        seen[key] = f
+        out.append(f)
+    return out
+
+
 def list_sources(pattern_or_dir: str) -> list[str]:
-    """Video files under a directory (recursively) or matching a glob, sorted. The walk skips hidden entries
-    (names starting with '.', e.g. macOS's `._clip.mp4` resource forks) and enters each directory once (a
-    symlink back to an ancestor, `sub/loop -> ..`, is not followed again: it raised ELOOP)."""
+    """Video files under a directory (recursively) or matching a glob (`_glob`: `**` for any depth), sorted. The
+    walk skips hidden entries (names starting with '.', e.g. macOS's `._clip.mp4` resource forks) and enters each
+    directory once (a symlink back to an ancestor, `sub/loop -> ..`, is not followed again: it raised ELOOP).
+
+    Raises FileNotFoundError (naming --input) when nothing is found."""
     p = epath.Path(pattern_or_dir)
     if p.is_dir():
         found, todo, entered = [], [p], set()
@@ -91,15 +132,12 @@ def list_sources(pattern_or_dir: str) -> list[str]:
                 elif q.suffix.lower() in VIDEO_EXTENSIONS:
                     found.append(q)
     elif any(ch in pattern_or_dir for ch in "*?["):
-        root, _, pat = pattern_or_dir.partition("*")
-        base = epath.Path(root) if root.endswith("/") else epath.Path(root).parent
-        rel = pattern_or_dir[len(os.fspath(base)) + 1 :] if root else pattern_or_dir
-        found = list(base.glob(rel))
+        found = _glob(pattern_or_dir)
     elif p.exists():
         found = [p]
     else:
         found = []
-    files = sorted({os.fspath(q) for q in found})
+    files = _distinct(sorted({os.fspath(q) for q in found}))
     if not files:
         raise FileNotFoundError(
             f"--input={pattern_or_dir}: no video files ({', '.join(VIDEO_EXTENSIONS)}) found"

@@ -98,6 +98,11 @@ def test_kill9_during_async_save_to_gcs_restores_previous(gcs_run):
 def test_prepare_train_resume_on_gcs_equals_local_disk(gcs_run, cache):
     fs, tmp = _fs(), gcs_run["tmp"]
     assert fs.exists(f"{BUCKET}/data/manifest.json")
+    from data_pipeline.ingest.per_source import list_sources  # a gs:// glob, '**' included (gcsfs under fsspec)
+
+    listed = list_sources(f"gs://{BUCKET}/raw")
+    assert len(listed) == 2 and list_sources(f"gs://{BUCKET}/raw/**/*.mp4") == listed
+    assert list_sources(f"gs://{BUCKET}/raw/clip_0000[0-9].mp4") == listed
     rows = [json.loads(x) for x in fs.cat(f"{BUCKET}/run/metrics.jsonl").decode().splitlines()]
     steps = [r["step"] for r in rows if "loss" in r]
     assert steps[:4] == [1, 2, 3, 4] and steps[-1] == 5  # the rerun appended (repeating 3..4 if resumed at 2)

@@ -51,7 +51,7 @@ from data_pipeline.ingest.per_source import (
     list_sources,
 )
 from data_pipeline.prepare_flags import FLAGS, check_runner_flags, config_from_flags, curate_from_flags
-from mirage_base.errors import ExitCode, InputError, Interrupted, MirageError, in_chain
+from mirage_base.errors import ExitCode, InputError, Interrupted, MirageError, Terminated, in_chain
 from mirage_base.storage import check_storage
 
 log = logging.getLogger(__name__)
@@ -618,10 +618,27 @@ def main(argv: Sequence[str]) -> None:
     try:
         _main(argv)
     except KeyboardInterrupt:
-        raise Interrupted(
-            f"interrupted (Ctrl-C): the run (and any Dask cluster it started) stopped and its temporary files "
+        what, error = ("stopped by SIGTERM", Terminated) if _SIGTERM else ("interrupted (Ctrl-C)", Interrupted)
+        raise error(
+            f"{what}: the run (and any Dask cluster it started) stopped and its temporary files "
             f"were removed; no new manifest.json was written to {FLAGS.output}; rerun the same command"
         ) from None
+
+
+_SIGTERM: list[int] = []
+
+
+def stop_on_sigterm() -> None:
+    """The CLI's SIGTERM handler (a batch scheduler's stop): recorded, then handled as a Ctrl-C (SIGINT raised
+    in this process), so the engine stops its Dask cluster and the run removes its temporary files the same way;
+    `main` says which signal it was (exit 143). Without it SIGTERM killed prepare outright: the workers were
+    left to die with their parent and multiprocessing warned of leaked semaphores."""
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        _SIGTERM.append(signum)
+        signal.raise_signal(signal.SIGINT)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def _main(argv: Sequence[str]) -> None:
@@ -693,5 +710,7 @@ if __name__ == "__main__":
         # the output is complete (manifest.json written last): a Ctrl-C from here on (the interpreter's exit, Dask's
         # atexit cluster shutdown) has nothing left to stop, and would print a KeyboardInterrupt traceback there
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
+    _prepare.stop_on_sigterm()
     cli.run(main_then_done, "prepare", also={FileNotFoundError: (ExitCode.REFUSED, "")}, hard_exit=(Interrupted,))

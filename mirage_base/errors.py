@@ -26,6 +26,7 @@ class ExitCode(enum.IntEnum):
     SAVE_FAILED = 4
     WORKDIR_IN_USE = 5
     INTERRUPTED = 130  # 128 + SIGINT's number, as a shell reports a process Ctrl-C stopped
+    TERMINATED = 143  # 128 + SIGTERM's number: a scheduler's stop, in a tool without a save-and-exit (prepare)
 
 
 EXIT_MEANINGS: dict[ExitCode, str] = {
@@ -40,6 +41,9 @@ EXIT_MEANINGS: dict[ExitCode, str] = {
                              "input; retry once that owner has stopped or its lease expired, or use --takeover",
     ExitCode.INTERRUPTED: "stopped by Ctrl-C (SIGINT) before it finished: nothing half-written is left (no "
                           "manifest names a partial output); rerun the same command",
+    ExitCode.TERMINATED: "prepare stopped by SIGTERM (a scheduler's or `kill`'s stop) before it finished: as for "
+                         "Ctrl-C, its Dask cluster is stopped and nothing half-written is left; rerun the same "
+                         "command (train saves and exits 0 instead)",
 }
 
 
@@ -83,6 +87,12 @@ class Interrupted(MirageError):
     left (exit 130)."""
 
     exit_code = ExitCode.INTERRUPTED
+
+
+class Terminated(Interrupted):
+    """SIGTERM stopped prepare (a batch scheduler's stop, `kill`, `timeout`): handled as Ctrl-C (exit 143)."""
+
+    exit_code = ExitCode.TERMINATED
 
 
 class WorkdirInUseError(MirageError):

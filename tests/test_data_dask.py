@@ -252,11 +252,17 @@ def _prepare_cli(src: str, out: str, *extra: str, **kw) -> subprocess.Popen:
                             stdout=subprocess.PIPE, **kw)
 
 
-def test_ctrl_c_on_the_cli_is_one_line_exit_130_and_quiet(src, tmp_path):
+@pytest.mark.parametrize("sig, group, code, line", [
+    (signal.SIGINT, True, 130, "prepare: interrupted (Ctrl-C): the run (and any Dask cluster it started) stopped"),
+    # a batch scheduler's stop (or `kill`, `timeout`) to prepare alone: it killed prepare outright (-15) and
+    # multiprocessing warned of leaked semaphores
+    (signal.SIGTERM, False, 143, "prepare: stopped by SIGTERM: the run (and any Dask cluster it started) stopped"),
+])
+def test_ctrl_c_on_the_cli_is_one_line_exit_130_and_quiet(src, tmp_path, sig, group, code, line):
     """A terminal's Ctrl-C (SIGINT to the whole process group: prepare and its 2 Dask worker processes) while the
     pipeline runs: one line naming what happened, exit 130 (mirage_base.errors.ExitCode.INTERRUPTED), no
     traceback from any process, no manifest or temporary file, no process left; and before it, none of Beam's
-    or Dask's INFO lines (prepare's own line says where it runs)."""
+    or Dask's INFO lines (prepare's own line says where it runs). SIGTERM to prepare alone: the same, exit 143."""
     out, err_path = tmp_path / "out", tmp_path / "stderr"
     with open(err_path, "w") as err:
         p = _prepare_cli(src, str(out), "--workers=2", stderr=err, start_new_session=True)  # its own group
@@ -265,13 +271,13 @@ def test_ctrl_c_on_the_cli_is_one_line_exit_130_and_quiet(src, tmp_path):
         assert p.poll() is None, err_path.read_text()
         time.sleep(0.05)
     time.sleep(0.5)  # the pipeline is running on the workers
-    os.killpg(p.pid, signal.SIGINT)  # what the terminal does
+    (os.killpg if group else os.kill)(p.pid, sig)  # a terminal's Ctrl-C goes to the whole group
     rc = p.wait(timeout=60)
     err = err_path.read_text()
-    assert rc == 130, err
-    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert rc == code, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err and "leaked semaphore" not in err, err
     lines = err.strip().splitlines()
-    assert lines[-1].startswith("prepare: interrupted (Ctrl-C): the run (and any Dask cluster it started) stopped")
+    assert lines[-1].startswith(line)
     assert [x for x in lines if re.match(r"(I\d{4} |INFO:)", x) and "prepare.py" not in x] == [], err
     assert manifest.MANIFEST not in os.listdir(out) and not [n for n in os.listdir(out) if n.startswith(".tmp")]
     time.sleep(1)

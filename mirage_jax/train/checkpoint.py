@@ -171,6 +171,21 @@ class StateRestore(ocp.args.StandardRestore):
     """StandardRestore for `StateHandler`."""
 
 
+class _UnretrievedSaveTasks(logging.Filter):
+    """Drops asyncio's 'Task exception was never retrieved' for Orbax's own write tasks. When a background save
+    fails (a full disk), every write fragment's task fails; Orbax raises the first and leaves the rest
+    unretrieved, and asyncio logs each with its traceback when the task is collected: in the finalize thread, at
+    a moment of its own (sometimes before the main thread has seen the failure at all). The failure itself reaches
+    the user as one line from `CheckpointStore.save_error` / `wait` (CHECKPOINT SAVE FAILED, exit 4)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (msg.startswith("Task exception was never retrieved") and "orbax/checkpoint" in msg)
+
+
+logging.getLogger("asyncio").addFilter(_UnretrievedSaveTasks())
+
+
 class CheckpointStore:
     """The workdir's checkpoints (WORKDIR/checkpoints/<step>/{state,data,config,meta}).
 
@@ -304,7 +319,7 @@ class CheckpointStore:
         return None
 
     def _save_error(self, e: BaseException, step: int | None) -> CheckpointSaveError:
-        logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # the same error again per unretrieved future
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # asyncio's other reports as the loops close
         self._failed = True
         os_error = _find_cause(e, OSError)
         m = _TS_WRITE_ERROR.search(str(e))

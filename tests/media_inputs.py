@@ -47,14 +47,16 @@ def write(
     default_video: int = 0,
     extra_audio: np.ndarray | None = None,
     fmt: str | None = None,
+    container_options: dict[str, str] | None = None,
 ) -> str:
     """Write `frames` (uint8 [N, H, W, 3]) and optional audio ([samples] or [channels, samples]).
 
     `pts` in `time_base` units give a variable frame rate; `extra_video`/`extra_audio` add a second stream of
-    each kind (`default_video` picks which video stream carries the default disposition).
+    each kind (`default_video` picks which video stream carries the default disposition); `container_options`
+    go to the muxer (e.g. {"movflags": "faststart"}: the mp4 index before the media).
     """
     opts = {"qp": "0", "threads": "1", **(options or {})} if codec == "libx264" else dict(options or {})
-    with av.open(path, "w", format=fmt) as c:
+    with av.open(path, "w", format=fmt, options=container_options or {}) as c:
         vids = []
         for k, fr in enumerate([frames] if extra_video is None else [frames, extra_video]):
             vs = c.add_stream(codec, rate=rate, options=opts)

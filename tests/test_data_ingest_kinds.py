@@ -251,11 +251,16 @@ def test_mixed_bag_bad_sources_named_good_ones_kept(tmp_path):
     )
     mi.write(str(src / "silent.mp4"), mi.coded_frames(n), audio=np.zeros(6400, np.float32))
     (src / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video")
+    # a download cut short, its index (faststart) up front: what could be read is kept, with a note
+    whole = mi.write(str(tmp_path / "whole.mp4"), mi.coded_frames(4 * n), container_options={"movflags": "faststart"})
+    data = open(whole, "rb").read()
+    (src / "cut_short.mp4").write_bytes(data[: len(data) * 9 // 10])  # ~29 of 40 frames readable
     m, recs = _prepare(str(src), str(tmp_path / "out"))
     failed = dict(line.split(": ", 1) for line in m["sources"]["failed"])
     assert set(failed) == {str(src / "broken.mp4")} and "PyAV cannot read it" in failed[str(src / "broken.mp4")]
     kept = {os.path.basename(meta["source"]): t for t, meta in recs}
-    assert sorted(kept) == ["good.mp4", "interlaced.mp4", "negative.mp4", "silent.mp4", "streams.mkv", "tenbit.mp4"]
+    assert sorted(kept) == ["cut_short.mp4", "good.mp4", "interlaced.mp4", "negative.mp4", "silent.mp4",
+                            "streams.mkv", "tenbit.mp4"]
     for name, first in (("good.mp4", 0), ("streams.mkv", 0), ("negative.mp4", 5)):
         idx = [mi.frame_index(f) for f in _pixels(kept[name])]
         assert idx == list(range(first, first + n)), (name, idx)  # negative: frames before t=0 are not shown
@@ -271,13 +276,18 @@ def test_mixed_bag_bad_sources_named_good_ones_kept(tmp_path):
     assert f"{src / 'streams.mkv'}: 2 video streams: using stream #1 (the default stream)" in notes
     assert f"{src / 'streams.mkv'}: 2 audio streams: using stream #2" in notes
     assert f"{src / 'silent.mp4'}: 1 clip(s) have silent audio" in notes and "good.mp4: 1 clip(s)" not in notes
-    assert (m["stats"]["warned:silent_audio"], m["stats"]["failed_sources"], m["stats"]["sources"]) == (1, 1, 7)
+    # silent audio: silent.mp4's clip and cut_short.mp4's two (no audio stream: its audio is silence)
+    assert (m["stats"]["warned:silent_audio"], m["stats"]["failed_sources"], m["stats"]["sources"]) == (3, 1, 8)
+    early = [x for x in m["sources"]["notes"] if "the file ends early" in x]  # it used to pass in silence
+    assert len(early) == 1, early
+    assert early[0].startswith(f"{src / 'cut_short.mp4'}: the file ends early: its index "
+                                                   f"lists {4 * n} video frames, ")
     text = summary(m, "out")
     assert "FAILED " + str(src / "broken.mp4") in text and "note: " + str(src / "silent.mp4") in text
     assert f"{src / 'interlaced.mp4'}: interlaced: each frame keeps its top field" in notes
     # with the silence filter on, the silent clip is dropped, not warned about
     m2, _ = _prepare(str(src), str(tmp_path / "out2"), IngestConfig(clip_seconds=0.4, filters=("silence",)))
-    assert m2["stats"]["dropped:filter:silence"] == 1 and "warned:silent_audio" not in m2["stats"]
+    assert m2["stats"]["dropped:filter:silence"] == 3 and "warned:silent_audio" not in m2["stats"]
 
 
 # ---- what already worked stays tested: frame timing and audio resampling ------------------------------

@@ -223,10 +223,11 @@ def probe(path: str) -> VideoInfo:
     try:
         with _open(path) as c:
             vs, aus, notes = _streams(path, c)
-            first, pts_list = None, []
+            first, pts_list, read = None, [], 0
             for p in c.demux(vs):
                 if first is None:
                     first = next(iter(p.decode()), None)
+                read += p.size > 0
                 if p.pts is not None and p.size > 0 and not p.is_discard:
                     pts_list.append(p.pts)
             if first is None:  # frames held back by the decoder
@@ -247,6 +248,9 @@ def probe(path: str) -> VideoInfo:
             notes = list(hd.notes)
             if times[0] < 0:
                 notes.append(f"timestamps start at {times[0]:.3f} s: the clock starts at the first video frame")
+            if vs.frames and read < vs.frames:  # e.g. a copy cut short with its index (mp4 faststart) up front
+                notes.append(f"the file ends early: its index lists {vs.frames} video frames, {read} could be read "
+                             f"({duration:.2f} s used); a truncated copy? fetch it again")
             return VideoInfo(
                 path, hd.width, hd.height, times - times[0], float(times[0]), n, hd.audio_index is not None,
                 hd.rotation, hd.mirror, pts, hd.video_index, hd.audio_index, hd.pix_fmt, tuple(notes),

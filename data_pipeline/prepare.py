@@ -409,7 +409,9 @@ def run(
                                "--output (or fix its parent's permissions)") from None
     if not force and up_to_date(output, fp):
         print(f"{output}: up to date (same inputs and options); nothing to do. Pass --force to rewrite.")
-        return mf.read_manifest(output)
+        m = mf.read_manifest(output)
+        _remove_stale_reports(output, m.get("curation") is not None)
+        return m
     _check_writable(output)
     if cfg.audio_backend == "tfio":
         from data_pipeline.ingest import tfio_backend
@@ -470,6 +472,17 @@ def run(
             "--clip-seconds/--min-seconds, the filters and the encoders; no shards or manifest were written"
         )
     return mf.read_manifest(output)
+
+
+def _remove_stale_reports(output: str, curated: bool) -> None:
+    """Delete the curation report files manifest.json does not describe (curate.report.stale_names): after a
+    complete run, and when a rerun finds the output up to date (a later run that kept no clip left its
+    `*-no-clips.*` report). Best effort on an up-to-date output that cannot be written to."""
+    for name in curate_report.stale_names(curated):
+        try:
+            (epath.Path(output) / name).unlink(missing_ok=True)
+        except OSError as e:
+            log.warning("prepare: could not remove the stale report %s/%s: %s", output, name, e)
 
 
 def _check_writable(output: str) -> None:
@@ -605,8 +618,7 @@ def _finish(
         mf.atomic_write_bytes(epath.Path(output) / EMPTY_RESULT, json.dumps(m).encode())
         return
     mf.write_manifest(output, m)
-    for name in curate_report.stale_names(curate is not None):  # reports the new manifest does not describe
-        (epath.Path(output) / name).unlink(missing_ok=True)
+    _remove_stale_reports(output, curate is not None)
     removed = mf.clean_stale(output, {s["path"] for s in m["shards"]})
     if removed:
         log.info("removed stale files from %s: %s", output, removed)

@@ -319,8 +319,9 @@ def test_sync_stage_scores_shifts_and_names_a_source_without_audio(footage, tmp_
 
 def test_curation_that_keeps_nothing_says_where_to_look_and_keeps_an_earlier_output(footage, tmp_path):
     """A curated run that keeps no clip writes its report under the no-clips names and leaves an earlier complete
-    output (manifest, shards, report) byte for byte as it was; a later plain run into the same directory removes
-    every curation report its manifest does not describe."""
+    output (manifest, shards, report) byte for byte as it was; rerunning the first (up to date) removes the
+    no-clips report (it stayed); a later plain run into the same directory removes every curation report its
+    manifest does not describe."""
     from data_pipeline.curate.report import NO_CLIPS_NAMES
     from data_pipeline.prepare import NoClipsError
 
@@ -336,6 +337,8 @@ def test_curation_that_keeps_nothing_says_where_to_look_and_keeps_an_earlier_out
     assert set(after) == set(before) | set(NO_CLIPS_NAMES.values())
     assert {n: after[n] for n in before} == before  # the earlier output, report included, is untouched
     assert b"no face" in after[NO_CLIPS_NAMES["curation_clips.jsonl"]]
+    run(speaker, str(out), CFG, progress=False, curate=CURATE)  # the first run's again: up to date, and the
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no-clips report it does not describe goes
     m = run(speaker, str(out), IngestConfig(clip_seconds=1.0, size=SIZE), progress=False)
     assert "curation" not in m
     assert not {"curation.png", "curation_clips.jsonl", *NO_CLIPS_NAMES.values()} & set(os.listdir(out))

@@ -298,6 +298,30 @@ def test_a_failed_run_leaves_an_earlier_output_whole(raw, prepared, tmp_path, mo
     assert all(manifest.verify_shard(earlier, s, "sha256") is None for s in m["shards"])
 
 
+def test_a_real_file_size_limit_is_one_line_exit_4(raw, prepared, tmp_path):
+    """The storage's own refusal, not a simulated one: `ulimit -f` (RLIMIT_FSIZE) below one shard's size makes
+    ArrayRecord's C++ writer fail with RuntimeError("write() failed: File too large") and no errno; it was three
+    tracebacks and exit 1. Now one line naming the output and EFBIG, exit 4; an earlier output stays whole."""
+    import resource
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "limited"
+    shutil.copytree(prepared, out)
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    r = subprocess.run([sys.executable, "-m", "data_pipeline.prepare", f"--input={raw}", f"--output={out}",
+                        "--clip-seconds=1"], cwd=root, env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root},
+                       capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    assert r.returncode == 4 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: prepare: writing {out} failed: File too large (EFBIG"), last
+    assert _files(out) == _files(prepared)
+
+
 def test_an_output_that_cannot_be_a_directory_or_hold_the_manifest_is_one_line(raw, tmp_path, caplog):
     """--output under a regular file (ENOTDIR at mkdir), /proc (it exists, but a file cannot be created in it:
     a traceback after all the work) and an output whose manifest.json is a directory (a

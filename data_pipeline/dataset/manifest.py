@@ -9,6 +9,7 @@ shards without a manifest entry, which nothing reads and the next run replaces.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -78,6 +79,18 @@ def atomic_write_bytes(dst: epath.Path, data: bytes) -> None:
     tmp.replace(dst)
 
 
+def _os_error(e: RuntimeError, path: epath.Path) -> BaseException:
+    """ArrayRecord's C++ writer reports a failed write as RuntimeError("write() failed: File too large; ...") with
+    no errno: the OSError whose strerror its message names (ENOSPC, EFBIG, EDQUOT, ...), so callers see the
+    storage's refusal as such; `e` itself when the message names none."""
+    msg = str(e)
+    for code in sorted(errno.errorcode):
+        text = os.strerror(code)
+        if text and not text.startswith("Unknown error") and f"failed: {text}" in msg:
+            return OSError(code, text, os.fspath(path))
+    return e
+
+
 def write_shard(records: list[bytes], out_dir: str, name: str) -> ShardInfo:
     """Write `records` in order as ArrayRecord shard `out_dir/name`; returns its size and sha256."""
     out = epath.Path(out_dir)
@@ -85,12 +98,15 @@ def write_shard(records: list[bytes], out_dir: str, name: str) -> ShardInfo:
     tmp = local_dir / f"{TMP_PREFIX}{name}.{uuid.uuid4().hex}"
     remote_tmp = out / f"{TMP_PREFIX}{name}.{uuid.uuid4().hex}"
     try:
-        writer = ArrayRecordWriter(os.fspath(tmp), WRITER_OPTIONS)
         try:
-            for r in records:
-                writer.write(r)
-        finally:
-            writer.close()
+            writer = ArrayRecordWriter(os.fspath(tmp), WRITER_OPTIONS)
+            try:
+                for r in records:
+                    writer.write(r)
+            finally:
+                writer.close()
+        except RuntimeError as e:
+            raise _os_error(e, tmp) from e
         info = ShardInfo(name, len(records), tmp.stat().length, _sha256_file(tmp))
         if local_dir == out:
             tmp.replace(out / name)

@@ -442,12 +442,17 @@ def run(
                 bar.close()
                 _PROGRESS.pop("bar", None)
     except KeyboardInterrupt:  # Ctrl-C: the engine has stopped (its cluster too); main() says it in one line
+        if (done := _committed(output, fp)) is not None:
+            return done
         _remove_partial(output, fp)
         raise
     except Exception as e:
-        _remove_partial(output, fp)
         if _interrupted(e):  # a Ctrl-C inside a DoFn, which the local runner re-raises as a RuntimeError
+            if (done := _committed(output, fp)) is not None:
+                return done
+            _remove_partial(output, fp)
             raise KeyboardInterrupt from None
+        _remove_partial(output, fp)
         cause = _write_cause(e)
         if cause is None:
             raise
@@ -472,6 +477,20 @@ def run(
             "--clip-seconds/--min-seconds, the filters and the encoders; no shards or manifest were written"
         )
     return mf.read_manifest(output)
+
+
+def _committed(output: str, fp: str) -> dict[str, Any] | None:
+    """After a Ctrl-C / SIGTERM: this run's manifest, if the run had already committed it (the Manifest step ran
+    on a worker just before the signal reached the launcher), with what the step had not yet tidied removed; None
+    if it had not. A signal that late stops nothing: the output is complete (it was reported as interrupted, with
+    'no new manifest.json was written', though the earlier output had been replaced)."""
+    if not up_to_date(output, fp):
+        return None
+    m = mf.read_manifest(output)
+    mf.clean_stale(output, {s["path"] for s in m["shards"]})
+    _remove_stale_reports(output, m.get("curation") is not None)
+    log.warning("prepare: stopped after its output was complete (%s/manifest.json written): kept", output)
+    return m
 
 
 def _remove_stale_reports(output: str, curated: bool) -> None:
@@ -647,6 +666,8 @@ def stop_on_sigterm() -> None:
     left to die with their parent and multiprocessing warned of leaked semaphores."""
 
     def on_sigterm(signum: int, frame: Any) -> None:
+        if _SIGTERM:  # a scheduler may send it again: the stop under way is not interrupted
+            return
         _SIGTERM.append(signum)
         signal.raise_signal(signal.SIGINT)
 

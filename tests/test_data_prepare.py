@@ -298,6 +298,29 @@ def test_a_failed_run_leaves_an_earlier_output_whole(raw, prepared, tmp_path, mo
     assert all(manifest.verify_shard(earlier, s, "sha256") is None for s in m["shards"])
 
 
+def test_a_ctrl_c_after_the_manifest_is_committed_keeps_the_run(raw, prepared, tmp_path, monkeypatch):
+    """A Ctrl-C / SIGTERM that reaches prepare after its Manifest step has written manifest.json (on a Dask worker
+    that is a moment before the launcher hears of it; simulated here by the step raising KeyboardInterrupt right
+    after writing it): the run is complete, so it is kept and reported as such, and the earlier output's files
+    are gone. It was reported as interrupted ('no new manifest.json was written', exit 130/143) while the earlier
+    output had already been replaced."""
+    from data_pipeline import prepare
+
+    out = str(tmp_path / "late")
+    shutil.copytree(prepared, out)
+    real = prepare._finish
+
+    def finish_then_ctrl_c(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare, "_finish", finish_then_ctrl_c)
+    m = run(raw, out, IngestConfig(clip_seconds=1.0), records_per_shard=5, progress=False)
+    assert m["num_records"] == 9 and m == manifest.read_manifest(out)
+    assert sorted(os.listdir(out)) == sorted([manifest.MANIFEST, *(s["path"] for s in m["shards"])])
+    assert all(manifest.verify_shard(out, s, "sha256") is None for s in m["shards"])
+
+
 def test_a_real_file_size_limit_is_one_line_exit_4(raw, prepared, tmp_path):
     """The storage's own refusal, not a simulated one: `ulimit -f` (RLIMIT_FSIZE) below one shard's size makes
     ArrayRecord's C++ writer fail with RuntimeError("write() failed: File too large") and no errno; it was three

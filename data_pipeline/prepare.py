@@ -405,12 +405,17 @@ def run(
     try:
         epath.Path(output).mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OutputWriteError(f"prepare: --output={output}: cannot create it ({e.strerror or e}); choose another "
+        why = "it exists and is not a directory" if isinstance(e, FileExistsError) else e.strerror or e
+        raise OutputWriteError(f"prepare: --output={output}: cannot create it ({why}); choose another "
                                "--output (or fix its parent's permissions)") from None
     if not force and up_to_date(output, fp):
         print(f"{output}: up to date (same inputs and options); nothing to do. Pass --force to rewrite.")
         m = mf.read_manifest(output)
         _remove_stale_reports(output, m.get("curation") is not None)
+        try:
+            mf.remove_temporary(output)  # a killed (-9) later run's partial shard
+        except OSError as e:
+            log.warning("prepare: could not remove temporary files from %s: %s", output, e)
         return m
     _check_writable(output)
     if cfg.audio_backend == "tfio":

@@ -107,8 +107,11 @@ def test_round_trip_synthesize_prepare_load_is_exact(raw, prepared):
 def test_rerun_changes_nothing_and_force_rewrites_identical_bytes(raw, prepared, tmp_path):
     before = _files(prepared)
     mtimes = {n: os.stat(os.path.join(prepared, n)).st_mtime_ns for n in before}
+    killed = os.path.join(prepared, ".tmp-data-00000-of-00001-0123abcd.array_record.dead")  # a kill -9's leftover
+    open(killed, "wb").write(b"half a shard")
     run(raw, prepared, CFG, records_per_shard=2, progress=False)
     assert {n: os.stat(os.path.join(prepared, n)).st_mtime_ns for n in before} == mtimes  # nothing done
+    assert not os.path.exists(killed)  # but the temporary file is removed (it stayed)
     run(raw, prepared, CFG, records_per_shard=2, progress=False, force=True)
     assert _files(prepared) == before
     other = str(tmp_path / "again")  # a fresh directory gives the same bytes too
@@ -355,6 +358,8 @@ def test_an_output_that_cannot_be_a_directory_or_hold_the_manifest_is_one_line(r
     (tmp_path / "afile").write_text("x")
     with pytest.raises(OutputWriteError, match=r"^prepare: --output=.*afile/out: cannot create it \(Not a directory"):
         run(raw, str(tmp_path / "afile" / "out"), CFG, records_per_shard=2, progress=False)
+    with pytest.raises(OutputWriteError, match=r"afile: cannot create it \(it exists and is not a directory\)"):
+        run(raw, str(tmp_path / "afile"), CFG, records_per_shard=2, progress=False)  # it said 'File exists'
     if os.path.isdir("/proc/self"):  # a directory that exists but takes no files: refused before any decoding
         with pytest.raises(OutputWriteError, match=r"^prepare: --output=/proc: cannot write in it \("):
             run(raw, "/proc", CFG, records_per_shard=2, progress=False)
@@ -405,3 +410,9 @@ def test_listing_skips_hidden_files_and_enters_a_symlinked_loop_once(tmp_path):
     deep = [f for f in want if f.endswith(".MOV")]
     assert list_sources(str(tmp_path / "**" / "*.MOV")) == deep
     assert list_sources(str(tmp_path / "**")) == want
+    # a symlinked file is matched by a glob too (fsspec calls it a link, not a file: it was dropped in silence),
+    # and an existing file whose name holds glob characters is itself (it was 'no video files found')
+    (tmp_path / "sub" / "far.mp4").symlink_to(tmp_path / "sub" / "b.MOV")
+    assert list_sources(str(tmp_path / "sub" / "*.mp4")) == [str(tmp_path / "sub" / n) for n in ("far.mp4", "same.mp4")]
+    (tmp_path / "z [1].mp4").write_bytes(b"")
+    assert list_sources(str(tmp_path / "z [1].mp4")) == [str(tmp_path / "z [1].mp4")]

@@ -77,7 +77,8 @@ def _glob(pattern: str) -> list[str]:
     """The files matching `pattern` (local or gs://) by fsspec's glob: `*`, `?` and `[...]` within one path
     component, `**` any number of directories (epath refuses `**`; gcsfs lists the prefix in one paginated call).
     Matches with a hidden component below the pattern's fixed prefix (`.cache/`, `._clip.mp4`) are skipped, as in
-    the directory walk; symlinked directories are not followed (give the directory itself to follow them)."""
+    the directory walk; symlinks to files are matched, symlinked directories are not followed (give the directory
+    itself to follow them), and a matched directory is not entered (`DIR/*` lists DIR's files only)."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(pattern)
@@ -85,7 +86,8 @@ def _glob(pattern: str) -> list[str]:
     fixed = path[:first_wildcard].rpartition("/")[0]  # the directory every match is under
     out = []
     for p, info in fs.glob(path, detail=True).items():
-        if info.get("type") != "file" or any(c.startswith(".") for c in p[len(fixed):].split("/")):
+        is_file = info.get("type") == "file" or (not storage.is_remote(pattern) and os.path.isfile(p))  # a symlink
+        if not is_file or any(c.startswith(".") for c in p[len(fixed):].split("/")):
             continue
         if storage.is_remote(pattern):
             out.append(fs.unstrip_protocol(p))
@@ -131,10 +133,10 @@ def list_sources(pattern_or_dir: str) -> list[str]:
                     todo.append(q)
                 elif q.suffix.lower() in VIDEO_EXTENSIONS:
                     found.append(q)
+    elif p.exists():  # first: a file named `z [1].mp4` is itself, not a pattern
+        found = [p]
     elif any(ch in pattern_or_dir for ch in "*?["):
         found = _glob(pattern_or_dir)
-    elif p.exists():
-        found = [p]
     else:
         found = []
     files = _distinct(sorted({os.fspath(q) for q in found}))

@@ -185,7 +185,10 @@ def run(input_pattern: str, output: str, cfg: IngestConfig, seconds: Sequence[fl
         "options": {**cfg.to_json(), "clip_seconds": list(seconds),
                     "size": None if not sizes else [list(s) for s in sizes]},
     }
-    mf.write_manifest(output, top)
+    previous = mf.read_buckets_manifest(output)
+    mf.write_manifest(output, top)  # the commit: then what the earlier layout left is removed
+    mf.remove_replaced_buckets(output, previous, {e["path"] for e in entries})
+    mf.clean_stale(output, set())  # a one-shape output's shards (and temporary files) at the top
     return top
 
 

@@ -641,8 +641,10 @@ def _finish(
     if m["num_records"] == 0:  # `run` reports it; an earlier output's manifest.json, shards and report stay
         mf.atomic_write_bytes(epath.Path(output) / EMPTY_RESULT, json.dumps(m).encode())
         return
+    previous = mf.read_buckets_manifest(output)  # a bucketed dataset this one-shape output replaces
     mf.write_manifest(output, m)
     _remove_stale_reports(output, curate is not None)
+    mf.remove_replaced_buckets(output, previous, set())
     removed = mf.clean_stale(output, {s["path"] for s in m["shards"]})
     if removed:
         log.info("removed stale files from %s: %s", output, removed)

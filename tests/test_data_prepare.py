@@ -324,6 +324,28 @@ def test_a_ctrl_c_after_the_manifest_is_committed_keeps_the_run(raw, prepared, t
     assert all(manifest.verify_shard(out, s, "sha256") is None for s in m["shards"])
 
 
+def test_switching_between_one_shape_and_buckets_leaves_only_the_new_layout(raw, tmp_path):
+    """One output directory prepared as one shape, then as buckets of 1 s and 2 s clips, then of 1 s only, then
+    as one shape again: after each, the directory holds exactly what its manifest.json describes (the earlier
+    layout's top-level shards, or bucket directories, were left behind and piled up)."""
+    from data_pipeline import buckets
+
+    out = tmp_path / "o"
+
+    def layout():
+        return sorted(p.name for p in out.iterdir())
+
+    one = run(raw, str(out), CFG, records_per_shard=2, progress=False)
+    assert layout() == sorted([manifest.MANIFEST, *(s["path"] for s in one["shards"])])
+    two = buckets.run(raw, str(out), CFG, [1.0, 2.0], None, records_per_shard=2, progress=False)
+    names = [b["path"] for b in two["buckets"]]
+    assert len(names) == 2 and layout() == sorted([manifest.MANIFEST, *names])
+    first = buckets.run(raw, str(out), CFG, [1.0], None, records_per_shard=2, progress=False)
+    assert [b["path"] for b in first["buckets"]] == names[:1] and layout() == sorted([manifest.MANIFEST, names[0]])
+    again = run(raw, str(out), CFG, records_per_shard=2, progress=False)
+    assert layout() == sorted([manifest.MANIFEST, *(s["path"] for s in again["shards"])])
+
+
 def test_a_real_file_size_limit_is_one_line_exit_4(raw, prepared, tmp_path):
     """The storage's own refusal, not a simulated one: `ulimit -f` (RLIMIT_FSIZE) below one shard's size makes
     ArrayRecord's C++ writer fail with RuntimeError("write() failed: File too large") and no errno; it was three

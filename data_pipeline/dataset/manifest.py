@@ -222,6 +222,20 @@ def verify_shard(root: str | epath.Path, shard: dict[str, Any], level: str) -> s
     return None
 
 
+def remove_replaced_buckets(out_dir: str, previous: dict[str, Any] | None, keep: set[str]) -> list[str]:
+    """After a new manifest.json is committed in out_dir: delete the bucket directories the `previous` top
+    manifest (read_buckets_manifest, read before the commit; None: it was no bucketed dataset) listed and the
+    new one does not (`keep`: its bucket names); returns their names. Only directories the previous manifest named
+    are touched."""
+    removed = []
+    for b in (previous or {}).get("buckets", []):
+        name = b.get("path") or b.get("name")
+        if isinstance(name, str) and name and "/" not in name and name not in keep:
+            (epath.Path(out_dir) / name).rmtree(missing_ok=True)
+            removed.append(name)
+    return sorted(removed)
+
+
 def clean_stale(out_dir: str, keep: set[str]) -> list[str]:
     """Delete temporary files and shards that manifest.json does not list; returns what was removed."""
     removed = []

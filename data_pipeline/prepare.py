@@ -411,11 +411,10 @@ def run(
     if not force and up_to_date(output, fp):
         print(f"{output}: up to date (same inputs and options); nothing to do. Pass --force to rewrite.")
         m = mf.read_manifest(output)
-        _remove_stale_reports(output, m.get("curation") is not None)
-        try:
-            mf.remove_temporary(output)  # a killed (-9) later run's partial shard
-        except OSError as e:
-            log.warning("prepare: could not remove temporary files from %s: %s", output, e)
+        try:  # a killed (-9) later run's partial shard, a later no-clips run's report
+            _tidy(output, m)
+        except OSError as e:  # an up-to-date output on read-only storage is still up to date
+            log.warning("prepare: could not tidy %s: %s", output, e)
         return m
     _check_writable(output)
     if cfg.audio_backend == "tfio":
@@ -492,21 +491,23 @@ def _committed(output: str, fp: str) -> dict[str, Any] | None:
     if not up_to_date(output, fp):
         return None
     m = mf.read_manifest(output)
-    mf.clean_stale(output, {s["path"] for s in m["shards"]})
-    _remove_stale_reports(output, m.get("curation") is not None)
+    _tidy(output, m)
     log.warning("prepare: stopped after its output was complete (%s/manifest.json written): kept", output)
     return m
 
 
-def _remove_stale_reports(output: str, curated: bool) -> None:
-    """Delete the curation report files manifest.json does not describe (curate.report.stale_names): after a
-    complete run, and when a rerun finds the output up to date (a later run that kept no clip left its
-    `*-no-clips.*` report). Best effort on an up-to-date output that cannot be written to."""
-    for name in curate_report.stale_names(curated):
-        try:
-            (epath.Path(output) / name).unlink(missing_ok=True)
-        except OSError as e:
-            log.warning("prepare: could not remove the stale report %s/%s: %s", output, name, e)
+def _tidy(output: str, m: dict[str, Any]) -> list[str]:
+    """Remove from `output` what its committed manifest `m` does not describe: temporary files and unlisted shards
+    (manifest.clean_stale), and curation report files (curate.report.stale_names: a no-clips run's, or a curated
+    run's under a plain one); returns their names. After a complete run, a run stopped after its commit, and a
+    rerun that finds the output up to date."""
+    removed = mf.clean_stale(output, {s["path"] for s in m["shards"]})
+    for name in curate_report.stale_names(m.get("curation") is not None):
+        p = epath.Path(output) / name
+        if p.exists():
+            p.unlink()
+            removed.append(name)
+    return removed
 
 
 def _check_writable(output: str) -> None:
@@ -643,9 +644,7 @@ def _finish(
         return
     previous = mf.read_buckets_manifest(output)  # a bucketed dataset this one-shape output replaces
     mf.write_manifest(output, m)
-    _remove_stale_reports(output, curate is not None)
-    mf.remove_replaced_buckets(output, previous, set())
-    removed = mf.clean_stale(output, {s["path"] for s in m["shards"]})
+    removed = _tidy(output, m) + mf.remove_replaced_buckets(output, previous, set())
     if removed:
         log.info("removed stale files from %s: %s", output, removed)
 

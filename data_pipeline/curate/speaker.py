@@ -69,14 +69,14 @@ def judge(clip: Clip, found: list[np.ndarray], every: int, height: int, cfg: Cur
     `clip.track` and `clip.values['face_box']` are set)."""
     samples = [k for k in range(clip.start, clip.stop) if k % every == 0]
     n = len(samples)
-    seen = []
+    seen, pieces = [], []  # present tracks; detections per track inside the clip
     for t in found:
         inside = t[(t[:, 0] >= clip.start) & (t[:, 0] < clip.stop)]
+        if len(inside):
+            pieces.append(len(inside))
         if len(inside) and len(inside) >= cfg.other_visible * n:
             seen.append(inside)
     if not seen:
-        pieces = [int(((t[:, 0] >= clip.start) & (t[:, 0] < clip.stop)).sum()) for t in found]
-        pieces = [i for i in pieces if i]
         if sum(pieces) and sum(pieces) >= cfg.other_visible * n:  # one face, in pieces the tracker cannot bridge
             return (f"face visible in {sum(pieces)} of {n} sampled frames, in {len(pieces)} pieces more than "
                     f"{faces.MAX_GAP} frames apart: it comes and goes")

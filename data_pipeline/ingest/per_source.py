@@ -84,12 +84,12 @@ def _glob(pattern: str) -> list[str]:
     fs, path = fsspec.core.url_to_fs(pattern)
     first_wildcard = min(i for i in (path.find(ch) for ch in "*?[") if i >= 0)
     fixed = path[:first_wildcard].rpartition("/")[0]  # the directory every match is under
-    out = []
+    remote, out = storage.is_remote(pattern), []
     for p, info in fs.glob(path, detail=True).items():
-        is_file = info.get("type") == "file" or (not storage.is_remote(pattern) and os.path.isfile(p))  # a symlink
+        is_file = info.get("type") == "file" or (not remote and os.path.isfile(p))  # a symlink to a file: a link
         if not is_file or any(c.startswith(".") for c in p[len(fixed):].split("/")):
             continue
-        if storage.is_remote(pattern):
+        if remote:
             out.append(fs.unstrip_protocol(p))
         else:  # as the user wrote it: a relative pattern gives relative paths
             out.append(p if os.path.isabs(pattern) else os.path.relpath(p))

@@ -40,13 +40,14 @@ def _explode(clip: filters.ClipData) -> str | None:
     return None
 
 
-def _note_pid(folder: str, clip: filters.ClipData) -> str | None:
+def _note_pid(folder: str, clip: filters.ClipData, hold_s: float = 0.0) -> str | None:
     """Keeps every clip; leaves a file named after the process that filtered it, holding the threads OpenCV
-    runs there."""
+    runs there; then keeps the worker busy for `hold_s` seconds (a long decode, for a Ctrl-C to land in)."""
     import cv2
 
     with open(os.path.join(folder, str(os.getpid())), "w") as f:
         f.write(str(cv2.getNumThreads()))
+    time.sleep(hold_s)
     return None
 
 
@@ -82,9 +83,9 @@ def _files(d):
     return {n: hashlib.sha256(open(os.path.join(d, n), "rb").read()).hexdigest() for n in sorted(os.listdir(d))}
 
 
-def _run(src, out, pid_dir, **kw):
+def _run(src, out, pid_dir, hold_s=0.0, **kw):
     os.makedirs(pid_dir, exist_ok=True)
-    filters.register_filter("pids", functools.partial(_note_pid, pid_dir))
+    filters.register_filter("pids", functools.partial(_note_pid, pid_dir, hold_s=hold_s))
     cfg = IngestConfig(clip_seconds=0.4, size=(16, 16), filters=("pids", "explode"))  # broken.mp4 fails in a worker
     return run(src, out, cfg, records_per_shard=3, progress=False, **kw)
 
@@ -196,8 +197,13 @@ def test_ctrl_c_stops_the_dask_cluster_and_leaves_no_output(src, tmp_path):
 
     threading.Thread(target=interrupt_once_a_worker_works, daemon=True).start()
     out = tmp_path / "out"
+    t0 = time.monotonic()
+    # each clip holds its worker for 60 s: without the interrupt the run cannot finish before the test gives up
+    # (with no hold, a run of these few clips could finish on a loaded host before the main thread took the
+    # interrupt, and the late Ctrl-C then rightly kept the complete output)
     with pytest.raises(KeyboardInterrupt):
-        _run(src, str(out), str(pid_dir), runner="dask", workers=2)
+        _run(src, str(out), str(pid_dir), hold_s=60.0, runner="dask", workers=2)
+    assert time.monotonic() - t0 < 60  # it stopped busy workers, not waited for them
     assert os.listdir(pid_dir)  # it was interrupted while the workers ran
     deadline = time.time() + 10  # closing the cluster waits for its processes; allow their exit to be reaped
     while _children() - before and time.time() < deadline:

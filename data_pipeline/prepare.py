@@ -256,23 +256,12 @@ class WriteShard(beam.DoFn):
         num_shards = items[0][1]
         name = mf.shard_name(index, num_shards, self.fingerprint)
         info = mf.write_shard([b for _, _, b in items], self.out_dir, name)
-        shapes = _shape_union([records.decode_record(b)[0] for _, _, b in items])
+        shapes = _merge_shapes(records.tensor_specs(b) for _, _, b in items)
         yield {"index": index, "shard": info.to_json(), "shapes": shapes}
 
 
-def _shape_union(tensor_dicts: Iterable[dict[str, np.ndarray]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for t in tensor_dicts:
-        for k, v in t.items():
-            if k not in out:
-                out[k] = {"shape": list(v.shape), "dtype": str(v.dtype)}
-            else:
-                old = out[k]["shape"]
-                out[k]["shape"] = [a if a == b else None for a, b in zip(old, v.shape, strict=True)]
-    return out
-
-
 def _merge_shapes(parts: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """{tensor: {"shape", "dtype"}} specs merged: a dimension that differs between parts becomes None."""
     out: dict[str, Any] = {}
     for p in parts:
         for k, v in p.items():

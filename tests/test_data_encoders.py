@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import pytest
 import safetensors.numpy as stn
 
 from data_pipeline import encoders
-from data_pipeline.dataset.records import RecordError, decode_record, encode_record
+from data_pipeline.dataset.records import RecordError, compress, decode_record, encode_record, tensor_specs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -130,6 +131,30 @@ def test_record_is_safetensors_and_byte_reproducible_across_processes():
         for _ in range(2)
     }
     assert outs == {hashlib.sha256(data).hexdigest()}
+
+
+@pytest.mark.skipif(shutil.which("zstd") is None, reason="the zstd command-line tool is not installed")
+def test_a_stored_record_is_a_zstd_frame_that_the_zstd_tool_decompresses_and_checks(tmp_path):
+    """A shard stores `compress(encode_record(...))`: the reference zstd tool gets the safetensors bytes back
+    (`--check`: the frame's content checksum), its header is what safetensors reads, decode_record reads it, and a
+    changed byte in the compressed data is refused."""
+    t = _tensors()
+    plain = encode_record(t, META)
+    stored = compress(plain)
+    (tmp_path / "r.zst").write_bytes(stored)
+    subprocess.run(["zstd", "-q", "-d", "--check", str(tmp_path / "r.zst"), "-o", str(tmp_path / "r")], check=True)
+    assert (tmp_path / "r").read_bytes() == plain
+    listed = subprocess.run(["zstd", "-lv", str(tmp_path / "r.zst")], capture_output=True, text=True, check=True)
+    assert "Check: XXH64" in listed.stdout, listed.stdout
+    loaded = stn.load(plain)
+    assert tensor_specs(stored) == tensor_specs(plain) == {
+        k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in loaded.items()}
+    back, meta = decode_record(stored)
+    assert meta == META and all(np.array_equal(back[k], t[k]) for k in t)
+    bad = bytearray(stored)
+    bad[len(bad) // 2] ^= 0xFF
+    with pytest.raises(RecordError, match="does not decompress"):
+        decode_record(bytes(bad))
 
 
 def test_record_errors_name_the_key():

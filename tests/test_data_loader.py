@@ -247,3 +247,35 @@ def test_worker_loader_leaves_no_leaked_shared_memory_or_semaphores(prepared):
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "read 4 batches; closed" in r.stdout, r.stderr[-3000:]
     assert "leaked" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr[-3000:]
+
+
+def test_a_format_v1_dataset_loads_as_the_same_examples(prepared, tmp_path):
+    """Shards written before each record was a zstd frame (format v1: plain safetensors records in ArrayRecord's own
+    zstd chunks, its writer's default options) still load, as the same batches as the v2 dataset of the clips."""
+    import zstandard
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    m = manifest.read_manifest(prepared)
+    v1 = tmp_path / "v1"
+    v1.mkdir()
+    shards = []
+    for s in m["shards"]:
+        stored = ArrayRecordReader(os.path.join(prepared, s["path"])).read_all()
+        w = ArrayRecordWriter(str(v1 / s["path"]), "group_size:1")
+        for r in stored:
+            w.write(zstandard.ZstdDecompressor().decompress(r))
+        w.close()
+        assert "zstd:3" in ArrayRecordReader(str(v1 / s["path"])).writer_options_string()
+        data = (v1 / s["path"]).read_bytes()
+        shards.append({**s, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    (v1 / manifest.MANIFEST).write_text(json.dumps({**m, "format": "mirage_jax.aroll.v1", "shards": shards}))
+
+    def batches(path):
+        ds = make_loader(path, global_batch_size=2, clip_frames=25, seed=3, num_epochs=1, process_index=0,
+                         process_count=1)
+        return [{k: np.asarray(v) for k, v in b.items()} for b in iter(ds)]
+
+    old, new = batches(str(v1)), batches(prepared)
+    assert len(old) == len(new) == 4
+    for a, b in zip(old, new, strict=True):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

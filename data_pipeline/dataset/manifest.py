@@ -23,9 +23,11 @@ from etils import epath
 from mirage_base.storage import is_remote
 
 MANIFEST = "manifest.json"
-FORMAT = "mirage_jax.aroll.v1"
+FORMAT = "mirage_jax.aroll.v2"  # v2: each record one zstd frame (data_pipeline.dataset.records.compress)
+READABLE_FORMATS = ("mirage_jax.aroll.v1", FORMAT)  # v1: plain records in ArrayRecord's own zstd chunks
 BUCKETS_FORMAT = "mirage_jax.aroll.buckets.v1"  # shape buckets, each a FORMAT dataset (data_pipeline.buckets)
-WRITER_OPTIONS = "group_size:1"  # one record per chunk: random access for Grain
+# one record per chunk (random access for Grain), stored as given: each record is already a zstd frame
+WRITER_OPTIONS = "group_size:1,uncompressed"
 TMP_PREFIX = ".tmp-"
 
 
@@ -183,8 +185,9 @@ def read_manifest(path: str | epath.Path) -> dict[str, Any]:
         names = ", ".join(b["name"] for b in m.get("buckets", []))
         raise ValueError(f"{p}: a dataset of shape buckets ({names}); this reader takes one shape: point it at one "
                          "bucket's directory (the dataset's <bucket name>/) or train on the whole (mirage_jax.train)")
-    if m.get("format") != FORMAT:
-        raise ValueError(f"{p}: format {m.get('format')!r} is not {FORMAT!r}; re-run data_pipeline.prepare")
+    if m.get("format") not in READABLE_FORMATS:
+        raise ValueError(f"{p}: format {m.get('format')!r} is not one of {READABLE_FORMATS}; re-run "
+                         "data_pipeline.prepare")
     return m
 
 

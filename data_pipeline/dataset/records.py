@@ -10,7 +10,14 @@ before the clip); NaN when the source had no frame outside the clip (then `ref` 
 
 `encode_record` writes the safetensors layout itself, with keys and metadata in sorted order, because
 `safetensors.numpy.save` orders metadata by a per-process hash seed and so is not byte-reproducible;
-`safetensors.numpy.load` reads the result (tests/test_data_records.py checks this).
+`safetensors.numpy.load` reads the result (tests/test_data_encoders.py checks this).
+
+A shard (format `mirage_jax.aroll.v2`) stores each record as one zstd frame of those bytes (`compress`), in an
+ArrayRecord file written without compression of its own: prepare compresses each clip where it was made, so
+the clips cross a cluster's shuffles compressed and the shard writer (one task per shard) only copies bytes.
+Shards of format v1 stored the safetensors bytes in ArrayRecord's own zstd chunks; `decode_record` reads both
+(a zstd frame starts with its magic number, 28 B5 2F FD, which as a safetensors header length would be
+a header of over 4 GB).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import struct
 from typing import Any
 
 import numpy as np
+import zstandard
 
 from mirage_base.errors import MirageError
 
@@ -55,6 +63,8 @@ _ST_DTYPES = {
     np.dtype(np.float64): "F64",
 }
 _NP_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
+ZSTD_LEVEL = 3  # ArrayRecord's default (`zstd:3`), which shards of format v1 used
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # RFC 8878, 3.1.1: a zstd frame's first 4 bytes
 
 
 class RecordError(MirageError, ValueError):
@@ -116,8 +126,55 @@ def encode_record(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> b
     return struct.pack("<Q", len(head)) + head + b"".join(blobs)
 
 
+def compress(data: bytes) -> bytes:
+    """`data` (a record's safetensors bytes) as one zstd frame at ZSTD_LEVEL, with its content size and a checksum
+    of the content (xxh64, RFC 8878 3.1.1) in the frame: a changed byte fails `decode_record`. The same bytes for
+    the same input with one zstandard version."""
+    return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True, write_checksum=True).compress(data)
+
+
+def _plain(data: bytes) -> bytes:
+    """The safetensors bytes of a stored record: decompressed if it is a zstd frame (`compress`), else as is."""
+    if data[:4] != _ZSTD_MAGIC:
+        return data
+    try:
+        return zstandard.ZstdDecompressor().decompress(data)
+    except zstandard.ZstdError as e:
+        raise RecordError(f"a zstd-compressed record that does not decompress ({e})") from e
+
+
+def tensor_specs(data: bytes) -> dict[str, dict[str, Any]]:
+    """{tensor name: {"shape": [...], "dtype": numpy name}} of a stored record, from its safetensors header alone:
+    a zstd frame is decompressed only as far as the header. RecordError if the header does not parse."""
+    try:
+        if data[:4] == _ZSTD_MAGIC:
+            with zstandard.ZstdDecompressor().stream_reader(data) as r:
+                (n,) = struct.unpack("<Q", _read_exact(r, 8))
+                head = _read_exact(r, n)
+        else:
+            (n,) = struct.unpack("<Q", data[:8])
+            head = data[8 : 8 + n]
+        header = json.loads(head)
+        header.pop("__metadata__", None)
+        return {k: {"shape": list(v["shape"]), "dtype": str(_NP_DTYPES[v["dtype"]])} for k, v in header.items()}
+    except (ValueError, KeyError, TypeError, struct.error, zstandard.ZstdError) as e:
+        raise RecordError(f"not a safetensors record header ({type(e).__name__}: {e})") from e
+
+
+def _read_exact(reader: Any, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        chunk = reader.read(n - len(out))
+        if not chunk:
+            raise ValueError(f"the record ends after {len(out)} of {n} header bytes")
+        out += chunk
+    return bytes(out)
+
+
 def decode_record(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Parse safetensors bytes into (tensors, metadata); raises RecordError on any malformation."""
+    """Parse a stored record (safetensors bytes, or one zstd frame of them: `compress`) into (tensors, metadata);
+    raises RecordError on any malformation."""
+    data = _plain(data)
     try:
         if len(data) < 8:
             raise RecordError(f"{len(data)} bytes is shorter than a safetensors header")

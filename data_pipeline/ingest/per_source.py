@@ -398,4 +398,4 @@ def _encode_clip(
     clip_id = f"{source_key}@{pl.start:07d}"
     meta = {"clip_id": clip_id, "source": path, "caption": caption, "start_frame": str(pl.start)}
     stats["clips"] = stats.get("clips", 0) + 1
-    return ClipRecord(clip_id, records.encode_record(tensors, meta), path)
+    return ClipRecord(clip_id, records.compress(records.encode_record(tensors, meta)), path)

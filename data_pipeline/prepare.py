@@ -26,7 +26,7 @@ import math
 import signal
 import sys
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -105,10 +105,11 @@ logging.getLogger("apache_beam.runners.common").addFilter(_QuietWriteErrors())
 
 
 def fingerprint(files: Sequence[str], cfg: IngestConfig, records_per_shard: int,
-                curate: curate_plan.CurateConfig | None = None) -> str:
-    """Identity of a run: sources (path, size, mtime) + every option that changes the output bytes."""
+                curate: curate_plan.CurateConfig | None = None, fmt: str | None = None) -> str:
+    """Identity of a run: sources (path, size, mtime) + every option that changes the output bytes + the output
+    format `fmt` (default: the one written, manifest.FORMAT; `up_to_date` also asks for the older ones read)."""
     h = hashlib.sha256()
-    run_opts: dict[str, Any] = {"cfg": cfg.to_json(), "rps": records_per_shard, "format": mf.FORMAT}
+    run_opts: dict[str, Any] = {"cfg": cfg.to_json(), "rps": records_per_shard, "format": fmt or mf.FORMAT}
     if curate is not None:
         run_opts["curate"] = curate.to_json()
     h.update(json.dumps(run_opts, sort_keys=True).encode())
@@ -333,13 +334,15 @@ def build_manifest(
     return m
 
 
-def up_to_date(out_dir: str, fp: str) -> bool:
-    """True if out_dir holds a complete output of exactly this run (manifest fingerprint + shard sizes)."""
+def up_to_date(out_dir: str, fps: Mapping[str, str]) -> bool:
+    """True if out_dir holds a complete output of exactly this run (manifest fingerprint + shard sizes): `fps` maps
+    each output format to this run's fingerprint in it, so an output of an older format that is still read
+    (manifest.READABLE_FORMATS) counts: upgrading mirage_jax does not rewrite a dataset a trainer is reading."""
     try:
         m = mf.read_manifest(out_dir)
     except (OSError, ValueError):  # none, unreadable (a directory named manifest.json), or not ours: run it
         return False
-    if m.get("sources", {}).get("fingerprint") != fp:
+    if m.get("sources", {}).get("fingerprint") != fps.get(m.get("format", "")):
         return False
     return all(mf.verify_shard(out_dir, s, "size") is None for s in m["shards"])
 
@@ -391,15 +394,17 @@ def run(
             f"spatial factor {spatial}"
         )
     fp = fingerprint(files, cfg, records_per_shard, curate)
+    fps = {f: fingerprint(files, cfg, records_per_shard, curate, f) for f in mf.READABLE_FORMATS}
     try:
         epath.Path(output).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         why = "it exists and is not a directory" if isinstance(e, FileExistsError) else e.strerror or e
         raise OutputWriteError(f"prepare: --output={output}: cannot create it ({why}); choose another "
                                "--output (or fix its parent's permissions)") from None
-    if not force and up_to_date(output, fp):
-        print(f"{output}: up to date (same inputs and options); nothing to do. Pass --force to rewrite.")
+    if not force and up_to_date(output, fps):
         m = mf.read_manifest(output)
+        older = f" (format {m['format']}, which is still read)" if m["format"] != mf.FORMAT else ""
+        print(f"{output}: up to date{older} (same inputs and options); nothing to do. Pass --force to rewrite.")
         try:  # a killed (-9) later run's partial shard, a later no-clips run's report
             _tidy(output, m)
         except OSError as e:  # an up-to-date output on read-only storage is still up to date
@@ -477,7 +482,7 @@ def _committed(output: str, fp: str) -> dict[str, Any] | None:
     on a worker just before the signal reached the launcher), with what the step had not yet tidied removed; None
     if it had not. A signal that late stops nothing: the output is complete (it was reported as interrupted, with
     'no new manifest.json was written', though the earlier output had been replaced)."""
-    if not up_to_date(output, fp):
+    if not up_to_date(output, {mf.FORMAT: fp}):
         return None
     m = mf.read_manifest(output)
     _tidy(output, m)

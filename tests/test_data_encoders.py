@@ -157,6 +157,32 @@ def test_a_stored_record_is_a_zstd_frame_that_the_zstd_tool_decompresses_and_che
         decode_record(bytes(bad))
 
 
+def test_a_flipped_bit_in_a_stored_records_frame_header_is_refused_or_harmless():
+    """Every single-bit change in a stored record's zstd frame header (magic excluded) either still decodes to the
+    same tensors (a bit the content checksum proves unused) or is a RecordError, never another exception: a flip
+    that makes the header declare an enormous content size was a MemoryError past the loader's corrupt-record
+    budget (a new user's trial)."""
+    import zstandard
+
+    t = _tensors()
+    t["video"] = np.zeros((3, 64, 64, 12), np.float32)  # compresses well: the frame header is a small part of it
+    t["ref"] = np.zeros((1, 64, 64, 12), np.float32)
+    stored = compress(encode_record(t, META))
+    header_end = 4 + zstandard.frame_header_size(stored)
+    outcomes = set()
+    for i in range(4, header_end):
+        for bit in range(8):
+            bad = bytearray(stored)
+            bad[i] ^= 1 << bit
+            try:
+                back, _ = decode_record(bytes(bad))
+                assert all(np.array_equal(back[k], t[k]) for k in t)
+                outcomes.add("same")
+            except RecordError:
+                outcomes.add("refused")
+    assert "refused" in outcomes
+
+
 def test_record_errors_name_the_key():
     t = _tensors()
     t["mouth"] = np.zeros(4, np.float32)

@@ -119,6 +119,30 @@ def test_rerun_changes_nothing_and_force_rewrites_identical_bytes(raw, prepared,
     assert _files(other) == before
 
 
+def test_an_output_of_format_v1_stays_up_to_date_and_force_rewrites_it_as_v2(raw, prepared, tmp_path, monkeypatch):
+    """Upgrading does not rewrite a dataset a trainer may be reading: a v1 output (as the code before format v2
+    wrote it: plain records in ArrayRecord's own zstd chunks, v1 in the manifest and in the run's fingerprint) is
+    up to date for the same inputs and options; --force rewrites it, as the same bytes as a v2 run's."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    from data_pipeline.dataset import records
+
+    old = str(tmp_path / "v1")
+    with monkeypatch.context() as m:
+        m.setattr(manifest, "FORMAT", "mirage_jax.aroll.v1")
+        m.setattr(manifest, "WRITER_OPTIONS", "group_size:1")
+        m.setattr(records, "compress", lambda data: data)
+        run(raw, old, CFG, records_per_shard=2, progress=False)
+    reader = ArrayRecordReader(_shard(old))
+    assert "zstd:3" in reader.writer_options_string() and reader.read([0])[0][:4] != b"\x28\xb5\x2f\xfd"
+    assert manifest.read_manifest(old)["format"] == "mirage_jax.aroll.v1"
+    mtimes = {n: os.stat(os.path.join(old, n)).st_mtime_ns for n in os.listdir(old)}
+    run(raw, old, CFG, records_per_shard=2, progress=False)
+    assert {n: os.stat(os.path.join(old, n)).st_mtime_ns for n in os.listdir(old)} == mtimes  # nothing done
+    run(raw, old, CFG, records_per_shard=2, progress=False, force=True)
+    assert _files(old) == _files(prepared)
+
+
 def test_crash_leftovers_are_never_read_and_are_cleaned(raw, prepared, tmp_path):
     out = str(tmp_path / "crashed")
     shutil.copytree(prepared, out)

@@ -20,6 +20,7 @@ from typing import Any
 from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 
+from mirage_base.errors import ExitCode, MirageError
 from mirage_base.storage import is_remote
 
 MANIFEST = "manifest.json"
@@ -29,6 +30,23 @@ BUCKETS_FORMAT = "mirage_jax.aroll.buckets.v1"  # shape buckets, each a FORMAT d
 # one record per chunk (random access for Grain), stored as given: each record is already a zstd frame
 WRITER_OPTIONS = "group_size:1,uncompressed"
 TMP_PREFIX = ".tmp-"
+
+
+class ManifestError(MirageError, ValueError):
+    """A manifest.json that is not valid JSON, of a format this version does not read, or of a dataset of shape
+    buckets where one shape is needed: one DATA ERROR line naming the file (exit 2)."""
+
+    exit_code, label = ExitCode.REFUSED, "DATA ERROR"
+
+
+def _format_advice(fmt: Any) -> str:
+    """What to do about a manifest of format `fmt`, which this version does not read."""
+    head, _, version = str(fmt).rpartition(".v")
+    newest = int(FORMAT.rpartition(".v")[2])
+    if head == FORMAT.rpartition(".v")[0] and version.isdigit() and int(version) > newest:
+        return ("it was written by a newer mirage_jax: update this checkout, or re-run data_pipeline.prepare "
+                "with this version into another --output")
+    return "re-run data_pipeline.prepare"
 
 
 RUN_ID_CHARS = 8  # hex digits of the run's fingerprint in its shard names
@@ -180,14 +198,14 @@ def read_manifest(path: str | epath.Path) -> dict[str, Any]:
     try:
         m = json.loads(p.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{p}: not valid JSON ({e}); run data_pipeline.prepare again") from e
+        raise ManifestError(f"{p}: not valid JSON ({e}); run data_pipeline.prepare again") from None
     if m.get("format") == BUCKETS_FORMAT:
         names = ", ".join(b["name"] for b in m.get("buckets", []))
-        raise ValueError(f"{p}: a dataset of shape buckets ({names}); this reader takes one shape: point it at one "
+        raise ManifestError(f"{p}: a dataset of shape buckets ({names}); this reader takes one shape: point it at one "
                          "bucket's directory (the dataset's <bucket name>/) or train on the whole (mirage_jax.train)")
     if m.get("format") not in READABLE_FORMATS:
-        raise ValueError(f"{p}: format {m.get('format')!r} is not one of {READABLE_FORMATS}; re-run "
-                         "data_pipeline.prepare")
+        raise ManifestError(f"{p}: format {m.get('format')!r} is not one this version reads {READABLE_FORMATS}; "
+                            f"{_format_advice(m.get('format'))}")
     return m
 
 

@@ -133,12 +133,17 @@ def compress(data: bytes) -> bytes:
     return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True, write_checksum=True).compress(data)
 
 
-def _plain(data: bytes) -> bytes:
-    """The safetensors bytes of a stored record: decompressed if it is a zstd frame (`compress`), else as is."""
+def plain_bytes(data: bytes) -> bytes:
+    """The safetensors bytes of a stored record: decompressed if it is a zstd frame (`compress`), else as is (format
+    v1). RecordError if the frame does not decompress or fails its checksum."""
     if data[:4] != _ZSTD_MAGIC:
         return data
-    try:
-        return zstandard.ZstdDecompressor().decompress(data)
+    try:  # streamed: a damaged frame header's content size is never trusted for one allocation
+        d = zstandard.ZstdDecompressor().decompressobj()
+        out = d.decompress(data)
+        if not d.eof:
+            raise zstandard.ZstdError("the frame ends early")
+        return out
     except zstandard.ZstdError as e:
         raise RecordError(f"a zstd-compressed record that does not decompress ({e})") from e
 
@@ -174,7 +179,7 @@ def _read_exact(reader: Any, n: int) -> bytes:
 def decode_record(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Parse a stored record (safetensors bytes, or one zstd frame of them: `compress`) into (tensors, metadata);
     raises RecordError on any malformation."""
-    data = _plain(data)
+    data = plain_bytes(data)
     try:
         if len(data) < 8:
             raise RecordError(f"{len(data)} bytes is shorter than a safetensors header")

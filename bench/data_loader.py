@@ -1,5 +1,6 @@
 """Data loader throughput: the Grain loader (decode, crop, batch; in-process and with worker processes)
-against raw ArrayRecord reads of the same shards, in one run; and the elastic order (`make_loader`, index-
+against raw ArrayRecord reads of the same shards (each record decompressed to its safetensors bytes, as the loader
+must; not parsed), in one run; and the elastic order (`make_loader`, index-
 based global batches) against the loader it replaced (a Grain chain shuffle -> repeat -> per-process stride
 -> random_map -> batch, rebuilt here as `legacy_loader`), same records, workers and threads (target >= 0.9x).
 
@@ -48,7 +49,7 @@ def bench_raw(paths: list[str], counts: list[int], records: int) -> dict:
                 break
     dt = time.perf_counter() - t0
     return {
-        "config": "raw ArrayRecord read",  # + zstd decompression (v2 records)
+        "config": "raw read+decompress",
         "workers": 0,
         "records": n,
         "seconds": dt,

@@ -353,7 +353,9 @@ def test_parallel_capacity_sees_a_single_core_when_the_processes_share_one() -> 
     it spawns) pinned to one CPU, 2 processes computing at once reach about the throughput of one (closed form: 1),
     not 2; unpinned on a host of 2+ idle cores it would be ~2 (not asserted: the test host is shared). A busy
     Python thread in the caller, on another CPU (as a Dask or JAX thread left by an earlier test may be), must not
-    change it: a CI run measured 1.67 when 'alone' ran in the caller and shared the caller's GIL."""
+    change it: a CI run measured 1.67 when 'alone' ran in the caller and shared the caller's GIL. The median of 5
+    rounds, not 1: a CI run on a contended VM measured 1.81 in a single round of 1_000_000 (the cause was not
+    seen; one 'alone' of ~50 ms slowed by the host, as a VM's stolen time can, is enough)."""
     import threading
 
     from bench import common
@@ -373,7 +375,7 @@ def test_parallel_capacity_sees_a_single_core_when_the_processes_share_one() -> 
     t.start()
     os.sched_setaffinity(0, {min(before)})
     try:
-        assert common.parallel_capacity(2, rounds=1, n=1_000_000) < 1.3
+        assert common.parallel_capacity(2, rounds=5, n=2_000_000) < 1.3
     finally:
         stop.set()
         t.join()

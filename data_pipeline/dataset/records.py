@@ -22,6 +22,7 @@ a header of over 4 GB).
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 from typing import Any
@@ -154,22 +155,32 @@ def tensor_specs(data: bytes) -> dict[str, dict[str, Any]]:
     try:
         if data[:4] == _ZSTD_MAGIC:
             with zstandard.ZstdDecompressor().stream_reader(data) as r:
-                (n,) = struct.unpack("<Q", _read_exact(r, 8))
-                head = _read_exact(r, n)
+                _, header = _read_header(r)
         else:
-            (n,) = struct.unpack("<Q", data[:8])
-            head = data[8 : 8 + n]
-        header = json.loads(head)
+            _, header = _read_header(io.BytesIO(data))
         header.pop("__metadata__", None)
         return {k: {"shape": list(v["shape"]), "dtype": str(_NP_DTYPES[v["dtype"]])} for k, v in header.items()}
-    except (ValueError, KeyError, TypeError, struct.error, zstandard.ZstdError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, struct.error, zstandard.ZstdError) as e:
         raise RecordError(f"not a safetensors record header ({type(e).__name__}: {e})") from e
 
 
+def _read_header(reader: Any) -> tuple[int, dict[str, Any]]:
+    """(its byte length, the parsed JSON) of the safetensors header at the start of `reader` (a binary file-like
+    object): 8 bytes little-endian u64 N, then N bytes of JSON (the safetensors format). ValueError when the bytes end
+    first or are not a JSON object."""
+    (n,) = struct.unpack("<Q", _read_exact(reader, 8))
+    header = json.loads(_read_exact(reader, n))
+    if not isinstance(header, dict):
+        raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
+    return n, header
+
+
 def _read_exact(reader: Any, n: int) -> bytes:
+    """`n` bytes from `reader`, in reads of at most 1 MiB: a damaged length field (up to 2**64 - 1) is never one
+    read or allocation. ValueError when the bytes end first."""
     out = bytearray()
     while len(out) < n:
-        chunk = reader.read(n - len(out))
+        chunk = reader.read(min(n - len(out), 1 << 20))
         if not chunk:
             raise ValueError(f"the record ends after {len(out)} of {n} header bytes")
         out += chunk
@@ -181,12 +192,7 @@ def decode_record(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     raises RecordError on any malformation."""
     data = plain_bytes(data)
     try:
-        if len(data) < 8:
-            raise RecordError(f"{len(data)} bytes is shorter than a safetensors header")
-        (n,) = struct.unpack("<Q", data[:8])
-        if n > len(data) - 8:
-            raise RecordError(f"header length {n} exceeds the record's {len(data)} bytes")
-        header = json.loads(data[8 : 8 + n])
+        n, header = _read_header(io.BytesIO(data))
         metadata = header.pop("__metadata__", {}) or {}
         body = memoryview(data)[8 + n :]
         tensors = {}
@@ -204,7 +210,7 @@ def decode_record(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:
             )
     except RecordError:
         raise
-    except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, struct.error, UnicodeDecodeError) as e:
         raise RecordError(f"not a safetensors record ({type(e).__name__}: {e})") from e
     validate(tensors, metadata)
     return tensors, metadata

@@ -104,19 +104,27 @@ class _QuietWriteErrors(logging.Filter):
 logging.getLogger("apache_beam.runners.common").addFilter(_QuietWriteErrors())
 
 
-def fingerprint(files: Sequence[str], cfg: IngestConfig, records_per_shard: int,
-                curate: curate_plan.CurateConfig | None = None, fmt: str | None = None) -> str:
-    """Identity of a run: sources (path, size, mtime) + every option that changes the output bytes + the output
-    format `fmt` (default: the one written, manifest.FORMAT; `up_to_date` also asks for the older ones read)."""
-    h = hashlib.sha256()
-    run_opts: dict[str, Any] = {"cfg": cfg.to_json(), "rps": records_per_shard, "format": fmt or mf.FORMAT}
-    if curate is not None:
-        run_opts["curate"] = curate.to_json()
-    h.update(json.dumps(run_opts, sort_keys=True).encode())
+def fingerprints(files: Sequence[str], cfg: IngestConfig, records_per_shard: int,
+                 curate: curate_plan.CurateConfig | None = None) -> dict[str, str]:
+    """Identity of a run in each output format it may be found in: {format: sha256 hex} over the sources (path,
+    size, mtime; each stated once, which on gs:// is a request per source), every option that changes the output
+    bytes, and the format (manifest.READABLE_FORMATS). The run writes manifest.FORMAT's; `up_to_date` accepts an
+    output of any readable format with its own."""
+    stats = []
     for f in files:
         st = epath.Path(f).stat()
-        h.update(f"{f}\x00{st.length}\x00{st.mtime}\n".encode())
-    return h.hexdigest()
+        stats.append(f"{f}\x00{st.length}\x00{st.mtime}\n".encode())
+    out = {}
+    for fmt in mf.READABLE_FORMATS:
+        h = hashlib.sha256()
+        run_opts: dict[str, Any] = {"cfg": cfg.to_json(), "rps": records_per_shard, "format": fmt}
+        if curate is not None:
+            run_opts["curate"] = curate.to_json()
+        h.update(json.dumps(run_opts, sort_keys=True).encode())
+        for line in stats:
+            h.update(line)
+        out[fmt] = h.hexdigest()
+    return out
 
 
 class IngestBatch(beam.DoFn):
@@ -393,8 +401,8 @@ def run(
             f"--size={cfg.size[0]}x{cfg.size[1]}: width and height must be multiples of the video encoder's "
             f"spatial factor {spatial}"
         )
-    fp = fingerprint(files, cfg, records_per_shard, curate)
-    fps = {f: fingerprint(files, cfg, records_per_shard, curate, f) for f in mf.READABLE_FORMATS}
+    fps = fingerprints(files, cfg, records_per_shard, curate)
+    fp = fps[mf.FORMAT]
     try:
         epath.Path(output).mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -114,13 +114,12 @@ def fingerprints(files: Sequence[str], cfg: IngestConfig, records_per_shard: int
     for f in files:
         st = epath.Path(f).stat()
         stats.append(f"{f}\x00{st.length}\x00{st.mtime}\n".encode())
+    run_opts: dict[str, Any] = {"cfg": cfg.to_json(), "rps": records_per_shard}
+    if curate is not None:
+        run_opts["curate"] = curate.to_json()
     out = {}
     for fmt in mf.READABLE_FORMATS:
-        h = hashlib.sha256()
-        run_opts: dict[str, Any] = {"cfg": cfg.to_json(), "rps": records_per_shard, "format": fmt}
-        if curate is not None:
-            run_opts["curate"] = curate.to_json()
-        h.update(json.dumps(run_opts, sort_keys=True).encode())
+        h = hashlib.sha256(json.dumps({**run_opts, "format": fmt}, sort_keys=True).encode())
         for line in stats:
             h.update(line)
         out[fmt] = h.hexdigest()

@@ -179,8 +179,9 @@ def _section_train_step(r: dict[str, Any], target: float = 1.2,
         # side's slow rounds can move the first, not the second
         paired = rr["median"] if rr else r["ratio"]
         met = min(r["ratio"], paired) >= target
+        (a, _), (b, _) = common.against_target(r["ratio"], target), common.against_target(paired, target)
         out.append(f"Target JAX / PyTorch >= {target} (ratio of medians and median per-round ratio): "
-                   f"{'met' if met else 'NOT met'} ({_f(r['ratio'])} and {_f(paired)}).")
+                   f"{'met' if met else 'NOT met'} ({a} and {b}).")
     else:
         out.append(f"Target JAX / PyTorch >= {target}: no verdict, the run is not a claim.")
     out.append("")
@@ -357,8 +358,8 @@ def _section_syncnet(r: dict[str, Any], target: float = 1.0) -> list[str]:
     ]
     if r.get("host", {}).get("claim"):
         met = min(r["ratio"], rr["median"]) >= target
-        out.append(f"Target JAX / PyTorch >= {target}: {'met' if met else 'NOT met'} ({_f(r['ratio'])} and "
-                   f"{_f(rr['median'])}).")
+        (a, _), (b, _) = common.against_target(r["ratio"], target), common.against_target(rr["median"], target)
+        out.append(f"Target JAX / PyTorch >= {target}: {'met' if met else 'NOT met'} ({a} and {b}).")
     else:
         out.append(f"Target JAX / PyTorch >= {target}: no verdict, the run is not a claim.")
     out.append("")
@@ -436,9 +437,9 @@ def interpret(results: dict[str, dict[str, Any]]) -> dict[str, str]:
         from bench.curation import TARGET as CURATION_TARGET
 
         sp = r["speedup"]
-        met = "met" if sp["end_to_end"] >= CURATION_TARGET else "not met"
+        e2e, met = common.against_target(sp["end_to_end"], CURATION_TARGET)
         out["curation"] = (f"prepare on Dask ({sp['stages']} stages): {sp['workers'][1]} worker processes give "
-                           f"{sp['end_to_end']:.2f}x the clips/s of {sp['workers'][0]} end to end (target >= "
+                           f"{e2e}x the clips/s of {sp['workers'][0]} end to end (target >= "
                            f"{CURATION_TARGET}: {met}), {sp['steady']:.2f}x without the cluster's start and stop"
                            + (f"; {sp['workers'][1]} processes of pure computation reached "
                               f"{r['parallel_capacity']:.2f}x of one on this host in the same run, and the "
@@ -448,9 +449,9 @@ def interpret(results: dict[str, dict[str, Any]]) -> dict[str, str]:
     if "ratio_buckets_over_grouped" in r:
         from bench.buckets import TARGET
 
-        g = r["ratio_buckets_over_grouped"]
-        out["buckets"] = (f"Two compiled shape buckets alternating every step run at {g:.2f}x the tokens/s of the "
-                          f"same steps grouped by shape (target >= {TARGET}: {'met' if g >= TARGET else 'not met'}), "
+        g, met = common.against_target(r["ratio_buckets_over_grouped"], TARGET)
+        out["buckets"] = (f"Two compiled shape buckets alternating every step run at {g}x the tokens/s of the "
+                          f"same steps grouped by shape (target >= {TARGET}: {met}), "
                           f"{r['ratio_buckets_over_fixed']:.2f}x a fixed-shape run's.")
     for name, line in out.items():
         if not results[name].get("host", {}).get("claim"):

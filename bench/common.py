@@ -369,6 +369,16 @@ class RealStep:
         return out
 
 
+def against_target(value: float, target: float, digits: int = 2) -> tuple[str, str]:
+    """(`value` printed, "met" or "not met") for a report's "{value}x (target >= {target}: {verdict})": printed
+    with `digits` decimals, or more (up to 6) where fewer would round it onto the other side of the target
+    (1.5991 against 1.6 prints 1.599, not 1.60), so the printed number always agrees with the verdict."""
+    met = value >= target
+    while digits < 6 and (round(value, digits) >= target) != met:
+        digits += 1
+    return f"{value:.{digits}f}", "met" if met else "not met"
+
+
 def fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":

@@ -247,8 +247,8 @@ def report(r: dict[str, Any]) -> list[str]:
     sp = r.get("speedup")
     if sp:
         lo, hi = sp["workers"]
-        met = "met" if sp["end_to_end"] >= TARGET else "not met"
-        out.append(f"{hi} workers / {lo} worker ({sp['stages']}): {sp['end_to_end']:.2f}x clips/s end to end "
+        e2e, met = common.against_target(sp["end_to_end"], TARGET)
+        out.append(f"{hi} workers / {lo} worker ({sp['stages']}): {e2e}x clips/s end to end "
                    f"(target >= {TARGET}: {met}), {sp['steady']:.2f}x without the cluster's start and stop.")
         if sp.get("bound"):
             one = next(x for x in r["rows"] if x["config"] == f"{sp['stages']}-{lo}")

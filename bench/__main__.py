@@ -221,6 +221,9 @@ def _section_train_step(r: dict[str, Any], target: float = 1.2,
                                                              for k in p["jax_top_kinds"][:6]) +
                        "; top single operations: " + ", ".join(f"`{o['op']}` {o['shape']} {o['share']:.0%}"
                                                               for o in p["jax_top_ops"][:4]) + ".")
+        if p.get("jax_thread_busy"):
+            out.append("- JAX, share of the step's wall time each XLA compute thread ran an operation: " +
+                       ", ".join(f"{b:.0%}" for b in p["jax_thread_busy"]) + ".")
         out.append("")
     return out
 

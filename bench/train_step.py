@@ -240,29 +240,46 @@ def _profile(jax_run: Callable[[], Any], jax_parts: Any, torch_run: Callable[[],
     }
 
 
+def busy_ns(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals (nested or overlapping events counted once)."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
 def _jax_profile(jax_run: Callable[[], Any], hlo: str, steps: int = 3) -> dict[str, Any]:
     """XLA's own per-operation times for `steps` JAX steps (jax.profiler trace of the CPU runtime's thunks,
     summed over its compute threads, per step): the top kinds (fusion names without their number, e.g.
     `ynn_fusion` = a YNNPACK matmul with its fused epilogue, `copy` = a layout transpose or buffer copy,
-    `wrapped_broadcast` = a materialised broadcast) and the top single operations with their HLO shape."""
+    `wrapped_broadcast` = a materialised broadcast) and the top single operations with their HLO shape; and
+    `jax_thread_busy`: the fraction of the traced steps' wall time each compute thread spent in any event (the
+    union of its event intervals: 1.0 = never idle; the rest is time the thread waited for work)."""
     import re
     import tempfile
+    import time
 
     import jax
 
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d):
             out = None
+            t0 = time.perf_counter()
             for _ in range(steps):
                 out = jax_run()
             jax.block_until_ready(out)
+            wall_ns = (time.perf_counter() - t0) * 1e9
         files = [os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs if f.endswith(".xplane.pb")]
         data = jax.profiler.ProfileData.from_file(files[0])
     ops: dict[str, float] = {}
+    busy: list[float] = []
     for plane in data.planes:
         for line in plane.lines:
             if not line.name.startswith("tf_XLAEigen"):  # XLA:CPU's compute threads
                 continue
+            busy.append(busy_ns([(ev.start_ns, ev.start_ns + ev.duration_ns) for ev in line.events]) / wall_ns)
             for ev in line.events:
                 if not ev.name.startswith(("ThunkExecutor", "SlinkyThreadPool")):
                     ops[ev.name] = ops.get(ev.name, 0.0) + ev.duration_ns / 1e6 / steps
@@ -280,6 +297,7 @@ def _jax_profile(jax_run: Callable[[], Any], hlo: str, steps: int = 3) -> dict[s
     top_ops = sorted(ops.items(), key=lambda kv: -kv[1])[:8]
     return {
         "jax_op_ms_per_step": total,
+        "jax_thread_busy": sorted(busy, reverse=True),
         "jax_top_kinds": [{"kind": k, "ms": ms, "share": ms / total} for k, ms in top_kinds],
         "jax_top_ops": [{"op": k, "shape": shape(k), "ms": ms, "share": ms / total} for k, ms in top_ops],
     }

@@ -90,6 +90,8 @@ def test_train_step(train_step_result) -> None:
     assert prof["jax_op_ms_per_step"] > 0 and prof["jax_top_kinds"] and prof["jax_top_ops"]
     assert sum(k["ms"] for k in prof["jax_top_kinds"]) <= prof["jax_op_ms_per_step"] * (1 + 1e-9)
     assert all(0 < k["share"] <= 1 for k in prof["jax_top_kinds"] + prof["jax_top_ops"])
+    busy = prof["jax_thread_busy"]  # a thread the step never used reads 0
+    assert busy and max(busy) > 0 and all(0 <= b <= 1 for b in busy), busy
     # the ablation: every variant timed in the same rounds, the default variant is the headline JAX step
     from bench.train_step import DEFAULT_VARIANT, JAX_VARIANTS
 
@@ -521,3 +523,29 @@ def test_dask_task_breakdown_levels_within_workers() -> None:
              cluster_start_s=1.0, wall_s=5.0, host_busy_cores=None, host=None)
     line = next(x for x in report(r) if "seconds with k workers computing" in x)
     assert "(0: 2.00 s, 1: 1.50 s, 2: 1.50 s)" in line and "3:" not in line, line
+
+
+def test_busy_time_counts_overlapping_and_nested_events_once() -> None:
+    from bench.train_step import busy_ns
+
+    # [0, 10) with [2, 5) nested and [8, 12) overlapping -> [0, 12); a gap; [20, 25) -> 12 + 5
+    assert busy_ns([(8, 12), (0, 10), (2, 5), (20, 25)]) == 17
+    assert busy_ns([]) == 0 and busy_ns([(3, 3)]) == 0
+
+
+def test_cpu_probe_children_run_with_the_threads_they_were_given() -> None:
+    """Each timing child of bench.cpu_probe counts its own XLA threads: 1 when given 1 CPU, 2 when given 2."""
+    import os
+
+    import pytest
+
+    from bench import cpu_probe
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 CPUs")
+    rows = cpu_probe.matmul_threads(rounds=1, reps=1, matmuls=[("tiny", (8, 16), (16, 4))])
+    assert [r["side"] for r in rows] == ["jax", "torch"]
+    assert rows[0]["xla_threads"] == {"1": [1], "2": [2]}, rows
+    assert all(r["one_thread_s"] > 0 and r["two_threads_s"] > 0 for r in rows)
+    (g,) = cpu_probe.logits_gflops([64], rounds=1, reps=1)
+    assert g["length"] == 64 and g["jax_gflops_per_s"] > 0 and g["torch_gflops_per_s"] > 0

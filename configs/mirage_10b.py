@@ -9,7 +9,8 @@ The argument is `key=value,...` (mirage_jax.run_config.parse_arg): `seconds` (cl
 
     --config=configs/mirage_10b.py                             4 s clips on v5p-256 (128 chips, 95 GiB each):
                                                                fsdp 32 x sequence 4, global batch 32,
-                                                               remat save_splash + fused splash backward
+                                                               remat save_splash_down + fused splash
+                                                               backward (56.1 GiB, ceiling 0.844)
     --config=configs/mirage_10b.py:layout=v6e256               4 s clips on v6e-256 (256 chips, 32 GiB each):
                                                                fsdp 32 x sequence 8, global batch 32,
                                                                remat save_splash + fused splash backward
@@ -24,9 +25,10 @@ The argument is `key=value,...` (mirage_jax.run_config.parse_arg): `seconds` (cl
                                                                64 x 4 s = 32 x 8 s clips (docs/scaling.md)
 
 Every layout: no accumulation; weights, gradients and optimizer state sharded over fsdp AND sequence (all
-chips); Ulysses inside attention. v5p256 and v6e256 keep splash's residuals (`remat_policy=save_splash`) and
-run its fused backward kernel (`splash_fused_bwd`): MFU ceilings 0.83 (52% of HBM free) and 0.83 (22% free;
-v6e needs sequence 8, one sample per 8 chips, to fit), against 0.56 under full remat (docs/scaling.md).
+chips); Ulysses inside attention. v6e256 keeps splash's residuals (`remat_policy=save_splash`) and runs its
+fused backward kernel (`splash_fused_bwd`): MFU ceiling 0.83 (22% of HBM free; v6e needs sequence 8, one sample
+per 8 chips, to fit); v5p256 also keeps the MLP's down projection output (`save_splash_down`): ceiling 0.844
+(41% free), against 0.56 under full remat (docs/scaling.md).
 v5p512 (8 s) keeps splash's residuals and the MLP's down projection output (`save_splash_down`) with the fused
 backward at sequence 8 (one sample per 8 chips: the fused kernel's dq buffer grows with the square of the
 sequence, 30.8 GiB per device here): ceiling 0.848 at 73% of HBM, against 0.56 under full remat. v5p256 and
@@ -51,7 +53,7 @@ TIME_MAP = "causal:6/25"  # Mochi's VAE on independent 25-frame chunks: 100 fram
 # slice -> (mesh.ici.sequence, train.global_batch_size, model.remat_policy, model.splash_fused_bwd), each
 # compiled (python -m mirage_jax.aot) to fit with > 10% HBM headroom; numbers in docs/scaling.md. The one
 # table of the 10B layouts; `mirage_jax.aot.layout.apply_layout` sets one on the config (as the search does)
-LAYOUTS = {"v5p256": (4, 32, "save_splash", True), "v6e256": (8, 32, "save_splash", True),
+LAYOUTS = {"v5p256": (4, 32, "save_splash_down", True), "v6e256": (8, 32, "save_splash", True),
            "v5p512": (8, 32, "save_splash_down", True)}
 SIZE = "720x1280"  # the clips' frame size, W x H (8 x the latent 90 x 160): the bucket names of prepare
 # the clip length each layout's fused backward was compiled for (its dq buffer grows with tokens^2): longer clips

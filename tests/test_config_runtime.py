@@ -78,7 +78,7 @@ def test_cli_refuses_in_one_line_with_exit_2(override, line):
 
 
 @pytest.mark.parametrize("arg, batch, sequence, remat, latents, tokens", [
-    ("", 32, 4, ("save_splash", True), 20, 75_956), ("layout=v6e256", 32, 8, ("save_splash", True), 20, 75_956),
+    ("", 32, 4, ("save_splash_down", True), 20, 75_956), ("layout=v6e256", 32, 8, ("save_splash", True), 20, 75_956),
     ("seconds=8,layout=v5p512", 32, 8, ("save_splash_down", True), 40, 148_056),
     # 8 s on v5p-256: save_splash + the fused backward were compiled at 4 s only, so full remat, split backward
     ("8s", 32, 4, ("full", False), 40, 148_056), ("seconds=8", 32, 4, ("full", False), 40, 148_056)])

@@ -229,7 +229,8 @@ def _section_train_step(r: dict[str, Any], target: float = TRAIN_STEP_TARGET,
                        "; top single operations: " + ", ".join(f"`{o['op']}` {o['shape']} {o['share']:.0%}"
                                                               for o in p["jax_top_ops"][:4]) + ".")
         if p.get("jax_thread_busy"):
-            out.append("- JAX, share of the step's wall time each XLA compute thread ran an operation: " +
+            out.append("- JAX, share of the profiled steps' wall time each XLA compute thread was inside a traced "
+                       "event (an upper bound on its compute time): " +
                        ", ".join(f"{b:.0%}" for b in p["jax_thread_busy"]) + ".")
         out.append("")
     return out

@@ -7,10 +7,10 @@
    and the CPU affinity are set before either library starts; the XLA threads each child really ran with are
    reported), the two alternated round by round. `speedup` = 1-thread time / 2-thread time: 2.0 when a
    matmul uses both cores fully.
-2. (S, S) logits: q k^T of (2, 8, S, 32) fp32 queries and keys at each length S, XLA (`jnp.einsum`, as
-   `model/attention.py` computes it) and PyTorch (`q @ k^T`) alternated in this process, in GFLOP/s
-   (2 x 2 x 8 x S^2 x 32 FLOPs). Where the (S, S) output no longer fits the caches both fall to the speed of
-   memory; PyTorch's flash-attention kernel never writes that output, the JAX step does.
+2. (S, S) logits: q k^T of (2, 8, S, 32) fp32 queries and keys at each length S, XLA (`jnp.einsum`, the
+   contraction `model/attention.py` runs, here in (B, H, S, D) layout) and PyTorch (`q @ k^T`) alternated in
+   this process, in GFLOP/s (2 x 2 x 8 x S^2 x 32 FLOPs). Where the (S, S) output no longer fits the caches
+   both slow down; PyTorch's flash-attention kernel never writes that output, the JAX step does.
 
 Both parts record the load average before and after them (`common.host_state`: not a claim above the core
 count). Rerun it next to `python -m bench.train_step --profile` on the host whose ratio is in question.
@@ -70,6 +70,23 @@ def _matmul_child(threads: int, cpus: list[int], matmuls: Sequence[tuple[str, tu
     out.put((times, common.xla_threads()))
 
 
+def _result(p: Any, q: Any) -> Any:
+    """The child's one result; RuntimeError naming its exit code if it ended without sending it."""
+    import queue
+
+    alive = True
+    while alive:
+        alive = p.is_alive()  # read before the get: a result sent just before exiting is still taken
+        try:
+            out = q.get(timeout=1.0)
+        except queue.Empty:
+            continue
+        p.join()
+        return out
+    raise RuntimeError(f"bench.cpu_probe: a timing child exited with code {p.exitcode} before reporting "
+                       "(its traceback is above)")
+
+
 def matmul_threads(rounds: int = 5, reps: int = 10, matmuls: Sequence[tuple[str, tuple, tuple]] = MATMULS
                    ) -> list[dict[str, Any]]:
     """Per matmul and side ("jax", "torch"): median seconds with 1 thread on 1 CPU and with 2 threads on 2 CPUs
@@ -88,8 +105,7 @@ def matmul_threads(rounds: int = 5, reps: int = 10, matmuls: Sequence[tuple[str,
             q = ctx.Queue()
             p = ctx.Process(target=_matmul_child, args=(threads, allowed[:threads], list(matmuls), reps, q))
             p.start()
-            times, xla = q.get(timeout=600)
-            p.join()
+            times, xla = _result(p, q)
             runs[threads].append(times)
             seen[threads].add(xla)
     rows = []
@@ -108,12 +124,13 @@ def matmul_threads(rounds: int = 5, reps: int = 10, matmuls: Sequence[tuple[str,
 def logits_gflops(lengths: Sequence[int] = (544, 1056, 2048), rounds: int = 5, reps: int = 5
                   ) -> list[dict[str, Any]]:
     """Per length S: GFLOP/s of q k^T for (2, 8, S, 32) fp32 in XLA and in PyTorch, alternated in this process
-    with every core this process may use, and the (S, S) output's size in MiB."""
+    with every core this process may use (XLA's only if jax has not started here yet: `xla_threads` says how
+    many it ran with), and the (S, S) output's size in MiB."""
+    common.set_threads(common.cores())
     import jax
     import jax.numpy as jnp
     import torch
 
-    common.set_threads(common.cores())
     logits = jax.jit(lambda q, k: jnp.einsum("bhqd,bhkd->bhqk", q, k))
     rows = []
     for s in lengths:
@@ -126,7 +143,8 @@ def logits_gflops(lengths: Sequence[int] = (544, 1056, 2048), rounds: int = 5, r
         flops = 2 * 2 * 8 * s * s * 32
         rows.append({"length": s, "output_mib": 2 * 8 * s * s * 4 / 2**20,
                      "jax_gflops_per_s": flops / common.median(times["jax"]) / 1e9,
-                     "torch_gflops_per_s": flops / common.median(times["torch"]) / 1e9})
+                     "torch_gflops_per_s": flops / common.median(times["torch"]) / 1e9,
+                     "xla_threads": common.xla_threads()})
     return rows
 
 

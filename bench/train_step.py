@@ -255,8 +255,9 @@ def _jax_profile(jax_run: Callable[[], Any], hlo: str, steps: int = 3) -> dict[s
     summed over its compute threads, per step): the top kinds (fusion names without their number, e.g.
     `ynn_fusion` = a YNNPACK matmul with its fused epilogue, `copy` = a layout transpose or buffer copy,
     `wrapped_broadcast` = a materialised broadcast) and the top single operations with their HLO shape; and
-    `jax_thread_busy`: the fraction of the traced steps' wall time each compute thread spent in any event (the
-    union of its event intervals: 1.0 = never idle; the rest is time the thread waited for work)."""
+    `jax_thread_busy`: the fraction of the traced steps' wall time each compute thread spent inside any traced
+    event (the union of its event intervals: operations, YNNPACK's worker tasks and the thunk executor's own
+    spans, so an upper bound on the time it computed; 1.0 = never outside an event)."""
     import re
     import tempfile
     import time

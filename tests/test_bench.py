@@ -564,3 +564,22 @@ def test_cpu_probe_children_run_with_the_threads_they_were_given() -> None:
     assert all(r["one_thread_s"] > 0 and r["two_threads_s"] > 0 for r in rows)
     (g,) = cpu_probe.logits_gflops([64], rounds=1, reps=1)
     assert g["length"] == 64 and g["jax_gflops_per_s"] > 0 and g["torch_gflops_per_s"] > 0
+
+
+def _exit_3(q) -> None:
+    raise SystemExit(3)
+
+
+def test_cpu_probe_names_a_timing_child_that_died_without_reporting() -> None:
+    import multiprocessing as mp
+
+    import pytest
+
+    from bench.cpu_probe import _result
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_exit_3, args=(q,))
+    p.start()
+    with pytest.raises(RuntimeError, match="exited with code 3 before reporting"):
+        _result(p, q)

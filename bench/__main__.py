@@ -107,7 +107,7 @@ def _child(name: str, quick: bool, threads: int) -> dict[str, Any]:
     env = dict(os.environ)
     env.setdefault("JAX_PLATFORMS", "cpu")
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    flags_env = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
+    flags_env = common.without_device_count(env.get("XLA_FLAGS", ""))
     if name == "seq_parallel":
         flags_env += " --xla_force_host_platform_device_count=8"
     env["XLA_FLAGS"] = flags_env.strip()

@@ -203,6 +203,13 @@ def thread_env(threads: int) -> dict[str, str]:
     return {k: str(int(threads)) for k in THREAD_ENV}
 
 
+def without_device_count(xla_flags: str) -> str:
+    """`xla_flags` (an XLA_FLAGS value) without any device-count flag (e.g. the test suite's
+    `--xla_force_host_platform_device_count=8`): a benchmark child then runs on one CPU device, whose intra-op
+    pool NPROC sizes, unless it adds its own count."""
+    return " ".join(f for f in xla_flags.split() if "device_count" not in f)
+
+
 def set_threads(threads: int) -> dict[str, int | None]:
     """Give this process `threads` compute threads: NPROC for XLA if jax's CPU client has not started yet, and
     `torch.set_num_threads` if torch is installed. Returns {"requested", "torch"}: the count torch reports."""

@@ -39,14 +39,11 @@ def _matmul_child(threads: int, cpus: list[int], matmuls: Sequence[tuple[str, tu
                   out: Any) -> None:
     """In a spawned process: `threads` threads on `cpus` for XLA and PyTorch; median seconds of each matmul over
     `reps` calls, {"jax": [...], "torch": [...]} in the order of `matmuls`."""
-    import time
-
     os.sched_setaffinity(0, cpus)
     os.environ.update(common.thread_env(threads))
     # one CPU device, as the train step's bench runs: a forced host device count (the test suite's 8) would
     # give XLA's client a pool of that many threads whatever NPROC says
-    flags_ = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
-    os.environ["XLA_FLAGS"] = " ".join(flags_)
+    os.environ["XLA_FLAGS"] = common.without_device_count(os.environ.get("XLA_FLAGS", ""))
     import jax
     import jax.numpy as jnp
     import torch
@@ -59,14 +56,9 @@ def _matmul_child(threads: int, cpus: list[int], matmuls: Sequence[tuple[str, tu
         ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
         calls = {"jax": lambda ja=ja, jb=jb: jit_matmul(ja, jb).block_until_ready(),
                  "torch": lambda ta=ta, tb=tb: ta @ tb}
-        for side, call in calls.items():
-            call()
-            ts = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                call()
-                ts.append(time.perf_counter() - t0)
-            times[side].append(float(np.median(ts)))
+        for side, call in calls.items():  # one side after the other: the children, not the sides, alternate
+            call()  # compile / warm up
+            times[side].append(common.median(common.alternate({side: call}, reps)[side]))
     out.put((times, common.xla_threads()))
 
 
@@ -113,11 +105,10 @@ def matmul_threads(rounds: int = 5, reps: int = 10, matmuls: Sequence[tuple[str,
         for side in ("jax", "torch"):
             one = common.median([r[side][i] for r in runs[1]])
             two = common.median([r[side][i] for r in runs[2]])
-            rows.append({"matmul": name, "side": side, "one_thread_s": one, "two_threads_s": two,
-                         "speedup": one / two})
-    for row in rows:
-        if row["side"] == "jax":
-            row["xla_threads"] = {"1": sorted(seen[1], key=str), "2": sorted(seen[2], key=str)}
+            row = {"matmul": name, "side": side, "one_thread_s": one, "two_threads_s": two, "speedup": one / two}
+            if side == "jax":
+                row["xla_threads"] = {"1": sorted(seen[1], key=str), "2": sorted(seen[2], key=str)}
+            rows.append(row)
     return rows
 
 
